@@ -1,0 +1,1 @@
+"""The actors: GenerationActor, WeightReceiverActor, SessionActor, MemoryGovernor."""

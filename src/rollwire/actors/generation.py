@@ -1,0 +1,221 @@
+"""GenerationActor: owns the Engine and the table of in-flight requests.
+
+Receives GenerateRequest / AbortRequest / Health / Status on its ``rollout`` port (bound to its
+inproc address and to the public rollout endpoint), runs each request as a task that streams the
+engine's deltas back, and answers every request with exactly one terminal reply per sample
+(GenerateDone, or ErrorReply). n > 1 runs n engine requests (seeds seed, seed+1, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
+from rollwire.messages import (
+    PROTOCOL_VERSION,
+    AbortRequest,
+    ErrorCode,
+    GenerateChunk,
+    GenerateDone,
+    GenerateRequest,
+    HealthReply,
+    HealthRequest,
+    RolloutRequest,
+    StatusReply,
+    StatusRequest,
+    Timings,
+    Usage,
+    VersionSpan,
+)
+from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
+
+GENERATION = "generation"
+
+
+@dataclass
+class InFlight:
+    origin: Origin
+    engine_rids: list[str]
+    arrived: float
+    aborted: bool = False
+    closed: bool = False  # answered by someone else (supervisor): send nothing more
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+def error_code(code: str) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+def spans_add(spans: list[list[int]], version: int, n_tokens: int) -> None:
+    """Extend the version spans [version, start, end) by ``n_tokens`` produced under ``version``."""
+    if n_tokens == 0:
+        return
+    if spans and spans[-1][0] == version:
+        spans[-1][2] += n_tokens
+    else:
+        start = spans[-1][2] if spans else 0
+        spans.append([version, start, start + n_tokens])
+
+
+class GenerationActor(Actor):
+    ports = {"rollout": Port(RolloutRequest)}
+
+    def __init__(self, engine_factory: Callable[[], Engine], *, max_new_tokens_limit: int = 4096,
+                 model_name: str = "", governor_state: Callable[[], str] | None = None,
+                 name: str = GENERATION) -> None:
+        super().__init__(name)
+        self._engine_factory = engine_factory
+        self.engine: Engine = engine_factory()
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.model_name = model_name
+        self._governor_state = governor_state or (lambda: "SERVING")
+        self.in_flight: dict[tuple[bytes, int], InFlight] = {}
+        self._version_changed = asyncio.Event()
+
+    async def on_start(self) -> None:
+        await self.engine.start()
+        self.log.info("engine_started", **{k: v for k, v in vars(self.engine.info()).items() if k != "extra"})
+
+    async def on_stop(self) -> None:
+        """Abort everything in flight and let each request send its terminal reply."""
+        tasks = [t for f in self.in_flight.values() for t in f.tasks]
+        for f in list(self.in_flight.values()):
+            f.aborted = True
+            for erid in f.engine_rids:
+                await self.engine.abort(erid)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        await self.engine.shutdown()
+
+    def take_held_requests(self) -> list[Origin]:
+        held = list(self.in_flight.values())
+        for f in held:
+            f.closed = True  # the supervisor answers these; their own replies are suppressed
+        self.in_flight.clear()
+        return [f.origin for f in held]
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.info().weight_version
+
+    def notify_version_changed(self) -> None:
+        self._version_changed.set()
+        self._version_changed = asyncio.Event()
+
+    # -- handlers -------------------------------------------------------------------------
+    @handles(HealthRequest)
+    async def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+        await self.reply(origin, HealthReply(weight_version=self.weight_version,
+                                             governor_state=self._governor_state(), protocol=PROTOCOL_VERSION))
+
+    @handles(StatusRequest)
+    async def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
+        info = self.engine.info()
+        counters = self.counters.snapshot()
+        counters.update({f"engine.{k}": float(v) for k, v in info.extra.items() if isinstance(v, (int, float))})
+        await self.reply(origin, StatusReply(
+            engine=info.name, model=self.model_name, weight_version=info.weight_version,
+            governor_state=self._governor_state(), in_flight=len(self.in_flight),
+            max_new_tokens_limit=self.max_new_tokens_limit, vocab_size=info.vocab_size, counters=counters))
+
+    @handles(AbortRequest)
+    def on_abort(self, origin: Origin, msg: AbortRequest, payload: Sequence[Any]) -> None:
+        f = self.in_flight.get((origin.peer, msg.target_rid))
+        self.counters.inc("abort_requests")
+        if f is None or f.aborted:
+            return  # already finished: its terminal reply is on the way or delivered
+        f.aborted = True
+        for erid in f.engine_rids:
+            self.spawn(self.engine.abort(erid))
+        self.notify_version_changed()  # wakes a request still waiting for min_version
+
+    @handles(GenerateRequest)
+    def on_generate(self, origin: Origin, msg: GenerateRequest, payload: Sequence[Any]) -> Any:
+        key = (origin.peer, origin.rid)
+        if key in self.in_flight:
+            raise RollwireError(ErrorCode.DUPLICATE_REQUEST, f"request {origin.rid} is already in flight")
+        sp = msg.sampling_params
+        if sp.max_new_tokens > self.max_new_tokens_limit:
+            raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS,
+                                f"max_new_tokens={sp.max_new_tokens} above this server's limit {self.max_new_tokens_limit}")
+        if not 1 <= sp.n <= 64:
+            raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n} must be in [1, 64]")
+        reqs = []
+        for i in range(sp.n):
+            params = sp if sp.n == 1 else msgspec.structs.replace(
+                sp, n=1, seed=None if sp.seed is None else sp.seed + i)
+            reqs.append(EngineRequest(f"{origin.peer.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
+                                      msg.return_logprob))
+        try:
+            self.engine.validate(reqs[0])  # type: ignore[attr-defined]
+        except EngineError as e:
+            raise RollwireError(error_code(e.code), e.message) from None
+        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic())
+        self.in_flight[key] = flight
+        self.counters.inc("requests")
+        return self._run_request(flight, msg, reqs)
+
+    async def _run_request(self, flight: InFlight, msg: GenerateRequest, reqs: list[EngineRequest]) -> None:
+        flight.tasks = [asyncio.current_task()]  # type: ignore[list-item]
+        try:
+            while self.weight_version < msg.min_version and not flight.aborted:
+                await self._version_changed.wait()
+            await asyncio.gather(*(self._run_sample(flight, msg, i, r) for i, r in enumerate(reqs)))
+        finally:
+            self.in_flight.pop((flight.origin.peer, flight.origin.rid), None)
+
+    async def _run_sample(self, flight: InFlight, msg: GenerateRequest, index: int, req: EngineRequest) -> None:
+        origin = flight.origin
+        out_ids: list[int] = []
+        out_lp: list[float] | None = [] if msg.return_logprob else None
+        spans: list[list[int]] = []
+        started = time.monotonic()
+        first_token = 0.0
+        finish = "abort"
+        version = self.weight_version
+        cached = 0
+        if flight.aborted:
+            deltas: Any = ()
+        else:
+            deltas = self.engine.generate(req)
+        try:
+            async for d in deltas:
+                d: EngineDelta  # type: ignore[no-redef]
+                if d.token_ids:
+                    if not first_token:
+                        first_token = time.monotonic()
+                    out_ids.extend(d.token_ids)
+                    if out_lp is not None and d.logprobs is not None:
+                        out_lp.extend(d.logprobs)
+                    spans_add(spans, d.weight_version, len(d.token_ids))
+                    version = d.weight_version
+                    if msg.stream and not flight.closed:
+                        await self.reply(origin, GenerateChunk(index=index, token_ids=d.token_ids,
+                                                               logprobs=d.logprobs, weight_version=d.weight_version))
+                cached = max(cached, d.cached_tokens)
+                if d.finish_reason is not None:
+                    finish = d.finish_reason
+        except EngineError as e:
+            if not flight.closed:
+                await self.reply_error(origin, error_code(e.code), e.message)
+            return
+        if flight.closed:
+            return
+        now = time.monotonic()
+        self.counters.inc("completion_tokens", len(out_ids))
+        self.counters.inc(f"finish_{finish}")
+        await self.reply(origin, GenerateDone(
+            index=index, output_ids=out_ids, output_logprobs=out_lp, finish_reason=finish,  # type: ignore[arg-type]
+            weight_version=version, weight_version_spans=[VersionSpan(*s) for s in spans],
+            usage=Usage(prompt_tokens=len(req.input_ids), completion_tokens=len(out_ids), cached_tokens=cached),
+            timings=Timings(queued_s=started - flight.arrived,
+                            first_token_s=(first_token or now) - flight.arrived, total_s=now - flight.arrived)))

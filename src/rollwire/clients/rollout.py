@@ -1,0 +1,163 @@
+"""RolloutClient: what a rollout worker uses to get tokens, logprobs and weight versions.
+
+Many concurrent requests are multiplexed over one DEALER socket; each has its own request id.
+Errors come back typed: ``RolloutError`` carries the server's ``ErrorCode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from rollwire.messages import (
+    AbortRequest,
+    ErrorCode,
+    ErrorReply,
+    GenerateChunk,
+    GenerateDone,
+    GenerateRequest,
+    HealthReply,
+    HealthRequest,
+    ProtocolError,
+    RolloutReply,
+    SamplingParams,
+    StatusReply,
+    StatusRequest,
+)
+from rollwire.transports.rpc import ConnectionClosed, Reply, RpcClient
+
+GenerateOutput = GenerateDone  # the terminal reply is the output: output_ids, logprobs, spans...
+
+
+class RolloutError(Exception):
+    """The server answered a request with a typed error (``code``), or it could not be reached."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestTimeout(RolloutError):
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.TIMEOUT, message)
+
+
+def _raise_if_error(item: Reply[Any] | BaseException) -> Any:
+    if isinstance(item, ProtocolError):
+        raise RolloutError(item.code, item.message)
+    if isinstance(item, ConnectionClosed):
+        raise RolloutError(ErrorCode.SHUTTING_DOWN, str(item))
+    if isinstance(item, BaseException):
+        raise item
+    if isinstance(item.msg, ErrorReply):
+        raise RolloutError(item.msg.code, item.msg.message)
+    return item.msg
+
+
+class GenerationStream:
+    """Async iterator over one streamed request: GenerateChunk deltas, then the GenerateDone(s).
+
+    Chunks carry only new tokens; each GenerateDone carries the whole output of its sample.
+    """
+
+    def __init__(self, client: RolloutClient, request: GenerateRequest, timeout: float | None) -> None:
+        self._client = client
+        self._request = request
+        self._timeout = timeout
+        self.rid = client._rpc.next_rid()
+        self._queue = client._rpc.open_stream(self.rid)
+        self._remaining = request.sampling_params.n
+        self._sent = False
+
+    async def abort(self) -> None:
+        """Ask the server to stop; the stream then ends with finish_reason "abort"."""
+        await self._client._rpc.send(0, AbortRequest(target_rid=self.rid))
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerateChunk | GenerateDone:
+        if not self._sent:
+            self._sent = True
+            await self._client._rpc.send(self.rid, self._request)
+        if self._remaining == 0:
+            self._client._rpc.close_stream(self.rid)
+            raise StopAsyncIteration
+        try:
+            item = await asyncio.wait_for(self._queue.get(), self._timeout)
+        except TimeoutError:
+            await self.abort()
+            self._client._rpc.close_stream(self.rid)
+            raise RequestTimeout(f"no reply to request {self.rid} within {self._timeout}s; aborted it") from None
+        try:
+            msg = _raise_if_error(item)
+        except BaseException:
+            self._client._rpc.close_stream(self.rid)
+            raise
+        if isinstance(msg, GenerateDone):
+            self._remaining -= 1
+        return msg  # type: ignore[no-any-return]
+
+
+class RolloutClient:
+    def __init__(self, endpoint: str, *, timeout: float | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout  # default per-request timeout (None: wait as long as it takes)
+        self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply)
+
+    async def __aenter__(self) -> RolloutClient:
+        self._rpc.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._rpc.close()
+
+    def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
+                 stream: bool, min_version: int) -> GenerateRequest:
+        return GenerateRequest(input_ids=list(input_ids), sampling_params=sampling_params or SamplingParams(),
+                               return_logprob=return_logprob, stream=stream, min_version=min_version)
+
+    async def generate(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
+                       return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
+                       ) -> GenerateOutput | list[GenerateOutput]:
+        """One output, or a list of ``n`` outputs (ordered by index) when sampling_params.n > 1."""
+        req = self._request(input_ids, sampling_params, return_logprob, False, min_version)
+        stream = GenerationStream(self, req, timeout if timeout is not None else self.timeout)
+        outs: list[GenerateDone] = [m async for m in stream if isinstance(m, GenerateDone)]
+        outs.sort(key=lambda o: o.index)
+        return outs[0] if req.sampling_params.n == 1 else outs
+
+    def stream(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
+               return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
+               ) -> GenerationStream:
+        req = self._request(input_ids, sampling_params, return_logprob, True, min_version)
+        return GenerationStream(self, req, timeout if timeout is not None else self.timeout)
+
+    async def health(self, timeout: float = 5.0) -> HealthReply:
+        try:
+            reply = await self._rpc.call(HealthRequest(), timeout=timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no health reply from {self.endpoint} within {timeout}s") from None
+        return _raise_if_error(reply)  # type: ignore[no-any-return]
+
+    async def status(self, timeout: float = 5.0) -> StatusReply:
+        try:
+            reply = await self._rpc.call(StatusRequest(), timeout=timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no status reply from {self.endpoint} within {timeout}s") from None
+        return _raise_if_error(reply)  # type: ignore[no-any-return]
+
+    async def wait_ready(self, timeout: float = 60.0) -> HealthReply:
+        """Poll health until the server answers (the READY handshake for a new connection)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                return await self.health(timeout=min(1.0, max(0.05, deadline - asyncio.get_running_loop().time())))
+            except RequestTimeout:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise

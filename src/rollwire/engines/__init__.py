@@ -1,0 +1,1 @@
+"""Engine backends. ``hf`` runs anywhere; ``sglang`` needs the ``rollwire[sglang]`` extra."""

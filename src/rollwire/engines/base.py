@@ -1,0 +1,96 @@
+"""The Engine protocol: what GenerationActor needs from a backend (hf, sglang).
+
+An engine is driven from one asyncio event loop (the GenerationActor's). It never imports an
+actor or zmq. Outputs are streamed as ``EngineDelta``s; the last one of a request carries a
+``finish_reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from rollwire.messages.generate import FinishReason, SamplingParams
+
+PauseMode = Literal["abort", "retract", "in_place"]
+MemoryTag = Literal["weights", "kv_cache", "cuda_graph"]
+ALL_MEMORY_TAGS: tuple[MemoryTag, ...] = ("weights", "kv_cache", "cuda_graph")
+
+
+class EngineError(Exception):
+    """A request the engine refuses (bad input); the engine keeps serving."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class EngineRequest:
+    rid: str  # unique among the engine's live requests
+    input_ids: list[int]
+    params: SamplingParams  # n is handled above the engine: an engine request is one sample
+    return_logprob: bool = False
+
+
+@dataclass
+class EngineDelta:
+    rid: str
+    token_ids: list[int]  # new tokens since the previous delta
+    logprobs: list[float] | None  # aligned with token_ids when return_logprob
+    weight_version: int  # version that produced these tokens
+    finish_reason: FinishReason | None = None  # set on the last delta only
+    cached_tokens: int = 0  # prompt tokens served from a reused prefix (first delta)
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    vocab_size: int
+    eos_token_ids: list[int]
+    max_model_len: int
+    weight_version: int
+    device: str
+    dtype: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    def info(self) -> EngineInfo: ...
+
+    async def start(self) -> None:
+        """Start background work; called on the event loop that will drive the engine."""
+
+    async def shutdown(self) -> None:
+        """Abort everything still running (each gets a final "abort" delta) and stop."""
+
+    def validate(self, req: EngineRequest) -> None:
+        """Raise EngineError if ``req`` cannot run (empty, ids out of range, bad params, too long)."""
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """Stream deltas of one request; the last carries finish_reason."""
+
+    async def abort(self, rid: str) -> None:
+        """Finish ``rid`` at its next step with finish_reason "abort" (no-op if unknown)."""
+
+    async def pause(self, mode: PauseMode) -> None:
+        """Stop generating. abort: running requests finish with "abort". retract: their KV is
+        dropped and they are re-prefilled (prompt + output so far) on resume. in_place: they
+        keep their KV and continue on resume."""
+
+    async def resume(self) -> None: ...
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy tensors into the live parameters in place; then the live version is ``version``.
+        Only called while paused. Raises EngineError on an unknown name, shape or dtype."""
+
+    async def release_memory(self, tags: Sequence[MemoryTag]) -> None: ...
+
+    async def resume_memory(self, tags: Sequence[MemoryTag]) -> None: ...
+
+    async def flush_cache(self) -> None: ...

@@ -1,0 +1,30 @@
+"""Health and status: cheap requests any client may send to the rollout socket."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class HealthRequest(msgspec.Struct, frozen=True, kw_only=True, tag="health", array_like=True):
+    pass
+
+
+class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_ok", array_like=True):
+    weight_version: int
+    governor_state: str  # SERVING, PAUSING, ... (see MemoryGovernor)
+    protocol: int
+
+
+class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="status", array_like=True):
+    pass
+
+
+class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="status_ok", array_like=True):
+    engine: str
+    model: str
+    weight_version: int
+    governor_state: str
+    in_flight: int
+    max_new_tokens_limit: int
+    vocab_size: int
+    counters: dict[str, float]

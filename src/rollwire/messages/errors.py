@@ -1,0 +1,43 @@
+"""Typed errors that travel back to a sender. ``code`` is stable; ``message`` is for humans."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+
+
+class ErrorCode(str, Enum):
+    # envelope and decoding
+    BAD_FRAME = "bad_frame"  # frames missing, or a header/body that does not decode
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # envelope protocol version not spoken here
+    UNKNOWN_KIND = "unknown_kind"  # a message tag this socket does not accept
+    BAD_FIELD = "bad_field"  # a field of the wrong type, or a missing required field
+    # request validation
+    EMPTY_INPUT = "empty_input"
+    TOKEN_OUT_OF_RANGE = "token_out_of_range"
+    BAD_SAMPLING_PARAMS = "bad_sampling_params"
+    TOO_LONG = "too_long"  # prompt + max_new_tokens above the model's context
+    DUPLICATE_REQUEST = "duplicate_request"  # a rid that is already in flight for this sender
+    # service state
+    OVERLOADED = "overloaded"  # the server's in-flight limit is reached; retry later
+    ACTOR_RESTARTED = "actor_restarted"  # the actor holding the request crashed and was restarted
+    SHUTTING_DOWN = "shutting_down"
+    TIMEOUT = "timeout"
+    # weights
+    BAD_VERSION = "bad_version"
+    BAD_CHECKSUM = "bad_checksum"
+    UNKNOWN_TENSOR = "unknown_tensor"
+    SHAPE_MISMATCH = "shape_mismatch"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    WEIGHTS_FAILED = "weights_failed"
+    # anything else
+    INTERNAL = "internal"
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error", array_like=True, gc=False):
+    """Terminal reply to the request ``rid`` of the envelope (rid 0: not tied to a request)."""
+
+    code: ErrorCode
+    message: str
+    origin: str = ""  # actor or component that raised it

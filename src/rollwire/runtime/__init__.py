@@ -1,0 +1,7 @@
+"""The actor runtime: Actor, ActorSystem, supervision, logging, counters."""
+
+from rollwire.runtime.actor import Actor, Origin, Port, handles
+from rollwire.runtime.errors import RollwireError
+from rollwire.runtime.system import ActorSystem, address
+
+__all__ = ["Actor", "ActorSystem", "Origin", "Port", "RollwireError", "address", "handles"]

@@ -1,0 +1,230 @@
+"""Actor base class: ports, a handler per message type, a default that refuses.
+
+An actor owns one ROUTER per *port* (each port accepts one tagged union and may be bound to
+several endpoints: its inproc address plus, e.g., a public tcp endpoint). One receiving task per
+socket decodes a message and hands it straight to the handler registered for its type: a sync
+handler runs inline (no extra hop); an async handler becomes a task, bounded by ``max_pending``
+(the mailbox bound: beyond it the sender gets OVERLOADED, and the receive loop keeps reading so
+aborts and health checks still get through).
+
+Handler outcomes: a ``RollwireError`` becomes that request's ``ErrorReply`` and the actor goes on;
+any other exception also answers the sender (``internal``) and then crashes the actor, which the
+``ActorSystem`` restarts after failing every request it held (``held_requests``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+import zmq.asyncio
+
+from rollwire.messages.codec import Buffer, Codec, ProtocolError
+from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.runtime.errors import RollwireError
+from rollwire.runtime.logging import get_logger
+from rollwire.runtime.metrics import Counters
+from rollwire.transports import sockets
+from rollwire.transports.rpc import RpcClient
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles(*types: type) -> Callable[[F], F]:
+    """Mark a method as the handler of ``types``: ``def h(self, origin, msg, payload)``."""
+
+    def mark(fn: F) -> F:
+        fn.__rollwire_handles__ = types  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who sent a request and how to answer: the port's socket, the peer identity, the rid."""
+
+    port: str
+    peer: bytes
+    rid: int
+
+
+@dataclass(frozen=True)
+class Port:
+    union: Any  # tagged union this port accepts
+    zero_copy: bool = False  # receive frames without copying (ports that carry tensors)
+
+
+class ActorCrashed(Exception):
+    pass
+
+
+class Actor:
+    ports: ClassVar[dict[str, Port]] = {}
+    max_pending: ClassVar[int] = 4096
+    _handlers: ClassVar[dict[type, str]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        table: dict[type, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, fn in vars(klass).items():
+                for t in getattr(fn, "__rollwire_handles__", ()):
+                    table[t] = attr
+        cls._handlers = table
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counters = Counters()
+        self.log = get_logger(f"rollwire.{name}")
+        self._socks: dict[str, zmq.asyncio.Socket] = {}
+        self._codecs: dict[str, Codec[Any]] = {}
+        self._reply_codec: Codec[Any] = Codec(ErrorReply)  # encoding only: any struct encodes
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._replies: set[asyncio.Task[Any]] = set()  # error replies: flushed, not cancelled, on close
+        self._peers: dict[str, RpcClient[Any]] = {}
+        self._crash: asyncio.Future[BaseException] | None = None
+        self._serving: list[asyncio.Task[None]] = []
+        self._dispatch = {t: getattr(self, attr) for t, attr in self._handlers.items()}
+
+    # -- lifecycle hooks (override) -------------------------------------------------------
+    async def on_start(self) -> None:
+        """Called once the ports are bound."""
+
+    async def on_stop(self) -> None:
+        """Called on stop and before a restart; release what the actor owns."""
+
+    def take_held_requests(self) -> list[Origin]:
+        """Requests the actor is answering right now, which it must no longer answer: on a crash
+        the supervisor sends each one ACTOR_RESTARTED (exactly one terminal reply per request)."""
+        return []
+
+    # -- used by the ActorSystem --------------------------------------------------------
+    def _bind(self, binds: dict[str, Sequence[str]]) -> None:
+        for port, spec in self.ports.items():
+            self._codecs[port] = Codec(spec.union)
+            self._socks[port] = sockets.router(binds[port])
+
+    def _adopt(self, old: Actor) -> None:
+        """Take over a crashed predecessor's sockets: messages queued in them are not lost."""
+        self._codecs, self._socks = old._codecs, old._socks
+
+    async def _run(self) -> BaseException:
+        """Serve every port until cancelled; returns the exception that crashed the actor."""
+        loop = asyncio.get_running_loop()
+        self._crash = loop.create_future()
+        self._serving = [self.spawn(self._serve(port), name=f"{self.name}:{port}") for port in self._socks]
+        return await self._crash
+
+    async def _stop_intake(self) -> None:
+        """Stop reading the ports; unread messages stay queued in the sockets for a successor."""
+        for t in self._serving:
+            t.cancel()
+        await asyncio.gather(*self._serving, return_exceptions=True)
+
+    async def _close(self, close_sockets: bool = True) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._replies:
+            await asyncio.wait(self._replies, timeout=1.0)
+        for peer in self._peers.values():
+            await peer.close()
+        if close_sockets:
+            for sock in self._socks.values():
+                sock.close(linger=sockets.DEFAULT_LINGER_MS)
+
+    # -- for subclasses ---------------------------------------------------------------------
+    def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:
+        """A task owned by the actor: cancelled on stop; an unexpected exception crashes the actor."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    async def reply(self, origin: Origin, msg: msgspec.Struct, payload: Sequence[Buffer] = ()) -> bool:
+        """Send ``msg`` to whoever sent ``origin``; False if that peer is gone."""
+        frames = self._reply_codec.encode(origin.rid, msg, payload)
+        ok = await sockets.send(self._socks[origin.port], [origin.peer, *frames], copy=not payload)
+        if not ok:
+            self.counters.inc("replies_undeliverable")
+        return ok
+
+    async def reply_error(self, origin: Origin, code: ErrorCode, message: str) -> bool:
+        return await self.reply(origin, ErrorReply(code=code, message=message, origin=self.name))
+
+    def send_error_soon(self, origin: Origin, code: ErrorCode, message: str) -> None:
+        """Queue an error reply from sync code; it is flushed even if the actor is stopping."""
+        task = asyncio.get_running_loop().create_task(self.reply_error(origin, code, message))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    def peer(self, endpoint: str, reply_union: Any) -> RpcClient[Any]:
+        """A cached DEALER to another actor's port (inproc, ipc or tcp: the same code)."""
+        client = self._peers.get(endpoint)
+        if client is None:
+            client = self._peers[endpoint] = RpcClient(endpoint, reply_union, identity=self.name.encode())
+        return client
+
+    # -- internals ------------------------------------------------------------------------
+    async def _serve(self, port: str) -> None:
+        sock, codec = self._socks[port], self._codecs[port]
+        copy = not self.ports[port].zero_copy
+        while True:
+            frames = await sock.recv_multipart(copy=copy)
+            if not copy:
+                frames = [f.bytes if i == 0 else f.buffer for i, f in enumerate(frames)]
+            peer = frames[0]
+            try:
+                rid, msg, payload = codec.decode(frames[1:])
+            except ProtocolError as e:
+                self.counters.inc("bad_messages")
+                self.send_error_soon(Origin(port, peer, e.rid), e.code, e.message)
+                continue
+            self._handle(Origin(port, peer, rid), msg, payload)
+
+    def _handle(self, origin: Origin, msg: Any, payload: Sequence[Buffer]) -> None:
+        handler = self._dispatch.get(type(msg))
+        if handler is None:
+            self.send_error_soon(origin, ErrorCode.UNKNOWN_KIND, f"{self.name} does not handle {type(msg).__name__}")
+            return
+        try:
+            result = handler(origin, msg, payload)
+        except BaseException as e:
+            self._handler_failed(origin, e)
+            return
+        if inspect.isawaitable(result):
+            if len(self._tasks) >= self.max_pending:
+                self.counters.inc("overloaded")
+                self.send_error_soon(origin, ErrorCode.OVERLOADED, f"{self.name} has {self.max_pending} pending")
+                result.close()  # type: ignore[union-attr]
+                return
+            task = self.spawn(result)
+            task.remove_done_callback(self._task_done)
+            task.add_done_callback(lambda t: self._handler_task_done(origin, t))
+
+    def _handler_task_done(self, origin: Origin, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._handler_failed(origin, task.exception())  # type: ignore[arg-type]
+
+    def _handler_failed(self, origin: Origin, exc: BaseException) -> None:
+        if isinstance(exc, RollwireError):
+            self.send_error_soon(origin, exc.code, exc.message)
+            return
+        self.log.error("handler_crashed", error=repr(exc), exc_info=exc)
+        self.send_error_soon(origin, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self._crashed(exc)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._crashed(task.exception())  # type: ignore[arg-type]
+
+    def _crashed(self, exc: BaseException) -> None:
+        if self._crash is not None and not self._crash.done():
+            self._crash.set_result(exc)

@@ -1,0 +1,107 @@
+"""ActorSystem: spawn actors on their ports, address them, stop them, restart the ones that crash.
+
+Supervision (one-for-one, as in Erlang/pykka): when an actor crashes, every request it held
+gets ``ACTOR_RESTARTED``, the actor is closed (``on_stop``), and a fresh instance from the same
+factory is bound to the same endpoints and started. More than ``max_restarts`` crashes within
+``restart_window_s`` stop the system: a crash loop is a bug to surface, not to hide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollwire.messages.errors import ErrorCode
+from rollwire.runtime.actor import Actor
+from rollwire.runtime.logging import get_logger
+from rollwire.transports import sockets
+
+log = get_logger("rollwire.system")
+
+
+def address(actor: str, port: str) -> str:
+    """The inproc address of an actor's port: how co-located actors reach each other."""
+    return sockets.inproc_endpoint(f"{actor}/{port}")
+
+
+@dataclass
+class _Slot:
+    factory: Callable[[], Actor]
+    binds: dict[str, list[str]]
+    actor: Actor
+    task: asyncio.Task[None] | None = None
+    crashes: list[float] = field(default_factory=list)
+
+
+class ActorSystem:
+    def __init__(self, *, max_restarts: int = 5, restart_window_s: float = 60.0) -> None:
+        self._slots: dict[str, _Slot] = {}
+        self._max_restarts = max_restarts
+        self._window = restart_window_s
+        self._stopping = False
+        self.failed: asyncio.Future[BaseException] | None = None  # set when supervision gives up
+
+    def actor(self, name: str) -> Actor:
+        return self._slots[name].actor
+
+    async def spawn(self, factory: Callable[[], Actor], *, extra_binds: dict[str, Sequence[str]] | None = None,
+                    ) -> Actor:
+        """Create the actor, bind each port to its inproc address (+ extra endpoints), start it."""
+        if self.failed is None:
+            self.failed = asyncio.get_running_loop().create_future()
+        actor = factory()
+        binds = {p: [address(actor.name, p), *(extra_binds or {}).get(p, ())] for p in actor.ports}
+        slot = _Slot(factory, binds, actor)
+        self._slots[actor.name] = slot
+        await self._start(slot)
+        return actor
+
+    async def _start(self, slot: _Slot, predecessor: Actor | None = None) -> None:
+        if predecessor is not None:
+            slot.actor._adopt(predecessor)
+        else:
+            slot.actor._bind(slot.binds)
+        await slot.actor.on_start()
+        slot.task = asyncio.get_running_loop().create_task(self._supervise(slot), name=f"supervise:{slot.actor.name}")
+
+    async def _supervise(self, slot: _Slot) -> None:
+        exc = await slot.actor._run()
+        if self._stopping:
+            return
+        actor = slot.actor
+        log.error("actor_crashed", actor=actor.name, error=repr(exc))
+        await actor._stop_intake()
+        for origin in actor.take_held_requests():
+            actor.send_error_soon(origin, ErrorCode.ACTOR_RESTARTED, f"{actor.name} crashed ({exc!r}) and was restarted")
+        await self._close(actor, close_sockets=False)
+        now = time.monotonic()
+        slot.crashes = [t for t in slot.crashes if now - t < self._window] + [now]
+        if len(slot.crashes) > self._max_restarts:
+            log.error("actor_gave_up", actor=actor.name, crashes=len(slot.crashes))
+            await actor._close()
+            if self.failed is not None and not self.failed.done():
+                self.failed.set_result(exc)
+            return
+        slot.actor = slot.factory()
+        slot.actor.counters.set("restarts", len(slot.crashes))
+        await self._start(slot, predecessor=actor)
+        log.info("actor_restarted", actor=actor.name, restarts=len(slot.crashes))
+
+    async def _close(self, actor: Actor, close_sockets: bool = True) -> None:
+        try:
+            await actor.on_stop()
+        finally:
+            await actor._close(close_sockets)
+
+    async def stop(self) -> None:
+        """Stop actors in reverse spawn order; each answers what it held before its sockets close."""
+        self._stopping = True
+        for slot in reversed(list(self._slots.values())):
+            if slot.task is not None:
+                slot.task.cancel()
+                await asyncio.gather(slot.task, return_exceptions=True)
+            await self._close(slot.actor)
+        self._slots.clear()

@@ -1,0 +1,99 @@
+"""Compose the rollout server: an ActorSystem with the actors, on one uvloop event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rollwire.actors.generation import GENERATION, GenerationActor
+from rollwire.engines.base import Engine
+from rollwire.runtime import ActorSystem
+from rollwire.runtime.logging import get_logger
+
+log = get_logger("rollwire.server")
+
+
+@dataclass
+class ServerConfig:
+    engine: str = "hf"  # hf | sglang
+    model: str = "tiny"  # "tiny", "tiny:SEED" or a local checkpoint directory
+    rollout_endpoint: str = "tcp://127.0.0.1:7500"
+    device: str = "cpu"
+    dtype: str | None = None
+    max_new_tokens_limit: int = 4096
+    max_batch_size: int = 64
+    engine_args: dict[str, str] = field(default_factory=dict)
+
+
+def make_engine_factory(cfg: ServerConfig) -> Callable[[], Engine]:
+    if cfg.engine == "hf":
+        from rollwire.engines.hf import HFEngine
+
+        return lambda: HFEngine.from_spec(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                          max_batch_size=cfg.max_batch_size)
+    if cfg.engine == "sglang":
+        try:
+            from rollwire.engines.sglang import SGLangEngine  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise SystemExit(f"--engine sglang needs SGLang: pip install 'rollwire[sglang]' ({e})") from None
+        return lambda: SGLangEngine(cfg.model, engine_args=cfg.engine_args)  # type: ignore[no-any-return]
+    raise SystemExit(f"unknown engine {cfg.engine!r}: choose hf or sglang")
+
+
+class RolloutServer:
+    """All actors of one rollout server. ``async with RolloutServer(cfg) as srv: ...``"""
+
+    def __init__(self, cfg: ServerConfig, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.cfg = cfg
+        self.system = ActorSystem()
+        self._engine_factory = engine_factory or make_engine_factory(cfg)
+
+    @property
+    def generation(self) -> GenerationActor:
+        return self.system.actor(GENERATION)  # type: ignore[return-value]
+
+    async def start(self) -> RolloutServer:
+        cfg = self.cfg
+        await self.system.spawn(
+            lambda: GenerationActor(self._engine_factory, max_new_tokens_limit=cfg.max_new_tokens_limit,
+                                    model_name=cfg.model),
+            extra_binds={"rollout": [cfg.rollout_endpoint]},
+        )
+        log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, engine=cfg.engine, model=cfg.model)
+        return self
+
+    async def stop(self) -> None:
+        await self.system.stop()
+        log.info("server_stopped")
+
+    async def __aenter__(self) -> RolloutServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM (or supervision gives up), then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        async with self:
+            assert self.system.failed is not None
+            waiters = [asyncio.ensure_future(stop.wait()), self.system.failed]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            log.info("server_stopping")
+
+
+def run(coro: object) -> object:
+    """Run a coroutine on uvloop when available."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""ZeroMQ plumbing: configured sockets, request/reply with streaming, tensors as frames."""

@@ -1,0 +1,105 @@
+"""ZeroMQ sockets configured on purpose.
+
+ZeroMQ drops messages silently in places (ROUTER to an unknown peer or at its high-water mark,
+PUB with no subscriber). rollwire sets, for every socket it makes:
+
+* ``LINGER`` finite (``DEFAULT_LINGER_MS``): closing never hangs on an unreachable peer, yet a
+  last reply (a terminal error, a dead sentinel) still gets a moment to leave.
+* ``SNDHWM``/``RCVHWM`` (``DEFAULT_HWM``): high enough that the application's own flow control
+  (in-flight limits, credit windows) binds first; the HWM is a safety net, not backpressure.
+* ``ROUTER_MANDATORY`` on every ROUTER: a reply to a peer that is gone raises EHOSTUNREACH
+  instead of vanishing, so the sender learns (and counts) it; at the HWM a send raises EAGAIN,
+  which the asyncio socket turns into a wait bounded by ``SEND_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+DEFAULT_HWM = 100_000
+DEFAULT_LINGER_MS = 500
+SEND_TIMEOUT_S = 10.0
+
+_context: zmq.asyncio.Context | None = None
+
+
+def context() -> zmq.asyncio.Context:
+    """The process-wide asyncio context (inproc endpoints only connect within one context)."""
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.asyncio.Context()
+    return _context
+
+
+def ipc_endpoint(name: str = "") -> str:
+    """A fresh ipc:// endpoint in the temp directory (paths must stay short: 107 bytes max)."""
+    return f"ipc://{tempfile.gettempdir()}/rw-{name}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def inproc_endpoint(name: str) -> str:
+    return f"inproc://rollwire/{name}"
+
+
+def _configure(sock: zmq.asyncio.Socket, hwm: int) -> None:
+    sock.setsockopt(zmq.LINGER, DEFAULT_LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+
+
+def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None,
+           ) -> zmq.asyncio.Socket:
+    """A ROUTER bound to every endpoint in ``binds`` (one socket can serve inproc and tcp)."""
+    sock = (ctx or context()).socket(zmq.ROUTER)
+    _configure(sock, hwm)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    try:
+        for ep in binds:
+            sock.bind(ep)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def dealer(connect: str, *, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
+           ctx: zmq.asyncio.Context | None = None) -> zmq.asyncio.Socket:
+    sock = (ctx or context()).socket(zmq.DEALER)
+    _configure(sock, hwm)
+    sock.setsockopt(zmq.IDENTITY, identity or uuid.uuid4().bytes)
+    sock.connect(connect)
+    return sock
+
+
+def socket(kind: int, *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None) -> zmq.asyncio.Socket:
+    sock = (ctx or context()).socket(kind)
+    _configure(sock, hwm)
+    return sock
+
+
+async def send(sock: zmq.asyncio.Socket, frames: Sequence[Any], *, copy: bool = True,
+               timeout: float = SEND_TIMEOUT_S) -> bool:
+    """Send frames; False when the peer is gone (EHOSTUNREACH) or the send timed out at the HWM.
+
+    zmq.asyncio tries a non-blocking send first, so the common case completes without a wait.
+    """
+    try:
+        fut = sock.send_multipart(frames, copy=copy)
+        if not fut.done():
+            await asyncio.wait_for(fut, timeout)
+        else:
+            fut.result()
+        return True
+    except zmq.ZMQError as e:
+        if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            return False
+        raise
+    except TimeoutError:
+        return False
