@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rollwire.actors.generation import GENERATION, GenerationActor
+from rollwire.actors.memory_governor import GOVERNOR, MemoryGovernor
 from rollwire.engines.base import Engine
-from rollwire.runtime import ActorSystem
+from rollwire.runtime import ActorSystem, address
 from rollwire.runtime.logging import get_logger
 
 log = get_logger("rollwire.server")
@@ -26,6 +29,15 @@ class ServerConfig:
     max_new_tokens_limit: int = 4096
     max_batch_size: int = 64
     engine_args: dict[str, str] = field(default_factory=dict)
+    # weight sync and the memory governor
+    trainer_endpoint: str | None = None  # the TrainerPublisher's endpoint; None: no weight sync
+    mode: str = "disaggregated"  # colocated | disaggregated
+    pause_policy: str = "retract"  # abort | retract | drain | in_place
+    drain_deadline_s: float = 30.0
+    coalesce: bool = False  # keep only the newest version waiting behind a load
+    max_staleness: int | None = None  # abort requests started more than K versions ago
+    receiver_id: str = ""  # name this server registers under (default: host:pid)
+    stall_timeout_s: float = 30.0  # a version not complete by then is discarded
 
 
 def make_engine_factory(cfg: ServerConfig) -> Callable[[], Engine]:
@@ -55,13 +67,27 @@ class RolloutServer:
     def generation(self) -> GenerationActor:
         return self.system.actor(GENERATION)  # type: ignore[return-value]
 
+    @property
+    def governor(self) -> MemoryGovernor:
+        return self.system.actor(GOVERNOR)  # type: ignore[return-value]
+
     async def start(self) -> RolloutServer:
         cfg = self.cfg
         await self.system.spawn(
             lambda: GenerationActor(self._engine_factory, max_new_tokens_limit=cfg.max_new_tokens_limit,
-                                    model_name=cfg.model),
+                                    model_name=cfg.model, max_staleness=cfg.max_staleness),
             extra_binds={"rollout": [cfg.rollout_endpoint]},
         )
+        await self.system.spawn(lambda: MemoryGovernor(
+            generation=GENERATION, mode=cfg.mode, pause_policy=cfg.pause_policy,  # type: ignore[arg-type]
+            coalesce=cfg.coalesce, drain_deadline_s=cfg.drain_deadline_s))
+        if cfg.trainer_endpoint:
+            from rollwire.actors.weight_receiver import WeightReceiverActor
+
+            rid = cfg.receiver_id or f"{socket.gethostname()}:{os.getpid()}"
+            await self.system.spawn(lambda: WeightReceiverActor(
+                cfg.trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
+                stall_timeout_s=cfg.stall_timeout_s))
         log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, engine=cfg.engine, model=cfg.model)
         return self
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from rollwire.actors.generation_control import GenerationControl
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
 from rollwire.messages import (
     PROTOCOL_VERSION,
@@ -33,6 +34,7 @@ from rollwire.messages import (
     Usage,
     VersionSpan,
 )
+from rollwire.messages import GenerationControl as GenerationControlUnion
 from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
 
 GENERATION = "generation"
@@ -43,6 +45,7 @@ class InFlight:
     origin: Origin
     engine_rids: list[str]
     arrived: float
+    start_version: int = 0  # live version when the request was admitted
     aborted: bool = False
     closed: bool = False  # answered by someone else (supervisor): send nothing more
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -66,20 +69,25 @@ def spans_add(spans: list[list[int]], version: int, n_tokens: int) -> None:
         spans.append([version, start, start + n_tokens])
 
 
-class GenerationActor(Actor):
-    ports = {"rollout": Port(RolloutRequest)}
+class GenerationActor(GenerationControl, Actor):
+    ports = {"rollout": Port(RolloutRequest), "control": Port(GenerationControlUnion, zero_copy=True)}
 
     def __init__(self, engine_factory: Callable[[], Engine], *, max_new_tokens_limit: int = 4096,
-                 model_name: str = "", governor_state: Callable[[], str] | None = None,
-                 name: str = GENERATION) -> None:
+                 model_name: str = "", max_staleness: int | None = None, name: str = GENERATION) -> None:
         super().__init__(name)
         self._engine_factory = engine_factory
         self.engine: Engine = engine_factory()
         self.max_new_tokens_limit = max_new_tokens_limit
         self.model_name = model_name
-        self._governor_state = governor_state or (lambda: "SERVING")
+        self.max_staleness = max_staleness
         self.in_flight: dict[tuple[bytes, int], InFlight] = {}
         self._version_changed = asyncio.Event()
+        self.state = "SERVING"  # as the governor last set it: SERVING, PAUSING, PAUSED, RELEASED, LOADING
+        self.pause_policy = ""
+        self._admission = asyncio.Event()  # cleared while paused: new requests wait here
+        self._admission.set()
+        self._running_samples = 0
+        self._sample_finished = asyncio.Event()
 
     async def on_start(self) -> None:
         await self.engine.start()
@@ -107,6 +115,17 @@ class GenerationActor(Actor):
     def weight_version(self) -> int:
         return self.engine.info().weight_version
 
+    async def _wait_for_change(self) -> None:
+        """Until the version changes, admission reopens, or an abort arrives (it notifies too)."""
+        waits = [asyncio.ensure_future(self._version_changed.wait())]
+        if not self._admission.is_set():
+            waits.append(asyncio.ensure_future(self._admission.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
     def notify_version_changed(self) -> None:
         self._version_changed.set()
         self._version_changed = asyncio.Event()
@@ -115,7 +134,7 @@ class GenerationActor(Actor):
     @handles(HealthRequest)
     async def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
         await self.reply(origin, HealthReply(weight_version=self.weight_version,
-                                             governor_state=self._governor_state(), protocol=PROTOCOL_VERSION))
+                                             governor_state=self.state, protocol=PROTOCOL_VERSION))
 
     @handles(StatusRequest)
     async def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
@@ -124,7 +143,7 @@ class GenerationActor(Actor):
         counters.update({f"engine.{k}": float(v) for k, v in info.extra.items() if isinstance(v, (int, float))})
         await self.reply(origin, StatusReply(
             engine=info.name, model=self.model_name, weight_version=info.weight_version,
-            governor_state=self._governor_state(), in_flight=len(self.in_flight),
+            governor_state=self.state, in_flight=len(self.in_flight),
             max_new_tokens_limit=self.max_new_tokens_limit, vocab_size=info.vocab_size, counters=counters))
 
     @handles(AbortRequest)
@@ -159,7 +178,7 @@ class GenerationActor(Actor):
             self.engine.validate(reqs[0])  # type: ignore[attr-defined]
         except EngineError as e:
             raise RollwireError(error_code(e.code), e.message) from None
-        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic())
+        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version)
         self.in_flight[key] = flight
         self.counters.inc("requests")
         return self._run_request(flight, msg, reqs)
@@ -167,8 +186,9 @@ class GenerationActor(Actor):
     async def _run_request(self, flight: InFlight, msg: GenerateRequest, reqs: list[EngineRequest]) -> None:
         flight.tasks = [asyncio.current_task()]  # type: ignore[list-item]
         try:
-            while self.weight_version < msg.min_version and not flight.aborted:
-                await self._version_changed.wait()
+            while not flight.aborted and (self.weight_version < msg.min_version or not self._admission.is_set()):
+                await self._wait_for_change()
+            flight.start_version = self.weight_version
             await asyncio.gather(*(self._run_sample(flight, msg, i, r) for i, r in enumerate(reqs)))
         finally:
             self.in_flight.pop((flight.origin.peer, flight.origin.rid), None)
@@ -187,6 +207,7 @@ class GenerationActor(Actor):
             deltas: Any = ()
         else:
             deltas = self.engine.generate(req)
+        self._running_samples += 1
         try:
             async for d in deltas:
                 d: EngineDelta  # type: ignore[no-redef]
@@ -208,6 +229,9 @@ class GenerationActor(Actor):
             if not flight.closed:
                 await self.reply_error(origin, error_code(e.code), e.message)
             return
+        finally:
+            self._running_samples -= 1
+            self._sample_finished.set()
         if flight.closed:
             return
         now = time.monotonic()

@@ -20,32 +20,59 @@ from rollwire.messages.generate import (
     Usage,
     VersionSpan,
 )
+from rollwire.messages.weights import (
+    Ack,
+    ApplyVersion,
+    Pause,
+    ReleaseMemory,
+    Resume,
+    ResumeMemory,
+    StepMessage,
+    VersionApplied,
+)
 
 # The rollout socket: rollout workers (DEALER) -> server (ROUTER) and back.
 RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest
 RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply
+# GenerationActor's control port (inproc, from the MemoryGovernor).
+GenerationControl = Pause | Resume | ApplyVersion | ReleaseMemory | ResumeMemory
+# MemoryGovernor's weights port (inproc, from the WeightReceiverActor).
+GovernorRequest = ApplyVersion | StepMessage
+# Replies on both internal ports.
+ControlReply = Ack | VersionApplied | ErrorReply
 
 __all__ = [
     "PROTOCOL_VERSION",
     "AbortRequest",
+    "Ack",
+    "ApplyVersion",
     "Codec",
+    "ControlReply",
     "ErrorCode",
     "ErrorReply",
     "FinishReason",
     "GenerateChunk",
     "GenerateDone",
     "GenerateRequest",
+    "GenerationControl",
+    "GovernorRequest",
     "Header",
     "HealthReply",
     "HealthRequest",
+    "Pause",
     "ProtocolError",
+    "ReleaseMemory",
+    "Resume",
+    "ResumeMemory",
     "RolloutReply",
     "RolloutRequest",
     "SamplingParams",
     "StatusReply",
     "StatusRequest",
+    "StepMessage",
     "TensorRef",
     "Timings",
     "Usage",
+    "VersionApplied",
     "VersionSpan",
 ]

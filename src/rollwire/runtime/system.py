@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from rollwire.messages.errors import ErrorCode
 from rollwire.runtime.actor import Actor

@@ -1,0 +1,126 @@
+"""Command line: ``rollwire serve | generate | status | demo | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import msgspec
+
+from rollwire.runtime.logging import configure_logging
+from rollwire.server import RolloutServer, ServerConfig, run
+
+DEFAULT_ROLLOUT = "tcp://127.0.0.1:7500"
+
+
+def _ids(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _engine_args(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-arg expects key=value, got {item!r}")
+        out[key] = value
+    return out
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="hf", choices=["hf", "sglang"])
+    p.add_argument("--model", default="tiny", help="'tiny' (built locally, seed 0), 'tiny:SEED', or a local HF checkpoint dir")
+    p.add_argument("--rollout-endpoint", default=DEFAULT_ROLLOUT)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--engine-arg", action="append", default=[], help="key=value passed to the engine (sglang)")
+    p.add_argument("--trainer-endpoint", default=None, help="TrainerPublisher endpoint to take weights from")
+    p.add_argument("--mode", default="disaggregated", choices=["colocated", "disaggregated"])
+    p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
+    p.add_argument("--drain-deadline", type=float, default=30.0, help="seconds drain waits before aborting")
+    p.add_argument("--coalesce", action="store_true", help="only the newest version waits behind a load")
+    p.add_argument("--max-staleness", type=int, default=None, help="abort requests started > K versions ago")
+    p.add_argument("--receiver-id", default="")
+
+
+def server_config(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(engine=a.engine, model=a.model, rollout_endpoint=a.rollout_endpoint, device=a.device,
+                        dtype=a.dtype, max_new_tokens_limit=a.max_new_tokens_limit,
+                        max_batch_size=a.max_batch_size, engine_args=_engine_args(a.engine_arg),
+                        trainer_endpoint=a.trainer_endpoint, mode=a.mode, pause_policy=a.pause_policy,
+                        drain_deadline_s=a.drain_deadline, coalesce=a.coalesce, max_staleness=a.max_staleness,
+                        receiver_id=a.receiver_id)
+
+
+async def _generate(a: argparse.Namespace) -> int:
+    from rollwire.clients.rollout import RolloutClient, RolloutError
+    from rollwire.messages import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    async with RolloutClient(a.endpoint, timeout=a.timeout) as rc:
+        try:
+            out = await rc.generate(_ids(a.input_ids), sp, return_logprob=a.logprobs)
+        except RolloutError as e:
+            print(json.dumps({"error": e.code.value, "message": e.message}))
+            return 1
+    print(msgspec.json.encode(out).decode())
+    return 0
+
+
+async def _status(a: argparse.Namespace) -> int:
+    from rollwire.clients.rollout import RolloutClient
+
+    async with RolloutClient(a.endpoint) as rc:
+        print(msgspec.json.encode(await rc.status(timeout=a.timeout)).decode())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rollwire", description=__doc__)
+    parser.add_argument("--log-format", default="console", choices=["console", "json"])
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run a rollout server in the foreground (Ctrl-C stops it)")
+    add_server_args(s)
+
+    g = sub.add_parser("generate", help="send one request, print the output as JSON")
+    g.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
+    g.add_argument("--input-ids", required=True, help="comma-separated token ids, e.g. 1,5,9")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--logprobs", action="store_true")
+    g.add_argument("--timeout", type=float, default=60.0)
+
+    st = sub.add_parser("status", help="print a server's status as JSON")
+    st.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
+    st.add_argument("--timeout", type=float, default=5.0)
+
+    from rollwire.demo import add_demo_args
+
+    add_demo_args(sub.add_parser("demo", help="the main job on the embedded engine, on CPU, in minutes"))
+
+    a = parser.parse_args(argv)
+    configure_logging(a.log_format, a.log_level)
+    if a.cmd == "serve":
+        run(RolloutServer(server_config(a)).serve_forever())
+        return 0
+    if a.cmd == "generate":
+        return int(run(_generate(a)))  # type: ignore[call-overload]
+    if a.cmd == "status":
+        return int(run(_status(a)))  # type: ignore[call-overload]
+    if a.cmd == "demo":
+        from rollwire.demo import run_demo
+
+        return run_demo(a)
+    parser.error(f"unknown command {a.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

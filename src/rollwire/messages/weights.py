@@ -1,0 +1,140 @@
+"""Weight sync and memory control: trainer <-> WeightReceiverActor, and between actors.
+
+Trainer side (TrainerPublisher binds a ROUTER at the trainer endpoint and a PUB beside it):
+receivers register over DEALER, subscribe to the PUB for announcements, pull buckets under a
+credit window, and report the outcome of every version. Inside the server, a verified version
+travels WeightReceiverActor -> MemoryGovernor -> GenerationActor as ``ApplyVersion``/``LoadWeights``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from rollwire.messages.envelope import TensorRef
+
+Transport = Literal["inline", "shm", "cuda_ipc", "nccl", "gloo"]
+StepPhase = Literal["train_start", "train_end", "rollout_start", "rollout_end"]
+
+
+# -- trainer <-> receiver ---------------------------------------------------------------
+class Register(msgspec.Struct, frozen=True, kw_only=True, tag="register", array_like=True):
+    """Receiver -> trainer: join; the reply is ``Welcome``."""
+
+    receiver_id: str  # stable name of the receiving server
+    host_id: str  # machine identity: shm and cuda_ipc need the same host
+    transports: list[str]  # payload transports this receiver can use, fastest first
+    live_version: int  # weight version serving now
+
+
+class Welcome(msgspec.Struct, frozen=True, kw_only=True, tag="welcome", array_like=True):
+    trainer_id: str  # changes when the trainer restarts: receivers then register again
+    pub_endpoint: str  # where announcements are published
+
+
+class StepMessage(msgspec.Struct, frozen=True, kw_only=True, tag="step", array_like=True):
+    """Trainer -> all (PUB): where training is; drives the governor in colocated mode."""
+
+    step: int
+    phase: StepPhase
+
+
+class TensorMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int  # byte offset inside its bucket
+
+
+class BucketMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    index: int
+    nbytes: int
+    checksum: int  # crc32 of the bucket's bytes (zlib.crc32)
+    tensors: list[TensorMeta]
+
+
+class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready", array_like=True):
+    """Trainer -> all (PUB): version ``version`` can be pulled."""
+
+    trainer_id: str
+    version: int  # strictly increasing
+    step: int
+    n_buckets: int
+    total_bytes: int
+    transport: str  # the payload transport chosen for this push
+    buckets: list[BucketMeta]
+    shm_name: str = ""  # shm: the arena holding every bucket, back to back
+    shm_offsets: list[int] = []  # shm: byte offset of each bucket in the arena
+    group: str = ""  # gloo/nccl: init_method of the broadcast group (tcp://host:port)
+
+
+class PullBucket(msgspec.Struct, frozen=True, kw_only=True, tag="pull", array_like=True):
+    """Receiver -> trainer: send bucket ``index`` of ``version`` (inline transport)."""
+
+    version: int
+    index: int
+
+
+class BucketData(msgspec.Struct, frozen=True, kw_only=True, tag="bucket", array_like=True):
+    """Trainer -> receiver: the bucket's bytes are payload frame 0."""
+
+    version: int
+    index: int
+
+
+class VersionOutcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome", array_like=True):
+    """Receiver -> trainer: the version was applied (ok) or rejected, and why."""
+
+    receiver_id: str
+    version: int
+    ok: bool
+    error_code: str = ""
+    message: str = ""
+    seconds: float = 0.0  # announcement to applied, as the receiver saw it
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack", array_like=True):
+    pass
+
+
+# -- inside the server ---------------------------------------------------------------------
+class NamedTensor(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    name: str
+    ref: TensorRef  # payload frame (inline) or, with shm_name set, byte offset in the arena
+
+
+class ApplyVersion(msgspec.Struct, frozen=True, kw_only=True, tag="apply_version", array_like=True):
+    """WeightReceiverActor -> MemoryGovernor, and governor -> GenerationActor (as the load):
+    a complete, verified version. Tensors are payload frames, or views into shm arena ``shm_name``
+    (``TensorRef.frame`` is then a byte offset)."""
+
+    version: int
+    step: int
+    tensors: list[NamedTensor]
+    shm_name: str = ""
+
+
+class VersionApplied(msgspec.Struct, frozen=True, kw_only=True, tag="version_applied", array_like=True):
+    version: int
+    load_s: float  # time spent loading into the engine
+    pause_s: float  # time generation was paused around the load
+
+
+class Pause(msgspec.Struct, frozen=True, kw_only=True, tag="pause", array_like=True):
+    """Governor -> GenerationActor: stop generating under ``policy``; reply Ack when stopped."""
+
+    policy: Literal["abort", "retract", "drain", "in_place"]
+    drain_deadline_s: float = 30.0
+
+
+class Resume(msgspec.Struct, frozen=True, kw_only=True, tag="resume", array_like=True):
+    pass
+
+
+class ReleaseMemory(msgspec.Struct, frozen=True, kw_only=True, tag="release", array_like=True):
+    tags: list[str]
+
+
+class ResumeMemory(msgspec.Struct, frozen=True, kw_only=True, tag="resume_memory", array_like=True):
+    tags: list[str]
