@@ -20,6 +20,7 @@ from rollwire.messages.generate import (
     Usage,
     VersionSpan,
 )
+from rollwire.messages.samples import Sample, SampleGroup
 from rollwire.messages.weights import (
     Ack,
     ApplyVersion,
@@ -40,6 +41,8 @@ GenerationControl = Pause | Resume | ApplyVersion | ReleaseMemory | ResumeMemory
 GovernorRequest = ApplyVersion | StepMessage
 # Replies on both internal ports.
 ControlReply = Ack | VersionApplied | ErrorReply
+# The experience socket (demo): rollout workers -> trainer.
+ExperienceRequest = SampleGroup
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -59,7 +62,10 @@ __all__ = [
     "Header",
     "HealthReply",
     "HealthRequest",
+    "ExperienceRequest",
     "Pause",
+    "Sample",
+    "SampleGroup",
     "ProtocolError",
     "ReleaseMemory",
     "Resume",

@@ -1,0 +1,122 @@
+"""`rollwire demo`: a real async GRPO loop on the embedded engine, on a CPU, in minutes.
+
+One rollout server (all actors, hf engine, tiny model) runs in this process; a trainer process
+and several rollout-worker processes talk to it only through rollwire's ZeroMQ protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rollwire.server import RolloutServer, ServerConfig
+from rollwire.transports.sockets import ipc_endpoint
+
+if TYPE_CHECKING:
+    from rollwire.demo.view import View
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a short run (CI): fewer steps")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 40, quick 15)")
+    p.add_argument("--workers", type=int, default=3, help="rollout-worker processes")
+    p.add_argument("--group-size", type=int, default=8, help="samples per prompt (GRPO group)")
+    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
+    p.add_argument("--transport", default="shm", choices=["shm", "inline", "auto"])
+    p.add_argument("--max-staleness", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: a new ./rollwire-demo-<time>)")
+    p.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
+
+
+def run_demo(a: argparse.Namespace) -> int:
+    import uvloop
+
+    return uvloop.run(_demo(a))
+
+
+async def _demo(a: argparse.Namespace) -> int:
+    from rollwire.demo.trainer import TrainConfig, trainer_main
+    from rollwire.demo.view import View
+    from rollwire.demo.worker import worker_main
+
+    steps = a.steps or (15 if a.quick else 40)
+    out = Path(a.out or f"rollwire-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    rollout_ep, trainer_ep, exp_ep = ipc_endpoint("roll"), ipc_endpoint("train"), ipc_endpoint("exp")
+    cfg = ServerConfig(rollout_endpoint=rollout_ep, trainer_endpoint=trainer_ep, pause_policy=a.pause_policy,
+                       max_batch_size=64, max_staleness=None)
+    ctx = mp.get_context("spawn")
+    stop, metrics_q = ctx.Event(), ctx.Queue()
+    view = View(steps, plain=a.plain, config=vars(a) | {"steps": steps, "out": str(out)})
+    activity: list[tuple[float, int, str]] = []  # (time, requests in flight, governor state)
+    async with RolloutServer(cfg) as srv:
+        tcfg = TrainConfig(trainer_endpoint=trainer_ep, experience_endpoint=exp_ep, steps=steps,
+                           groups_per_step=a.groups_per_step, lr=a.lr, clip=0.2, max_staleness=a.max_staleness,
+                           transport=a.transport, seed=a.seed)
+        procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
+        procs += [ctx.Process(target=worker_main, args=(i, rollout_ep, exp_ep, a.group_size, 2, a.seed, stop),
+                              name=f"worker-{i}") for i in range(a.workers)]
+        for p in procs:
+            p.start()
+        rows = await _follow(srv, metrics_q, view, activity, procs[0])
+        stop.set()
+        loop = asyncio.get_running_loop()
+        for p in procs:
+            await loop.run_in_executor(None, p.join, 30)
+            if p.is_alive():
+                p.terminate()
+        timeline = list(srv.governor.timeline)
+    view.close()
+    return _finish(out, rows, timeline, activity, view, procs[0].exitcode)
+
+
+async def _follow(srv: RolloutServer, metrics_q: Any, view: View, activity: list[tuple[float, int, str]],
+                  trainer: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    pause_before = 0.0
+    while True:
+        activity.append((time.time(), len(srv.generation.in_flight), srv.governor.state))
+        try:
+            row = await loop.run_in_executor(None, metrics_q.get, True, 0.05)
+        except Exception:  # queue.Empty: sample activity and wait again
+            if not trainer.is_alive() and metrics_q.empty():
+                return rows
+            continue
+        if row is None:
+            return rows
+        pause_total = srv.governor.counters.get("pause_seconds")
+        row["pause_s"], pause_before = pause_total - pause_before, pause_total
+        row["live_version"] = srv.generation.weight_version
+        rows.append(row)
+        view.update(row)
+
+
+def _finish(out: Path, rows: list[dict[str, Any]], timeline: list[tuple[float, str]],
+            activity: list[tuple[float, int, str]], view: View, trainer_exit: int | None) -> int:
+    from rollwire.demo.plots import plot_reward, plot_timeline
+
+    with (out / "metrics.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    if not rows:
+        print(f"demo failed: the trainer produced no steps (exit code {trainer_exit})")
+        return 1
+    plot_reward(rows, out / "reward.png")
+    plot_timeline(timeline, activity, rows, out / "timeline.png")
+    k = max(1, len(rows) // 5)
+    first = sum(r["reward_mean"] for r in rows[:k]) / k
+    last = sum(r["reward_mean"] for r in rows[-k:]) / k
+    summary = {"steps": len(rows), "reward_first": first, "reward_last": last,
+               "weight_version": rows[-1]["weight_version"], "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    view.summary(summary, out)
+    return 0 if trainer_exit == 0 else 1

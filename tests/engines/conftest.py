@@ -1,0 +1,91 @@
+"""Fixtures of the engine contract suite: the same tests run against every engine backend.
+
+``engine_kind`` is parametrized over the backends. ``hf`` runs anywhere; ``sglang`` is listed
+so that its backend can be plugged in, and skips with the reason when it cannot run here.
+Each test gets a fresh started engine on the tiny model and a reference copy of that model
+(bit-identical weights) for direct forward passes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from rollwire.engines.base import Engine, EngineDelta, EngineRequest
+from rollwire.messages.generate import FinishReason, SamplingParams
+from rollwire.models import tiny
+
+ENGINE_KINDS = ["hf", "sglang"]
+TINY_SEED = 0
+
+
+def _sglang_skip_reason() -> str | None:
+    if importlib.util.find_spec("sglang") is None:
+        return "sglang is not installed (pip install 'rollwire[sglang]')"
+    if not torch.cuda.is_available():
+        return "sglang needs a CUDA GPU"
+    if importlib.util.find_spec("rollwire.engines.sglang") is None:
+        return "rollwire.engines.sglang is not written yet"
+    return None
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> torch.nn.Module:
+    """The tiny model (same seed as the engines'), for direct forward passes and generate()."""
+    model, _ = tiny(TINY_SEED)
+    return model
+
+
+@pytest.fixture(params=ENGINE_KINDS)
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    if kind == "sglang" and (reason := _sglang_skip_reason()) is not None:
+        pytest.skip(reason)
+    return kind
+
+
+def make_engine(kind: str, **kw: object) -> Engine:
+    if kind == "hf":
+        from rollwire.engines.hf import HFEngine
+
+        return HFEngine.from_spec(f"tiny:{TINY_SEED}", **kw)  # type: ignore[arg-type]
+    raise NotImplementedError(f"no factory for engine {kind!r} yet")
+
+
+@pytest.fixture
+async def engine(engine_kind: str) -> AsyncIterator[Engine]:
+    eng = make_engine(engine_kind)
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+@dataclass
+class Result:
+    """Everything a request streamed."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # weight version of each token
+    finish_reason: FinishReason | None = None
+    deltas: list[EngineDelta] = field(default_factory=list)
+
+
+async def run_request(engine: Engine, rid: str, prompt: list[int], *, return_logprob: bool = False,
+                      result: Result | None = None, **params: object) -> Result:
+    """Stream one request to its end; ``result`` (if given) fills up as deltas arrive."""
+    out = result if result is not None else Result()
+    req = EngineRequest(rid=rid, input_ids=list(prompt), params=SamplingParams(**params),  # type: ignore[arg-type]
+                        return_logprob=return_logprob)
+    async for d in engine.generate(req):
+        out.deltas.append(d)
+        out.tokens += d.token_ids
+        out.logprobs += d.logprobs or []
+        out.versions += [d.weight_version] * len(d.token_ids)
+        if d.finish_reason is not None:
+            out.finish_reason = d.finish_reason
+    return out

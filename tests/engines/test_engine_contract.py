@@ -1,0 +1,379 @@
+"""The Engine contract, run against every backend on the tiny model (real weights, no mocks).
+
+Greedy references come from the engine running a request alone, from ``model.generate`` and
+from direct forward passes of a bit-identical copy of the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from rollwire.engines.base import Engine, EngineError, EngineRequest
+from rollwire.messages.generate import SamplingParams
+
+from .conftest import Result, make_engine, run_request
+
+rng = random.Random(1234)
+PROMPTS = [[rng.randrange(3, 103) for _ in range(n)] for n in (1, 3, 7, 12, 18, 25, 31, 40)]  # 8 mixed lengths
+
+
+async def wait_for_tokens(result: Result, n: int) -> None:
+    while len(result.tokens) < n and result.finish_reason is None:
+        await asyncio.sleep(0.001)
+
+
+def start(engine: Engine, rid: str, prompt: list[int], **params: object) -> tuple[Result, asyncio.Task[Result]]:
+    res = Result()
+    return res, asyncio.create_task(run_request(engine, rid, prompt, result=res, **params))
+
+
+def forward_logprobs(model: torch.nn.Module, prompt: list[int], output: list[int], temperature: float = 1.0,
+                     allowed: list[int] | None = None, disallowed: list[int] | None = None) -> torch.Tensor:
+    """log_softmax(masked logits / T) of each output token, from one forward pass over prompt+output."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0].float()
+    logits = logits[len(prompt) - 1: len(prompt) + len(output) - 1]
+    keep = torch.ones(logits.shape[-1], dtype=torch.bool)
+    if allowed is not None:
+        keep[:] = False
+        keep[allowed] = True
+    if disallowed:
+        keep[disallowed] = False
+    logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(output)[:, None])[:, 0]
+
+
+def perturbed(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, (p.detach() * 1.5 + 0.01).clone()) for n, p in model.named_parameters()]
+
+
+def originals(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+# -- greedy and batching ---------------------------------------------------------------------------
+
+
+async def test_greedy_output_is_identical_alone_and_inside_a_batch_of_eight_mixed_length_requests(engine):
+    lengths = [24, 40, 8, 33, 40, 16, 29, 40]
+    alone = [await run_request(engine, f"a{i}", p, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+             for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    tasks = []
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths)):  # half join a batch that is already running
+        tasks.append(asyncio.create_task(run_request(engine, f"b{i}", p, max_new_tokens=n, temperature=0.0,
+                                                     ignore_eos=True)))
+        if i == 3:
+            await asyncio.sleep(0.02)
+    batched = await asyncio.gather(*tasks)
+    for a, b, n in zip(alone, batched, lengths):
+        assert len(a.tokens) == n and a.finish_reason == "length"
+        assert b.tokens == a.tokens
+
+
+async def test_greedy_output_equals_transformers_generate(engine, reference_model):
+    for i, prompt in enumerate(PROMPTS[:4]):
+        ours = await run_request(engine, f"r{i}", prompt, max_new_tokens=20, temperature=0.0)
+        with torch.no_grad():
+            ref = reference_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                           do_sample=False, max_new_tokens=20)
+        assert ours.tokens == ref[0, len(prompt):].tolist()
+
+
+async def test_the_same_seed_gives_the_same_sampled_tokens_alone_and_in_a_batch(engine):
+    params = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.2, top_k=20),
+              dict(temperature=1.0, min_p=0.05)]
+    alone = [await run_request(engine, f"a{i}", PROMPTS[i], max_new_tokens=24, seed=100 + i, ignore_eos=True, **kw)
+             for i, kw in enumerate(params)]
+    together = await asyncio.gather(*(run_request(engine, f"b{i}", PROMPTS[i], max_new_tokens=24, seed=100 + i,
+                                                  ignore_eos=True, **kw) for i, kw in enumerate(params)))
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    other_seed = await run_request(engine, "c", PROMPTS[0], max_new_tokens=24, seed=7, ignore_eos=True, **params[0])
+    assert other_seed.tokens != alone[0].tokens
+
+
+@pytest.mark.parametrize("truncation", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.999)])
+async def test_truncation_to_the_top_token_samples_the_greedy_output(engine, truncation):
+    greedy = await run_request(engine, "g", PROMPTS[4], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    sampled = await run_request(engine, "s", PROMPTS[4], max_new_tokens=16, temperature=1.0, seed=3,
+                                ignore_eos=True, **truncation)
+    assert sampled.tokens == greedy.tokens
+
+
+# -- logprobs and masks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+async def test_logprobs_match_a_direct_forward_pass_at_the_request_temperature(engine, reference_model, temperature):
+    results = await asyncio.gather(*(run_request(engine, f"r{i}", p, max_new_tokens=24, temperature=temperature,
+                                                 top_p=0.95, seed=i, ignore_eos=True, return_logprob=True)
+                                     for i, p in enumerate(PROMPTS[:4])))
+    for prompt, res in zip(PROMPTS, results):
+        assert len(res.logprobs) == len(res.tokens) == 24
+        ref = forward_logprobs(reference_model, prompt, res.tokens, temperature or 1.0)
+        torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
+
+
+async def test_allowed_token_ids_restrict_sampling_and_logprobs_are_taken_under_the_mask(engine, reference_model):
+    allowed = list(range(60, 80))
+    res = await run_request(engine, "r", PROMPTS[2], max_new_tokens=32, temperature=0.7, seed=5, ignore_eos=True,
+                            allowed_token_ids=allowed, return_logprob=True)
+    assert set(res.tokens) <= set(allowed)
+    ref = forward_logprobs(reference_model, PROMPTS[2], res.tokens, 0.7, allowed=allowed)
+    torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
+
+
+async def test_disallowed_token_ids_are_never_produced_and_logprobs_are_taken_under_the_mask(engine, reference_model):
+    free = await run_request(engine, "free", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    banned = sorted(set(free.tokens))
+    res = await run_request(engine, "r", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True,
+                            disallowed_token_ids=banned, return_logprob=True)
+    assert not set(res.tokens) & set(banned)
+    ref = forward_logprobs(reference_model, PROMPTS[3], res.tokens, 1.0, disallowed=banned)
+    torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
+
+
+# -- finishing -------------------------------------------------------------------------------------
+
+
+async def test_generation_stops_after_emitting_a_stop_token_which_is_included(engine):
+    ref = await run_request(engine, "ref", PROMPTS[5], max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    stop = ref.tokens[10]
+    res = await run_request(engine, "r", PROMPTS[5], max_new_tokens=30, temperature=0.0, ignore_eos=True,
+                            stop_token_ids=[stop])
+    k = ref.tokens.index(stop)
+    assert res.tokens == ref.tokens[: k + 1] and res.finish_reason == "stop"
+
+
+async def test_eos_finishes_with_stop_unless_ignore_eos_is_set(engine):
+    eos = engine.info().eos_token_ids[0]
+    res = await run_request(engine, "r", PROMPTS[0], max_new_tokens=5, allowed_token_ids=[eos])
+    assert res.tokens == [eos] and res.finish_reason == "stop"
+    res = await run_request(engine, "s", PROMPTS[0], max_new_tokens=5, allowed_token_ids=[eos], ignore_eos=True)
+    assert res.tokens == [eos] * 5 and res.finish_reason == "length"
+
+
+async def test_abort_mid_stream_keeps_the_partial_output_and_finishes_with_abort(engine):
+    other_ref = await run_request(engine, "ref", PROMPTS[1], max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    res, task = start(engine, "long", PROMPTS[6], max_new_tokens=500, temperature=0.0, ignore_eos=True)
+    other = asyncio.create_task(run_request(engine, "other", PROMPTS[1], max_new_tokens=30, temperature=0.0,
+                                            ignore_eos=True))
+    await wait_for_tokens(res, 3)
+    await engine.abort("long")
+    await task
+    assert res.finish_reason == "abort" and 3 <= len(res.tokens) < 500
+    assert (await other).tokens == other_ref.tokens  # a batch mate is unaffected
+    await engine.abort("long")  # already finished: no-op
+    await engine.abort("never-existed")  # unknown: no-op
+
+
+async def test_closing_a_stream_early_aborts_its_request(engine):
+    req = EngineRequest(rid="r", input_ids=PROMPTS[2], params=SamplingParams(max_new_tokens=500, ignore_eos=True))
+    stream = engine.generate(req)
+    async for _ in stream:
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    res = await run_request(engine, "r", PROMPTS[2], max_new_tokens=2)  # the rid is free again
+    assert len(res.tokens) == 2
+
+
+async def test_shutdown_aborts_every_request_still_running_or_queued(engine_kind):
+    eng = make_engine(engine_kind)
+    await eng.start()
+    started = [start(eng, f"r{i}", p, max_new_tokens=500, ignore_eos=True) for i, p in enumerate(PROMPTS[:3])]
+    await wait_for_tokens(started[0][0], 2)
+    await eng.shutdown()
+    for res, task in started:
+        await task
+        assert res.finish_reason == "abort"
+
+
+# -- pause, resume, weights -----------------------------------------------------------------------
+
+
+async def test_pause_abort_finishes_running_requests_and_holds_new_ones_until_resume(engine):
+    a, ta = start(engine, "a", PROMPTS[2], max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    await wait_for_tokens(a, 3)
+    await engine.pause("abort")
+    await ta
+    assert a.finish_reason == "abort" and 3 <= len(a.tokens) < 200  # partial output kept
+    b, tb = start(engine, "b", PROMPTS[3], max_new_tokens=8, temperature=0.0)
+    for _ in range(20):
+        await asyncio.sleep(0.005)
+    assert b.tokens == [] and engine.info().extra["waiting"] == 1  # queued, not started, while paused
+    await engine.resume()
+    await tb
+    assert len(b.tokens) > 0 and b.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+async def test_pause_and_resume_continue_running_requests_seamlessly(engine, mode):
+    refs = [await run_request(engine, f"ref{i}", p, max_new_tokens=60, temperature=0.0, ignore_eos=True)
+            for i, p in enumerate(PROMPTS[2:5])]
+    started = [start(engine, f"r{i}", p, max_new_tokens=60, temperature=0.0, ignore_eos=True)
+               for i, p in enumerate(PROMPTS[2:5])]
+    await wait_for_tokens(started[0][0], 5)
+    await engine.pause(mode)
+    seen = [len(r.tokens) for r, _ in started]
+    assert all(0 < n < 60 for n in seen)  # every request is mid-stream
+    for _ in range(10):
+        await asyncio.sleep(0.005)
+    assert [len(r.tokens) for r, _ in started] == seen  # nothing generated while paused
+    extra = engine.info().extra
+    if mode == "retract":  # KV dropped, requests requeued for re-prefill
+        assert extra.get("kv_bytes", 0) == 0 and extra.get("running", 0) == 0
+    else:  # KV kept, requests stay in the batch
+        assert extra.get("kv_bytes", 1) > 0 and extra.get("running", 3) == 3
+    await engine.resume()
+    for (res, task), ref in zip(started, refs):
+        await task
+        assert res.tokens == ref.tokens and res.finish_reason == "length"
+
+
+async def test_retracted_requests_continue_under_the_weights_loaded_while_paused(engine, reference_model):
+    res, task = start(engine, "r", PROMPTS[4], max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    await wait_for_tokens(res, 5)
+    await engine.pause("retract")
+    k = len(res.tokens)
+    await engine.update_weights(perturbed(reference_model), version=1)
+    await engine.resume()
+    await task
+    assert res.versions == [0] * k + [1] * (40 - k)
+    tail = await run_request(engine, "tail", PROMPTS[4] + res.tokens[:k], max_new_tokens=40 - k, temperature=0.0,
+                             ignore_eos=True)
+    assert res.tokens[k:] == tail.tokens  # the continuation is what version 1 says after the prefix
+    assert set(tail.versions) == {1}
+
+
+async def test_kv_release_while_paused_in_place_makes_requests_re_prefill_on_resume(engine):
+    ref = await run_request(engine, "ref", PROMPTS[5], max_new_tokens=50, temperature=0.0, ignore_eos=True)
+    res, task = start(engine, "r", PROMPTS[5], max_new_tokens=50, temperature=0.0, ignore_eos=True)
+    await wait_for_tokens(res, 5)
+    await engine.pause("in_place")
+    await engine.release_memory(["kv_cache"])
+    assert engine.info().extra.get("kv_bytes", 0) == 0
+    await engine.resume()
+    await task
+    assert res.tokens == ref.tokens
+
+
+async def test_update_weights_in_place_changes_output_and_restoring_the_originals_restores_it(engine, reference_model):
+    before = await run_request(engine, "a", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    model = getattr(engine, "model", None)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()} if model is not None else None
+    await engine.pause("in_place")
+    await engine.update_weights(iter(perturbed(reference_model)), version=1)  # any iterable
+    await engine.resume()
+    changed = await run_request(engine, "b", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    assert changed.tokens != before.tokens and set(changed.versions) == {1}
+    assert engine.info().weight_version == 1
+    await engine.pause("in_place")
+    await engine.update_weights(originals(reference_model), version=2)
+    await engine.resume()
+    after = await run_request(engine, "c", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    assert after.tokens == before.tokens and set(after.versions) == {2}
+    if model is not None:  # no new tensors: the live parameters were written in place
+        assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+
+
+@pytest.mark.parametrize(("bad", "code"), [
+    (("model.no_such_layer.weight", torch.zeros(3)), "unknown_tensor"),
+    (("model.norm.weight", torch.zeros(65)), "shape_mismatch"),
+    (("model.norm.weight", torch.zeros(64, dtype=torch.float64)), "dtype_mismatch"),
+])
+async def test_update_weights_rejects_a_bad_tensor_and_applies_nothing(engine, reference_model, bad, code):
+    before = await run_request(engine, "a", PROMPTS[3], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    await engine.pause("in_place")
+    with pytest.raises(EngineError) as err:
+        await engine.update_weights([*perturbed(reference_model)[:3], bad], version=5)
+    assert err.value.code == code
+    assert engine.info().weight_version == 0
+    await engine.resume()
+    after = await run_request(engine, "b", PROMPTS[3], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    assert after.tokens == before.tokens and set(after.versions) == {0}
+
+
+async def test_update_weights_is_refused_unless_paused(engine, reference_model):
+    with pytest.raises(EngineError) as err:
+        await engine.update_weights(originals(reference_model), version=1)
+    assert err.value.code == "not_paused"
+
+
+async def test_released_weights_free_memory_hold_requests_and_come_back_when_resent(engine, reference_model):
+    ref = await run_request(engine, "ref", PROMPTS[1], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    resident = engine.info().extra["weights_bytes"]
+    assert resident > 0
+    await engine.pause("retract")
+    await engine.release_memory(["weights", "kv_cache", "cuda_graph"])
+    assert engine.info().extra["weights_bytes"] == 0
+    model = getattr(engine, "model", None)
+    if model is not None:
+        assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+    await engine.resume()  # unpaused, but without weights nothing may run
+    res, task = start(engine, "r", PROMPTS[1], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    for _ in range(20):
+        await asyncio.sleep(0.005)
+    assert res.tokens == []
+    await engine.pause("in_place")
+    await engine.resume_memory(["weights"])
+    assert engine.info().extra["weights_bytes"] == resident
+    await engine.update_weights(originals(reference_model), version=1)
+    await engine.resume_memory(["kv_cache", "cuda_graph"])
+    await engine.resume()
+    await task
+    assert res.tokens == ref.tokens and set(res.versions) == {1}
+
+
+async def test_flush_cache_is_refused_while_requests_run_unpaused(engine):
+    res, task = start(engine, "r", PROMPTS[2], max_new_tokens=300, ignore_eos=True)
+    await wait_for_tokens(res, 1)
+    with pytest.raises(EngineError) as err:
+        await engine.flush_cache()
+    assert err.value.code == "busy"
+    await engine.pause("in_place")
+    await engine.flush_cache()
+    await engine.abort("r")
+    await engine.resume()
+    await task
+    assert res.finish_reason == "abort"
+
+
+# -- validation and info ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("prompt", "params", "code"), [
+    ([], {}, "empty_input"),
+    ([512], {}, "token_out_of_range"),
+    ([-1], {}, "token_out_of_range"),
+    ([5], {"max_new_tokens": 0}, "bad_sampling_params"),
+    ([5], {"temperature": -0.5}, "bad_sampling_params"),
+    ([5], {"top_p": 0.0}, "bad_sampling_params"),
+    ([5], {"top_p": 1.5}, "bad_sampling_params"),
+    ([5], {"min_p": 1.0}, "bad_sampling_params"),
+    ([5], {"top_k": 0}, "bad_sampling_params"),
+    ([5], {"top_k": -2}, "bad_sampling_params"),
+    ([5], {"allowed_token_ids": []}, "bad_sampling_params"),
+    ([5], {"allowed_token_ids": [512]}, "bad_sampling_params"),
+    ([5], {"disallowed_token_ids": [-3]}, "bad_sampling_params"),
+    ([5], {"allowed_token_ids": [7], "disallowed_token_ids": [7]}, "bad_sampling_params"),
+    ([5] * 100, {"max_new_tokens": 4000}, "too_long"),
+])
+async def test_invalid_requests_are_refused_with_a_code_before_anything_runs(engine, prompt, params, code):
+    req = EngineRequest(rid="bad", input_ids=prompt, params=SamplingParams(**params))
+    with pytest.raises(EngineError) as err:
+        engine.validate(req)
+    assert err.value.code == code
+    with pytest.raises(EngineError) as err:
+        async for _ in engine.generate(req):
+            pass
+    assert err.value.code == code
+    assert len((await run_request(engine, "bad", [5], max_new_tokens=1)).tokens) == 1  # still serving
+
+
+async def test_info_reports_the_model_vocab_eos_length_limit_and_live_version(engine):
+    info = engine.info()
+    assert info.vocab_size == 512 and info.eos_token_ids == [2] and info.max_model_len == 4096
+    assert info.weight_version == 0 and info.dtype == "float32" and info.device == "cpu"

@@ -1,0 +1,48 @@
+"""The command line, as a user runs it: `rollwire serve` in its own process, `rollwire generate`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+
+from rollwire import RolloutClient, SamplingParams
+
+from .conftest import free_tcp_endpoint
+
+
+def _serve(endpoint: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "serve", "--engine", "hf", "--model", "tiny",
+                             "--rollout-endpoint", endpoint], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+async def test_serve_answers_generate_and_ctrl_c_gives_in_flight_requests_a_terminal_reply() -> None:
+    ep = free_tcp_endpoint()
+    proc = _serve(ep)
+    try:
+        async with RolloutClient(ep, timeout=60) as rc:
+            await rc.wait_ready(timeout=120)
+            gen = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "rollwire.cli", "generate", "--endpoint", ep, "--input-ids", "1,5,9",
+                "--max-new-tokens", "6", "--logprobs", stdout=asyncio.subprocess.PIPE)
+            stdout, _ = await gen.communicate()
+            assert gen.returncode == 0
+            printed = json.loads(stdout)
+            assert len(printed["output_ids"]) <= 6 and len(printed["output_logprobs"]) == len(printed["output_ids"])
+
+            in_flight = [asyncio.ensure_future(rc.generate([i + 1, 2], SamplingParams(
+                max_new_tokens=4000, temperature=0.0, ignore_eos=True))) for i in range(3)]
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            outs = await asyncio.gather(*in_flight)
+        # every in-flight request got its terminal reply: aborted, with the partial output
+        assert [o.finish_reason for o in outs] == ["abort"] * 3  # type: ignore[union-attr]
+        assert all(0 < len(o.output_ids) < 4000 for o in outs)  # type: ignore[union-attr]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read().decode() if proc.stdout else ""
+    assert "server_stopped" in log, log
