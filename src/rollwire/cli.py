@@ -15,6 +15,17 @@ from rollwire.server import RolloutServer, ServerConfig, run
 DEFAULT_ROLLOUT = "tcp://127.0.0.1:7500"
 
 
+def as_builtins(obj: object) -> object:
+    """Structs as dicts (they are msgpack arrays on the wire, but people read JSON objects)."""
+    if isinstance(obj, msgspec.Struct):
+        return {f: as_builtins(getattr(obj, f)) for f in obj.__struct_fields__}
+    if isinstance(obj, list):
+        return [as_builtins(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: as_builtins(v) for k, v in obj.items()}
+    return msgspec.to_builtins(obj)
+
+
 def _ids(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -67,7 +78,7 @@ async def _generate(a: argparse.Namespace) -> int:
         except RolloutError as e:
             print(json.dumps({"error": e.code.value, "message": e.message}))
             return 1
-    print(msgspec.json.encode(out).decode())
+    print(json.dumps(as_builtins(out)))
     return 0
 
 
@@ -75,7 +86,7 @@ async def _status(a: argparse.Namespace) -> int:
     from rollwire.clients.rollout import RolloutClient
 
     async with RolloutClient(a.endpoint) as rc:
-        print(msgspec.json.encode(await rc.status(timeout=a.timeout)).decode())
+        print(json.dumps(as_builtins(await rc.status(timeout=a.timeout))))
     return 0
 
 

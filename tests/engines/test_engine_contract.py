@@ -61,15 +61,15 @@ def originals(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 async def test_greedy_output_is_identical_alone_and_inside_a_batch_of_eight_mixed_length_requests(engine):
     lengths = [24, 40, 8, 33, 40, 16, 29, 40]
     alone = [await run_request(engine, f"a{i}", p, max_new_tokens=n, temperature=0.0, ignore_eos=True)
-             for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+             for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))]
     tasks = []
-    for i, (p, n) in enumerate(zip(PROMPTS, lengths)):  # half join a batch that is already running
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True)):  # half join a batch that is already running
         tasks.append(asyncio.create_task(run_request(engine, f"b{i}", p, max_new_tokens=n, temperature=0.0,
                                                      ignore_eos=True)))
         if i == 3:
             await asyncio.sleep(0.02)
     batched = await asyncio.gather(*tasks)
-    for a, b, n in zip(alone, batched, lengths):
+    for a, b, n in zip(alone, batched, lengths, strict=True):
         assert len(a.tokens) == n and a.finish_reason == "length"
         assert b.tokens == a.tokens
 
@@ -78,8 +78,9 @@ async def test_greedy_output_equals_transformers_generate(engine, reference_mode
     for i, prompt in enumerate(PROMPTS[:4]):
         ours = await run_request(engine, f"r{i}", prompt, max_new_tokens=20, temperature=0.0)
         with torch.no_grad():
-            ref = reference_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                           do_sample=False, max_new_tokens=20)
+            ids = torch.tensor([prompt])
+            ref = reference_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=20)
         assert ours.tokens == ref[0, len(prompt):].tolist()
 
 
@@ -111,7 +112,7 @@ async def test_logprobs_match_a_direct_forward_pass_at_the_request_temperature(e
     results = await asyncio.gather(*(run_request(engine, f"r{i}", p, max_new_tokens=24, temperature=temperature,
                                                  top_p=0.95, seed=i, ignore_eos=True, return_logprob=True)
                                      for i, p in enumerate(PROMPTS[:4])))
-    for prompt, res in zip(PROMPTS, results):
+    for prompt, res in zip(PROMPTS[:4], results, strict=True):
         assert len(res.logprobs) == len(res.tokens) == 24
         ref = forward_logprobs(reference_model, prompt, res.tokens, temperature or 1.0)
         torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
@@ -228,7 +229,7 @@ async def test_pause_and_resume_continue_running_requests_seamlessly(engine, mod
     else:  # KV kept, requests stay in the batch
         assert extra.get("kv_bytes", 1) > 0 and extra.get("running", 3) == 3
     await engine.resume()
-    for (res, task), ref in zip(started, refs):
+    for (res, task), ref in zip(started, refs, strict=True):
         await task
         assert res.tokens == ref.tokens and res.finish_reason == "length"
 

@@ -7,7 +7,7 @@ Errors come back typed: ``RolloutError`` carries the server's ``ErrorCode``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rollwire.messages import (

@@ -1,0 +1,405 @@
+"""The embedded transformers engine: continuous batching of a ``PreTrainedModel`` on CPU or GPU.
+
+A scheduler task on the event loop admits requests, runs one step at a time on a single worker
+thread (torch releases the GIL, so the loop keeps answering) and hands each request its new
+token through its own ``asyncio.Queue``. A step is: drop finished rows, decode the running batch
+by one token, prefill the joiners together, concatenate, sample every row (``hf_sampling``).
+State that the worker touches (``_batch``, ``_running``) is changed only inside a step, or on
+the loop while no step is in flight (``_lock`` is held across a step).
+
+transformers' own ``ContinuousBatchingManager`` was not used: it has one ``do_sample`` for the
+whole manager (no greedy and sampled requests side by side), one global seed (no per-request
+generator), no min_p and no per-request token masks, logprobs taken after its top-k/top-p
+processors, no retract or abort pause, and no weight version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rollwire.engines import hf_batch
+from rollwire.engines.base import (
+    ALL_MEMORY_TAGS,
+    EngineDelta,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    MemoryTag,
+    PauseMode,
+)
+from rollwire.engines.hf_sampling import RowSampler, allowed_count, make_row_sampler, sample
+from rollwire.messages.generate import FinishReason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: EngineRequest
+    sampler: RowSampler
+    stop_ids: frozenset[int]
+    limit: int  # finish with "length" once prompt + output reaches this
+    queue: asyncio.Queue[EngineDelta | BaseException] = field(default_factory=asyncio.Queue)
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+    abort_requested: bool = False
+
+
+class HFEngine:
+    """Engine on a transformers causal LM; see the module docstring and ``hf_sampling``."""
+
+    def __init__(self, model: Any, *, max_batch_size: int = 64, max_model_len: int | None = None,
+                 eos_token_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
+                 name: str = "hf", tokenizer: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch_size = max_batch_size
+        cfg: Any = model.config.get_text_config()
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_model_len = int(max_model_len or getattr(cfg, "max_position_embeddings", 4096))
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_of(model)
+        pad = getattr(cfg, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        # name -> parameter, tied names included; and each distinct parameter with its shape
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._meta = {id(p): (p, tuple(p.shape), p.dtype) for p in self._params.values()}
+        self._version = 0
+        self._seqs: dict[str, _Seq] = {}
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # row i of _batch
+        self._batch: hf_batch.Batch | None = None
+        self._paused = False
+        self._weights_released = False
+        self._stepping = False
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rollwire-{name}")
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str = "cpu", dtype: str | None = None, **kw: Any) -> HFEngine:
+        from rollwire.models import load_model
+
+        model, tokenizer = load_model(spec, device=device, dtype=dtype)
+        return cls(model, tokenizer=tokenizer, **kw)
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        weights = sum(p.untyped_storage().nbytes() for p, _, _ in self._meta.values())
+        return EngineInfo(
+            name=self.name, vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
+            max_model_len=self.max_model_len, weight_version=self._version, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            extra={
+                "weights_bytes": weights, "kv_bytes": self._batch.nbytes() if self._batch else 0,
+                "running": sum(not s.done for s in self._running), "waiting": len(self._waiting),
+                "paused": self._paused, "weights_released": self._weights_released,
+                "max_batch_size": self.max_batch_size,
+            },
+        )
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._schedule(), name=f"{self.name}-scheduler")
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        async with self._lock:
+            for s in [*self._running, *self._waiting]:
+                self._finish(s, "abort")
+            self._running, self._batch = [], None
+            self._waiting.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._pool.shutdown(wait=False)
+
+    def validate(self, req: EngineRequest) -> None:
+        """Raise EngineError if ``req`` cannot be served; the actor may call it before streaming."""
+        ids, p, vocab = req.input_ids, req.params, self.vocab_size
+        if not ids:
+            raise EngineError("empty_input", "input_ids is empty")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab})")
+        bad = None
+        if p.max_new_tokens <= 0:
+            bad = "max_new_tokens must be >= 1"
+        elif not p.temperature >= 0:
+            bad = "temperature must be >= 0"
+        elif not 0 < p.top_p <= 1:
+            bad = "top_p must lie in (0, 1]"
+        elif not 0 <= p.min_p < 1:
+            bad = "min_p must lie in [0, 1)"
+        elif p.top_k == 0 or p.top_k < -1:
+            bad = "top_k must be -1 (all) or >= 1"
+        elif p.allowed_token_ids is not None and not p.allowed_token_ids:
+            bad = "allowed_token_ids is empty"
+        elif any(t < 0 or t >= vocab for t in (*(p.allowed_token_ids or ()), *(p.disallowed_token_ids or ()))):
+            bad = f"allowed/disallowed ids must lie in [0, {vocab})"
+        elif allowed_count(p, vocab) == 0:
+            bad = "the token mask leaves no token to sample"
+        if bad is not None:
+            raise EngineError("bad_sampling_params", bad)
+        if len(ids) + p.max_new_tokens > self.max_model_len:
+            raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
+                                          f"max_model_len {self.max_model_len}")
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
+        self.validate(req)
+        if self._closed:
+            raise EngineError("shutdown", "engine is shut down")
+        if req.rid in self._seqs:
+            raise EngineError("duplicate_rid", f"request {req.rid!r} is already live")
+        await self.start()
+        p = req.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        seq = _Seq(req=req, sampler=make_row_sampler(p, self.vocab_size, self.device, req.return_logprob),
+                   stop_ids=frozenset(stops), limit=min(self.max_model_len, len(req.input_ids) + p.max_new_tokens))
+        self._seqs[req.rid] = seq
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                delta = _coalesce(item, seq.queue)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not seq.done:  # the consumer went away: stop spending steps on it, free the rid
+                await self.abort(req.rid)
+                if self._seqs.get(req.rid) is seq:
+                    del self._seqs[req.rid]
+
+    async def abort(self, rid: str) -> None:
+        seq = self._seqs.get(rid)
+        if seq is None or seq.done:
+            return
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+            self._finish(seq, "abort")
+        elif self._stepping:
+            seq.abort_requested = True  # the step in flight delivers its token, then "abort"
+        else:
+            self._finish(seq, "abort")  # its row is dropped at the next step
+
+    async def pause(self, mode: PauseMode) -> None:
+        """Stop stepping; returns once no step is in flight. ``abort`` also aborts requests queued
+        before the pause (as SGLang's abort_all); requests arriving while paused wait."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise EngineError("bad_pause_mode", f"unknown pause mode {mode!r}")
+        self._paused = True
+        async with self._lock:
+            if mode == "abort":
+                for s in [*self._running, *self._waiting]:
+                    self._finish(s, "abort")
+                self._waiting.clear()
+                self._running, self._batch = [], None
+            elif mode == "retract":
+                self._retract()
+
+    async def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Validate every tensor, then copy all of them into the live parameters (storage kept)."""
+        if not self._paused:
+            raise EngineError("not_paused", "update_weights needs a paused engine")
+        if self._weights_released:
+            raise EngineError("weights_released", "resume_memory(['weights']) before loading weights")
+        items = list(named_tensors)
+        for name, t in items:
+            param = self._params.get(name)
+            if param is None:
+                raise EngineError("unknown_tensor", f"no parameter named {name!r}")
+            if tuple(t.shape) != tuple(param.shape):
+                raise EngineError("shape_mismatch", f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
+            if t.dtype != param.dtype:
+                raise EngineError("dtype_mismatch", f"{name}: got {t.dtype}, want {param.dtype}")
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._copy_weights, items)
+            self._version = version
+
+    async def release_memory(self, tags: Sequence[MemoryTag]) -> None:
+        """``weights``: parameter storage is freed (contents are lost, as in SGLang; nothing is
+        generated until they are resumed and re-sent). ``kv_cache``: all KV is dropped (paused
+        only); running requests are re-prefilled on resume. ``cuda_graph``: nothing to free."""
+        _check_tags(tags)
+        if "kv_cache" in tags and not self._paused:
+            raise EngineError("not_paused", "release kv_cache needs a paused engine")
+        async with self._lock:
+            if "kv_cache" in tags:
+                self._retract()
+            if "weights" in tags and not self._weights_released:
+                self._weights_released = True
+                with torch.no_grad():
+                    for p, _, dtype in self._meta.values():
+                        p.data = torch.empty(0, dtype=dtype, device=self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    async def resume_memory(self, tags: Sequence[MemoryTag]) -> None:
+        """``weights``: storage of the right shapes is allocated again; contents are undefined
+        until update_weights fills them."""
+        _check_tags(tags)
+        if "weights" in tags and self._weights_released:
+            async with self._lock:
+                with torch.no_grad():
+                    for p, shape, dtype in self._meta.values():
+                        p.data = torch.empty(shape, dtype=dtype, device=self.device)
+                self._weights_released = False
+            self._wake.set()
+
+    async def flush_cache(self) -> None:
+        """There is no prefix cache yet; refuses (``busy``) while requests run unpaused."""
+        if not self._paused and (any(not s.done for s in self._running) or self._waiting):
+            raise EngineError("busy", "flush_cache while requests are running; pause first")
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def _can_step(self) -> bool:
+        return not (self._paused or self._weights_released or self._closed) and bool(
+            self._waiting or any(not s.done for s in self._running))
+
+    async def _schedule(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._can_step():
+                async with self._lock:
+                    if self._can_step():
+                        await self._step()
+
+    async def _step(self) -> None:
+        keep = []
+        for i, s in enumerate(self._running):
+            if s.abort_requested and not s.done:
+                self._finish(s, "abort")
+            if not s.done:
+                keep.append(i)
+        joiners: list[_Seq] = []
+        while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
+            joiners.append(self._waiting.popleft())
+        version = self._version
+        self._stepping = True
+        try:
+            batch, rows, toks, lps = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._compute, keep, joiners)
+        except Exception as e:
+            log.exception("hf engine step failed; failing its %d requests", len(keep) + len(joiners))
+            err = EngineError("engine_failure", f"{type(e).__name__}: {e}")
+            for s in [*(self._running[i] for i in keep), *joiners]:
+                s.done = True
+                if self._seqs.get(s.req.rid) is s:
+                    del self._seqs[s.req.rid]
+                s.queue.put_nowait(err)
+            self._running, self._batch = [], None
+            return
+        finally:
+            self._stepping = False
+        self._batch, self._running = batch, rows
+        for s, tok, lp in zip(rows, toks, lps, strict=True):
+            s.output.append(tok)
+            reason: FinishReason | None = None
+            if tok in s.stop_ids:
+                reason = "stop"
+            elif len(s.req.input_ids) + len(s.output) >= s.limit:
+                reason = "length"
+            elif s.abort_requested:
+                reason = "abort"
+            self._emit(s, [tok], [lp] if s.req.return_logprob else None, version, reason)
+        if all(s.done for s in rows):  # free the KV now rather than at the next step
+            self._batch, self._running = None, []
+
+    @torch.inference_mode()
+    def _compute(self, keep: list[int], joiners: list[_Seq]) -> tuple[
+            hf_batch.Batch | None, list[_Seq], list[int], list[float | None]]:
+        """Worker thread: one decode of the kept rows plus one prefill of the joiners."""
+        batch = hf_batch.select(self._batch, keep) if self._batch is not None else None
+        rows = [self._running[i] for i in keep]
+        logits = []
+        if rows:
+            assert batch is not None
+            last = torch.tensor([s.output[-1] for s in rows], dtype=torch.long).to(self.device)
+            batch, lg = hf_batch.decode(self.model, batch, last)
+            logits.append(lg)
+        if joiners:
+            # retracted requests come back with their output so far: the prefill continues them
+            jb, lg = hf_batch.prefill(self.model, [s.req.input_ids + s.output for s in joiners],
+                                      self.device, self.pad_id)
+            batch = hf_batch.concat(batch, jb)
+            rows += joiners
+            logits.append(lg)
+        toks, lps = sample(torch.cat(logits) if len(logits) > 1 else logits[0], [s.sampler for s in rows])
+        return batch, rows, toks, lps
+
+    def _retract(self) -> None:
+        """Drop all KV; unfinished running requests go back to the front of the queue, in order."""
+        for s in reversed(self._running):
+            if not s.done:
+                self._waiting.appendleft(s)
+        self._running, self._batch = [], None
+
+    def _copy_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for name, t in items:
+                self._params[name].data.copy_(t)
+
+    def _emit(self, s: _Seq, toks: list[int], lps: list[float | None] | None, version: int,
+              reason: FinishReason | None) -> None:
+        logprobs = [float(x) for x in lps if x is not None] if lps is not None else None
+        s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
+                                       weight_version=version, finish_reason=reason))
+        if reason is not None:
+            s.done = True
+            if self._seqs.get(s.req.rid) is s:
+                del self._seqs[s.req.rid]
+
+    def _finish(self, s: _Seq, reason: FinishReason) -> None:
+        if not s.done:
+            self._emit(s, [], [] if s.req.return_logprob else None, self._version, reason)
+
+
+def _coalesce(first: EngineDelta, queue: asyncio.Queue[EngineDelta | BaseException]) -> EngineDelta:
+    """Merge deltas already queued behind ``first`` (same version) so a slow reader catches up."""
+    while not queue.empty() and first.finish_reason is None:
+        nxt = queue._queue[0]  # type: ignore[attr-defined]
+        if isinstance(nxt, BaseException) or nxt.weight_version != first.weight_version:
+            break
+        queue.get_nowait()
+        lps = first.logprobs + nxt.logprobs if first.logprobs is not None and nxt.logprobs is not None else None
+        first = EngineDelta(rid=first.rid, token_ids=first.token_ids + nxt.token_ids, logprobs=lps,
+                            weight_version=first.weight_version, finish_reason=nxt.finish_reason)
+    return first
+
+
+def _eos_of(model: Any) -> list[int]:
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+    return []
+
+
+def _check_tags(tags: Sequence[str]) -> None:
+    bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
+    if bad:
+        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
