@@ -24,6 +24,7 @@ from rollwire.messages.samples import Sample, SampleGroup
 from rollwire.messages.weights import (
     Ack,
     ApplyVersion,
+    NamedTensor,
     Pause,
     ReleaseMemory,
     Resume,
@@ -63,6 +64,7 @@ __all__ = [
     "HealthReply",
     "HealthRequest",
     "ExperienceRequest",
+    "NamedTensor",
     "Pause",
     "Sample",
     "SampleGroup",
