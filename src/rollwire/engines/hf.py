@@ -35,7 +35,7 @@ from rollwire.engines.base import (
     MemoryTag,
     PauseMode,
 )
-from rollwire.engines.hf_sampling import RowSampler, allowed_count, make_row_sampler, sample
+from rollwire.engines.hf_sampling import RowSampler, check_params, make_row_sampler, sample
 from rollwire.messages.generate import FinishReason
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class _Seq:
 class HFEngine:
     """Engine on a transformers causal LM; see the module docstring and ``hf_sampling``."""
 
+    MAX_PREFILL_TOKENS = 16384  # padded prompt tokens prefilled in one step (one long prompt always fits)
+
     def __init__(self, model: Any, *, max_batch_size: int = 64, max_model_len: int | None = None,
                  eos_token_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
                  name: str = "hf", tokenizer: Any = None) -> None:
@@ -65,7 +67,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         cfg: Any = model.config.get_text_config()
         self.vocab_size = int(cfg.vocab_size)
-        self.max_model_len = int(max_model_len or getattr(cfg, "max_position_embeddings", 4096))
+        self.max_model_len = max_model_len or int(getattr(cfg, "max_position_embeddings", 4096))
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
@@ -136,24 +138,7 @@ class HFEngine:
             raise EngineError("empty_input", "input_ids is empty")
         if min(ids) < 0 or max(ids) >= vocab:
             raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab})")
-        bad = None
-        if p.max_new_tokens <= 0:
-            bad = "max_new_tokens must be >= 1"
-        elif not p.temperature >= 0:
-            bad = "temperature must be >= 0"
-        elif not 0 < p.top_p <= 1:
-            bad = "top_p must lie in (0, 1]"
-        elif not 0 <= p.min_p < 1:
-            bad = "min_p must lie in [0, 1)"
-        elif p.top_k == 0 or p.top_k < -1:
-            bad = "top_k must be -1 (all) or >= 1"
-        elif p.allowed_token_ids is not None and not p.allowed_token_ids:
-            bad = "allowed_token_ids is empty"
-        elif any(t < 0 or t >= vocab for t in (*(p.allowed_token_ids or ()), *(p.disallowed_token_ids or ()))):
-            bad = f"allowed/disallowed ids must lie in [0, {vocab})"
-        elif allowed_count(p, vocab) == 0:
-            bad = "the token mask leaves no token to sample"
-        if bad is not None:
+        if (bad := check_params(p, vocab)) is not None:
             raise EngineError("bad_sampling_params", bad)
         if len(ids) + p.max_new_tokens > self.max_model_len:
             raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
@@ -162,9 +147,9 @@ class HFEngine:
     async def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
         self.validate(req)
         if self._closed:
-            raise EngineError("shutdown", "engine is shut down")
+            raise EngineError("shutting_down", "engine is shut down")
         if req.rid in self._seqs:
-            raise EngineError("duplicate_rid", f"request {req.rid!r} is already live")
+            raise EngineError("duplicate_request", f"request {req.rid!r} is already live")
         await self.start()
         p = req.params
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
@@ -224,7 +209,7 @@ class HFEngine:
         if not self._paused:
             raise EngineError("not_paused", "update_weights needs a paused engine")
         if self._weights_released:
-            raise EngineError("weights_released", "resume_memory(['weights']) before loading weights")
+            raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
         items = list(named_tensors)
         for name, t in items:
             param = self._params.get(name)
@@ -255,6 +240,8 @@ class HFEngine:
                         p.data = torch.empty(0, dtype=dtype, device=self.device)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+                else:
+                    _return_freed_heap_to_os()
 
     async def resume_memory(self, tags: Sequence[MemoryTag]) -> None:
         """``weights``: storage of the right shapes is allocated again; contents are undefined
@@ -285,10 +272,33 @@ class HFEngine:
             self._wake.clear()
             while self._can_step():
                 async with self._lock:
-                    if self._can_step():
-                        await self._step()
+                    try:
+                        await self._run_steps()
+                    except Exception as e:  # a bug, not a request's fault: fail what runs, keep serving
+                        log.exception("hf engine step failed")
+                        self._fail(self._running, e)
+                    finally:
+                        self._stepping = False
 
-    async def _step(self) -> None:
+    async def _run_steps(self) -> None:
+        """Steps back to back while there is work and no pause. Step N+1 is launched as soon as
+        step N's tokens are booked, and step N's deltas are handed out while N+1 computes."""
+        step = self._launch() if self._can_step() else None
+        while step is not None:
+            fut, version, members = step
+            try:
+                batch, rows, toks, lps = await fut
+            except Exception as e:
+                log.exception("hf engine step failed; failing its %d requests", len(members))
+                self._fail(members, e)
+                return
+            reasons = self._book(batch, rows, toks)
+            step = self._launch() if self._can_step() else None
+            for s, tok, lp, reason in zip(rows, toks, lps, reasons, strict=True):
+                self._emit(s, [tok], [lp] if s.req.return_logprob else None, version, reason)
+
+    def _launch(self) -> tuple[asyncio.Future[Any], int, list[_Seq]] | None:
+        """Drop finished rows, admit joiners, start one step on the worker (or None: no work)."""
         keep = []
         for i, s in enumerate(self._running):
             if s.abort_requested and not s.done:
@@ -296,27 +306,27 @@ class HFEngine:
             if not s.done:
                 keep.append(i)
         joiners: list[_Seq] = []
+        longest = 0  # joiners are padded to the longest: bound the padded prefill of one step
         while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
+            n = len(self._waiting[0].req.input_ids) + len(self._waiting[0].output)
+            if joiners and (len(joiners) + 1) * max(longest, n) > self.MAX_PREFILL_TOKENS:
+                break
+            longest = max(longest, n)
             joiners.append(self._waiting.popleft())
-        version = self._version
-        self._stepping = True
-        try:
-            batch, rows, toks, lps = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._compute, keep, joiners)
-        except Exception as e:
-            log.exception("hf engine step failed; failing its %d requests", len(keep) + len(joiners))
-            err = EngineError("engine_failure", f"{type(e).__name__}: {e}")
-            for s in [*(self._running[i] for i in keep), *joiners]:
-                s.done = True
-                if self._seqs.get(s.req.rid) is s:
-                    del self._seqs[s.req.rid]
-                s.queue.put_nowait(err)
+        members = [*(self._running[i] for i in keep), *joiners]
+        if not members:
             self._running, self._batch = [], None
-            return
-        finally:
             self._stepping = False
+            return None
+        self._stepping = True
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._compute, keep, joiners)
+        return fut, self._version, members
+
+    def _book(self, batch: hf_batch.Batch | None, rows: list[_Seq], toks: list[int]) -> list[FinishReason | None]:
+        """Record a step's tokens and decide who finished (their rids are free from here on)."""
         self._batch, self._running = batch, rows
-        for s, tok, lp in zip(rows, toks, lps, strict=True):
+        reasons: list[FinishReason | None] = []
+        for s, tok in zip(rows, toks, strict=True):
             s.output.append(tok)
             reason: FinishReason | None = None
             if tok in s.stop_ids:
@@ -325,9 +335,14 @@ class HFEngine:
                 reason = "length"
             elif s.abort_requested:
                 reason = "abort"
-            self._emit(s, [tok], [lp] if s.req.return_logprob else None, version, reason)
+            if reason is not None:
+                s.done = True
+                if self._seqs.get(s.req.rid) is s:
+                    del self._seqs[s.req.rid]
+            reasons.append(reason)
         if all(s.done for s in rows):  # free the KV now rather than at the next step
             self._batch, self._running = None, []
+        return reasons
 
     @torch.inference_mode()
     def _compute(self, keep: list[int], joiners: list[_Seq]) -> tuple[
@@ -365,13 +380,24 @@ class HFEngine:
 
     def _emit(self, s: _Seq, toks: list[int], lps: list[float | None] | None, version: int,
               reason: FinishReason | None) -> None:
-        logprobs = [float(x) for x in lps if x is not None] if lps is not None else None
+        logprobs = [x for x in lps if x is not None] if lps is not None else None
         s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
                                        weight_version=version, finish_reason=reason))
         if reason is not None:
             s.done = True
             if self._seqs.get(s.req.rid) is s:
                 del self._seqs[s.req.rid]
+
+    def _fail(self, seqs: list[_Seq], e: Exception) -> None:
+        """Their generate() raises EngineError("internal"); the batch (KV possibly half-written) goes."""
+        err = EngineError("internal", f"{type(e).__name__}: {e}")
+        for s in seqs:
+            if not s.done:
+                s.done = True
+                if self._seqs.get(s.req.rid) is s:
+                    del self._seqs[s.req.rid]
+                s.queue.put_nowait(err)
+        self._running, self._batch = [], None
 
     def _finish(self, s: _Seq, reason: FinishReason) -> None:
         if not s.done:
@@ -403,3 +429,14 @@ def _check_tags(tags: Sequence[str]) -> None:
     bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
     if bad:
         raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
+
+
+def _return_freed_heap_to_os() -> None:
+    """glibc keeps freed blocks below its (dynamic) mmap threshold in the heap; malloc_trim hands
+    them back, so a released CPU model really lowers RSS. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
