@@ -1,0 +1,83 @@
+"""Version accounting: min_version waits, --max-staleness aborts old requests, --coalesce keeps
+only the newest waiting version."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rollwire import ErrorCode, RolloutClient, SamplingParams
+from rollwire.actors.memory_governor import GOVERNOR
+from rollwire.messages import ApplyVersion, ControlReply, ErrorReply, GenerateDone, NamedTensor, VersionApplied
+from rollwire.runtime import address
+from rollwire.server import RolloutServer, ServerConfig
+from rollwire.transports.rpc import RpcClient
+from rollwire.transports.tensors import encode_tensors
+from tests.test_governor import apply_version
+from tests.versioned import check_spans, version_state
+
+from .conftest import free_tcp_endpoint
+
+SP = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+async def test_a_request_with_min_version_waits_until_that_version_is_live() -> None:
+    ep = free_tcp_endpoint()
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)), RolloutClient(ep, timeout=60) as rc:
+        waiting = asyncio.ensure_future(rc.generate([2, 4, 6], SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                              ignore_eos=True), min_version=1))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # version 0 is live: it has not started
+        await apply_version(1)
+        out = await waiting
+    assert [s.version for s in out.weight_version_spans] == [1]  # type: ignore[union-attr]
+    check_spans([2, 4, 6], out)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("max_staleness", "expect"), [(0, "abort"), (1, "length")])
+async def test_max_staleness_aborts_requests_started_too_many_versions_ago(max_staleness: int, expect: str) -> None:
+    ep = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="in_place", max_staleness=max_staleness)
+    async with RolloutServer(cfg), RolloutClient(ep, timeout=60) as rc:
+        streams = [rc.stream([3, i, 9], SP) for i in range(4)]
+        for s in streams:
+            await s.__anext__()  # started under version 0
+        await apply_version(1)
+        outs = []
+        for s in streams:
+            outs += [m async for m in s if isinstance(m, GenerateDone)]
+    # every in-flight request: one terminal reply; stale ones aborted with their partial output
+    assert [o.finish_reason for o in outs] == [expect] * 4
+    assert all(o.weight_version_spans[0].version == 0 for o in outs)
+
+
+async def test_coalesce_keeps_only_the_newest_version_waiting_behind_a_load() -> None:
+    ep = free_tcp_endpoint()
+    states = {v: version_state(v) for v in (1, 2, 3)}
+    # drain keeps version 1's load waiting for a running request, so 2 and 3 queue behind it
+    cfg = ServerConfig(rollout_endpoint=ep, coalesce=True, pause_policy="drain")
+    async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
+        running = asyncio.ensure_future(rc.generate([1, 2], SamplingParams(max_new_tokens=200, temperature=0.0,
+                                                                           ignore_eos=True)))
+        await asyncio.sleep(0.1)
+
+        async def send(version: int) -> object:
+            state = states[version]
+            refs, bufs = encode_tensors(list(state.values()))
+            client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
+            try:
+                reply = await client.call(ApplyVersion(version=version, step=version, tensors=[
+                    NamedTensor(n, r) for n, r in zip(state, refs, strict=True)]), bufs, timeout=60)
+            finally:
+                await client.close()
+            return reply.msg
+
+        first = asyncio.ensure_future(send(1))
+        await asyncio.sleep(0.01)
+        middle, newest = await asyncio.gather(send(2), send(3))
+        assert isinstance(await first, VersionApplied)
+        assert isinstance(middle, ErrorReply) and middle.code == ErrorCode.SUPERSEDED
+        assert isinstance(newest, VersionApplied) and newest.version == 3
+        assert srv.generation.weight_version == 3
+        assert (await running).finish_reason == "length"  # type: ignore[union-attr]  # drained, not lost
