@@ -25,12 +25,16 @@ def version_state(version: int) -> dict[str, torch.Tensor]:
 
 
 def greedy(version: int, prefix: list[int], n: int) -> list[int]:
+    """Plain argmax decoding, EOS included (the engine runs with ignore_eos; generate()'s
+    min_new_tokens would mask EOS instead, which is a different policy)."""
     model = version_model(version)
-    ids = torch.tensor([prefix])
+    out: list[int] = []
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prefix):].tolist()
+        step = model(torch.tensor([prefix]), use_cache=True)
+        for _ in range(n):
+            out.append(int(step.logits[0, -1].argmax()))
+            step = model(torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+    return out
 
 
 def check_spans(prompt: list[int], done: GenerateDone) -> None:

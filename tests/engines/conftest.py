@@ -8,7 +8,9 @@ Each test gets a fresh started engine on the tiny model and a reference copy of 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -28,9 +30,17 @@ def _sglang_skip_reason() -> str | None:
         return "sglang is not installed (pip install 'rollwire[sglang]')"
     if not torch.cuda.is_available():
         return "sglang needs a CUDA GPU"
-    if importlib.util.find_spec("rollwire.engines.sglang") is None:
-        return "rollwire.engines.sglang is not written yet"
     return None
+
+
+@functools.cache
+def tiny_checkpoint() -> str:
+    """The tiny model saved as a local HF checkpoint (for engines that load from a directory)."""
+    path = tempfile.mkdtemp(prefix="rollwire-tiny-")
+    model, tokenizer = tiny(TINY_SEED)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +58,17 @@ def engine_kind(request: pytest.FixtureRequest) -> str:
     return kind
 
 
-def make_engine(kind: str, **kw: object) -> Engine:
+def make_engine(kind: str) -> Engine:
     if kind == "hf":
         from rollwire.engines.hf import HFEngine
 
-        return HFEngine.from_spec(f"tiny:{TINY_SEED}", **kw)  # type: ignore[arg-type]
-    raise NotImplementedError(f"no factory for engine {kind!r} yet")
+        return HFEngine.from_spec(f"tiny:{TINY_SEED}")
+    if kind == "sglang":  # float32 and deterministic, so outputs compare with the reference model's
+        from rollwire.engines.sglang import SGLangEngine
+
+        args = {"dtype": "float32", "enable_deterministic_inference": True, "mem_fraction_static": 0.3}
+        return SGLangEngine(tiny_checkpoint(), engine_args=args)  # type: ignore[return-value]
+    raise ValueError(f"unknown engine kind {kind!r}")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 from rollwire.engines.base import Engine, EngineError, EngineRequest
 from rollwire.messages.generate import SamplingParams
 
-from .conftest import Result, make_engine, run_request
+from .conftest import Result, make_engine, run_request, tiny_checkpoint
 
 rng = random.Random(1234)
 PROMPTS = [[rng.randrange(3, 103) for _ in range(n)] for n in (1, 3, 7, 12, 18, 25, 31, 40)]  # 8 mixed lengths
@@ -377,4 +377,18 @@ async def test_invalid_requests_are_refused_with_a_code_before_anything_runs(eng
 async def test_info_reports_the_model_vocab_eos_length_limit_and_live_version(engine):
     info = engine.info()
     assert info.vocab_size == 512 and info.eos_token_ids == [2] and info.max_model_len == 4096
-    assert info.weight_version == 0 and info.dtype == "float32" and info.device == "cpu"
+    assert info.weight_version == 0 and info.dtype == "float32"
+
+
+async def test_an_hf_engine_loaded_from_a_saved_checkpoint_generates_what_the_built_model_does(engine):
+    from rollwire.engines.hf import HFEngine
+
+    loaded = HFEngine.from_spec(tiny_checkpoint())
+    await loaded.start()
+    try:
+        assert loaded.tokenizer is not None and loaded.tokenizer("Hi!")["input_ids"] == [48, 81, 9]
+        ours = await run_request(loaded, "r", PROMPTS[3], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    finally:
+        await loaded.shutdown()
+    ref = await run_request(engine, "r", PROMPTS[3], max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    assert ours.tokens == ref.tokens

@@ -4,8 +4,14 @@ A scheduler task on the event loop admits requests, runs one step at a time on a
 thread (torch releases the GIL, so the loop keeps answering) and hands each request its new
 token through its own ``asyncio.Queue``. A step is: drop finished rows, decode the running batch
 by one token, prefill the joiners together, concatenate, sample every row (``hf_sampling``).
-State that the worker touches (``_batch``, ``_running``) is changed only inside a step, or on
-the loop while no step is in flight (``_lock`` is held across a step).
+Step N+1 is launched as soon as step N's tokens are booked; N's deltas go out while N+1 runs.
+State that the worker touches (``_batch``, ``_running``) is changed only between steps, on the
+loop; ``_lock`` is held across a chain of steps, so ``pause`` returns only once none is in flight.
+
+Float noise: a row's logits differ by ~1e-6 between running alone and in a batch (oneDNN/MKL
+pick different GEMM kernels for 1, 2-3 and >= 4 rows, and SDPA blocks differently over a
+left-padded key length), so equality of greedy tokens holds only where the top-2 logit gap is
+above that (it is, by a wide margin, on the tiny model); logprobs agree to ~1e-5.
 
 transformers' own ``ContinuousBatchingManager`` was not used: it has one ``do_sample`` for the
 whole manager (no greedy and sampled requests side by side), one global seed (no per-request
@@ -36,6 +42,7 @@ from rollwire.engines.base import (
     PauseMode,
 )
 from rollwire.engines.hf_sampling import RowSampler, check_params, make_row_sampler, sample
+from rollwire.engines.hf_weights import WeightStore
 from rollwire.messages.generate import FinishReason
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,12 @@ class _Seq:
 
 
 class HFEngine:
-    """Engine on a transformers causal LM; see the module docstring and ``hf_sampling``."""
+    """Engine on a transformers causal LM; see the module docstring and ``hf_sampling``.
+
+    ``max_batch_size`` rows decode together; ``max_model_len`` defaults to the model's
+    max_position_embeddings; ``eos_token_ids`` to its generation config; ``device`` (where
+    inputs go) to the device of its parameters; ``tokenizer`` is kept for callers only.
+    """
 
     MAX_PREFILL_TOKENS = 16384  # padded prompt tokens prefilled in one step (one long prompt always fits)
 
@@ -74,17 +86,15 @@ class HFEngine:
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_of(model)
         pad = getattr(cfg, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
-        # name -> parameter, tied names included; and each distinct parameter with its shape
-        self._params = dict(model.named_parameters(remove_duplicate=False))
-        self._meta = {id(p): (p, tuple(p.shape), p.dtype) for p in self._params.values()}
+        self._weights = WeightStore(model, self.device)
         self._version = 0
         self._seqs: dict[str, _Seq] = {}
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # row i of _batch
         self._batch: hf_batch.Batch | None = None
         self._paused = False
-        self._weights_released = False
-        self._stepping = False
+        self._stepping = False  # a step is on the worker
+        self._launched: list[_Seq] = []  # the requests of the last step launched
         self._closed = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -101,7 +111,7 @@ class HFEngine:
     # -- protocol -------------------------------------------------------------------------------
 
     def info(self) -> EngineInfo:
-        weights = sum(p.untyped_storage().nbytes() for p, _, _ in self._meta.values())
+        weights = self._weights.resident_bytes()
         return EngineInfo(
             name=self.name, vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
             max_model_len=self.max_model_len, weight_version=self._version, device=str(self.device),
@@ -109,7 +119,7 @@ class HFEngine:
             extra={
                 "weights_bytes": weights, "kv_bytes": self._batch.nbytes() if self._batch else 0,
                 "running": sum(not s.done for s in self._running), "waiting": len(self._waiting),
-                "paused": self._paused, "weights_released": self._weights_released,
+                "paused": self._paused, "weights_released": self._weights.released,
                 "max_batch_size": self.max_batch_size,
             },
         )
@@ -208,19 +218,9 @@ class HFEngine:
         """Validate every tensor, then copy all of them into the live parameters (storage kept)."""
         if not self._paused:
             raise EngineError("not_paused", "update_weights needs a paused engine")
-        if self._weights_released:
-            raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
-        items = list(named_tensors)
-        for name, t in items:
-            param = self._params.get(name)
-            if param is None:
-                raise EngineError("unknown_tensor", f"no parameter named {name!r}")
-            if tuple(t.shape) != tuple(param.shape):
-                raise EngineError("shape_mismatch", f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
-            if t.dtype != param.dtype:
-                raise EngineError("dtype_mismatch", f"{name}: got {t.dtype}, want {param.dtype}")
+        items = self._weights.check(named_tensors)
         async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._copy_weights, items)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._weights.copy, items)
             self._version = version
 
     async def release_memory(self, tags: Sequence[MemoryTag]) -> None:
@@ -233,26 +233,16 @@ class HFEngine:
         async with self._lock:
             if "kv_cache" in tags:
                 self._retract()
-            if "weights" in tags and not self._weights_released:
-                self._weights_released = True
-                with torch.no_grad():
-                    for p, _, dtype in self._meta.values():
-                        p.data = torch.empty(0, dtype=dtype, device=self.device)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                else:
-                    _return_freed_heap_to_os()
+            if "weights" in tags:
+                self._weights.release()
 
     async def resume_memory(self, tags: Sequence[MemoryTag]) -> None:
         """``weights``: storage of the right shapes is allocated again; contents are undefined
         until update_weights fills them."""
         _check_tags(tags)
-        if "weights" in tags and self._weights_released:
+        if "weights" in tags and self._weights.released:
             async with self._lock:
-                with torch.no_grad():
-                    for p, shape, dtype in self._meta.values():
-                        p.data = torch.empty(shape, dtype=dtype, device=self.device)
-                self._weights_released = False
+                self._weights.restore()
             self._wake.set()
 
     async def flush_cache(self) -> None:
@@ -263,7 +253,7 @@ class HFEngine:
     # -- scheduling -----------------------------------------------------------------------------
 
     def _can_step(self) -> bool:
-        return not (self._paused or self._weights_released or self._closed) and bool(
+        return not (self._paused or self._weights.released or self._closed) and bool(
             self._waiting or any(not s.done for s in self._running))
 
     async def _schedule(self) -> None:
@@ -276,7 +266,7 @@ class HFEngine:
                         await self._run_steps()
                     except Exception as e:  # a bug, not a request's fault: fail what runs, keep serving
                         log.exception("hf engine step failed")
-                        self._fail(self._running, e)
+                        self._fail([*self._running, *self._launched], e)
                     finally:
                         self._stepping = False
 
@@ -319,7 +309,9 @@ class HFEngine:
             self._stepping = False
             return None
         self._stepping = True
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._compute, keep, joiners)
+        self._launched = members
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._pool, self._compute, self._batch, keep, members[:len(keep)], joiners)
         return fut, self._version, members
 
     def _book(self, batch: hf_batch.Batch | None, rows: list[_Seq], toks: list[int]) -> list[FinishReason | None]:
@@ -345,11 +337,12 @@ class HFEngine:
         return reasons
 
     @torch.inference_mode()
-    def _compute(self, keep: list[int], joiners: list[_Seq]) -> tuple[
-            hf_batch.Batch | None, list[_Seq], list[int], list[float | None]]:
-        """Worker thread: one decode of the kept rows plus one prefill of the joiners."""
-        batch = hf_batch.select(self._batch, keep) if self._batch is not None else None
-        rows = [self._running[i] for i in keep]
+    def _compute(self, batch: hf_batch.Batch | None, keep: list[int], rows: list[_Seq], joiners: list[_Seq],
+                 ) -> tuple[hf_batch.Batch | None, list[_Seq], list[int], list[float | None]]:
+        """Worker thread: one decode of rows ``keep`` of ``batch`` (requests ``rows``) plus one
+        prefill of the joiners; returns the new batch, its requests, their tokens and logprobs."""
+        batch = hf_batch.select(batch, keep) if batch is not None else None
+        rows = list(rows)
         logits = []
         if rows:
             assert batch is not None
@@ -372,11 +365,6 @@ class HFEngine:
             if not s.done:
                 self._waiting.appendleft(s)
         self._running, self._batch = [], None
-
-    def _copy_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        with torch.no_grad():
-            for name, t in items:
-                self._params[name].data.copy_(t)
 
     def _emit(self, s: _Seq, toks: list[int], lps: list[float | None] | None, version: int,
               reason: FinishReason | None) -> None:
@@ -430,13 +418,3 @@ def _check_tags(tags: Sequence[str]) -> None:
     if bad:
         raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
 
-
-def _return_freed_heap_to_os() -> None:
-    """glibc keeps freed blocks below its (dynamic) mmap threshold in the heap; malloc_trim hands
-    them back, so a released CPU model really lowers RSS. A no-op where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -67,13 +67,26 @@ def make_row_sampler(params: SamplingParams, vocab_size: int, device: torch.devi
     )
 
 
-def allowed_count(params: SamplingParams, vocab_size: int) -> int:
-    """How many ids the mask of ``params`` leaves samplable (ids must already be in range)."""
-    allowed = set(params.allowed_token_ids) if params.allowed_token_ids is not None else None
-    banned = set(params.disallowed_token_ids or ())
-    if allowed is None:
-        return vocab_size - len(banned)
-    return len(allowed - banned)
+def check_params(p: SamplingParams, vocab_size: int) -> str | None:
+    """What is wrong with ``p`` (None if nothing): the engine refuses it as bad_sampling_params."""
+    if p.max_new_tokens <= 0:
+        return "max_new_tokens must be >= 1"
+    if not p.temperature >= 0:  # also catches NaN
+        return "temperature must be >= 0"
+    if not 0 < p.top_p <= 1:
+        return "top_p must lie in (0, 1]"
+    if not 0 <= p.min_p < 1:
+        return "min_p must lie in [0, 1)"
+    if p.top_k == 0 or p.top_k < -1:
+        return "top_k must be -1 (all) or >= 1"
+    if p.allowed_token_ids is not None and not p.allowed_token_ids:
+        return "allowed_token_ids is empty"
+    masked = (*(p.allowed_token_ids or ()), *(p.disallowed_token_ids or ()))
+    if any(t < 0 or t >= vocab_size for t in masked):
+        return f"allowed/disallowed ids must lie in [0, {vocab_size})"
+    banned = set(p.disallowed_token_ids or ())
+    left = vocab_size - len(banned) if p.allowed_token_ids is None else len(set(p.allowed_token_ids) - banned)
+    return "the token mask leaves no token to sample" if left == 0 else None
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int], list[float | None]]:

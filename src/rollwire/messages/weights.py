@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 from rollwire.messages.envelope import TensorRef
+from rollwire.messages.errors import ErrorReply
 
 Transport = Literal["inline", "shm", "cuda_ipc", "nccl", "gloo"]
 StepPhase = Literal["train_start", "train_end", "rollout_start", "rollout_end"]
@@ -67,6 +68,36 @@ class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready
     shm_name: str = ""  # shm: the arena holding every bucket, back to back
     shm_offsets: list[int] = []  # shm: byte offset of each bucket in the arena
     group: str = ""  # gloo/nccl: init_method of the broadcast group (tcp://host:port)
+    group_ranks: list[str] = []  # gloo/nccl: receiver ids in rank order (rank i+1; the trainer is rank 0)
+
+
+class Beacon(msgspec.Struct, frozen=True, kw_only=True, tag="beacon", array_like=True, gc=False):
+    """Trainer -> all (PUB), periodically: proves a subscriber receives (slow-joiner handshake)
+    and carries the trainer's identity, so receivers notice a restarted trainer."""
+
+    trainer_id: str
+    seq: int
+
+
+class BeaconSeen(msgspec.Struct, frozen=True, kw_only=True, tag="beacon_seen", array_like=True, gc=False):
+    """Receiver -> trainer, for every beacon it receives: its SUB has joined (the trainer may now
+    count it for pushes), and a heartbeat. No reply."""
+
+    receiver_id: str
+    trainer_id: str
+    seq: int
+
+
+class StepDone(msgspec.Struct, frozen=True, kw_only=True, tag="step_done", array_like=True):
+    """Receiver -> trainer: the server acted on StepMessage ``step``/``phase`` (e.g. released
+    memory on train_start), or failed to. No reply."""
+
+    receiver_id: str
+    step: int
+    phase: str
+    ok: bool
+    error_code: str = ""
+    message: str = ""
 
 
 class PullBucket(msgspec.Struct, frozen=True, kw_only=True, tag="pull", array_like=True):
@@ -92,10 +123,18 @@ class VersionOutcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome", a
     error_code: str = ""
     message: str = ""
     seconds: float = 0.0  # announcement to applied, as the receiver saw it
+    trainer_id: str = ""  # whose announcement this answers (a restarted trainer may reuse version numbers)
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack", array_like=True):
     pass
+
+
+# The trainer's ROUTER (receivers' DEALERs send these) and what it answers.
+TrainerRequest = Register | BeaconSeen | PullBucket | VersionOutcome | StepDone
+TrainerReply = Welcome | BucketData | Ack | ErrorReply
+# The trainer's PUB.
+TrainerAnnouncement = Beacon | WeightsReady | StepMessage
 
 
 # -- inside the server ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ class ShmArena:
         self.size = 0
         self.tensor = torch.empty(0, dtype=torch.uint8)  # flat uint8 view of the whole arena
         self._mm: mmap.mmap | None = None
-        self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self.created = 0  # how many segments this arena has made (benchmarks check it stays 1)
 
     def reserve(self, nbytes: int) -> bool:

@@ -12,9 +12,11 @@ Shared by the trainer (plan, checksum from the source tensors), the WeightReceiv
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -92,7 +94,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return byte_view(t.reshape(-1).view(torch.uint8))
 
 
 def checksum_sources(plan: BucketPlan) -> int:
@@ -117,22 +119,22 @@ def pack_bucket(plan: BucketPlan, dst: torch.Tensor, *, with_checksum: bool = Fa
     """Copy the bucket's tensors into ``dst`` (a uint8 tensor of ``plan.nbytes``), gaps zeroed;
     returns the crc32 of ``dst`` when asked (computed chunk by chunk right behind the copy)."""
     crc, pos = 0, 0
-    mv = memoryview(dst.numpy()) if with_checksum else None
+    mv = byte_view(dst) if with_checksum else None
     for meta, t in zip(plan.tensors, plan.sources, strict=True):
         if meta.offset > pos:
             dst[pos:meta.offset].zero_()
-            if mv is not None:
-                crc = crc32(mv[pos:meta.offset], crc)
+            if with_checksum:
+                crc = crc32(mv[pos:meta.offset], crc)  # type: ignore[index]
         n = nbytes_of(t)
         flat = dst[meta.offset:meta.offset + n]
-        if n and mv is None:
+        if n and not with_checksum:
             flat.view(t.dtype).view(t.shape).copy_(t)
         elif n:
             src = t.contiguous().reshape(-1).view(torch.uint8)
             for lo in range(0, n, _CHUNK):
                 hi = min(n, lo + _CHUNK)
                 flat[lo:hi].copy_(src[lo:hi])
-                crc = crc32(mv[meta.offset + lo:meta.offset + hi], crc)
+                crc = crc32(mv[meta.offset + lo:meta.offset + hi], crc)  # type: ignore[index]
         pos = meta.offset + n
     return crc
 
@@ -224,7 +226,12 @@ def tensors_from_apply(msg: ApplyVersion, payload: Sequence[Buffer]) -> list[tup
     return [(nt.name, decode_tensor(nt.ref, payload)) for nt in msg.tensors]
 
 
-def uint8_view(buf: Buffer) -> torch.Tensor:
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a flat uint8 CPU tensor as a memoryview (no copy; keeps the tensor alive)."""
+    return memoryview(cast(Any, t.numpy()))
+
+
+def uint8_view(buf: Buffer | mmap.mmap) -> torch.Tensor:
     """A flat uint8 tensor on ``buf`` without a copy (read-only buffers are fine for reading)."""
     if len(buf) == 0:
         return torch.empty(0, dtype=torch.uint8)

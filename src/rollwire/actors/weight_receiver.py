@@ -1,0 +1,289 @@
+"""WeightReceiverActor: stages one weight version at a time; only a whole, verified version goes on.
+
+Talks to the trainer (``clients/trainer.py``) through a DEALER (register, pull buckets, report
+outcomes) and a SUB (beacons, WeightsReady, StepMessage), and to the MemoryGovernor's "weights"
+port (``apply_endpoint``) with ApplyVersion and StepMessage. It has no port of its own.
+
+Per announced version:
+
+1. refused with BAD_VERSION if not above the live version (or the one being staged);
+2. staged by its transport (``transports/staging.py``): inline buckets pulled under a credit
+   window, or the shm arena attached, or the broadcast joined; every bucket checked against the
+   announcement (layout, size, crc32). A newer announcement, or one from a restarted trainer,
+   supersedes a version still staging (SUPERSEDED); no progress for ``stall_timeout_s`` drops it
+   (TIMEOUT). Either way the live version keeps serving;
+3. sent whole to the governor, which pauses, loads and resumes (the engine refuses unknown names,
+   wrong shapes or dtypes before copying anything);
+4. reported to the trainer as VersionOutcome (ok, or the error code and message).
+
+Beacons: each one is acknowledged (that proves this SUB receives, and is the heartbeat); a beacon
+or announcement carrying a new trainer_id means the trainer restarted: register again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+from rollwire.messages import ControlReply, ErrorCode, ErrorReply, ProtocolError, VersionApplied
+from rollwire.messages.weights import (
+    ApplyVersion,
+    Beacon,
+    BeaconSeen,
+    Register,
+    StepDone,
+    StepMessage,
+    TrainerAnnouncement,
+    TrainerReply,
+    VersionOutcome,
+    WeightsReady,
+    Welcome,
+)
+from rollwire.runtime import Actor, Port
+from rollwire.transports import shm
+from rollwire.transports.pubsub import Subscriber
+from rollwire.transports.rpc import RpcClient
+from rollwire.transports.staging import BroadcastReceiver, StagingError, attach_shm, pull_inline
+from rollwire.transports.weights import LayoutError, check_layout
+
+WEIGHT_RECEIVER = "weight_receiver"
+REGISTER_TIMEOUT_S = 2.0
+MAX_REGISTER_WAIT_S = 30.0
+
+
+def _pub_address(pub_endpoint: str, trainer_endpoint: str) -> str:
+    """A PUB bound to a wildcard is reached at the host we reach the trainer at."""
+    url = urlparse(pub_endpoint)
+    if url.scheme == "tcp" and url.hostname in (None, "*", "0.0.0.0"):
+        host = urlparse(trainer_endpoint).hostname or "127.0.0.1"
+        return f"tcp://{host}:{url.port}"
+    return pub_endpoint
+
+
+class _Version:
+    """One announced version on its way through this actor."""
+
+    def __init__(self, ready: WeightsReady) -> None:
+        self.ready = ready
+        self.received = time.monotonic()
+        self.applying = False  # handed to the governor: no longer cancelled by a newer version
+        self.task: asyncio.Task[None] | None = None
+
+
+class WeightReceiverActor(Actor):
+    ports: ClassVar[dict[str, Port]] = {}  # none: it talks through its own DEALER and SUB
+
+    def __init__(self, trainer_endpoint: str, *, receiver_id: str, apply_endpoint: str,
+                 stall_timeout_s: float = 30.0, transports: Sequence[str] = ("shm", "inline", "gloo"),
+                 credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
+                 name: str = WEIGHT_RECEIVER) -> None:
+        super().__init__(name)
+        self.trainer_endpoint = trainer_endpoint
+        self.receiver_id = receiver_id
+        self.apply_endpoint = apply_endpoint
+        self.stall_timeout_s = stall_timeout_s
+        self.transports = [t for t in transports if t != "shm" or shm.available()]
+        self.credit_window = credit_window
+        self.apply_timeout_s = apply_timeout_s
+        self.live_version = live_version
+        self.trainer_id = ""
+        self._trainer: RpcClient[Any] | None = None
+        self._sub: Subscriber[Any] | None = None
+        self._current: _Version | None = None
+        self._next: _Version | None = None
+        self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-verify")
+        self._broadcast = BroadcastReceiver(receiver_id)
+
+    async def on_start(self) -> None:
+        # replies carry bucket bytes: received without a copy, handed on as views
+        self._trainer = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0)
+        self._sub = Subscriber(TrainerAnnouncement)
+        self.spawn(self._listen(), name=f"{self.name}:listen")
+
+    async def on_stop(self) -> None:
+        if self._trainer is not None:
+            await self._trainer.close()
+        if self._sub is not None:
+            self._sub.close()
+        self._broadcast.close()
+        self._verify_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the trainer link ------------------------------------------------------------------------
+    async def _register(self) -> None:
+        """Register until the trainer answers; then follow its PUB."""
+        assert self._trainer is not None and self._sub is not None
+        # The DEALER queues a Register until the trainer is up, so one is enough while it starts;
+        # resending (with a growing wait) only covers a trainer that died before answering.
+        wait = REGISTER_TIMEOUT_S
+        while True:
+            msg = Register(receiver_id=self.receiver_id, host_id=shm.host_id(), transports=self.transports,
+                           live_version=self.live_version)
+            try:
+                reply = await self._trainer.call(msg, timeout=wait)
+                if isinstance(reply.msg, Welcome):
+                    break
+                self.log.warning("register_refused", reply=repr(reply.msg))
+                await asyncio.sleep(wait)
+            except TimeoutError:
+                pass
+            wait = min(MAX_REGISTER_WAIT_S, wait * 2)
+        welcome: Welcome = reply.msg
+        if self.trainer_id and welcome.trainer_id != self.trainer_id:
+            self.counters.inc("trainer_restarts_seen")
+        self.trainer_id = welcome.trainer_id
+        self._sub.connect(_pub_address(welcome.pub_endpoint, self.trainer_endpoint))
+        self.counters.inc("registrations")
+        self.log.info("registered", trainer_id=self.trainer_id, pub=welcome.pub_endpoint)
+
+    async def _listen(self) -> None:
+        assert self._sub is not None and self._trainer is not None
+        await self._register()
+        while True:
+            msg = await self._sub.recv()
+            match msg:
+                case Beacon():
+                    if msg.trainer_id != self.trainer_id:
+                        self.log.info("trainer_changed", old=self.trainer_id, new=msg.trainer_id)
+                        await self._register()
+                    if msg.trainer_id == self.trainer_id:
+                        await self._trainer.send(0, BeaconSeen(receiver_id=self.receiver_id,
+                                                               trainer_id=self.trainer_id, seq=msg.seq))
+                case WeightsReady():
+                    if msg.trainer_id != self.trainer_id:
+                        await self._register()
+                    self._on_weights_ready(msg)
+                case StepMessage():
+                    self.spawn(self._forward_step(msg))
+
+    async def _report(self, ready: WeightsReady, ok: bool, code: str = "", message: str = "",
+                      seconds: float = 0.0) -> None:
+        assert self._trainer is not None
+        await self._trainer.send(0, VersionOutcome(receiver_id=self.receiver_id, version=ready.version, ok=ok,
+                                                   error_code=code, message=message, seconds=seconds,
+                                                   trainer_id=ready.trainer_id))
+
+    def _reject(self, ready: WeightsReady, code: ErrorCode, message: str) -> None:
+        self.counters.inc(f"rejected_{code.value}")
+        self.log.warning("version_rejected", version=ready.version, code=code.value, reason=message)
+        self.spawn(self._report(ready, False, code.value, message))
+
+    # -- versions --------------------------------------------------------------------------------
+    def _on_weights_ready(self, ready: WeightsReady) -> None:
+        self.counters.inc("announcements")
+        if ready.version <= self.live_version:
+            self._reject(ready, ErrorCode.BAD_VERSION, f"version {ready.version} is not above the live version "
+                                                       f"{self.live_version}")
+            return
+        cur = self._current
+        if cur is None:
+            self._start(_Version(ready))
+            return
+        newer = ready.trainer_id != cur.ready.trainer_id or ready.version > cur.ready.version
+        if not newer:
+            self._reject(ready, ErrorCode.BAD_VERSION, f"version {ready.version} is not above version "
+                                                       f"{cur.ready.version}, already in progress")
+        elif not cur.applying:  # still pulling: the newer version replaces it
+            assert cur.task is not None
+            cur.task.cancel()
+            self._reject(cur.ready, ErrorCode.SUPERSEDED, f"superseded by version {ready.version} "
+                                                          f"from trainer {ready.trainer_id[:8]}")
+            self._start(_Version(ready))
+        else:  # being loaded: the newest announcement waits its turn
+            if self._next is not None:
+                self._reject(self._next.ready, ErrorCode.SUPERSEDED, f"superseded by version {ready.version}")
+            self._next = _Version(ready)
+
+    def _start(self, v: _Version) -> None:
+        self._current = v
+        v.task = self.spawn(self._run_version(v), name=f"{self.name}:v{v.ready.version}")
+
+    def _finished(self, v: _Version) -> None:
+        if self._current is not v:
+            return  # superseded: the newer version is already running
+        self._current, nxt = None, self._next
+        self._next = None
+        if nxt is not None:
+            if nxt.ready.version <= self.live_version:
+                self._reject(nxt.ready, ErrorCode.BAD_VERSION, f"version {nxt.ready.version} is not above the "
+                                                               f"live version {self.live_version}")
+            else:
+                self._start(nxt)
+
+    async def _run_version(self, v: _Version) -> None:
+        ready = v.ready
+        try:
+            tensors, payload, shm_name = await self._stage(ready)
+            v.applying = True
+            applied = await self._apply(ApplyVersion(version=ready.version, step=ready.step, tensors=tensors,
+                                                     shm_name=shm_name), payload, ready.transport)
+            self.live_version = ready.version
+            seconds = time.monotonic() - v.received
+            self.counters.inc("versions_applied")
+            self.counters.set("live_version", ready.version)
+            self.log.info("version_applied", version=ready.version, transport=ready.transport,
+                          bytes=ready.total_bytes, seconds=round(seconds, 4), load_s=round(applied.load_s, 4))
+            await self._report(ready, True, seconds=seconds)
+        except StagingError as e:
+            if ready.transport in ("gloo", "nccl"):
+                self._broadcast.close()
+            if e.code == ErrorCode.TIMEOUT:
+                self.counters.inc("versions_stalled")
+            self._reject(ready, e.code, e.message)
+        finally:
+            self._finished(v)
+
+    async def _stage(self, ready: WeightsReady) -> tuple[list[Any], list[Any], str]:
+        try:
+            check_layout(ready)
+        except LayoutError as e:
+            raise StagingError(ErrorCode.BAD_FIELD, f"announcement does not add up: {e}") from None
+        if ready.transport not in self.transports:
+            raise StagingError(ErrorCode.BAD_FIELD, f"transport {ready.transport!r} not offered by this receiver "
+                                                    f"({self.transports})")
+        if ready.transport == "inline":
+            assert self._trainer is not None
+            tensors, payload = await pull_inline(self._trainer, ready, window=self.credit_window,
+                                                 stall_timeout_s=self.stall_timeout_s, pool=self._verify_pool,
+                                                 counters=self.counters)
+            return tensors, payload, ""
+        if ready.transport == "shm":
+            return await attach_shm(ready, self._verify_pool), [], ready.shm_name
+        tensors, payload = await self._broadcast.receive(ready, stall_timeout_s=self.stall_timeout_s,
+                                                         pool=self._verify_pool)
+        return tensors, payload, ""
+
+    async def _apply(self, msg: ApplyVersion, payload: Sequence[Any], transport: str) -> VersionApplied:
+        """The governor loads it (pause, copy, resume); its typed refusal is this version's outcome."""
+        peer = self.peer(self.apply_endpoint, ControlReply)
+        try:
+            reply = await peer.call(msg, payload, timeout=self.apply_timeout_s)
+        except ProtocolError as e:
+            raise StagingError(e.code, f"governor reply: {e.message}") from None
+        except TimeoutError:
+            if transport in ("gloo", "nccl"):
+                self._broadcast.discard_staging()  # the engine may still be reading it
+            raise StagingError(ErrorCode.TIMEOUT,
+                               f"the governor did not answer within {self.apply_timeout_s}s") from None
+        if isinstance(reply.msg, ErrorReply):
+            raise StagingError(reply.msg.code, reply.msg.message)
+        if not isinstance(reply.msg, VersionApplied):
+            raise StagingError(ErrorCode.INTERNAL, f"governor answered {type(reply.msg).__name__}")
+        return reply.msg
+
+    # -- step messages ---------------------------------------------------------------------------
+    async def _forward_step(self, msg: StepMessage) -> None:
+        assert self._trainer is not None
+        self.counters.inc(f"step_{msg.phase}")
+        code, why = "", ""
+        try:
+            reply = await self.peer(self.apply_endpoint, ControlReply).call(msg, timeout=self.apply_timeout_s)
+            if isinstance(reply.msg, ErrorReply):
+                code, why = reply.msg.code.value, reply.msg.message
+        except TimeoutError:
+            code, why = ErrorCode.TIMEOUT.value, f"the governor did not answer within {self.apply_timeout_s}s"
+        await self._trainer.send(0, StepDone(receiver_id=self.receiver_id, step=msg.step, phase=msg.phase,
+                                             ok=not code, error_code=code, message=why))

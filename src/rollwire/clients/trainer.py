@@ -1,0 +1,397 @@
+"""TrainerPublisher: what a trainer uses to push weights and step messages to rollout servers.
+
+    async with TrainerPublisher("tcp://127.0.0.1:7501") as tp:
+        await tp.publish_step(step=12, phase="train_start")
+        report = await tp.push_weights(version=13, tensors=model.state_dict())
+
+Sockets: a ROUTER at ``endpoint`` (receivers register, pull buckets, report outcomes) and a PUB at
+``pub_endpoint`` (beacons, WeightsReady, StepMessage). A receiver counts as *joined*, and so is
+waited for, only once it acknowledged a beacon it received on the PUB: a SUB that has not joined
+yet would silently miss an announcement. Beacons double as heartbeats; a receiver silent for
+``lost_after_s`` is no longer counted (a push waiting on it fails at once, naming it).
+
+A push: tensors are planned into buckets (``transports/weights.py``), checksummed, announced, then
+moved by the transport (``shm``: packed into a reused shared-memory arena before the announcement;
+``inline``: each bucket packed on first pull into a reused buffer and served zero-copy; ``gloo``:
+broadcast tensor by tensor in a persistent group, see ``transports/broadcast.py``), and the push
+returns when every joined receiver reported the version applied, or raises ``PushError``. Source
+tensors must not change until ``push_weights`` returns (they are read while being served).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rollwire.clients.trainer_push import Push, PushError, PushReport, collect, shm_offsets
+from rollwire.messages.codec import Codec, ProtocolError
+from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.messages.weights import (
+    Beacon,
+    BeaconSeen,
+    BucketData,
+    PullBucket,
+    Register,
+    StepDone,
+    StepMessage,
+    StepPhase,
+    TrainerRequest,
+    VersionOutcome,
+    WeightsReady,
+    Welcome,
+)
+from rollwire.runtime.logging import get_logger
+from rollwire.transports import shm, sockets
+from rollwire.transports.broadcast import BroadcastGroup
+from rollwire.transports.broadcast import available as broadcast_available
+from rollwire.transports.pubsub import Publisher
+from rollwire.transports.weights import NamedTensors, as_named_list, checksum_sources, pack_bucket, plan_buckets
+
+__all__ = ["PushError", "PushReport", "TrainerPublisher"]
+
+log = get_logger("rollwire.trainer")
+FAST_BEACON_S = 0.05  # while a registered receiver has not joined yet
+
+
+def default_pub_endpoint(endpoint: str) -> str:
+    """tcp: the next port; ipc/inproc: the same name + "-pub"."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if not port.isdigit() or port == "0":
+            raise ValueError(f"give pub_endpoint explicitly for {endpoint!r}")
+        return f"tcp://{host}:{int(port) + 1}"
+    return endpoint + "-pub"
+
+
+@dataclass
+class _Receiver:
+    receiver_id: str
+    peer: bytes
+    host_id: str
+    transports: list[str]
+    live_version: int
+    joined: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class TrainerPublisher:
+    def __init__(self, endpoint: str, *, pub_endpoint: str | None = None, bucket_bytes: int = 512 << 20,
+                 credit_window: int = 4, timeout_s: float = 60.0, min_receivers: int = 1,
+                 heartbeat_s: float = 1.0, lost_after_s: float = 10.0, broadcast_host: str | None = None) -> None:
+        if bucket_bytes <= 0 or credit_window <= 0:
+            raise ValueError("bucket_bytes and credit_window must be positive")
+        self.endpoint = endpoint
+        self.pub_endpoint = pub_endpoint or default_pub_endpoint(endpoint)
+        self.bucket_bytes, self.credit_window = bucket_bytes, credit_window
+        self.timeout_s, self.min_receivers = timeout_s, min_receivers
+        self.heartbeat_s, self.lost_after_s = heartbeat_s, lost_after_s
+        self.trainer_id = uuid.uuid4().hex  # new on every start: receivers notice and re-register
+        self.host_id = shm.host_id()
+        self.transports = ["shm", "inline"] if shm.available() else ["inline"]
+        if broadcast_available("gloo"):
+            self.transports.append("gloo")
+        host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
+        self._broadcast_host = broadcast_host or (host if host not in ("*", "0.0.0.0", "") else "127.0.0.1")
+        self.receivers: dict[str, _Receiver] = {}
+        self._codec: Codec[Any] = Codec(TrainerRequest)
+        self._router: Any = None
+        self._pub: Publisher | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._serving: set[asyncio.Future[None]] = set()  # bucket replies being sent
+        self._joined_changed = asyncio.Event()
+        self._wake_beacon = asyncio.Event()
+        self._push: Push | None = None
+        self._push_lock = asyncio.Lock()
+        self._steps: dict[tuple[str, int, str], asyncio.Future[StepDone]] = {}
+        self._last_version: int | None = None
+        self._arena = shm.ShmArena()
+        self._pack_buf = torch.empty(0, dtype=torch.uint8)  # inline: reused, so warm after the first push
+        self._workers = ThreadPoolExecutor(2, thread_name_prefix="rw-trainer")
+        self._group: BroadcastGroup | None = None
+        self._group_ranks: list[str] = []
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> TrainerPublisher:
+        self._router = sockets.router([self.endpoint])
+        try:
+            self._pub = Publisher(self.pub_endpoint)
+        except Exception:
+            self._router.close(linger=0)
+            raise
+        self.pub_endpoint = self._pub.endpoint
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._recv_loop(), name="trainer-recv"),
+                       loop.create_task(self._beacon_loop(), name="trainer-beacon")]
+        log.info("trainer_started", trainer_id=self.trainer_id, endpoint=self.endpoint, pub=self.pub_endpoint)
+        return self
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in [*self._tasks, *self._serving]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._serving, return_exceptions=True)
+        if self._push is not None:
+            self._push.fail_all("trainer closed")
+        for fut in self._steps.values():
+            if not fut.done():
+                fut.set_exception(PushError("step", {"*": "trainer closed"}))
+        self._drop_group()
+        self._arena.close()
+        if self._pub is not None:
+            self._pub.close()
+        if self._router is not None:
+            self._router.close(linger=sockets.DEFAULT_LINGER_MS)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> TrainerPublisher:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- public API ------------------------------------------------------------------------------
+    async def publish_step(self, step: int, phase: StepPhase, *, wait: bool = True) -> list[str]:
+        """Publish StepMessage to the joined receivers (waiting for ``min_receivers`` to join). With
+        ``wait``, return once each server acted on it (colocated ``train_start``: memory released)."""
+        receivers = await self._wait_joined()
+        futs = {}
+        if wait:
+            loop = asyncio.get_running_loop()
+            futs = {r.receiver_id: loop.create_future() for r in receivers}
+            for rid, fut in futs.items():
+                self._steps[(rid, step, phase)] = fut
+        assert self._pub is not None
+        await self._pub.publish(StepMessage(step=step, phase=phase))
+        if not wait:
+            return [r.receiver_id for r in receivers]
+        try:
+            failures = await collect(futs, self.timeout_s)
+        finally:
+            for rid in futs:
+                self._steps.pop((rid, step, phase), None)
+        if failures:
+            raise PushError(f"step {step} {phase}", failures)
+        return sorted(futs)
+
+    async def push_weights(self, version: int, tensors: NamedTensors, transport: str = "auto",
+                           step: int | None = None) -> PushReport:
+        """Push one weight version; returns once every joined receiver applied it."""
+        if self._closed or self._pub is None:
+            raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        async with self._push_lock:
+            if self._last_version is not None and version <= self._last_version:
+                raise ValueError(f"version {version} is not above the last pushed version {self._last_version}")
+            t0 = time.monotonic()
+            named = as_named_list(tensors)
+            receivers = await self._wait_joined()
+            chosen = self._choose_transport(transport, receivers)
+            self._last_version = version  # a failed push uses its version up: receivers may have applied it
+            plans = plan_buckets(named, self.bucket_bytes)
+            push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
+                                                  for r in receivers}, self._pack_buf)
+            ready = await self._prepare(push, step if step is not None else version, receivers)
+            self._push = push
+            try:
+                await self._pub.publish(ready)
+                if chosen in ("gloo", "nccl"):
+                    push.broadcast = asyncio.ensure_future(self._broadcast(push))
+                failures = await push.wait(self.timeout_s)
+            finally:
+                self._push = None
+                self._pack_buf = push.pack_buf
+            if failures:
+                self._after_failure(push)
+                raise PushError(f"version {version}", failures)
+            report = PushReport(version, time.monotonic() - t0, push.total_bytes, sorted(push.outcomes), chosen)
+            log.info("weights_pushed", version=version, transport=chosen, bytes=push.total_bytes,
+                     seconds=round(report.seconds, 4), receivers=len(receivers))
+            return report
+
+    # -- push internals --------------------------------------------------------------------------
+    def _choose_transport(self, wanted: str, receivers: Sequence[_Receiver]) -> str:
+        def usable(t: str, r: _Receiver) -> bool:
+            return t in r.transports and (t != "shm" or r.host_id == self.host_id)
+
+        if wanted == "auto":
+            for t in ("shm", "inline"):  # fastest first; broadcast is asked for explicitly
+                if t in self.transports and all(usable(t, r) for r in receivers):
+                    return t
+            return "inline"
+        if wanted not in self.transports:
+            raise ValueError(f"transport {wanted!r} is not available here; this trainer offers {self.transports}")
+        unable = [r.receiver_id for r in receivers if not usable(wanted, r)]
+        if unable:
+            raise ValueError(f"transport {wanted!r} cannot reach receivers {unable} (other host or not offered)")
+        return wanted
+
+    async def _prepare(self, push: Push, step: int, receivers: Sequence[_Receiver]) -> WeightsReady:
+        """Checksums (and, for shm, the packing) done off the event loop, two buckets at a time."""
+        loop = asyncio.get_running_loop()
+        extra: dict[str, Any] = {}
+        if push.transport == "shm":
+            offsets = shm_offsets(push.plans)
+            self._arena.reserve(offsets[-1] + push.plans[-1].nbytes if push.plans else 1)
+            arena = self._arena.tensor
+            push.arena = arena
+            push.offsets = offsets
+
+            def pack(i: int) -> int:
+                p = push.plans[i]
+                return pack_bucket(p, arena[offsets[i]:offsets[i] + p.nbytes], with_checksum=True)
+
+            sums = await asyncio.gather(*(loop.run_in_executor(self._workers, pack, i) for i in range(len(push.plans))))
+            extra = {"shm_name": self._arena.name, "shm_offsets": offsets}
+        else:
+            sums = await asyncio.gather(*(loop.run_in_executor(self._workers, checksum_sources, p)
+                                          for p in push.plans))
+        if push.transport in ("gloo", "nccl"):
+            ranks = [r.receiver_id for r in receivers]
+            if self._group is None or self._group_ranks != ranks:
+                self._drop_group()
+                self._group = BroadcastGroup.host(self._broadcast_host, len(ranks) + 1, backend=push.transport,
+                                                  timeout_s=self.timeout_s)
+                self._group_ranks = ranks
+            extra = {"group": self._group.init_method, "group_ranks": ranks}
+        push.metas = [p.meta(c) for p, c in zip(push.plans, sums, strict=True)]
+        return WeightsReady(trainer_id=self.trainer_id, version=push.version, step=step, n_buckets=len(push.plans),
+                            total_bytes=push.total_bytes, transport=push.transport, buckets=push.metas, **extra)
+
+    async def _broadcast(self, push: Push) -> None:
+        group = self._group
+        assert group is not None
+
+        def run() -> None:
+            group.connect()
+            for plan in push.plans:
+                for t in plan.sources:
+                    group.broadcast(t.contiguous())
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, run)
+        except Exception as e:
+            log.warning("broadcast_failed", version=push.version, error=repr(e))
+            if self._group is group:
+                self._drop_group()
+            push.broadcast_failed(f"broadcast failed on the trainer: {e}")
+
+    def _after_failure(self, push: Push) -> None:
+        if push.transport == "shm":
+            self._arena.retire()  # a receiver may still read it: the next push writes a fresh one
+        if push.transport in ("gloo", "nccl"):
+            self._drop_group()
+
+    def _drop_group(self) -> None:
+        group, self._group, self._group_ranks = self._group, None, []
+        if group is not None:
+            group.close()
+
+    async def _wait_joined(self) -> list[_Receiver]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            joined = [r for r in self.receivers.values() if r.joined]
+            if len(joined) >= self.min_receivers:
+                return sorted(joined, key=lambda r: r.receiver_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PushError("join", {"*": f"{len(joined)} receiver(s) joined within {self.timeout_s}s, "
+                                              f"need {self.min_receivers} (registered: {sorted(self.receivers)})"})
+            self._joined_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined_changed.wait(), left)
+
+    # -- sockets ---------------------------------------------------------------------------------
+    async def _reply(self, peer: bytes, rid: int, msg: Any, payload: Sequence[Any] = ()) -> bool:
+        return await sockets.send(self._router, [peer, *self._codec.encode(rid, msg, payload)], copy=not payload)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self._router.recv_multipart()
+            peer = frames[0]
+            try:
+                rid, msg, _ = self._codec.decode(frames[1:])
+            except ProtocolError as e:
+                await self._reply(peer, e.rid, ErrorReply(code=e.code, message=e.message, origin="trainer"))
+                continue
+            match msg:
+                case Register():
+                    await self._on_register(peer, rid, msg)
+                case BeaconSeen():
+                    self._on_beacon_seen(peer, msg)
+                case PullBucket():
+                    task = asyncio.ensure_future(self._serve_pull(peer, rid, msg))
+                    self._serving.add(task)
+                    task.add_done_callback(self._serving.discard)
+                case VersionOutcome():
+                    if self._push is not None:
+                        self._push.outcome(msg, self.trainer_id)
+                case StepDone():
+                    fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+
+    async def _on_register(self, peer: bytes, rid: int, msg: Register) -> None:
+        old = self.receivers.get(msg.receiver_id)
+        welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint)
+        if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
+            await self._reply(peer, rid, welcome)
+            return
+        if old is not None:  # the receiver restarted: whatever it was staging is gone
+            if self._push is not None:
+                self._push.fail(msg.receiver_id, "receiver re-registered (restarted) during the push")
+            if msg.receiver_id in self._group_ranks:
+                self._drop_group()
+        self.receivers[msg.receiver_id] = _Receiver(msg.receiver_id, peer, msg.host_id, list(msg.transports),
+                                                    msg.live_version)
+        log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,
+                 transports=msg.transports)
+        self._wake_beacon.set()
+        await self._reply(peer, rid, welcome)
+
+    def _on_beacon_seen(self, peer: bytes, msg: BeaconSeen) -> None:
+        r = self.receivers.get(msg.receiver_id)
+        if r is None or r.peer != peer or msg.trainer_id != self.trainer_id:
+            return  # a stale connection or a previous trainer's beacon
+        r.last_seen = time.monotonic()
+        if not r.joined:
+            r.joined = True
+            log.info("receiver_joined", receiver_id=r.receiver_id)
+            self._joined_changed.set()
+
+    async def _serve_pull(self, peer: bytes, rid: int, msg: PullBucket) -> None:
+        push = self._push
+        if push is None or push.version != msg.version or not 0 <= msg.index < len(push.plans):
+            why = f"bucket {msg.index} of version {msg.version} is not being pushed"
+            await self._reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
+            return
+        async with push.credits(peer, self.credit_window):
+            buf = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
+            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index), [buf])
+
+    async def _beacon_loop(self) -> None:
+        assert self._pub is not None
+        seq = 0
+        while True:
+            seq += 1
+            await self._pub.publish(Beacon(trainer_id=self.trainer_id, seq=seq))
+            now = time.monotonic()
+            for r in self.receivers.values():
+                if r.joined and now - r.last_seen > self.lost_after_s:
+                    r.joined = False
+                    log.warning("receiver_lost", receiver_id=r.receiver_id, silent_s=round(now - r.last_seen, 1))
+                    if self._push is not None:
+                        self._push.fail(r.receiver_id, f"lost: no heartbeat for {now - r.last_seen:.1f}s")
+            pending = any(not r.joined for r in self.receivers.values())
+            self._wake_beacon.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_beacon.wait(), FAST_BEACON_S if pending else self.heartbeat_s)

@@ -1,0 +1,144 @@
+"""The state of one weight push on the trainer: buckets, who has answered, and how bytes are served."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rollwire.messages.weights import BucketMeta, VersionOutcome
+from rollwire.transports.weights import ALIGN, BucketPlan, byte_view, pack_bucket, tensor_bytes
+
+BROADCAST_FAILURE_GRACE_S = 2.0  # after the trainer's broadcast fails, receivers may still explain why
+
+
+@dataclass(frozen=True)
+class PushReport:
+    version: int
+    seconds: float  # push_weights() call to the last receiver's "applied"
+    bytes: int  # payload bytes of the version (sum of bucket sizes)
+    receivers: list[str]  # every receiver that applied it
+    transport: str
+
+
+class PushError(Exception):
+    """A push (or step) that did not reach every receiver: ``failures`` maps receiver id -> why."""
+
+    def __init__(self, what: str, failures: dict[str, str]) -> None:
+        detail = "; ".join(f"{rid}: {why}" for rid, why in sorted(failures.items()))
+        super().__init__(f"{what} failed on {len(failures)} receiver(s): {detail}")
+        self.failures = failures
+
+
+class ReceiverFailed(Exception):
+    pass
+
+
+def shm_offsets(plans: Sequence[BucketPlan]) -> list[int]:
+    """Where each bucket starts in a buffer holding all of them back to back (aligned)."""
+    offsets, pos = [], 0
+    for p in plans:
+        offsets.append(pos)
+        pos = (pos + p.nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return offsets
+
+
+class Push:
+    def __init__(self, version: int, plans: list[BucketPlan], transport: str,
+                 outcomes: dict[str, asyncio.Future[VersionOutcome]], pack_buf: torch.Tensor) -> None:
+        self.version = version
+        self.plans = plans
+        self.transport = transport
+        self.outcomes = outcomes
+        self.total_bytes = sum(p.nbytes for p in plans)
+        self.metas: list[BucketMeta] = []
+        self.arena: torch.Tensor | None = None  # shm: buckets already packed here, at ``offsets``
+        self.offsets: list[int] = []
+        self.pack_buf = pack_buf  # inline: buckets packed here on first pull (handed back for reuse)
+        self.broadcast: asyncio.Future[None] | None = None
+        self._packed: dict[int, asyncio.Future[memoryview]] = {}
+        self._credits: dict[bytes, asyncio.Semaphore] = {}
+        self.started = time.monotonic()
+
+    # -- outcomes --------------------------------------------------------------------------------
+    def outcome(self, msg: VersionOutcome, trainer_id: str) -> None:
+        fut = self.outcomes.get(msg.receiver_id)
+        if fut is not None and not fut.done() and msg.version == self.version and msg.trainer_id == trainer_id:
+            fut.set_result(msg)
+
+    def fail(self, receiver_id: str, why: str) -> None:
+        fut = self.outcomes.get(receiver_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(ReceiverFailed(why))
+
+    def fail_all(self, why: str) -> None:
+        for rid in self.outcomes:
+            self.fail(rid, why)
+
+    def broadcast_failed(self, why: str) -> None:
+        asyncio.get_running_loop().call_later(BROADCAST_FAILURE_GRACE_S, self.fail_all, why)
+
+    async def wait(self, timeout: float) -> dict[str, str]:
+        try:
+            return await collect(self.outcomes, timeout)
+        finally:
+            if self.broadcast is not None and not self.broadcast.done():
+                self.broadcast.cancel()  # the worker thread ends with its group's timeout
+
+    # -- serving bytes ---------------------------------------------------------------------------
+    def credits(self, peer: bytes, window: int) -> asyncio.Semaphore:
+        """At most ``window`` buckets in flight to one receiver, whatever it asks for."""
+        sem = self._credits.get(peer)
+        if sem is None:
+            sem = self._credits[peer] = asyncio.Semaphore(window)
+        return sem
+
+    async def bucket_bytes(self, index: int, packer: Executor, *, ahead: int) -> memoryview:
+        """The bytes of bucket ``index``, contiguous, without a copy once packed."""
+        plan = self.plans[index]
+        if self.arena is not None:
+            off = self.offsets[index]
+            return byte_view(self.arena[off:off + plan.nbytes])
+        if len(plan.sources) == 1 and plan.sources[0].is_contiguous():
+            return tensor_bytes(plan.sources[0])  # a bucket of one tensor is that tensor: no packing
+        for i in range(index, min(len(self.plans), index + 1 + ahead)):  # pack ahead of the pulls
+            self._start_packing(i, packer)
+        return await self._packed[index]
+
+    def _start_packing(self, index: int, packer: Executor) -> None:
+        if index in self._packed:
+            return
+        if not self.offsets:
+            self.offsets = shm_offsets(self.plans)
+            need = self.offsets[-1] + self.plans[-1].nbytes
+            if self.pack_buf.numel() < need:
+                self.pack_buf = torch.empty(need, dtype=torch.uint8).fill_(0)  # touched once, warm after
+        plan, off, buf = self.plans[index], self.offsets[index], self.pack_buf
+
+        def pack() -> memoryview:
+            dst = buf[off:off + plan.nbytes]
+            pack_bucket(plan, dst)
+            return byte_view(dst)
+
+        self._packed[index] = asyncio.wrap_future(packer.submit(pack))
+
+
+async def collect(futs: dict[str, asyncio.Future[Any]], timeout: float) -> dict[str, str]:
+    """receiver -> why it failed, for every future that did not end in an ok result in time."""
+    if futs:
+        await asyncio.wait(futs.values(), timeout=timeout)
+    failures = {}
+    for rid, fut in futs.items():
+        if not fut.done():
+            failures[rid] = f"timed out after {timeout}s without an answer"
+            fut.cancel()
+        elif fut.exception() is not None:
+            failures[rid] = str(fut.exception())
+        elif not fut.result().ok:
+            failures[rid] = f"{fut.result().error_code}: {fut.result().message}"
+    return failures

@@ -1,0 +1,80 @@
+"""The live parameters of the hf engine: loaded in place by name, released and restored.
+
+Loading never builds a new model or new tensors: each tensor is copied into the existing
+parameter (``param.data.copy_``), so data pointers stay put. Releasing frees the storage for real
+(``param.data = torch.empty(0)``; on CPU glibc is asked to return the freed heap) and keeps the
+shapes and dtypes; restoring allocates storage of those shapes again, with undefined contents
+until weights are re-sent (SGLang's release_memory_occupation semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from rollwire.engines.base import EngineError
+
+
+class WeightStore:
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        # every name, tied ones included (lm_head.weight and embed_tokens.weight may be one tensor)
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self._distinct = {id(p): (p, tuple(p.shape), p.dtype) for p in self.params.values()}
+        self.released = False
+
+    def resident_bytes(self) -> int:
+        return sum(p.untyped_storage().nbytes() for p, _, _ in self._distinct.values())
+
+    def check(self, items: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """All of ``items`` as a list, or EngineError for the first bad one (nothing is applied)."""
+        if self.released:
+            raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
+        checked = list(items)
+        for name, t in checked:
+            param = self.params.get(name)
+            if param is None:
+                raise EngineError("unknown_tensor", f"no parameter named {name!r}")
+            if tuple(t.shape) != tuple(param.shape):
+                raise EngineError("shape_mismatch", f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
+            if t.dtype != param.dtype:
+                raise EngineError("dtype_mismatch", f"{name}: got {t.dtype}, want {param.dtype}")
+        return checked
+
+    def copy(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy checked tensors into the live parameters (any device; runs on the worker)."""
+        with torch.no_grad():
+            for name, t in items:
+                self.params[name].data.copy_(t)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        with torch.no_grad():
+            for p, _, dtype in self._distinct.values():
+                p.data = torch.empty(0, dtype=dtype, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            _return_freed_heap_to_os()
+
+    def restore(self) -> None:
+        if not self.released:
+            return
+        with torch.no_grad():
+            for p, shape, dtype in self._distinct.values():
+                p.data = torch.empty(shape, dtype=dtype, device=self.device)
+        self.released = False
+
+
+def _return_freed_heap_to_os() -> None:
+    """glibc keeps freed blocks below its (dynamic) mmap threshold in the heap; malloc_trim hands
+    them back, so a released CPU model really lowers RSS. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

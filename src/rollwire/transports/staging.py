@@ -1,0 +1,218 @@
+"""Receiving one announced weight version, by transport, into tensors ready to load.
+
+Each function gathers the bytes of every bucket, verifies them against the announcement (size and
+crc32; the layout itself was checked by ``check_layout``) on worker threads, and returns the
+``NamedTensor``s of an ApplyVersion plus its payload frames. Failures are ``StagingError`` with a
+wire ``ErrorCode``; nothing here decides what a failure means for the live version.
+
+Ownership: inline frames belong to ZeroMQ messages (kept alive by the returned memoryviews);
+gloo staging memory belongs to ``BroadcastReceiver`` and must not be reused until the load that
+reads it has finished; shm views belong to the trainer's arena, which it does not rewrite before
+every receiver has reported the version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import torch
+
+from rollwire.messages.codec import Buffer, ProtocolError
+from rollwire.messages.envelope import TensorRef
+from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.messages.weights import BucketData, BucketMeta, NamedTensor, PullBucket, WeightsReady
+from rollwire.transports.broadcast import BroadcastGroup
+from rollwire.transports.rpc import ConnectionClosed, RpcClient
+from rollwire.transports.weights import ALIGN, byte_view, tensor_slices, verify_bucket
+
+
+class StagingError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+Staged = tuple[list[NamedTensor], list[Buffer]]
+
+
+async def _verify(metas: Sequence[BucketMeta], bufs: Sequence[Buffer], pool: Executor) -> None:
+    loop = asyncio.get_running_loop()
+    problems = await asyncio.gather(*(loop.run_in_executor(pool, verify_bucket, m, b)
+                                      for m, b in zip(metas, bufs, strict=True)))
+    bad = [p for p in problems if p]
+    if bad:
+        code = ErrorCode.BAD_CHECKSUM if "crc32" in bad[0] else ErrorCode.BAD_FRAME
+        raise StagingError(code, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+
+
+def _as_frames(metas: Sequence[BucketMeta], bufs: Sequence[Buffer]) -> Staged:
+    """One payload frame per tensor: zero-copy slices of the verified buckets."""
+    named: list[NamedTensor] = []
+    frames: list[Buffer] = []
+    for meta, buf in zip(metas, bufs, strict=True):
+        for t, view in zip(meta.tensors, tensor_slices(meta, buf), strict=True):
+            named.append(NamedTensor(t.name, TensorRef(len(frames), t.dtype, list(t.shape))))
+            frames.append(view)
+    return named, frames
+
+
+# -- inline ------------------------------------------------------------------------------------
+async def pull_inline(trainer: RpcClient[Any], ready: WeightsReady, *, window: int, stall_timeout_s: float,
+                      pool: Executor, counters: Any) -> Staged:
+    """Pull every bucket with at most ``window`` requests outstanding. All pulls of a version share one
+    request id, so replies are matched by (version, index): duplicates and replies to nothing we
+    asked for are counted and dropped, any order is fine. No progress for ``stall_timeout_s``
+    (no accepted bucket) fails the version with TIMEOUT."""
+    n = ready.n_buckets
+    rid = trainer.next_rid()
+    replies = trainer.open_stream(rid)
+    got: dict[int, Buffer] = {}
+    checks: list[asyncio.Future[Any]] = []
+    asked: set[int] = set()
+    next_index = 0
+    loop = asyncio.get_running_loop()
+    try:
+        while next_index < n and len(asked) < window:
+            await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
+            asked.add(next_index)
+            next_index += 1
+        progress = time.monotonic()
+        while len(got) < n:
+            left = progress + stall_timeout_s - time.monotonic()
+            try:
+                item = await asyncio.wait_for(replies.get(), max(left, 0.0))
+            except TimeoutError:
+                raise StagingError(ErrorCode.TIMEOUT, f"stalled: no bucket for {stall_timeout_s}s "
+                                                      f"({len(got)}/{n} received)") from None
+            if isinstance(item, ProtocolError):
+                raise StagingError(item.code, f"trainer reply: {item.message}")
+            if isinstance(item, ConnectionClosed):
+                raise StagingError(ErrorCode.SHUTTING_DOWN, str(item))
+            if isinstance(item, BaseException):
+                raise item
+            msg = item.msg
+            if isinstance(msg, ErrorReply):
+                raise StagingError(msg.code, f"trainer: {msg.message}")
+            if not isinstance(msg, BucketData) or msg.version != ready.version or msg.index not in asked:
+                counters.inc("duplicate_buckets" if isinstance(msg, BucketData) and msg.index in got
+                             else "unexpected_replies")
+                continue
+            if len(item.payload) != 1:
+                raise StagingError(ErrorCode.BAD_FRAME, f"bucket {msg.index} came in {len(item.payload)} frames")
+            asked.discard(msg.index)
+            got[msg.index] = item.payload[0]
+            progress = time.monotonic()
+            if next_index < n:  # one credit back: keep the window full while we verify
+                await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
+                asked.add(next_index)
+                next_index += 1
+            meta = ready.buckets[msg.index]
+            checks.append(loop.run_in_executor(pool, verify_bucket, meta, got[msg.index]))
+        bad = [p for p in await asyncio.gather(*checks) if p]
+        if bad:
+            raise StagingError(ErrorCode.BAD_CHECKSUM if "crc32" in bad[0] else ErrorCode.BAD_FRAME, "; ".join(bad[:3]))
+    finally:
+        trainer.close_stream(rid)
+        for c in checks:
+            c.cancel()
+    return _as_frames(ready.buckets, [got[i] for i in range(n)])
+
+
+# -- shm ---------------------------------------------------------------------------------------
+async def attach_shm(ready: WeightsReady, pool: Executor) -> list[NamedTensor]:
+    """Verify the buckets in the trainer's arena in place; tensors are byte offsets into it."""
+    from rollwire.transports.shm import attach
+
+    try:
+        arena = attach(ready.shm_name)
+    except (OSError, ValueError) as e:
+        raise StagingError(ErrorCode.BAD_FIELD, f"cannot attach shm arena {ready.shm_name!r}: {e}") from None
+    bufs = []
+    for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True):
+        if off < 0 or off + meta.nbytes > arena.size:
+            raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
+                                                    f"{arena.size}-byte arena")
+        bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
+    await _verify(ready.buckets, bufs, pool)
+    return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
+            for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True) for t in meta.tensors]
+
+
+# -- gloo / nccl broadcast ----------------------------------------------------------------------
+class BroadcastReceiver:
+    """This receiver's rank in the trainer's weight group, and its reusable staging memory."""
+
+    def __init__(self, receiver_id: str) -> None:
+        self.receiver_id = receiver_id
+        self._group: BroadcastGroup | None = None
+        self._staging = torch.empty(0, dtype=torch.uint8)
+
+    def discard_staging(self) -> None:
+        """Forget the staging memory (a load may still read it): the next version gets fresh memory."""
+        self._staging = torch.empty(0, dtype=torch.uint8)
+
+    def close(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.close()
+
+    async def receive(self, ready: WeightsReady, *, stall_timeout_s: float, pool: Executor) -> Staged:
+        if self.receiver_id not in ready.group_ranks:
+            raise StagingError(ErrorCode.BAD_FIELD,
+                               f"{self.receiver_id} is not in the broadcast group {ready.group_ranks}")
+        rank, world = ready.group_ranks.index(self.receiver_id) + 1, len(ready.group_ranks) + 1
+        offsets, pos = [], 0
+        for m in ready.buckets:
+            offsets.append(pos)
+            pos = (pos + m.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        if self._staging.numel() < pos:
+            self._staging = torch.empty(pos, dtype=torch.uint8).fill_(0)  # touched once: warm for later pushes
+        staging = self._staging
+        group = self._group
+        if group is not None and (group.init_method, group.rank, group.world_size) != (ready.group, rank, world):
+            self.close()  # the trainer built a new group (new receivers, or after a failure)
+            group = None
+        self._group = None  # owned by the worker thread until it returns
+
+        def run() -> BroadcastGroup:
+            g = group or BroadcastGroup.join(ready.group, rank, world, backend=ready.transport,
+                                             timeout_s=stall_timeout_s)
+            try:
+                g.connect()
+                for meta, off in zip(ready.buckets, offsets, strict=True):
+                    bucket = staging[off:off + meta.nbytes]
+                    end = 0
+                    for t in meta.tensors:
+                        n = _nbytes(t.dtype, t.shape)
+                        bucket[end:t.offset].zero_()  # gaps are zeros in the checksum
+                        g.broadcast(bucket[t.offset:t.offset + n])
+                        end = t.offset + n
+            except BaseException:
+                g.close()
+                raise
+            return g
+
+        try:
+            self._group = await asyncio.get_running_loop().run_in_executor(None, run)
+        except StagingError:
+            raise
+        except Exception as e:
+            raise StagingError(ErrorCode.TIMEOUT if "imeout" in str(e) else ErrorCode.WEIGHTS_FAILED,
+                               f"broadcast receive failed: {e}") from None
+        bufs = [byte_view(staging[off:off + m.nbytes]) for m, off in zip(ready.buckets, offsets, strict=True)]
+        await _verify(ready.buckets, bufs, pool)
+        return _as_frames(ready.buckets, bufs)
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    from rollwire.transports.tensors import dtype_from_name
+
+    n = dtype_from_name(dtype).itemsize
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated as A  # noqa: N817
+from typing import Optional
+
+
+@dataclasses.dataclass
+class ServerArgs:
+    model_path: A[str, "path"] = ""
+    skip_tokenizer_init: A[bool, ""] = False
+    enable_custom_logit_processor: A[bool, ""] = False
+    enable_memory_saver: A[bool, ""] = False
+    enable_deterministic_inference: A[bool, ""] = False
+    log_level: A[str, ""] = "error"
+    attention_backend: A[Optional[str], ""] = None
+    sampling_backend: A[Optional[str], ""] = None
+    mem_fraction_static: A[Optional[float], ""] = None
+    cuda_graph_max_bs_decode: A[Optional[int], ""] = None
+    random_seed: A[Optional[int], ""] = None
+    tp_size: A[int, ""] = 1
+    dtype: A[str, ""] = "auto"
+    context_length: A[Optional[int], ""] = None
+    base_gpu_id: A[int, ""] = 0
+    weight_version: A[str, ""] = "default"
+    json_model_override_args: A[str, ""] = "{}"
+    fake_step_s: A[float, "seconds per decode step of the fake scheduler"] = 0.002

@@ -1,0 +1,171 @@
+"""Test harness for the weight protocol: a stand-in for the governor's "weights" port, and a
+scripted trainer that speaks the wire protocol by hand so it can misbehave on purpose (corrupt,
+duplicate, reorder or withhold buckets). Both use real ZeroMQ sockets; neither is the proof of a
+feature on its own: the end-to-end tests run the real TrainerPublisher and RolloutServer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rollwire.messages import Ack, ApplyVersion, Codec, ErrorCode, GovernorRequest, StepMessage, VersionApplied
+from rollwire.messages.weights import (
+    Beacon,
+    BeaconSeen,
+    BucketData,
+    PullBucket,
+    Register,
+    TrainerRequest,
+    VersionOutcome,
+    WeightsReady,
+    Welcome,
+)
+from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
+from rollwire.transports import sockets
+from rollwire.transports.pubsub import Publisher
+from rollwire.transports.shm import ShmArena
+from rollwire.transports.weights import BucketPlan, checksum_sources, pack_bucket, plan_buckets, tensors_from_apply
+
+
+class ApplySink(Actor):
+    """Loads nothing: keeps a copy of every applied version, refuses names outside ``known``."""
+
+    ports = {"weights": Port(GovernorRequest, zero_copy=True)}
+
+    def __init__(self, known: dict[str, torch.Tensor] | None = None, name: str = "sink") -> None:
+        super().__init__(name)
+        self.known = known
+        self.applied: dict[int, dict[str, torch.Tensor]] = {}
+        self.frames: dict[int, int] = {}  # version -> payload frames it came with
+        self.steps: list[StepMessage] = []
+
+    @handles(ApplyVersion)
+    async def on_apply(self, origin: Origin, msg: ApplyVersion, payload: Sequence[Any]) -> None:
+        named = tensors_from_apply(msg, payload)
+        for name, _ in named:
+            if self.known is not None and name not in self.known:
+                raise RollwireError(ErrorCode.UNKNOWN_TENSOR, f"no parameter named {name!r}")
+        self.applied[msg.version] = {name: t.clone() for name, t in named}
+        self.frames[msg.version] = len(payload)
+        await self.reply(origin, VersionApplied(version=msg.version, load_s=0.0, pause_s=0.0))
+
+    @handles(StepMessage)
+    async def on_step(self, origin: Origin, msg: StepMessage, payload: Sequence[Any]) -> None:
+        self.steps.append(msg)
+        await self.reply(origin, Ack())
+
+
+BucketServe = Callable[[int, bytes], list[bytes] | None]  # index, bytes -> frames to send (None: withhold)
+
+
+class ScriptedTrainer:
+    """The trainer side of the protocol, by hand. ``serve`` decides what each pull gets;
+    ``reorder`` holds pulls until ``reorder`` of them are queued, then answers them newest first."""
+
+    def __init__(self, endpoint: str, pub_endpoint: str) -> None:
+        self.endpoint, self.pub_endpoint = endpoint, pub_endpoint
+        self.trainer_id = uuid.uuid4().hex
+        self.codec: Codec[Any] = Codec(TrainerRequest)
+        self.joined: set[str] = set()
+        self.outcomes: dict[int, asyncio.Future[VersionOutcome]] = {}
+        self.buckets: dict[int, bytes] = {}
+        self.serve: BucketServe = lambda i, b: [b]
+        self.reorder = 0
+        self.extra_replies: list[tuple[int, int]] = []  # (version, index) sent unasked with each reply
+        self._held: list[tuple[bytes, int, PullBucket]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.arena = ShmArena()
+
+    async def __aenter__(self) -> ScriptedTrainer:
+        self.router = sockets.router([self.endpoint])
+        self.pub = Publisher(self.pub_endpoint)
+        self._tasks = [asyncio.ensure_future(self._recv()), asyncio.ensure_future(self._beacons())]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.router.close(linger=0)
+        self.pub.close()
+        self.arena.close()
+
+    async def wait_joined(self, n: int = 1, timeout: float = 20.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.joined) < n:
+                await asyncio.sleep(0.02)
+
+    def plan(self, tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[BucketPlan]:
+        plans = plan_buckets(list(tensors.items()), bucket_bytes)
+        for p in plans:
+            buf = torch.empty(p.nbytes, dtype=torch.uint8)
+            pack_bucket(p, buf)
+            self.buckets[p.index] = buf.numpy().tobytes()
+        return plans
+
+    async def announce(self, version: int, plans: list[BucketPlan], *, transport: str = "inline",
+                       checksums: list[int] | None = None, **extra: Any) -> asyncio.Future[VersionOutcome]:
+        sums = checksums or [checksum_sources(p) for p in plans]
+        ready = WeightsReady(trainer_id=self.trainer_id, version=version, step=version, n_buckets=len(plans),
+                             total_bytes=sum(p.nbytes for p in plans), transport=transport,
+                             buckets=[p.meta(c) for p, c in zip(plans, sums, strict=True)], **extra)
+        fut: asyncio.Future[VersionOutcome] = asyncio.get_running_loop().create_future()
+        self.outcomes[version] = fut
+        await self.pub.publish(ready)
+        return fut
+
+    async def _send(self, peer: bytes, rid: int, msg: Any, payload: Sequence[bytes] = ()) -> None:
+        await sockets.send(self.router, [peer, *self.codec.encode(rid, msg, payload)])
+
+    async def _answer(self, peer: bytes, rid: int, pull: PullBucket) -> None:
+        frames = self.serve(pull.index, self.buckets[pull.index])
+        if frames is None:
+            return
+        await self._send(peer, rid, BucketData(version=pull.version, index=pull.index), frames)
+        for version, index in self.extra_replies:
+            await self._send(peer, rid, BucketData(version=version, index=index), [self.buckets.get(index, b"")])
+
+    async def _flush(self) -> None:
+        held, self._held = self._held, []
+        for p, r, m in reversed(held):
+            await self._answer(p, r, m)
+
+    async def _recv(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            peer = frames[0]
+            rid, msg, _ = self.codec.decode(frames[1:])
+            match msg:
+                case Register():
+                    await self._send(peer, rid, Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint))
+                case BeaconSeen():
+                    if msg.trainer_id == self.trainer_id:
+                        self.joined.add(msg.receiver_id)
+                case PullBucket():
+                    if not self.reorder:
+                        await self._answer(peer, rid, msg)
+                        continue
+                    self._held.append((peer, rid, msg))
+                    if len(self._held) >= self.reorder:
+                        await self._flush()
+                    else:  # the last few pulls of a version: answer them soon anyway
+                        asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self._flush()))
+                case VersionOutcome():
+                    fut = self.outcomes.get(msg.version)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+
+    async def _beacons(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            with contextlib.suppress(Exception):
+                await self.pub.publish(Beacon(trainer_id=self.trainer_id, seq=seq))
+            await asyncio.sleep(0.05)
+

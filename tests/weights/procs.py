@@ -1,0 +1,87 @@
+"""Processes for the cross-process tests (spawned: real processes, killed for real). Imports are
+inside the functions: a spawned child imports this module first, and should not pay for more."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+
+def tiny_weights(kind: str) -> dict[str, Any]:
+    """The server's own weights ("original"), or the same plus seeded noise ("perturbed")."""
+    import torch
+
+    from rollwire.models import tiny
+
+    model, _ = tiny(seed=0)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if kind == "perturbed":
+        g = torch.Generator().manual_seed(1234)
+        sd = {k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in sd.items()}
+    return sd
+
+
+def _dying_trainer_class(die_at: int) -> Any:
+    from rollwire.clients.trainer import TrainerPublisher
+
+    class DyingTrainer(TrainerPublisher):
+        """Fault injection: SIGKILLs its own process when asked for bucket ``die_at`` (mid-push)."""
+
+        async def _serve_pull(self, peer: bytes, rid: int, msg: Any) -> None:
+            if msg.index == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            await super()._serve_pull(peer, rid, msg)
+
+    return DyingTrainer
+
+
+async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None,
+                 bucket_bytes: int) -> None:
+    from rollwire.clients.trainer import PushError, TrainerPublisher
+
+    cls = TrainerPublisher if die_at is None else _dying_trainer_class(die_at)
+    async with cls(endpoint, timeout_s=30, bucket_bytes=bucket_bytes) as tp:
+        results.put(("started", tp.trainer_id))
+        loop = asyncio.get_running_loop()
+        while True:
+            cmd = await loop.run_in_executor(None, commands.get)
+            if cmd is None:
+                break
+            version, kind, transport = cmd
+            try:
+                report = await tp.push_weights(version, weights[kind], transport=transport)
+                results.put(("ok", report.version, report.transport, report.receivers))
+            except PushError as e:
+                results.put(("failed", version, transport, e.failures))
+
+
+def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None = None,
+                 bucket_bytes: int = 512 << 20) -> None:
+    """Push what ``commands`` says: (version, key into ``weights``, transport); None stops. The
+    weights come from the parent (building the model here would import transformers: seconds)."""
+    import torch
+
+    torch.set_num_threads(1)
+    asyncio.run(_drive(endpoint, weights, commands, results, die_at, bucket_bytes))
+
+
+def attach_and_sum(name: str, out: Any) -> None:
+    """Attach an arena in another process, report a sum of its first bytes, exit normally."""
+    from rollwire.transports.shm import attach
+
+    arena = attach(name)
+    out.put(int(arena.tensor[:1024].sum()))
+
+
+def create_arena_and_wait(out: Any) -> None:
+    """Make an arena, report its name, then wait to be SIGKILLed (its arena is left behind)."""
+    import time
+
+    from rollwire.transports.shm import ShmArena
+
+    arena = ShmArena()
+    arena.reserve(1 << 20)
+    out.put(arena.name)
+    time.sleep(600)

@@ -1,0 +1,127 @@
+"""Weight sync through the real RolloutServer (hf engine, tiny model), trainers in real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import torch
+
+from rollwire.clients.rollout import RolloutClient
+from rollwire.clients.trainer import PushError, TrainerPublisher
+from rollwire.messages import SamplingParams
+from rollwire.server import RolloutServer, ServerConfig
+from rollwire.transports.sockets import ipc_endpoint
+from tests.conftest import free_tcp_endpoint
+from tests.weights.procs import tiny_weights, trainer_main
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPT = [1, 40, 41, 42, 43]
+
+
+class TrainerProcess:
+    """A trainer in its own process, driven by commands: (version, weights kind, transport)."""
+
+    def __init__(self, endpoint: str, **kw: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.commands, self.results = ctx.Queue(), ctx.Queue()
+        weights = {kind: tiny_weights(kind) for kind in ("original", "perturbed")}
+        self.proc = ctx.Process(target=trainer_main, args=(endpoint, weights, self.commands, self.results), kwargs=kw)
+
+    async def get(self, timeout: float = 120.0) -> tuple:
+        return await asyncio.get_running_loop().run_in_executor(None, self.results.get, True, timeout)
+
+    async def start(self) -> TrainerProcess:
+        self.proc.start()
+        assert (await self.get())[0] == "started"
+        return self
+
+    async def push(self, version: int, kind: str, transport: str) -> tuple:
+        self.commands.put((version, kind, transport))
+        return await self.get()
+
+    async def stop(self) -> None:
+        if self.proc.is_alive():
+            self.commands.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 30)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[RolloutServer, RolloutClient, str]]:
+    trainer_endpoint = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ipc_endpoint("e2e"), trainer_endpoint=trainer_endpoint,
+                       receiver_id="server-0", stall_timeout_s=1.5, max_new_tokens_limit=64)
+    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=60) as rc:
+        yield srv, rc, trainer_endpoint
+
+
+async def greedy(rc: RolloutClient) -> tuple[list[int], int]:
+    out = await rc.generate(PROMPT, GREEDY)
+    return out.output_ids, out.weight_version
+
+
+async def test_greedy_output_follows_each_version_pushed_from_a_trainer_process_over_inline_shm_and_gloo(
+        served: tuple[RolloutServer, RolloutClient, str]) -> None:
+    srv, rc, endpoint = served
+    original, v0 = await greedy(rc)
+    assert v0 == 0
+    trainer = await TrainerProcess(endpoint).start()
+    try:
+        version = 0
+        for transport in ("inline", "shm", "gloo"):
+            version += 1
+            assert await trainer.push(version, "perturbed", transport) == ("ok", version, transport, ["server-0"])
+            changed, live = await greedy(rc)
+            assert live == version and changed != original, transport
+            version += 1
+            assert await trainer.push(version, "original", transport) == ("ok", version, transport, ["server-0"])
+            assert await greedy(rc) == (original, version), transport  # exactly back
+    finally:
+        await trainer.stop()
+    assert trainer.proc.exitcode == 0
+
+
+@pytest.mark.parametrize("bad, code", [
+    (lambda w: {**w, "lm_head.weight": w["lm_head.weight"][:-1]}, "shape_mismatch"),
+    (lambda w: {**w, "lm_head.weight": w["lm_head.weight"].double()}, "dtype_mismatch"),
+    (lambda w: {**w, "no.such.weight": torch.zeros(2)}, "unknown_tensor"),
+])
+async def test_a_version_the_engine_refuses_is_reported_with_its_code_and_the_old_version_keeps_serving(
+        served: tuple[RolloutServer, RolloutClient, str], bad: Any, code: str) -> None:
+    srv, rc, endpoint = served
+    before = await greedy(rc)
+    async with TrainerPublisher(endpoint, timeout_s=30) as tp:
+        with pytest.raises(PushError) as err:
+            await tp.push_weights(1, bad(tiny_weights("perturbed")), transport="inline")
+        assert err.value.failures["server-0"].startswith(f"{code}:")
+        assert await greedy(rc) == before
+        await tp.push_weights(2, tiny_weights("perturbed"), transport="shm")  # and the next good one loads
+        assert (await greedy(rc))[1] == 2
+
+
+async def test_a_trainer_sigkilled_mid_push_leaves_the_old_version_serving_and_a_restarted_trainer_pushes(
+        served: tuple[RolloutServer, RolloutClient, str]) -> None:
+    srv, rc, endpoint = served
+    original = await greedy(rc)
+    receiver = srv.system.actor("weight_receiver")
+    # small buckets, so the push is many pulls; the trainer kills itself when bucket 3 is asked for
+    dying = await TrainerProcess(endpoint, die_at=3, bucket_bytes=16 << 10).start()
+    dying.commands.put((1, "perturbed", "inline"))
+    await asyncio.get_running_loop().run_in_executor(None, dying.proc.join, 60)
+    assert dying.proc.exitcode == -9
+    async with asyncio.timeout(10):  # stall_timeout_s=1.5: the partial version is dropped
+        while receiver.counters.get("versions_stalled") < 1:
+            await asyncio.sleep(0.05)
+    assert receiver.live_version == 0
+    assert await greedy(rc) == original  # still serving version 0, unharmed
+    restarted = await TrainerProcess(endpoint).start()
+    try:
+        assert await restarted.push(1, "perturbed", "inline") == ("ok", 1, "inline", ["server-0"])
+        changed, live = await greedy(rc)
+        assert live == 1 and changed != original[0]
+    finally:
+        await restarted.stop()
+    assert receiver.counters.get("trainer_restarts_seen") >= 1

@@ -1,0 +1,131 @@
+"""Buckets: planning, packing, checksums and views, with the tensors that break naive code."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
+from rollwire.transports.staging import _as_frames
+from rollwire.transports.weights import (
+    ALIGN,
+    LayoutError,
+    check_layout,
+    checksum,
+    checksum_sources,
+    pack_bucket,
+    plan_buckets,
+    tensor_slices,
+    tensors_from_apply,
+    verify_bucket,
+)
+
+
+def awkward_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g)
+    return {
+        "bf16": torch.randn(7, 3, generator=g).to(torch.bfloat16),
+        "non_contiguous": base.t()[::2],  # strided view: shape (5, 6)
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5),
+        "odd_bytes": torch.arange(3, dtype=torch.uint8),  # 3 bytes: the next tensor must be realigned
+        "int64": torch.arange(5, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "fp16": torch.randn(4, generator=g).half(),
+        "large": torch.randn(300, generator=g),  # 1200 bytes: bigger than a bucket below
+    }
+
+
+def pack(plan) -> torch.Tensor:
+    buf = torch.full((plan.nbytes,), 0xAB, dtype=torch.uint8)  # garbage in the gaps must be zeroed
+    pack_bucket(plan, buf)
+    return buf
+
+
+def ready_for(plans, **kw) -> WeightsReady:
+    return WeightsReady(trainer_id="t", version=1, step=1, n_buckets=len(plans),
+                        total_bytes=sum(p.nbytes for p in plans), transport="inline",
+                        buckets=[p.meta(checksum_sources(p)) for p in plans], **kw)
+
+
+def test_bf16_non_contiguous_empty_and_scalar_tensors_round_trip_bit_exact_through_buckets() -> None:
+    tensors = awkward_tensors()
+    plans = plan_buckets(list(tensors.items()), bucket_bytes=256)
+    bufs = [pack(p) for p in plans]
+    metas = [p.meta(checksum(b.numpy())) for p, b in zip(plans, bufs, strict=True)]
+    named, frames = _as_frames(metas, [memoryview(b.numpy()) for b in bufs])
+    assert len(frames) == len(tensors)  # one payload frame per tensor, empty ones included
+    msg = msgspec.msgpack.decode(msgspec.msgpack.encode(ApplyVersion(version=1, step=1, tensors=named)),
+                                 type=ApplyVersion)
+    out = dict(tensors_from_apply(msg, frames))
+    assert list(out) == list(tensors)
+    for name, t in tensors.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
+        assert torch.equal(out[name], t), name
+
+
+def test_the_checksum_from_source_tensors_equals_the_checksum_of_the_packed_bucket() -> None:
+    for p in plan_buckets(list(awkward_tensors().items()), bucket_bytes=256):
+        buf = torch.empty(p.nbytes, dtype=torch.uint8)
+        fused = pack_bucket(p, buf, with_checksum=True)
+        assert fused == checksum(buf.numpy()) == checksum_sources(p)
+
+
+def test_a_tensor_larger_than_a_bucket_gets_a_bucket_of_its_own_and_others_stay_under_the_size() -> None:
+    plans = plan_buckets(list(awkward_tensors().items()), bucket_bytes=256)
+    large = [p for p in plans if any(t.name == "large" for t in p.tensors)]
+    assert len(large) == 1 and [t.name for t in large[0].tensors] == ["large"] and large[0].nbytes == 1200
+    assert all(p.nbytes <= 256 for p in plans if p is not large[0])
+    assert all(t.offset % ALIGN == 0 for p in plans for t in p.tensors)
+    check_layout(ready_for(plans))
+
+
+def test_no_tensors_plan_no_buckets_and_a_single_bucket_holds_everything_when_it_fits() -> None:
+    assert plan_buckets([], 1024) == []
+    plans = plan_buckets(list(awkward_tensors().items()), bucket_bytes=1 << 20)
+    assert len(plans) == 1 and len(plans[0].tensors) == len(awkward_tensors())
+
+
+def test_a_flipped_byte_or_a_short_bucket_fails_verification_with_the_reason() -> None:
+    (plan,) = plan_buckets([("w", torch.randn(64))], 1 << 20)
+    buf = pack(plan)
+    meta = plan.meta(checksum(buf.numpy()))
+    assert verify_bucket(meta, buf.numpy().tobytes()) is None
+    bad = bytearray(buf.numpy().tobytes())
+    bad[17] ^= 0x01
+    assert "crc32" in (verify_bucket(meta, bytes(bad)) or "")
+    assert "bytes, announced" in (verify_bucket(meta, bytes(bad[:-1])) or "")
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda b: [b[0], BucketMeta(5, b[1].nbytes, b[1].checksum, b[1].tensors)], "says it is bucket"),
+    (lambda b: [BucketMeta(0, b[0].nbytes, 0, [b[0].tensors[0], b[0].tensors[0]])], "appears twice"),
+    (lambda b: [BucketMeta(0, 8, 0, [TensorMeta("x", "float32", [2], 2)])], "misaligned"),
+    (lambda b: [BucketMeta(0, 8, 0, [TensorMeta("x", "complex64", [1], 0)])], "unsupported tensor dtype"),
+    (lambda b: [BucketMeta(0, 100, 0, [TensorMeta("x", "float32", [2], 0)])], "tensors end at byte"),
+    (lambda b: [BucketMeta(0, 8, 0, [TensorMeta("x", "float32", [-2], 0)])], "negative dimension"),
+])
+def test_an_announcement_whose_layout_does_not_add_up_is_refused_before_any_pull(mutate, reason) -> None:
+    plans = plan_buckets([("a", torch.zeros(4)), ("b", torch.zeros(4))], bucket_bytes=16)
+    good = ready_for(plans)
+    buckets = mutate(good.buckets)
+    bad = msgspec.structs.replace(good, buckets=buckets, n_buckets=len(buckets),
+                                  total_bytes=sum(b.nbytes for b in buckets))
+    with pytest.raises(LayoutError, match=reason):
+        check_layout(bad)
+    with pytest.raises(LayoutError, match="n_buckets"):
+        check_layout(msgspec.structs.replace(good, n_buckets=3))
+    with pytest.raises(LayoutError, match="total_bytes"):
+        check_layout(msgspec.structs.replace(good, total_bytes=1))
+
+
+def test_tensor_slices_are_views_of_the_bucket_not_copies() -> None:
+    (plan,) = plan_buckets([("a", torch.ones(3)), ("b", torch.zeros(2))], 1 << 20)
+    buf = pack(plan)
+    meta = plan.meta(0)
+    mv = memoryview(buf.numpy())
+    views = tensor_slices(meta, mv)
+    buf[0] = 7  # visible through the slice: same memory
+    assert views[0][0] == 7 and len(views[1]) == 8

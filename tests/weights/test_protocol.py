@@ -1,0 +1,191 @@
+"""The weight protocol between a trainer and a WeightReceiverActor, over real ZeroMQ sockets.
+
+The receiver applies into an ApplySink (a stand-in governor); the trainer is the real
+TrainerPublisher, or a ScriptedTrainer where the test needs a trainer that misbehaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from rollwire.clients.trainer import PushError, TrainerPublisher
+from rollwire.runtime import ActorSystem
+from rollwire.transports.weights import pack_bucket, plan_buckets
+from tests.weights.conftest import Rig, make_rig
+from tests.weights.harness import ScriptedTrainer
+from tests.weights.test_layout import awkward_tensors
+
+
+def assert_applied(rig: Rig, version: int, tensors: dict[str, torch.Tensor]) -> None:
+    got = rig.sink.applied[version]
+    assert list(got) == list(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+
+
+async def outcome_of(fut: asyncio.Future, timeout: float = 20.0):
+    return await asyncio.wait_for(fut, timeout)
+
+
+@pytest.mark.parametrize("transport", ["inline", "shm", "gloo"])
+async def test_a_push_arrives_bit_exact_over_each_transport_and_later_pushes_reuse_what_they_can(
+        rig: Rig, transport: str) -> None:
+    tensors = awkward_tensors()
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, bucket_bytes=256, timeout_s=20) as tp:
+        report = await tp.push_weights(1, tensors, transport=transport)
+        assert (report.version, report.transport, report.receivers) == (1, transport, ["r1"])
+        assert report.bytes == sum(p.nbytes for p in plan_buckets(list(tensors.items()), 256))
+        assert_applied(rig, 1, tensors)
+        doubled = {k: v * 2 if v.dtype.is_floating_point else v for k, v in tensors.items()}
+        await tp.push_weights(2, doubled, transport=transport)
+        assert_applied(rig, 2, doubled)
+        if transport == "shm":
+            assert tp._arena.created == 1  # the same arena served both pushes
+        if transport != "shm":
+            assert rig.sink.frames[2] == len(tensors)  # one payload frame per tensor
+    assert rig.receiver.live_version == 2
+
+
+async def test_auto_picks_shm_on_the_same_host(rig: Rig) -> None:
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        report = await tp.push_weights(1, {"w": torch.ones(4)})
+    assert report.transport == "shm"
+
+
+async def test_a_corrupted_inline_bucket_is_rejected_with_bad_checksum_and_nothing_is_applied(rig: Rig) -> None:
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(100), "b": torch.randn(50)}, bucket_bytes=256)
+        tr.serve = lambda i, b: [bytes([b[0] ^ 0xFF]) + b[1:]] if i == 1 else [b]
+        out = await outcome_of(await tr.announce(1, plans))
+        assert (out.ok, out.error_code) == (False, "bad_checksum")
+        assert "bucket 1" in out.message
+        assert rig.sink.applied == {} and rig.receiver.live_version == 0
+        tr.serve = lambda i, b: [b]
+        assert (await outcome_of(await tr.announce(2, plans))).ok  # the next good version goes through
+
+
+async def test_a_bucket_of_the_wrong_size_is_rejected_with_bad_frame(rig: Rig) -> None:
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
+        tr.serve = lambda i, b: [b[:-4]]
+        out = await outcome_of(await tr.announce(1, plans))
+        assert (out.ok, out.error_code) == (False, "bad_frame")
+
+
+async def test_an_shm_arena_that_does_not_match_its_checksum_is_rejected(rig: Rig) -> None:
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
+        tr.arena.reserve(plans[0].nbytes)
+        sum_ok = pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes], with_checksum=True)
+        out = await outcome_of(await tr.announce(1, plans, transport="shm", checksums=[sum_ok ^ 1],
+                                                 shm_name=tr.arena.name, shm_offsets=[0]))
+        assert (out.ok, out.error_code) == (False, "bad_checksum")
+        out = await outcome_of(await tr.announce(2, plans, transport="shm", checksums=[sum_ok],
+                                                 shm_name=tr.arena.name, shm_offsets=[0]))
+        assert out.ok and torch.equal(rig.sink.applied[2]["a"], plans[0].sources[0])
+
+
+async def test_an_announcement_that_does_not_add_up_is_rejected_with_bad_field(rig: Rig) -> None:
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
+        out = await outcome_of(await tr.announce(1, plans, transport="shm", shm_name="../../etc/passwd",
+                                                 shm_offsets=[0]))
+        assert (out.ok, out.error_code) == (False, "bad_field")
+        out = await outcome_of(await tr.announce(2, plans, transport="shm", shm_name=tr.arena.name or "x",
+                                                 shm_offsets=[]))
+        assert (out.ok, out.error_code) == (False, "bad_field")
+
+
+async def test_duplicate_stale_and_out_of_order_bucket_replies_still_assemble_the_version(rig: Rig) -> None:
+    tensors = {f"t{i}": torch.randn(40 + i) for i in range(20)}
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan(tensors, bucket_bytes=256)
+        assert len(plans) >= 8
+        tr.reorder = 4  # hold a window's worth of pulls, answer them newest first
+        tr.extra_replies = [(1, 0), (0, 2)]  # with every reply: bucket 0 again, and a stale version's bucket
+        out = await outcome_of(await tr.announce(1, plans))
+        assert out.ok, out.message
+    assert_applied(rig, 1, tensors)
+    counters = rig.receiver.counters
+    assert counters.get("duplicate_buckets") > 0 and counters.get("unexpected_replies") > 0
+
+
+async def test_a_version_that_stalls_is_dropped_after_the_timeout_and_the_next_one_applies(rig: Rig) -> None:
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(100), "b": torch.randn(100)}, bucket_bytes=256)
+        tr.serve = lambda i, b: None if i == 1 else [b]  # bucket 1 never comes
+        out = await outcome_of(await tr.announce(1, plans))
+        assert (out.ok, out.error_code) == (False, "timeout")
+        assert "stalled" in out.message and rig.receiver.counters.get("versions_stalled") == 1
+        assert rig.sink.applied == {}
+        tr.serve = lambda i, b: [b]
+        assert (await outcome_of(await tr.announce(2, plans))).ok
+
+
+async def test_a_newer_announcement_supersedes_a_version_still_being_pulled(rig: Rig) -> None:
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
+        tr.serve = lambda i, b: None
+        first = await tr.announce(1, plans)
+        await asyncio.sleep(0.2)
+        tr.serve = lambda i, b: [b]
+        second = await tr.announce(2, plans)
+        assert (await outcome_of(first)).error_code == "superseded"
+        assert (await outcome_of(second)).ok
+    assert list(rig.sink.applied) == [2]
+
+
+async def test_versions_must_increase_at_the_trainer_and_at_the_receiver(rig: Rig) -> None:
+    w = {"w": torch.ones(3)}
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        await tp.push_weights(5, w)
+        with pytest.raises(ValueError, match="not above the last pushed version 5"):
+            await tp.push_weights(5, w)
+    # a restarted trainer does not know what was pushed before: the receiver refuses for it
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        with pytest.raises(PushError) as err:
+            await tp.push_weights(4, w)
+        assert err.value.failures == {"r1": "bad_version: version 4 is not above the live version 5"}
+        await tp.push_weights(6, w)
+    assert sorted(rig.sink.applied) == [5, 6]
+    assert rig.receiver.counters.get("registrations") == 2  # it noticed the restart and registered again
+
+
+async def test_step_messages_reach_the_governor_and_publish_step_returns_once_acted_on(rig: Rig) -> None:
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        assert await tp.publish_step(7, "train_start") == ["r1"]
+        assert await tp.publish_step(7, "train_end") == ["r1"]
+    assert [(s.step, s.phase) for s in rig.sink.steps] == [(7, "train_start"), (7, "train_end")]
+
+
+async def test_a_push_with_no_receiver_fails_after_the_timeout_saying_who_is_missing() -> None:
+    from tests.conftest import free_tcp_endpoint
+
+    async with TrainerPublisher(free_tcp_endpoint(), pub_endpoint=free_tcp_endpoint(), timeout_s=0.5) as tp:
+        with pytest.raises(PushError, match="0 receiver\\(s\\) joined"):
+            await tp.push_weights(1, {"w": torch.ones(1)})
+
+
+async def test_push_error_names_each_receiver_that_refused_and_why() -> None:
+    system = ActorSystem()
+    try:
+        good = await make_rig(system, receiver_id="r1")
+        await make_rig(system, receiver_id="r2", known={"other": torch.ones(1)}, endpoint=good.endpoint)
+        async with TrainerPublisher(good.endpoint, pub_endpoint=good.pub_endpoint, timeout_s=20,
+                                    min_receivers=2) as tp:
+            with pytest.raises(PushError) as err:
+                await tp.push_weights(1, {"w": torch.ones(3)})
+        assert err.value.failures == {"r2": "unknown_tensor: no parameter named 'w'"}
+        assert list(good.sink.applied) == [1]
+    finally:
+        await system.stop()
