@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run (CI): fewer steps")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 40, quick 15)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 80, quick 20)")
     p.add_argument("--workers", type=int, default=3, help="rollout-worker processes")
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt (GRPO group)")
     p.add_argument("--groups-per-step", type=int, default=8)
@@ -31,7 +31,11 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="shm", choices=["shm", "inline", "auto"])
     p.add_argument("--max-staleness", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--updates", type=int, default=2, help="optimizer steps per batch (PPO epochs)")
     p.add_argument("--seed", type=int, default=0)
+    # the tiny model's random logits have a std of ~4 (clear greedy margins for the tests); sampling
+    # at T=4 gives the policy enough entropy to explore. Trainer and server use the same T.
+    p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--out", default=None, help="output folder (default: a new ./rollwire-demo-<time>)")
     p.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
 
@@ -47,7 +51,7 @@ async def _demo(a: argparse.Namespace) -> int:
     from rollwire.demo.view import View
     from rollwire.demo.worker import worker_main
 
-    steps = a.steps or (15 if a.quick else 40)
+    steps = a.steps or (20 if a.quick else 80)
     out = Path(a.out or f"rollwire-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     rollout_ep, trainer_ep, exp_ep = ipc_endpoint("roll"), ipc_endpoint("train"), ipc_endpoint("exp")
@@ -59,10 +63,11 @@ async def _demo(a: argparse.Namespace) -> int:
     activity: list[tuple[float, int, str]] = []  # (time, requests in flight, governor state)
     async with RolloutServer(cfg) as srv:
         tcfg = TrainConfig(trainer_endpoint=trainer_ep, experience_endpoint=exp_ep, steps=steps,
-                           groups_per_step=a.groups_per_step, lr=a.lr, clip=0.2, max_staleness=a.max_staleness,
+                           groups_per_step=a.groups_per_step, lr=a.lr, clip=0.2, updates_per_step=a.updates,
+                           temperature=a.temperature, max_staleness=a.max_staleness,
                            transport=a.transport, seed=a.seed)
         procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
-        procs += [ctx.Process(target=worker_main, args=(i, rollout_ep, exp_ep, a.group_size, 2, a.seed, stop),
+        procs += [ctx.Process(target=worker_main, args=(i, rollout_ep, exp_ep, a.group_size, 2, a.seed, a.temperature, stop),
                               name=f"worker-{i}") for i in range(a.workers)]
         for p in procs:
             p.start()

@@ -3,14 +3,15 @@
 Actions are restricted to 16 letters with ``allowed_token_ids`` (an environment's action mask,
 as RL rollouts use it), so a random policy scores 1/16 per position. The reward is the fraction
 of positions that match the target: verifiable, dense, and learnable by the tiny model in
-minutes on a CPU. Prompts are random letters, so groups differ but the answer does not.
+minutes on a CPU. The prompt is fixed ("spell:"), so every group asks the same question and the
+policy must put the right letter at each position (a single repeated letter scores at most 1/8).
 """
 
 from __future__ import annotations
 
 import random
 
-TARGET = "rollwire"
+TARGET = "wireband"
 ALPHABET = "abcdefghilmnorwz"  # 16 letters, including every letter of TARGET
 
 
@@ -20,6 +21,7 @@ class Task:
         self.letter_ids = [vocab[c] for c in ALPHABET]
         self.target_ids = [vocab[c] for c in TARGET]
         self.bos = tokenizer.bos_token_id  # type: ignore[attr-defined]
+        self.prompt_ids = [self.bos, *(vocab[c] for c in "spell:")]
         self.rng = random.Random(seed)
         self.id_to_letter = {vocab[c]: c for c in ALPHABET}
 
@@ -28,7 +30,7 @@ class Task:
         return len(self.target_ids)
 
     def prompt(self) -> list[int]:
-        return [self.bos, *(self.rng.choice(self.letter_ids) for _ in range(4))]
+        return list(self.prompt_ids)
 
     def reward(self, output_ids: list[int]) -> float:
         hits = sum(1 for a, b in zip(output_ids, self.target_ids, strict=False) if a == b)

@@ -31,12 +31,15 @@ class TrainConfig:
     groups_per_step: int
     lr: float
     clip: float
+    temperature: float
+    updates_per_step: int  # optimizer steps on each batch (PPO epochs; the clip keeps them close)
     max_staleness: int
     transport: str
     seed: int
 
 
-def grpo_loss(model: Any, groups: list[SampleGroup], allowed: torch.Tensor, clip: float) -> tuple[torch.Tensor, int]:
+def grpo_loss(model: Any, groups: list[SampleGroup], allowed: torch.Tensor, clip: float,
+              temperature: float) -> tuple[torch.Tensor, int]:
     """Clipped GRPO surrogate over every sampled token of ``groups``; returns (loss, tokens)."""
     seqs, olds, advs, n_prompt = [], [], [], len(groups[0].prompt_ids)
     for g in groups:
@@ -47,10 +50,10 @@ def grpo_loss(model: Any, groups: list[SampleGroup], allowed: torch.Tensor, clip
             olds.append(s.output_logprobs)
             advs.append(float(a))
     ids = torch.tensor(seqs)
-    logits = model(ids).logits[:, n_prompt - 1:-1].float()
+    logits = model(ids).logits[:, n_prompt - 1:-1].float() / temperature
     mask = torch.full((logits.shape[-1],), float("-inf"))
     mask[allowed] = 0.0
-    logp_all = torch.log_softmax(logits + mask, dim=-1)  # temperature 1, same mask as sampling
+    logp_all = torch.log_softmax(logits + mask, dim=-1)  # same temperature and mask as sampling
     logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
     ratio = torch.exp(logp - torch.tensor(olds))
     adv_t = torch.tensor(advs)[:, None]
@@ -103,10 +106,11 @@ async def _train(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
             if stop.is_set():
                 break
             t_rollout = time.monotonic() - t0
-            loss, _ = grpo_loss(model, used, allowed, cfg.clip)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            for _ in range(cfg.updates_per_step):
+                loss, _ = grpo_loss(model, used, allowed, cfg.clip, cfg.temperature)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
             version += 1
             await tp.publish_step(step=step, phase="train_end")
             report = await tp.push_weights(version=version, tensors=dict(model.state_dict()), transport=cfg.transport)

@@ -18,11 +18,11 @@ from rollwire.transports.rpc import ConnectionClosed, RpcClient
 
 
 async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient, exp: RpcClient[Any], group_size: int,
-                stop: Any) -> None:
+                temperature: float, stop: Any) -> None:
     seed = 1_000_000 * idx + 10_000 * loop_id
     while not stop.is_set():
         prompt = task.prompt()
-        sp = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=1.0, n=group_size, seed=seed,
+        sp = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=temperature, n=group_size, seed=seed,
                             allowed_token_ids=task.letter_ids, ignore_eos=True)
         seed += group_size
         t0 = time.monotonic()
@@ -46,12 +46,12 @@ async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient, exp: RpcC
 
 
 async def _main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, concurrency: int, seed: int,
-                stop: Any) -> None:
+                temperature: float, stop: Any) -> None:
     task = Task(tiny_tokenizer(), seed=seed * 7919 + idx)
     exp: RpcClient[Any] = RpcClient(experience_ep, Ack | ErrorReply)
     async with RolloutClient(rollout_ep) as rc:
         await rc.wait_ready(timeout=120)
-        loops = [asyncio.ensure_future(_loop(idx, i, task, rc, exp, group_size, stop)) for i in range(concurrency)]
+        loops = [asyncio.ensure_future(_loop(idx, i, task, rc, exp, group_size, temperature, stop)) for i in range(concurrency)]
         while not stop.is_set() and not all(t.done() for t in loops):
             await asyncio.sleep(0.05)
         for t in loops:
@@ -61,7 +61,7 @@ async def _main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, 
 
 
 def worker_main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, concurrency: int, seed: int,
-                stop: Any) -> None:
+                temperature: float, stop: Any) -> None:
     import uvloop
 
-    uvloop.run(_main(idx, rollout_ep, experience_ep, group_size, concurrency, seed, stop))
+    uvloop.run(_main(idx, rollout_ep, experience_ep, group_size, concurrency, seed, temperature, stop))
