@@ -67,8 +67,8 @@ async def _demo(a: argparse.Namespace) -> int:
                            temperature=a.temperature, max_staleness=a.max_staleness,
                            transport=a.transport, seed=a.seed)
         procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
-        procs += [ctx.Process(target=worker_main, args=(i, rollout_ep, exp_ep, a.group_size, 2, a.seed, a.temperature, stop),
-                              name=f"worker-{i}") for i in range(a.workers)]
+        procs += [ctx.Process(target=worker_main, name=f"worker-{i}", args=(
+            i, rollout_ep, exp_ep, a.group_size, 2, a.seed, a.temperature, stop)) for i in range(a.workers)]
         for p in procs:
             p.start()
         rows = await _follow(srv, metrics_q, view, activity, procs[0])

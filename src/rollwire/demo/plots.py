@@ -27,25 +27,37 @@ def plot_reward(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+STATES = ["SERVING", "PAUSING", "PAUSED", "RELEASED", "LOADING", "RESUMING"]
+
+
 def plot_timeline(timeline: list[tuple[float, str]], activity: list[tuple[float, int, str]],
                   rows: list[dict[str, Any]], path: Path) -> None:
-    """Governor states as colored bands, requests in flight as a line, pushes as ticks."""
-    t0 = activity[0][0] if activity else timeline[0][0]
-    end = activity[-1][0] if activity else timeline[-1][0]
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    for (t, state), nxt in zip(timeline, [*timeline[1:], (end, "")], strict=True):
-        base = state.split("(")[0]
-        if base != "SERVING":
-            ax.axvspan(t - t0, max(nxt[0], t + 1e-3) - t0, color=STATE_COLORS.get(base, "#eee"), lw=0)
-    ax.plot([a[0] - t0 for a in activity], [a[1] for a in activity], lw=0.8, color="#333", label="requests in flight")
+    """Top: requests in flight over the run, a tick per applied push. Bottom: the governor's
+    state machine around one push in the middle of the run, at millisecond resolution."""
+    busy = [a for a in activity if a[1] > 0]
+    t0 = busy[0][0] if busy else timeline[0][0]
+    fig, (top, zoom) = plt.subplots(2, 1, figsize=(10, 5.5))
+    top.plot([a[0] - t0 for a in activity if a[0] >= t0], [a[1] for a in activity if a[0] >= t0], lw=0.8,
+             color="#333", label="requests in flight (sampled every 50 ms)")
     for r in rows:
-        ax.axvline(r["time"] - t0, color="#1f77b4", lw=0.5, alpha=0.5)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for s, c in STATE_COLORS.items() if s != "SERVING"]
-    labels = [s for s in STATE_COLORS if s != "SERVING"]
-    ax.legend([*ax.get_legend_handles_labels()[0], *handles], ["requests in flight", *labels], fontsize=7,
-              loc="upper right", ncol=3)
-    ax.set_xlabel("seconds")
-    ax.set_title("governor states around each weight push (blue ticks: push done)")
+        top.axvline(r["time"] - t0, color="#1f77b4", lw=0.6, alpha=0.6)
+    top.set_xlabel("seconds since the first request (blue: a weight version went live)")
+    top.legend(fontsize=7, loc="upper right")
+    top.set_title("rollwire demo: rollouts keep flowing while the trainer pushes a version every step")
+    loads = [i for i, (_, s) in enumerate(timeline) if s.startswith("LOADING")]
+    if loads:
+        mid = loads[len(loads) // 2]
+        lo, hi = max(0, mid - 2), min(len(timeline), mid + 3)
+        window = timeline[lo:hi]
+        base = window[0][0]
+        xs = [(t - base) * 1000 for t, _ in window]
+        ys = [STATES.index(s.split("(")[0]) if s.split("(")[0] in STATES else 0 for _, s in window]
+        zoom.step(xs, ys, where="post", color="#d62728")
+        for x, (_, s), y in zip(xs, window, ys, strict=True):
+            zoom.annotate(s, (x, y), fontsize=7, xytext=(2, 4), textcoords="offset points")
+        zoom.set_yticks(range(len(STATES)), STATES, fontsize=7)
+        zoom.set_xlabel("milliseconds (one push, mid-run)")
+        zoom.set_title("governor state machine around one push", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

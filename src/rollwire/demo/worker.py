@@ -51,7 +51,8 @@ async def _main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, 
     exp: RpcClient[Any] = RpcClient(experience_ep, Ack | ErrorReply)
     async with RolloutClient(rollout_ep) as rc:
         await rc.wait_ready(timeout=120)
-        loops = [asyncio.ensure_future(_loop(idx, i, task, rc, exp, group_size, temperature, stop)) for i in range(concurrency)]
+        loops = [asyncio.ensure_future(_loop(idx, i, task, rc, exp, group_size, temperature, stop))
+                 for i in range(concurrency)]
         while not stop.is_set() and not all(t.done() for t in loops):
             await asyncio.sleep(0.05)
         for t in loops:
