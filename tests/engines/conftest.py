@@ -3,13 +3,15 @@
 ``engine_kind`` is parametrized over the backends. ``hf`` runs anywhere; ``sglang`` is listed
 so that its backend can be plugged in, and skips with the reason when it cannot run here.
 Each test gets a fresh started engine on the tiny model and a reference copy of that model
-(bit-identical weights) for direct forward passes.
+(bit-identical weights, on the CPU) for direct forward passes. ``ROLLWIRE_TEST_DEVICE=cuda``
+puts the hf engine's model on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -62,7 +64,7 @@ def make_engine(kind: str) -> Engine:
     if kind == "hf":
         from rollwire.engines.hf import HFEngine
 
-        return HFEngine.from_spec(f"tiny:{TINY_SEED}")
+        return HFEngine.from_spec(f"tiny:{TINY_SEED}", device=os.environ.get("ROLLWIRE_TEST_DEVICE", "cpu"))
     if kind == "sglang":  # float32 and deterministic, so outputs compare with the reference model's
         from rollwire.engines.sglang import SGLangEngine
 

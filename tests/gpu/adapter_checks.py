@@ -272,7 +272,7 @@ async def main(model: str, ref_path: str) -> int:
     async def memory() -> None:
         cycles = []
         version = eng.info().weight_version
-        for c in range(5):
+        for c in range(int(os.environ.get("RW_MEM_CYCLES", "5"))):
             started = [start(eng, f"mem{c}-{i}", p, **G) for i, p in enumerate(ps[:4])]
             for res, _ in started:
                 await until(res, 2)
@@ -347,7 +347,8 @@ async def e2e(eng: Any, rep: Report, ps: list, refs: list, cuda: list, perturbed
         # greedy parity through the server, from another process
         worker = [sys.executable, os.path.join(HERE, "worker.py")]
         parity_in = json.dumps({"endpoint": ep, "prompts": ps, "max_new_tokens": len(refs[0])})
-        out = subprocess.run([*worker, "parity"], input=parity_in, capture_output=True, text=True, timeout=300)
+        out = await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
+            [*worker, "parity"], input=parity_in, capture_output=True, text=True, timeout=300))
         got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
         same = sum(a == b for a, b in zip(got.get("outputs", []), refs, strict=False))
         rep.check("greedy through rollwire (worker process, tcp) == direct sglang.Engine", same == len(refs),

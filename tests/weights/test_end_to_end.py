@@ -65,7 +65,7 @@ async def greedy(rc: RolloutClient) -> tuple[list[int], int]:
 
 async def test_greedy_output_follows_each_version_pushed_from_a_trainer_process_over_inline_shm_and_gloo(
         served: tuple[RolloutServer, RolloutClient, str]) -> None:
-    srv, rc, endpoint = served
+    _, rc, endpoint = served
     original, v0 = await greedy(rc)
     assert v0 == 0
     trainer = await TrainerProcess(endpoint).start()
@@ -91,7 +91,7 @@ async def test_greedy_output_follows_each_version_pushed_from_a_trainer_process_
 ])
 async def test_a_version_the_engine_refuses_is_reported_with_its_code_and_the_old_version_keeps_serving(
         served: tuple[RolloutServer, RolloutClient, str], bad: Any, code: str) -> None:
-    srv, rc, endpoint = served
+    _, rc, endpoint = served
     before = await greedy(rc)
     async with TrainerPublisher(endpoint, timeout_s=30) as tp:
         with pytest.raises(PushError) as err:

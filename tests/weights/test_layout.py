@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
 import msgspec
 import pytest
 import torch
 
 from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
+from rollwire.transports.checksum import crc32_parallel
 from rollwire.transports.staging import _as_frames
 from rollwire.transports.weights import (
     ALIGN,
@@ -68,9 +72,15 @@ def test_bf16_non_contiguous_empty_and_scalar_tensors_round_trip_bit_exact_throu
 
 def test_the_checksum_from_source_tensors_equals_the_checksum_of_the_packed_bucket() -> None:
     for p in plan_buckets(list(awkward_tensors().items()), bucket_bytes=256):
-        buf = torch.empty(p.nbytes, dtype=torch.uint8)
-        fused = pack_bucket(p, buf, with_checksum=True)
-        assert fused == checksum(buf.numpy()) == checksum_sources(p)
+        assert checksum(pack(p).numpy()) == checksum_sources(p)
+
+
+@pytest.mark.parametrize("sizes", [[0], [5], [3, 4 << 20, 7], [9 << 20], [1 << 20] * 20])
+async def test_the_parallel_checksum_of_pieces_equals_zlib_crc32_of_the_whole(sizes: list[int]) -> None:
+    g = torch.Generator().manual_seed(len(sizes))
+    bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes() for n in sizes]
+    with ThreadPoolExecutor(2) as pool:
+        assert await crc32_parallel(bufs, pool) == zlib.crc32(b"".join(bufs))
 
 
 def test_a_tensor_larger_than_a_bucket_gets_a_bucket_of_its_own_and_others_stay_under_the_size() -> None:

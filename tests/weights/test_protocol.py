@@ -13,7 +13,7 @@ import torch
 
 from rollwire.clients.trainer import PushError, TrainerPublisher
 from rollwire.runtime import ActorSystem
-from rollwire.transports.weights import pack_bucket, plan_buckets
+from rollwire.transports.weights import checksum_sources, pack_bucket, plan_buckets
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.test_layout import awkward_tensors
@@ -82,7 +82,8 @@ async def test_an_shm_arena_that_does_not_match_its_checksum_is_rejected(rig: Ri
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
         tr.arena.reserve(plans[0].nbytes)
-        sum_ok = pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes], with_checksum=True)
+        pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
+        sum_ok = checksum_sources(plans[0])
         out = await outcome_of(await tr.announce(1, plans, transport="shm", checksums=[sum_ok ^ 1],
                                                  shm_name=tr.arena.name, shm_offsets=[0]))
         assert (out.ok, out.error_code) == (False, "bad_checksum")

@@ -52,8 +52,16 @@ from rollwire.runtime.logging import get_logger
 from rollwire.transports import shm, sockets
 from rollwire.transports.broadcast import BroadcastGroup
 from rollwire.transports.broadcast import available as broadcast_available
+from rollwire.transports.checksum import crc32_parallel
 from rollwire.transports.pubsub import Publisher
-from rollwire.transports.weights import NamedTensors, as_named_list, checksum_sources, pack_bucket, plan_buckets
+from rollwire.transports.weights import (
+    NamedTensors,
+    as_named_list,
+    bucket_buffers,
+    byte_view,
+    pack_bucket,
+    plan_buckets,
+)
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 
@@ -236,25 +244,24 @@ class TrainerPublisher:
         return wanted
 
     async def _prepare(self, push: Push, step: int, receivers: Sequence[_Receiver]) -> WeightsReady:
-        """Checksums (and, for shm, the packing) done off the event loop, two buckets at a time."""
+        """Checksums (and, for shm, the packing) on worker threads, off the event loop."""
         loop = asyncio.get_running_loop()
         extra: dict[str, Any] = {}
         if push.transport == "shm":
             offsets = shm_offsets(push.plans)
             self._arena.reserve(offsets[-1] + push.plans[-1].nbytes if push.plans else 1)
             arena = self._arena.tensor
-            push.arena = arena
-            push.offsets = offsets
-
-            def pack(i: int) -> int:
-                p = push.plans[i]
-                return pack_bucket(p, arena[offsets[i]:offsets[i] + p.nbytes], with_checksum=True)
-
-            sums = await asyncio.gather(*(loop.run_in_executor(self._workers, pack, i) for i in range(len(push.plans))))
+            push.arena, push.offsets = arena, offsets
+            views = [arena[off:off + p.nbytes] for p, off in zip(push.plans, offsets, strict=True)]
+            # one strided copy per tensor (torch spreads it over its threads), then the crc of the
+            # packed bytes in parallel pieces: measured faster here than a fused copy+crc per chunk
+            await asyncio.gather(*(loop.run_in_executor(self._workers, pack_bucket, p, v)
+                                   for p, v in zip(push.plans, views, strict=True)))
+            sums = await asyncio.gather(*(crc32_parallel([byte_view(v)], self._workers) for v in views))
             extra = {"shm_name": self._arena.name, "shm_offsets": offsets}
-        else:
-            sums = await asyncio.gather(*(loop.run_in_executor(self._workers, checksum_sources, p)
-                                          for p in push.plans))
+        else:  # inline and broadcast send the tensors as they are: checksum them in place
+            bufs = await asyncio.gather(*(loop.run_in_executor(self._workers, bucket_buffers, p) for p in push.plans))
+            sums = await asyncio.gather(*(crc32_parallel(b, self._workers) for b in bufs))
         if push.transport in ("gloo", "nccl"):
             ranks = [r.receiver_id for r in receivers]
             if self._group is None or self._group_ranks != ranks:

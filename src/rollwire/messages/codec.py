@@ -57,7 +57,7 @@ class Codec(Generic[T]):
             raise ProtocolError(ErrorCode.BAD_FRAME, f"expected >= 2 frames (header, body), got {len(frames)}")
         try:
             header = _header_decoder.decode(frames[0])
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter on bad UTF-8
             raise ProtocolError(ErrorCode.BAD_FRAME, f"header does not decode: {e}") from None
         rid = header.rid
         if header.protocol != PROTOCOL_VERSION:
@@ -73,7 +73,7 @@ class Codec(Generic[T]):
             msg = self._decoder.decode(body)
         except msgspec.ValidationError as e:
             raise ProtocolError(self._classify(body), str(e), rid) from None
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"body does not decode: {e}", rid) from None
         return rid, msg, frames[2:]
 
@@ -81,7 +81,7 @@ class Codec(Generic[T]):
         """Tell an unknown message kind from a wrong field (only on the error path)."""
         try:
             raw = _any_decoder.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return ErrorCode.BAD_FRAME
         tag = raw[0] if isinstance(raw, list) and raw else raw.get("type") if isinstance(raw, dict) else None
-        return ErrorCode.BAD_FIELD if tag in self._tags else ErrorCode.UNKNOWN_KIND
+        return ErrorCode.BAD_FIELD if isinstance(tag, str) and tag in self._tags else ErrorCode.UNKNOWN_KIND

@@ -26,8 +26,9 @@ from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import BucketData, BucketMeta, NamedTensor, PullBucket, WeightsReady
 from rollwire.transports.broadcast import BroadcastGroup
+from rollwire.transports.checksum import crc32_parallel
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
-from rollwire.transports.weights import ALIGN, byte_view, tensor_slices, verify_bucket
+from rollwire.transports.weights import ALIGN, byte_view, checksum_problem, size_problem, tensor_slices
 
 
 class StagingError(Exception):
@@ -40,14 +41,19 @@ class StagingError(Exception):
 Staged = tuple[list[NamedTensor], list[Buffer]]
 
 
-async def _verify(metas: Sequence[BucketMeta], bufs: Sequence[Buffer], pool: Executor) -> None:
-    loop = asyncio.get_running_loop()
-    problems = await asyncio.gather(*(loop.run_in_executor(pool, verify_bucket, m, b)
-                                      for m, b in zip(metas, bufs, strict=True)))
+async def _check(meta: BucketMeta, buf: Buffer, pool: Executor) -> str | None:
+    return size_problem(meta, buf) or checksum_problem(meta, await crc32_parallel([buf], pool))
+
+
+def _raise_problems(problems: Sequence[str | None]) -> None:
     bad = [p for p in problems if p]
     if bad:
         code = ErrorCode.BAD_CHECKSUM if "crc32" in bad[0] else ErrorCode.BAD_FRAME
         raise StagingError(code, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+
+
+async def _verify(metas: Sequence[BucketMeta], bufs: Sequence[Buffer], pool: Executor) -> None:
+    _raise_problems(await asyncio.gather(*(_check(m, b, pool) for m, b in zip(metas, bufs, strict=True))))
 
 
 def _as_frames(metas: Sequence[BucketMeta], bufs: Sequence[Buffer]) -> Staged:
@@ -75,7 +81,6 @@ async def pull_inline(trainer: RpcClient[Any], ready: WeightsReady, *, window: i
     checks: list[asyncio.Future[Any]] = []
     asked: set[int] = set()
     next_index = 0
-    loop = asyncio.get_running_loop()
     try:
         while next_index < n and len(asked) < window:
             await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
@@ -111,11 +116,9 @@ async def pull_inline(trainer: RpcClient[Any], ready: WeightsReady, *, window: i
                 await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
                 asked.add(next_index)
                 next_index += 1
-            meta = ready.buckets[msg.index]
-            checks.append(loop.run_in_executor(pool, verify_bucket, meta, got[msg.index]))
-        bad = [p for p in await asyncio.gather(*checks) if p]
-        if bad:
-            raise StagingError(ErrorCode.BAD_CHECKSUM if "crc32" in bad[0] else ErrorCode.BAD_FRAME, "; ".join(bad[:3]))
+            # verified on worker threads while the next buckets arrive
+            checks.append(asyncio.ensure_future(_check(ready.buckets[msg.index], got[msg.index], pool)))
+        _raise_problems(await asyncio.gather(*checks))
     finally:
         trainer.close_stream(rid)
         for c in checks:

@@ -3,8 +3,7 @@
 A bucket is a run of named tensors packed back to back, each at an offset aligned to ``ALIGN``
 bytes (the gaps are zeros), so any tensor can be viewed in place whatever its dtype. A tensor
 larger than the bucket size gets a bucket of its own. The checksum of a bucket is the crc32
-(zlib's polynomial) of all its bytes, gaps included; ISA-L computes the same value about 3x
-faster than zlib when the ``isal`` package is installed, so it is used when present.
+(zlib's) of all its bytes, gaps included (``transports/checksum.py`` computes it fast).
 
 Shared by the trainer (plan, checksum from the source tensors), the WeightReceiverActor
 (verify what arrived) and the GenerationActor (``tensors_from_apply``: tensor views for the load).
@@ -22,12 +21,8 @@ import torch
 
 from rollwire.messages.codec import Buffer
 from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
+from rollwire.transports.checksum import crc32, crc32_of
 from rollwire.transports.tensors import decode_tensor, dtype_from_name, dtype_name
-
-try:  # ISA-L's crc32: the same checksum as zlib.crc32, with carry-less multiply (~8 GiB/s here)
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - zlib is ~2-3 GiB/s, which caps shm pushes
-    from zlib import crc32
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
 _ZEROS = bytes(ALIGN)
@@ -97,46 +92,38 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return byte_view(t.reshape(-1).view(torch.uint8))
 
 
+def bucket_buffers(plan: BucketPlan) -> list[memoryview]:
+    """The bytes of the bucket as it will be packed, in order, without packing it: the zero gaps
+    and each tensor's own bytes (a temporary copy only for a non-contiguous tensor)."""
+    out, pos = [], 0
+    for meta, t in zip(plan.tensors, plan.sources, strict=True):
+        if meta.offset > pos:
+            out.append(memoryview(_ZEROS[: meta.offset - pos]))
+        out.append(tensor_bytes(t))
+        pos = meta.offset + nbytes_of(t)
+    return out
+
+
 def checksum_sources(plan: BucketPlan) -> int:
     """crc32 of the bucket as it will be packed, computed from the source tensors (no packing)."""
-    crc, pos = 0, 0
-    for meta, t in zip(plan.tensors, plan.sources, strict=True):
-        crc = crc32(_ZEROS[: meta.offset - pos], crc)
-        crc = crc32(tensor_bytes(t), crc)
-        pos = meta.offset + nbytes_of(t)
-    return crc
+    return crc32_of(bucket_buffers(plan))
 
 
 def checksum(buf: Buffer) -> int:
     return crc32(buf)
 
 
-# Fused pack + checksum works in chunks that stay in L2, so the crc re-reads cache, not DRAM.
-_CHUNK = 256 << 10
-
-
-def pack_bucket(plan: BucketPlan, dst: torch.Tensor, *, with_checksum: bool = False) -> int:
-    """Copy the bucket's tensors into ``dst`` (a uint8 tensor of ``plan.nbytes``), gaps zeroed;
-    returns the crc32 of ``dst`` when asked (computed chunk by chunk right behind the copy)."""
-    crc, pos = 0, 0
-    mv = byte_view(dst) if with_checksum else None
+def pack_bucket(plan: BucketPlan, dst: torch.Tensor) -> None:
+    """Copy the bucket's tensors into ``dst`` (a uint8 tensor of ``plan.nbytes``), gaps zeroed.
+    One strided copy per tensor: a non-contiguous source is packed without a temporary."""
+    pos = 0
     for meta, t in zip(plan.tensors, plan.sources, strict=True):
         if meta.offset > pos:
             dst[pos:meta.offset].zero_()
-            if with_checksum:
-                crc = crc32(mv[pos:meta.offset], crc)  # type: ignore[index]
         n = nbytes_of(t)
-        flat = dst[meta.offset:meta.offset + n]
-        if n and not with_checksum:
-            flat.view(t.dtype).view(t.shape).copy_(t)
-        elif n:
-            src = t.contiguous().reshape(-1).view(torch.uint8)
-            for lo in range(0, n, _CHUNK):
-                hi = min(n, lo + _CHUNK)
-                flat[lo:hi].copy_(src[lo:hi])
-                crc = crc32(mv[meta.offset + lo:meta.offset + hi], crc)  # type: ignore[index]
+        if n:
+            dst[meta.offset:meta.offset + n].view(t.dtype).view(t.shape).copy_(t)
         pos = meta.offset + n
-    return crc
 
 
 # -- receiver side ------------------------------------------------------------------------------
@@ -181,14 +168,21 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def verify_bucket(meta: BucketMeta, buf: Buffer) -> str | None:
-    """None if ``buf`` is exactly the announced bucket; else why not (size or checksum)."""
+def size_problem(meta: BucketMeta, buf: Buffer) -> str | None:
     if len(buf) != meta.nbytes:
         return f"bucket {meta.index}: {len(buf)} bytes, announced {meta.nbytes}"
-    got = crc32(buf)
+    return None
+
+
+def checksum_problem(meta: BucketMeta, got: int) -> str | None:
     if got != meta.checksum:
         return f"bucket {meta.index}: crc32 {got:#010x}, announced {meta.checksum:#010x}"
     return None
+
+
+def verify_bucket(meta: BucketMeta, buf: Buffer) -> str | None:
+    """None if ``buf`` is exactly the announced bucket; else why not (size or checksum)."""
+    return size_problem(meta, buf) or checksum_problem(meta, crc32(buf))
 
 
 def tensor_slices(meta: BucketMeta, buf: Buffer) -> list[memoryview]:

@@ -239,6 +239,7 @@ class TokenizerManager:
         except AssertionError as e:  # the real scheduler process dies here
             self.crash = e
             self.log.append(f"CRASH {e}")
+            print(f"FAKE SCHEDULER CRASH: {e} waiting={[r.rid for r in self._waiting]} running={[r.rid for r in self._running]}", flush=True)
             if fut is not None and not fut.done():
                 fut.set_exception(e)
 

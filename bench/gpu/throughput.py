@@ -1,0 +1,231 @@
+"""Issue 5's throughput benchmark on a GPU: N requests x T new tokens on a random-weight model of
+Qwen2-0.5B's shape, through rollwire vs sglang.Engine called directly.
+
+  direct   sglang.Engine.async_generate in this process (asyncio.gather of all N); also times
+           update_weights_from_tensor of the whole model (CPU and CUDA tensors)
+  server   `rollwire serve --engine sglang` in a child process, RolloutClient here over tcp
+           (the client in another process than the engine, as the issue asks)
+  adapter  rollwire's SGLangEngine in this process (no sockets): where the server's overhead goes;
+           also times SGLangEngine.update_weights (512 MiB buckets) with CPU and CUDA tensors
+
+Greedy (temperature 0), ignore_eos, every request of a run sent at once. Each mode warms up once
+and then runs --repeats times; the median is reported. Each mode starts its own engine.
+
+    python bench/gpu/throughput.py --mode direct|server|adapter|combine --model DIR [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+from common import DIRECT_ENGINE_KWARGS, KIT_ENGINE_ARGS, QWEN05B, device_info, prompts, write_qwen2  # noqa: E402
+
+BENCH_ARGS = {**KIT_ENGINE_ARGS, "cuda_graph_max_bs_decode": "256"}
+BENCH_DIRECT = {**DIRECT_ENGINE_KWARGS, "cuda_graph_max_bs_decode": 256}
+
+
+def _prompts(n: int) -> list[list[int]]:
+    return prompts(n, QWEN05B["vocab_size"], seed=5, lo=32, hi=33)
+
+
+def _median_run(times: list[float], tokens: int) -> dict[str, Any]:
+    med = statistics.median(times)
+    return {"runs_s": [round(t, 4) for t in times], "median_s": round(med, 4), "tokens": tokens,
+            "tokens_per_s": round(tokens / med, 1)}
+
+
+async def bench_direct(a: argparse.Namespace) -> dict[str, Any]:
+    import sglang
+    import torch
+    from safetensors.torch import load_file
+
+    t = time.time()
+    eng = sglang.Engine(model_path=a.model, **BENCH_DIRECT)
+    start_s = time.time() - t
+    ps = _prompts(a.n)
+    sp = {"max_new_tokens": a.tokens, "temperature": 0.0, "ignore_eos": True}
+
+    async def once() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(eng.async_generate(input_ids=p, sampling_params=sp) for p in ps))
+        return time.perf_counter() - t0, sum(len(o["output_ids"]) for o in outs)
+
+    await once()
+    runs = [await once() for _ in range(a.repeats)]
+    res: dict[str, Any] = {"engine_start_s": round(start_s, 1), **_median_run([r[0] for r in runs], runs[0][1])}
+    sd = load_file(f"{a.model}/model.safetensors")
+    cpu = list(sd.items())
+    cuda = [(k, v.cuda()) for k, v in cpu]
+    res["weights_bytes"] = sum(v.numel() * v.element_size() for _, v in cpu)
+    for name, tensors in (("cuda", cuda), ("cpu", cpu)):
+        ts = []
+        for _ in range(a.repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            await eng.tokenizer_manager.update_weights_from_tensor(_direct_update(eng, tensors), None)
+            ts.append(time.perf_counter() - t0)
+        res[f"update_weights_{name}"] = {"runs_s": [round(x, 4) for x in ts], "median_s": round(statistics.median(ts), 4)}
+    eng.shutdown()
+    return res
+
+
+def _direct_update(eng: Any, tensors: list) -> Any:
+    """What Engine.update_weights_from_tensor builds (it cannot be called inside a running loop)."""
+    from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    return UpdateWeightsFromTensorReqInput(serialized_named_tensors=[MultiprocessingSerializer.serialize(tensors)],
+                                           flush_cache=True)
+
+
+async def bench_adapter(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    from rollwire.engines.base import EngineRequest
+    from rollwire.engines.sglang import SGLangEngine
+    from rollwire.messages.generate import SamplingParams
+
+    eng = SGLangEngine(a.model, engine_args=BENCH_ARGS)
+    t = time.time()
+    await eng.start()
+    start_s = time.time() - t
+    ps = _prompts(a.n)
+    sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
+    counter = iter(range(1 << 30))
+
+    async def one(p: list[int]) -> int:
+        n = 0
+        async for d in eng.generate(EngineRequest(f"r{next(counter)}", p, sp)):
+            n += len(d.token_ids)
+        return n
+
+    async def once() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one(p) for p in ps))
+        return time.perf_counter() - t0, sum(got)
+
+    await once()
+    runs = [await once() for _ in range(a.repeats)]
+    res: dict[str, Any] = {"engine_start_s": round(start_s, 1), **_median_run([r[0] for r in runs], runs[0][1])}
+    sd = load_file(f"{a.model}/model.safetensors")
+    cpu = list(sd.items())
+    cuda = [(k, v.cuda()) for k, v in cpu]
+    version = 0
+    for name, tensors in (("cuda", cuda), ("cpu", cpu)):
+        ts = []
+        for _ in range(a.repeats):
+            await eng.pause("retract")
+            torch.cuda.synchronize()
+            version += 1
+            t0 = time.perf_counter()
+            await eng.update_weights(tensors, version=version)
+            ts.append(time.perf_counter() - t0)
+            await eng.resume()
+        res[f"update_weights_{name}"] = {"runs_s": [round(x, 4) for x in ts], "median_s": round(statistics.median(ts), 4)}
+    await eng.shutdown()
+    return res
+
+
+async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
+    from rollwire import RolloutClient, SamplingParams
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ep = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
+           "--model", a.model, "--rollout-endpoint", ep, "--max-new-tokens-limit", "4096"]
+    for k, v in BENCH_ARGS.items():
+        cmd += ["--engine-arg", f"{k}={v}"]
+    log = open(Path(a.out).with_suffix(".server.log"), "w")
+    t = time.time()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        async with RolloutClient(ep, timeout=600) as rc:
+            while True:
+                try:
+                    status = await rc.status(timeout=2.0)
+                    break
+                except Exception:  # noqa: BLE001 - not up yet
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
+                    await asyncio.sleep(1.0)
+            start_s = time.time() - t
+            ps = _prompts(a.n)
+            sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
+
+            async def once() -> tuple[float, int]:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(rc.generate(p, sp) for p in ps))
+                return time.perf_counter() - t0, sum(len(o.output_ids) for o in outs)  # type: ignore[union-attr]
+
+            await once()
+            runs = [await once() for _ in range(a.repeats)]
+        return {"engine_start_s": round(start_s, 1), "engine": status.engine, **_median_run([r[0] for r in runs], runs[0][1])}
+    finally:
+        proc.terminate()  # SIGTERM: the adapter turns SGLang's handler into SIGINT, serve stops cleanly
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def combine(a: argparse.Namespace) -> dict[str, Any]:
+    d = Path(a.out).parent
+    parts = {m: json.loads((d / f"throughput_{m}.json").read_text()) for m in ("direct", "server", "adapter")
+             if (d / f"throughput_{m}.json").exists()}
+    out: dict[str, Any] = {"benchmark": "throughput", "n_requests": a.n, "new_tokens": a.tokens, "model": "Qwen2-0.5B shape, random bf16",
+                           "device": device_info(), "modes": parts}
+    if "direct" in parts and "server" in parts:
+        out["server_over_direct_tokens_per_s"] = round(parts["server"]["tokens_per_s"] / parts["direct"]["tokens_per_s"], 4)
+    if "direct" in parts and "adapter" in parts:
+        out["adapter_over_direct_tokens_per_s"] = round(parts["adapter"]["tokens_per_s"] / parts["direct"]["tokens_per_s"], 4)
+        for k in ("cuda", "cpu"):
+            dk, ak = parts["direct"].get(f"update_weights_{k}"), parts["adapter"].get(f"update_weights_{k}")
+            if dk and ak:
+                out[f"adapter_update_over_direct_{k}"] = round(ak["median_s"] / dk["median_s"], 3)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", required=True, choices=["direct", "server", "adapter", "combine", "write-model"])
+    p.add_argument("--model", default="/tmp/qwen05b-random")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    a.out = a.out or str(Path(os.environ.get("OUT", "/tmp")) / f"throughput_{a.mode}.json")
+    if a.mode == "write-model":
+        t = time.time()
+        write_qwen2(a.model, QWEN05B, seed=0)
+        print(f"wrote {a.model} in {time.time() - t:.1f}s")
+        return 0
+    if a.mode == "combine":
+        res = combine(a)
+    else:
+        import uvloop
+
+        fn = {"direct": bench_direct, "server": bench_server, "adapter": bench_adapter}[a.mode]
+        res = {"mode": a.mode, "n": a.n, "tokens": a.tokens, **uvloop.run(fn(a))}
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""RPC echo across processes: rollwire's actor runtime and RpcClient vs raw pyzmq DEALER/ROUTER.
+
+Every run is a fresh server process and a fresh client process on the same transport (tcp
+127.0.0.1 by default; ipc with ``--transport ipc`` or ``both``). asyncio processes run on uvloop.
+Every server answers a HealthRequest with the same HealthReply bytes, so any client can talk to
+any server and the rows differ only in the code on each side:
+
+  raw_sync   blocking pyzmq ROUTER loop  <-  blocking pyzmq DEALER
+  raw_async  zmq.asyncio ROUTER loop     <-  zmq.asyncio DEALER (the floor the targets refer to)
+  rollwire   ActorSystem + Actor with a sync @handles(HealthRequest) handler that replies with
+             self.spawn(self.reply(...))  <-  RpcClient.call(HealthRequest())
+  diagnostic rows: the same actor with an async handler (as GenerationActor.on_health is written),
+  with a sync handler that sends without a task (a prototype of the proposed Actor.reply_nowait),
+  and each rollwire side against the raw asyncio other side (where the cost sits).
+
+Per run: warm-up, then ``--calls`` sequential round trips (p50/p99 latency), then ``--messages``
+echoes with ``--window`` in flight (msgs/s; the rollwire client runs ``--window`` concurrent
+callers, the raw clients keep a window of sends ahead of their receives). Each config runs
+``--repeats`` times, configs interleaved round-robin so machine noise falls on all of them alike;
+the table shows medians and the ratios against raw_async measured in the same invocation.
+
+    python bench/rpc_echo.py [--quick] [--repeats 5] [--transport tcp|ipc|both] [--configs ...]
+                             [--out bench/out/rpc_echo.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from rollwire.messages import PROTOCOL_VERSION, Codec, HealthReply, HealthRequest, RolloutReply, RolloutRequest
+
+HEALTH_REPLY = HealthReply(weight_version=0, governor_state="SERVING", protocol=PROTOCOL_VERSION)
+REPLY_BODY = msgspec.msgpack.encode(HEALTH_REPLY)
+REQUEST_FRAMES = Codec(RolloutRequest).encode(1, HealthRequest())  # what the raw clients send, verbatim
+
+# name -> (server kind, client kind, what it shows)
+CONFIGS: dict[str, tuple[str, str, str]] = {
+    "raw_sync": ("raw_sync", "raw_sync", "blocking pyzmq both sides"),
+    "raw_async": ("raw_async", "raw_async", "zmq.asyncio + uvloop both sides (the floor)"),
+    "rollwire": ("rw_spawn", "rollwire", "Actor sync handler + spawn(reply) <- RpcClient.call"),
+    "rw_async_handler": ("rw_async", "rollwire", "Actor async handler (as GenerationActor) <- RpcClient"),
+    "rw_reply_nowait": ("rw_direct", "rollwire", "Actor sync handler sending without a task <- RpcClient"),
+    "rw_server_only": ("rw_spawn", "raw_async", "rollwire server <- raw asyncio client"),
+    "rw_client_only": ("raw_async", "rollwire", "raw asyncio server <- RpcClient.call"),
+}
+HEADLINE = "rollwire"
+FLOOR = "raw_async"
+TARGET_P50_RATIO = 1.3  # rollwire p50 <= 1.3 x raw asyncio
+TARGET_RATE_RATIO = 0.5  # rollwire pipelined >= 50% of raw asyncio
+
+
+def _free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _endpoint(transport: str) -> str:
+    if transport == "tcp":
+        return _free_tcp_endpoint()
+    return f"ipc://{tempfile.gettempdir()}/rw-bench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+
+
+def _ready() -> None:
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+
+
+def _run_on_uvloop(coro: Any) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# -- servers ----------------------------------------------------------------------------------
+def serve_raw_sync(endpoint: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    _ready()
+    while True:
+        frames = sock.recv_multipart()
+        sock.send_multipart([frames[0], frames[1], REPLY_BODY])
+
+
+async def serve_raw_async(endpoint: str) -> None:
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    _ready()
+    while True:
+        frames = await sock.recv_multipart()
+        await sock.send_multipart([frames[0], frames[1], REPLY_BODY])
+
+
+async def serve_rollwire(endpoint: str, kind: str) -> None:
+    from rollwire.runtime import Actor, ActorSystem, Origin, Port, handles
+    from rollwire.runtime.logging import configure_logging
+
+    configure_logging(level="warning")
+
+    class SpawnReply(Actor):
+        """The public API today: a sync handler cannot send, so it spawns the reply."""
+
+        ports = {"rollout": Port(RolloutRequest)}
+
+        @handles(HealthRequest)
+        def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+            self.spawn(self.reply(origin, HEALTH_REPLY))
+
+    class AsyncHandler(Actor):
+        """As GenerationActor.on_health is written: the handler is a coroutine, so a task per message."""
+
+        ports = {"rollout": Port(RolloutRequest)}
+
+        @handles(HealthRequest)
+        async def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+            await self.reply(origin, HEALTH_REPLY)
+
+    class ReplyNowait(Actor):
+        """Prototype of the proposed ``Actor.reply_nowait``: send inline; a task only if the send must wait."""
+
+        ports = {"rollout": Port(RolloutRequest)}
+
+        @handles(HealthRequest)
+        def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+            frames = self._reply_codec.encode(origin.rid, HEALTH_REPLY)
+            fut = self._socks[origin.port].send_multipart([origin.peer, *frames])
+            if not fut.done():  # at the HWM: fall back to the bounded wait of Actor.reply
+                fut.cancel()
+                self.spawn(self.reply(origin, HEALTH_REPLY))
+            elif fut.exception() is not None:
+                self.counters.inc("replies_undeliverable")
+
+    actor_cls = {"rw_spawn": SpawnReply, "rw_async": AsyncHandler, "rw_direct": ReplyNowait}[kind]
+    system = ActorSystem()
+    await system.spawn(lambda: actor_cls("echo"), extra_binds={"rollout": [endpoint]})
+    _ready()
+    await asyncio.Event().wait()
+
+
+# -- clients ----------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds (all threads, user + system) of the server process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+class Phases:
+    """Wall time and the CPU time both processes spent in each phase: on a busy machine CPU per
+    message moves far less than latency does, so it is the steadier measure of code cost."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.out: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._t = (time.perf_counter(), time.process_time(), _server_cpu_s(self.server_pid))
+
+    def stop(self, name: str, n: int) -> float:
+        wall, cpu, srv = time.perf_counter(), time.process_time(), _server_cpu_s(self.server_pid)
+        self.out[f"{name}_client_cpu_us"] = (cpu - self._t[1]) / n * 1e6
+        self.out[f"{name}_server_cpu_us"] = (srv - self._t[2]) / n * 1e6
+        return wall - self._t[0]
+
+
+def _summary(lat_ns: list[int], n_msgs: int, seconds: float, phases: Phases) -> dict[str, float]:
+    lat = sorted(lat_ns)
+    return {"p50_us": lat[len(lat) // 2] / 1e3, "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3,
+            "mean_us": statistics.fmean(lat) / 1e3, "msgs_per_s": n_msgs / seconds, **phases.out}
+
+
+def client_raw_sync(endpoint: str, a: argparse.Namespace) -> dict[str, float]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    for _ in range(a.warmup):
+        sock.send_multipart(REQUEST_FRAMES)
+        sock.recv_multipart()
+    ph = Phases(a.server_pid)
+    lat = []
+    clock = time.perf_counter_ns
+    ph.start()
+    for _ in range(a.calls):
+        t0 = clock()
+        sock.send_multipart(REQUEST_FRAMES)
+        sock.recv_multipart()
+        lat.append(clock() - t0)
+    ph.stop("seq", a.calls)
+    ph.start()
+    sent = received = 0
+    while sent < min(a.window, a.messages):
+        sock.send_multipart(REQUEST_FRAMES)
+        sent += 1
+    while received < a.messages:
+        sock.recv_multipart()
+        received += 1
+        if sent < a.messages:
+            sock.send_multipart(REQUEST_FRAMES)
+            sent += 1
+    return _summary(lat, a.messages, ph.stop("pipe", a.messages), ph)
+
+
+async def client_raw_async(endpoint: str, a: argparse.Namespace) -> dict[str, float]:
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    for _ in range(a.warmup):
+        await sock.send_multipart(REQUEST_FRAMES)
+        await sock.recv_multipart()
+    ph = Phases(a.server_pid)
+    lat = []
+    clock = time.perf_counter_ns
+    ph.start()
+    for _ in range(a.calls):
+        t0 = clock()
+        await sock.send_multipart(REQUEST_FRAMES)
+        await sock.recv_multipart()
+        lat.append(clock() - t0)
+    ph.stop("seq", a.calls)
+    ph.start()
+    sent = received = 0
+    while sent < min(a.window, a.messages):
+        await sock.send_multipart(REQUEST_FRAMES)
+        sent += 1
+    while received < a.messages:
+        await sock.recv_multipart()
+        received += 1
+        if sent < a.messages:
+            await sock.send_multipart(REQUEST_FRAMES)
+            sent += 1
+    return _summary(lat, a.messages, ph.stop("pipe", a.messages), ph)
+
+
+async def client_rollwire(endpoint: str, a: argparse.Namespace) -> dict[str, float]:
+    from rollwire.transports.rpc import RpcClient
+
+    rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply)
+    req = HealthRequest()
+    try:
+        for _ in range(a.warmup):
+            reply = await rpc.call(req)
+        assert reply.msg == HEALTH_REPLY, reply.msg
+        ph = Phases(a.server_pid)
+        lat = []
+        clock = time.perf_counter_ns
+        ph.start()
+        for _ in range(a.calls):
+            t0 = clock()
+            await rpc.call(req)
+            lat.append(clock() - t0)
+        ph.stop("seq", a.calls)
+        left = a.messages
+
+        async def caller() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await rpc.call(req)
+
+        ph.start()
+        await asyncio.gather(*(caller() for _ in range(min(a.window, a.messages))))
+        seconds = ph.stop("pipe", a.messages)
+        assert rpc.dropped_replies == 0 and rpc.bad_replies == 0
+        return _summary(lat, a.messages, seconds, ph)
+    finally:
+        await rpc.close()
+
+
+def run_server(kind: str, endpoint: str) -> None:
+    if kind == "raw_sync":
+        serve_raw_sync(endpoint)
+    elif kind == "raw_async":
+        _run_on_uvloop(serve_raw_async(endpoint))
+    else:
+        _run_on_uvloop(serve_rollwire(endpoint, kind))
+
+
+def run_client(kind: str, endpoint: str, a: argparse.Namespace) -> dict[str, float]:
+    if kind == "raw_sync":
+        return client_raw_sync(endpoint, a)
+    if kind == "raw_async":
+        return _run_on_uvloop(client_raw_async(endpoint, a))  # type: ignore[no-any-return]
+    return _run_on_uvloop(client_rollwire(endpoint, a))  # type: ignore[no-any-return]
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def _one_run(config: str, transport: str, a: argparse.Namespace) -> dict[str, float]:
+    server_kind, client_kind, _ = CONFIGS[config]
+    endpoint = _endpoint(transport)
+    me = [sys.executable, os.path.abspath(__file__)]
+    server = subprocess.Popen([*me, "--role", "server", "--kind", server_kind, "--endpoint", endpoint],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if line.strip() != "READY":
+            raise RuntimeError(f"{config}: server {server_kind} did not start (said {line!r})")
+        client = subprocess.run(
+            [*me, "--role", "client", "--kind", client_kind, "--endpoint", endpoint, "--server-pid", str(server.pid),
+             "--calls", str(a.calls),
+             "--messages", str(a.messages), "--window", str(a.window), "--warmup", str(a.warmup)],
+            stdout=subprocess.PIPE, text=True, timeout=300, check=True)
+        return json.loads(client.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        if endpoint.startswith("ipc://"):
+            Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for transport in (["tcp", "ipc"] if a.transport == "both" else [a.transport]):
+        runs: dict[str, list[dict[str, float]]] = {c: [] for c in a.configs}
+        for rep in range(a.repeats):
+            for config in a.configs:
+                r = _one_run(config, transport, a)
+                runs[config].append(r)
+                print(f"  {transport} rep {rep + 1}/{a.repeats} {config:<17} p50 {r['p50_us']:7.1f} us  "
+                      f"p99 {r['p99_us']:7.1f} us  {r['msgs_per_s']:9.0f} msg/s", file=sys.stderr, flush=True)
+        medians = {c: _median(rs) for c, rs in runs.items()}
+        floor = medians.get(FLOOR)
+        rows = {}
+        for c, m in medians.items():
+            row: dict[str, Any] = {"server": CONFIGS[c][0], "client": CONFIGS[c][1], "what": CONFIGS[c][2],
+                                   **m, "runs": runs[c]}
+            if floor is not None:
+                row["p50_vs_raw_async"] = m["p50_us"] / floor["p50_us"]
+                row["p99_vs_raw_async"] = m["p99_us"] / floor["p99_us"]
+                row["rate_vs_raw_async"] = m["msgs_per_s"] / floor["msgs_per_s"]
+            rows[c] = row
+        targets = {}
+        if floor is not None and HEADLINE in rows:
+            h = rows[HEADLINE]
+            targets = {"p50_ratio": h["p50_vs_raw_async"], "p50_target": TARGET_P50_RATIO,
+                       "p50_met": h["p50_vs_raw_async"] <= TARGET_P50_RATIO,
+                       "rate_ratio": h["rate_vs_raw_async"], "rate_target": TARGET_RATE_RATIO,
+                       "rate_met": h["rate_vs_raw_async"] >= TARGET_RATE_RATIO}
+        results[transport] = {"rows": rows, "targets": targets}
+    return results
+
+
+def _print(res: dict[str, Any], a: argparse.Namespace) -> None:
+    for transport, r in res.items():
+        print(f"\nRPC echo over {transport}: {a.calls} sequential calls, {a.messages} msgs with {a.window} in flight;"
+              f" medians of {a.repeats} runs (fresh server + client processes each)")
+        print(f"{'':<17} {'':<10} {'':<10} {'sequential':^26} {'pipelined':^19} "
+              f"{'CPU us/msg, client+server':^27}")
+        print(f"{'config':<17} {'server':<10} {'client':<10} {'p50 us':>8} {'p99 us':>8} {'p50/raw':>8} "
+              f"{'msg/s':>9} {'rate/raw':>9} {'seq':>13} {'pipelined':>13}")
+        for c, row in r["rows"].items():
+            seq = f"{row['seq_client_cpu_us']:.0f}+{row['seq_server_cpu_us']:.0f}"
+            pipe = f"{row['pipe_client_cpu_us']:.0f}+{row['pipe_server_cpu_us']:.0f}"
+            print(f"{c:<17} {row['server']:<10} {row['client']:<10} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f} "
+                  f"{row.get('p50_vs_raw_async', float('nan')):>8.2f} {row['msgs_per_s']:>9.0f} "
+                  f"{row.get('rate_vs_raw_async', float('nan')):>9.2f} {seq:>13} {pipe:>13}")
+        t = r["targets"]
+        if t:
+            print(f"targets ({HEADLINE} vs {FLOOR}): p50 {t['p50_ratio']:.2f}x (<= {t['p50_target']}: "
+                  f"{'met' if t['p50_met'] else 'MISSED'}), pipelined {t['rate_ratio']:.2f}x "
+                  f"(>= {t['rate_target']}: {'met' if t['rate_met'] else 'MISSED'})")
+        load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+        print(f"load average at the end: {load[0]:.1f} on {os.cpu_count()} CPUs "
+              "(latency is sensitive to it; CPU per message much less so)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run (tox -e bench)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--transport", choices=["tcp", "ipc", "both"], default="tcp")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--calls", type=int, default=5000, help="sequential round trips per run")
+    ap.add_argument("--messages", type=int, default=20_000, help="pipelined echoes per run")
+    ap.add_argument("--window", type=int, default=200, help="requests in flight when pipelined")
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--out", default="bench/out/rpc_echo.json")
+    ap.add_argument("--role", choices=["main", "server", "client"], default="main", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.role == "server":
+        run_server(a.kind, a.endpoint)
+        return
+    if a.role == "client":
+        print(json.dumps(run_client(a.kind, a.endpoint, a)))
+        return
+    if a.quick:
+        a.repeats, a.calls, a.messages, a.warmup = 1, 1000, 10_000, 200
+        a.configs = [c for c in a.configs if c in ("raw_sync", "raw_async", "rollwire")]
+    command = " ".join(["python", "bench/rpc_echo.py", *sys.argv[1:]])
+    print(f"$ {command}", file=sys.stderr)
+    t0 = time.perf_counter()
+    res = measure(a)
+    _print(res, a)
+    out = {"command": command, "seconds": time.perf_counter() - t0,
+           "params": {k: getattr(a, k) for k in ("repeats", "calls", "messages", "window", "warmup", "configs")},
+           "env": {"python": platform.python_version(), "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
+                   "msgspec": msgspec.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform()},
+           "results": res}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

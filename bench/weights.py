@@ -1,0 +1,328 @@
+"""Weight-push benchmarks, each against a floor measured in the same run.
+
+* shm: push_weights() -> applied in the real RolloutServer (hf engine, a bf16 Qwen2-shaped model
+  of the same tensors) vs two warm memcpys of the same bytes (tensors -> buffer -> parameters).
+* inline over tcp: push -> applied by a receiver whose apply is a no-op (the wire and the checks),
+  vs raw pyzmq streaming the same bytes in the same chunk sizes; also -> applied in the server.
+* gloo: push -> applied by the no-op receiver vs a bare torch.distributed broadcast of the same
+  tensors between two fresh processes; also -> applied in the server.
+
+Every figure is the median of ``--repeats`` runs after one warm-up (the warm-up's time is kept in
+the JSON as ``cold_s``). Prints a table, writes bench/out/weights.json.
+
+    python bench/weights.py            # 100 MB and 1 GB state dicts
+    python bench/weights.py --quick    # 100 MB, 3 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GiB = float(1 << 30)
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5632, 16, 512  # ~103 MB of bf16 per layer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_model(n_layers: int) -> Any:
+    """A bf16 Qwen2 of ``n_layers`` layers, parameters allocated and touched (warm), no init."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                      num_hidden_layers=n_layers, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                      max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    model.model.rotary_emb = Qwen2RotaryEmbedding(config=cfg)  # its buffer is computed, not a weight
+    for p in model.parameters():
+        p.data.zero_()
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def state_dict_for(n_layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                      num_hidden_layers=n_layers, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                      tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = [(n, tuple(p.shape)) for n, p in Qwen2ForCausalLM(cfg).named_parameters()]
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in shapes}
+
+
+# -- processes ---------------------------------------------------------------------------------
+def server_proc(n_layers: int, trainer_endpoint: str, rollout_endpoint: str, ready: Any, stop: Any) -> None:
+    from rollwire.engines.hf import HFEngine
+    from rollwire.server import RolloutServer, ServerConfig
+
+    model = build_model(n_layers)
+    cfg = ServerConfig(rollout_endpoint=rollout_endpoint, trainer_endpoint=trainer_endpoint,
+                       receiver_id="server", stall_timeout_s=120)
+
+    async def main() -> None:
+        async with RolloutServer(cfg, engine_factory=lambda: HFEngine(model, max_batch_size=4)):
+            ready.put("server")
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+
+    asyncio.run(main())
+
+
+def sink_proc(trainer_endpoint: str, ready: Any, stop: Any) -> None:
+    from rollwire.actors.weight_receiver import WeightReceiverActor
+    from rollwire.messages import ApplyVersion, GovernorRequest, StepMessage, VersionApplied
+    from rollwire.messages.weights import Ack
+    from rollwire.runtime import Actor, ActorSystem, Port, address, handles
+    from rollwire.transports.weights import tensors_from_apply
+
+    class NoopApply(Actor):
+        """Builds the tensor views (as the engine would) and loads nothing."""
+
+        ports = {"weights": Port(GovernorRequest, zero_copy=True)}
+
+        @handles(ApplyVersion)
+        async def on_apply(self, origin: Any, msg: ApplyVersion, payload: Sequence[Any]) -> None:
+            tensors_from_apply(msg, payload)
+            await self.reply(origin, VersionApplied(version=msg.version, load_s=0.0, pause_s=0.0))
+
+        @handles(StepMessage)
+        async def on_step(self, origin: Any, msg: StepMessage, payload: Sequence[Any]) -> None:
+            await self.reply(origin, Ack())
+
+    async def main() -> None:
+        system = ActorSystem()
+        await system.spawn(lambda: NoopApply("noop"))
+        await system.spawn(lambda: WeightReceiverActor(trainer_endpoint, receiver_id="sink", stall_timeout_s=120,
+                                                       apply_endpoint=address("noop", "weights")))
+        ready.put("sink")
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await system.stop()
+
+    asyncio.run(main())
+
+
+def raw_zmq_proc(endpoint: str, ready: Any) -> None:
+    """Receives rounds of chunks (zero-copy), answers b"done" after the last one of each round."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    ready.put("raw")
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if frames[1].bytes == b"end":
+            sock.send_multipart([frames[0].bytes, b"done"])
+        elif frames[1].bytes == b"quit":
+            return
+
+
+def bare_broadcast_proc(rank: int, port: int, n_layers: int, repeats: int, out: Any) -> None:
+    """torch.distributed as a user would write it: init_process_group + broadcast per tensor."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(2)
+    sd = state_dict_for(n_layers)
+    if rank:
+        sd = {k: torch.empty_like(v) for k, v in sd.items()}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for t in sd.values():
+            dist.broadcast(t, src=0)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+# -- floors in this process ---------------------------------------------------------------------
+def memcpy_floor(sd: dict[str, torch.Tensor], repeats: int) -> list[float]:
+    """Two warm memcpys: tensors -> one flat buffer -> parameter-like tensors."""
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    flat = torch.zeros(total, dtype=torch.uint8)
+    params = {k: torch.zeros_like(v) for k, v in sd.items()}
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        off = 0
+        for t in sd.values():
+            n = t.numel() * t.element_size()
+            flat[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+            off += n
+        off = 0
+        for k, t in sd.items():
+            n = t.numel() * t.element_size()
+            params[k].copy_(flat[off:off + n].view(t.dtype).view(t.shape))
+            off += n
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def raw_zmq_floor(endpoint: str, bufs: list[memoryview], repeats: int) -> list[float]:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for b in bufs:
+            sock.send_multipart([b"chunk", b], copy=False)
+        sock.send_multipart([b"end"])
+        assert sock.recv() == b"done"
+        times.append(time.perf_counter() - t0)
+    sock.send_multipart([b"quit"])
+    sock.close(linger=1000)
+    return times[1:]
+
+
+# -- pushes -------------------------------------------------------------------------------------
+async def push_series(tp: Any, sd: dict[str, torch.Tensor], transport: str, first_version: int, repeats: int,
+                      rollout: Any = None) -> dict[str, Any]:
+    """One warm-up push, then ``repeats`` timed ones (and the first token after each, if a server)."""
+    from rollwire.messages import SamplingParams
+
+    times, ttft = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        report = await tp.push_weights(first_version + i, sd, transport=transport)
+        times.append(time.perf_counter() - t0)
+        assert report.transport == transport
+        if rollout is not None:
+            out = await rollout.generate([1, 5, 9], SamplingParams(max_new_tokens=1, temperature=0.0))
+            assert out.weight_version == first_version + i
+            ttft.append(time.perf_counter() - t0)
+    row: dict[str, Any] = {"cold_s": times[0], "median_s": statistics.median(times[1:]), "runs_s": times[1:]}
+    if ttft:
+        row["push_to_first_token_s"] = statistics.median(ttft[1:])
+    return row
+
+
+async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
+    from rollwire.clients.rollout import RolloutClient
+    from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.transports.weights import byte_view, pack_bucket, plan_buckets
+
+    sd = state_dict_for(n_layers, seed=1)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    label = f"{nbytes / 1e6:.0f} MB bf16 ({len(sd)} tensors)"
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    srv_ep, sink_ep, raw_ep = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    rollout_ep = f"ipc:///tmp/rw-bench-{os.getpid()}"
+    procs = [ctx.Process(target=server_proc, args=(n_layers, srv_ep, rollout_ep, ready, stop)),
+             ctx.Process(target=sink_proc, args=(sink_ep, ready, stop)),
+             ctx.Process(target=raw_zmq_proc, args=(raw_ep, ready))]
+    for p in procs:
+        p.start()
+    loop = asyncio.get_running_loop()
+    for _ in procs:
+        await loop.run_in_executor(None, ready.get, True, 300)
+    rows = []
+    try:
+        async with TrainerPublisher(srv_ep, timeout_s=300) as to_server, \
+                TrainerPublisher(sink_ep, timeout_s=300) as to_sink, RolloutClient(rollout_ep) as rc:
+            bucket = to_sink.bucket_bytes
+            chunks = []  # the same buckets, packed into warm memory, as the raw floor's chunks
+            for plan in plan_buckets(list(sd.items()), bucket):
+                buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+                pack_bucket(plan, buf)
+                chunks.append(byte_view(buf))
+
+            def row(path: str, push: dict[str, Any], floor_name: str, floor_s: list[float]) -> None:
+                f = statistics.median(floor_s)
+                rows.append({"size": label, "bytes": nbytes, "path": path, **push,
+                             "gib_s": nbytes / GiB / push["median_s"], "floor": floor_name,
+                             "floor_median_s": f, "floor_gib_s": nbytes / GiB / f,
+                             "pct_of_floor": 100 * f / push["median_s"]})
+
+            version = 1
+            shm = await push_series(to_server, sd, "shm", version, repeats, rc)
+            version += repeats + 1
+            assert to_server._arena.created == 1, "the shm arena must be created once and reused"
+            row("shm -> server (hf engine)", shm, "2 warm memcpys", memcpy_floor(sd, repeats))
+            raw = raw_zmq_floor(raw_ep, chunks, repeats)
+            row("inline tcp -> receiver (no-op apply)", await push_series(to_sink, sd, "inline", 1, repeats),
+                f"raw pyzmq, {len(chunks)} chunk(s)", raw)
+            row("inline tcp -> server (hf engine)", await push_series(to_server, sd, "inline", version, repeats, rc),
+                f"raw pyzmq, {len(chunks)} chunk(s)", raw)
+            version += repeats + 1
+            out = ctx.Queue()
+            port = free_port()
+            pair = [ctx.Process(target=bare_broadcast_proc, args=(r, port, n_layers, repeats, out)) for r in (0, 1)]
+            for p in pair:
+                p.start()
+            bare = (await loop.run_in_executor(None, out.get, True, 600))[1:]
+            for p in pair:
+                p.join(60)
+            row("gloo -> receiver (no-op apply)", await push_series(to_sink, sd, "gloo", 100, repeats),
+                "bare torch.distributed broadcast", bare)
+            row("gloo -> server (hf engine)", await push_series(to_server, sd, "gloo", version, repeats, rc),
+                "bare torch.distributed broadcast", bare)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = f"{'size':<28} {'path':<38} {'median s':>9} {'GiB/s':>7} {'floor':<34} {'floor GiB/s':>11} {'% floor':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['size']:<28} {r['path']:<38} {r['median_s']:>9.3f} {r['gib_s']:>7.2f} {r['floor']:<34} "
+              f"{r['floor_gib_s']:>11.2f} {r['pct_of_floor']:>7.0f}%")
+    for r in rows:
+        if "push_to_first_token_s" in r:
+            print(f"push -> first token on the new version, {r['size']}, {r['path']}: "
+                  f"{r['push_to_first_token_s']:.3f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="100 MB only, 3 repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "weights.json"))
+    a = ap.parse_args(argv)
+    layers = [1] if a.quick else [1, 10]  # ~107 MB and ~1.03 GB
+    repeats = a.repeats or (3 if a.quick else 5)
+    rows: list[dict[str, Any]] = []
+    for n in layers:
+        rows += asyncio.run(bench_size(n, repeats))
+    print_table(rows)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "repeats": repeats, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
