@@ -9,6 +9,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rollwire.actors.generation import GENERATION, GenerationActor
 from rollwire.actors.memory_governor import GOVERNOR, MemoryGovernor
@@ -85,8 +86,9 @@ class RolloutServer:
             from rollwire.actors.weight_receiver import WeightReceiverActor
 
             rid = cfg.receiver_id or f"{socket.gethostname()}:{os.getpid()}"
+            trainer_endpoint = cfg.trainer_endpoint
             await self.system.spawn(lambda: WeightReceiverActor(
-                cfg.trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
+                trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
                 stall_timeout_s=cfg.stall_timeout_s))
         log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, engine=cfg.engine, model=cfg.model)
         return self
@@ -110,7 +112,7 @@ class RolloutServer:
                 loop.add_signal_handler(sig, stop.set)
         async with self:
             assert self.system.failed is not None
-            waiters = [asyncio.ensure_future(stop.wait()), self.system.failed]
+            waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait()), self.system.failed]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             log.info("server_stopping")
 

@@ -83,7 +83,7 @@ class GenerationActor(GenerationControl, Actor):
         self.in_flight: dict[tuple[bytes, int], InFlight] = {}
         self._version_changed = asyncio.Event()
         self.state = "SERVING"  # as the governor last set it: SERVING, PAUSING, PAUSED, RELEASED, LOADING
-        self.pause_policy = ""
+        self.pause_policy: str = ""
         self._admission = asyncio.Event()  # cleared while paused: new requests wait here
         self._admission.set()
         self._running_samples = 0
@@ -164,8 +164,9 @@ class GenerationActor(GenerationControl, Actor):
             raise RollwireError(ErrorCode.DUPLICATE_REQUEST, f"request {origin.rid} is already in flight")
         sp = msg.sampling_params
         if sp.max_new_tokens > self.max_new_tokens_limit:
+            limit = self.max_new_tokens_limit
             raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS,
-                                f"max_new_tokens={sp.max_new_tokens} above this server's limit {self.max_new_tokens_limit}")
+                                f"max_new_tokens={sp.max_new_tokens} above this server's limit {limit}")
         if not 1 <= sp.n <= 64:
             raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n} must be in [1, 64]")
         reqs = []

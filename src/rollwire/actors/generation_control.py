@@ -25,15 +25,28 @@ from rollwire.messages import (
 from rollwire.runtime import Origin, RollwireError, handles
 
 if TYPE_CHECKING:
-    from rollwire.actors.generation import GenerationActor
-
-    _Base = GenerationActor
-else:
-    _Base = object
+    from rollwire.actors.generation import InFlight
+    from rollwire.engines.base import Engine
+    from rollwire.runtime.metrics import Counters
 
 
-class GenerationControl(_Base):
+class GenerationControl:
     """Mixin of GenerationActor: pause policies, weight loads, memory release."""
+
+    # provided by GenerationActor / Actor
+    engine: Engine
+    state: str
+    pause_policy: str
+    max_staleness: int | None
+    in_flight: dict[tuple[bytes, int], InFlight]
+    counters: Counters
+    _admission: asyncio.Event
+    _running_samples: int
+    _sample_finished: asyncio.Event
+    if TYPE_CHECKING:
+        async def reply(self, origin: Origin, msg: Any, payload: Sequence[Any] = ()) -> bool: ...
+        def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]: ...
+        def notify_version_changed(self) -> None: ...
 
     @handles(Pause)
     async def on_pause(self, origin: Origin, msg: Pause, payload: Sequence[Any]) -> None:

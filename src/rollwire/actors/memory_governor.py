@@ -97,7 +97,8 @@ class MemoryGovernor(Actor):
                 self._waiting.remove(msg.version)
                 if self._waiting and max(self._waiting) > msg.version:
                     self.counters.inc("superseded")
-                    raise RollwireError(ErrorCode.SUPERSEDED, f"version {msg.version} superseded by {max(self._waiting)}")
+                    newest = max(self._waiting)
+                    raise RollwireError(ErrorCode.SUPERSEDED, f"version {msg.version} superseded by {newest}")
             applied = await self._load(msg, payload)
         await self.reply(origin, applied)
 

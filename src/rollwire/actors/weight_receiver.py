@@ -97,6 +97,7 @@ class WeightReceiverActor(Actor):
         self._next: _Version | None = None
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-verify")
         self._broadcast = BroadcastReceiver(receiver_id)
+        self._stopping = False
 
     async def on_start(self) -> None:
         # replies carry bucket bytes: received without a copy, handed on as views
@@ -105,6 +106,7 @@ class WeightReceiverActor(Actor):
         self.spawn(self._listen(), name=f"{self.name}:listen")
 
     async def on_stop(self) -> None:
+        self._stopping = True  # a version cancelled now must not start the queued one
         if self._trainer is not None:
             await self._trainer.close()
         if self._sub is not None:
@@ -202,8 +204,8 @@ class WeightReceiverActor(Actor):
         v.task = self.spawn(self._run_version(v), name=f"{self.name}:v{v.ready.version}")
 
     def _finished(self, v: _Version) -> None:
-        if self._current is not v:
-            return  # superseded: the newer version is already running
+        if self._current is not v or self._stopping:
+            return  # superseded (the newer version is already running), or shutting down
         self._current, nxt = None, self._next
         self._next = None
         if nxt is not None:

@@ -26,12 +26,19 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from rollwire.clients.trainer_push import Push, PushError, PushReport, collect, shm_offsets
+from rollwire.clients.trainer_push import (
+    Push,
+    PushError,
+    PushReport,
+    Registered,
+    choose_transport,
+    collect,
+    shm_offsets,
+)
 from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
@@ -79,17 +86,6 @@ def default_pub_endpoint(endpoint: str) -> str:
     return endpoint + "-pub"
 
 
-@dataclass
-class _Receiver:
-    receiver_id: str
-    peer: bytes
-    host_id: str
-    transports: list[str]
-    live_version: int
-    joined: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
-
-
 class TrainerPublisher:
     def __init__(self, endpoint: str, *, pub_endpoint: str | None = None, bucket_bytes: int = 512 << 20,
                  credit_window: int = 4, timeout_s: float = 60.0, min_receivers: int = 1,
@@ -108,7 +104,7 @@ class TrainerPublisher:
             self.transports.append("gloo")
         host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
         self._broadcast_host = broadcast_host or (host if host not in ("*", "0.0.0.0", "") else "127.0.0.1")
-        self.receivers: dict[str, _Receiver] = {}
+        self.receivers: dict[str, Registered] = {}
         self._codec: Codec[Any] = Codec(TrainerRequest)
         self._router: Any = None
         self._pub: Publisher | None = None
@@ -203,15 +199,17 @@ class TrainerPublisher:
             t0 = time.monotonic()
             named = as_named_list(tensors)
             receivers = await self._wait_joined()
-            chosen = self._choose_transport(transport, receivers)
-            self._last_version = version  # a failed push uses its version up: receivers may have applied it
+            chosen = choose_transport(transport, self.transports, self.host_id, receivers)
             plans = plan_buckets(named, self.bucket_bytes)
             push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
                                                   for r in receivers}, self._pack_buf)
             ready = await self._prepare(push, step if step is not None else version, receivers)
             self._push = push
+            self._last_version = version  # announced: even a failed push uses it up (some may have applied it)
             try:
                 await self._pub.publish(ready)
+                if chosen == "inline":  # pack the first buckets while the receivers ask for them
+                    push.prefetch(self._workers, 0, self.credit_window)
                 if chosen in ("gloo", "nccl"):
                     push.broadcast = asyncio.ensure_future(self._broadcast(push))
                 failures = await push.wait(self.timeout_s)
@@ -227,23 +225,7 @@ class TrainerPublisher:
             return report
 
     # -- push internals --------------------------------------------------------------------------
-    def _choose_transport(self, wanted: str, receivers: Sequence[_Receiver]) -> str:
-        def usable(t: str, r: _Receiver) -> bool:
-            return t in r.transports and (t != "shm" or r.host_id == self.host_id)
-
-        if wanted == "auto":
-            for t in ("shm", "inline"):  # fastest first; broadcast is asked for explicitly
-                if t in self.transports and all(usable(t, r) for r in receivers):
-                    return t
-            return "inline"
-        if wanted not in self.transports:
-            raise ValueError(f"transport {wanted!r} is not available here; this trainer offers {self.transports}")
-        unable = [r.receiver_id for r in receivers if not usable(wanted, r)]
-        if unable:
-            raise ValueError(f"transport {wanted!r} cannot reach receivers {unable} (other host or not offered)")
-        return wanted
-
-    async def _prepare(self, push: Push, step: int, receivers: Sequence[_Receiver]) -> WeightsReady:
+    async def _prepare(self, push: Push, step: int, receivers: Sequence[Registered]) -> WeightsReady:
         """Checksums (and, for shm, the packing) on worker threads, off the event loop."""
         loop = asyncio.get_running_loop()
         extra: dict[str, Any] = {}
@@ -303,7 +285,7 @@ class TrainerPublisher:
         if group is not None:
             group.close()
 
-    async def _wait_joined(self) -> list[_Receiver]:
+    async def _wait_joined(self) -> list[Registered]:
         deadline = time.monotonic() + self.timeout_s
         while True:
             joined = [r for r in self.receivers.values() if r.joined]
@@ -358,7 +340,7 @@ class TrainerPublisher:
                 self._push.fail(msg.receiver_id, "receiver re-registered (restarted) during the push")
             if msg.receiver_id in self._group_ranks:
                 self._drop_group()
-        self.receivers[msg.receiver_id] = _Receiver(msg.receiver_id, peer, msg.host_id, list(msg.transports),
+        self.receivers[msg.receiver_id] = Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports),
                                                     msg.live_version)
         log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,
                  transports=msg.transports)

@@ -1,4 +1,5 @@
-"""The state of one weight push on the trainer: buckets, who has answered, and how bytes are served."""
+"""The trainer's bookkeeping: registered receivers, the transport a push uses, and the state of one
+push (buckets, who has answered, how bytes are served)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,39 @@ class PushError(Exception):
 
 class ReceiverFailed(Exception):
     pass
+
+
+@dataclass
+class Registered:
+    """A receiver the trainer knows; ``joined`` once it acknowledged a beacon on the PUB."""
+
+    receiver_id: str
+    peer: bytes  # its DEALER's identity on our ROUTER
+    host_id: str
+    transports: list[str]
+    live_version: int
+    joined: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+def choose_transport(wanted: str, offered: Sequence[str], host_id: str, receivers: Sequence[Registered]) -> str:
+    """``auto``: the fastest transport that every receiver can use (shm needs the same host);
+    broadcast is only used when asked for. An explicit choice must suit every receiver."""
+
+    def usable(t: str, r: Registered) -> bool:
+        return t in r.transports and (t != "shm" or r.host_id == host_id)
+
+    if wanted == "auto":
+        for t in ("shm", "inline"):
+            if t in offered and all(usable(t, r) for r in receivers):
+                return t
+        return "inline"
+    if wanted not in offered:
+        raise ValueError(f"transport {wanted!r} is not available here; this trainer offers {list(offered)}")
+    unable = [r.receiver_id for r in receivers if not usable(wanted, r)]
+    if unable:
+        raise ValueError(f"transport {wanted!r} cannot reach receivers {unable} (other host or not offered)")
+    return wanted
 
 
 def shm_offsets(plans: Sequence[BucketPlan]) -> list[int]:
@@ -104,14 +138,17 @@ class Push:
         if self.arena is not None:
             off = self.offsets[index]
             return byte_view(self.arena[off:off + plan.nbytes])
-        if len(plan.sources) == 1 and plan.sources[0].is_contiguous():
+        if _is_one_tensor(plan):
             return tensor_bytes(plan.sources[0])  # a bucket of one tensor is that tensor: no packing
-        for i in range(index, min(len(self.plans), index + 1 + ahead)):  # pack ahead of the pulls
-            self._start_packing(i, packer)
+        self.prefetch(packer, index, ahead + 1)  # pack ahead of the pulls
         return await self._packed[index]
 
+    def prefetch(self, packer: Executor, first: int, n: int) -> None:
+        for i in range(first, min(len(self.plans), first + n)):
+            self._start_packing(i, packer)
+
     def _start_packing(self, index: int, packer: Executor) -> None:
-        if index in self._packed:
+        if index in self._packed or _is_one_tensor(self.plans[index]):
             return
         if not self.offsets:
             self.offsets = shm_offsets(self.plans)
@@ -126,6 +163,10 @@ class Push:
             return byte_view(dst)
 
         self._packed[index] = asyncio.wrap_future(packer.submit(pack))
+
+
+def _is_one_tensor(plan: BucketPlan) -> bool:
+    return len(plan.sources) == 1 and plan.sources[0].is_contiguous()
 
 
 async def collect(futs: dict[str, asyncio.Future[Any]], timeout: float) -> dict[str, str]:

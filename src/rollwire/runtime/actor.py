@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -104,7 +104,7 @@ class Actor:
         return []
 
     # -- used by the ActorSystem --------------------------------------------------------
-    def _bind(self, binds: dict[str, Sequence[str]]) -> None:
+    def _bind(self, binds: Mapping[str, Sequence[str]]) -> None:
         for port, spec in self.ports.items():
             self._codecs[port] = Codec(spec.union)
             self._socks[port] = sockets.router(binds[port])
@@ -175,7 +175,7 @@ class Actor:
         sock, codec = self._socks[port], self._codecs[port]
         copy = not self.ports[port].zero_copy
         while True:
-            frames = await sock.recv_multipart(copy=copy)
+            frames: list[Any] = await sock.recv_multipart(copy=copy)
             if not copy:
                 frames = [f.bytes if i == 0 else f.buffer for i, f in enumerate(frames)]
             peer = frames[0]
@@ -201,7 +201,7 @@ class Actor:
             if len(self._tasks) >= self.max_pending:
                 self.counters.inc("overloaded")
                 self.send_error_soon(origin, ErrorCode.OVERLOADED, f"{self.name} has {self.max_pending} pending")
-                result.close()  # type: ignore[union-attr]
+                getattr(result, "close", lambda: None)()  # never started: close the coroutine
                 return
             task = self.spawn(result)
             task.remove_done_callback(self._task_done)

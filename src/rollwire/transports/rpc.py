@@ -103,7 +103,7 @@ class RpcClient(Generic[R]):
     async def _recv_loop(self) -> None:
         try:
             while True:
-                frames = await self._sock.recv_multipart(copy=not self._zero_copy)
+                frames: list[Any] = await self._sock.recv_multipart(copy=not self._zero_copy)
                 if self._zero_copy:
                     frames = [f.buffer for f in frames]
                 self._dispatch(frames)

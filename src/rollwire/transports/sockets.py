@@ -91,7 +91,7 @@ async def send(sock: zmq.asyncio.Socket, frames: Sequence[Any], *, copy: bool = 
     zmq.asyncio tries a non-blocking send first, so the common case completes without a wait.
     """
     try:
-        fut = sock.send_multipart(frames, copy=copy)
+        fut: Any = sock.send_multipart(frames, copy=copy)
         if not fut.done():
             await asyncio.wait_for(fut, timeout)
         else:

@@ -40,7 +40,7 @@ def tensor_buffer(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def encode_tensors(tensors: Sequence[torch.Tensor], first_frame: int = 0) -> tuple[list[TensorRef], list[memoryview]]:
