@@ -42,7 +42,8 @@ def _engine_args(items: Sequence[str]) -> dict[str, str]:
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="hf", choices=["hf", "sglang"])
-    p.add_argument("--model", default="tiny", help="'tiny' (built locally, seed 0), 'tiny:SEED', or a local HF checkpoint dir")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (built locally, seed 0), 'tiny:SEED', or a local HF checkpoint dir")
     p.add_argument("--rollout-endpoint", default=DEFAULT_ROLLOUT)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")

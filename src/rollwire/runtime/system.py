@@ -74,7 +74,8 @@ class ActorSystem:
         log.error("actor_crashed", actor=actor.name, error=repr(exc))
         await actor._stop_intake()
         for origin in actor.take_held_requests():
-            actor.send_error_soon(origin, ErrorCode.ACTOR_RESTARTED, f"{actor.name} crashed ({exc!r}) and was restarted")
+            why = f"{actor.name} crashed ({exc!r}) and was restarted"
+            actor.send_error_soon(origin, ErrorCode.ACTOR_RESTARTED, why)
         await self._close(actor, close_sockets=False)
         now = time.monotonic()
         slot.crashes = [t for t in slot.crashes if now - t < self._window] + [now]
