@@ -181,12 +181,17 @@ def memcpy_floor(sd: dict[str, torch.Tensor], repeats: int) -> list[float]:
     return times[1:]
 
 
-def raw_zmq_floor(endpoint: str, bufs: list[memoryview], repeats: int) -> list[float]:
+def raw_zmq_floor(endpoint: str, bufs: list[memoryview], repeats: int, *, quit: bool = False) -> list[float]:
+    """Stream ``bufs`` (zero-copy) over a DEALER and wait for the receiver's "done"."""
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint)
-    times = []
+    times: list[float] = []
+    if quit:
+        sock.send_multipart([b"quit"])
+        sock.close(linger=1000)
+        return times
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         for b in bufs:
@@ -194,9 +199,23 @@ def raw_zmq_floor(endpoint: str, bufs: list[memoryview], repeats: int) -> list[f
         sock.send_multipart([b"end"])
         assert sock.recv() == b"done"
         times.append(time.perf_counter() - t0)
-    sock.send_multipart([b"quit"])
     sock.close(linger=1000)
     return times[1:]
+
+
+async def crc_passes(chunks: list[memoryview], repeats: int) -> float:
+    """Median seconds of one checksum pass over the version (as the protocol does it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rollwire.transports.checksum import crc32_parallel
+
+    times = []
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(crc32_parallel([c], pool) for c in chunks))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 # -- pushes -------------------------------------------------------------------------------------
@@ -245,31 +264,47 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
     try:
         async with TrainerPublisher(srv_ep, timeout_s=300) as to_server, \
                 TrainerPublisher(sink_ep, timeout_s=300) as to_sink, RolloutClient(rollout_ep) as rc:
-            bucket = to_sink.bucket_bytes
-            chunks = []  # the same buckets, packed into warm memory, as the raw floor's chunks
-            for plan in plan_buckets(list(sd.items()), bucket):
-                buf = torch.empty(plan.nbytes, dtype=torch.uint8)
-                pack_bucket(plan, buf)
-                chunks.append(byte_view(buf))
+            def packed_chunks(bucket: int) -> list[memoryview]:
+                """The version's buckets, packed into warm memory: the raw floor sends these."""
+                out = []
+                for plan in plan_buckets(list(sd.items()), bucket):
+                    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+                    pack_bucket(plan, buf)
+                    out.append(byte_view(buf))
+                return out
 
-            def row(path: str, push: dict[str, Any], floor_name: str, floor_s: list[float]) -> None:
+            def row(path: str, push: dict[str, Any], floor_name: str, floor_s: list[float], **extra: Any) -> None:
                 f = statistics.median(floor_s)
                 rows.append({"size": label, "bytes": nbytes, "path": path, **push,
                              "gib_s": nbytes / GiB / push["median_s"], "floor": floor_name,
                              "floor_median_s": f, "floor_gib_s": nbytes / GiB / f,
-                             "pct_of_floor": 100 * f / push["median_s"]})
+                             "pct_of_floor": 100 * f / push["median_s"], **extra})
 
-            version = 1
-            shm = await push_series(to_server, sd, "shm", version, repeats, rc)
-            version += repeats + 1
+            # shm: the floor, and what the protocol adds to it (a crc pass on each side)
+            v_srv = 1
+            shm = await push_series(to_server, sd, "shm", v_srv, repeats, rc)
+            v_srv += repeats + 1
             assert to_server._arena.created == 1, "the shm arena must be created once and reused"
-            row("shm -> server (hf engine)", shm, "2 warm memcpys", memcpy_floor(sd, repeats))
-            raw = raw_zmq_floor(raw_ep, chunks, repeats)
-            row("inline tcp -> receiver (no-op apply)", await push_series(to_sink, sd, "inline", 1, repeats),
-                f"raw pyzmq, {len(chunks)} chunk(s)", raw)
-            row("inline tcp -> server (hf engine)", await push_series(to_server, sd, "inline", version, repeats, rc),
-                f"raw pyzmq, {len(chunks)} chunk(s)", raw)
-            version += repeats + 1
+            crc_s = await crc_passes(packed_chunks(to_server.bucket_bytes), repeats)
+            mem = memcpy_floor(sd, repeats)
+            row("shm -> server (hf engine)", shm, "2 warm memcpys", mem,
+                pct_of_floor_plus_2_crc=100 * (statistics.median(mem) + 2 * crc_s) / shm["median_s"])
+            # inline over tcp, at the default bucket size and at 64 MiB buckets (pipelined)
+            v_sink = 1
+            for bucket in (to_sink.bucket_bytes, 64 << 20):
+                to_sink.bucket_bytes = bucket
+                chunks = packed_chunks(bucket)
+                raw = raw_zmq_floor(raw_ep, chunks, repeats)
+                mib = f"{bucket >> 20} MiB buckets"
+                row(f"inline tcp -> receiver, {mib}", await push_series(to_sink, sd, "inline", v_sink, repeats),
+                    f"raw pyzmq, {len(chunks)} x {mib}", raw)
+                v_sink += repeats + 1
+                if bucket == to_server.bucket_bytes:
+                    row(f"inline tcp -> server, {mib}", await push_series(to_server, sd, "inline", v_srv, repeats, rc),
+                        f"raw pyzmq, {len(chunks)} x {mib}", raw)
+                    v_srv += repeats + 1
+            raw_zmq_floor(raw_ep, [], 0, quit=True)
+            # gloo broadcast
             out = ctx.Queue()
             port = free_port()
             pair = [ctx.Process(target=bare_broadcast_proc, args=(r, port, n_layers, repeats, out)) for r in (0, 1)]
@@ -278,9 +313,9 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
             bare = (await loop.run_in_executor(None, out.get, True, 600))[1:]
             for p in pair:
                 p.join(60)
-            row("gloo -> receiver (no-op apply)", await push_series(to_sink, sd, "gloo", 100, repeats),
+            row("gloo -> receiver (no-op apply)", await push_series(to_sink, sd, "gloo", v_sink, repeats),
                 "bare torch.distributed broadcast", bare)
-            row("gloo -> server (hf engine)", await push_series(to_server, sd, "gloo", version, repeats, rc),
+            row("gloo -> server (hf engine)", await push_series(to_server, sd, "gloo", v_srv, repeats, rc),
                 "bare torch.distributed broadcast", bare)
     finally:
         stop.set()
@@ -292,12 +327,16 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'size':<28} {'path':<38} {'median s':>9} {'GiB/s':>7} {'floor':<34} {'floor GiB/s':>11} {'% floor':>8}"
+    head = f"{'size':<28} {'path':<40} {'median s':>9} {'GiB/s':>7} {'floor':<34} {'floor GiB/s':>11} {'% floor':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['size']:<28} {r['path']:<38} {r['median_s']:>9.3f} {r['gib_s']:>7.2f} {r['floor']:<34} "
+        print(f"{r['size']:<28} {r['path']:<40} {r['median_s']:>9.3f} {r['gib_s']:>7.2f} {r['floor']:<34} "
               f"{r['floor_gib_s']:>11.2f} {r['pct_of_floor']:>7.0f}%")
+    for r in rows:
+        if "pct_of_floor_plus_2_crc" in r:
+            print(f"{r['size']}, {r['path']}: {r['pct_of_floor_plus_2_crc']:.0f}% of the floor plus the two crc32 "
+                  "passes the protocol makes (trainer and receiver)")
     for r in rows:
         if "push_to_first_token_s" in r:
             print(f"push -> first token on the new version, {r['size']}, {r['path']}: "

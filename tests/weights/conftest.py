@@ -32,13 +32,13 @@ class Rig:
 
 
 async def make_rig(system: ActorSystem, *, stall_timeout_s: float = 1.0, receiver_id: str = "r1",
-                   known: dict | None = None, endpoint: str | None = None) -> Rig:
+                   known: dict | None = None, endpoint: str | None = None, delay_s: float = 0.0) -> Rig:
     """A receiver and its sink; names are unique per call (ZeroMQ frees an inproc name
     asynchronously after close, so the next test must not bind the same one)."""
     endpoint = endpoint or free_tcp_endpoint()
     suffix = uuid.uuid4().hex[:8]
     sink_name, receiver_name = f"sink-{suffix}", f"receiver-{suffix}"
-    await system.spawn(lambda: ApplySink(known, name=sink_name))
+    await system.spawn(lambda: ApplySink(known, name=sink_name, delay_s=delay_s))
     await system.spawn(lambda: WeightReceiverActor(endpoint, receiver_id=receiver_id,
                                                    apply_endpoint=address(sink_name, "weights"),
                                                    stall_timeout_s=stall_timeout_s, name=receiver_name))

@@ -38,15 +38,19 @@ class ApplySink(Actor):
 
     ports = {"weights": Port(GovernorRequest, zero_copy=True)}
 
-    def __init__(self, known: dict[str, torch.Tensor] | None = None, name: str = "sink") -> None:
+    def __init__(self, known: dict[str, torch.Tensor] | None = None, name: str = "sink", delay_s: float = 0.0) -> None:
         super().__init__(name)
         self.known = known
+        self.delay_s = delay_s  # a slow load
+        self.loading = asyncio.Event()
         self.applied: dict[int, dict[str, torch.Tensor]] = {}
         self.frames: dict[int, int] = {}  # version -> payload frames it came with
         self.steps: list[StepMessage] = []
 
     @handles(ApplyVersion)
     async def on_apply(self, origin: Origin, msg: ApplyVersion, payload: Sequence[Any]) -> None:
+        self.loading.set()
+        await asyncio.sleep(self.delay_s)
         named = tensors_from_apply(msg, payload)
         for name, _ in named:
             if self.known is not None and name not in self.known:

@@ -190,3 +190,18 @@ async def test_push_error_names_each_receiver_that_refused_and_why() -> None:
         assert list(good.sink.applied) == [1]
     finally:
         await system.stop()
+
+
+async def test_a_receiver_that_goes_silent_mid_push_is_named_as_lost_long_before_the_timeout() -> None:
+    system = ActorSystem()
+    rig = await make_rig(system, delay_s=30.0)
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=60, heartbeat_s=0.1,
+                                lost_after_s=0.5) as tp:
+        push = asyncio.ensure_future(tp.push_weights(1, {"w": torch.ones(3)}))
+        await asyncio.wait_for(rig.sink.loading.wait(), 20)
+        await system.stop()  # the whole server goes away while loading
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(PushError) as err:
+            await push
+        assert asyncio.get_running_loop().time() - t0 < 5
+    assert list(err.value.failures) == ["r1"] and err.value.failures["r1"].startswith("lost: no heartbeat")
