@@ -18,17 +18,17 @@ from .conftest import free_tcp_endpoint
 
 async def test_a_crashing_generation_actor_is_restarted_and_its_held_requests_get_actor_restarted() -> None:
     ep = free_tcp_endpoint()
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep), engine_factory=lambda: FaultyEngine()) as srv:
-        async with RolloutClient(ep, timeout=30) as rc:
-            held = [asyncio.ensure_future(rc.generate([3], SamplingParams(max_new_tokens=500))) for _ in range(3)]
-            await asyncio.sleep(0.1)
-            with pytest.raises(RolloutError) as crash:
-                await rc.generate([99], SamplingParams(max_new_tokens=5))
-            assert crash.value.code == ErrorCode.INTERNAL
-            for h in held:  # each in-flight request: exactly one terminal reply, a typed error
-                with pytest.raises(RolloutError) as err:
-                    await h
-                assert err.value.code == ErrorCode.ACTOR_RESTARTED
-            after = await rc.generate([1, 2], SamplingParams(max_new_tokens=4))
-            assert after.output_ids == [3, 4, 5, 6]  # type: ignore[union-attr]
-            assert srv.generation.counters.get("restarts") == 1
+    cfg = ServerConfig(rollout_endpoint=ep)
+    async with RolloutServer(cfg, engine_factory=lambda: FaultyEngine()) as srv, RolloutClient(ep, timeout=30) as rc:
+        held = [asyncio.ensure_future(rc.generate([3], SamplingParams(max_new_tokens=500))) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(RolloutError) as crash:
+            await rc.generate([99], SamplingParams(max_new_tokens=5))
+        assert crash.value.code == ErrorCode.INTERNAL
+        for h in held:  # each in-flight request: exactly one terminal reply, a typed error
+            with pytest.raises(RolloutError) as err:
+                await h
+            assert err.value.code == ErrorCode.ACTOR_RESTARTED
+        after = await rc.generate([1, 2], SamplingParams(max_new_tokens=4))
+        assert after.output_ids == [3, 4, 5, 6]  # type: ignore[union-attr]
+        assert srv.generation.counters.get("restarts") == 1
