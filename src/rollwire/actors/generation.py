@@ -174,7 +174,7 @@ class GenerationActor(GenerationControl, Actor):
             params = sp if sp.n == 1 else msgspec.structs.replace(
                 sp, n=1, seed=None if sp.seed is None else sp.seed + i)
             reqs.append(EngineRequest(f"{origin.peer.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
-                                      msg.return_logprob))
+                                      msg.return_logprob, stream=msg.stream))
         try:
             self.engine.validate(reqs[0])  # type: ignore[attr-defined]
         except EngineError as e:

@@ -35,6 +35,7 @@ class EngineRequest:
     input_ids: list[int]
     params: SamplingParams  # n is handled above the engine: an engine request is one sample
     return_logprob: bool = False
+    stream: bool = True  # False: the engine may hold tokens back and deliver them with the finish
 
 
 @dataclass

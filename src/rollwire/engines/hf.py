@@ -58,6 +58,10 @@ class _Seq:
     output: list[int] = field(default_factory=list)
     done: bool = False
     abort_requested: bool = False
+    # stream=False: tokens held back until the finish (or a version change), one wake-up per request
+    held_toks: list[int] = field(default_factory=list)
+    held_lps: list[float] | None = None
+    held_version: int = -1
 
 
 class HFEngine:
@@ -369,6 +373,22 @@ class HFEngine:
     def _emit(self, s: _Seq, toks: list[int], lps: list[float | None] | None, version: int,
               reason: FinishReason | None) -> None:
         logprobs = [x for x in lps if x is not None] if lps is not None else None
+        if not s.req.stream:
+            if s.held_toks and s.held_version != version:  # spans must not mix versions
+                s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=s.held_toks, logprobs=s.held_lps,
+                                               weight_version=s.held_version))
+                s.held_toks, s.held_lps = [], None
+            if reason is None:
+                if not s.held_toks:
+                    s.held_version, s.held_lps = version, [] if logprobs is not None else None
+                s.held_toks += toks
+                if s.held_lps is not None and logprobs is not None:
+                    s.held_lps += logprobs
+                return
+            if s.held_toks:
+                toks = s.held_toks + toks
+                logprobs = s.held_lps + logprobs if s.held_lps is not None and logprobs is not None else logprobs
+                s.held_toks, s.held_lps = [], None
         s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
                                        weight_version=version, finish_reason=reason))
         if reason is not None:
