@@ -7,11 +7,13 @@ any server and the rows differ only in the code on each side:
 
   raw_sync   blocking pyzmq ROUTER loop  <-  blocking pyzmq DEALER
   raw_async  zmq.asyncio ROUTER loop     <-  zmq.asyncio DEALER (the floor the targets refer to)
-  rollwire   ActorSystem + Actor with a sync @handles(HealthRequest) handler that replies with
-             self.spawn(self.reply(...))  <-  RpcClient.call(HealthRequest())
+  rollwire   ActorSystem + Actor with a sync @handles(HealthRequest) handler  <-  RpcClient.call(HealthRequest())
+             The handler replies with self.reply_nowait(...) where the Actor has it, else with
+             self.spawn(self.reply(...)) (a sync handler cannot await; the JSON records which).
   diagnostic rows: the same actor with an async handler (as GenerationActor.on_health is written),
-  with a sync handler that sends without a task (a prototype of the proposed Actor.reply_nowait),
-  and each rollwire side against the raw asyncio other side (where the cost sits).
+  with a sync handler that sends without a task (Actor.reply_nowait, or a prototype of it built on
+  two Actor internals while the Actor lacks it), and each rollwire side against the raw asyncio
+  other side (where the cost sits).
 
 Per run: warm-up, then ``--calls`` sequential round trips (p50/p99 latency), then ``--messages``
 echoes with ``--window`` in flight (msgs/s; the rollwire client runs ``--window`` concurrent
@@ -53,12 +55,18 @@ REQUEST_FRAMES = Codec(RolloutRequest).encode(1, HealthRequest())  # what the ra
 CONFIGS: dict[str, tuple[str, str, str]] = {
     "raw_sync": ("raw_sync", "raw_sync", "blocking pyzmq both sides"),
     "raw_async": ("raw_async", "raw_async", "zmq.asyncio + uvloop both sides (the floor)"),
-    "rollwire": ("rw_spawn", "rollwire", "Actor sync handler + spawn(reply) <- RpcClient.call"),
+    "rollwire": ("rw_sync", "rollwire", "Actor sync handler (reply_nowait, else spawn(reply)) <- RpcClient.call"),
     "rw_async_handler": ("rw_async", "rollwire", "Actor async handler (as GenerationActor) <- RpcClient"),
-    "rw_reply_nowait": ("rw_direct", "rollwire", "Actor sync handler sending without a task <- RpcClient"),
-    "rw_server_only": ("rw_spawn", "raw_async", "rollwire server <- raw asyncio client"),
+    "rw_reply_nowait": ("rw_nowait", "rollwire", "Actor sync handler sending without a task <- RpcClient"),
+    "rw_server_only": ("rw_sync", "raw_async", "rollwire server <- raw asyncio client"),
     "rw_client_only": ("raw_async", "rollwire", "raw asyncio server <- RpcClient.call"),
+    "rw_spawn_reply": ("rw_spawn", "rollwire", "Actor sync handler + spawn(reply) <- RpcClient.call"),
 }
+
+def _has_reply_nowait() -> bool:
+    from rollwire.runtime import Actor
+
+    return hasattr(Actor, "reply_nowait")
 HEADLINE = "rollwire"
 FLOOR = "raw_async"
 TARGET_P50_RATIO = 1.3  # rollwire p50 <= 1.3 x raw asyncio
@@ -117,8 +125,10 @@ async def serve_rollwire(endpoint: str, kind: str) -> None:
 
     configure_logging(level="warning")
 
+    has_nowait = hasattr(Actor, "reply_nowait")
+
     class SpawnReply(Actor):
-        """The public API today: a sync handler cannot send, so it spawns the reply."""
+        """A sync handler cannot await, so without reply_nowait it spawns the reply (a task each)."""
 
         ports = {"rollout": Port(RolloutRequest)}
 
@@ -136,21 +146,26 @@ async def serve_rollwire(endpoint: str, kind: str) -> None:
             await self.reply(origin, HEALTH_REPLY)
 
     class ReplyNowait(Actor):
-        """Prototype of the proposed ``Actor.reply_nowait``: send inline; a task only if the send must wait."""
+        """Sends inline; a task only if ZeroMQ cannot take the frames at once (at the HWM)."""
 
         ports = {"rollout": Port(RolloutRequest)}
 
         @handles(HealthRequest)
         def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+            if has_nowait:
+                self.reply_nowait(origin, HEALTH_REPLY)  # type: ignore[attr-defined]
+                return
+            # prototype of Actor.reply_nowait on two internals (the reply codec, the port's socket)
             frames = self._reply_codec.encode(origin.rid, HEALTH_REPLY)
             fut = self._socks[origin.port].send_multipart([origin.peer, *frames])
-            if not fut.done():  # at the HWM: fall back to the bounded wait of Actor.reply
-                fut.cancel()
-                self.spawn(self.reply(origin, HEALTH_REPLY))
+            if not fut.done():  # at the HWM: let the send finish under Actor.reply's bounded wait
+                self.spawn(asyncio.wait_for(fut, 10.0))
             elif fut.exception() is not None:
                 self.counters.inc("replies_undeliverable")
 
-    actor_cls = {"rw_spawn": SpawnReply, "rw_async": AsyncHandler, "rw_direct": ReplyNowait}[kind]
+    kinds = {"rw_sync": ReplyNowait if has_nowait else SpawnReply, "rw_spawn": SpawnReply,
+             "rw_async": AsyncHandler, "rw_nowait": ReplyNowait}
+    actor_cls = kinds[kind]
     system = ActorSystem()
     await system.spawn(lambda: actor_cls("echo"), extra_binds={"rollout": [endpoint]})
     _ready()
@@ -389,6 +404,8 @@ def _print(res: dict[str, Any], a: argparse.Namespace) -> None:
             print(f"{c:<17} {row['server']:<10} {row['client']:<10} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f} "
                   f"{row.get('p50_vs_raw_async', float('nan')):>8.2f} {row['msgs_per_s']:>9.0f} "
                   f"{row.get('rate_vs_raw_async', float('nan')):>9.2f} {seq:>13} {pipe:>13}")
+        print(f"(the rollwire row's handler replies with {a.reply_path}; "
+              f"rw_reply_nowait is {'Actor.reply_nowait' if a.reply_path == 'reply_nowait' else 'a prototype of it'})")
         t = r["targets"]
         if t:
             print(f"targets ({HEADLINE} vs {FLOOR}): p50 {t['p50_ratio']:.2f}x (<= {t['p50_target']}: "
@@ -404,7 +421,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short run (tox -e bench)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--transport", choices=["tcp", "ipc", "both"], default="tcp")
-    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                    help="default: all (rw_spawn_reply only once the Actor has reply_nowait: until then it is "
+                         "the headline)")
     ap.add_argument("--calls", type=int, default=5000, help="sequential round trips per run")
     ap.add_argument("--messages", type=int, default=20_000, help="pipelined echoes per run")
     ap.add_argument("--window", type=int, default=200, help="requests in flight when pipelined")
@@ -421,18 +440,25 @@ def main() -> None:
     if a.role == "client":
         print(json.dumps(run_client(a.kind, a.endpoint, a)))
         return
+    has_nowait = _has_reply_nowait()
+    a.reply_path = "reply_nowait" if has_nowait else "spawn(reply)"
+    if a.configs is None:
+        a.configs = [c for c in CONFIGS if has_nowait or c != "rw_spawn_reply"]
     if a.quick:
         a.repeats, a.calls, a.messages, a.warmup = 1, 1000, 10_000, 200
         a.configs = [c for c in a.configs if c in ("raw_sync", "raw_async", "rollwire")]
     command = " ".join(["python", "bench/rpc_echo.py", *sys.argv[1:]])
     print(f"$ {command}", file=sys.stderr)
     t0 = time.perf_counter()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     res = measure(a)
     _print(res, a)
     out = {"command": command, "seconds": time.perf_counter() - t0,
            "params": {k: getattr(a, k) for k in ("repeats", "calls", "messages", "window", "warmup", "configs")},
            "env": {"python": platform.python_version(), "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
-                   "msgspec": msgspec.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform()},
+                   "msgspec": msgspec.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                   "loadavg_before": load_before, "loadavg_after": os.getloadavg() if load_before else None},
+           "rollwire_reply_path": a.reply_path,
            "results": res}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))

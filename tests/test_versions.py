@@ -81,3 +81,17 @@ async def test_coalesce_keeps_only_the_newest_version_waiting_behind_a_load() ->
         assert isinstance(newest, VersionApplied) and newest.version == 3
         assert srv.generation.weight_version == 3
         assert (await running).finish_reason == "length"  # type: ignore[union-attr]  # drained, not lost
+
+
+async def test_a_request_aborted_while_waiting_for_min_version_ends_with_abort_and_the_actor_keeps_serving() -> None:
+    ep = free_tcp_endpoint()
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc:
+        stream = rc.stream([2, 4, 6], SamplingParams(max_new_tokens=6), min_version=5)
+        pending = asyncio.ensure_future(stream.__anext__())  # sends the request; it waits for version 5
+        await asyncio.sleep(0.2)
+        await stream.abort()
+        done = await pending
+        assert isinstance(done, GenerateDone) and done.finish_reason == "abort" and done.output_ids == []
+        ok = await rc.generate([1, 2], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+        assert ok.finish_reason == "length"  # type: ignore[union-attr]
+        assert srv.generation.counters.get("restarts") == 0

@@ -40,6 +40,10 @@ def _prompts(n: int) -> list[list[int]]:
     return prompts(n, QWEN05B["vocab_size"], seed=5, lo=32, hi=33)
 
 
+def _times(ts: list[float]) -> dict[str, Any]:
+    return {"runs_s": [round(x, 4) for x in ts], "median_s": round(statistics.median(ts), 4)}
+
+
 def _median_run(times: list[float], tokens: int) -> dict[str, Any]:
     med = statistics.median(times)
     return {"runs_s": [round(t, 4) for t in times], "median_s": round(med, 4), "tokens": tokens,
@@ -76,7 +80,7 @@ async def bench_direct(a: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             await eng.tokenizer_manager.update_weights_from_tensor(_direct_update(eng, tensors), None)
             ts.append(time.perf_counter() - t0)
-        res[f"update_weights_{name}"] = {"runs_s": [round(x, 4) for x in ts], "median_s": round(statistics.median(ts), 4)}
+        res[f"update_weights_{name}"] = _times(ts)
     eng.shutdown()
     return res
 
@@ -117,9 +121,34 @@ async def bench_adapter(a: argparse.Namespace) -> dict[str, Any]:
         got = await asyncio.gather(*(one(p) for p in ps))
         return time.perf_counter() - t0, sum(got)
 
+    spd = {"max_new_tokens": a.tokens, "temperature": 0.0, "ignore_eos": True}
+
+    async def direct_once(stream: bool) -> tuple[float, int]:
+        """sglang.Engine.async_generate on the same engine, without the adapter."""
+        async def one_direct(p: list[int]) -> int:
+            if not stream:
+                return len((await eng._eng.async_generate(input_ids=p, sampling_params=spd))["output_ids"])
+            n = 0
+            async for chunk in await eng._eng.async_generate(input_ids=p, sampling_params=spd, stream=True):
+                n = len(chunk["output_ids"])  # cumulative
+            return n
+
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one_direct(p) for p in ps))
+        return time.perf_counter() - t0, sum(got)
+
     await once()
-    runs = [await once() for _ in range(a.repeats)]
-    res: dict[str, Any] = {"engine_start_s": round(start_s, 1), **_median_run([r[0] for r in runs], runs[0][1])}
+    runs, plain, streamed = [], [], []
+    for _ in range(a.repeats):  # interleaved, so drift hits all three alike
+        runs.append(await once())
+        plain.append(await direct_once(False))
+        streamed.append(await direct_once(True))
+    res: dict[str, Any] = {"engine_start_s": round(start_s, 1), **_median_run([r[0] for r in runs], runs[0][1]),
+                           "same_engine_direct": _median_run([r[0] for r in plain], plain[0][1]),
+                           "same_engine_direct_stream": _median_run([r[0] for r in streamed], streamed[0][1])}
+    res["adapter_over_same_engine_direct"] = round(res["tokens_per_s"] / res["same_engine_direct"]["tokens_per_s"], 4)
+    res["adapter_over_same_engine_direct_stream"] = round(
+        res["tokens_per_s"] / res["same_engine_direct_stream"]["tokens_per_s"], 4)
     sd = load_file(f"{a.model}/model.safetensors")
     cpu = list(sd.items())
     cuda = [(k, v.cuda()) for k, v in cpu]
@@ -134,7 +163,7 @@ async def bench_adapter(a: argparse.Namespace) -> dict[str, Any]:
             await eng.update_weights(tensors, version=version)
             ts.append(time.perf_counter() - t0)
             await eng.resume()
-        res[f"update_weights_{name}"] = {"runs_s": [round(x, 4) for x in ts], "median_s": round(statistics.median(ts), 4)}
+        res[f"update_weights_{name}"] = _times(ts)
     await eng.shutdown()
     return res
 
@@ -149,7 +178,7 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
            "--model", a.model, "--rollout-endpoint", ep, "--max-new-tokens-limit", "4096"]
     for k, v in BENCH_ARGS.items():
         cmd += ["--engine-arg", f"{k}={v}"]
-    log = open(Path(a.out).with_suffix(".server.log"), "w")
+    log = open(Path(a.out).with_suffix(".server.log"), "w")  # noqa: SIM115 - closed in the finally below
     t = time.time()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -158,7 +187,7 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
                 try:
                     status = await rc.status(timeout=2.0)
                     break
-                except Exception:  # noqa: BLE001 - not up yet
+                except Exception:
                     if proc.poll() is not None:
                         raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
                     await asyncio.sleep(1.0)
@@ -173,7 +202,8 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
 
             await once()
             runs = [await once() for _ in range(a.repeats)]
-        return {"engine_start_s": round(start_s, 1), "engine": status.engine, **_median_run([r[0] for r in runs], runs[0][1])}
+        return {"engine_start_s": round(start_s, 1), "engine": status.engine,
+                **_median_run([r[0] for r in runs], runs[0][1])}
     finally:
         proc.terminate()  # SIGTERM: the adapter turns SGLang's handler into SIGINT, serve stops cleanly
         try:
@@ -183,16 +213,23 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
         log.close()
 
 
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return round(a["tokens_per_s"] / b["tokens_per_s"], 4)
+
+
 def combine(a: argparse.Namespace) -> dict[str, Any]:
     d = Path(a.out).parent
     parts = {m: json.loads((d / f"throughput_{m}.json").read_text()) for m in ("direct", "server", "adapter")
              if (d / f"throughput_{m}.json").exists()}
-    out: dict[str, Any] = {"benchmark": "throughput", "n_requests": a.n, "new_tokens": a.tokens, "model": "Qwen2-0.5B shape, random bf16",
+    if a.direct_json:
+        parts["direct"] = json.loads(Path(a.direct_json).read_text())
+    out: dict[str, Any] = {"benchmark": "throughput", "n_requests": a.n, "new_tokens": a.tokens,
+                           "model": "Qwen2-0.5B shape, random bf16",
                            "device": device_info(), "modes": parts}
     if "direct" in parts and "server" in parts:
-        out["server_over_direct_tokens_per_s"] = round(parts["server"]["tokens_per_s"] / parts["direct"]["tokens_per_s"], 4)
+        out["server_over_direct_tokens_per_s"] = _ratio(parts["server"], parts["direct"])
     if "direct" in parts and "adapter" in parts:
-        out["adapter_over_direct_tokens_per_s"] = round(parts["adapter"]["tokens_per_s"] / parts["direct"]["tokens_per_s"], 4)
+        out["adapter_over_direct_tokens_per_s"] = _ratio(parts["adapter"], parts["direct"])
         for k in ("cuda", "cpu"):
             dk, ak = parts["direct"].get(f"update_weights_{k}"), parts["adapter"].get(f"update_weights_{k}")
             if dk and ak:
@@ -208,6 +245,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--direct-json", default=None, help="combine: the direct run's JSON, if it is elsewhere")
     a = p.parse_args()
     a.out = a.out or str(Path(os.environ.get("OUT", "/tmp")) / f"throughput_{a.mode}.json")
     if a.mode == "write-model":

@@ -10,25 +10,25 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import DIRECT_ENGINE_KWARGS, Report, device_info, gib_free, out_dir, prompts  # noqa: E402
+from common import CHECK_DIRECT_KWARGS, Report, device_info, gib_free, out_dir, prompts
 
 MAX_NEW = 32
 
 
 def main(model: str) -> int:
+    import sglang
     import torch
     from safetensors.torch import load_file
-
-    import sglang
     from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
 
     rep = Report("direct_sglang")
     t = time.time()
-    eng = sglang.Engine(model_path=model, **DIRECT_ENGINE_KWARGS)
+    eng = sglang.Engine(model_path=model, **CHECK_DIRECT_KWARGS)
     rep.figure("engine_start_s", round(time.time() - t, 1))
-    vocab = json.load(open(f"{model}/config.json"))["vocab_size"]
+    vocab = json.loads(Path(f"{model}/config.json").read_text())["vocab_size"]
     ps = prompts(8, vocab)
     greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}
     run = eng.loop.run_until_complete
@@ -43,8 +43,8 @@ def main(model: str) -> int:
     again, _ = alone()
     rep.check("greedy alone is repeatable", again == ref, same=sum(a == b for a, b in zip(again, ref, strict=True)))
     batched = [o["output_ids"] for o in eng.generate(input_ids=ps, sampling_params=greedy)]
-    rep.check("greedy batched equals alone", batched == ref, same=sum(a == b for a, b in zip(batched, ref, strict=True)),
-              of=len(ps))
+    rep.check("greedy batched equals alone", batched == ref,
+              same=sum(a == b for a, b in zip(batched, ref, strict=True)), of=len(ps))
 
     async def stream() -> int:
         n = 0
@@ -107,7 +107,8 @@ def main(model: str) -> int:
     (out_dir() / "direct_ref.json").write_text(json.dumps({"prompts": ps, "max_new_tokens": MAX_NEW,
                                                            "greedy": ref, "logprobs": ref_lp}))
     eng.shutdown()
-    rep.write({"device": device_info(), "model": model, "torch_cuda_free_gib_end": round(torch.cuda.mem_get_info(0)[0] / 2**30, 2)})
+    rep.write({"device": device_info(), "model": model,
+               "torch_cuda_free_gib_end": round(torch.cuda.mem_get_info(0)[0] / 2**30, 2)})
     return 0
 
 

@@ -42,7 +42,8 @@ def sglang_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ob
         yield mod, ckpt
     finally:
         sys.path.remove(FAKE)
-        for name in [n for n in sys.modules if n == "sglang" or n.startswith("sglang.") or n == "rollwire.engines.sglang"]:
+        ours = ("sglang", "rollwire.engines.sglang")
+        for name in [n for n in sys.modules if n in ours or n.startswith("sglang.")]:
             del sys.modules[name]
 
 
@@ -118,7 +119,7 @@ async def test_greedy_streams_every_token_with_logprobs_and_one_terminal_delta(e
 
 async def test_aborting_one_rid_leaves_a_rid_it_is_a_prefix_of_running(eng) -> None:
     r1, t1 = start(eng, "p:1", [9, 9], max_new_tokens=3000, ignore_eos=True)
-    r10, t10 = start(eng, "p:10", [9, 8], max_new_tokens=60, ignore_eos=True)
+    _, t10 = start(eng, "p:10", [9, 8], max_new_tokens=60, ignore_eos=True)
     await until(r1, 3)
     await eng.abort("p:1")
     assert (await t1)["finish"] == "abort"
@@ -153,7 +154,7 @@ async def test_tokens_after_a_load_while_paused_carry_the_new_version(eng, sglan
     assert [len(r["tokens"]) for r, _ in started] == seen  # nothing while paused
     await eng.update_weights(weights(ckpt, 1.5), version=1)
     await eng.resume()
-    for (res, task), k in zip(started, seen, strict=True):
+    for (_, task), k in zip(started, seen, strict=True):
         out = await task
         assert out["finals"] == 1 and out["finish"] == "length" and len(out["tokens"]) == 40
         assert out["versions"] == [0] * k + [1] * (40 - k)
@@ -173,7 +174,8 @@ async def test_pause_abort_ends_running_requests_and_holds_new_ones(eng) -> None
     assert (await tb)["finish"] in ("stop", "length")
 
 
-async def test_release_with_requests_inside_sglang_evicts_them_and_they_continue_after_resume(eng, sglang_module) -> None:
+async def test_release_with_requests_inside_sglang_evicts_them_and_they_continue_after_resume(eng,
+                                                                                              sglang_module) -> None:
     _, ckpt = sglang_module
     started = [start(eng, f"r{i}", [i + 7, 1], **G) for i in range(3)]
     for res, _ in started:
@@ -189,7 +191,7 @@ async def test_release_with_requests_inside_sglang_evicts_them_and_they_continue
     await eng.update_weights(weights(ckpt), version=1)
     await eng.resume_memory(["kv_cache", "cuda_graph"])
     await eng.resume()
-    for res, task in started:
+    for _, task in started:
         out = await task
         assert out["finals"] == 1 and out["finish"] == "length" and len(out["tokens"]) == 40
         assert out["versions"] == sorted(out["versions"]) and out["versions"][-1] == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,11 @@ class InFlight:
     aborted: bool = False
     closed: bool = False  # answered by someone else (supervisor): send nothing more
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+async def _no_deltas() -> AsyncIterator[EngineDelta]:
+    return
+    yield
 
 
 def error_code(code: str) -> ErrorCode:
@@ -204,10 +209,8 @@ class GenerationActor(GenerationControl, Actor):
         finish = "abort"
         version = self.weight_version
         cached = 0
-        if flight.aborted:
-            deltas: Any = ()
-        else:
-            deltas = self.engine.generate(req)
+        # aborted before it started (e.g. while waiting for min_version): no engine work at all
+        deltas = _no_deltas() if flight.aborted else self.engine.generate(req)
         self._running_samples += 1
         try:
             async for d in deltas:

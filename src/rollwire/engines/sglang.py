@@ -33,10 +33,17 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   them). Requests still inside SGLang are *evicted* first: aborted there, kept here, and
   re-submitted (prompt + output so far, the remaining token budget) once the engine runs again,
   which is what a retract does. flush_cache evicts the same way when paused.
+* stop_token_ids with ignore_eos: SGLang's ignore_eos also switches its stop ids off, so then the
+  adapter watches for them itself, ends the request with "stop" and aborts it inside SGLang.
 * weight version per token: when a version goes live, the number of tokens each live request
-  has produced is recorded; tokens before that mark belong to the old version. Known limit: with
-  SGLang's overlap scheduler an ``in_place`` pause leaves the step already launched in flight, and
-  its one token per running request is delivered after resume under the new version.
+  has produced is recorded; tokens before that mark belong to the old version. Known limit (seen
+  on an H100): with SGLang's overlap scheduler an ``in_place`` pause leaves the step already
+  launched in flight, and its one token per running request comes out after resume, computed
+  with the old weights but tagged with the new version. ``retract`` and ``abort`` are exact; so is
+  ``in_place`` with ``--engine-arg disable_overlap_schedule=true``.
+* cost: every request is streamed (the version marks need the token counts), and SGLang's own
+  streaming path is the larger part of the gap to non-streamed ``async_generate`` (see
+  bench/results/sglang_throughput.json).
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ import random
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,6 +383,11 @@ class SGLangEngine:
             s.killed = True
             if s.pending is not None and not s.pending.done():
                 s.pending.cancel()
+            st = s.state
+            if st is not None and not isinstance(st, _StateView) and not st.finished:
+                st.finished = True
+                st.out_list.append({"output_ids": st.output_ids, "meta_info": {"finish_reason": {"type": "abort"}}})
+                st.event.set()
         await asyncio.sleep(0)
         for task in list(getattr(self._tm, "asyncio_tasks", ())):
             task.cancel()
@@ -560,10 +572,12 @@ class SGLangEngine:
                                    "rw_disallowed": list(p.disallowed_token_ids or [])}
         return sp
 
-    async def _run_segment(self, s: _Live) -> AsyncIterator[EngineDelta]:
+    async def _run_segment(self, s: _Live) -> AsyncGenerator[EngineDelta, None]:
         """Submit prompt + output so far; stream until SGLang ends the request."""
         req = s.req
         sp = self._sampling_params(s)
+        # SGLang's ignore_eos also disables stop_token_ids: then the stop ids are watched here
+        local_stops = frozenset(req.params.stop_token_ids) if req.params.ignore_eos else frozenset()
         s.srid = f"{self._rid_prefix}{next(self._rids):012x}"
         s.seg_base = len(s.output)
         s.evicting = False
@@ -573,12 +587,12 @@ class SGLangEngine:
             custom_logit_processor=self._mask_processor if "custom_params" in sp else None)
         agen = self._tm.generate_request(obj, None)
         try:
-            s.pending = asyncio.ensure_future(agen.__anext__())
+            first = s.pending = asyncio.ensure_future(agen.__anext__())
             await asyncio.sleep(0)  # its first step registers the ReqState that outputs are read from
             s.state = self._tm.rid_to_state.get(s.srid)
             while True:
                 try:
-                    out = await s.pending
+                    out = await first if first is not None else await agen.__anext__()
                 except StopAsyncIteration:
                     out = None
                 except asyncio.CancelledError:
@@ -587,19 +601,25 @@ class SGLangEngine:
                     out = None  # shutdown gave up on SGLang's answer
                 except ValueError as e:  # SGLang refused the request
                     raise EngineError("bad_sampling_params", f"sglang: {e}") from None
+                first = s.pending = None
                 meta = out["meta_info"] if out is not None else {}
                 if s.state is None and out is not None and isinstance(out.get("output_ids"), list):
-                    # no ReqState seen (should not happen): fall back to the output itself
-                    s.state = _StateView(out)
+                    s.state = _StateView(out)  # no ReqState seen (should not happen): read the output itself
                 kind, fr = _finish_type(meta) if out is not None else ("abort", {})
                 new_ids, new_lps = self._take_new(s)
                 cached = int(meta.get("cached_tokens") or 0)
+                hit = next((i for i, t in enumerate(new_ids) if t in local_stops), None) if local_stops else None
+                if hit is not None:
+                    new_ids = new_ids[: hit + 1]
+                    new_lps = new_lps[: hit + 1] if new_lps is not None else None
+                    if kind is None:
+                        self._tm.abort_request(s.srid)  # the tokens it makes past the stop are dropped
+                    kind, fr = "stop", {}
                 if kind is None:
                     for d in self._deltas(s, new_ids, new_lps, None, cached):
                         yield d
-                    s.pending = asyncio.ensure_future(agen.__anext__())
                     continue
-                s.srid, s.state, s.pending = "", None, None
+                s.srid, s.state = "", None
                 if kind == "abort" and fr.get("status_code") not in (None, 200) and not s.abort_requested:
                     raise EngineError("internal", f"sglang: {fr.get('message', fr)}")
                 if kind == "abort" and s.evicting and not s.abort_requested and not self._closed:
@@ -634,7 +654,9 @@ class SGLangEngine:
         if lps is not None:
             s.logprobs.extend(lps)
         runs: list[tuple[int, int, int]] = []  # (version, from, to) over the new tokens
-        for k in range(len(ids)):
+        if not s.marks or s.marks[-1][0] <= start:  # the usual case: every new token is the live version's
+            runs.append((self._version, 0, len(ids)))
+        for k in range(len(ids) if not runs else 0):
             v = self._version_of(s, start + k)
             if runs and runs[-1][0] == v:
                 runs[-1] = (v, runs[-1][1], k + 1)

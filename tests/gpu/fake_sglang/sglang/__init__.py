@@ -9,4 +9,4 @@ is checked by tests/gpu/run_gpu.sh on a GPU.
 
 __version__ = "0.0.0-fake"
 
-from sglang.srt.entrypoints_engine import Engine  # noqa: E402,F401
+from sglang.srt.entrypoints_engine import Engine  # noqa: F401

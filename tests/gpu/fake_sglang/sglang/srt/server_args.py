@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated as A  # noqa: N817
-from typing import Optional
+from typing import Annotated as A
 
 
 @dataclasses.dataclass
@@ -13,15 +12,16 @@ class ServerArgs:
     enable_memory_saver: A[bool, ""] = False
     enable_deterministic_inference: A[bool, ""] = False
     log_level: A[str, ""] = "error"
-    attention_backend: A[Optional[str], ""] = None
-    sampling_backend: A[Optional[str], ""] = None
-    mem_fraction_static: A[Optional[float], ""] = None
-    cuda_graph_max_bs_decode: A[Optional[int], ""] = None
-    random_seed: A[Optional[int], ""] = None
+    attention_backend: A[str | None, ""] = None
+    sampling_backend: A[str | None, ""] = None
+    mem_fraction_static: A[float | None, ""] = None
+    cuda_graph_max_bs_decode: A[int | None, ""] = None
+    random_seed: A[int | None, ""] = None
     tp_size: A[int, ""] = 1
     dtype: A[str, ""] = "auto"
-    context_length: A[Optional[int], ""] = None
+    context_length: A[int | None, ""] = None
     base_gpu_id: A[int, ""] = 0
     weight_version: A[str, ""] = "default"
     json_model_override_args: A[str, ""] = "{}"
+    disable_radix_cache: A[bool, ""] = False
     fake_step_s: A[float, "seconds per decode step of the fake scheduler"] = 0.002

@@ -1,16 +1,16 @@
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
 class GenerateReqInput:
-    input_ids: Optional[list] = None
-    sampling_params: Optional[dict] = None
+    input_ids: list | None = None
+    sampling_params: dict | None = None
     return_logprob: bool = False
     stream: bool = False
-    rid: Optional[str] = None
-    extra_key: Optional[str] = None
-    custom_logit_processor: Optional[str] = None
+    rid: str | None = None
+    extra_key: str | None = None
+    custom_logit_processor: str | None = None
 
 
 @dataclass
@@ -26,20 +26,20 @@ class ContinueGenerationReqInput:
 @dataclass
 class UpdateWeightsFromTensorReqInput:
     serialized_named_tensors: list = field(default_factory=list)
-    load_format: Optional[str] = None
+    load_format: str | None = None
     flush_cache: bool = True
     abort_all_requests: bool = False
-    weight_version: Optional[str] = None
+    weight_version: str | None = None
 
 
 @dataclass
 class ReleaseMemoryOccupationReqInput:
-    tags: Optional[list] = None
+    tags: list | None = None
 
 
 @dataclass
 class ResumeMemoryOccupationReqInput:
-    tags: Optional[list] = None
+    tags: list | None = None
 
 
 @dataclass

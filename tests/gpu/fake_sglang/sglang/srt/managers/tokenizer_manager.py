@@ -1,6 +1,7 @@
 """Fake TokenizerManager + an in-loop fake scheduler (see sglang/__init__.py)."""
 
 import asyncio
+import contextlib
 import json
 import pickle
 import random
@@ -167,9 +168,9 @@ class TokenizerManager:
             return
         state.finished = True
         ids = state.output_ids
-        state.out_list.append({"output_ids": [ids[-1]] if ids else [],
-                               "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
-                                             "completion_tokens": len(ids)}})
+        reason = {"type": "abort", "message": "Abort in waiting queue"}
+        state.out_list.append({"output_ids": [ids[-1]] if ids else [],  # as SGLang: the last token only
+                               "meta_info": {"id": rid, "finish_reason": reason, "completion_tokens": len(ids)}})
         state.event.set()
         del self.rid_to_state[rid]
 
@@ -181,10 +182,8 @@ class TokenizerManager:
         step = self.server_args.fake_step_s
         while not self.scheduler_dead:
             msgs = []
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 msgs.append(await asyncio.wait_for(self._inbox.get(), step))
-            except asyncio.TimeoutError:
-                pass
             while not self._inbox.empty():
                 msgs.append(self._inbox.get_nowait())
             for m in msgs:
@@ -239,7 +238,8 @@ class TokenizerManager:
         except AssertionError as e:  # the real scheduler process dies here
             self.crash = e
             self.log.append(f"CRASH {e}")
-            print(f"FAKE SCHEDULER CRASH: {e} waiting={[r.rid for r in self._waiting]} running={[r.rid for r in self._running]}", flush=True)
+            print(f"FAKE SCHEDULER CRASH: {e} waiting={[r.rid for r in self._waiting]} "
+                  f"running={[r.rid for r in self._running]}", flush=True)
             if fut is not None and not fut.done():
                 fut.set_exception(e)
 
@@ -276,7 +276,7 @@ class TokenizerManager:
             r.out.append(tok)
             sp = r.sp
             fin = None
-            if tok in (sp.get("stop_token_ids") or []) or (tok == 2 and not sp.get("ignore_eos")):
+            if not sp.get("ignore_eos") and (tok in (sp.get("stop_token_ids") or []) or tok == 2):  # as SGLang
                 fin = {"type": "stop", "matched": tok}
             elif len(r.out) >= sp.get("max_new_tokens", 128):
                 fin = {"type": "length", "length": len(r.out)}
