@@ -137,16 +137,16 @@ class GenerationActor(GenerationControl, Actor):
 
     # -- handlers -------------------------------------------------------------------------
     @handles(HealthRequest)
-    async def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
-        await self.reply(origin, HealthReply(weight_version=self.weight_version,
-                                             governor_state=self.state, protocol=PROTOCOL_VERSION))
+    def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+        self.reply_nowait(origin, HealthReply(weight_version=self.weight_version,
+                                              governor_state=self.state, protocol=PROTOCOL_VERSION))
 
     @handles(StatusRequest)
-    async def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
+    def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
         info = self.engine.info()
         counters = self.counters.snapshot()
         counters.update({f"engine.{k}": float(v) for k, v in info.extra.items() if isinstance(v, (int, float))})
-        await self.reply(origin, StatusReply(
+        self.reply_nowait(origin, StatusReply(
             engine=info.name, model=self.model_name, weight_version=info.weight_version,
             governor_state=self.state, in_flight=len(self.in_flight),
             max_new_tokens_limit=self.max_new_tokens_limit, vocab_size=info.vocab_size, counters=counters))

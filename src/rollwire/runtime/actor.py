@@ -3,9 +3,10 @@
 An actor owns one ROUTER per *port* (each port accepts one tagged union and may be bound to
 several endpoints: its inproc address plus, e.g., a public tcp endpoint). One receiving task per
 socket decodes a message and hands it straight to the handler registered for its type: a sync
-handler runs inline (no extra hop); an async handler becomes a task, bounded by ``max_pending``
-(the mailbox bound: beyond it the sender gets OVERLOADED, and the receive loop keeps reading so
-aborts and health checks still get through).
+handler runs inline (no extra hop) and answers with ``reply_nowait`` (no task either); an async
+handler becomes a task, bounded by ``max_pending`` (the mailbox bound: beyond it the sender gets
+OVERLOADED, and the receive loop keeps reading so aborts and health checks still get through).
+The receiving task drains every message already queued (up to ``RECV_BATCH``) before it yields.
 
 Handler outcomes: a ``RollwireError`` becomes that request's ``ErrorReply`` and the actor goes on;
 any other exception also answers the sender (``internal``) and then crashes the actor, which the
@@ -32,6 +33,7 @@ from rollwire.transports import sockets
 from rollwire.transports.rpc import RpcClient
 
 F = TypeVar("F", bound=Callable[..., Any])
+RECV_BATCH = 256  # messages handled per wake-up of a port's receiving task before it yields
 
 
 def handles(*types: type) -> Callable[[F], F]:
@@ -154,14 +156,36 @@ class Actor:
             self.counters.inc("replies_undeliverable")
         return ok
 
+    def reply_nowait(self, origin: Origin, msg: msgspec.Struct, payload: Sequence[Buffer] = ()) -> bool:
+        """``reply`` from sync code, without a task when ZeroMQ takes the frames at once (the common
+        case). At the high-water mark the send waits in a reply task, bounded by SEND_TIMEOUT_S and
+        flushed (not cancelled) on close. False if the peer is gone. With ``payload``, the buffers
+        must stay unchanged until the send completes (as for ``reply``)."""
+        frames = self._reply_codec.encode(origin.rid, msg, payload)
+        try:
+            pending = sockets.send_nowait(self._socks[origin.port], [origin.peer, *frames], copy=not payload)
+        except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); ENOTSOCK: closed
+            self.counters.inc("replies_undeliverable")
+            return False
+        if pending is not None:
+            task = asyncio.get_running_loop().create_task(self._finish_send(pending))
+            self._replies.add(task)
+            task.add_done_callback(self._replies.discard)
+        return True
+
+    async def _finish_send(self, pending: asyncio.Future[Any]) -> None:
+        try:
+            await asyncio.wait_for(pending, sockets.SEND_TIMEOUT_S)
+        except (TimeoutError, zmq.ZMQError):
+            self.counters.inc("replies_undeliverable")
+
     async def reply_error(self, origin: Origin, code: ErrorCode, message: str) -> bool:
         return await self.reply(origin, ErrorReply(code=code, message=message, origin=self.name))
 
     def send_error_soon(self, origin: Origin, code: ErrorCode, message: str) -> None:
-        """Queue an error reply from sync code; it is flushed even if the actor is stopping."""
-        task = asyncio.get_running_loop().create_task(self.reply_error(origin, code, message))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        """Send an error reply from sync code; one still waiting at the HWM is flushed even if the
+        actor is stopping."""
+        self.reply_nowait(origin, ErrorReply(code=code, message=message, origin=self.name))
 
     def peer(self, endpoint: str, reply_union: Any) -> RpcClient[Any]:
         """A cached DEALER to another actor's port (inproc, ipc or tcp: the same code)."""
@@ -172,20 +196,37 @@ class Actor:
 
     # -- internals ------------------------------------------------------------------------
     async def _serve(self, port: str) -> None:
+        """The port's one receiving task: wait for a message, then handle it and every message
+        already queued behind it (non-blocking receives, no Future each) before yielding."""
         sock, codec = self._socks[port], self._codecs[port]
         copy = not self.ports[port].zero_copy
+        ready = sockets.shadow(sock)
         while True:
             frames: list[Any] = await sock.recv_multipart(copy=copy)
-            if not copy:
-                frames = [f.bytes if i == 0 else f.buffer for i, f in enumerate(frames)]
-            peer = frames[0]
-            try:
-                rid, msg, payload = codec.decode(frames[1:])
-            except ProtocolError as e:
-                self.counters.inc("bad_messages")
-                self.send_error_soon(Origin(port, peer, e.rid), e.code, e.message)
-                continue
-            self._handle(Origin(port, peer, rid), msg, payload)
+            handled = 0
+            while True:
+                self._receive(port, codec, frames, copy)
+                handled += 1
+                if handled % RECV_BATCH == 0:
+                    await asyncio.sleep(0)  # a long queue must not starve the actor's other tasks
+                try:
+                    frames = ready.recv_multipart(zmq.NOBLOCK, copy=copy)
+                except zmq.Again:
+                    break
+
+    def _receive(self, port: str, codec: Codec[Any], frames: list[Any], copy: bool) -> None:
+        if not copy:
+            frames = [f.bytes if i == 0 else f.buffer for i, f in enumerate(frames)]
+        peer = frames[0]
+        try:
+            rid, msg, payload = codec.decode(frames[1:])
+        except Exception as e:  # a decoder bug must cost one message, never the port
+            code, text, rid = ((e.code, e.message, e.rid) if isinstance(e, ProtocolError)
+                               else (ErrorCode.BAD_FRAME, f"undecodable: {e!r}", 0))
+            self.counters.inc("bad_messages")
+            self.send_error_soon(Origin(port, peer, rid), code, text)
+            return
+        self._handle(Origin(port, peer, rid), msg, payload)
 
     def _handle(self, origin: Origin, msg: Any, payload: Sequence[Buffer]) -> None:
         handler = self._dispatch.get(type(msg))
@@ -197,7 +238,7 @@ class Actor:
         except BaseException as e:
             self._handler_failed(origin, e)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             if len(self._tasks) >= self.max_pending:
                 self.counters.inc("overloaded")
                 self.send_error_soon(origin, ErrorCode.OVERLOADED, f"{self.name} has {self.max_pending} pending")

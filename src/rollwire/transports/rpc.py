@@ -20,6 +20,7 @@ from rollwire.messages.codec import Buffer, Codec, ProtocolError
 from rollwire.transports import sockets
 
 R = TypeVar("R")
+RECV_BATCH = 256  # replies delivered per wake-up of the receiving task before it yields
 
 
 class ConnectionClosed(Exception):
@@ -95,18 +96,29 @@ class RpcClient(Generic[R]):
     async def send(self, rid: int, msg: msgspec.Struct, payload: Sequence[Buffer] = ()) -> None:
         if self._closed:
             raise ConnectionClosed(f"client to {self.endpoint} is closed")
+        if self._recv_task is not None and self._recv_task.done():  # nobody would deliver a reply
+            raise ConnectionClosed(f"receive loop for {self.endpoint} has stopped")
         self.start()
         frames = self._codec.encode(rid, msg, payload)
         if not await sockets.send(self._sock, frames, copy=not payload):
             raise ConnectionClosed(f"send to {self.endpoint} timed out at the high-water mark")
 
     async def _recv_loop(self) -> None:
+        copy = not self._zero_copy
+        ready = sockets.shadow(self._sock)
         try:
             while True:
-                frames: list[Any] = await self._sock.recv_multipart(copy=not self._zero_copy)
-                if self._zero_copy:
-                    frames = [f.buffer for f in frames]
-                self._dispatch(frames)
+                frames: list[Any] = await self._sock.recv_multipart(copy=copy)
+                delivered = 0
+                while True:  # every reply already queued, without a Future each
+                    self._dispatch(frames if copy else [f.buffer for f in frames])
+                    delivered += 1
+                    if delivered % RECV_BATCH == 0:
+                        await asyncio.sleep(0)  # let the callers run
+                    try:
+                        frames = ready.recv_multipart(zmq.NOBLOCK, copy=copy)
+                    except zmq.Again:
+                        break
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the socket died: nobody may wait forever

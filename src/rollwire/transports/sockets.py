@@ -84,6 +84,27 @@ def socket(kind: int, *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None
     return sock
 
 
+def shadow(sock: zmq.asyncio.Socket) -> zmq.Socket:
+    """A plain (blocking-API) view of an asyncio socket, for non-blocking receives that skip
+    zmq.asyncio's per-call Future and EVENTS bookkeeping. Only the socket's single receiving task
+    may use it, and only to drain with ``NOBLOCK`` until ``zmq.Again`` (or before awaiting the
+    asyncio socket again, which re-checks EVENTS), so no edge of the socket's FD is lost."""
+    return zmq.Socket.shadow(sock.underlying)
+
+
+def send_nowait(sock: zmq.asyncio.Socket, frames: Sequence[Any], *, copy: bool = True) -> asyncio.Future[Any] | None:
+    """Send now if ZeroMQ takes it (the common case); None when sent, else the pending send.
+
+    Raises ZMQError as ``send`` would see it (EHOSTUNREACH: the peer is gone). A returned future
+    is a send waiting at the high-water mark: await it with a timeout, or cancel it.
+    """
+    fut: Any = sock.send_multipart(frames, copy=copy)
+    if not fut.done():
+        return fut  # type: ignore[no-any-return]
+    fut.result()
+    return None
+
+
 async def send(sock: zmq.asyncio.Socket, frames: Sequence[Any], *, copy: bool = True,
                timeout: float = SEND_TIMEOUT_S) -> bool:
     """Send frames; False when the peer is gone (EHOSTUNREACH) or the send timed out at the HWM.
