@@ -12,13 +12,9 @@ import asyncio
 import pytest
 
 from rollwire import RolloutClient, SamplingParams
-from rollwire.actors.memory_governor import GOVERNOR
-from rollwire.messages import ApplyVersion, ControlReply, GenerateDone, NamedTensor, VersionApplied
-from rollwire.runtime import address
+from rollwire.messages import ErrorCode, ErrorReply, GenerateDone, VersionApplied
 from rollwire.server import RolloutServer, ServerConfig
-from rollwire.transports.rpc import RpcClient
-from rollwire.transports.tensors import encode_tensors
-from tests.versioned import check_spans, version_state
+from tests.versioned import check_spans, send_version, version_state
 
 from .conftest import free_tcp_endpoint
 
@@ -27,17 +23,9 @@ LONG = SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
 
 
 async def apply_version(version: int) -> VersionApplied:
-    state = version_state(version)
-    refs, bufs = encode_tensors(list(state.values()))
-    msg = ApplyVersion(version=version, step=version, tensors=[NamedTensor(n, r) for n, r in zip(state, refs,
-                                                                                                strict=True)])
-    client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
-    try:
-        reply = await client.call(msg, bufs, timeout=60)
-    finally:
-        await client.close()
-    assert isinstance(reply.msg, VersionApplied), reply.msg
-    return reply.msg
+    reply = await send_version(version, version_state(version))
+    assert isinstance(reply, VersionApplied), reply
+    return reply
 
 
 async def _push_under_load(policy: str) -> tuple[list[GenerateDone], GenerateDone]:
@@ -106,12 +94,8 @@ async def test_a_version_with_a_wrong_shape_is_rejected_and_the_old_version_keep
     async with RolloutServer(ServerConfig(rollout_endpoint=ep, pause_policy=policy)) as srv:
         state = version_state(1)
         state["lm_head.weight"] = state["lm_head.weight"][:-1]
-        refs, bufs = encode_tensors(list(state.values()))
-        client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
-        reply = await client.call(ApplyVersion(version=1, step=1, tensors=[
-            NamedTensor(n, r) for n, r in zip(state, refs, strict=True)]), bufs, timeout=60)
-        await client.close()
-        assert reply.msg.code.value == "shape_mismatch", reply.msg
+        reply = await send_version(1, state)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.SHAPE_MISMATCH, reply
         assert srv.generation.weight_version == 0 and srv.governor.state == "SERVING"
         async with RolloutClient(ep, timeout=60) as rc:
             out = await rc.generate([1, 2, 3], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))

@@ -8,14 +8,10 @@ import asyncio
 import pytest
 
 from rollwire import ErrorCode, RolloutClient, SamplingParams
-from rollwire.actors.memory_governor import GOVERNOR
-from rollwire.messages import ApplyVersion, ControlReply, ErrorReply, GenerateDone, NamedTensor, VersionApplied
-from rollwire.runtime import address
+from rollwire.messages import ErrorReply, GenerateDone, VersionApplied
 from rollwire.server import RolloutServer, ServerConfig
-from rollwire.transports.rpc import RpcClient
-from rollwire.transports.tensors import encode_tensors
 from tests.test_governor import apply_version
-from tests.versioned import check_spans, version_state
+from tests.versioned import check_spans, send_version, version_state
 
 from .conftest import free_tcp_endpoint
 
@@ -62,20 +58,9 @@ async def test_coalesce_keeps_only_the_newest_version_waiting_behind_a_load() ->
                                                                            ignore_eos=True)))
         await asyncio.sleep(0.1)
 
-        async def send(version: int) -> object:
-            state = states[version]
-            refs, bufs = encode_tensors(list(state.values()))
-            client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
-            try:
-                reply = await client.call(ApplyVersion(version=version, step=version, tensors=[
-                    NamedTensor(n, r) for n, r in zip(state, refs, strict=True)]), bufs, timeout=60)
-            finally:
-                await client.close()
-            return reply.msg
-
-        first = asyncio.ensure_future(send(1))
+        first = asyncio.ensure_future(send_version(1, states[1]))
         await asyncio.sleep(0.01)
-        middle, newest = await asyncio.gather(send(2), send(3))
+        middle, newest = await asyncio.gather(send_version(2, states[2]), send_version(3, states[3]))
         assert isinstance(await first, VersionApplied)
         assert isinstance(middle, ErrorReply) and middle.code == ErrorCode.SUPERSEDED
         assert isinstance(newest, VersionApplied) and newest.version == 3

@@ -11,8 +11,12 @@ import functools
 
 import torch
 
-from rollwire.messages import GenerateDone
+from rollwire.actors.memory_governor import GOVERNOR
+from rollwire.messages import ApplyVersion, ControlReply, GenerateDone, NamedTensor
 from rollwire.models import tiny
+from rollwire.runtime import address
+from rollwire.transports.rpc import RpcClient
+from rollwire.transports.tensors import encode_tensors
 
 
 @functools.cache
@@ -45,3 +49,17 @@ def check_spans(prompt: list[int], done: GenerateDone) -> None:
         got = done.output_ids[span.start:span.end]
         want = greedy(span.version, prompt + done.output_ids[:span.start], span.end - span.start)
         assert got == want, f"span {span} does not match version {span.version}'s greedy continuation"
+
+
+async def send_version(version: int, state: dict[str, torch.Tensor], timeout: float = 60) -> object:
+    """Hand ``state`` to the governor's weights port exactly as the WeightReceiverActor does
+    (ApplyVersion, tensors as payload frames, inproc ZeroMQ); returns its reply message."""
+    refs, bufs = encode_tensors(list(state.values()))
+    msg = ApplyVersion(version=version, step=version,
+                       tensors=[NamedTensor(n, r) for n, r in zip(state, refs, strict=True)])
+    client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
+    try:
+        reply = await client.call(msg, bufs, timeout=timeout)
+    finally:
+        await client.close()
+    return reply.msg
