@@ -36,6 +36,10 @@ class EngineRequest:
     params: SamplingParams  # n is handled above the engine: an engine request is one sample
     return_logprob: bool = False
     stream: bool = True  # False: the engine may hold tokens back and deliver them with the finish
+    # sessions: the engine may keep this request's KV under ``session_id`` when it finishes and
+    # reuse it for the session's next request whose input_ids extend it (see close_session)
+    session_id: str | None = None
+    keep_stale_prefix: bool = False  # reuse a prefix computed by an older weight version
 
 
 @dataclass
@@ -95,3 +99,6 @@ class Engine(Protocol):
     async def resume_memory(self, tags: Sequence[MemoryTag]) -> None: ...
 
     async def flush_cache(self) -> None: ...
+
+    async def close_session(self, session_id: str) -> None:
+        """Free whatever the engine keeps for ``session_id`` (its cached prefix); no-op if unknown."""
