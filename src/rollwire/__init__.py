@@ -7,6 +7,7 @@ from rollwire.clients.rollout import (
     RolloutClient,
     RolloutError,
 )
+from rollwire.clients.session import Session, Trajectory, TurnRecord
 from rollwire.messages import ErrorCode, GenerateChunk, GenerateDone, SamplingParams, VersionSpan
 
 __version__ = "0.1.0"
@@ -21,5 +22,18 @@ __all__ = [
     "RolloutClient",
     "RolloutError",
     "SamplingParams",
+    "Session",
+    "TrainerPublisher",
+    "Trajectory",
+    "TurnRecord",
     "VersionSpan",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the trainer side pulls in torch: imported on first use, not with every rollout client
+    if name in ("TrainerPublisher", "PushReport", "PushError"):
+        from rollwire.clients import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'rollwire' has no attribute {name!r}")

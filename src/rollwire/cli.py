@@ -57,6 +57,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coalesce", action="store_true", help="only the newest version waits behind a load")
     p.add_argument("--max-staleness", type=int, default=None, help="abort requests started > K versions ago")
     p.add_argument("--receiver-id", default="")
+    p.add_argument("--session-endpoint", default=None,
+                   help="where the SessionActor listens (default: rollout tcp port + 1, or <ipc path>-sessions)")
+    p.add_argument("--max-sessions", type=int, default=4096)
+    p.add_argument("--max-session-tokens", type=int, default=32768, help="upper bound of a session's max_tokens")
 
 
 def server_config(a: argparse.Namespace) -> ServerConfig:
@@ -65,7 +69,8 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         max_batch_size=a.max_batch_size, engine_args=_engine_args(a.engine_arg),
                         trainer_endpoint=a.trainer_endpoint, mode=a.mode, pause_policy=a.pause_policy,
                         drain_deadline_s=a.drain_deadline, coalesce=a.coalesce, max_staleness=a.max_staleness,
-                        receiver_id=a.receiver_id)
+                        receiver_id=a.receiver_id, session_endpoint=a.session_endpoint,
+                        max_sessions=a.max_sessions, max_session_tokens=a.max_session_tokens)
 
 
 async def _generate(a: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from rollwire.actors.generation import GENERATION, GenerationActor
 from rollwire.actors.memory_governor import GOVERNOR, MemoryGovernor
+from rollwire.actors.session import SESSIONS, SessionActor
 from rollwire.engines.base import Engine
 from rollwire.runtime import ActorSystem, address
 from rollwire.runtime.logging import get_logger
@@ -39,6 +40,18 @@ class ServerConfig:
     max_staleness: int | None = None  # abort requests started more than K versions ago
     receiver_id: str = ""  # name this server registers under (default: host:pid)
     stall_timeout_s: float = 30.0  # a version not complete by then is discarded
+    # sessions (multi-turn); the endpoint defaults to the rollout endpoint's neighbour
+    session_endpoint: str | None = None
+    max_sessions: int = 4096
+    max_session_tokens: int = 32768
+
+
+def session_endpoint_for(rollout_endpoint: str) -> str:
+    """The default session endpoint: tcp port + 1, or the ipc/inproc name + "-sessions"."""
+    if rollout_endpoint.startswith("tcp://"):
+        host, _, port = rollout_endpoint.rpartition(":")
+        return f"{host}:{int(port) + 1}"
+    return f"{rollout_endpoint}-sessions"
 
 
 def make_engine_factory(cfg: ServerConfig) -> Callable[[], Engine]:
@@ -69,15 +82,27 @@ class RolloutServer:
         return self.system.actor(GENERATION)  # type: ignore[return-value]
 
     @property
+    def sessions(self) -> SessionActor:
+        return self.system.actor(SESSIONS)  # type: ignore[return-value]
+
+    @property
     def governor(self) -> MemoryGovernor:
         return self.system.actor(GOVERNOR)  # type: ignore[return-value]
 
     async def start(self) -> RolloutServer:
         cfg = self.cfg
+        session_endpoint = cfg.session_endpoint or session_endpoint_for(cfg.rollout_endpoint)
         await self.system.spawn(
             lambda: GenerationActor(self._engine_factory, max_new_tokens_limit=cfg.max_new_tokens_limit,
-                                    model_name=cfg.model, max_staleness=cfg.max_staleness),
+                                    model_name=cfg.model, max_staleness=cfg.max_staleness,
+                                    session_endpoint=session_endpoint),
             extra_binds={"rollout": [cfg.rollout_endpoint]},
+        )
+        await self.system.spawn(
+            lambda: SessionActor(generation_rollout=address(GENERATION, "rollout"),
+                                 generation_control=address(GENERATION, "control"),
+                                 max_sessions=cfg.max_sessions, max_session_tokens=cfg.max_session_tokens),
+            extra_binds={"sessions": [session_endpoint]},
         )
         await self.system.spawn(lambda: MemoryGovernor(
             generation=GENERATION, mode=cfg.mode, pause_policy=cfg.pause_policy,  # type: ignore[arg-type]
@@ -90,7 +115,8 @@ class RolloutServer:
             await self.system.spawn(lambda: WeightReceiverActor(
                 trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
                 stall_timeout_s=cfg.stall_timeout_s))
-        log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, engine=cfg.engine, model=cfg.model)
+        log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, session_endpoint=session_endpoint,
+                 engine=cfg.engine, model=cfg.model)
         return self
 
     async def stop(self) -> None:

@@ -78,8 +78,10 @@ class GenerationActor(GenerationControl, Actor):
     ports = {"rollout": Port(RolloutRequest), "control": Port(GenerationControlUnion, zero_copy=True)}
 
     def __init__(self, engine_factory: Callable[[], Engine], *, max_new_tokens_limit: int = 4096,
-                 model_name: str = "", max_staleness: int | None = None, name: str = GENERATION) -> None:
+                 model_name: str = "", max_staleness: int | None = None, session_endpoint: str = "",
+                 name: str = GENERATION) -> None:
         super().__init__(name)
+        self.session_endpoint = session_endpoint  # advertised in HealthReply
         self._engine_factory = engine_factory
         self.engine: Engine = engine_factory()
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -138,8 +140,8 @@ class GenerationActor(GenerationControl, Actor):
     # -- handlers -------------------------------------------------------------------------
     @handles(HealthRequest)
     def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
-        self.reply_nowait(origin, HealthReply(weight_version=self.weight_version,
-                                              governor_state=self.state, protocol=PROTOCOL_VERSION))
+        self.reply_nowait(origin, HealthReply(weight_version=self.weight_version, governor_state=self.state,
+                                              protocol=PROTOCOL_VERSION, session_endpoint=self.session_endpoint))
 
     @handles(StatusRequest)
     def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
@@ -179,7 +181,9 @@ class GenerationActor(GenerationControl, Actor):
             params = sp if sp.n == 1 else msgspec.structs.replace(
                 sp, n=1, seed=None if sp.seed is None else sp.seed + i)
             reqs.append(EngineRequest(f"{origin.peer.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
-                                      msg.return_logprob, stream=msg.stream))
+                                      msg.return_logprob, stream=msg.stream,
+                                      session_id=msg.session_id if sp.n == 1 else None,
+                                      keep_stale_prefix=msg.keep_stale_prefix))
         try:
             self.engine.validate(reqs[0])  # type: ignore[attr-defined]
         except EngineError as e:

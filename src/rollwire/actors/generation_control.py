@@ -16,6 +16,7 @@ from rollwire.messages import (
     Ack,
     ApplyVersion,
     ErrorCode,
+    ForgetSession,
     Pause,
     ReleaseMemory,
     Resume,
@@ -110,6 +111,11 @@ class GenerationControl:
     async def on_resume_memory(self, origin: Origin, msg: ResumeMemory, payload: Sequence[Any]) -> None:
         await self.engine.resume_memory(msg.tags)  # type: ignore[arg-type]
         self.state = "PAUSED"
+        await self.reply(origin, Ack())
+
+    @handles(ForgetSession)
+    async def on_forget_session(self, origin: Origin, msg: ForgetSession, payload: Sequence[Any]) -> None:
+        await self.engine.close_session(msg.session_id)
         await self.reply(origin, Ack())
 
     def _abort_stale(self, new_version: int) -> None:

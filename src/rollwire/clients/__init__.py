@@ -7,5 +7,7 @@ from rollwire.clients.rollout import (
     RolloutClient,
     RolloutError,
 )
+from rollwire.clients.session import Session, SessionDesynced, Trajectory, TurnRecord
 
-__all__ = ["GenerateOutput", "GenerationStream", "RequestTimeout", "RolloutClient", "RolloutError"]
+__all__ = ["GenerateOutput", "GenerationStream", "RequestTimeout", "RolloutClient", "RolloutError", "Session",
+           "SessionDesynced", "Trajectory", "TurnRecord"]

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from rollwire.clients.session import Session
 from rollwire.messages import (
     AbortRequest,
     ErrorCode,
@@ -22,6 +23,7 @@ from rollwire.messages import (
     ProtocolError,
     RolloutReply,
     SamplingParams,
+    SessionReply,
     StatusReply,
     StatusRequest,
 )
@@ -102,10 +104,12 @@ class GenerationStream:
 
 
 class RolloutClient:
-    def __init__(self, endpoint: str, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str, *, timeout: float | None = None, session_endpoint: str | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout  # default per-request timeout (None: wait as long as it takes)
+        self.session_endpoint = session_endpoint  # None: asked from the server (HealthReply) on first use
         self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply)
+        self._session_rpc: RpcClient[Any] | None = None
 
     async def __aenter__(self) -> RolloutClient:
         self._rpc.start()
@@ -116,6 +120,28 @@ class RolloutClient:
 
     async def close(self) -> None:
         await self._rpc.close()
+        if self._session_rpc is not None:
+            await self._session_rpc.close()
+
+    def session(self, *, max_tokens: int = 8192, ttl_s: float = 600.0, keep_stale_prefix: bool = False,
+                timeout: float | None = None) -> Session:
+        """A multi-turn session: ``async with rc.session() as s: await s.generate(prompt, sp)``."""
+        return Session(self, max_tokens=max_tokens, ttl_s=ttl_s, keep_stale_prefix=keep_stale_prefix,
+                       timeout=timeout if timeout is not None else self.timeout)
+
+    async def _sessions(self) -> RpcClient[Any]:
+        """The DEALER to the server's SessionActor (its endpoint comes from the health reply)."""
+        if self._session_rpc is None:
+            endpoint = self.session_endpoint
+            if endpoint is None:
+                advertised = (await self.health()).session_endpoint
+                if not advertised:
+                    raise RolloutError(ErrorCode.UNKNOWN_KIND, f"{self.endpoint} serves no sessions")
+                endpoint = _reachable(advertised, self.endpoint)
+            if self._session_rpc is None:  # another task may have connected while we waited
+                self._session_rpc = RpcClient(endpoint, SessionReply)
+                self._session_rpc.start()
+        return self._session_rpc
 
     def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
                  stream: bool, min_version: int) -> GenerateRequest:
@@ -161,3 +187,12 @@ class RolloutClient:
             except RequestTimeout:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise
+
+
+def _reachable(advertised: str, via: str) -> str:
+    """A tcp endpoint bound on a wildcard host is reached at the host we already talk to."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if advertised.startswith(wildcard) and via.startswith("tcp://"):
+            host = via.removeprefix("tcp://").rpartition(":")[0]
+            return f"tcp://{host}:{advertised.removeprefix(wildcard)}"
+    return advertised

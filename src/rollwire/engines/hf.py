@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from rollwire.engines import hf_batch
+from rollwire.engines import hf_batch, hf_prefix
 from rollwire.engines.base import (
     ALL_MEMORY_TAGS,
     EngineDelta,
@@ -62,6 +62,11 @@ class _Seq:
     held_toks: list[int] = field(default_factory=list)
     held_lps: list[float] | None = None
     held_version: int = -1
+    # sessions: the cached prefix used at admission, how many prompt tokens it covered, and the
+    # version that computed this request's KV (hf_prefix.STALE once a load happened under it)
+    prefix: tuple[hf_prefix.Entry, int] | None = None
+    cached: int = 0
+    kv_version: int = 0
 
 
 class HFEngine:
@@ -76,7 +81,7 @@ class HFEngine:
 
     def __init__(self, model: Any, *, max_batch_size: int = 64, max_model_len: int | None = None,
                  eos_token_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-                 name: str = "hf", tokenizer: Any = None) -> None:
+                 name: str = "hf", tokenizer: Any = None, prefix_cache_bytes: int = 1 << 30) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -92,6 +97,7 @@ class HFEngine:
         self.pad_id = int(pad) if pad is not None else 0
         self._weights = WeightStore(model, self.device)
         self._version = 0
+        self._prefixes = hf_prefix.PrefixCache(prefix_cache_bytes)
         self._seqs: dict[str, _Seq] = {}
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # row i of _batch
@@ -124,7 +130,9 @@ class HFEngine:
                 "weights_bytes": weights, "kv_bytes": self._batch.nbytes() if self._batch else 0,
                 "running": sum(not s.done for s in self._running), "waiting": len(self._waiting),
                 "paused": self._paused, "weights_released": self._weights.released,
-                "max_batch_size": self.max_batch_size,
+                "max_batch_size": self.max_batch_size, "prefix_cache_bytes": self._prefixes.nbytes,
+                "prefix_sessions": len(self._prefixes), "prefix_hits": self._prefixes.hits,
+                "prefix_reused_tokens": self._prefixes.reused_tokens,
             },
         )
 
@@ -226,6 +234,8 @@ class HFEngine:
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._weights.copy, items)
             self._version = version
+            for s in self._running:  # kept their KV across the load (in_place): mixed versions
+                s.kv_version = hf_prefix.STALE
 
     async def release_memory(self, tags: Sequence[MemoryTag]) -> None:
         """``weights``: parameter storage is freed (contents are lost, as in SGLang; nothing is
@@ -237,6 +247,7 @@ class HFEngine:
         async with self._lock:
             if "kv_cache" in tags:
                 self._retract()
+                self._prefixes.clear()
             if "weights" in tags:
                 self._weights.release()
 
@@ -250,9 +261,13 @@ class HFEngine:
             self._wake.set()
 
     async def flush_cache(self) -> None:
-        """There is no prefix cache yet; refuses (``busy``) while requests run unpaused."""
+        """Drops every session's cached prefix; refuses (``busy``) while requests run unpaused."""
         if not self._paused and (any(not s.done for s in self._running) or self._waiting):
             raise EngineError("busy", "flush_cache while requests are running; pause first")
+        self._prefixes.clear()
+
+    async def close_session(self, session_id: str) -> None:
+        self._prefixes.drop(session_id)
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -302,11 +317,13 @@ class HFEngine:
         joiners: list[_Seq] = []
         longest = 0  # joiners are padded to the longest: bound the padded prefill of one step
         while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
-            n = len(self._waiting[0].req.input_ids) + len(self._waiting[0].output)
+            s = self._waiting[0]
+            n = len(s.req.input_ids) + len(s.output)
             if joiners and (len(joiners) + 1) * max(longest, n) > self.MAX_PREFILL_TOKENS:
                 break
             longest = max(longest, n)
             joiners.append(self._waiting.popleft())
+            self._admit(s)
         members = [*(self._running[i] for i in keep), *joiners]
         if not members:
             self._running, self._batch = [], None
@@ -318,11 +335,29 @@ class HFEngine:
             self._pool, self._compute, self._batch, keep, members[:len(keep)], joiners)
         return fut, self._version, members
 
+    def _admit(self, s: _Seq) -> None:
+        """A joiner of the next step: find its session's cached prefix (KV computed now is of
+        the live version)."""
+        s.kv_version, s.prefix, s.cached = self._version, None, 0
+        if s.req.session_id is not None:
+            s.prefix = self._prefixes.lookup(s.req.session_id, s.req.input_ids + s.output, self._version,
+                                             s.req.keep_stale_prefix)
+            s.cached = s.prefix[1] if s.prefix is not None else 0
+
+    def _keep_prefix(self, batch: hf_batch.Batch, row: int, s: _Seq) -> None:
+        """Keep a finished session request's KV for the session's next turn. The copy is queued
+        on the worker ahead of any later step, so a step that uses the entry finds it filled."""
+        assert s.req.session_id is not None
+        entry = hf_prefix.Entry(tokens=s.req.input_ids + s.output[:-1], version=s.kv_version)
+        self._prefixes.put(s.req.session_id, entry)
+        self._pool.submit(hf_prefix.fill, entry, batch, row)
+        self._prefixes.evict_to_budget()
+
     def _book(self, batch: hf_batch.Batch | None, rows: list[_Seq], toks: list[int]) -> list[FinishReason | None]:
         """Record a step's tokens and decide who finished (their rids are free from here on)."""
         self._batch, self._running = batch, rows
         reasons: list[FinishReason | None] = []
-        for s, tok in zip(rows, toks, strict=True):
+        for i, (s, tok) in enumerate(zip(rows, toks, strict=True)):
             s.output.append(tok)
             reason: FinishReason | None = None
             if tok in s.stop_ids:
@@ -335,6 +370,8 @@ class HFEngine:
                 s.done = True
                 if self._seqs.get(s.req.rid) is s:
                     del self._seqs[s.req.rid]
+                if s.req.session_id is not None and reason != "abort" and batch is not None:
+                    self._keep_prefix(batch, i, s)
             reasons.append(reason)
         if all(s.done for s in rows):  # free the KV now rather than at the next step
             self._batch, self._running = None, []
@@ -353,12 +390,24 @@ class HFEngine:
             last = torch.tensor([s.output[-1] for s in rows], dtype=torch.long).to(self.device)
             batch, lg = hf_batch.decode(self.model, batch, last)
             logits.append(lg)
-        if joiners:
-            # retracted requests come back with their output so far: the prefill continues them
-            jb, lg = hf_batch.prefill(self.model, [s.req.input_ids + s.output for s in joiners],
+        # retracted requests come back with their output so far: the prefill continues them
+        fresh = [s for s in joiners if s.prefix is None or s.prefix[0].kv is None]
+        for s in fresh:
+            s.cached = 0  # its entry could not be filled: a full prefill after all
+        if fresh:
+            jb, lg = hf_batch.prefill(self.model, [s.req.input_ids + s.output for s in fresh],
                                       self.device, self.pad_id)
             batch = hf_batch.concat(batch, jb)
-            rows += joiners
+            rows += fresh
+            logits.append(lg)
+        for s in joiners:
+            if s in fresh:
+                continue
+            assert s.prefix is not None
+            entry, reused = s.prefix
+            jb, lg = hf_prefix.prefill_from(self.model, entry, reused, s.req.input_ids + s.output, self.device)
+            batch = hf_batch.concat(batch, jb)
+            rows.append(s)
             logits.append(lg)
         toks, lps = sample(torch.cat(logits) if len(logits) > 1 else logits[0], [s.sampler for s in rows])
         return batch, rows, toks, lps
@@ -376,7 +425,7 @@ class HFEngine:
         if not s.req.stream:
             if s.held_toks and s.held_version != version:  # spans must not mix versions
                 s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=s.held_toks, logprobs=s.held_lps,
-                                               weight_version=s.held_version))
+                                               weight_version=s.held_version, cached_tokens=s.cached))
                 s.held_toks, s.held_lps = [], None
             if reason is None:
                 if not s.held_toks:
@@ -390,7 +439,7 @@ class HFEngine:
                 logprobs = s.held_lps + logprobs if s.held_lps is not None and logprobs is not None else logprobs
                 s.held_toks, s.held_lps = [], None
         s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
-                                       weight_version=version, finish_reason=reason))
+                                       weight_version=version, finish_reason=reason, cached_tokens=s.cached))
         if reason is not None:
             s.done = True
             if self._seqs.get(s.req.rid) is s:

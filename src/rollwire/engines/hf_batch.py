@@ -40,7 +40,7 @@ class Batch:
         return sum(k.nbytes + v.nbytes for k, v in self.kv)
 
 
-def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def cache_of(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A DynamicCache holding ``kv`` without copying it (the constructor would copy)."""
     cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in kv])
     layers: list[Any] = list(cache.layers)
@@ -95,7 +95,7 @@ def concat(a: Batch | None, b: Batch) -> Batch:
                                                                             _left_pad(vb, pb, 2)]))
         for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)
     ]
-    return Batch(cache=_cache(kv), mask=torch.cat([_left_pad(a.mask, pa, 1), _left_pad(b.mask, pb, 1)]))
+    return Batch(cache=cache_of(kv), mask=torch.cat([_left_pad(a.mask, pa, 1), _left_pad(b.mask, pb, 1)]))
 
 
 def select(batch: Batch, keep: list[int]) -> Batch | None:
@@ -109,4 +109,4 @@ def select(batch: Batch, keep: list[int]) -> Batch | None:
     first = int(mask.any(dim=0).long().argmax())  # first column that is real in some row
     mask = mask[:, first:]
     kv = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in batch.kv]
-    return Batch(cache=_cache(kv), mask=mask)
+    return Batch(cache=cache_of(kv), mask=mask)

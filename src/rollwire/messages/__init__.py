@@ -21,6 +21,16 @@ from rollwire.messages.generate import (
     VersionSpan,
 )
 from rollwire.messages.samples import Sample, SampleGroup
+from rollwire.messages.session import (
+    Appended,
+    AppendTokens,
+    CloseSession,
+    ForgetSession,
+    OpenSession,
+    SessionClosed,
+    SessionGenerate,
+    SessionOpened,
+)
 from rollwire.messages.weights import (
     Ack,
     ApplyVersion,
@@ -36,8 +46,11 @@ from rollwire.messages.weights import (
 # The rollout socket: rollout workers (DEALER) -> server (ROUTER) and back.
 RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest
 RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply
-# GenerationActor's control port (inproc, from the MemoryGovernor).
-GenerationControl = Pause | Resume | ApplyVersion | ReleaseMemory | ResumeMemory
+# The session socket: rollout workers (DEALER) -> SessionActor (ROUTER) and back.
+SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest
+SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply
+# GenerationActor's control port (inproc, from the MemoryGovernor and the SessionActor).
+GenerationControl = Pause | Resume | ApplyVersion | ReleaseMemory | ResumeMemory | ForgetSession
 # MemoryGovernor's weights port (inproc, from the WeightReceiverActor).
 GovernorRequest = ApplyVersion | StepMessage
 # Replies on both internal ports.
@@ -49,13 +62,17 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AbortRequest",
     "Ack",
+    "AppendTokens",
+    "Appended",
     "ApplyVersion",
+    "CloseSession",
     "Codec",
     "ControlReply",
     "ErrorCode",
     "ErrorReply",
     "ExperienceRequest",
     "FinishReason",
+    "ForgetSession",
     "GenerateChunk",
     "GenerateDone",
     "GenerateRequest",
@@ -65,6 +82,7 @@ __all__ = [
     "HealthReply",
     "HealthRequest",
     "NamedTensor",
+    "OpenSession",
     "Pause",
     "ProtocolError",
     "ReleaseMemory",
@@ -75,6 +93,11 @@ __all__ = [
     "Sample",
     "SampleGroup",
     "SamplingParams",
+    "SessionClosed",
+    "SessionGenerate",
+    "SessionOpened",
+    "SessionReply",
+    "SessionRequest",
     "StatusReply",
     "StatusRequest",
     "StepMessage",

@@ -13,6 +13,7 @@ class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_ok", ar
     weight_version: int
     governor_state: str  # SERVING, PAUSING, ... (see MemoryGovernor)
     protocol: int
+    session_endpoint: str = ""  # where the SessionActor listens ("": no sessions on this server)
 
 
 class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="status", array_like=True):

@@ -33,6 +33,13 @@ class ErrorCode(str, Enum):
     WEIGHTS_FAILED = "weights_failed"
     SUPERSEDED = "superseded"  # a queued version replaced by a newer one (--coalesce)
     NOT_PAUSED = "not_paused"  # weights may only be loaded while generation is paused
+    # sessions
+    UNKNOWN_SESSION = "unknown_session"  # never opened here (or forgotten long ago)
+    SESSION_EXPIRED = "session_expired"  # idle past its ttl_s; its state is freed
+    SESSION_CLOSED = "session_closed"
+    SESSION_BUSY = "session_busy"  # a turn of this session is still running
+    SESSION_LIMIT = "session_limit"  # the turn would take the history past the session's max_tokens
+    TOO_MANY_SESSIONS = "too_many_sessions"  # the server's session table is full
     # anything else
     INTERNAL = "internal"
 

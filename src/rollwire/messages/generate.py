@@ -39,6 +39,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate",
     return_logprob: bool = False  # report the logprob of every sampled token
     stream: bool = False  # send GenerateChunk deltas before the final GenerateDone
     min_version: int = 0  # wait until this weight version is live before starting
+    # prefix reuse (set by the SessionActor): the engine may keep this request's KV under the key
+    # and reuse it for the next request of the same session whose input_ids extend it
+    session_id: str | None = None
+    keep_stale_prefix: bool = False  # reuse a prefix computed by an older weight version
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort", array_like=True, gc=False):

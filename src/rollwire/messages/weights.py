@@ -27,6 +27,7 @@ class Register(msgspec.Struct, frozen=True, kw_only=True, tag="register", array_
     host_id: str  # machine identity: shm and cuda_ipc need the same host
     transports: list[str]  # payload transports this receiver can use, fastest first
     live_version: int  # weight version serving now
+    cuda_devices: list[str] = []  # cuda_ipc: UUIDs of the GPUs this receiver's process can open handles on
 
 
 class Welcome(msgspec.Struct, frozen=True, kw_only=True, tag="welcome", array_like=True):
@@ -51,8 +52,24 @@ class TensorMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
 class BucketMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     index: int
     nbytes: int
-    checksum: int  # crc32 of the bucket's bytes (zlib.crc32)
+    checksum: int  # crc32 of the bucket's bytes (zlib.crc32); cuda_ipc: its 64-bit GPU checksum (cuda_ipc.py)
     tensors: list[TensorMeta]
+
+
+class CudaIpcHandle(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """cuda_ipc: the trainer's arena, one flat CUDA buffer shared once (what torch's reduce_tensor
+    exports for it; the receiver rebuilds it with rebuild_cuda_tensor). Only meaningful on the
+    same host, between processes that can see the GPU ``device_uuid``."""
+
+    device_uuid: str  # the GPU holding the arena (device indices differ between processes)
+    handle: bytes  # cudaIpcMemHandle of the CUDA allocation holding the arena
+    storage_size: int  # bytes of the shared storage
+    storage_offset: int  # byte offset of the storage inside that allocation
+    ref_counter_handle: bytes  # torch's producer-side reference count (a shared-memory file name)
+    ref_counter_offset: int
+    event_handle: bytes  # cudaIpcEventHandle the receiver waits on when it first opens the handle
+    event_sync_required: bool
+    nbytes: int  # bytes of the arena (the buckets lie in [0, nbytes))
 
 
 class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready", array_like=True):
@@ -66,9 +83,10 @@ class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready
     transport: str  # the payload transport chosen for this push
     buckets: list[BucketMeta]
     shm_name: str = ""  # shm: the arena holding every bucket, back to back
-    shm_offsets: list[int] = []  # shm: byte offset of each bucket in the arena
+    shm_offsets: list[int] = []  # shm and cuda_ipc: byte offset of each bucket in the arena
     group: str = ""  # gloo/nccl: init_method of the broadcast group (tcp://host:port)
     group_ranks: list[str] = []  # gloo/nccl: receiver ids in rank order (rank i+1; the trainer is rank 0)
+    cuda_ipc: CudaIpcHandle | None = None  # cuda_ipc: the arena holding every bucket (offsets: shm_offsets)
 
 
 class Beacon(msgspec.Struct, frozen=True, kw_only=True, tag="beacon", array_like=True, gc=False):
@@ -140,18 +158,20 @@ TrainerAnnouncement = Beacon | WeightsReady | StepMessage
 # -- inside the server ---------------------------------------------------------------------
 class NamedTensor(msgspec.Struct, frozen=True, array_like=True, gc=False):
     name: str
-    ref: TensorRef  # payload frame (inline) or, with shm_name set, byte offset in the arena
+    ref: TensorRef  # payload frame (inline) or, with shm_name or cuda_arena set, byte offset in the arena
 
 
 class ApplyVersion(msgspec.Struct, frozen=True, kw_only=True, tag="apply_version", array_like=True):
     """WeightReceiverActor -> MemoryGovernor, and governor -> GenerationActor (as the load):
     a complete, verified version. Tensors are payload frames, or views into shm arena ``shm_name``
-    (``TensorRef.frame`` is then a byte offset)."""
+    or into the CUDA arena this process opened under ``cuda_arena`` (``TensorRef.frame`` is then a
+    byte offset)."""
 
     version: int
     step: int
     tensors: list[NamedTensor]
     shm_name: str = ""
+    cuda_arena: str = ""  # cuda_ipc: key of the opened arena (transports/cuda_ipc.py, this process only)
 
 
 class VersionApplied(msgspec.Struct, frozen=True, kw_only=True, tag="version_applied", array_like=True):

@@ -1,0 +1,267 @@
+"""SessionActor: multi-turn sessions (agentic rollouts) whose token history lives in the server.
+
+Owns the session table: each session's token history, turn count, limits, TTL and last weight
+version. A model turn (``SessionGenerate``) is forwarded to the GenerationActor as an ordinary
+``GenerateRequest`` over the whole history, tagged with the session id so the engine reuses its
+cached KV prefix; the reply (``GenerateDone``) extends the history and goes back to the worker.
+An environment turn (``AppendTokens``) only extends the history. So a session turn is paused,
+retracted, aborted and version-stamped exactly as a plain request is.
+
+Rules: one turn at a time per session (SESSION_BUSY); a turn that could take the history past
+``max_tokens`` is refused (SESSION_LIMIT), never truncated; an aborted turn's partial output is
+kept in the history (the next turn continues from it); a failed turn leaves the history as it
+was. Closing or expiring a session (idle past ``ttl_s``) frees the engine's cached prefix
+(``ForgetSession``). A restart of this actor loses the table: workers then get UNKNOWN_SESSION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollwire.messages import (
+    AbortRequest,
+    Appended,
+    AppendTokens,
+    CloseSession,
+    ControlReply,
+    ErrorCode,
+    ErrorReply,
+    ForgetSession,
+    GenerateDone,
+    GenerateRequest,
+    OpenSession,
+    RolloutReply,
+    SessionClosed,
+    SessionGenerate,
+    SessionOpened,
+    SessionRequest,
+    StatusReply,
+    StatusRequest,
+)
+from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
+from rollwire.transports.rpc import ConnectionClosed, RpcClient
+
+SESSIONS = "sessions"
+MAX_TOMBSTONES = 65536  # closed/expired ids remembered, so late users get the precise error
+
+
+@dataclass(eq=False)
+class _Turn:
+    origin: Origin  # the worker's SessionGenerate
+    forward_rid: int  # our GenerateRequest's rid at the GenerationActor
+    abort_sent: bool = False
+    answered_elsewhere: bool = False  # the supervisor answered it (restart)
+
+
+@dataclass(eq=False)
+class _Session:
+    id: str
+    max_tokens: int
+    ttl_s: float
+    keep_stale_prefix: bool
+    history: list[int] = field(default_factory=list)
+    turns: int = 0
+    last_version: int = -1
+    last_used: float = field(default_factory=time.monotonic)
+    turn: _Turn | None = None  # the model turn running now
+    closed: bool = False
+
+
+class SessionActor(Actor):
+    ports = {"sessions": Port(SessionRequest)}
+
+    def __init__(self, *, generation_rollout: str, generation_control: str, max_sessions: int = 4096,
+                 max_session_tokens: int = 32768, sweep_interval_s: float = 1.0, name: str = SESSIONS) -> None:
+        super().__init__(name)
+        self._rollout_endpoint = generation_rollout
+        self._control_endpoint = generation_control
+        self.max_sessions = max_sessions
+        self.max_session_tokens = max_session_tokens
+        self.sweep_interval_s = sweep_interval_s
+        self.sessions: dict[str, _Session] = {}
+        self._gone: OrderedDict[str, ErrorCode] = OrderedDict()  # closed / expired ids
+        self._turns: dict[tuple[bytes, int], _Turn] = {}  # (worker, its rid) -> running turn
+        self._vocab_size = 0
+
+    @property
+    def _generation(self) -> RpcClient[Any]:
+        return self.peer(self._rollout_endpoint, RolloutReply)
+
+    async def on_start(self) -> None:
+        self.spawn(self._sweep(), name=f"{self.name}:sweep")
+
+    def take_held_requests(self) -> list[Origin]:
+        held = list(self._turns.values())
+        for t in held:
+            t.answered_elsewhere = True
+        self._turns.clear()
+        return [t.origin for t in held]
+
+    # -- handlers -------------------------------------------------------------------------
+    @handles(OpenSession)
+    def on_open(self, origin: Origin, msg: OpenSession, payload: Sequence[Any]) -> None:
+        if not 0 < msg.max_tokens <= self.max_session_tokens:
+            raise RollwireError(ErrorCode.BAD_FIELD,
+                                f"max_tokens={msg.max_tokens} must be in [1, {self.max_session_tokens}]")
+        if not msg.ttl_s > 0:
+            raise RollwireError(ErrorCode.BAD_FIELD, f"ttl_s={msg.ttl_s} must be > 0")
+        if len(self.sessions) >= self.max_sessions:
+            raise RollwireError(ErrorCode.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions are open (the limit)")
+        sid = uuid.uuid4().hex
+        self.sessions[sid] = _Session(sid, msg.max_tokens, msg.ttl_s, msg.keep_stale_prefix)
+        self.counters.inc("sessions_opened")
+        self.reply_nowait(origin, SessionOpened(session_id=sid, max_tokens=msg.max_tokens, ttl_s=msg.ttl_s))
+
+    @handles(AppendTokens)
+    async def on_append(self, origin: Origin, msg: AppendTokens, payload: Sequence[Any]) -> None:
+        self._idle_session(msg.session_id)
+        if not msg.token_ids:
+            raise RollwireError(ErrorCode.EMPTY_INPUT, "token_ids is empty")
+        await self._check_tokens(msg.token_ids)
+        s = self._idle_session(msg.session_id)  # again: the vocab check may have waited
+        self._check_room(s, len(msg.token_ids), 0)
+        s.history.extend(msg.token_ids)
+        s.last_used = time.monotonic()
+        await self.reply(origin, Appended(session_id=s.id, length=len(s.history)))
+
+    @handles(SessionGenerate)
+    async def on_generate(self, origin: Origin, msg: SessionGenerate, payload: Sequence[Any]) -> None:
+        self._idle_session(msg.session_id)
+        sp = msg.sampling_params
+        if sp.n != 1:
+            raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n}: a session turn is one sample (n=1)")
+        if msg.input_ids:
+            await self._check_tokens(msg.input_ids)
+        s = self._idle_session(msg.session_id)  # again: the vocab check may have waited
+        if not s.history and not msg.input_ids:
+            raise RollwireError(ErrorCode.EMPTY_INPUT, "the session is empty and input_ids is empty")
+        if (origin.peer, origin.rid) in self._turns:
+            raise RollwireError(ErrorCode.DUPLICATE_REQUEST, f"request {origin.rid} is already in flight")
+        self._check_room(s, len(msg.input_ids), sp.max_new_tokens)
+        rpc = self._generation
+        turn = _Turn(origin, rpc.next_rid())
+        s.turn = self._turns[(origin.peer, origin.rid)] = turn
+        prompt = s.history + list(msg.input_ids)
+        queue = rpc.open_stream(turn.forward_rid)
+        try:
+            await rpc.send(turn.forward_rid, GenerateRequest(
+                input_ids=prompt, sampling_params=sp, return_logprob=msg.return_logprob, stream=False,
+                min_version=msg.min_version, session_id=s.id, keep_stale_prefix=s.keep_stale_prefix))
+            item = await queue.get()
+        finally:
+            rpc.close_stream(turn.forward_rid)
+            s.turn = None
+            s.last_used = time.monotonic()
+            self._turns.pop((origin.peer, origin.rid), None)
+        if isinstance(item, ConnectionClosed):
+            raise RollwireError(ErrorCode.SHUTTING_DOWN, str(item))
+        if isinstance(item, BaseException):
+            raise item
+        reply = item.msg
+        if isinstance(reply, GenerateDone):
+            s.history = prompt + reply.output_ids  # an aborted turn's partial output stays too
+            s.turns += 1
+            s.last_version = reply.weight_version
+            self.counters.inc("turns")
+        if s.closed:  # closed while the turn ran: the turn's new prefix must go as well
+            self.spawn(self._forget(s.id))
+        if not turn.answered_elsewhere:
+            if isinstance(reply, (GenerateDone, ErrorReply)):
+                await self.reply(origin, reply)
+            else:
+                raise RollwireError(ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}")
+
+    @handles(AbortRequest)
+    def on_abort(self, origin: Origin, msg: AbortRequest, payload: Sequence[Any]) -> None:
+        turn = self._turns.get((origin.peer, msg.target_rid))
+        if turn is not None:
+            self.spawn(self._abort(turn))
+
+    @handles(CloseSession)
+    async def on_close(self, origin: Origin, msg: CloseSession, payload: Sequence[Any]) -> None:
+        s = self._session(msg.session_id)
+        s.closed = True
+        del self.sessions[s.id]
+        self._remember_gone(s.id, ErrorCode.SESSION_CLOSED)
+        self.counters.inc("sessions_closed")
+        if s.turn is not None:
+            await self._abort(s.turn)  # its reply still reaches the worker; then the prefix goes
+        else:
+            await self._forget(s.id)
+        await self.reply(origin, SessionClosed(session_id=s.id, length=len(s.history), turns=s.turns))
+
+    # -- internals ------------------------------------------------------------------------
+    def _session(self, session_id: str) -> _Session:
+        s = self.sessions.get(session_id)
+        if s is not None:
+            return s
+        code = self._gone.get(session_id)
+        if code is ErrorCode.SESSION_EXPIRED:
+            raise RollwireError(code, f"session {session_id} expired (idle past its ttl_s)")
+        if code is ErrorCode.SESSION_CLOSED:
+            raise RollwireError(code, f"session {session_id} is closed")
+        raise RollwireError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r} on this server")
+
+    def _idle_session(self, session_id: str) -> _Session:
+        s = self._session(session_id)
+        if s.turn is not None:
+            raise RollwireError(ErrorCode.SESSION_BUSY, f"session {session_id} has a turn running")
+        return s
+
+    @staticmethod
+    def _check_room(s: _Session, new_input: int, max_new_tokens: int) -> None:
+        need = len(s.history) + new_input + max_new_tokens
+        if need > s.max_tokens:
+            raise RollwireError(ErrorCode.SESSION_LIMIT, (
+                f"history {len(s.history)} + input {new_input} + max_new_tokens {max_new_tokens} = {need} "
+                f"exceeds the session's max_tokens {s.max_tokens}"))
+
+    async def _check_tokens(self, ids: Sequence[int]) -> None:
+        if not self._vocab_size:
+            reply = (await self._generation.call(StatusRequest(), timeout=10.0)).msg
+            if not isinstance(reply, StatusReply):
+                raise RollwireError(ErrorCode.INTERNAL, f"generation status failed: {reply}")
+            self._vocab_size = reply.vocab_size
+        if min(ids) < 0 or max(ids) >= self._vocab_size:
+            raise RollwireError(ErrorCode.TOKEN_OUT_OF_RANGE, f"token ids must lie in [0, {self._vocab_size})")
+
+    async def _abort(self, turn: _Turn) -> None:
+        if not turn.abort_sent:
+            turn.abort_sent = True
+            await self._generation.send(0, AbortRequest(target_rid=turn.forward_rid))
+
+    async def _forget(self, session_id: str) -> None:
+        """Free the engine's state of the session; a failure is logged (the engine's prefix cache
+        is bounded and evicts on its own), never fatal."""
+        try:
+            reply = (await self.peer(self._control_endpoint, ControlReply).call(
+                ForgetSession(session_id=session_id), timeout=30.0)).msg
+        except (TimeoutError, ConnectionClosed) as e:
+            reply = ErrorReply(code=ErrorCode.TIMEOUT, message=repr(e))
+        if isinstance(reply, ErrorReply):
+            self.counters.inc("forget_failed")
+            self.log.warning("forget_session_failed", session_id=session_id, error=reply.message)
+
+    def _remember_gone(self, session_id: str, code: ErrorCode) -> None:
+        self._gone[session_id] = code
+        while len(self._gone) > MAX_TOMBSTONES:
+            self._gone.popitem(last=False)
+
+    async def _sweep(self) -> None:
+        """Expire sessions idle past their ttl_s (a session with a turn running is not idle)."""
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            now = time.monotonic()
+            for s in [s for s in self.sessions.values() if s.turn is None and now - s.last_used > s.ttl_s]:
+                del self.sessions[s.id]
+                s.closed = True
+                self._remember_gone(s.id, ErrorCode.SESSION_EXPIRED)
+                self.counters.inc("sessions_expired")
+                self.log.info("session_expired", session_id=s.id, tokens=len(s.history), turns=s.turns)
+                await self._forget(s.id)

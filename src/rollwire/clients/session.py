@@ -1,0 +1,185 @@
+"""Client side of sessions: ``async with rc.session(...) as s`` and the trajectory it records.
+
+The server (SessionActor) owns the history; the client mirrors it turn by turn from what it sent
+and what came back, so ``trajectory()`` costs no round trip. ``loss_mask`` is 1 exactly on the
+tokens the model generated; ``logprobs`` is aligned with ``token_ids`` (0.0 on masked tokens,
+NaN on model tokens of a turn run without ``return_logprob``); ``weight_version_spans`` are in
+trajectory positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from rollwire.messages import (
+    AbortRequest,
+    Appended,
+    AppendTokens,
+    CloseSession,
+    ErrorCode,
+    GenerateDone,
+    OpenSession,
+    SamplingParams,
+    SessionClosed,
+    SessionGenerate,
+    SessionOpened,
+    VersionSpan,
+)
+
+if TYPE_CHECKING:
+    from rollwire.clients.rollout import RolloutClient
+    from rollwire.transports.rpc import RpcClient
+
+ABORT_GRACE_S = 30.0  # after a timeout: how long to wait for the aborted turn's terminal reply
+
+
+@dataclass
+class TurnRecord:
+    role: Literal["prompt", "model", "env"]  # prompt: input_ids of a generate; env: append()
+    start: int  # positions [start, end) in the trajectory's token_ids
+    end: int
+    finish_reason: str | None = None  # model turns
+    weight_version: int | None = None  # model turns: the version of their last token
+    weight_version_spans: list[VersionSpan] = field(default_factory=list)  # model turns, trajectory positions
+    cached_tokens: int = 0  # model turns: history tokens the engine did not recompute
+
+
+@dataclass
+class Trajectory:
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    weight_version_spans: list[VersionSpan]
+    turns: list[TurnRecord]
+
+
+class SessionDesynced(Exception):
+    """A turn's reply never came back (even after an abort): the mirror of the history is unknown."""
+
+
+class Session:
+    def __init__(self, client: RolloutClient, *, max_tokens: int, ttl_s: float, keep_stale_prefix: bool,
+                 timeout: float | None) -> None:
+        self._client = client
+        self._open = OpenSession(max_tokens=max_tokens, ttl_s=ttl_s, keep_stale_prefix=keep_stale_prefix)
+        self.timeout = timeout
+        self.id = ""
+        self._rpc: RpcClient[Any] | None = None
+        self._ids: list[int] = []
+        self._mask: list[int] = []
+        self._lps: list[float] = []
+        self._turns: list[TurnRecord] = []
+        self._desynced = False
+
+    async def __aenter__(self) -> Session:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        from rollwire.clients.rollout import RolloutError
+
+        try:
+            await self.close()
+        except RolloutError as e:  # already gone: nothing left to free
+            if e.code not in (ErrorCode.SESSION_EXPIRED, ErrorCode.SESSION_CLOSED, ErrorCode.UNKNOWN_SESSION):
+                raise
+
+    async def open(self) -> SessionOpened:
+        self._rpc = await self._client._sessions()
+        opened: SessionOpened = await self._call(self._open)
+        self.id = opened.session_id
+        return opened
+
+    async def append(self, token_ids: Sequence[int]) -> int:
+        """An environment turn (loss_mask 0); returns the history length."""
+        ids = list(token_ids)
+        done: Appended = await self._call(AppendTokens(session_id=self.id, token_ids=ids))
+        self._add("env", ids, 0, [0.0] * len(ids))
+        return done.length
+
+    async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None, *,
+                       return_logprob: bool = True, min_version: int = 0, timeout: float | None = None,
+                       ) -> GenerateDone:
+        """A model turn on the whole history (``input_ids``, if any, is appended first as a prompt
+        turn). A timeout aborts the turn, records its partial output, then raises RequestTimeout."""
+        from rollwire.clients.rollout import RequestTimeout, _raise_if_error
+
+        rpc = self._rpc_or_raise()
+        prompt = list(input_ids)
+        msg = SessionGenerate(session_id=self.id, input_ids=prompt, sampling_params=sampling_params or SamplingParams(),
+                              return_logprob=return_logprob, min_version=min_version)
+        rid = rpc.next_rid()
+        queue = rpc.open_stream(rid)
+        timeout = timeout if timeout is not None else self.timeout
+        timed_out = False
+        try:
+            await rpc.send(rid, msg)
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout)
+            except TimeoutError:
+                timed_out = True
+                await rpc.send(0, AbortRequest(target_rid=rid))
+                try:
+                    item = await asyncio.wait_for(queue.get(), ABORT_GRACE_S)
+                except TimeoutError:
+                    self._desynced = True
+                    raise SessionDesynced(f"session {self.id}: no reply to an aborted turn") from None
+        finally:
+            rpc.close_stream(rid)
+        done: GenerateDone = _raise_if_error(item)
+        self._record(prompt, done)
+        if timed_out:
+            raise RequestTimeout(f"session {self.id}: turn took over {timeout}s; aborted after "
+                                 f"{len(done.output_ids)} tokens (kept in the history)")
+        return done
+
+    def trajectory(self) -> Trajectory:
+        if self._desynced:
+            raise SessionDesynced(f"session {self.id}: a turn's outcome is unknown")
+        spans = [sp for t in self._turns for sp in t.weight_version_spans]
+        return Trajectory(token_ids=list(self._ids), loss_mask=list(self._mask), logprobs=list(self._lps),
+                          weight_version_spans=spans, turns=list(self._turns))
+
+    async def close(self) -> SessionClosed:
+        closed: SessionClosed = await self._call(CloseSession(session_id=self.id))
+        return closed
+
+    # -- internals ------------------------------------------------------------------------
+    def _rpc_or_raise(self) -> RpcClient[Any]:
+        if self._rpc is None or not self.id:
+            raise RuntimeError("session is not open: use `async with rc.session() as s` or `await s.open()`")
+        return self._rpc
+
+    async def _call(self, msg: Any) -> Any:
+        from rollwire.clients.rollout import RequestTimeout, _raise_if_error
+
+        rpc = self._rpc if self._rpc is not None else await self._client._sessions()
+        try:
+            reply = await rpc.call(msg, timeout=self.timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to {type(msg).__name__} within {self.timeout}s") from None
+        return _raise_if_error(reply)
+
+    def _add(self, role: Literal["prompt", "model", "env"], ids: list[int], mask: int, lps: list[float]) -> TurnRecord:
+        turn = TurnRecord(role=role, start=len(self._ids), end=len(self._ids) + len(ids))
+        self._ids += ids
+        self._mask += [mask] * len(ids)
+        self._lps += lps
+        self._turns.append(turn)
+        return turn
+
+    def _record(self, prompt: list[int], done: GenerateDone) -> None:
+        if prompt:
+            self._add("prompt", prompt, 0, [0.0] * len(prompt))
+        out = list(done.output_ids)
+        lps = list(done.output_logprobs) if done.output_logprobs is not None else [math.nan] * len(out)
+        turn = self._add("model", out, 1, lps)
+        turn.finish_reason = done.finish_reason
+        turn.weight_version = done.weight_version
+        turn.cached_tokens = done.usage.cached_tokens
+        turn.weight_version_spans = [VersionSpan(version=s.version, start=turn.start + s.start, end=turn.start + s.end)
+                                     for s in done.weight_version_spans]
