@@ -348,7 +348,9 @@ class HFEngine:
         """Keep a finished session request's KV for the session's next turn. The copy is queued
         on the worker ahead of any later step, so a step that uses the entry finds it filled."""
         assert s.req.session_id is not None
-        entry = hf_prefix.Entry(tokens=s.req.input_ids + s.output[:-1], version=s.kv_version)
+        tokens = s.req.input_ids + s.output[:-1]
+        entry = hf_prefix.Entry(tokens=tokens, version=s.kv_version,
+                                nbytes=len(tokens) * hf_prefix.bytes_per_token(batch))
         self._prefixes.put(s.req.session_id, entry)
         self._pool.submit(hf_prefix.fill, entry, batch, row)
         self._prefixes.evict_to_budget()

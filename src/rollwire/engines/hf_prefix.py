@@ -32,8 +32,8 @@ STALE = -1  # version of KV computed partly under an older version
 class Entry:
     tokens: list[int]  # the token ids whose KV is kept, in order
     version: int
+    nbytes: int  # of the kv, known before the worker fills it
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, len, head_dim]
-    nbytes: int = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -85,7 +85,7 @@ class PrefixCache:
         self._entries.clear()
 
     def evict_to_budget(self) -> None:
-        """Drop least recently used entries until the filled ones fit in ``max_bytes``."""
+        """Drop least recently used entries until the rest fit in ``max_bytes`` (the newest stays)."""
         while len(self._entries) > 1 and self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
 
@@ -95,9 +95,13 @@ def fill(entry: Entry, batch: hf_batch.Batch, row: int) -> None:
     n = len(entry.tokens)
     if int(batch.mask[row].sum()) != n:  # not the KV we think it is: keep nothing (full prefill next time)
         return
-    kv = [(k[row:row + 1, :, -n:].clone(), v[row:row + 1, :, -n:].clone()) for k, v in batch.kv]
-    entry.kv = kv
-    entry.nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+    entry.kv = [(k[row:row + 1, :, -n:].clone(), v[row:row + 1, :, -n:].clone()) for k, v in batch.kv]
+
+
+def bytes_per_token(batch: hf_batch.Batch) -> int:
+    """KV bytes one token takes (all layers, keys and values): an entry's size is known up front."""
+    return sum(k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
+               for k, v in batch.kv)
 
 
 def prefill_from(model: torch.nn.Module, entry: Entry, reused: int, ids: list[int],
