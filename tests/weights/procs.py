@@ -38,11 +38,11 @@ def _dying_trainer_class(die_at: int) -> Any:
 
 
 async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None,
-                 bucket_bytes: int) -> None:
+                 bucket_bytes: int, pub_endpoint: str | None) -> None:
     from rollwire.clients.trainer import PushError, TrainerPublisher
 
     cls = TrainerPublisher if die_at is None else _dying_trainer_class(die_at)
-    async with cls(endpoint, timeout_s=30, bucket_bytes=bucket_bytes) as tp:
+    async with cls(endpoint, timeout_s=30, bucket_bytes=bucket_bytes, pub_endpoint=pub_endpoint) as tp:
         results.put(("started", tp.trainer_id))
         loop = asyncio.get_running_loop()
         while True:
@@ -58,13 +58,15 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
 
 
 def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None = None,
-                 bucket_bytes: int = 512 << 20) -> None:
+                 bucket_bytes: int = 512 << 20, device: str = "cpu", pub_endpoint: str | None = None) -> None:
     """Push what ``commands`` says: (version, key into ``weights``, transport); None stops. The
-    weights come from the parent (building the model here would import transformers: seconds)."""
+    weights come from the parent as CPU tensors (building the model here would import transformers:
+    seconds) and are moved to ``device`` here (cuda: the push is from GPU memory)."""
     import torch
 
     torch.set_num_threads(1)
-    asyncio.run(_drive(endpoint, weights, commands, results, die_at, bucket_bytes))
+    weights = {kind: {k: v.to(device) for k, v in sd.items()} for kind, sd in weights.items()}
+    asyncio.run(_drive(endpoint, weights, commands, results, die_at, bucket_bytes, pub_endpoint))
 
 
 def attach_and_sum(name: str, out: Any) -> None:

@@ -8,12 +8,14 @@ Per announced version:
 
 1. refused with BAD_VERSION if not above the live version (or the one being staged);
 2. staged by its transport (``transports/staging.py``): inline buckets pulled under a credit
-   window, or the shm arena attached, or the broadcast joined; every bucket checked against the
-   announcement (layout, size, crc32). A newer announcement, or one from a restarted trainer,
+   window, or the shm arena attached, or the trainer's CUDA arena opened (cuda_ipc), or the
+   broadcast joined; every bucket checked against the announcement (layout, size, crc32; cuda_ipc:
+   a GPU checksum). A newer announcement, or one from a restarted trainer,
    supersedes a version still staging (SUPERSEDED); no progress for ``stall_timeout_s`` drops it
    (TIMEOUT). Either way the live version keeps serving;
 3. sent whole to the governor, which pauses, loads and resumes (the engine refuses unknown names,
-   wrong shapes or dtypes before copying anything);
+   wrong shapes or dtypes before copying anything); cuda_ipc: the GPU is synchronized after the
+   load, so no copy out of the trainer's arena is still running when the trainer hears "applied";
 4. reported to the trainer as VersionOutcome (ok, or the error code and message).
 
 Beacons: each one is acknowledged (that proves this SUB receives, and is the heartbeat); a beacon
@@ -44,10 +46,10 @@ from rollwire.messages.weights import (
     Welcome,
 )
 from rollwire.runtime import Actor, Port
-from rollwire.transports import shm
+from rollwire.transports import cuda_ipc, shm
 from rollwire.transports.pubsub import Subscriber
 from rollwire.transports.rpc import RpcClient
-from rollwire.transports.staging import BroadcastReceiver, StagingError, attach_shm, pull_inline
+from rollwire.transports.staging import BroadcastReceiver, StagingError, attach_cuda_ipc, attach_shm, pull_inline
 from rollwire.transports.weights import LayoutError, check_layout
 
 WEIGHT_RECEIVER = "weight_receiver"
@@ -78,15 +80,20 @@ class WeightReceiverActor(Actor):
     ports: ClassVar[dict[str, Port]] = {}  # none: it talks through its own DEALER and SUB
 
     def __init__(self, trainer_endpoint: str, *, receiver_id: str, apply_endpoint: str,
-                 stall_timeout_s: float = 30.0, transports: Sequence[str] = ("shm", "inline", "gloo"),
+                 stall_timeout_s: float = 30.0, transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo"),
                  credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
-                 name: str = WEIGHT_RECEIVER) -> None:
+                 engine_device: str | None = None, name: str = WEIGHT_RECEIVER) -> None:
+        """``engine_device``: where the engine keeps its weights ("cpu", "cuda:0"...); cuda_ipc is
+        offered only if this process has CUDA and that is a CUDA device (None: any engine of a CUDA
+        process, since every engine takes CUDA tensors)."""
         super().__init__(name)
         self.trainer_endpoint = trainer_endpoint
         self.receiver_id = receiver_id
         self.apply_endpoint = apply_endpoint
         self.stall_timeout_s = stall_timeout_s
-        self.transports = [t for t in transports if t != "shm" or shm.available()]
+        self.transports = [t for t in transports if (t != "shm" or shm.available())
+                           and (t != "cuda_ipc" or cuda_ipc.receiver_offers(engine_device))]
+        self.cuda_devices = cuda_ipc.visible_uuids() if "cuda_ipc" in self.transports else []
         self.credit_window = credit_window
         self.apply_timeout_s = apply_timeout_s
         self.live_version = live_version
@@ -123,7 +130,7 @@ class WeightReceiverActor(Actor):
         wait = REGISTER_TIMEOUT_S
         while True:
             msg = Register(receiver_id=self.receiver_id, host_id=shm.host_id(), transports=self.transports,
-                           live_version=self.live_version)
+                           live_version=self.live_version, cuda_devices=self.cuda_devices)
             try:
                 reply = await self._trainer.call(msg, timeout=wait)
                 if isinstance(reply.msg, Welcome):
@@ -218,10 +225,12 @@ class WeightReceiverActor(Actor):
     async def _run_version(self, v: _Version) -> None:
         ready = v.ready
         try:
-            tensors, payload, shm_name = await self._stage(ready)
+            tensors, payload, where = await self._stage(ready)
             v.applying = True
             applied = await self._apply(ApplyVersion(version=ready.version, step=ready.step, tensors=tensors,
-                                                     shm_name=shm_name), payload, ready.transport)
+                                                     **where), payload, ready.transport)
+            if ready.transport == "cuda_ipc":  # the engine's copies out of the arena are done
+                await asyncio.get_running_loop().run_in_executor(self._verify_pool, cuda_ipc.synchronize_all)
             self.live_version = ready.version
             seconds = time.monotonic() - v.received
             self.counters.inc("versions_applied")
@@ -238,7 +247,9 @@ class WeightReceiverActor(Actor):
         finally:
             self._finished(v)
 
-    async def _stage(self, ready: WeightsReady) -> tuple[list[Any], list[Any], str]:
+    async def _stage(self, ready: WeightsReady) -> tuple[list[Any], list[Any], dict[str, str]]:
+        """The version's tensors, its payload frames, and where the tensors' offsets point
+        (ApplyVersion's ``shm_name`` or ``cuda_arena``; none for frames)."""
         try:
             check_layout(ready)
         except LayoutError as e:
@@ -251,12 +262,15 @@ class WeightReceiverActor(Actor):
             tensors, payload = await pull_inline(self._trainer, ready, window=self.credit_window,
                                                  stall_timeout_s=self.stall_timeout_s, pool=self._verify_pool,
                                                  counters=self.counters)
-            return tensors, payload, ""
+            return tensors, payload, {}
         if ready.transport == "shm":
-            return await attach_shm(ready, self._verify_pool), [], ready.shm_name
+            return await attach_shm(ready, self._verify_pool), [], {"shm_name": ready.shm_name}
+        if ready.transport == "cuda_ipc":
+            tensors, key = await attach_cuda_ipc(ready, self._verify_pool)
+            return tensors, [], {"cuda_arena": key}
         tensors, payload = await self._broadcast.receive(ready, stall_timeout_s=self.stall_timeout_s,
                                                          pool=self._verify_pool)
-        return tensors, payload, ""
+        return tensors, payload, {}
 
     async def _apply(self, msg: ApplyVersion, payload: Sequence[Any], transport: str) -> VersionApplied:
         """The governor loads it (pause, copy, resume); its typed refusal is this version's outcome."""

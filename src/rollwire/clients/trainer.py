@@ -12,8 +12,10 @@ yet would silently miss an announcement. Beacons double as heartbeats; a receive
 
 A push: tensors are planned into buckets (``transports/weights.py``), checksummed, announced, then
 moved by the transport (``shm``: packed into a reused shared-memory arena before the announcement;
-``inline``: each bucket packed on first pull into a reused buffer and served zero-copy; ``gloo``:
-broadcast tensor by tensor in a persistent group, see ``transports/broadcast.py``), and the push
+``cuda_ipc``: CUDA tensors packed on their GPU into a reused CUDA arena exported once, see
+``transports/cuda_ipc.py``; ``inline``: each bucket packed on first pull into a reused buffer and
+served zero-copy; ``gloo``: broadcast tensor by tensor in a persistent group, see
+``transports/broadcast.py``), and the push
 returns when every joined receiver reported the version applied, or raises ``PushError``. Source
 tensors must not change until ``push_weights`` returns (they are read while being served).
 """
@@ -35,8 +37,10 @@ from rollwire.clients.trainer_push import (
     PushError,
     PushReport,
     Registered,
+    broadcast_push,
     choose_transport,
     collect,
+    prepare_cuda_ipc,
     shm_offsets,
 )
 from rollwire.messages.codec import Codec, ProtocolError
@@ -56,7 +60,7 @@ from rollwire.messages.weights import (
     Welcome,
 )
 from rollwire.runtime.logging import get_logger
-from rollwire.transports import shm, sockets
+from rollwire.transports import cuda_ipc, shm, sockets
 from rollwire.transports.broadcast import BroadcastGroup
 from rollwire.transports.broadcast import available as broadcast_available
 from rollwire.transports.checksum import crc32_parallel
@@ -66,6 +70,7 @@ from rollwire.transports.weights import (
     as_named_list,
     bucket_buffers,
     byte_view,
+    on_cpu,
     pack_bucket,
     plan_buckets,
 )
@@ -100,6 +105,8 @@ class TrainerPublisher:
         self.trainer_id = uuid.uuid4().hex  # new on every start: receivers notice and re-register
         self.host_id = shm.host_id()
         self.transports = ["shm", "inline"] if shm.available() else ["inline"]
+        if cuda_ipc.available():
+            self.transports.insert(0, "cuda_ipc")
         if broadcast_available("gloo"):
             self.transports.append("gloo")
         host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
@@ -117,6 +124,7 @@ class TrainerPublisher:
         self._steps: dict[tuple[str, int, str], asyncio.Future[StepDone]] = {}
         self._last_version: int | None = None
         self._arena = shm.ShmArena()
+        self._cuda_arena = cuda_ipc.CudaArena()
         self._pack_buf = torch.empty(0, dtype=torch.uint8)  # inline: reused, so warm after the first push
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="rw-trainer")
         self._group: BroadcastGroup | None = None
@@ -152,6 +160,7 @@ class TrainerPublisher:
                 fut.set_exception(PushError("step", {"*": "trainer closed"}))
         self._drop_group()
         self._arena.close()
+        self._cuda_arena.close()
         if self._pub is not None:
             self._pub.close()
         if self._router is not None:
@@ -197,12 +206,21 @@ class TrainerPublisher:
             if self._last_version is not None and version <= self._last_version:
                 raise ValueError(f"version {version} is not above the last pushed version {self._last_version}")
             t0 = time.monotonic()
-            named = as_named_list(tensors)
+            named = as_named_list(tensors, to_cpu=False)
             receivers = await self._wait_joined()
-            chosen = choose_transport(transport, self.transports, self.host_id, receivers)
+            device = cuda_ipc.tensors_device([t for _, t in named]) if "cuda_ipc" in self.transports else None
+            chosen = choose_transport(transport, self.transports, self.host_id, receivers,
+                                      cuda_ipc.device_uuid(device) if device is not None else None)
+            if chosen == "cuda_ipc":
+                push_after = torch.cuda.Event()  # the packing waits for the caller's last write
+                push_after.record(torch.cuda.current_stream(device))
+            else:
+                named = on_cpu(named)
             plans = plan_buckets(named, self.bucket_bytes)
             push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
                                                   for r in receivers}, self._pack_buf)
+            if chosen == "cuda_ipc":
+                push.cuda_after, push.device = push_after, device
             ready = await self._prepare(push, step if step is not None else version, receivers)
             self._push = push
             self._last_version = version  # announced: even a failed push uses it up (some may have applied it)
@@ -241,6 +259,8 @@ class TrainerPublisher:
                                    for p, v in zip(push.plans, views, strict=True)))
             sums = await asyncio.gather(*(crc32_parallel([byte_view(v)], self._workers) for v in views))
             extra = {"shm_name": self._arena.name, "shm_offsets": offsets}
+        elif push.transport == "cuda_ipc":
+            sums, extra = await prepare_cuda_ipc(push, self._cuda_arena, self._workers)
         else:  # inline and broadcast send the tensors as they are: checksum them in place
             bufs = await asyncio.gather(*(loop.run_in_executor(self._workers, bucket_buffers, p) for p in push.plans))
             sums = await asyncio.gather(*(crc32_parallel(b, self._workers) for b in bufs))
@@ -259,15 +279,8 @@ class TrainerPublisher:
     async def _broadcast(self, push: Push) -> None:
         group = self._group
         assert group is not None
-
-        def run() -> None:
-            group.connect()
-            for plan in push.plans:
-                for t in plan.sources:
-                    group.broadcast(t.contiguous())
-
         try:
-            await asyncio.get_running_loop().run_in_executor(None, run)
+            await broadcast_push(group, push)
         except Exception as e:
             log.warning("broadcast_failed", version=push.version, error=repr(e))
             if self._group is group:
@@ -277,6 +290,8 @@ class TrainerPublisher:
     def _after_failure(self, push: Push) -> None:
         if push.transport == "shm":
             self._arena.retire()  # a receiver may still read it: the next push writes a fresh one
+        if push.transport == "cuda_ipc":
+            self._cuda_arena.retire()
         if push.transport in ("gloo", "nccl"):
             self._drop_group()
 
@@ -341,7 +356,7 @@ class TrainerPublisher:
             if msg.receiver_id in self._group_ranks:
                 self._drop_group()
         self.receivers[msg.receiver_id] = Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports),
-                                                    msg.live_version)
+                                                    msg.live_version, list(msg.cuda_devices))
         log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,
                  transports=msg.transports)
         self._wake_beacon.set()

@@ -49,27 +49,39 @@ class Registered:
     host_id: str
     transports: list[str]
     live_version: int
+    cuda_devices: list[str] = field(default_factory=list)  # GPUs it can open CUDA IPC handles on
     joined: bool = False
     last_seen: float = field(default_factory=time.monotonic)
 
 
-def choose_transport(wanted: str, offered: Sequence[str], host_id: str, receivers: Sequence[Registered]) -> str:
-    """``auto``: the fastest transport that every receiver can use (shm needs the same host);
-    broadcast is only used when asked for. An explicit choice must suit every receiver."""
+def choose_transport(wanted: str, offered: Sequence[str], host_id: str, receivers: Sequence[Registered],
+                     cuda_device: str | None = None) -> str:
+    """``auto``: the fastest transport that every receiver can use: ``cuda_ipc`` when the tensors are
+    all on one GPU (``cuda_device``: its UUID) that every receiver, on this host, can open handles on
+    (it offers cuda_ipc only when its engine is on CUDA); else ``shm`` (same host); else ``inline``.
+    Broadcast is only used when asked for. An explicit choice must suit every receiver."""
 
     def usable(t: str, r: Registered) -> bool:
-        return t in r.transports and (t != "shm" or r.host_id == host_id)
+        if t not in r.transports:
+            return False
+        if t == "cuda_ipc":
+            return r.host_id == host_id and cuda_device is not None and cuda_device in r.cuda_devices
+        return t != "shm" or r.host_id == host_id
 
     if wanted == "auto":
-        for t in ("shm", "inline"):
+        for t in ("cuda_ipc", "shm", "inline"):
             if t in offered and all(usable(t, r) for r in receivers):
                 return t
         return "inline"
     if wanted not in offered:
         raise ValueError(f"transport {wanted!r} is not available here; this trainer offers {list(offered)}")
+    if wanted == "cuda_ipc" and cuda_device is None:
+        raise ValueError("transport 'cuda_ipc' needs every tensor on one CUDA device")
     unable = [r.receiver_id for r in receivers if not usable(wanted, r)]
     if unable:
-        raise ValueError(f"transport {wanted!r} cannot reach receivers {unable} (other host or not offered)")
+        why = "other host, GPU not visible there, or not offered" if wanted == "cuda_ipc" else \
+            "other host or not offered"
+        raise ValueError(f"transport {wanted!r} cannot reach receivers {unable} ({why})")
     return wanted
 
 
@@ -95,6 +107,8 @@ class Push:
         self.offsets: list[int] = []
         self.pack_buf = pack_buf  # inline: buckets packed here on first pull (handed back for reuse)
         self.broadcast: asyncio.Future[None] | None = None
+        self.cuda_after: Any = None  # cuda_ipc: event on the caller's stream after its last write
+        self.device: torch.device | None = None  # cuda_ipc: the GPU holding the tensors
         self._packed: dict[int, asyncio.Future[memoryview]] = {}
         self._credits: dict[bytes, asyncio.Semaphore] = {}
         self.started = time.monotonic()
@@ -163,6 +177,31 @@ class Push:
             return byte_view(dst)
 
         self._packed[index] = asyncio.wrap_future(packer.submit(pack))
+
+
+async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[list[int], dict[str, Any]]:
+    """cuda_ipc: pack every bucket into the reused CUDA arena and checksum it on the GPU (on a worker
+    thread: the launches and the final wait stay off the event loop)."""
+    from rollwire.transports.cuda_ipc import arena_offsets, padded
+
+    assert push.device is not None
+    offsets = arena_offsets([p.nbytes for p in push.plans])
+    arena.reserve(offsets[-1] + padded(push.plans[-1].nbytes) if push.plans else 1, push.device)
+    sums = await asyncio.get_running_loop().run_in_executor(workers, arena.pack, push.plans, offsets, push.cuda_after)
+    push.offsets = offsets
+    return sums, {"cuda_ipc": arena.handle, "shm_offsets": offsets}
+
+
+async def broadcast_push(group: Any, push: Push) -> None:
+    """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread)."""
+
+    def run() -> None:
+        group.connect()
+        for plan in push.plans:
+            for t in plan.sources:
+                group.broadcast(t.contiguous())
+
+    await asyncio.get_running_loop().run_in_executor(None, run)
 
 
 def _is_one_tensor(plan: BucketPlan) -> bool:

@@ -62,12 +62,12 @@ class CudaIpcHandle(msgspec.Struct, frozen=True, array_like=True, gc=False):
     same host, between processes that can see the GPU ``device_uuid``."""
 
     device_uuid: str  # the GPU holding the arena (device indices differ between processes)
-    handle: bytes  # cudaIpcMemHandle of the CUDA allocation holding the arena
+    handle: str  # cudaIpcMemHandle of the CUDA allocation holding the arena, hex
     storage_size: int  # bytes of the shared storage
     storage_offset: int  # byte offset of the storage inside that allocation
-    ref_counter_handle: bytes  # torch's producer-side reference count (a shared-memory file name)
+    ref_counter_handle: str  # torch's producer-side reference count (a shared-memory file name), hex
     ref_counter_offset: int
-    event_handle: bytes  # cudaIpcEventHandle the receiver waits on when it first opens the handle
+    event_handle: str  # cudaIpcEventHandle the receiver waits on when it first opens the handle, hex
     event_sync_required: bool
     nbytes: int  # bytes of the arena (the buckets lie in [0, nbytes))
 

@@ -7,8 +7,8 @@ wire ``ErrorCode``; nothing here decides what a failure means for the live versi
 
 Ownership: inline frames belong to ZeroMQ messages (kept alive by the returned memoryviews);
 gloo staging memory belongs to ``BroadcastReceiver`` and must not be reused until the load that
-reads it has finished; shm views belong to the trainer's arena, which it does not rewrite before
-every receiver has reported the version.
+reads it has finished; shm views and cuda_ipc views belong to the trainer's arena, which it does not rewrite before
+every receiver has reported the version (cuda_ipc: the receiver synchronizes the GPU before reporting).
 """
 
 from __future__ import annotations
@@ -144,6 +144,37 @@ async def attach_shm(ready: WeightsReady, pool: Executor) -> list[NamedTensor]:
     await _verify(ready.buckets, bufs, pool)
     return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
             for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True) for t in meta.tensors]
+
+
+# -- cuda_ipc ----------------------------------------------------------------------------------
+async def attach_cuda_ipc(ready: WeightsReady, pool: Executor) -> tuple[list[NamedTensor], str]:
+    """Open the trainer's CUDA arena (cached), verify every bucket's GPU checksum; tensors are byte
+    offsets into it, the key names the opened arena in this process."""
+    from rollwire.transports import cuda_ipc
+
+    h = ready.cuda_ipc
+    if h is None:
+        raise StagingError(ErrorCode.BAD_FIELD, "cuda_ipc announcement without a handle")
+    for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True):
+        if off < 0 or off % cuda_ipc.ARENA_ALIGN or off + cuda_ipc.padded(meta.nbytes) > h.nbytes:
+            raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
+                                                    f"{h.nbytes}-byte CUDA arena or misaligned")
+    loop = asyncio.get_running_loop()
+    try:
+        key = await loop.run_in_executor(pool, cuda_ipc.open_arena, h)
+    except (RuntimeError, ValueError) as e:
+        raise StagingError(ErrorCode.BAD_FIELD, f"cannot open the CUDA IPC handle: {e}") from None
+    sums = await loop.run_in_executor(pool, cuda_ipc.verify, key, ready.shm_offsets, [m.nbytes for m in ready.buckets])
+    problems = [None if got == m.checksum else
+                f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
+                for m, got in zip(ready.buckets, sums, strict=True)]
+    bad = [p for p in problems if p]
+    if bad:
+        raise StagingError(ErrorCode.BAD_CHECKSUM, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3
+                                                                          else ""))
+    named = [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
+             for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True) for t in meta.tensors]
+    return named, key
 
 
 # -- gloo / nccl broadcast ----------------------------------------------------------------------

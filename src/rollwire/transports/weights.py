@@ -30,8 +30,9 @@ _ZEROS = bytes(ALIGN)
 NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
-def as_named_list(tensors: NamedTensors) -> list[tuple[str, torch.Tensor]]:
-    """``state_dict()`` or (name, tensor) pairs -> detached CPU tensors; names must be unique."""
+def as_named_list(tensors: NamedTensors, *, to_cpu: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """``state_dict()`` or (name, tensor) pairs -> detached tensors (moved to the CPU unless
+    ``to_cpu`` is False: cuda_ipc sends CUDA tensors as they are); names must be unique."""
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
     out, seen = [], set()
     for name, t in items:
@@ -42,8 +43,12 @@ def as_named_list(tensors: NamedTensors) -> list[tuple[str, torch.Tensor]]:
             raise TypeError(f"{name!r} is a {type(t).__name__}, not a torch.Tensor")
         dtype_from_name(dtype_name(t.dtype))  # raises ValueError on a dtype the wire does not carry
         t = t.detach()
-        out.append((name, t if t.device.type == "cpu" else t.cpu()))
+        out.append((name, t if t.device.type == "cpu" or not to_cpu else t.cpu()))
     return out
+
+
+def on_cpu(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    return [(n, t if t.device.type == "cpu" else t.cpu()) for n, t in named]
 
 
 def nbytes_of(t: torch.Tensor) -> int:
@@ -157,8 +162,8 @@ def check_layout(ready: WeightsReady) -> None:
             end = t.offset + item * _numel(t.shape)
         if end != b.nbytes:
             raise LayoutError(f"bucket {i}: tensors end at byte {end}, bucket has {b.nbytes}")
-    if ready.transport == "shm" and len(ready.shm_offsets) != ready.n_buckets:
-        raise LayoutError(f"shm: {len(ready.shm_offsets)} offsets for {ready.n_buckets} buckets")
+    if ready.transport in ("shm", "cuda_ipc") and len(ready.shm_offsets) != ready.n_buckets:
+        raise LayoutError(f"{ready.transport}: {len(ready.shm_offsets)} offsets for {ready.n_buckets} buckets")
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -204,14 +209,20 @@ def view_at(base: torch.Tensor, offset: int, dtype_str: str, shape: Sequence[int
     if offset < 0 or offset + n > base.numel() or offset % dtype.itemsize:
         raise ValueError(f"tensor at byte {offset} (+{n}) outside a {base.numel()}-byte arena or misaligned")
     if n == 0:
-        return torch.empty(list(shape), dtype=dtype)
+        return torch.empty(list(shape), dtype=dtype, device=base.device)
     return base[offset:offset + n].view(dtype).view(list(shape))
 
 
 def tensors_from_apply(msg: ApplyVersion, payload: Sequence[Buffer]) -> list[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs of an ApplyVersion: views on its payload frames (inline, gloo) or on
-    the attached shm arena ``msg.shm_name`` (``TensorRef.frame`` is then a byte offset). The views
-    are valid while the sender keeps the bytes unchanged, i.e. until it gets the reply."""
+    """The (name, tensor) pairs of an ApplyVersion: views on its payload frames (inline, gloo), on
+    the attached shm arena ``msg.shm_name`` or on the opened CUDA arena ``msg.cuda_arena`` (CUDA
+    tensors; ``TensorRef.frame`` is then a byte offset). The views are valid while the sender keeps
+    the bytes unchanged, i.e. until it gets the reply."""
+    if msg.cuda_arena:
+        from rollwire.transports.cuda_ipc import opened
+
+        base = opened(msg.cuda_arena)
+        return [(nt.name, view_at(base, nt.ref.frame, nt.ref.dtype, nt.ref.shape)) for nt in msg.tensors]
     if msg.shm_name:
         from rollwire.transports.shm import attach
 

@@ -1,0 +1,251 @@
+"""Weights by CUDA IPC: same host, CUDA tensors on both ends (the path of SGLang's
+update_weights_from_tensor with CUDA tensors).
+
+Trainer (``CudaArena``): one flat uint8 CUDA buffer on the GPU that holds the tensors, created once
+per size and reused for every push (as the shm arena is). A push packs every bucket into it at
+``ARENA_ALIGN``-aligned offsets (one device-to-device copy per tensor, on the GPU), zeroes the
+padding, checksums every bucket on the GPU, and announces. The arena is exported once, as one
+handle (torch's ``reduce_tensor``, i.e. ``cudaIpcGetMemHandle`` plus torch's producer-side reference
+count): opening a handle costs milliseconds, so receivers open it once and keep it while it is the
+trainer's current arena. The trainer does not write the arena again before every receiver has
+reported the version (applied or refused); after a failed push it allocates a new one (``retire``),
+since a straggler may still read the old one (torch keeps memory alive while a consumer holds it).
+
+Receiver (``open_arena``, ``verify``): rebuilds the arena as a CUDA tensor (``rebuild_cuda_tensor``,
+on the local index of the GPU named by UUID: indices differ between processes), verifies every
+bucket's checksum on the GPU, on a side stream, and hands the engine views into the arena. After
+the engine's load it synchronizes the GPU before reporting "applied", so the trainer's next pack
+cannot overwrite bytes a copy still reads.
+
+Checksums (``gpu_checksums``): the bytes never leave GPU memory, so what a checksum catches here is a
+wrong handle, offset or layout, or an arena rewritten too early, not wire corruption; and crc32 has
+no fast GPU kernel in torch. So each bucket, zero-padded to ``ARENA_ALIGN`` bytes, is read as int64
+words in rows of 512, and three sums are taken modulo 2**64 (integer sums: exact, whatever the
+reduction order, equal on CPU and GPU): all words, the row sums weighted by row index, the column
+sums weighted by column index. A changed word changes the first; two swapped unequal words change
+the second or the third; a shifted layout changes them all. Two reduction passes over the bytes on
+each side; the three sums of every bucket come back in one host transfer and are hashed (blake2b) to
+the bucket's 64-bit ``checksum``. This is an integrity check against bugs, not against an adversary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rollwire.messages.weights import CudaIpcHandle
+
+ARENA_ALIGN = 4096  # bucket offsets and checksum padding: whole rows of 512 int64 words
+ROW_WORDS = ARENA_ALIGN // 8
+_GROW_QUANTUM = 2 << 20
+_MAX_OPENED = 2  # arenas a receiver keeps open (the current one and the one it replaced)
+
+
+def available() -> bool:
+    """This process can use CUDA at all (False on CPU-only builds and machines without a GPU)."""
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - broken driver installs raise here
+        return False
+
+
+def receiver_offers(engine_device: str | None) -> bool:
+    """Whether a receiver offers cuda_ipc: this process has CUDA and the engine's weights live on a
+    CUDA device (``engine_device`` None: unknown, any engine in a CUDA process takes CUDA tensors)."""
+    if not available():
+        return False
+    return engine_device is None or torch.device(engine_device).type == "cuda"
+
+
+def device_uuid(device: torch.device | int) -> str:
+    index = device if isinstance(device, int) else (device.index if device.index is not None
+                                                    else torch.cuda.current_device())
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def visible_uuids() -> list[str]:
+    return [device_uuid(i) for i in range(torch.cuda.device_count())] if available() else []
+
+
+def tensors_device(tensors: Sequence[torch.Tensor]) -> torch.device | None:
+    """The one CUDA device holding every tensor, or None (a CPU tensor, or several GPUs)."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return None
+    (dev,) = devices
+    return dev if dev.type == "cuda" else None
+
+
+def padded(n: int) -> int:
+    return (n + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
+
+
+def arena_offsets(sizes: Sequence[int]) -> list[int]:
+    """Where each bucket starts in the arena: back to back, each at an ``ARENA_ALIGN`` boundary."""
+    offsets, pos = [], 0
+    for n in sizes:
+        offsets.append(pos)
+        pos += padded(n)
+    return offsets
+
+
+# -- checksums ---------------------------------------------------------------------------------
+def _sums(words: torch.Tensor) -> torch.Tensor:
+    """[3] int64: sum, row-weighted and column-weighted sums of ``words`` ([rows, ROW_WORDS])."""
+    if words.numel() == 0:
+        return torch.zeros(3, dtype=torch.int64, device=words.device)
+    rows = words.sum(dim=1)
+    cols = words.sum(dim=0)
+    r = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=words.device)
+    c = torch.arange(1, ROW_WORDS + 1, dtype=torch.int64, device=words.device)
+    return torch.stack([rows.sum(), (rows * r).sum(), (cols * c).sum()])
+
+
+def gpu_checksums(arena: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """The 64-bit checksum of each bucket ``arena[off:off + padded(size)]`` (padding included, so it
+    must be zeros). Works on any device; one host transfer for all buckets."""
+    parts = []
+    for off, n in zip(offsets, sizes, strict=True):
+        words = arena[off:off + padded(n)].view(torch.int64).view(-1, ROW_WORDS)
+        parts.append(_sums(words))
+    if not parts:
+        return []
+    values = torch.stack(parts).tolist()
+    return [int.from_bytes(hashlib.blake2b(struct.pack("<3q", *v), digest_size=8).digest(), "little")
+            for v in values]
+
+
+# -- trainer side ------------------------------------------------------------------------------
+class CudaArena:
+    """Trainer side: one CUDA buffer, exported once, reused across pushes."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+        self.handle: CudaIpcHandle | None = None
+        self.created = 0  # how many buffers this arena has allocated (benchmarks check it stays 1)
+
+    def reserve(self, nbytes: int, device: torch.device) -> bool:
+        """Room for ``nbytes`` on ``device``; True if the buffer was (re)allocated (a new handle)."""
+        t = self.tensor
+        if t is not None and t.device == device and t.numel() >= nbytes:
+            return False
+        self.close()
+        size = max(_GROW_QUANTUM, -(-nbytes // _GROW_QUANTUM) * _GROW_QUANTUM)
+        t = torch.zeros(size, dtype=torch.uint8, device=device)
+        self.tensor, self.handle = t, export(t)
+        self.created += 1
+        return True
+
+    def retire(self) -> None:
+        """The next ``reserve`` allocates a new buffer: a receiver may still be reading this one."""
+        self.close()
+
+    def close(self) -> None:
+        self.tensor, self.handle = None, None  # torch frees it once no receiver holds it any more
+
+    def pack(self, plans: Sequence[Any], offsets: Sequence[int], after: torch.cuda.Event | None = None) -> list[int]:
+        """Copy every bucket in (gaps and padding zeroed), then checksum them; blocks until the GPU
+        is done (run it on a worker thread). ``after``: an event recorded on the caller's stream after
+        its last write to the tensors (the copies wait for it)."""
+        from rollwire.transports.weights import pack_bucket
+
+        arena = self.tensor
+        assert arena is not None
+        with torch.cuda.device(arena.device):
+            stream = torch.cuda.current_stream()
+            if after is not None:
+                stream.wait_event(after)
+            for plan, off in zip(plans, offsets, strict=True):
+                pack_bucket(plan, arena[off:off + plan.nbytes])
+                if padded(plan.nbytes) > plan.nbytes:
+                    arena[off + plan.nbytes:off + padded(plan.nbytes)].zero_()
+            sums = gpu_checksums(arena, offsets, [p.nbytes for p in plans])  # .tolist() waits for the copies
+        return sums
+
+
+def export(t: torch.Tensor) -> CudaIpcHandle:
+    """The IPC handle of a flat uint8 CUDA tensor that starts its storage (as ``reduce_tensor`` does)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+    if t.storage_offset() != 0 or t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError("export a flat uint8 tensor that starts its storage")
+    fn, args = reduce_tensor(t)
+    if fn is not rebuild_cuda_tensor:
+        raise ValueError(f"tensor on {t.device} has no CUDA IPC handle")
+    (_, _, _, _, _, _, _, handle, storage_size, storage_offset, _, ref_handle, ref_offset, event_handle,
+     event_sync) = args
+    return CudaIpcHandle(device_uuid=device_uuid(t.device), handle=bytes(handle).hex(), storage_size=int(storage_size),
+                         storage_offset=int(storage_offset), ref_counter_handle=bytes(ref_handle).hex(),
+                         ref_counter_offset=int(ref_offset), event_handle=bytes(event_handle or b"").hex(),
+                         event_sync_required=bool(event_sync), nbytes=t.numel())
+
+
+# -- receiver side -----------------------------------------------------------------------------
+_opened: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+
+def arena_key(h: CudaIpcHandle) -> str:
+    return f"{h.handle}:{h.storage_offset}"
+
+
+def open_arena(h: CudaIpcHandle) -> str:
+    """Open the trainer's arena in this process (once per handle; cached) and return its key for
+    ``opened``. Raises ValueError if its GPU is not visible here, RuntimeError if CUDA refuses."""
+    key = arena_key(h)
+    if key in _opened:
+        _opened.move_to_end(key)
+        return key
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    uuids = visible_uuids()
+    if h.device_uuid not in uuids:
+        raise ValueError(f"GPU {h.device_uuid} is not visible in this process (visible: {uuids})")
+    index = uuids.index(h.device_uuid)
+    with torch.cuda.device(index):
+        t = rebuild_cuda_tensor(torch.Tensor, (h.nbytes,), (1,), 0, torch.UntypedStorage, torch.uint8, index,
+                                bytes.fromhex(h.handle), h.storage_size, h.storage_offset, False,
+                                bytes.fromhex(h.ref_counter_handle), h.ref_counter_offset,
+                                bytes.fromhex(h.event_handle), h.event_sync_required)
+    _opened[key] = t
+    while len(_opened) > _MAX_OPENED:
+        _opened.popitem(last=False)  # closed once the last view on it is gone
+    return key
+
+
+def opened(key: str) -> torch.Tensor:
+    try:
+        return _opened[key]
+    except KeyError:
+        raise ValueError(f"CUDA arena {key[:16]}... is not open in this process") from None
+
+
+def close_all() -> None:
+    _opened.clear()
+
+
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def verify(key: str, offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """The checksums of the buckets in an opened arena, computed on a side stream (generation may
+    still be running on the default one); blocks until done: run it on a worker thread."""
+    arena = opened(key)
+    index = arena.device.index
+    assert index is not None
+    with torch.cuda.device(index):
+        stream = _streams.get(index)
+        if stream is None:
+            stream = _streams[index] = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            return gpu_checksums(arena, offsets, sizes)
+
+
+def synchronize_all() -> None:
+    """Wait for every GPU of this process (the engine's copies out of the arena included)."""
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
