@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollwire.engines.base import EngineError, EngineRequest
+from rollwire.engines.base import EngineDelta, EngineError, EngineRequest
 from rollwire.messages.generate import SamplingParams
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is not None,
@@ -240,3 +240,141 @@ async def test_shutdown_aborts_what_runs(sglang_module) -> None:
     for _, task in started:
         out = await asyncio.wait_for(task, 10)
         assert out["finish"] == "abort" and out["finals"] == 1
+
+
+# -- non-streamed requests, sessions, NCCL, deterministic min_p ---------------------------------------
+
+
+async def run_batch(e: object, rid: str, prompt: list[int], **params: object) -> dict:
+    """A non-streamed request (EngineRequest.stream=False): every delta it yields, as a list."""
+    deltas = [d async for d in e.generate(EngineRequest(rid, prompt, SamplingParams(**params),  # type: ignore[attr-defined]
+                                                          return_logprob=True, stream=False))]
+    return {"deltas": deltas, "tokens": [t for d in deltas for t in d.token_ids],
+            "versions": [d.weight_version for d in deltas for _ in d.token_ids],
+            "lps": [x for d in deltas for x in d.logprobs or []],
+            "finish": deltas[-1].finish_reason, "finals": sum(d.finish_reason is not None for d in deltas)}
+
+
+async def test_a_non_streamed_request_is_one_delta_with_every_token_and_the_same_output(eng) -> None:
+    streamed = await run(eng, "s", [5, 6, 7], **G)
+    batch = await run_batch(eng, "b", [5, 6, 7], **G)
+    assert len(batch["deltas"]) == 1 and batch["finals"] == 1 and batch["finish"] == "length"
+    assert batch["tokens"] == streamed["tokens"] and batch["lps"] == streamed["lps"]
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+async def test_non_streamed_requests_across_a_version_switch_get_exact_spans(eng, sglang_module, mode) -> None:
+    _, ckpt = sglang_module
+    tasks = [asyncio.ensure_future(run_batch(eng, f"n{i}", [i + 3, 4], **G)) for i in range(4)]
+    for _ in range(200):  # some tokens produced (inside the stand-in scheduler)
+        await asyncio.sleep(0.002)
+        running = eng._tm._running  # type: ignore[attr-defined]
+        if len(running) == 4 and all(len(r.out) >= 11 for r in running):
+            break
+    await eng.pause(mode)
+    await eng.update_weights(weights(ckpt, 1.5), version=1)
+    await eng.resume()
+    for i, task in enumerate(tasks):
+        out = await task
+        assert out["finals"] == 1 and out["finish"] == "length" and len(out["tokens"]) == 40
+        k = out["versions"].count(0)
+        assert out["versions"] == [0] * k + [1] * (40 - k) and k >= 8  # what reached the TM before the switch
+        # the tokens tagged 1 are what version 1 makes after the tokens tagged 0
+        tail = await run(eng, f"tail{i}", [i + 3, 4, *out["tokens"][:k]], **{**G, "max_new_tokens": 40 - k})
+        assert tail["tokens"] == out["tokens"][k:]
+
+
+async def test_cached_tokens_are_reported_once_on_the_first_delta(eng) -> None:
+    first = await run_batch(eng, "a", [7, 8, 9, 10], **G)
+    again = await run_batch(eng, "b", [7, 8, 9, 10] + first["tokens"] + [11], **G)
+    assert first["deltas"][0].cached_tokens == 0
+    assert again["deltas"][0].cached_tokens == 4 + 40  # the whole earlier history
+    streamed = [d async for d in eng.generate(EngineRequest("c", [7, 8, 9, 10, 1], SamplingParams(**G)))]
+    assert streamed[0].cached_tokens == 4 and all(d.cached_tokens == 0 for d in streamed[1:])
+
+
+async def test_a_session_keeps_its_stale_prefix_only_when_asked_and_close_session_forgets_it(eng,
+                                                                                             sglang_module) -> None:
+    _, ckpt = sglang_module
+
+    async def turn(rid: str, prompt: list[int], stale: bool) -> EngineDelta:
+        req = EngineRequest(rid, prompt, SamplingParams(**G), stream=False, session_id="s1", keep_stale_prefix=stale)
+        deltas = [d async for d in eng.generate(req)]
+        assert len(deltas) == 1
+        return deltas[0]
+
+    first = await turn("t1", [4, 4, 4], stale=True)
+    await eng.pause("retract")
+    await eng.update_weights(weights(ckpt, 1.5), version=1)
+    await eng.resume()
+    history = [4, 4, 4, *first.token_ids]
+    stale = await turn("t2", [*history, 5], stale=True)
+    assert stale.cached_tokens == len(history)  # the v0 history, reused under v1 because the session asked
+    fresh = await turn("t3", [*history, 5], stale=False)
+    assert fresh.cached_tokens == 0  # not asked: recomputed under v1
+    await eng.close_session("s1")
+    assert eng.info().extra["sessions"] == 0
+    await eng.close_session("never-opened")
+
+
+async def test_an_nccl_push_loads_a_version_and_a_hung_one_times_out_tears_the_group_down(eng, sglang_module) -> None:
+    _, ckpt = sglang_module
+    specs = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in weights(ckpt)]
+    await eng.pause("retract")
+    with pytest.raises(EngineError) as err:
+        await eng.update_weights_from_distributed(specs, version=1, group_name="g")
+    assert "join_weight_group" in err.value.message
+    await eng.join_weight_group("127.0.0.1", 29500, group_name="g")
+    with pytest.raises(EngineError) as err:
+        await eng.update_weights_from_distributed([("nope", "bfloat16", [3])], version=1, group_name="g")
+    assert err.value.code == "unknown_tensor"
+    await eng.update_weights_from_distributed(specs, version=1, group_name="g")
+    assert eng.info().weight_version == 1
+    eng._tm.fake_nccl_hang = True  # type: ignore[attr-defined]  # the trainer died mid-broadcast
+    with pytest.raises(EngineError) as err:
+        await eng.update_weights_from_distributed(specs, version=2, group_name="g", timeout_s=0.2)
+    assert err.value.code == "weights_failed" and "torn down" in err.value.message
+    assert eng.info().weight_version == 1 and eng.info().extra["weight_groups"] == []
+    eng._tm.fake_nccl_hang = False  # type: ignore[attr-defined]
+    await eng.resume()
+    r = await run(eng, "after", [3, 3], max_new_tokens=4)  # the old version serves
+    assert set(r["versions"]) == {1}
+    await eng.pause("retract")
+    await eng.join_weight_group("127.0.0.1", 29501, group_name="g")  # a new trainer, a new group
+    await eng.update_weights_from_distributed(specs, version=3, group_name="g")
+    assert eng.info().weight_version == 3
+    await eng.resume()
+
+
+def test_engine_arg_defaults_come_from_the_environment(sglang_module, monkeypatch) -> None:
+    mod, ckpt = sglang_module
+    monkeypatch.setenv("ROLLWIRE_SGLANG_ENGINE_ARGS", "attention_backend=triton,mem_fraction_static=0.25")
+    e = mod.SGLangEngine(ckpt, engine_args={"mem_fraction_static": "0.4"})  # type: ignore[attr-defined]
+    assert e.server_kwargs["attention_backend"] == "triton" and e.server_kwargs["mem_fraction_static"] == 0.4
+    monkeypatch.setenv("ROLLWIRE_SGLANG_ENGINE_ARGS", '{"sampling_backend": "pytorch"}')
+    assert mod.SGLangEngine(ckpt).server_kwargs["sampling_backend"] == "pytorch"  # type: ignore[attr-defined]
+
+
+async def test_with_deterministic_inference_min_p_goes_to_the_logit_processor_and_refuses_logprobs(
+        sglang_module) -> None:
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt, engine_args={"enable_deterministic_inference": "true"})  # type: ignore[attr-defined]
+    from rollwire.engines.sglang_requests import Live
+
+    s = Live(EngineRequest("r", [1], SamplingParams(temperature=0.8, min_p=0.1, seed=3)))
+    sp = e._sampling_params(s)
+    assert sp["min_p"] == 0.0 and sp["custom_params"]["rw_min_p"] == 0.1 and sp["sampling_seed"] == 3
+    with pytest.raises(EngineError) as err:
+        e.validate(EngineRequest("r", [1], SamplingParams(temperature=0.8, min_p=0.1), return_logprob=True))
+    assert err.value.code == "bad_sampling_params"
+
+
+def test_the_min_p_logit_processor_keeps_what_min_p_keeps(sglang_module) -> None:
+    from rollwire.engines.sglang_logits import TokenMask
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -3.0], [2.0, 1.0, 0.0, -3.0]])
+    out = TokenMask()(logits.clone(), [{"rw_min_p": 0.3, "rw_temperature": 1.0}, {"rw_min_p": 0.3,
+                                                                                  "rw_temperature": 2.0}])
+    probs = [torch.softmax(logits[i] / t, -1) for i, t in enumerate((1.0, 2.0))]
+    for i in range(2):
+        assert torch.equal(torch.isfinite(out[i]), probs[i] >= 0.3 * probs[i].max())

@@ -33,6 +33,32 @@ class UpdateWeightsFromTensorReqInput:
 
 
 @dataclass
+class InitWeightsUpdateGroupReqInput:
+    master_address: str = ""
+    master_port: int = 0
+    rank_offset: int = 1
+    world_size: int = 2
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+@dataclass
+class DestroyWeightsUpdateGroupReqInput:
+    group_name: str = "weight_update_group"
+
+
+@dataclass
+class UpdateWeightsFromDistributedReqInput:
+    names: list = field(default_factory=list)
+    dtypes: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+
+
+@dataclass
 class ReleaseMemoryOccupationReqInput:
     tags: list | None = None
 

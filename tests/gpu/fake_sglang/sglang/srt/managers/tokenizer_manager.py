@@ -13,6 +13,8 @@ import torch
 
 from sglang.srt.managers.io_struct import FlushCacheReqOutput
 
+FORCE_INTERVAL = 8  # SGLang's SGLANG_FORCE_STREAM_INTERVAL (50 there): non-streamed outputs reach the TM this often
+
 
 @dataclass
 class ReqState:
@@ -40,6 +42,11 @@ class _Req:
     out: list = field(default_factory=list)
     to_finish: bool = False
     mask: Any = None
+    stream: bool = True
+    lps: list = field(default_factory=list)
+    sent: int = 0
+    key: Any = None  # extra_key: the radix cache shares prefixes only under the same key
+    cached: int = 0  # tokens handed to the TokenizerManager (non-streamed: every FORCE_INTERVAL, and at the end)
 
 
 class _ModelConfig:
@@ -69,6 +76,9 @@ class TokenizerManager:
         self._paused = ""
         self._salt = 0
         self._offloaded = set()
+        self._groups = set()
+        self._radix: dict = {}  # extra_key -> token sequences computed under it (a stand-in prefix cache)
+        self.fake_nccl_hang = False  # update_weights_from_distributed never completes (a dead trainer)
         self.log = []
 
     # -- tokenizer manager side -----------------------------------------------------------------
@@ -147,6 +157,26 @@ class TokenizerManager:
     async def flush_cache(self):
         return await self._call("flush")
 
+    async def init_weights_update_group(self, obj, request=None):
+        self._groups.add(obj.group_name)
+        return True, "Succeeded to initialize custom process group."
+
+    async def destroy_weights_update_group(self, obj, request=None):
+        if obj.group_name not in self._groups:
+            return False, "The group to be destroyed does not exist."
+        self._groups.discard(obj.group_name)
+        return True, "Succeeded to destroy custom process group."
+
+    async def update_weights_from_distributed(self, obj, request=None):
+        assert obj.group_name in self._groups, "Please call `init_weights_update_group` first."
+        assert self.is_pause, "fake: the adapter always loads while paused"
+        if self.fake_nccl_hang:
+            await asyncio.sleep(3600)
+        ok, msg = await self._call("nccl", obj)
+        if ok and obj.weight_version is not None:
+            self.server_args.weight_version = obj.weight_version
+        return ok, msg
+
     def _handle_output(self, rid, new, lps, finish, cached=0):
         state = self.rid_to_state.get(rid)
         if state is None:
@@ -156,6 +186,8 @@ class TokenizerManager:
         meta = {"id": rid, "finish_reason": finish, "weight_version": self.server_args.weight_version,
                 "cached_tokens": cached}
         state.finished = finish is not None
+        if not getattr(state.obj, "stream", False) and finish is None:
+            return  # as SGLang: a non-streamed request's state grows, its caller hears only the finish
         state.out_list.append({"output_ids": state.output_ids if finish is None else list(state.output_ids),
                                "meta_info": meta})
         state.event.set()
@@ -200,7 +232,10 @@ class TokenizerManager:
         try:
             if kind == "req":
                 obj = m[1]
-                self._waiting.append(_Req(obj.rid, list(obj.input_ids), dict(obj.sampling_params or {})))
+                ids = list(obj.input_ids)
+                hit = max((_common(ids, seq) for seq in self._radix.get(obj.extra_key, ())), default=0)
+                self._waiting.append(_Req(obj.rid, ids, dict(obj.sampling_params or {}), stream=bool(obj.stream),
+                                          key=obj.extra_key, cached=min(hit, len(ids) - 1)))
             elif kind == "abort":
                 _, rid, all_ = m
                 for r in list(self._waiting):
@@ -219,12 +254,19 @@ class TokenizerManager:
                 self._paused = ""
             elif kind == "state":
                 self._reply(fut, {})
+            elif kind == "nccl":
+                obj = m[1]
+                self._salt = hash((tuple(obj.names), obj.weight_version)) % 100003
+                if obj.flush_cache:
+                    assert self._idle(), "Cache flush failed after updating weights"
+                self._reply(fut, (True, "Succeeded to update parameter online."))
             elif kind == "weights":
                 obj = m[1]
                 named = pickle.loads(obj.serialized_named_tensors[0])
                 self._salt = hash(tuple(round(float(t.float().sum()), 3) for _, t in named)) % 100003
                 if obj.flush_cache:
                     assert self._idle(), "Cache flush failed after updating weights"
+                    self._radix.clear()
                 self._reply(fut, (True, "Success"))
             elif kind == "release":
                 assert self._idle(), "release_memory_occupation should be called only when server is idle."
@@ -234,6 +276,8 @@ class TokenizerManager:
                 self._offloaded.difference_update(m[1] or ["weights", "kv_cache", "cuda_graph"])
                 self._reply(fut, None)
             elif kind == "flush":
+                if self._idle():
+                    self._radix.clear()
                 self._reply(fut, FlushCacheReqOutput(success=self._idle()))
         except AssertionError as e:  # the real scheduler process dies here
             self.crash = e
@@ -270,7 +314,7 @@ class TokenizerManager:
         keep = []
         for r in self._running:
             if r.to_finish:
-                self._out(self._handle_output, r.rid, [], [], {"type": "abort"})
+                self._out(self._handle_output, r.rid, r.out[r.sent:], r.lps[r.sent:], {"type": "abort"})
                 continue
             tok, lp = self._token(r)
             r.out.append(tok)
@@ -280,7 +324,21 @@ class TokenizerManager:
                 fin = {"type": "stop", "matched": tok}
             elif len(r.out) >= sp.get("max_new_tokens", 128):
                 fin = {"type": "length", "length": len(r.out)}
-            self._out(self._handle_output, r.rid, [tok], [lp], fin)
+            r.lps.append(lp)
+            if r.stream or fin is not None or len(r.out) % FORCE_INTERVAL == 0:
+                self._out(self._handle_output, r.rid, r.out[r.sent:], r.lps[r.sent:], fin, r.cached)
+                r.sent = len(r.out)
+            if fin is not None:
+                self._radix.setdefault(r.key, []).append(r.ids + r.out)
             if fin is None:
                 keep.append(r)
         self._running = keep
+
+
+def _common(a, b):
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

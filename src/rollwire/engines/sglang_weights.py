@@ -1,0 +1,265 @@
+"""Loading a weight version into SGLang: CUDA IPC / shared-memory tensors, or an NCCL broadcast.
+
+Both paths need a paused engine, check every tensor's name, shape and dtype against the
+checkpoint before anything is sent, and make the per-token version bookkeeping exact before the
+new version goes live (``_prepare_switch``).
+
+NCCL (``join_weight_group`` + ``update_weights_from_distributed``), as SGLang's own RL users do
+it: the engine joins a process group with the trainer (trainer rank 0, the engine's TP ranks from
+``rank_offset``); then for each version the engine posts one receive per tensor (in buckets of
+``weight_bucket_bytes``, in the order given) while the trainer broadcasts the same tensors in
+the same order from rank 0. The trainer must run with ``NCCL_CUMEM_ENABLE=0`` as SGLang's
+processes do (mixed settings fail with "Cuda failure 'invalid argument'" in NCCL's p2p
+transport). SGLang receives a bucket into fresh buffers and loads it only after every broadcast
+of that bucket completed; a push that fails or times out raises ``EngineError("weights_failed")``
+and tears the group down (best effort), so the next push starts with a fresh
+``join_weight_group``. A bucket already loaded before a later one failed stays loaded: the
+caller must re-send a whole version before it trusts the weights (the version number does not
+change on failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rollwire.engines.base import EngineError, MemoryTag
+from rollwire.engines.sglang_args import Checkpoint
+from rollwire.engines.sglang_requests import Live
+
+log = logging.getLogger(__name__)
+EVICT_TIMEOUT_S = 60.0
+
+
+class WeightsMixin:
+    """SGLangEngine's weight-loading half (the attributes below are SGLangEngine's)."""
+
+    _tm: Any
+    _io: Any
+    _serializer: Any
+    _version: int
+    _paused: bool
+    _released: set[MemoryTag]
+    _weights_sent: bool
+    _lock: asyncio.Lock | None
+    _live: dict[str, Live]
+    _ckpt: Checkpoint
+    _dtype: str
+    _sched_paused: str
+    _overlap: bool
+    _session_keys: dict[str, str]
+    _groups: set[str]
+    tp_size: int
+    weight_bucket_bytes: int
+
+    if TYPE_CHECKING:  # SGLangEngine's scheduler control
+        async def _pause_scheduler(self, mode: str) -> None: ...
+        async def _wait_states_finished(self, lives: list[Live], timeout: float) -> None: ...
+        async def _settle(self, lives: list[Live]) -> None: ...
+
+    # -- tensors from this process (CUDA IPC handles or shared memory) ---------------------------
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Validate every tensor, then load them in buckets of ``weight_bucket_bytes``."""
+        self._check_loadable()
+        items = list(named_tensors)
+        self._check_tensors([(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in items])
+        assert self._lock is not None
+        async with self._lock:
+            await self._prepare_switch()
+            flush = self._flush_after_load()
+            buckets = _buckets(items, self.weight_bucket_bytes) if items else []
+            for i, bucket in enumerate(buckets):
+                last = i == len(buckets) - 1
+                payload = self._serializer.serialize(_stage_cpu(bucket))
+                obj = self._io.UpdateWeightsFromTensorReqInput(
+                    serialized_named_tensors=[payload] * self.tp_size, flush_cache=flush and last,
+                    abort_all_requests=False, weight_version=str(version) if last else None)
+                ok, message = await self._tm.update_weights_from_tensor(obj, None)
+                if not ok:
+                    raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}")
+            self._go_live(version)
+
+    # -- NCCL broadcast from a trainer ----------------------------------------------------------------
+
+    async def join_weight_group(self, master_address: str, master_port: int, *, rank_offset: int = 1,
+                                world_size: int = 2, group_name: str = "rollwire", backend: str = "nccl",
+                                timeout_s: float = 120.0) -> None:
+        """Join the trainer's weight process group (the trainer creates it as rank 0 at the same time,
+        e.g. ``sglang.srt.utils.init_custom_process_group``). Raises EngineError on failure/timeout."""
+        obj = self._io.InitWeightsUpdateGroupReqInput(
+            master_address=master_address, master_port=int(master_port), rank_offset=int(rank_offset),
+            world_size=int(world_size), group_name=group_name, backend=backend)
+        try:
+            ok, message = await asyncio.wait_for(self._tm.init_weights_update_group(obj, None), timeout_s)
+        except TimeoutError:
+            ok, message = False, f"no answer within {timeout_s}s"
+        if not ok:
+            raise EngineError("weights_failed", f"join weight group {group_name!r}: {message}")
+        self._groups.add(group_name)
+
+    async def leave_weight_group(self, group_name: str = "rollwire", timeout_s: float = 30.0) -> bool:
+        """Destroy the group on the engine side (no-op if unknown); True if SGLang confirmed."""
+        self._groups.discard(group_name)
+        obj = self._io.DestroyWeightsUpdateGroupReqInput(group_name=group_name)
+        try:
+            ok, message = await asyncio.wait_for(self._tm.destroy_weights_update_group(obj, None), timeout_s)
+        except (TimeoutError, Exception) as e:
+            log.warning("leaving weight group %s failed: %s", group_name, e)
+            return False
+        if not ok:
+            log.warning("leaving weight group %s: %s", group_name, message)
+        return bool(ok)
+
+    async def update_weights_from_distributed(self, specs: Sequence[tuple[str, str, Sequence[int]]], version: int,
+                                              *, group_name: str = "rollwire", timeout_s: float = 120.0) -> None:
+        """Receive ``specs`` (name, dtype, shape), in this order, from the trainer's rank-0 broadcast
+        over ``group_name``; then ``version`` is live. Needs a paused engine and a joined group."""
+        self._check_loadable()
+        if group_name not in self._groups:
+            raise EngineError("weights_failed", f"not in weight group {group_name!r}: join_weight_group first")
+        items = [(n, tuple(int(x) for x in shape), str(dtype).removeprefix("torch.")) for n, dtype, shape in specs]
+        self._check_tensors(items)
+        assert self._lock is not None
+        async with self._lock:
+            await self._prepare_switch()
+            flush = self._flush_after_load()
+            buckets = _spec_buckets(items, self.weight_bucket_bytes)
+            for i, bucket in enumerate(buckets):
+                last = i == len(buckets) - 1
+                obj = self._io.UpdateWeightsFromDistributedReqInput(
+                    names=[n for n, _, _ in bucket], dtypes=[d for _, _, d in bucket],
+                    shapes=[list(s) for _, s, _ in bucket], group_name=group_name,
+                    flush_cache=flush and last, abort_all_requests=False,
+                    weight_version=str(version) if last else None)
+                try:
+                    ok, message = await asyncio.wait_for(self._tm.update_weights_from_distributed(obj, None),
+                                                         timeout_s)
+                except TimeoutError:
+                    ok, message = False, f"broadcast not complete within {timeout_s}s"
+                if not ok:
+                    await self.leave_weight_group(group_name, timeout_s=10.0)
+                    raise EngineError("weights_failed", f"nccl bucket {i + 1}/{len(buckets)} of version {version}: "
+                                                        f"{message}; group {group_name!r} torn down")
+            self._go_live(version)
+
+    # -- shared steps ------------------------------------------------------------------------------
+
+    def _check_loadable(self) -> None:
+        if not self._paused:
+            raise EngineError("not_paused", "update_weights needs a paused engine")
+        if "weights" in self._released:
+            raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
+
+    def _flush_after_load(self) -> bool:
+        """SGLang's flush after a load asserts an idle scheduler; released KV was flushed already. Not
+        needed for correctness (prefixes are keyed by version), and skipped while sessions may want
+        their stale prefix."""
+        idle = not any(s.submitted for s in self._live.values())
+        return idle and "kv_cache" not in self._released and not self._session_keys
+
+    async def _prepare_switch(self) -> None:
+        """Make every request's count of tokens produced so far exact before a new version goes live.
+
+        * Non-streamed segments inside SGLang: their tokens reach the adapter only at the end, so
+          they are evicted (SGLang hands over what it produced; the rest is re-submitted later).
+        * SGLang's overlap scheduler keeps one step in flight: an ``in_place`` pause leaves it
+          there, and its token (computed with the old weights) would come out after the switch.
+          Re-pausing with ``retract`` makes the scheduler process that step first; the requests
+          then re-prefill, as after a retract. With ``disable_overlap_schedule`` an ``in_place``
+          pause keeps its KV across the switch and is exact as it is.
+        """
+        inside = [s for s in self._live.values() if s.submitted and not s.done]
+        if not inside:
+            return
+        unstreamed = [s for s in inside if not s.streamed]
+        if unstreamed or (self._sched_paused == "in_place" and self._overlap):
+            await self._pause_scheduler("retract")
+        for s in unstreamed:
+            s.evicting = True
+            self._tm.abort_request(s.srid)
+        if unstreamed:
+            await self._wait_states_finished(unstreamed, EVICT_TIMEOUT_S)
+        await self._settle([s for s in inside if s.streamed])
+
+    def _go_live(self, version: int) -> None:
+        for s in self._live.values():
+            s.marks.append((s.produced(), self._version))
+        self._version = version
+        self._weights_sent = True
+
+    def _check_tensors(self, items: list[tuple[str, tuple[int, ...], str]]) -> None:
+        """(name, shape, dtype) against the checkpoint's safetensors header."""
+        known = self._ckpt.tensors
+        if not known:
+            return  # no safetensors header to check against (e.g. a .bin checkpoint)
+        want_dtype = self._dtype if self._dtype not in ("auto", "") else None
+        for name, shape, dtype in items:
+            meta = known.get(name)
+            if meta is None and name == "lm_head.weight" and self._ckpt.tied_embeddings:
+                meta = known.get("model.embed_tokens.weight")
+            if meta is None:
+                raise EngineError("unknown_tensor", f"no parameter named {name!r}")
+            want_shape, ckpt_dtype = meta
+            if tuple(shape) != want_shape:
+                raise EngineError("shape_mismatch", f"{name}: got {tuple(shape)}, want {want_shape}")
+            if dtype != (want_dtype or ckpt_dtype):
+                raise EngineError("dtype_mismatch", f"{name}: got {dtype}, want {want_dtype or ckpt_dtype}")
+
+    async def _close_groups(self) -> None:
+        for g in list(self._groups):
+            with contextlib.suppress(Exception):
+                await self.leave_weight_group(g, timeout_s=5.0)
+
+
+def _buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Greedy packing in order; a tensor larger than a bucket goes alone."""
+    out: list[list[tuple[str, torch.Tensor]]] = []
+    size = 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        if not out or size + n > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append((name, t.detach()))
+        size += n
+    return out
+
+
+def _spec_buckets(items: list[tuple[str, tuple[int, ...], str]],
+                  bucket_bytes: int) -> list[list[tuple[str, tuple[int, ...], str]]]:
+    out: list[list[tuple[str, tuple[int, ...], str]]] = []
+    size = 0
+    for name, shape, dtype in items:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        if not out or size + n > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append((name, shape, dtype))
+        size += n
+    return out
+
+
+def _stage_cpu(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """CPU tensors of a bucket copied into one shared-memory block (one handle for SGLang's
+    scheduler to open; any source storage works, read-only frames and mmaps included). CUDA
+    tensors travel as CUDA IPC handles, unchanged."""
+    todo = [i for i, (_, t) in enumerate(bucket) if t.device.type == "cpu" and not t.is_shared()]
+    if not todo:
+        return bucket
+    sizes = {i: bucket[i][1].numel() * bucket[i][1].element_size() for i in todo}
+    flat = torch.empty(sum((n + 63) // 64 * 64 for n in sizes.values()), dtype=torch.uint8).share_memory_()
+    out = list(bucket)
+    off = 0
+    for i in todo:
+        name, t = bucket[i]
+        view = flat[off: off + sizes[i]].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out[i] = (name, view)
+        off += (sizes[i] + 63) // 64 * 64
+    return out
