@@ -50,14 +50,14 @@ async def test_five_turn_trajectory_aligns_loss_mask_and_logprobs_with_the_token
     logprob equals the model's own log-softmax at that position of the whole trajectory."""
     ep = ipc_endpoint("traj")
     env_turns = [[40], [41, 42, 43, 44, 45, 46, 47], [48, 49], list(range(50, 63))]
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep)), RolloutClient(ep, timeout=60) as rc:
-        async with rc.session(max_tokens=2048) as s:
-            for turn in range(5):
-                sp = SamplingParams(max_new_tokens=5 + 3 * turn, temperature=1.0, seed=turn, ignore_eos=True)
-                await s.generate([1, 20, 21] if turn == 0 else [], sp)
-                if turn < 4:
-                    await s.append(env_turns[turn])
-            traj = s.trajectory()
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)), RolloutClient(ep, timeout=60) as rc, \
+            rc.session(max_tokens=2048) as s:
+        for turn in range(5):
+            sp = SamplingParams(max_new_tokens=5 + 3 * turn, temperature=1.0, seed=turn, ignore_eos=True)
+            await s.generate([1, 20, 21] if turn == 0 else [], sp)
+            if turn < 4:
+                await s.append(env_turns[turn])
+        traj = s.trajectory()
     roles = [t.role for t in traj.turns]
     assert roles == ["prompt", "model", "env", "model", "env", "model", "env", "model", "env", "model"]
     assert len(traj.token_ids) == len(traj.loss_mask) == len(traj.logprobs)
@@ -96,7 +96,7 @@ async def test_a_turn_in_flight_during_a_weight_push_continues_and_the_next_turn
         done = await turn
         assert [sp.version for sp in done.weight_version_spans] == [0, 1], done.weight_version_spans
         if policy == "retract":  # in_place: version 1's tokens attend to version 0's KV, by design
-            check_spans(history + [8], done)
+            check_spans([*history, 8], done)
         t3 = await s.generate([9], GREEDY)
         reused = len(history) + 1 + len(done.output_ids) - 1
         assert t3.usage.cached_tokens == (reused if policy == "retract" else 0)

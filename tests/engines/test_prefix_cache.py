@@ -69,8 +69,8 @@ async def test_second_turn_reuses_the_history_and_equals_a_full_recompute(engine
 
 async def test_a_diverging_history_reuses_only_the_common_prefix(engine: HFEngine) -> None:
     prompt = list(range(10, 50))
-    out1, _, _, _ = await run(engine, prompt, "s")
-    edited = prompt[:25] + [99, 98, 97] + prompt[25:]  # e.g. a worker rewrote part of the context
+    _out1, _, _, _ = await run(engine, prompt, "s")
+    edited = [*prompt[:25], 99, 98, 97, *prompt[25:]]  # e.g. a worker rewrote part of the context
     out2, _, cached2, _ = await run(engine, edited, "s")
     ref, _, _, _ = await run(engine, edited, None)
     assert cached2 == 25 and out2 == ref

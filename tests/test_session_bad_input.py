@@ -1,0 +1,113 @@
+"""Bad session input gets a typed error; the session (and every other one) keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from rollwire import RolloutClient, RolloutError, SamplingParams
+from rollwire.clients.session import Session
+from rollwire.messages import AppendTokens, Codec, ErrorCode, ErrorReply, SessionGenerate, SessionReply
+from rollwire.server import RolloutServer, ServerConfig
+from rollwire.transports.rpc import RpcClient
+from rollwire.transports.sockets import ipc_endpoint
+
+SP = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+async def expect(code: ErrorCode, coro: Any) -> None:
+    with pytest.raises(RolloutError) as info:
+        await coro
+    assert info.value.code == code, info.value
+
+
+@pytest.fixture
+async def rc() -> Any:
+    ep = ipc_endpoint("sess-bad")
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep, max_sessions=3, max_session_tokens=16384)), \
+            RolloutClient(ep, timeout=60) as client:
+        yield client
+
+
+async def test_each_bad_request_gets_its_typed_error_and_the_good_session_is_unaffected(rc: RolloutClient) -> None:
+    good = rc.session(max_tokens=256)
+    await good.open()
+    await good.generate([5, 6, 7], SP)
+    bad = rc.session(max_tokens=40)
+    await bad.open()
+    await expect(ErrorCode.SESSION_LIMIT, bad.generate(list(range(10, 45)), SP))  # 35 + 8 > 40
+    await expect(ErrorCode.SESSION_LIMIT, bad.append(list(range(10, 51))))  # 41 > 40
+    await expect(ErrorCode.BAD_SAMPLING_PARAMS, bad.generate([5], SamplingParams(n=2, max_new_tokens=8)))
+    await expect(ErrorCode.EMPTY_INPUT, bad.generate([], SP))  # empty session, no input
+    await expect(ErrorCode.EMPTY_INPUT, bad.append([]))
+    await expect(ErrorCode.TOKEN_OUT_OF_RANGE, bad.append([5, 100_000]))
+    await expect(ErrorCode.TOKEN_OUT_OF_RANGE, bad.generate([-1], SP))
+    await expect(ErrorCode.BAD_SAMPLING_PARAMS, bad.generate([5], SamplingParams(temperature=-1.0, max_new_tokens=8)))
+    assert bad.trajectory().token_ids == []  # nothing above touched the history
+    await bad.generate([5, 6], SP)  # still usable
+    await expect(ErrorCode.BAD_FIELD, rc.session(max_tokens=10**9).open())
+    await expect(ErrorCode.BAD_FIELD, rc.session(ttl_s=0).open())
+    third = rc.session()
+    await third.open()
+    await expect(ErrorCode.TOO_MANY_SESSIONS, rc.session().open())  # max_sessions=3
+    await third.close()
+    await expect(ErrorCode.SESSION_CLOSED, third.append([5]))
+    await expect(ErrorCode.SESSION_CLOSED, third.generate([5], SP))
+    await expect(ErrorCode.SESSION_CLOSED, third.close())
+    ghost = Session(rc, max_tokens=10, ttl_s=1, keep_stale_prefix=False, timeout=10)
+    ghost._rpc, ghost.id = await rc._sessions(), "no-such-session"
+    await expect(ErrorCode.UNKNOWN_SESSION, ghost.generate([5], SP))
+    await expect(ErrorCode.UNKNOWN_SESSION, ghost.append([5]))
+    t2 = await good.generate([8], SP)  # the good session went on as if nothing happened
+    assert t2.usage.cached_tokens == 3 + 8 - 1 and t2.finish_reason == "length"
+    assert [t.role for t in good.trajectory().turns] == ["prompt", "model", "prompt", "model"]
+
+
+async def test_a_second_generate_or_append_while_a_turn_runs_is_busy_and_the_turn_completes(
+        rc: RolloutClient) -> None:
+    s = rc.session(max_tokens=2048)
+    await s.open()
+    long_turn = asyncio.ensure_future(s.generate([5, 6], SamplingParams(max_new_tokens=400, ignore_eos=True)))
+    await asyncio.sleep(0.2)
+    rpc = await rc._sessions()
+    for msg in (SessionGenerate(session_id=s.id, input_ids=[7], sampling_params=SP),
+                AppendTokens(session_id=s.id, token_ids=[7])):
+        reply = (await rpc.call(msg, timeout=10)).msg
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.SESSION_BUSY, reply
+    done = await long_turn  # the running turn: untouched, complete
+    assert done.finish_reason == "length" and len(done.output_ids) == 400
+    assert s.trajectory().token_ids == [5, 6, *done.output_ids]
+
+
+async def test_undecodable_and_unknown_messages_on_the_session_socket_get_typed_errors(rc: RolloutClient) -> None:
+    rpc = await rc._sessions()
+    raw: RpcClient[Any] = RpcClient(rpc.endpoint, SessionReply)
+    try:
+        codec: Codec[Any] = Codec(SessionReply)  # any struct encodes
+        frames = codec.encode(7, SessionGenerate(session_id="x"), ())
+        await raw._sock.send_multipart([frames[0], b"\x93\xa3bad"])  # a body that is not msgpack of the union
+        reply = await asyncio.wait_for(raw._sock.recv_multipart(), 10)
+        _, msg, _ = codec.decode(reply)
+        assert isinstance(msg, ErrorReply) and msg.code in (ErrorCode.BAD_FRAME, ErrorCode.BAD_FIELD,
+                                                           ErrorCode.UNKNOWN_KIND)
+    finally:
+        await raw.close()
+    s = rc.session()  # the socket keeps serving
+    await s.open()
+    assert (await s.generate([5], SP)).finish_reason == "length"
+
+
+async def test_a_timed_out_turn_is_aborted_its_partial_output_kept_and_the_session_continues(
+        rc: RolloutClient) -> None:
+    from rollwire import RequestTimeout
+
+    s = rc.session(max_tokens=4096)
+    await s.open()
+    with pytest.raises(RequestTimeout):
+        await s.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True), timeout=0.5)
+    turn = s.trajectory().turns[-1]
+    assert turn.role == "model" and turn.finish_reason == "abort" and 0 < turn.end - turn.start < 3000
+    nxt = await s.generate(sampling_params=SP)  # continues from the partial output
+    assert nxt.finish_reason == "length" and nxt.usage.prompt_tokens == turn.end
