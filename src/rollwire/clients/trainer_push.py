@@ -188,7 +188,6 @@ async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[l
     offsets = arena_offsets([p.nbytes for p in push.plans])
     arena.reserve(offsets[-1] + padded(push.plans[-1].nbytes) if push.plans else 1, push.device)
     sums = await asyncio.get_running_loop().run_in_executor(workers, arena.pack, push.plans, offsets, push.cuda_after)
-    push.offsets = offsets
     return sums, {"cuda_ipc": arena.handle, "shm_offsets": offsets}
 
 
