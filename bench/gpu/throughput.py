@@ -6,7 +6,10 @@ Qwen2-0.5B's shape, through rollwire vs sglang.Engine called directly.
   server   `rollwire serve --engine sglang` in a child process, RolloutClient here over tcp
            (the client in another process than the engine, as the issue asks)
   adapter  rollwire's SGLangEngine in this process (no sockets): where the server's overhead goes;
-           also times SGLangEngine.update_weights (512 MiB buckets) with CPU and CUDA tensors
+           non-streamed requests (as RolloutClient.generate sends them) and streamed ones, each
+           interleaved with direct async_generate on the same engine (non-streamed and streamed);
+           also times SGLangEngine.update_weights (512 MiB buckets) with CPU and CUDA tensors and
+           checks cached_tokens of a resent session history
 
 Greedy (temperature 0), ignore_eos, every request of a run sent at once. Each mode warms up once
 and then runs --repeats times; the median is reported. Each mode starts its own engine.
@@ -110,15 +113,15 @@ async def bench_adapter(a: argparse.Namespace) -> dict[str, Any]:
     sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     counter = iter(range(1 << 30))
 
-    async def one(p: list[int]) -> int:
+    async def one(p: list[int], stream: bool) -> int:
         n = 0
-        async for d in eng.generate(EngineRequest(f"r{next(counter)}", p, sp)):
+        async for d in eng.generate(EngineRequest(f"r{next(counter)}", p, sp, stream=stream)):
             n += len(d.token_ids)
         return n
 
-    async def once() -> tuple[float, int]:
+    async def once(stream: bool = False) -> tuple[float, int]:
         t0 = time.perf_counter()
-        got = await asyncio.gather(*(one(p) for p in ps))
+        got = await asyncio.gather(*(one(p, stream) for p in ps))
         return time.perf_counter() - t0, sum(got)
 
     spd = {"max_new_tokens": a.tokens, "temperature": 0.0, "ignore_eos": True}
@@ -138,17 +141,22 @@ async def bench_adapter(a: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t0, sum(got)
 
     await once()
-    runs, plain, streamed = [], [], []
-    for _ in range(a.repeats):  # interleaved, so drift hits all three alike
+    await direct_once(False)
+    runs, plain, streamed, adapter_streamed = [], [], [], []
+    for _ in range(a.repeats):  # interleaved, so drift hits all four alike
         runs.append(await once())
         plain.append(await direct_once(False))
         streamed.append(await direct_once(True))
-    res: dict[str, Any] = {"engine_start_s": round(start_s, 1), **_median_run([r[0] for r in runs], runs[0][1]),
+        adapter_streamed.append(await once(stream=True))
+    res: dict[str, Any] = {"engine_start_s": round(start_s, 1), "stream": False,
+                           **_median_run([r[0] for r in runs], runs[0][1]),
                            "same_engine_direct": _median_run([r[0] for r in plain], plain[0][1]),
-                           "same_engine_direct_stream": _median_run([r[0] for r in streamed], streamed[0][1])}
+                           "same_engine_direct_stream": _median_run([r[0] for r in streamed], streamed[0][1]),
+                           "adapter_stream": _median_run([r[0] for r in adapter_streamed], adapter_streamed[0][1])}
     res["adapter_over_same_engine_direct"] = round(res["tokens_per_s"] / res["same_engine_direct"]["tokens_per_s"], 4)
-    res["adapter_over_same_engine_direct_stream"] = round(
-        res["tokens_per_s"] / res["same_engine_direct_stream"]["tokens_per_s"], 4)
+    res["adapter_stream_over_same_engine_direct_stream"] = round(
+        res["adapter_stream"]["tokens_per_s"] / res["same_engine_direct_stream"]["tokens_per_s"], 4)
+    res["sessions"] = await session_checks(eng, ps[0])
     sd = load_file(f"{a.model}/model.safetensors")
     cpu = list(sd.items())
     cuda = [(k, v.cuda()) for k, v in cpu]
@@ -164,8 +172,37 @@ async def bench_adapter(a: argparse.Namespace) -> dict[str, Any]:
             ts.append(time.perf_counter() - t0)
             await eng.resume()
         res[f"update_weights_{name}"] = _times(ts)
+    res["sessions"].update(await session_checks(eng, ps[0], after_update=True))
     await eng.shutdown()
     return res
+
+
+async def session_checks(eng: Any, prompt: list[int], after_update: bool = False) -> dict[str, Any]:
+    """cached_tokens from SGLang's radix cache for a resent history (the bench engine has it on)."""
+    from rollwire.engines.base import EngineRequest
+    from rollwire.messages.generate import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+
+    async def turn(rid: str, ids: list[int], stale: bool = False) -> Any:
+        deltas = [d async for d in eng.generate(EngineRequest(rid, ids, sp, stream=False, session_id="bench-s",
+                                                              keep_stale_prefix=stale))]
+        return deltas[0].cached_tokens, [t for d in deltas for t in d.token_ids]
+
+    if not after_update:
+        c1, out1 = await turn("s1", prompt)
+        history = prompt + out1
+        c2, out2 = await turn("s2", [*history, 7])
+        session_checks.history = [*history, 7, *out2]  # type: ignore[attr-defined]
+        return {"turn1_cached": c1, "turn2_cached": c2, "turn2_history": len(history) + 1,
+                "ok_turn2_reuses_history": c2 >= len(history) - 1}
+    history = session_checks.history  # type: ignore[attr-defined]
+    stale, _ = await turn("s3", [*history, 9], stale=True)
+    fresh, _ = await turn("s4", [*history, 9], stale=False)
+    await eng.close_session("bench-s")
+    return {"after_update_stale_cached": stale, "after_update_fresh_cached": fresh, "history": len(history),
+            "ok_stale_reused_fresh_not": stale >= len(history) - 1 and fresh == 0,
+            "sessions_after_close": eng.info().extra["sessions"]}
 
 
 async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +265,9 @@ def combine(a: argparse.Namespace) -> dict[str, Any]:
                            "device": device_info(), "modes": parts}
     if "direct" in parts and "server" in parts:
         out["server_over_direct_tokens_per_s"] = _ratio(parts["server"], parts["direct"])
+    if "adapter" in parts and "server" in parts:  # direct async_generate measured in the adapter run's process
+        out["server_over_adapter_run_direct_tokens_per_s"] = _ratio(parts["server"],
+                                                                     parts["adapter"]["same_engine_direct"])
     if "direct" in parts and "adapter" in parts:
         out["adapter_over_direct_tokens_per_s"] = _ratio(parts["adapter"], parts["direct"])
         for k in ("cuda", "cpu"):
@@ -243,7 +283,7 @@ def main() -> int:
     p.add_argument("--model", default="/tmp/qwen05b-random")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--direct-json", default=None, help="combine: the direct run's JSON, if it is elsewhere")
     a = p.parse_args()

@@ -2,12 +2,22 @@
 
 Greedy references come from the engine running a request alone, from ``model.generate`` and
 from direct forward passes of a bit-identical copy of the model.
+
+The ``sglang`` variant (conftest's ``engine_kind``) runs where SGLang and a CUDA GPU are there and
+skips with the reason elsewhere (CI). An SGLang engine takes about a minute to start, so its
+tests share one, driven on its own event loop (``tests/gpu/engine_thread.py``: sglang.Engine keeps
+the loop it was built on) and put back after each test: requests aborted, memory resumed, the
+original weights as version 0, cache flushed, running. On a machine whose SGLang lacks some
+kernels, name working ones in ``ROLLWIRE_SGLANG_ENGINE_ARGS`` (e.g.
+``attention_backend=triton,sampling_backend=pytorch``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -53,6 +63,62 @@ def perturbed(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def originals(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+# -- engines: a fresh hf engine per test; one shared sglang engine ----------------------------------
+
+_shared: dict[str, Any] = {}  # "sglang" -> the started ThreadedEngine
+
+
+async def _shared_sglang() -> Any:
+    if "sglang" not in _shared:
+        from tests.gpu.engine_thread import ThreadedEngine
+
+        eng = ThreadedEngine(lambda: make_engine("sglang"))
+        await eng.start()
+        _shared["sglang"] = eng
+    return _shared["sglang"]
+
+
+async def _put_back(eng: Any, reference_model: torch.nn.Module) -> None:
+    """Leave the shared engine as a fresh one: nothing live, running, original weights as v0."""
+    async def reset(e: Any) -> None:
+        for rid in list(e._live):
+            await e.abort(rid)
+        for _ in range(1000):
+            if not e._live:
+                break
+            await asyncio.sleep(0.01)
+        await e.pause("retract")
+        reload = bool(e._released)
+        if e._released:
+            await e.resume_memory(list(e._released))
+        if reload or e.info().weight_version != 0:
+            await e.update_weights(originals(reference_model), version=0)
+        await e.flush_cache()
+        await e.resume()
+    await eng.run(reset)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shut_shared_engines() -> Iterator[None]:
+    yield
+    eng = _shared.pop("sglang", None)
+    if eng is not None:
+        asyncio.run(eng.shutdown())
+
+
+@pytest.fixture
+async def engine(engine_kind: str, reference_model: torch.nn.Module) -> AsyncIterator[Engine]:
+    if engine_kind != "sglang":
+        eng = make_engine(engine_kind)
+        await eng.start()
+        yield eng
+        await eng.shutdown()
+        return
+    shared = await _shared_sglang()
+    yield shared
+    await _put_back(shared, reference_model)
 
 
 # -- greedy and batching ---------------------------------------------------------------------------
@@ -182,8 +248,12 @@ async def test_closing_a_stream_early_aborts_its_request(engine):
 
 
 async def test_shutdown_aborts_every_request_still_running_or_queued(engine_kind):
-    eng = make_engine(engine_kind)
-    await eng.start()
+    if engine_kind == "sglang":  # the shared one goes; the next test starts another
+        eng = await _shared_sglang()
+        _shared.pop("sglang")
+    else:
+        eng = make_engine(engine_kind)
+        await eng.start()
     started = [start(eng, f"r{i}", p, max_new_tokens=500, ignore_eos=True) for i, p in enumerate(PROMPTS[:3])]
     await wait_for_tokens(started[0][0], 2)
     await eng.shutdown()

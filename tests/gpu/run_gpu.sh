@@ -2,11 +2,14 @@
 # rollwire's SGLang backend on a GPU machine (../shared/gpu/README.md says how SGLang gets there).
 # Run from the repository root, with the kit's wheels in .whl/ (bash ../shared/gpu/build_wheels.sh):
 #
-#   bash tests/gpu/run_gpu.sh [checks|bench|all]      # default: all
+#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5]      # default: all
 #
 # checks: direct sglang.Engine smoke + reference outputs, then rollwire's SGLangEngine on the same
 #         inputs, then a RolloutServer with a rollout-worker process and governor pushes under load
 # bench:  bench/gpu/throughput.py on a random Qwen2-0.5B-shaped model (direct, server, adapter)
+# issue5: the checks and the engine contract suite on sglang side by side (two engines on one GPU,
+#         correctness only), then the server and adapter throughput runs alone (direct
+#         async_generate is measured inside the adapter run)
 # Logs and JSON are written to a work folder, then $OUT (default /tmp/rw-gpu-out) gets
 # summary_<what>.json (every check and figure) and logs_<what>.tgz (all logs and JSON).
 set -o pipefail
@@ -44,7 +47,23 @@ step() {  # name, timeout (s), command...
 TINY=/tmp/rw-tiny; Q05=/tmp/rw-qwen05b
 MODES="direct server adapter"
 [ "$WHAT" = final ] && MODES="server adapter"  # direct measured in an earlier call
-if [ "$WHAT" != bench ]; then
+if [ "$WHAT" = issue5 ]; then
+  python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
+  step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
+  ( step direct_sglang 300 python3 tests/gpu/direct_sglang.py "$TINY"
+    step adapter_checks 420 python3 tests/gpu/adapter_checks.py "$TINY" "$OUT/direct_ref.json" ) > "$OUT/phase_checks.txt" 2>&1 &
+  CHECKS=$!
+  ( export ROLLWIRE_SGLANG_ENGINE_ARGS="attention_backend=triton,sampling_backend=pytorch,cuda_graph_max_bs_decode=32"
+    step contract 400 python3 -m pytest -q -p no:cacheprovider --timeout=150 -k sglang \
+      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py )
+  tail -15 "$OUT/contract.log" | cut -c1-300
+  wait $CHECKS; cat "$OUT/phase_checks.txt"
+  for mode in server adapter; do
+    step "throughput_$mode" 300 python3 bench/gpu/throughput.py --mode "$mode" --model "$Q05"
+  done
+  python3 bench/gpu/throughput.py --mode combine --out "$OUT/throughput.json" > /dev/null && cat "$OUT/throughput.json"
+  cp "$OUT/throughput.json" "$FINAL/throughput_$WHAT.json" 2>/dev/null
+elif [ "$WHAT" != bench ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
   step direct_sglang 300 python3 tests/gpu/direct_sglang.py "$TINY"
   step adapter_checks 420 python3 tests/gpu/adapter_checks.py "$TINY" "$OUT/direct_ref.json"
@@ -64,6 +83,17 @@ for name in ("direct_sglang", "adapter_checks", "throughput"):
     p = out / f"{name}.json"
     if p.exists():
         summary[name] = json.loads(p.read_text())
+if (out / "contract.xml").exists():  # the engine contract suite on sglang (junit xml from pytest)
+    import xml.etree.ElementTree as ET
+    cases = []
+    for tc in ET.parse(out / "contract.xml").getroot().iter("testcase"):
+        bad = next((c for c in tc if c.tag in ("failure", "error", "skipped")), None)
+        cases.append({"name": tc.get("name"), "s": float(tc.get("time") or 0),
+                      "result": "passed" if bad is None else bad.tag,
+                      "message": "" if bad is None else (bad.get("message") or "")[:400]})
+    summary["contract"] = {"passed": sum(c["result"] == "passed" for c in cases),
+                           "failed": sum(c["result"] in ("failure", "error") for c in cases),
+                           "skipped": sum(c["result"] == "skipped" for c in cases), "cases": cases}
 (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 print("wrote", out / "summary.json")
 PY

@@ -378,3 +378,14 @@ def test_the_min_p_logit_processor_keeps_what_min_p_keeps(sglang_module) -> None
     probs = [torch.softmax(logits[i] / t, -1) for i, t in enumerate((1.0, 2.0))]
     for i in range(2):
         assert torch.equal(torch.isfinite(out[i]), probs[i] >= 0.3 * probs[i].max())
+
+
+async def test_resume_after_a_kv_release_takes_the_kv_back_and_requests_continue(eng) -> None:
+    ref = await run(eng, "ref", [6, 6], **G)
+    res, task = start(eng, "r", [6, 6], **G)
+    await until(res, 3)
+    await eng.pause("in_place")
+    await eng.release_memory(["kv_cache"])
+    await eng.resume()
+    out = await asyncio.wait_for(task, 10)
+    assert out["tokens"] == ref["tokens"] and eng.info().extra["released"] == []

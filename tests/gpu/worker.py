@@ -1,7 +1,7 @@
 """A rollout-worker process for the GPU checks. Reads its job as JSON on stdin, prints one JSON line.
 
     worker.py parity   {"endpoint", "prompts", "max_new_tokens"}  -> {"outputs": [[ids]...]}
-    worker.py load     {"endpoint", "n", "max_new_tokens", "vocab", "grace_s"}
+    worker.py load     {"endpoint", "n", "max_new_tokens", "vocab", "grace_s", "stream" (default true)}
                        -> {"terminal": {rid: count}, "kinds": {rid: finish}, "spans_ok", "versions_seen"}
 
 ``load`` speaks the wire directly (a DEALER and the codec) so that every reply is counted: a
@@ -46,7 +46,8 @@ async def load(job: dict[str, Any]) -> dict[str, Any]:
     for rid in range(1, n + 1):
         sp = SamplingParams(max_new_tokens=job["max_new_tokens"], temperature=0.0, ignore_eos=True)
         prompt = [rng.randrange(10, job["vocab"]) for _ in range(rng.randrange(3, 20))]
-        await sock.send_multipart(codec.encode(rid, GenerateRequest(input_ids=prompt, sampling_params=sp, stream=True)))
+        await sock.send_multipart(codec.encode(rid, GenerateRequest(input_ids=prompt, sampling_params=sp,
+                                                                    stream=job.get("stream", True))))
     terminal: collections.Counter[int] = collections.Counter()
     kinds: dict[int, str] = {}
     spans_ok = True
@@ -70,7 +71,8 @@ async def load(job: dict[str, Any]) -> dict[str, Any]:
                 spans_ok &= s.start == end and s.end > s.start
                 end = s.end
                 versions.add(s.version)
-            spans_ok &= end == len(msg.output_ids) and streamed[rid] == len(msg.output_ids)
+            spans_ok &= end == len(msg.output_ids)
+            spans_ok &= streamed[rid] == (len(msg.output_ids) if job.get("stream", True) else 0)
         else:
             kinds[rid] = type(msg).__name__
         if deadline is None and len(terminal) == n:

@@ -323,9 +323,15 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
                 await self._pause_scheduler(mode)
 
     async def resume(self) -> None:
+        """Run again. KV cache / CUDA graphs released while paused come back first; released weights
+        do not (they must be re-sent): requests stay held until resume_memory + update_weights."""
         assert self._lock is not None, "engine not started"
         async with self._lock:
             self._paused = False
+            if self._released and "weights" not in self._released:  # only KV / graphs released: take them back
+                back = [t for t in ALL_MEMORY_TAGS if t in self._released]
+                await self._tm.resume_memory_occupation(self._io.ResumeMemoryOccupationReqInput(tags=back), None)
+                self._released.clear()
             if not self._weights_sent:
                 log.warning("resuming without re-sent weights: outputs are garbage until update_weights")
             if not self._released:

@@ -60,7 +60,8 @@ class TokenizerManager:
         self.server_args = server_args
         cfg = json.loads((Path(server_args.model_path) / "config.json").read_text())
         self.vocab = cfg["vocab_size"]
-        self.model_config = _ModelConfig(self.vocab, torch.bfloat16)
+        dtype = server_args.dtype if server_args.dtype not in (None, "auto") else cfg.get("torch_dtype", "bfloat16")
+        self.model_config = _ModelConfig(self.vocab, getattr(torch, str(dtype)))
         self.context_len = server_args.context_length or cfg.get("max_position_embeddings", 4096)
         self.rid_to_state = {}
         self.asyncio_tasks = set()
