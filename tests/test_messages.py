@@ -38,6 +38,8 @@ from rollwire.messages import (
     RolloutReply,
     RolloutRequest,
     SamplingParams,
+    SessionReply,
+    SessionRequest,
 )
 from rollwire.messages.weights import TrainerAnnouncement, TrainerReply, TrainerRequest
 
@@ -48,6 +50,8 @@ UNIONS: dict[str, Any] = {
     "GovernorRequest": GovernorRequest,
     "ControlReply": ControlReply,
     "ExperienceRequest": ExperienceRequest,
+    "SessionRequest": SessionRequest,
+    "SessionReply": SessionReply,
     "TrainerRequest": TrainerRequest,
     "TrainerReply": TrainerReply,
     "TrainerAnnouncement": TrainerAnnouncement,
@@ -193,7 +197,7 @@ def test_the_envelope_header_is_the_msgpack_array_of_protocol_and_rid() -> None:
 GOLDEN_REQUEST = GenerateRequest(input_ids=[1, 5, 9], return_logprob=True,
                                  sampling_params=SamplingParams(max_new_tokens=32, temperature=0.0, seed=7))
 GOLDEN_BODY = bytes.fromhex(
-    "96"  # array of 6: tag + the 5 fields of GenerateRequest in declaration order
+    "98"  # array of 8: tag + the 7 fields of GenerateRequest in declaration order
     "a867656e6572617465"  # "generate"
     "93010509"  # input_ids [1, 5, 9]
     "9b"  # sampling_params: array of its 11 fields
@@ -211,6 +215,8 @@ GOLDEN_BODY = bytes.fromhex(
     "c3"  # return_logprob true
     "c2"  # stream false
     "00"  # min_version 0
+    "c0"  # session_id nil
+    "c2"  # keep_stale_prefix false
 )
 
 
@@ -231,7 +237,8 @@ DOC_EXAMPLE = GenerateRequest(input_ids=[1, 5, 9], return_logprob=True, stream=T
 def test_the_worked_example_of_docs_protocol_md_is_what_the_codec_writes() -> None:
     reqs, reps = CODECS["RolloutRequest"], CODECS["RolloutReply"]
     assert reqs.encode(42, DOC_EXAMPLE) == [bytes.fromhex("92012a"), bytes.fromhex(
-        "96a867656e6572617465930105099b02cb0000000000000000cb3ff0000000000000ffcb00000000000000000790c201c0c0c3c300")]
+        "98a867656e6572617465930105099b02cb0000000000000000cb3ff0000000000000ffcb00000000000000000790c201c0c0c3c300"
+        "c0c2")]
     chunk = GenerateChunk(index=0, token_ids=[17], logprobs=[-0.5], weight_version=3)
     assert reps.encode(42, chunk)[1] == bytes.fromhex("95a56368756e6b00911191cbbfe000000000000003")
     done = GenerateDone(output_ids=[17, 4], output_logprobs=[-0.5, -1.25], finish_reason="length", weight_version=3,
@@ -243,7 +250,7 @@ def test_the_worked_example_of_docs_protocol_md_is_what_the_codec_writes() -> No
         "93cb0000000000000000cb3fd0000000000000cb3fe0000000000000")
     assert reqs.encode(0, AbortRequest(target_rid=42)) == [b"\x92\x01\x00", b"\x92\xa5abort\x2a"]
     assert reps.encode(43, messages.HealthReply(weight_version=3, governor_state="SERVING", protocol=1))[1] == \
-        bytes.fromhex("94a96865616c74685f6f6b03a753455256494e4701")
+        bytes.fromhex("95a96865616c74685f6f6b03a753455256494e4701a0")
 
 
 def test_the_shortened_request_of_docs_protocol_md_decodes_to_the_full_one() -> None:
