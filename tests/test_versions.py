@@ -1,5 +1,5 @@
-"""Version accounting: min_version waits, --max-staleness aborts old requests, --coalesce keeps
-only the newest waiting version."""
+"""Version accounting: min_version waits, --max-staleness aborts (or, under retract, restarts) old
+requests, --coalesce keeps only the newest waiting version."""
 
 from __future__ import annotations
 
@@ -46,6 +46,31 @@ async def test_max_staleness_aborts_requests_started_too_many_versions_ago(max_s
     # every in-flight request: one terminal reply; stale ones aborted with their partial output
     assert [o.finish_reason for o in outs] == [expect] * 4
     assert all(o.weight_version_spans[0].version == 0 for o in outs)
+
+
+async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_version() -> None:
+    """Retract policy, --max-staleness 0: each non-streamed request in flight across the push is
+    sent back to its prompt and finishes wholly on version 1 (one span, recomputed here); a
+    streamed one already sent version-0 tokens, so it is aborted with its partial output."""
+    ep = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="retract", max_staleness=0)
+    long = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
+        plain = [asyncio.ensure_future(rc.generate([3, i, 9], long)) for i in range(4)]
+        stream = rc.stream([3, 7, 7], long)
+        await stream.__anext__()  # started under version 0
+        await asyncio.sleep(0.2)
+        await apply_version(1)
+        streamed = [m async for m in stream if isinstance(m, GenerateDone)]
+        outs = [await p for p in plain]
+        counters = srv.generation.counters.snapshot()
+    for i, out in enumerate(outs):
+        assert out.finish_reason == "length" and len(out.output_ids) == 400  # type: ignore[union-attr]
+        assert [sp.version for sp in out.weight_version_spans] == [1]  # type: ignore[union-attr]
+        check_spans([3, i, 9], out)  # type: ignore[arg-type]
+    assert [d.finish_reason for d in streamed] == ["abort"]
+    assert streamed[0].weight_version_spans[0].version == 0
+    assert counters["stale_retracts"] == 4 and counters["stale_restarts"] == 4 and counters["stale_aborts"] == 1
 
 
 async def test_coalesce_keeps_only_the_newest_version_waiting_behind_a_load() -> None:

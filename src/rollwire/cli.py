@@ -55,7 +55,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
     p.add_argument("--drain-deadline", type=float, default=30.0, help="seconds drain waits before aborting")
     p.add_argument("--coalesce", action="store_true", help="only the newest version waits behind a load")
-    p.add_argument("--max-staleness", type=int, default=None, help="abort requests started > K versions ago")
+    p.add_argument("--max-staleness", type=int, default=None,
+                   help="requests started > K versions ago are aborted (retract policy: restarted from the prompt)")
     p.add_argument("--receiver-id", default="")
     p.add_argument("--session-endpoint", default=None,
                    help="where the SessionActor listens (default: rollout tcp port + 1, or <ipc path>-sessions)")

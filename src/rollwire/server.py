@@ -37,7 +37,7 @@ class ServerConfig:
     pause_policy: str = "retract"  # abort | retract | drain | in_place
     drain_deadline_s: float = 30.0
     coalesce: bool = False  # keep only the newest version waiting behind a load
-    max_staleness: int | None = None  # abort requests started more than K versions ago
+    max_staleness: int | None = None  # abort (retract policy: restart) requests started > K versions ago
     receiver_id: str = ""  # name this server registers under (default: host:pid)
     stall_timeout_s: float = 30.0  # a version not complete by then is discarded
     # sessions (multi-turn); the endpoint defaults to the rollout endpoint's neighbour

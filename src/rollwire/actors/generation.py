@@ -9,6 +9,7 @@ engine's deltas back, and answers every request with exactly one terminal reply 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +47,24 @@ class InFlight:
     engine_rids: list[str]
     arrived: float
     start_version: int = 0  # live version when the request was admitted
+    streamed: bool = False
     aborted: bool = False
+    restarts: int = 0  # --max-staleness under the retract policy: times it was sent back to its prompt
     closed: bool = False  # answered by someone else (supervisor): send nothing more
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Output:
+    """What one sample has produced so far."""
+
+    version: int  # of the last token (the live version before any)
+    logprobs: list[float] | None
+    ids: list[int] = field(default_factory=list)
+    spans: list[list[int]] = field(default_factory=list)  # [version, start, end)
+    finish: str = "abort"
+    cached: int = 0
+    first_token: float = 0.0
 
 
 async def _no_deltas() -> AsyncIterator[EngineDelta]:
@@ -188,7 +204,7 @@ class GenerationActor(GenerationControl, Actor):
             self.engine.validate(reqs[0])  # type: ignore[attr-defined]
         except EngineError as e:
             raise RollwireError(error_code(e.code), e.message) from None
-        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version)
+        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version, streamed=msg.stream)
         self.in_flight[key] = flight
         self.counters.inc("requests")
         return self._run_request(flight, msg, reqs)
@@ -205,34 +221,24 @@ class GenerationActor(GenerationControl, Actor):
 
     async def _run_sample(self, flight: InFlight, msg: GenerateRequest, index: int, req: EngineRequest) -> None:
         origin = flight.origin
-        out_ids: list[int] = []
-        out_lp: list[float] | None = [] if msg.return_logprob else None
-        spans: list[list[int]] = []
         started = time.monotonic()
-        first_token = 0.0
-        finish = "abort"
-        version = self.weight_version
-        cached = 0
+        out = _Output(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
         # aborted before it started (e.g. while waiting for min_version): no engine work at all
         deltas = _no_deltas() if flight.aborted else self.engine.generate(req)
         self._running_samples += 1
         try:
-            async for d in deltas:
-                d: EngineDelta  # type: ignore[no-redef]
-                if d.token_ids:
-                    if not first_token:
-                        first_token = time.monotonic()
-                    out_ids.extend(d.token_ids)
-                    if out_lp is not None and d.logprobs is not None:
-                        out_lp.extend(d.logprobs)
-                    spans_add(spans, d.weight_version, len(d.token_ids))
-                    version = d.weight_version
-                    if msg.stream and not flight.closed:
-                        await self.reply(origin, GenerateChunk(index=index, token_ids=d.token_ids,
-                                                               logprobs=d.logprobs, weight_version=d.weight_version))
-                cached = max(cached, d.cached_tokens)
-                if d.finish_reason is not None:
-                    finish = d.finish_reason
+            while True:
+                epoch = flight.restarts
+                await self._collect(flight, msg, index, deltas, out)
+                if not (out.finish == "abort" and flight.restarts > epoch and not flight.aborted):
+                    break
+                # too stale under the retract policy: its tokens are dropped and it starts again from
+                # its prompt on the live version, so nothing it returns is older than the limit
+                self.counters.inc("stale_restarts")
+                out = _Output(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
+                req = dataclasses.replace(req, rid=f"{flight.engine_rids[index]}:r{flight.restarts}")
+                flight.engine_rids[index] = req.rid  # where a later abort must go
+                deltas = self.engine.generate(req)
         except EngineError as e:
             if not flight.closed:
                 await self.reply_error(origin, error_code(e.code), e.message)
@@ -243,11 +249,31 @@ class GenerationActor(GenerationControl, Actor):
         if flight.closed:
             return
         now = time.monotonic()
-        self.counters.inc("completion_tokens", len(out_ids))
-        self.counters.inc(f"finish_{finish}")
+        self.counters.inc("completion_tokens", len(out.ids))
+        self.counters.inc(f"finish_{out.finish}")
         await self.reply(origin, GenerateDone(
-            index=index, output_ids=out_ids, output_logprobs=out_lp, finish_reason=finish,  # type: ignore[arg-type]
-            weight_version=version, weight_version_spans=[VersionSpan(*s) for s in spans],
-            usage=Usage(prompt_tokens=len(req.input_ids), completion_tokens=len(out_ids), cached_tokens=cached),
+            index=index, output_ids=out.ids, output_logprobs=out.logprobs,
+            finish_reason=out.finish,  # type: ignore[arg-type]
+            weight_version=out.version, weight_version_spans=[VersionSpan(*s) for s in out.spans],
+            usage=Usage(prompt_tokens=len(req.input_ids), completion_tokens=len(out.ids), cached_tokens=out.cached),
             timings=Timings(queued_s=started - flight.arrived,
-                            first_token_s=(first_token or now) - flight.arrived, total_s=now - flight.arrived)))
+                            first_token_s=(out.first_token or now) - flight.arrived, total_s=now - flight.arrived)))
+
+    async def _collect(self, flight: InFlight, msg: GenerateRequest, index: int, deltas: AsyncIterator[EngineDelta],
+                       out: _Output) -> None:
+        """Gather one engine run's deltas into ``out`` (streaming each as a chunk if asked)."""
+        async for d in deltas:
+            if d.token_ids:
+                if not out.first_token:
+                    out.first_token = time.monotonic()
+                out.ids.extend(d.token_ids)
+                if out.logprobs is not None and d.logprobs is not None:
+                    out.logprobs.extend(d.logprobs)
+                spans_add(out.spans, d.weight_version, len(d.token_ids))
+                out.version = d.weight_version
+                if msg.stream and not flight.closed:
+                    await self.reply(flight.origin, GenerateChunk(index=index, token_ids=d.token_ids,
+                                                                  logprobs=d.logprobs, weight_version=d.weight_version))
+            out.cached = max(out.cached, d.cached_tokens)
+            if d.finish_reason is not None:
+                out.finish = d.finish_reason

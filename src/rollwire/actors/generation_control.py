@@ -119,13 +119,21 @@ class GenerationControl:
         await self.reply(origin, Ack())
 
     def _abort_stale(self, new_version: int) -> None:
-        """--max-staleness K: a request started under a version older than new - K is aborted."""
+        """--max-staleness K: a request started under a version older than new - K is aborted
+        (partial output, finish "abort"); under the retract policy a non-streamed one is instead
+        restarted from its prompt on the new version (``InFlight.restarts``; a streamed one has
+        already sent its tokens, so it is aborted)."""
         if self.max_staleness is None:
             return
         for f in list(self.in_flight.values()):
             if f.start_version < new_version - self.max_staleness and not f.aborted:
-                f.aborted = True
-                self.counters.inc("stale_aborts")
+                if self.pause_policy == "retract" and not f.streamed:
+                    f.restarts += 1
+                    f.start_version = new_version
+                    self.counters.inc("stale_retracts")
+                else:
+                    f.aborted = True
+                    self.counters.inc("stale_aborts")
                 for erid in f.engine_rids:
                     self.spawn(self.engine.abort(erid))
 
