@@ -26,14 +26,12 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rollwire.engines import hf_batch, hf_prefix
 from rollwire.engines.base import (
-    ALL_MEMORY_TAGS,
     EngineDelta,
     EngineError,
     EngineInfo,
@@ -41,32 +39,12 @@ from rollwire.engines.base import (
     MemoryTag,
     PauseMode,
 )
-from rollwire.engines.hf_sampling import RowSampler, check_params, make_row_sampler, sample
+from rollwire.engines.hf_requests import Seq, check_tags, deliver, eos_of, next_delta
+from rollwire.engines.hf_sampling import check_params, make_row_sampler, sample
 from rollwire.engines.hf_weights import WeightStore
 from rollwire.messages.generate import FinishReason
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Seq:
-    req: EngineRequest
-    sampler: RowSampler
-    stop_ids: frozenset[int]
-    limit: int  # finish with "length" once prompt + output reaches this
-    queue: asyncio.Queue[EngineDelta | BaseException] = field(default_factory=asyncio.Queue)
-    output: list[int] = field(default_factory=list)
-    done: bool = False
-    abort_requested: bool = False
-    # stream=False: tokens held back until the finish (or a version change), one wake-up per request
-    held_toks: list[int] = field(default_factory=list)
-    held_lps: list[float] | None = None
-    held_version: int = -1
-    # sessions: the cached prefix used at admission, how many prompt tokens it covered, and the
-    # version that computed this request's KV (hf_prefix.STALE once a load happened under it)
-    prefix: tuple[hf_prefix.Entry, int] | None = None
-    cached: int = 0
-    kv_version: int = 0
 
 
 class HFEngine:
@@ -92,19 +70,19 @@ class HFEngine:
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
-        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_of(model)
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else eos_of(model)
         pad = getattr(cfg, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
         self._weights = WeightStore(model, self.device)
         self._version = 0
         self._prefixes = hf_prefix.PrefixCache(prefix_cache_bytes)
-        self._seqs: dict[str, _Seq] = {}
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []  # row i of _batch
+        self._seqs: dict[str, Seq] = {}
+        self._waiting: deque[Seq] = deque()
+        self._running: list[Seq] = []  # row i of _batch
         self._batch: hf_batch.Batch | None = None
         self._paused = False
         self._stepping = False  # a step is on the worker
-        self._launched: list[_Seq] = []  # the requests of the last step launched
+        self._launched: list[Seq] = []  # the requests of the last step launched
         self._closed = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -175,7 +153,7 @@ class HFEngine:
         await self.start()
         p = req.params
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
-        seq = _Seq(req=req, sampler=make_row_sampler(p, self.vocab_size, self.device, req.return_logprob),
+        seq = Seq(req=req, sampler=make_row_sampler(p, self.vocab_size, self.device, req.return_logprob),
                    stop_ids=frozenset(stops), limit=min(self.max_model_len, len(req.input_ids) + p.max_new_tokens))
         self._seqs[req.rid] = seq
         self._waiting.append(seq)
@@ -185,7 +163,7 @@ class HFEngine:
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                delta = _coalesce(item, seq.queue)
+                delta = next_delta(item, seq.queue)
                 yield delta
                 if delta.finish_reason is not None:
                     return
@@ -241,7 +219,7 @@ class HFEngine:
         """``weights``: parameter storage is freed (contents are lost, as in SGLang; nothing is
         generated until they are resumed and re-sent). ``kv_cache``: all KV is dropped (paused
         only); running requests are re-prefilled on resume. ``cuda_graph``: nothing to free."""
-        _check_tags(tags)
+        check_tags(tags)
         if "kv_cache" in tags and not self._paused:
             raise EngineError("not_paused", "release kv_cache needs a paused engine")
         async with self._lock:
@@ -254,7 +232,7 @@ class HFEngine:
     async def resume_memory(self, tags: Sequence[MemoryTag]) -> None:
         """``weights``: storage of the right shapes is allocated again; contents are undefined
         until update_weights fills them."""
-        _check_tags(tags)
+        check_tags(tags)
         if "weights" in tags and self._weights.released:
             async with self._lock:
                 self._weights.restore()
@@ -306,7 +284,7 @@ class HFEngine:
             for s, tok, lp, reason in zip(rows, toks, lps, reasons, strict=True):
                 self._emit(s, [tok], [lp] if s.req.return_logprob else None, version, reason)
 
-    def _launch(self) -> tuple[asyncio.Future[Any], int, list[_Seq]] | None:
+    def _launch(self) -> tuple[asyncio.Future[Any], int, list[Seq]] | None:
         """Drop finished rows, admit joiners, start one step on the worker (or None: no work)."""
         keep = []
         for i, s in enumerate(self._running):
@@ -314,7 +292,7 @@ class HFEngine:
                 self._finish(s, "abort")
             if not s.done:
                 keep.append(i)
-        joiners: list[_Seq] = []
+        joiners: list[Seq] = []
         longest = 0  # joiners are padded to the longest: bound the padded prefill of one step
         while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
             s = self._waiting[0]
@@ -335,7 +313,7 @@ class HFEngine:
             self._pool, self._compute, self._batch, keep, members[:len(keep)], joiners)
         return fut, self._version, members
 
-    def _admit(self, s: _Seq) -> None:
+    def _admit(self, s: Seq) -> None:
         """A joiner of the next step: find its session's cached prefix (KV computed now is of
         the live version)."""
         s.kv_version, s.prefix, s.cached = self._version, None, 0
@@ -344,7 +322,7 @@ class HFEngine:
                                              s.req.keep_stale_prefix)
             s.cached = s.prefix[1] if s.prefix is not None else 0
 
-    def _keep_prefix(self, batch: hf_batch.Batch, row: int, s: _Seq) -> None:
+    def _keep_prefix(self, batch: hf_batch.Batch, row: int, s: Seq) -> None:
         """Keep a finished session request's KV for the session's next turn. The copy is queued
         on the worker ahead of any later step, so a step that uses the entry finds it filled."""
         assert s.req.session_id is not None
@@ -355,7 +333,7 @@ class HFEngine:
         self._pool.submit(hf_prefix.fill, entry, batch, row)
         self._prefixes.evict_to_budget()
 
-    def _book(self, batch: hf_batch.Batch | None, rows: list[_Seq], toks: list[int]) -> list[FinishReason | None]:
+    def _book(self, batch: hf_batch.Batch | None, rows: list[Seq], toks: list[int]) -> list[FinishReason | None]:
         """Record a step's tokens and decide who finished (their rids are free from here on)."""
         self._batch, self._running = batch, rows
         reasons: list[FinishReason | None] = []
@@ -380,8 +358,8 @@ class HFEngine:
         return reasons
 
     @torch.inference_mode()
-    def _compute(self, batch: hf_batch.Batch | None, keep: list[int], rows: list[_Seq], joiners: list[_Seq],
-                 ) -> tuple[hf_batch.Batch | None, list[_Seq], list[int], list[float | None]]:
+    def _compute(self, batch: hf_batch.Batch | None, keep: list[int], rows: list[Seq], joiners: list[Seq],
+                 ) -> tuple[hf_batch.Batch | None, list[Seq], list[int], list[float | None]]:
         """Worker thread: one decode of rows ``keep`` of ``batch`` (requests ``rows``) plus one
         prefill of the joiners; returns the new batch, its requests, their tokens and logprobs."""
         batch = hf_batch.select(batch, keep) if batch is not None else None
@@ -421,33 +399,13 @@ class HFEngine:
                 self._waiting.appendleft(s)
         self._running, self._batch = [], None
 
-    def _emit(self, s: _Seq, toks: list[int], lps: list[float | None] | None, version: int,
+    def _emit(self, s: Seq, toks: list[int], lps: list[float | None] | None, version: int,
               reason: FinishReason | None) -> None:
-        logprobs = [x for x in lps if x is not None] if lps is not None else None
-        if not s.req.stream:
-            if s.held_toks and s.held_version != version:  # spans must not mix versions
-                s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=s.held_toks, logprobs=s.held_lps,
-                                               weight_version=s.held_version, cached_tokens=s.cached))
-                s.held_toks, s.held_lps = [], None
-            if reason is None:
-                if not s.held_toks:
-                    s.held_version, s.held_lps = version, [] if logprobs is not None else None
-                s.held_toks += toks
-                if s.held_lps is not None and logprobs is not None:
-                    s.held_lps += logprobs
-                return
-            if s.held_toks:
-                toks = s.held_toks + toks
-                logprobs = s.held_lps + logprobs if s.held_lps is not None and logprobs is not None else logprobs
-                s.held_toks, s.held_lps = [], None
-        s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
-                                       weight_version=version, finish_reason=reason, cached_tokens=s.cached))
-        if reason is not None:
-            s.done = True
-            if self._seqs.get(s.req.rid) is s:
-                del self._seqs[s.req.rid]
+        deliver(s, toks, lps, version, reason)
+        if reason is not None and self._seqs.get(s.req.rid) is s:
+            del self._seqs[s.req.rid]
 
-    def _fail(self, seqs: list[_Seq], e: Exception) -> None:
+    def _fail(self, seqs: list[Seq], e: Exception) -> None:
         """Their generate() raises EngineError("internal"); the batch (KV possibly half-written) goes."""
         err = EngineError("internal", f"{type(e).__name__}: {e}")
         for s in seqs:
@@ -458,34 +416,6 @@ class HFEngine:
                 s.queue.put_nowait(err)
         self._running, self._batch = [], None
 
-    def _finish(self, s: _Seq, reason: FinishReason) -> None:
+    def _finish(self, s: Seq, reason: FinishReason) -> None:
         if not s.done:
             self._emit(s, [], [] if s.req.return_logprob else None, self._version, reason)
-
-
-def _coalesce(first: EngineDelta, queue: asyncio.Queue[EngineDelta | BaseException]) -> EngineDelta:
-    """Merge deltas already queued behind ``first`` (same version) so a slow reader catches up."""
-    while not queue.empty() and first.finish_reason is None:
-        nxt = queue._queue[0]  # type: ignore[attr-defined]
-        if isinstance(nxt, BaseException) or nxt.weight_version != first.weight_version:
-            break
-        queue.get_nowait()
-        lps = first.logprobs + nxt.logprobs if first.logprobs is not None and nxt.logprobs is not None else None
-        first = EngineDelta(rid=first.rid, token_ids=first.token_ids + nxt.token_ids, logprobs=lps,
-                            weight_version=first.weight_version, finish_reason=nxt.finish_reason)
-    return first
-
-
-def _eos_of(model: Any) -> list[int]:
-    for cfg in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(cfg, "eos_token_id", None)
-        if eos is not None:
-            return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
-    return []
-
-
-def _check_tags(tags: Sequence[str]) -> None:
-    bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
-    if bad:
-        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
-

@@ -1,0 +1,94 @@
+"""Per-request state of the hf engine and how its tokens become ``EngineDelta``s.
+
+``deliver`` hands a step's tokens to the request's queue. A non-streamed request (``stream=False``)
+gets them held back and delivered with the finish (or when the weight version changes, so one
+delta never mixes versions): one wake-up of the consumer per request instead of per token.
+``next_delta`` merges deltas that queued up behind a slow consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollwire.engines import hf_prefix
+from rollwire.engines.base import ALL_MEMORY_TAGS, EngineDelta, EngineError, EngineRequest
+from rollwire.engines.hf_sampling import RowSampler
+from rollwire.messages.generate import FinishReason
+
+
+@dataclass(eq=False)
+class Seq:
+    req: EngineRequest
+    sampler: RowSampler
+    stop_ids: frozenset[int]
+    limit: int  # finish with "length" once prompt + output reaches this
+    queue: asyncio.Queue[EngineDelta | BaseException] = field(default_factory=asyncio.Queue)
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+    abort_requested: bool = False
+    # stream=False: tokens held back until the finish (or a version change), one wake-up per request
+    held_toks: list[int] = field(default_factory=list)
+    held_lps: list[float] | None = None
+    held_version: int = -1
+    # sessions: the cached prefix used at admission, how many prompt tokens it covered, and the
+    # version that computed this request's KV (hf_prefix.STALE once a load happened under it)
+    prefix: tuple[hf_prefix.Entry, int] | None = None
+    cached: int = 0
+    kv_version: int = 0
+
+
+def deliver(s: Seq, toks: list[int], lps: list[float | None] | None, version: int, reason: FinishReason | None) -> None:
+    """Queue (or hold back) a step's tokens of ``s``; with ``reason`` the request is done."""
+    logprobs = [x for x in lps if x is not None] if lps is not None else None
+    if not s.req.stream:
+        if s.held_toks and s.held_version != version:  # spans must not mix versions
+            s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=s.held_toks, logprobs=s.held_lps,
+                                           weight_version=s.held_version, cached_tokens=s.cached))
+            s.held_toks, s.held_lps = [], None
+        if reason is None:
+            if not s.held_toks:
+                s.held_version, s.held_lps = version, [] if logprobs is not None else None
+            s.held_toks += toks
+            if s.held_lps is not None and logprobs is not None:
+                s.held_lps += logprobs
+            return
+        if s.held_toks:
+            toks = s.held_toks + toks
+            logprobs = s.held_lps + logprobs if s.held_lps is not None and logprobs is not None else logprobs
+            s.held_toks, s.held_lps = [], None
+    s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
+                                   weight_version=version, finish_reason=reason, cached_tokens=s.cached))
+    if reason is not None:
+        s.done = True
+
+
+def next_delta(first: EngineDelta, queue: asyncio.Queue[EngineDelta | BaseException]) -> EngineDelta:
+    """Merge deltas already queued behind ``first`` (same version) so a slow reader catches up."""
+    while not queue.empty() and first.finish_reason is None:
+        nxt = queue._queue[0]  # type: ignore[attr-defined]
+        if isinstance(nxt, BaseException) or nxt.weight_version != first.weight_version:
+            break
+        queue.get_nowait()
+        lps = first.logprobs + nxt.logprobs if first.logprobs is not None and nxt.logprobs is not None else None
+        first = EngineDelta(rid=first.rid, token_ids=first.token_ids + nxt.token_ids, logprobs=lps,
+                            weight_version=first.weight_version, finish_reason=nxt.finish_reason,
+                            cached_tokens=first.cached_tokens)
+    return first
+
+
+def eos_of(model: Any) -> list[int]:
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+    return []
+
+
+def check_tags(tags: Sequence[str]) -> None:
+    bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
+    if bad:
+        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
+
