@@ -45,6 +45,24 @@ async def test_turn_two_reuses_the_prefix_and_equals_a_full_recompute(server: Ro
         assert traj.token_ids == list(range(10, 60)) + t1.output_ids + [3, 4, 5] + t2.output_ids
 
 
+async def test_the_default_session_endpoint_leaves_the_neighbouring_port_to_a_trainer() -> None:
+    """The issue's layout: rollout on port P, trainer on P + 1; sessions bind a free port."""
+    from rollwire.clients.trainer import TrainerPublisher
+
+    from .conftest import free_tcp_endpoint
+
+    rollout = free_tcp_endpoint()
+    host, _, port = rollout.rpartition(":")
+    trainer = f"{host}:{int(port) + 1}"
+    async with TrainerPublisher(trainer), RolloutServer(ServerConfig(rollout_endpoint=rollout,
+                                                                     trainer_endpoint=trainer)), \
+            RolloutClient(rollout, timeout=60) as rc:
+        advertised = (await rc.health()).session_endpoint
+        assert advertised.startswith(f"{host}:") and advertised not in (rollout, trainer)
+        async with rc.session() as s:
+            assert (await s.generate([5, 6], GREEDY)).finish_reason == "length"
+
+
 async def test_five_turn_trajectory_aligns_loss_mask_and_logprobs_with_the_tokens() -> None:
     """Sampled turns (T=1) between environment turns of lengths 1, 7, 2, 13: every model token's
     logprob equals the model's own log-softmax at that position of the whole trajectory."""

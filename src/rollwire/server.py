@@ -40,17 +40,19 @@ class ServerConfig:
     max_staleness: int | None = None  # abort (retract policy: restart) requests started > K versions ago
     receiver_id: str = ""  # name this server registers under (default: host:pid)
     stall_timeout_s: float = 30.0  # a version not complete by then is discarded
-    # sessions (multi-turn); the endpoint defaults to the rollout endpoint's neighbour
+    # sessions (multi-turn); default endpoint: a free tcp port on the rollout host, or the rollout
+    # ipc/inproc name + "-sessions". Clients learn it from the health reply.
     session_endpoint: str | None = None
     max_sessions: int = 4096
     max_session_tokens: int = 32768
 
 
 def session_endpoint_for(rollout_endpoint: str) -> str:
-    """The default session endpoint: tcp port + 1, or the ipc/inproc name + "-sessions"."""
+    """The default session endpoint: any free tcp port on the rollout host (not port + 1, which
+    a trainer endpoint often takes), or the ipc/inproc name + "-sessions"."""
     if rollout_endpoint.startswith("tcp://"):
-        host, _, port = rollout_endpoint.rpartition(":")
-        return f"{host}:{int(port) + 1}"
+        host, _, _ = rollout_endpoint.rpartition(":")
+        return f"{host}:*"
     return f"{rollout_endpoint}-sessions"
 
 
@@ -91,18 +93,18 @@ class RolloutServer:
 
     async def start(self) -> RolloutServer:
         cfg = self.cfg
-        session_endpoint = cfg.session_endpoint or session_endpoint_for(cfg.rollout_endpoint)
+        sessions = await self.system.spawn(
+            lambda: SessionActor(generation_rollout=address(GENERATION, "rollout"),
+                                 generation_control=address(GENERATION, "control"),
+                                 max_sessions=cfg.max_sessions, max_session_tokens=cfg.max_session_tokens),
+            extra_binds={"sessions": [cfg.session_endpoint or session_endpoint_for(cfg.rollout_endpoint)]},
+        )
+        session_endpoint = sessions.bound_endpoint("sessions")
         await self.system.spawn(
             lambda: GenerationActor(self._engine_factory, max_new_tokens_limit=cfg.max_new_tokens_limit,
                                     model_name=cfg.model, max_staleness=cfg.max_staleness,
                                     session_endpoint=session_endpoint),
             extra_binds={"rollout": [cfg.rollout_endpoint]},
-        )
-        await self.system.spawn(
-            lambda: SessionActor(generation_rollout=address(GENERATION, "rollout"),
-                                 generation_control=address(GENERATION, "control"),
-                                 max_sessions=cfg.max_sessions, max_session_tokens=cfg.max_session_tokens),
-            extra_binds={"sessions": [session_endpoint]},
         )
         await self.system.spawn(lambda: MemoryGovernor(
             generation=GENERATION, mode=cfg.mode, pause_policy=cfg.pause_policy,  # type: ignore[arg-type]

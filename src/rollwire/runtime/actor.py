@@ -187,6 +187,10 @@ class Actor:
         actor is stopping."""
         self.reply_nowait(origin, ErrorReply(code=code, message=message, origin=self.name))
 
+    def bound_endpoint(self, port: str) -> str:
+        """The endpoint ``port`` was bound to last (its public one; a tcp ``*`` port resolved)."""
+        return bytes(self._socks[port].getsockopt(zmq.LAST_ENDPOINT)).decode()
+
     def peer(self, endpoint: str, reply_union: Any) -> RpcClient[Any]:
         """A cached DEALER to another actor's port (inproc, ipc or tcp: the same code)."""
         client = self._peers.get(endpoint)
