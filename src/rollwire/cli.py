@@ -59,7 +59,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="requests started > K versions ago are aborted (retract policy: restarted from the prompt)")
     p.add_argument("--receiver-id", default="")
     p.add_argument("--session-endpoint", default=None,
-                   help="where the SessionActor listens (default: a free tcp port on the rollout host, or <ipc path>-sessions)")
+                   help="SessionActor endpoint (default: a free tcp port on the rollout host, or <ipc path>-sessions)")
     p.add_argument("--max-sessions", type=int, default=4096)
     p.add_argument("--max-session-tokens", type=int, default=32768, help="upper bound of a session's max_tokens")
 
