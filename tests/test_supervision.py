@@ -32,3 +32,26 @@ async def test_a_crashing_generation_actor_is_restarted_and_its_held_requests_ge
         after = await rc.generate([1, 2], SamplingParams(max_new_tokens=4))
         assert after.output_ids == [3, 4, 5, 6]  # type: ignore[union-attr]
         assert srv.generation.counters.get("restarts") == 1
+
+
+async def test_a_generation_crash_fails_the_running_session_turns_and_the_sessions_go_on() -> None:
+    """Session turns are requests like any other: a turn held by the crashed GenerationActor gets
+    actor_restarted (relayed by the SessionActor), its session's history is unchanged, and the
+    next turn of that session runs on the restarted actor."""
+    ep = free_tcp_endpoint()
+    sp = SamplingParams(max_new_tokens=4)
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep), engine_factory=lambda: FaultyEngine()), \
+            RolloutClient(ep, timeout=30) as rc, rc.session() as victim, rc.session() as culprit:
+        await victim.generate([3], sp)
+        held = asyncio.ensure_future(victim.generate([10], SamplingParams(max_new_tokens=500)))
+        await asyncio.sleep(0.1)
+        with pytest.raises(RolloutError) as crash:
+            await culprit.generate([99], sp)  # the fault: its prompt crashes the engine
+        assert crash.value.code == ErrorCode.INTERNAL
+        with pytest.raises(RolloutError) as err:
+            await held
+        assert err.value.code == ErrorCode.ACTOR_RESTARTED
+        assert victim.trajectory().token_ids == [3, 4, 5, 6, 7]  # the failed turn left nothing
+        nxt = await victim.generate([20], sp)
+        assert nxt.output_ids == [21, 22, 23, 24]
+        assert victim.trajectory().token_ids == [3, 4, 5, 6, 7, 20, 21, 22, 23, 24]
