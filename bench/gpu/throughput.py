@@ -211,7 +211,8 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         ep = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
+    prof = ["-m", "cProfile", "-o", a.profile] if a.profile else []
+    cmd = [sys.executable, *prof, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
            "--model", a.model, "--rollout-endpoint", ep, "--max-new-tokens-limit", "4096"]
     for k, v in BENCH_ARGS.items():
         cmd += ["--engine-arg", f"{k}={v}"]
@@ -232,15 +233,38 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
             ps = _prompts(a.n)
             sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
 
+            last: dict[str, Any] = {}
+
             async def once() -> tuple[float, int]:
                 t0 = time.perf_counter()
-                outs = await asyncio.gather(*(rc.generate(p, sp) for p in ps))
-                return time.perf_counter() - t0, sum(len(o.output_ids) for o in outs)  # type: ignore[union-attr]
+
+                async def one(p: list[int]) -> Any:
+                    o = await rc.generate(p, sp)
+                    return o, time.perf_counter() - t0
+
+                outs = await asyncio.gather(*(one(p) for p in ps))
+                elapsed = time.perf_counter() - t0
+                q = sorted(o.timings.queued_s for o, _ in outs)  # type: ignore[union-attr]
+                tot = sorted(o.timings.total_s for o, _ in outs)  # type: ignore[union-attr]
+                done = sorted(t for _, t in outs)
+                last.update(client_elapsed_s=round(elapsed, 4), server_queued_s_max=round(q[-1], 4),
+                            server_total_s_min=round(tot[0], 4), server_total_s_max=round(tot[-1], 4),
+                            client_done_s_first=round(done[0], 4), client_done_s_median=round(done[len(done) // 2], 4))
+                return elapsed, sum(len(o.output_ids) for o, _ in outs)  # type: ignore[union-attr]
 
             await once()
+            spy = None
+            if a.py_spy:  # sample the server (and its SGLang children) while the timed runs go
+                spy = subprocess.Popen([a.py_spy, "record", "--pid", str(proc.pid), "--output", a.py_spy_out,
+                                        "--format", "speedscope", "--rate", "250", "--subprocesses", "--nonblocking",
+                                        "--duration", str(int(2 * a.repeats + 2))],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                await asyncio.sleep(1.0)
             runs = [await once() for _ in range(a.repeats)]
-        return {"engine_start_s": round(start_s, 1), "engine": status.engine,
-                **_median_run([r[0] for r in runs], runs[0][1])}
+            if spy is not None:
+                spy.wait(60)
+        return {"engine_start_s": round(start_s, 1), "engine": status.engine, "profiled": bool(a.profile or a.py_spy),
+                "last_run_timings": last, **_median_run([r[0] for r in runs], runs[0][1])}
     finally:
         proc.terminate()  # SIGTERM: the adapter turns SGLang's handler into SIGINT, serve stops cleanly
         try:
@@ -286,6 +310,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--direct-json", default=None, help="combine: the direct run's JSON, if it is elsewhere")
+    p.add_argument("--profile", default=None, help="server: run `rollwire serve` under cProfile, stats to this file")
+    p.add_argument("--py-spy", default=None, help="server: py-spy binary; samples the server during the timed runs")
+    p.add_argument("--py-spy-out", default="/tmp/serve.speedscope.json")
     a = p.parse_args()
     a.out = a.out or str(Path(os.environ.get("OUT", "/tmp")) / f"throughput_{a.mode}.json")
     if a.mode == "write-model":

@@ -63,6 +63,22 @@ if [ "$WHAT" = issue5 ]; then
   done
   python3 bench/gpu/throughput.py --mode combine --out "$OUT/throughput.json" > /dev/null && cat "$OUT/throughput.json"
   cp "$OUT/throughput.json" "$FINAL/throughput_$WHAT.json" 2>/dev/null
+elif [ "$WHAT" = issue5b ]; then  # contract suite alone, checks against a kept reference, profiled server
+  python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
+  step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
+  ( export ROLLWIRE_SGLANG_ENGINE_ARGS="attention_backend=triton,sampling_backend=pytorch,cuda_graph_max_bs_decode=32"
+    step contract "${CONTRACT_S:-170}" python3 -m pytest -q -s -p no:cacheprovider --timeout=100 -k sglang \
+      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py )
+  grep -E "passed|failed|FAILED|ERROR|Error|error" "$OUT/contract.log" | grep -v "Ignore import error" | tail -30 | cut -c1-300
+  step adapter_checks "${CHECKS_S:-130}" python3 tests/gpu/adapter_checks.py "$TINY" "${REF:-$OUT/direct_ref.json}"
+  SPY=""
+  if ls tmp_gpu_ref/py_spy-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/spy tmp_gpu_ref/py_spy-*.whl && SPY=/tmp/spy/bin/py-spy
+  fi
+  step throughput_server "${SERVER_S:-100}" python3 bench/gpu/throughput.py --mode server --model "$Q05" \
+    ${SPY:+--py-spy $SPY --py-spy-out $OUT/serve.speedscope.json}
+  cp "$OUT/serve.speedscope.json" "$OUT/throughput_server.json" "$FINAL/" 2>/dev/null
+  cat "$OUT/throughput_server.json"
 elif [ "$WHAT" != bench ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
   step direct_sglang 300 python3 tests/gpu/direct_sglang.py "$TINY"
