@@ -57,6 +57,12 @@ def forward_logprobs(model: torch.nn.Module, prompt: list[int], output: list[int
     return torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(output)[:, None])[:, 0]
 
 
+# How close an engine's logprobs come to a float32 forward pass on the CPU. The sglang variant runs
+# float32 with enable_deterministic_inference, whose batch-invariant matmuls (Triton tl.dot) and
+# Triton attention compute in TF32: on an H100 its logprobs were 0.013-0.034 off (max abs) in these tests.
+LOGPROB_ATOL = {"hf": 1e-4, "sglang": 5e-2}
+
+
 def perturbed(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, (p.detach() * 1.5 + 0.01).clone()) for n, p in model.named_parameters()]
 
@@ -174,33 +180,36 @@ async def test_truncation_to_the_top_token_samples_the_greedy_output(engine, tru
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-async def test_logprobs_match_a_direct_forward_pass_at_the_request_temperature(engine, reference_model, temperature):
+async def test_logprobs_match_a_direct_forward_pass_at_the_request_temperature(engine, engine_kind, reference_model,
+                                                                               temperature):
     results = await asyncio.gather(*(run_request(engine, f"r{i}", p, max_new_tokens=24, temperature=temperature,
                                                  top_p=0.95, seed=i, ignore_eos=True, return_logprob=True)
                                      for i, p in enumerate(PROMPTS[:4])))
     for prompt, res in zip(PROMPTS[:4], results, strict=True):
         assert len(res.logprobs) == len(res.tokens) == 24
         ref = forward_logprobs(reference_model, prompt, res.tokens, temperature or 1.0)
-        torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=LOGPROB_ATOL[engine_kind], rtol=0)
 
 
-async def test_allowed_token_ids_restrict_sampling_and_logprobs_are_taken_under_the_mask(engine, reference_model):
+async def test_allowed_token_ids_restrict_sampling_and_logprobs_are_taken_under_the_mask(engine, engine_kind,
+                                                                                         reference_model):
     allowed = list(range(60, 80))
     res = await run_request(engine, "r", PROMPTS[2], max_new_tokens=32, temperature=0.7, seed=5, ignore_eos=True,
                             allowed_token_ids=allowed, return_logprob=True)
     assert set(res.tokens) <= set(allowed)
     ref = forward_logprobs(reference_model, PROMPTS[2], res.tokens, 0.7, allowed=allowed)
-    torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=LOGPROB_ATOL[engine_kind], rtol=0)
 
 
-async def test_disallowed_token_ids_are_never_produced_and_logprobs_are_taken_under_the_mask(engine, reference_model):
+async def test_disallowed_token_ids_are_never_produced_and_logprobs_are_taken_under_the_mask(engine, engine_kind,
+                                                                                             reference_model):
     free = await run_request(engine, "free", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True)
     banned = sorted(set(free.tokens))
     res = await run_request(engine, "r", PROMPTS[3], max_new_tokens=24, temperature=0.0, ignore_eos=True,
                             disallowed_token_ids=banned, return_logprob=True)
     assert not set(res.tokens) & set(banned)
     ref = forward_logprobs(reference_model, PROMPTS[3], res.tokens, 1.0, disallowed=banned)
-    torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(res.logprobs), ref, atol=LOGPROB_ATOL[engine_kind], rtol=0)
 
 
 # -- finishing -------------------------------------------------------------------------------------

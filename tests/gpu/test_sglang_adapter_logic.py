@@ -389,3 +389,27 @@ async def test_resume_after_a_kv_release_takes_the_kv_back_and_requests_continue
     await eng.resume()
     out = await asyncio.wait_for(task, 10)
     assert out["tokens"] == ref["tokens"] and eng.info().extra["released"] == []
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+async def test_after_a_retract_switch_requests_resume_under_the_new_cache_key_only(eng, sglang_module, mode) -> None:
+    _, ckpt = sglang_module
+    res, task = start(eng, "k", [8, 8], **G)
+    await until(res, 3)
+    await eng.pause(mode)
+    await eng.update_weights(weights(ckpt, 1.5), version=1)
+    await eng.resume()
+    await task
+    keys = [key for kind, _, key in (e for e in eng._tm.log if e[0] == "req")]  # type: ignore[attr-defined]
+    # retract: re-submitted (no stale radix-cache prefix of v0); in_place: kept inside SGLang, KV and all
+    assert keys == (["rw-v0", "rw-v1"] if mode == "retract" else ["rw-v0"])
+
+
+def test_with_deterministic_inference_every_sampled_row_takes_sglangs_sorted_path(sglang_module) -> None:
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt, engine_args={"enable_deterministic_inference": "true"})  # type: ignore[attr-defined]
+    from rollwire.engines.sglang_requests import Live
+
+    sp = e._sampling_params(Live(EngineRequest("r", [1], SamplingParams(temperature=1.0, seed=3))))
+    assert sp["top_k"] == e.vocab_size  # keeps every token, but no longer SGLang's "all" marker
+    assert e._sampling_params(Live(EngineRequest("g", [1], SamplingParams(temperature=0.0))))["top_k"] == -1

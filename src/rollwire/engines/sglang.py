@@ -20,12 +20,14 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   width makes rids prefix-free.
 * weight version per token: when a version goes live, the number of tokens each live request
   has produced is recorded; tokens before that mark belong to the old version. The count must be
-  exact at that moment, so before a switch (``_prepare_switch``) non-streamed requests inside
-  SGLang are evicted (their tokens so far come back; the rest is re-submitted under the new
-  version), and an ``in_place`` pause under SGLang's overlap scheduler, which leaves one step
-  of the old weights in flight, is turned into a ``retract`` (SGLang then processes that step
-  first). With ``--engine-arg disable_overlap_schedule=true`` an ``in_place`` pause keeps the
-  requests' KV across a version switch and is exact.
+  exact at that moment, and a retracted request must not reuse old-version KV, so before a switch
+  (``_prepare_switch``): after a ``retract`` pause every request inside SGLang is evicted (its
+  tokens so far come back; the rest is re-submitted under the new version's cache key; left in
+  SGLang's queue it would re-prefill from its own old-weights KV in the radix cache); after an
+  ``in_place`` pause non-streamed requests are evicted, and under SGLang's overlap scheduler,
+  which leaves one step of the old weights in flight, the pause is turned into a ``retract``
+  (SGLang then processes that step first; the requests keep their cached KV). With
+  ``--engine-arg disable_overlap_schedule=true`` an ``in_place`` pause is exact as it is.
 * allowed/disallowed token masks: a custom logit processor (``sglang_logits.TokenMask``), so the
   engine is always started with ``enable_custom_logit_processor=True``. Logprobs are SGLang's:
   log_softmax(masked logits / T) before top-k/top-p/min-p, as the hf engine reports them.
@@ -33,7 +35,11 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   it a request with a seed is refused (bad_sampling_params) rather than silently unseeded. With
   it, SGLang's pytorch sampler asserts (and its scheduler dies) on min_p > 0, so there min_p is
   applied by the logit processor (same kept set), and min_p with logprobs is refused (SGLang
-  would report logprobs normalised over the kept tokens only).
+  would report logprobs normalised over the kept tokens only). Its seeded draw hashes token ids
+  on the plain path but sorted ranks once any row of the batch truncates, so every sampled row
+  gets a top_k that keeps the whole vocabulary: one path, the same tokens whatever the batch.
+  Its batch-invariant matmuls run float32 as TF32: logprobs of a float32 model are ~1e-2 off
+  a float32 forward pass.
 * min_p / top_p at the limit: SGLang computes logits in the model's dtype (bf16 usually) and
   casts them to float32, so the top tokens are often exactly tied. Greedy (argmax) then takes
   the lowest id, while min_p keeps every tied token and samples among them: min_p=0.999 does

@@ -81,6 +81,7 @@ class RequestsMixin:
     _version: int
     _closed: bool
     deterministic: bool
+    vocab_size: int
     _mask_processor: str
     _rid_prefix: str
     _rids: Any
@@ -98,6 +99,11 @@ class RequestsMixin:
         custom: dict[str, Any] = {}
         if self.deterministic:  # SGLang seeds every row then: unseeded requests get a fresh seed
             sp["sampling_seed"] = int(p.seed) if p.seed is not None else random.getrandbits(62)
+            if p.temperature > 0 and p.top_k == -1:
+                # SGLang's seeded sampler draws over token ids on its plain path but over sorted ranks
+                # once any row of the batch truncates: a top_k that keeps every token puts each row
+                # on the sorted path always, so a seed gives the same tokens whatever the batch mates
+                sp["top_k"] = self.vocab_size
             if p.min_p > 0 and p.temperature > 0:  # SGLang asserts min_p is not used with a seed
                 sp["min_p"] = 0.0
                 custom.update(rw_min_p=float(p.min_p), rw_temperature=float(p.temperature))

@@ -58,6 +58,7 @@ class WeightsMixin:
     weight_bucket_bytes: int
 
     if TYPE_CHECKING:  # SGLangEngine's scheduler control
+        async def _evict(self) -> None: ...
         async def _pause_scheduler(self, mode: str) -> None: ...
         async def _wait_states_finished(self, lives: list[Live], timeout: float) -> None: ...
         async def _settle(self, lives: list[Live]) -> None: ...
@@ -164,18 +165,25 @@ class WeightsMixin:
         return idle and "kv_cache" not in self._released and not self._session_keys
 
     async def _prepare_switch(self) -> None:
-        """Make every request's count of tokens produced so far exact before a new version goes live.
+        """Before a new version goes live: make every request's count of tokens produced so far
+        exact, and keep old-version KV out of requests that must not reuse it.
 
-        * Non-streamed segments inside SGLang: their tokens reach the adapter only at the end, so
-          they are evicted (SGLang hands over what it produced; the rest is re-submitted later).
-        * SGLang's overlap scheduler keeps one step in flight: an ``in_place`` pause leaves it
-          there, and its token (computed with the old weights) would come out after the switch.
-          Re-pausing with ``retract`` makes the scheduler process that step first; the requests
-          then re-prefill, as after a retract. With ``disable_overlap_schedule`` an ``in_place``
-          pause keeps its KV across the switch and is exact as it is.
+        * After a ``retract`` pause every request inside SGLang is evicted and later re-submitted
+          under the new version's cache key. Left in SGLang's waiting queue, a retracted request
+          re-prefills by matching its own KV in the radix cache, computed by the old weights
+          (seen on an H100: its continuation then differs from the new version's).
+        * ``in_place`` keeps the KV by design. Non-streamed segments are evicted still: their tokens
+          reach the adapter only at the end. SGLang's overlap scheduler keeps one step in flight,
+          and an ``in_place`` pause leaves it there: its token (computed with the old weights)
+          would come out after the switch. Re-pausing with ``retract`` makes the scheduler process
+          that step first; the requests then re-prefill, reusing their cached KV. With
+          ``disable_overlap_schedule`` an ``in_place`` pause is exact as it is.
         """
         inside = [s for s in self._live.values() if s.submitted and not s.done]
         if not inside:
+            return
+        if self._sched_paused != "in_place":
+            await self._evict()
             return
         unstreamed = [s for s in inside if not s.streamed]
         if unstreamed or (self._sched_paused == "in_place" and self._overlap):

@@ -234,6 +234,7 @@ class TokenizerManager:
             if kind == "req":
                 obj = m[1]
                 ids = list(obj.input_ids)
+                self.log.append(("req", obj.rid, obj.extra_key))
                 hit = max((_common(ids, seq) for seq in self._radix.get(obj.extra_key, ())), default=0)
                 self._waiting.append(_Req(obj.rid, ids, dict(obj.sampling_params or {}), stream=bool(obj.stream),
                                           key=obj.extra_key, cached=min(hit, len(ids) - 1)))
