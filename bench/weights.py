@@ -8,7 +8,10 @@
   tensors between two fresh processes; also -> applied in the server.
 
 Every figure is the median of ``--repeats`` runs after one warm-up (the warm-up's time is kept in
-the JSON as ``cold_s``). Prints a table, writes bench/out/weights.json.
+the JSON as ``cold_s``). Floors are interleaved with the pushes: each timed push is preceded by one
+run of its floor, and ``pct_of_floor`` is the median of the per-pair ratios (this 2-core machine is
+shared, and its speed drifts by 2x within a minute: pairs taken seconds apart compare like with
+like). Prints a table, writes bench/out/weights.json.
 
     python bench/weights.py            # 100 MB and 1 GB state dicts
     python bench/weights.py --quick    # 100 MB, 3 repeats
@@ -136,8 +139,9 @@ def raw_zmq_proc(endpoint: str, ready: Any) -> None:
             return
 
 
-def bare_broadcast_proc(rank: int, port: int, n_layers: int, repeats: int, out: Any) -> None:
-    """torch.distributed as a user would write it: init_process_group + broadcast per tensor."""
+def bare_broadcast_proc(rank: int, port: int, n_layers: int, go: Any, out: Any) -> None:
+    """torch.distributed as a user would write it: init_process_group + broadcast per tensor. Rank 0
+    runs one round per item on ``go`` (None ends) and puts its seconds on ``out``."""
     import torch.distributed as dist
 
     torch.set_num_threads(2)
@@ -145,27 +149,30 @@ def bare_broadcast_proc(rank: int, port: int, n_layers: int, repeats: int, out: 
     if rank:
         sd = {k: torch.empty_like(v) for k, v in sd.items()}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier()
+    flag = torch.zeros(1)
+    while True:
+        if rank == 0:
+            flag.fill_(0 if go.get() is None else 1)
+        dist.broadcast(flag, src=0)
+        if not flag.item():
+            break
         t0 = time.perf_counter()
         for t in sd.values():
             dist.broadcast(t, src=0)
         dist.barrier()
-        times.append(time.perf_counter() - t0)
-    if rank == 0:
-        out.put(times)
+        if rank == 0:
+            out.put(time.perf_counter() - t0)
     dist.destroy_process_group()
 
 
 # -- floors in this process ---------------------------------------------------------------------
-def memcpy_floor(sd: dict[str, torch.Tensor], repeats: int) -> list[float]:
-    """Two warm memcpys: tensors -> one flat buffer -> parameter-like tensors."""
+def memcpy_floor(sd: dict[str, torch.Tensor]) -> Any:
+    """Two warm memcpys: tensors -> one flat buffer -> parameter-like tensors (a function: one run)."""
     total = sum(t.numel() * t.element_size() for t in sd.values())
     flat = torch.zeros(total, dtype=torch.uint8)
     params = {k: torch.zeros_like(v) for k, v in sd.items()}
-    times = []
-    for _ in range(repeats + 1):
+
+    def once() -> float:
         t0 = time.perf_counter()
         off = 0
         for t in sd.values():
@@ -177,30 +184,32 @@ def memcpy_floor(sd: dict[str, torch.Tensor], repeats: int) -> list[float]:
             n = t.numel() * t.element_size()
             params[k].copy_(flat[off:off + n].view(t.dtype).view(t.shape))
             off += n
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+        return time.perf_counter() - t0
+
+    return once
 
 
-def raw_zmq_floor(endpoint: str, bufs: list[memoryview], repeats: int, *, quit: bool = False) -> list[float]:
-    """Stream ``bufs`` (zero-copy) over a DEALER and wait for the receiver's "done"."""
+def raw_zmq_floor(endpoint: str, bufs: list[memoryview]) -> Any:
+    """Stream ``bufs`` (zero-copy) over a DEALER and wait for the receiver's "done" (a function: one
+    run; ``once(quit=True)`` stops the receiver)."""
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint)
-    times: list[float] = []
-    if quit:
-        sock.send_multipart([b"quit"])
-        sock.close(linger=1000)
-        return times
-    for _ in range(repeats + 1):
+
+    def once(quit: bool = False) -> float:
+        if quit:
+            sock.send_multipart([b"quit"])
+            sock.close(linger=1000)
+            return 0.0
         t0 = time.perf_counter()
         for b in bufs:
             sock.send_multipart([b"chunk", b], copy=False)
         sock.send_multipart([b"end"])
         assert sock.recv() == b"done"
-        times.append(time.perf_counter() - t0)
-    sock.close(linger=1000)
-    return times[1:]
+        return time.perf_counter() - t0
+
+    return once
 
 
 async def crc_passes(chunks: list[memoryview], repeats: int) -> float:
@@ -220,12 +229,15 @@ async def crc_passes(chunks: list[memoryview], repeats: int) -> float:
 
 # -- pushes -------------------------------------------------------------------------------------
 async def push_series(tp: Any, sd: dict[str, torch.Tensor], transport: str, first_version: int, repeats: int,
-                      rollout: Any = None) -> dict[str, Any]:
-    """One warm-up push, then ``repeats`` timed ones (and the first token after each, if a server)."""
+                      rollout: Any = None, floor: Any = None) -> dict[str, Any]:
+    """One warm-up push, then ``repeats`` timed ones (and the first token after each, if a server);
+    ``floor`` (a function timing one floor run) runs before each push, its figures go in the row."""
     from rollwire.messages import SamplingParams
 
-    times, ttft = [], []
+    times, ttft, floors = [], [], []
     for i in range(repeats + 1):
+        if floor is not None:
+            floors.append(await asyncio.get_running_loop().run_in_executor(None, floor))
         t0 = time.perf_counter()
         report = await tp.push_weights(first_version + i, sd, transport=transport)
         times.append(time.perf_counter() - t0)
@@ -235,6 +247,9 @@ async def push_series(tp: Any, sd: dict[str, torch.Tensor], transport: str, firs
             assert out.weight_version == first_version + i
             ttft.append(time.perf_counter() - t0)
     row: dict[str, Any] = {"cold_s": times[0], "median_s": statistics.median(times[1:]), "runs_s": times[1:]}
+    if floors:
+        row.update(floor_runs_s=floors[1:], pct_of_floor=100 * statistics.median(
+            f / t for f, t in zip(floors[1:], times[1:], strict=True)))
     if ttft:
         row["push_to_first_token_s"] = statistics.median(ttft[1:])
     return row
@@ -273,50 +288,55 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
                     out.append(byte_view(buf))
                 return out
 
-            def row(path: str, push: dict[str, Any], floor_name: str, floor_s: list[float], **extra: Any) -> None:
-                f = statistics.median(floor_s)
+            def row(path: str, push: dict[str, Any], floor_name: str, **extra: Any) -> None:
+                f = statistics.median(push["floor_runs_s"])
                 rows.append({"size": label, "bytes": nbytes, "path": path, **push,
                              "gib_s": nbytes / GiB / push["median_s"], "floor": floor_name,
-                             "floor_median_s": f, "floor_gib_s": nbytes / GiB / f,
-                             "pct_of_floor": 100 * f / push["median_s"], **extra})
+                             "floor_median_s": f, "floor_gib_s": nbytes / GiB / f, **extra})
 
             # shm: the floor, and what the protocol adds to it (a crc pass on each side)
             v_srv = 1
-            shm = await push_series(to_server, sd, "shm", v_srv, repeats, rc)
+            shm = await push_series(to_server, sd, "shm", v_srv, repeats, rc, floor=memcpy_floor(sd))
             v_srv += repeats + 1
             assert to_server._arena.created == 1, "the shm arena must be created once and reused"
             crc_s = await crc_passes(packed_chunks(to_server.bucket_bytes), repeats)
-            mem = memcpy_floor(sd, repeats)
-            row("shm -> server (hf engine)", shm, "2 warm memcpys", mem,
-                pct_of_floor_plus_2_crc=100 * (statistics.median(mem) + 2 * crc_s) / shm["median_s"])
-            # inline over tcp, at the default bucket size and at 64 MiB buckets (pipelined)
+            mem = statistics.median(shm["floor_runs_s"])
+            row("shm -> server (hf engine)", shm, "2 warm memcpys (no crc)",
+                pct_of_floor_plus_2_crc=100 * (mem + 2 * crc_s) / shm["median_s"])
+            # inline over tcp, at 512 MiB and 64 MiB buckets (the latter pipelined: verify while pulling)
             v_sink = 1
-            for bucket in (to_sink.bucket_bytes, 64 << 20):
-                to_sink.bucket_bytes = bucket
+            for bucket in (512 << 20, 64 << 20):
+                to_sink.bucket_bytes = to_server.bucket_bytes = bucket
                 chunks = packed_chunks(bucket)
-                raw = raw_zmq_floor(raw_ep, chunks, repeats)
+                raw = raw_zmq_floor(raw_ep, chunks)
                 mib = f"{bucket >> 20} MiB buckets"
-                row(f"inline tcp -> receiver, {mib}", await push_series(to_sink, sd, "inline", v_sink, repeats),
-                    f"raw pyzmq, {len(chunks)} x {mib}", raw)
+                inline = await push_series(to_sink, sd, "inline", v_sink, repeats, floor=raw)
+                row(f"inline tcp -> receiver, {mib}", inline, f"raw pyzmq, {len(chunks)} x {mib}")
                 v_sink += repeats + 1
-                if bucket == to_server.bucket_bytes:
-                    row(f"inline tcp -> server, {mib}", await push_series(to_server, sd, "inline", v_srv, repeats, rc),
-                        f"raw pyzmq, {len(chunks)} x {mib}", raw)
+                if bucket == 64 << 20:
+                    row(f"inline tcp -> server, {mib}",
+                        await push_series(to_server, sd, "inline", v_srv, repeats, rc, floor=raw),
+                        f"raw pyzmq, {len(chunks)} x {mib}")
                     v_srv += repeats + 1
-            raw_zmq_floor(raw_ep, [], 0, quit=True)
-            # gloo broadcast
-            out = ctx.Queue()
+            raw(quit=True)
+            # gloo broadcast, against a bare broadcast between two other processes
+            go, out = ctx.Queue(), ctx.Queue()
             port = free_port()
-            pair = [ctx.Process(target=bare_broadcast_proc, args=(r, port, n_layers, repeats, out)) for r in (0, 1)]
+            pair = [ctx.Process(target=bare_broadcast_proc, args=(r, port, n_layers, go, out)) for r in (0, 1)]
             for p in pair:
                 p.start()
-            bare = (await loop.run_in_executor(None, out.get, True, 600))[1:]
+
+            def bare() -> float:
+                go.put(1)
+                return float(out.get(True, 600))
+
+            row("gloo -> receiver (no-op apply)", await push_series(to_sink, sd, "gloo", v_sink, repeats, floor=bare),
+                "bare torch.distributed broadcast")
+            row("gloo -> server (hf engine)", await push_series(to_server, sd, "gloo", v_srv, repeats, rc, floor=bare),
+                "bare torch.distributed broadcast")
+            go.put(None)
             for p in pair:
                 p.join(60)
-            row("gloo -> receiver (no-op apply)", await push_series(to_sink, sd, "gloo", v_sink, repeats),
-                "bare torch.distributed broadcast", bare)
-            row("gloo -> server (hf engine)", await push_series(to_server, sd, "gloo", v_srv, repeats, rc),
-                "bare torch.distributed broadcast", bare)
     finally:
         stop.set()
         for p in procs:

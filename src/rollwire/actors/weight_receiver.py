@@ -226,6 +226,7 @@ class WeightReceiverActor(Actor):
         ready = v.ready
         try:
             tensors, payload, where = await self._stage(ready)
+            staged = time.monotonic()
             v.applying = True
             applied = await self._apply(ApplyVersion(version=ready.version, step=ready.step, tensors=tensors,
                                                      **where), payload, ready.transport)
@@ -236,7 +237,8 @@ class WeightReceiverActor(Actor):
             self.counters.inc("versions_applied")
             self.counters.set("live_version", ready.version)
             self.log.info("version_applied", version=ready.version, transport=ready.transport,
-                          bytes=ready.total_bytes, seconds=round(seconds, 4), load_s=round(applied.load_s, 4))
+                          bytes=ready.total_bytes, seconds=round(seconds, 4), stage_s=round(staged - v.received, 4),
+                          pause_s=round(applied.pause_s, 4), load_s=round(applied.load_s, 4))
             await self._report(ready, True, seconds=seconds)
         except StagingError as e:
             if ready.transport in ("gloo", "nccl"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import BucketData, BucketMeta, NamedTensor, PullBucket, WeightsReady
 from rollwire.transports.broadcast import BroadcastGroup
-from rollwire.transports.checksum import crc32_parallel
+from rollwire.transports.checksum import crc32_combine, crc32_of, crc32_parallel
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
 from rollwire.transports.weights import ALIGN, byte_view, checksum_problem, size_problem, tensor_slices
 
@@ -212,20 +212,29 @@ class BroadcastReceiver:
             self.close()  # the trainer built a new group (new receivers, or after a failure)
             group = None
         self._group = None  # owned by the worker thread until it returns
+        # crc of each tensor (or of each bucket, without crc32_combine), computed while the next
+        # ones arrive: (bucket index, future, length) in order
+        checks: list[tuple[int, Future[int], int]] = []
+        per_tensor = crc32_combine is not None
 
         def run() -> BroadcastGroup:
             g = group or BroadcastGroup.join(ready.group, rank, world, backend=ready.transport,
                                              timeout_s=stall_timeout_s)
             try:
                 g.connect()
-                for meta, off in zip(ready.buckets, offsets, strict=True):
+                for i, (meta, off) in enumerate(zip(ready.buckets, offsets, strict=True)):
                     bucket = staging[off:off + meta.nbytes]
+                    view = byte_view(bucket)
                     end = 0
                     for t in meta.tensors:
                         n = _nbytes(t.dtype, t.shape)
                         bucket[end:t.offset].zero_()  # gaps are zeros in the checksum
                         g.broadcast(bucket[t.offset:t.offset + n])
+                        if per_tensor:
+                            checks.append((i, pool.submit(crc32_of, [view[end:t.offset + n]]), t.offset + n - end))
                         end = t.offset + n
+                    if not per_tensor:
+                        checks.append((i, pool.submit(crc32_of, [view]), meta.nbytes))
             except BaseException:
                 g.close()
                 raise
@@ -238,8 +247,13 @@ class BroadcastReceiver:
         except Exception as e:
             raise StagingError(ErrorCode.TIMEOUT if "imeout" in str(e) else ErrorCode.WEIGHTS_FAILED,
                                f"broadcast receive failed: {e}") from None
+        parts = await asyncio.gather(*(asyncio.wrap_future(f) for _, f, _ in checks))
+        sums = [0] * len(ready.buckets)
+        for (i, _, n), c in zip(checks, parts, strict=True):
+            sums[i] = crc32_combine(sums[i], c, n) if per_tensor else c  # type: ignore[misc]
         bufs = [byte_view(staging[off:off + m.nbytes]) for m, off in zip(ready.buckets, offsets, strict=True)]
-        await _verify(ready.buckets, bufs, pool)
+        _raise_problems([size_problem(m, b) or checksum_problem(m, c)
+                         for m, b, c in zip(ready.buckets, bufs, sums, strict=True)])
         return _as_frames(ready.buckets, bufs)
 
 

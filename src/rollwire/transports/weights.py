@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -129,6 +130,64 @@ def pack_bucket(plan: BucketPlan, dst: torch.Tensor) -> None:
         if n:
             dst[meta.offset:meta.offset + n].view(t.dtype).view(t.shape).copy_(t)
         pos = meta.offset + n
+
+
+PIECE_BYTES = 4 << 20  # fused pack + crc: a piece is copied, then checksummed while still in cache
+
+
+def _pieces(plan: BucketPlan, dst: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start, length, source address or 0 for zeros or -1 for already packed) covering the bucket
+    in order; a non-contiguous source is packed here (one strided copy) and only checksummed later."""
+    out: list[tuple[int, int, int]] = []
+    pos = 0
+    for meta, t in zip(plan.tensors, plan.sources, strict=True):
+        if meta.offset > pos:
+            out.append((pos, meta.offset - pos, 0))
+        n = nbytes_of(t)
+        if n and not t.is_contiguous():
+            dst[meta.offset:meta.offset + n].view(t.dtype).view(t.shape).copy_(t)
+        for k in range(0, n, PIECE_BYTES):
+            src = t.data_ptr() + k if t.is_contiguous() else -1
+            out.append((meta.offset + k, min(PIECE_BYTES, n - k), src))
+        pos = meta.offset + n
+    return out
+
+
+def pack_with_crc(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor], pool: Executor,
+                  threads: int = 2) -> list[int]:
+    """Pack every bucket into its ``dst`` (flat uint8 CPU tensors) and return each bucket's crc32,
+    computed piece by piece right after each piece is copied (it is still in cache: cheaper than a
+    copy pass then a crc pass). This thread and ``threads - 1`` workers of ``pool`` take pieces in
+    turn; the piece values are combined in order. Blocks: run it on a worker thread."""
+    import ctypes
+
+    from rollwire.transports.checksum import crc32_combine
+
+    assert crc32_combine is not None, "pack_with_crc needs isal (crc32_combine)"
+    jobs = []  # (bucket, start, length, src, dst address, dst view)
+    for b, (plan, dst) in enumerate(zip(plans, dsts, strict=True)):
+        mv = byte_view(dst) if dst.numel() else memoryview(b"")
+        jobs += [(b, start, n, src, dst.data_ptr(), mv) for start, n, src in _pieces(plan, dst)]
+    sums = [0] * len(jobs)
+    todo = iter(range(len(jobs)))  # shared: each worker takes the next piece (next() is atomic)
+
+    def work() -> None:
+        for i in todo:
+            _, start, n, src, addr, mv = jobs[i]
+            if src > 0:
+                ctypes.memmove(addr + start, src, n)
+            elif src == 0:
+                ctypes.memset(addr + start, 0, n)
+            sums[i] = crc32(mv[start:start + n])
+
+    helpers = [pool.submit(work) for _ in range(threads - 1)]
+    work()  # this thread takes pieces too
+    for f in helpers:
+        f.result()
+    out = [0] * len(plans)
+    for (b, _, n, _, _, _), c in zip(jobs, sums, strict=True):
+        out[b] = crc32_combine(out[b], c, n)
+    return out
 
 
 # -- receiver side ------------------------------------------------------------------------------
