@@ -2,7 +2,8 @@
 # cuda_ipc on one GPU (no SGLang needed): the cross-process GPU checks, the benchmark, and the
 # weight-protocol tests with a GPU present. Run from the repository root:
 #
-#   bash tests/gpu/run_cuda_ipc.sh [checks|bench|tests|all]     # default: all
+#   bash tests/gpu/run_cuda_ipc.sh [checks|bench|tests|all|quick]     # default: all
+#   (quick: the cuda_ipc pytest file and the benchmark)
 #
 # Needs pyzmq, msgspec, structlog (and pytest-asyncio for "tests"): taken from .whl/ when present
 # (the GPU machine has no internet; the image has torch, transformers, uvloop, pytest).
@@ -40,14 +41,12 @@ step() {  # name, timeout (s), command...
 }
 
 case $WHAT in checks|all) step checks 150 python3 tests/gpu/test_cuda_ipc_gpu.py ;; esac
-case $WHAT in bench|all)
+case $WHAT in bench|all|quick)
   step bench 200 python3 bench/gpu/cuda_ipc.py --repeats 7 --out "$OUT/weights_cuda_ipc.json"
   sed -n '/^size/,$p' "$LOGS/bench.log"
   cp "$OUT/weights_cuda_ipc.json" bench/results/weights_cuda_ipc.json 2>/dev/null ;;
 esac
-case $WHAT in tests|all)
-  step pytest_cuda_ipc 120 python3 -m pytest -q -p no:cacheprovider tests/weights/test_cuda_ipc.py
-  step pytest_weights 150 python3 -m pytest -q -x -p no:cacheprovider tests/weights ;;
-esac
+case $WHAT in tests|all|quick) step pytest_cuda_ipc 120 python3 -m pytest -q -p no:cacheprovider tests/weights/test_cuda_ipc.py ;; esac
+case $WHAT in tests|all) step pytest_weights 150 python3 -m pytest -q -x -p no:cacheprovider tests/weights ;; esac
 [ -f "$OUT/cuda_ipc_gpu.json" ] || cp /tmp/cuda_ipc_gpu.json "$OUT/" 2>/dev/null
 tar czf "$OUT/cuda_ipc_logs.tgz" -C "$LOGS" . && echo "logs: $OUT/cuda_ipc_logs.tgz (+$(( $(date +%s) - T0 ))s total)"
