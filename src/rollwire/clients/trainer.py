@@ -93,7 +93,7 @@ def default_pub_endpoint(endpoint: str) -> str:
 
 
 class TrainerPublisher:
-    def __init__(self, endpoint: str, *, pub_endpoint: str | None = None, bucket_bytes: int = 64 << 20,
+    def __init__(self, endpoint: str, *, pub_endpoint: str | None = None, bucket_bytes: int = 512 << 20,
                  credit_window: int = 4, timeout_s: float = 60.0, min_receivers: int = 1,
                  heartbeat_s: float = 1.0, lost_after_s: float = 10.0, broadcast_host: str | None = None) -> None:
         if bucket_bytes <= 0 or credit_window <= 0:
