@@ -82,6 +82,7 @@ class ScriptedTrainer:
         self.serve: BucketServe = lambda i, b: [b]
         self.reorder = 0
         self.extra_replies: list[tuple[int, int]] = []  # (version, index) sent unasked with each reply
+        self.crc_in_reply: Callable[[int, bytes], int] | None = None  # the checksum sent with bucket i
         self._held: list[tuple[bytes, int, PullBucket]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.arena = ShmArena()
@@ -131,7 +132,8 @@ class ScriptedTrainer:
         frames = self.serve(pull.index, self.buckets[pull.index])
         if frames is None:
             return
-        await self._send(peer, rid, BucketData(version=pull.version, index=pull.index), frames)
+        crc = -1 if self.crc_in_reply is None else self.crc_in_reply(pull.index, self.buckets[pull.index])
+        await self._send(peer, rid, BucketData(version=pull.version, index=pull.index, checksum=crc), frames)
         for version, index in self.extra_replies:
             await self._send(peer, rid, BucketData(version=version, index=index), [self.buckets.get(index, b"")])
 

@@ -205,3 +205,28 @@ async def test_a_receiver_that_goes_silent_mid_push_is_named_as_lost_long_before
             await push
         assert asyncio.get_running_loop().time() - t0 < 5
     assert list(err.value.failures) == ["r1"] and err.value.failures["r1"].startswith("lost: no heartbeat")
+
+
+async def test_an_inline_crc_sent_with_the_bucket_is_checked_and_a_missing_or_wrong_one_is_bad_checksum(
+        rig: Rig) -> None:
+    """The TrainerPublisher announces inline buckets with checksum INBAND and sends each crc32 with
+    its bytes (computed while packing). Here by hand: right, wrong, and missing."""
+    import zlib
+
+    from rollwire.messages.weights import INBAND
+
+    tensors = {"a": torch.randn(100), "b": torch.randn(7)}
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan(tensors, bucket_bytes=256)
+        inband = [INBAND] * len(plans)
+        tr.crc_in_reply = lambda i, b: zlib.crc32(b)
+        assert (await outcome_of(await tr.announce(1, plans, checksums=inband))).ok
+        tr.crc_in_reply = lambda i, b: zlib.crc32(b) ^ 1
+        out = await outcome_of(await tr.announce(2, plans, checksums=inband))
+        assert (out.ok, out.error_code) == (False, "bad_checksum") and "sent" in out.message
+        tr.crc_in_reply = None
+        out = await outcome_of(await tr.announce(3, plans, checksums=inband))
+        assert (out.ok, out.error_code) == (False, "bad_checksum") and "neither announced nor sent" in out.message
+    assert_applied(rig, 1, tensors)
+    assert sorted(rig.sink.applied) == [1]

@@ -46,6 +46,7 @@ from rollwire.clients.trainer_push import (
 from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
+    INBAND,
     Beacon,
     BeaconSeen,
     BucketData,
@@ -263,7 +264,9 @@ class TrainerPublisher:
             extra = {"shm_name": self._arena.name, "shm_offsets": offsets}
         elif push.transport == "cuda_ipc":
             sums, extra = await prepare_cuda_ipc(push, self._cuda_arena, self._workers)
-        else:  # inline and broadcast send the tensors as they are: checksum them in place
+        elif push.transport == "inline":  # each bucket's crc is computed as it is packed, sent with it
+            sums = [INBAND] * len(push.plans)
+        else:  # broadcast sends the tensors as they are: checksum them in place
             bufs = await asyncio.gather(*(loop.run_in_executor(self._workers, bucket_buffers, p) for p in push.plans))
             sums = await asyncio.gather(*(crc32_parallel(b, self._workers) for b in bufs))
         if push.transport in ("gloo", "nccl"):
@@ -381,8 +384,8 @@ class TrainerPublisher:
             await self._reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
             return
         async with push.credits(peer, self.credit_window):
-            buf = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
-            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index), [buf])
+            buf, crc = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
+            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=crc), [buf])
 
     async def _beacon_loop(self) -> None:
         assert self._pub is not None

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from rollwire.messages.weights import BucketMeta, VersionOutcome
-from rollwire.transports.weights import ALIGN, BucketPlan, byte_view, pack_bucket, tensor_bytes
+from rollwire.transports.checksum import crc32_combine, crc32_of
+from rollwire.transports.weights import ALIGN, BucketPlan, byte_view, pack_bucket, pack_with_crc, tensor_bytes
 
 BROADCAST_FAILURE_GRACE_S = 2.0  # after the trainer's broadcast fails, receivers may still explain why
 
@@ -109,7 +110,7 @@ class Push:
         self.broadcast: asyncio.Future[None] | None = None
         self.cuda_after: Any = None  # cuda_ipc: event on the caller's stream after its last write
         self.device: torch.device | None = None  # cuda_ipc: the GPU holding the tensors
-        self._packed: dict[int, asyncio.Future[memoryview]] = {}
+        self._packed: dict[int, asyncio.Future[tuple[memoryview, int]]] = {}
         self._credits: dict[bytes, asyncio.Semaphore] = {}
         self.started = time.monotonic()
 
@@ -146,14 +147,14 @@ class Push:
             sem = self._credits[peer] = asyncio.Semaphore(window)
         return sem
 
-    async def bucket_bytes(self, index: int, packer: Executor, *, ahead: int) -> memoryview:
-        """The bytes of bucket ``index``, contiguous, without a copy once packed."""
+    async def bucket_bytes(self, index: int, packer: Executor, *, ahead: int) -> tuple[memoryview, int]:
+        """The bytes of bucket ``index``, contiguous, without a copy once packed, and their crc32
+        (inline: computed as the bucket is packed, so no pass over the version precedes the
+        announcement; it travels in the BucketData reply)."""
         plan = self.plans[index]
         if self.arena is not None:
             off = self.offsets[index]
-            return byte_view(self.arena[off:off + plan.nbytes])
-        if _is_one_tensor(plan):
-            return tensor_bytes(plan.sources[0])  # a bucket of one tensor is that tensor: no packing
+            return byte_view(self.arena[off:off + plan.nbytes]), self.metas[index].checksum
         self.prefetch(packer, index, ahead + 1)  # pack ahead of the pulls
         return await self._packed[index]
 
@@ -162,19 +163,26 @@ class Push:
             self._start_packing(i, packer)
 
     def _start_packing(self, index: int, packer: Executor) -> None:
-        if index in self._packed or _is_one_tensor(self.plans[index]):
+        if index in self._packed:
+            return
+        plan = self.plans[index]
+        if _is_one_tensor(plan):  # a bucket of one tensor is that tensor: no packing, only the crc
+            view = tensor_bytes(plan.sources[0])
+            self._packed[index] = asyncio.wrap_future(packer.submit(lambda: (view, crc32_of([view]))))
             return
         if not self.offsets:
             self.offsets = shm_offsets(self.plans)
             need = self.offsets[-1] + self.plans[-1].nbytes
             if self.pack_buf.numel() < need:
                 self.pack_buf = torch.empty(need, dtype=torch.uint8).fill_(0)  # touched once, warm after
-        plan, off, buf = self.plans[index], self.offsets[index], self.pack_buf
+        off, buf = self.offsets[index], self.pack_buf
 
-        def pack() -> memoryview:
+        def pack() -> tuple[memoryview, int]:
             dst = buf[off:off + plan.nbytes]
+            if crc32_combine is not None:  # buckets are packed in parallel already: one thread each
+                return byte_view(dst), pack_with_crc([plan], [dst], packer, threads=1)[0]
             pack_bucket(plan, dst)
-            return byte_view(dst)
+            return byte_view(dst), crc32_of([byte_view(dst)])
 
         self._packed[index] = asyncio.wrap_future(packer.submit(pack))
 

@@ -52,7 +52,9 @@ class TensorMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
 class BucketMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     index: int
     nbytes: int
-    checksum: int  # crc32 of the bucket's bytes (zlib.crc32); cuda_ipc: its 64-bit GPU checksum (cuda_ipc.py)
+    # crc32 of the bucket's bytes (zlib.crc32); cuda_ipc: its 64-bit GPU checksum (cuda_ipc.py);
+    # INBAND (inline): the crc32 comes with the bytes, in BucketData
+    checksum: int
     tensors: list[TensorMeta]
 
 
@@ -125,11 +127,15 @@ class PullBucket(msgspec.Struct, frozen=True, kw_only=True, tag="pull", array_li
     index: int
 
 
+INBAND = -1  # BucketMeta.checksum of an inline bucket whose crc32 comes with its BucketData
+
+
 class BucketData(msgspec.Struct, frozen=True, kw_only=True, tag="bucket", array_like=True):
     """Trainer -> receiver: the bucket's bytes are payload frame 0."""
 
     version: int
     index: int
+    checksum: int = INBAND  # crc32 of the bytes, computed as the trainer packed them (INBAND: none, use the announced)
 
 
 class VersionOutcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome", array_like=True):

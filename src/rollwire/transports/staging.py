@@ -24,7 +24,7 @@ import torch
 from rollwire.messages.codec import Buffer, ProtocolError
 from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply
-from rollwire.messages.weights import BucketData, BucketMeta, NamedTensor, PullBucket, WeightsReady
+from rollwire.messages.weights import INBAND, BucketData, BucketMeta, NamedTensor, PullBucket, WeightsReady
 from rollwire.transports.broadcast import BroadcastGroup
 from rollwire.transports.checksum import crc32_combine, crc32_of, crc32_parallel
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
@@ -41,8 +41,13 @@ class StagingError(Exception):
 Staged = tuple[list[NamedTensor], list[Buffer]]
 
 
-async def _check(meta: BucketMeta, buf: Buffer, pool: Executor) -> str | None:
-    return size_problem(meta, buf) or checksum_problem(meta, await crc32_parallel([buf], pool))
+async def _check(meta: BucketMeta, buf: Buffer, pool: Executor, sent: int = INBAND) -> str | None:
+    """Size and crc32 against the announcement, or against ``sent`` (the crc that came with the
+    bytes) where the announcement says INBAND."""
+    want = sent if meta.checksum == INBAND else meta.checksum
+    if want == INBAND:
+        return size_problem(meta, buf) or f"bucket {meta.index}: no crc32, neither announced nor sent"
+    return size_problem(meta, buf) or checksum_problem(meta, await crc32_parallel([buf], pool), want)
 
 
 def _raise_problems(problems: Sequence[str | None]) -> None:
@@ -117,7 +122,8 @@ async def pull_inline(trainer: RpcClient[Any], ready: WeightsReady, *, window: i
                 asked.add(next_index)
                 next_index += 1
             # verified on worker threads while the next buckets arrive
-            checks.append(asyncio.ensure_future(_check(ready.buckets[msg.index], got[msg.index], pool)))
+            checks.append(asyncio.ensure_future(_check(ready.buckets[msg.index], got[msg.index], pool,
+                                                       msg.checksum)))
         _raise_problems(await asyncio.gather(*checks))
     finally:
         trainer.close_stream(rid)

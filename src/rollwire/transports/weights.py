@@ -238,9 +238,11 @@ def size_problem(meta: BucketMeta, buf: Buffer) -> str | None:
     return None
 
 
-def checksum_problem(meta: BucketMeta, got: int) -> str | None:
-    if got != meta.checksum:
-        return f"bucket {meta.index}: crc32 {got:#010x}, announced {meta.checksum:#010x}"
+def checksum_problem(meta: BucketMeta, got: int, want: int | None = None) -> str | None:
+    want = meta.checksum if want is None else want
+    if got != want:
+        how = "announced" if want == meta.checksum else "sent"
+        return f"bucket {meta.index}: crc32 {got:#010x}, {how} {want:#010x}"
     return None
 
 
