@@ -40,13 +40,11 @@ from rollwire.clients.trainer_push import (
     broadcast_push,
     choose_transport,
     collect,
-    prepare_cuda_ipc,
-    shm_offsets,
+    prepare_payload,
 )
 from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
-    INBAND,
     Beacon,
     BeaconSeen,
     BucketData,
@@ -64,18 +62,8 @@ from rollwire.runtime.logging import get_logger
 from rollwire.transports import cuda_ipc, shm, sockets
 from rollwire.transports.broadcast import BroadcastGroup
 from rollwire.transports.broadcast import available as broadcast_available
-from rollwire.transports.checksum import crc32_combine, crc32_parallel
 from rollwire.transports.pubsub import Publisher
-from rollwire.transports.weights import (
-    NamedTensors,
-    as_named_list,
-    bucket_buffers,
-    byte_view,
-    on_cpu,
-    pack_bucket,
-    pack_with_crc,
-    plan_buckets,
-)
+from rollwire.transports.weights import NamedTensors, as_named_list, on_cpu, plan_buckets
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 
@@ -247,28 +235,7 @@ class TrainerPublisher:
     # -- push internals --------------------------------------------------------------------------
     async def _prepare(self, push: Push, step: int, receivers: Sequence[Registered]) -> WeightsReady:
         """Checksums (and, for shm, the packing) on worker threads, off the event loop."""
-        loop = asyncio.get_running_loop()
-        extra: dict[str, Any] = {}
-        if push.transport == "shm":
-            offsets = shm_offsets(push.plans)
-            self._arena.reserve(offsets[-1] + push.plans[-1].nbytes if push.plans else 1)
-            arena = self._arena.tensor
-            push.arena, push.offsets = arena, offsets
-            views = [arena[off:off + p.nbytes] for p, off in zip(push.plans, offsets, strict=True)]
-            if crc32_combine is not None:  # copy and checksum piece by piece, on two threads
-                sums = await loop.run_in_executor(self._workers, pack_with_crc, push.plans, views, self._workers)
-            else:  # one strided copy per tensor, then the crc of the packed bytes
-                await asyncio.gather(*(loop.run_in_executor(self._workers, pack_bucket, p, v)
-                                       for p, v in zip(push.plans, views, strict=True)))
-                sums = await asyncio.gather(*(crc32_parallel([byte_view(v)], self._workers) for v in views))
-            extra = {"shm_name": self._arena.name, "shm_offsets": offsets}
-        elif push.transport == "cuda_ipc":
-            sums, extra = await prepare_cuda_ipc(push, self._cuda_arena, self._workers)
-        elif push.transport == "inline":  # each bucket's crc is computed as it is packed, sent with it
-            sums = [INBAND] * len(push.plans)
-        else:  # broadcast sends the tensors as they are: checksum them in place
-            bufs = await asyncio.gather(*(loop.run_in_executor(self._workers, bucket_buffers, p) for p in push.plans))
-            sums = await asyncio.gather(*(crc32_parallel(b, self._workers) for b in bufs))
+        sums, extra = await prepare_payload(push, self._arena, self._cuda_arena, self._workers)
         if push.transport in ("gloo", "nccl"):
             ranks = [r.receiver_id for r in receivers]
             if self._group is None or self._group_ranks != ranks:

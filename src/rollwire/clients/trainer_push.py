@@ -12,9 +12,17 @@ from typing import Any
 
 import torch
 
-from rollwire.messages.weights import BucketMeta, VersionOutcome
-from rollwire.transports.checksum import crc32_combine, crc32_of
-from rollwire.transports.weights import ALIGN, BucketPlan, byte_view, pack_bucket, pack_with_crc, tensor_bytes
+from rollwire.messages.weights import INBAND, BucketMeta, VersionOutcome
+from rollwire.transports.checksum import crc32_combine, crc32_of, crc32_parallel
+from rollwire.transports.weights import (
+    ALIGN,
+    BucketPlan,
+    bucket_buffers,
+    byte_view,
+    pack_bucket,
+    pack_with_crc,
+    tensor_bytes,
+)
 
 BROADCAST_FAILURE_GRACE_S = 2.0  # after the trainer's broadcast fails, receivers may still explain why
 
@@ -185,6 +193,34 @@ class Push:
             return byte_view(dst), crc32_of([byte_view(dst)])
 
         self._packed[index] = asyncio.wrap_future(packer.submit(pack))
+
+
+async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
+                          workers: Executor) -> tuple[list[int], dict[str, Any]]:
+    """Each bucket's checksum, and the transport's WeightsReady fields, before the announcement (on
+    worker threads, off the event loop). shm: packed into the reused arena and checksummed piece by
+    piece; cuda_ipc: see ``prepare_cuda_ipc``; inline: INBAND (each crc32 is computed as its bucket
+    is packed and sent with it); broadcast: the tensors' crc32s, in place."""
+    loop = asyncio.get_running_loop()
+    if push.transport == "cuda_ipc":
+        return await prepare_cuda_ipc(push, cuda_arena, workers)
+    if push.transport == "inline":
+        return [INBAND] * len(push.plans), {}
+    if push.transport == "shm":
+        offsets = shm_offsets(push.plans)
+        shm_arena.reserve(offsets[-1] + push.plans[-1].nbytes if push.plans else 1)
+        arena = shm_arena.tensor
+        push.arena, push.offsets = arena, offsets
+        views = [arena[off:off + p.nbytes] for p, off in zip(push.plans, offsets, strict=True)]
+        if crc32_combine is not None:  # copy and checksum piece by piece, on two threads
+            sums = await loop.run_in_executor(workers, pack_with_crc, push.plans, views, workers)
+        else:  # one strided copy per tensor, then the crc of the packed bytes
+            await asyncio.gather(*(loop.run_in_executor(workers, pack_bucket, p, v)
+                                   for p, v in zip(push.plans, views, strict=True)))
+            sums = await asyncio.gather(*(crc32_parallel([byte_view(v)], workers) for v in views))
+        return list(sums), {"shm_name": shm_arena.name, "shm_offsets": offsets}
+    bufs = await asyncio.gather(*(loop.run_in_executor(workers, bucket_buffers, p) for p in push.plans))
+    return list(await asyncio.gather(*(crc32_parallel(b, workers) for b in bufs))), {}
 
 
 async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[list[int], dict[str, Any]]:
