@@ -230,3 +230,22 @@ async def test_an_inline_crc_sent_with_the_bucket_is_checked_and_a_missing_or_wr
         assert (out.ok, out.error_code) == (False, "bad_checksum") and "neither announced nor sent" in out.message
     assert_applied(rig, 1, tensors)
     assert sorted(rig.sink.applied) == [1]
+
+
+async def test_a_gloo_version_whose_in_band_crc_does_not_match_is_bad_checksum_and_the_next_one_applies(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broadcast pushes announce INBAND and send each bucket's crc32 after the data; a trainer whose
+    sums are off (fault injection: its crc32_combine flips a bit) gets bad_checksum, nothing applies."""
+    import rollwire.clients.trainer_push as tpush
+
+    real = tpush.crc32_combine
+    tensors = awkward_tensors()
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, bucket_bytes=256, timeout_s=20) as tp:
+        monkeypatch.setattr(tpush, "crc32_combine", lambda a, b, n: real(a, b, n) ^ 1)
+        with pytest.raises(PushError) as err:
+            await tp.push_weights(1, tensors, transport="gloo")
+        assert err.value.failures["r1"].startswith("bad_checksum:") and "sent" in err.value.failures["r1"]
+        monkeypatch.setattr(tpush, "crc32_combine", real)
+        await tp.push_weights(2, tensors, transport="gloo")
+    assert sorted(rig.sink.applied) == [2]
+    assert_applied(rig, 2, tensors)

@@ -252,7 +252,7 @@ class TrainerPublisher:
         group = self._group
         assert group is not None
         try:
-            await broadcast_push(group, push)
+            await broadcast_push(group, push, self._workers)
         except Exception as e:
             log.warning("broadcast_failed", version=push.version, error=repr(e))
             if self._group is group:

@@ -200,7 +200,8 @@ async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
     """Each bucket's checksum, and the transport's WeightsReady fields, before the announcement (on
     worker threads, off the event loop). shm: packed into the reused arena and checksummed piece by
     piece; cuda_ipc: see ``prepare_cuda_ipc``; inline: INBAND (each crc32 is computed as its bucket
-    is packed and sent with it); broadcast: the tensors' crc32s, in place."""
+    is packed and sent with it); broadcast: INBAND too (``broadcast_push`` sends them after the
+    data)."""
     loop = asyncio.get_running_loop()
     if push.transport == "cuda_ipc":
         return await prepare_cuda_ipc(push, cuda_arena, workers)
@@ -219,8 +220,7 @@ async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
                                    for p, v in zip(push.plans, views, strict=True)))
             sums = await asyncio.gather(*(crc32_parallel([byte_view(v)], workers) for v in views))
         return list(sums), {"shm_name": shm_arena.name, "shm_offsets": offsets}
-    bufs = await asyncio.gather(*(loop.run_in_executor(workers, bucket_buffers, p) for p in push.plans))
-    return list(await asyncio.gather(*(crc32_parallel(b, workers) for b in bufs))), {}
+    return [INBAND] * len(push.plans), {}  # gloo/nccl
 
 
 async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[list[int], dict[str, Any]]:
@@ -235,14 +235,34 @@ async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[l
     return sums, {"cuda_ipc": arena.handle, "shm_offsets": offsets}
 
 
-async def broadcast_push(group: Any, push: Push) -> None:
-    """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread)."""
+async def broadcast_push(group: Any, push: Push, workers: Executor) -> None:
+    """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread). Announced
+    INBAND, each tensor's crc32 is computed on ``workers`` while the next ones go out, and the
+    buckets' crc32s follow the data as one more broadcast (int64, one per bucket)."""
+    inband = any(m.checksum == INBAND for m in push.metas)
 
     def run() -> None:
         group.connect()
-        for plan in push.plans:
-            for t in plan.sources:
-                group.broadcast(t.contiguous())
+        parts: list[tuple[int, Any, int]] = []  # (bucket, crc future or value, bytes) in order
+        for i, plan in enumerate(push.plans):
+            pos = 0
+            for meta, t in zip(plan.tensors, plan.sources, strict=True):
+                t = t.contiguous()
+                group.broadcast(t)
+                if inband and crc32_combine is not None:
+                    if meta.offset > pos:
+                        parts.append((i, crc32_of([bytes(meta.offset - pos)]), meta.offset - pos))
+                    n = t.numel() * t.element_size()
+                    parts.append((i, workers.submit(crc32_of, [tensor_bytes(t)]), n))
+                    pos = meta.offset + n
+        if inband:
+            if crc32_combine is None:  # zlib only: one crc per bucket, after the data
+                sums = [crc32_of(bucket_buffers(p)) for p in push.plans]
+            else:
+                sums = [0] * len(push.plans)
+                for i, part, n in parts:
+                    sums[i] = crc32_combine(sums[i], part if isinstance(part, int) else part.result(), n)
+            group.broadcast(torch.tensor(sums, dtype=torch.int64, device=group.device))
 
     await asyncio.get_running_loop().run_in_executor(None, run)
 

@@ -222,6 +222,8 @@ class BroadcastReceiver:
         # ones arrive: (bucket index, future, length) in order
         checks: list[tuple[int, Future[int], int]] = []
         per_tensor = crc32_combine is not None
+        inband = any(m.checksum == INBAND for m in ready.buckets)
+        sent = torch.zeros(len(ready.buckets), dtype=torch.int64)
 
         def run() -> BroadcastGroup:
             g = group or BroadcastGroup.join(ready.group, rank, world, backend=ready.transport,
@@ -241,6 +243,10 @@ class BroadcastReceiver:
                         end = t.offset + n
                     if not per_tensor:
                         checks.append((i, pool.submit(crc32_of, [view]), meta.nbytes))
+                if inband:  # the trainer's crc32 of each bucket follows the data
+                    on_device = sent.to(g.device)
+                    g.broadcast(on_device)
+                    sent.copy_(on_device)
             except BaseException:
                 g.close()
                 raise
@@ -258,8 +264,9 @@ class BroadcastReceiver:
         for (i, _, n), c in zip(checks, parts, strict=True):
             sums[i] = crc32_combine(sums[i], c, n) if per_tensor else c  # type: ignore[misc]
         bufs = [byte_view(staging[off:off + m.nbytes]) for m, off in zip(ready.buckets, offsets, strict=True)]
-        _raise_problems([size_problem(m, b) or checksum_problem(m, c)
-                         for m, b, c in zip(ready.buckets, bufs, sums, strict=True)])
+        want = sent.tolist() if inband else [m.checksum for m in ready.buckets]
+        _raise_problems([size_problem(m, b) or checksum_problem(m, c, w)
+                         for m, b, c, w in zip(ready.buckets, bufs, sums, want, strict=True)])
         return _as_frames(ready.buckets, bufs)
 
 
