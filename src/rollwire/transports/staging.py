@@ -1,14 +1,20 @@
 """Receiving one announced weight version, by transport, into tensors ready to load.
 
 Each function gathers the bytes of every bucket, verifies them against the announcement (size and
-crc32; the layout itself was checked by ``check_layout``) on worker threads, and returns the
+crc32, or cuda_ipc's GPU checksum; the layout itself was checked by ``check_layout``) on worker
+threads, and returns the
 ``NamedTensor``s of an ApplyVersion plus its payload frames. Failures are ``StagingError`` with a
 wire ``ErrorCode``; nothing here decides what a failure means for the live version.
 
 Ownership: inline frames belong to ZeroMQ messages (kept alive by the returned memoryviews);
 gloo staging memory belongs to ``BroadcastReceiver`` and must not be reused until the load that
-reads it has finished; shm views and cuda_ipc views belong to the trainer's arena, which it does not rewrite before
-every receiver has reported the version (cuda_ipc: the receiver synchronizes the GPU before reporting).
+reads it has finished; shm and cuda_ipc views belong to the trainer's arena, which it does not
+rewrite before every receiver has reported the version (cuda_ipc: the receiver synchronizes the GPU
+before reporting).
+
+A checksum announced as INBAND comes with the bytes instead: in each BucketData (inline, computed
+as the trainer packs the bucket) or as one last broadcast of the buckets' crc32s (gloo/nccl), so the
+trainer makes no pass over the version before announcing it.
 """
 
 from __future__ import annotations
