@@ -10,14 +10,15 @@ waited for, only once it acknowledged a beacon it received on the PUB: a SUB tha
 yet would silently miss an announcement. Beacons double as heartbeats; a receiver silent for
 ``lost_after_s`` is no longer counted (a push waiting on it fails at once, naming it).
 
-A push: tensors are planned into buckets (``transports/weights.py``), checksummed, announced, then
-moved by the transport (``shm``: packed into a reused shared-memory arena before the announcement;
-``cuda_ipc``: CUDA tensors packed on their GPU into a reused CUDA arena exported once, see
-``transports/cuda_ipc.py``; ``inline``: each bucket packed on first pull into a reused buffer and
-served zero-copy; ``gloo``: broadcast tensor by tensor in a persistent group, see
-``transports/broadcast.py``), and the push
-returns when every joined receiver reported the version applied, or raises ``PushError``. Source
-tensors must not change until ``push_weights`` returns (they are read while being served).
+A push: tensors are planned into buckets (``transports/weights.py``), announced, then moved by the
+transport (``shm``: packed into a reused shared-memory arena and checksummed piece by piece before
+the announcement; ``cuda_ipc``: CUDA tensors packed on their GPU into a reused CUDA arena exported
+once and checksummed there, see ``transports/cuda_ipc.py``; ``inline``: each bucket packed on first
+pull into a reused buffer, its crc32 computed as it is packed and sent with it, served zero-copy;
+``gloo``: broadcast tensor by tensor in a persistent group, see ``transports/broadcast.py``, the
+buckets' crc32s broadcast after the data), and the push returns when every joined receiver
+reported the version applied, or raises ``PushError``. Source tensors must not change until
+``push_weights`` returns (they are read while being served).
 """
 
 from __future__ import annotations
