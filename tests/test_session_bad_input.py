@@ -111,3 +111,35 @@ async def test_a_timed_out_turn_is_aborted_its_partial_output_kept_and_the_sessi
     assert turn.role == "model" and turn.finish_reason == "abort" and 0 < turn.end - turn.start < 3000
     nxt = await s.generate(sampling_params=SP)  # continues from the partial output
     assert nxt.finish_reason == "length" and nxt.usage.prompt_tokens == turn.end
+
+
+async def test_a_cancelled_turn_is_aborted_on_the_server_and_the_trajectory_refuses_to_lie(
+        rc: RolloutClient) -> None:
+    from rollwire.clients.session import SessionDesynced
+
+    s = rc.session(max_tokens=4096)
+    await s.open()
+    with pytest.raises(TimeoutError):  # the caller's own timeout cancels the turn
+        await asyncio.wait_for(s.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)), 0.3)
+    with pytest.raises(SessionDesynced):  # the server kept the partial turn; this client cannot know it
+        s.trajectory()
+    with pytest.raises(SessionDesynced):
+        await s.generate(sampling_params=SP)
+    for _ in range(100):  # the abort reached the engine: nothing keeps running for a gone caller
+        if (await rc.status()).in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await rc.status()).in_flight == 0
+    closed = await s.close()
+    assert closed.turns == 1 and 2 < closed.length < 3002  # the aborted turn, partial output kept
+
+
+async def test_closing_a_session_during_a_turn_aborts_the_turn_and_counts_it(rc: RolloutClient) -> None:
+    s = rc.session(max_tokens=4096)
+    await s.open()
+    turn = asyncio.ensure_future(s.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
+    await asyncio.sleep(0.3)
+    closed = await s.close()
+    done = await turn  # the turn's one terminal reply: aborted, with its partial output
+    assert done.finish_reason == "abort" and 0 < len(done.output_ids) < 3000
+    assert closed.turns == 1 and closed.length == 2 + len(done.output_ids)

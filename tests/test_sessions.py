@@ -68,7 +68,7 @@ async def test_five_turn_trajectory_aligns_loss_mask_and_logprobs_with_the_token
     logprob equals the model's own log-softmax at that position of the whole trajectory."""
     ep = ipc_endpoint("traj")
     env_turns = [[40], [41, 42, 43, 44, 45, 46, 47], [48, 49], list(range(50, 63))]
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep)), RolloutClient(ep, timeout=60) as rc, \
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc, \
             rc.session(max_tokens=2048) as s:
         for turn in range(5):
             sp = SamplingParams(max_new_tokens=5 + 3 * turn, temperature=1.0, seed=turn, ignore_eos=True)
@@ -76,6 +76,7 @@ async def test_five_turn_trajectory_aligns_loss_mask_and_logprobs_with_the_token
             if turn < 4:
                 await s.append(env_turns[turn])
         traj = s.trajectory()
+        assert srv.sessions.sessions[s.id].history == traj.token_ids  # the client's record is the server's
     roles = [t.role for t in traj.turns]
     assert roles == ["prompt", "model", "env", "model", "env", "model", "env", "model", "env", "model"]
     assert len(traj.token_ids) == len(traj.loss_mask) == len(traj.logprobs)

@@ -8,6 +8,7 @@ live, in non-decreasing order along each trajectory, and nothing may be lost or 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing as mp
 from typing import Any
 
@@ -64,7 +65,7 @@ async def test_100_sessions_x_5_turns_from_4_processes_across_5_pushes_lose_noth
     assert counters["turns"] == len(sessions) * TURNS
     assert counters["sessions_closed"] == len(sessions)
     seen_versions: set[int] = set()
-    checked = 0
+    checked = reused = later_turns = 0
     for s in sessions:
         traj = s["trajectory"]
         model_turns = [t for t in traj["turns"] if t["role"] == "model"]
@@ -74,10 +75,17 @@ async def test_100_sessions_x_5_turns_from_4_processes_across_5_pushes_lose_noth
         assert versions == sorted(versions) and set(versions) <= set(range(PUSHES + 1))
         seen_versions |= set(versions)
         assert sum(traj["loss_mask"]) == 12 * TURNS
+        later_turns += TURNS - 1
+        reused += sum(t["cached_tokens"] > 0 for t in model_turns[1:])
+        for prev, t in itertools.pairwise(model_turns):  # no push in between: the KV was reused
+            if prev["weight_version_spans"][-1][0] == t["weight_version_spans"][0][0]:
+                assert t["cached_tokens"] > 0, (prev, t)
         assert len(traj["token_ids"]) == len(traj["loss_mask"]) == len(traj["logprobs"])
         for t in model_turns:  # retract policy: each span is its version's greedy continuation
             if len(t["weight_version_spans"]) > 1 or checked < 60:
                 check_spans(*turn_as_done(traj, t))
                 checked += 1
-    print(f"versions seen {sorted(seen_versions)}, spans checked {checked}")
+    print(f"versions seen {sorted(seen_versions)}, spans checked {checked}, "
+          f"turns reusing the history's KV {reused}/{later_turns}")
+    assert reused > 0
     assert seen_versions >= {0, PUSHES}  # turns ran before the first push and after the last

@@ -55,3 +55,42 @@ async def test_a_generation_crash_fails_the_running_session_turns_and_the_sessio
         nxt = await victim.generate([20], sp)
         assert nxt.output_ids == [21, 22, 23, 24]
         assert victim.trajectory().token_ids == [3, 4, 5, 6, 7, 20, 21, 22, 23, 24]
+
+
+async def test_a_crashing_session_actor_stops_its_orphaned_turns_and_frees_their_kv() -> None:
+    """Fault injection: the SessionActor raises an unexpected error. Its running turn gets
+    actor_restarted; the restarted actor starts with an empty table, so the engine work and the
+    cached KV of the old sessions are released rather than left behind."""
+    from rollwire.clients.session import Session
+
+    ep = free_tcp_endpoint()
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=30) as rc:
+        idle, victim, culprit = rc.session(), rc.session(), rc.session()
+        for s in (idle, victim, culprit):
+            await s.open()
+        await idle.generate(list(range(10, 60)), SamplingParams(max_new_tokens=4, temperature=0.0))
+        held = asyncio.ensure_future(victim.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
+        await asyncio.sleep(0.3)
+
+        def bug(*args: object) -> None:
+            raise RuntimeError("injected session-actor bug")
+
+        srv.sessions._check_room = bug  # type: ignore[method-assign]
+        with pytest.raises(RolloutError) as crash:
+            await culprit.append([7])
+        assert crash.value.code == ErrorCode.INTERNAL
+        with pytest.raises(RolloutError) as err:
+            await held
+        assert err.value.code == ErrorCode.ACTOR_RESTARTED
+        for _ in range(100):
+            st = await rc.status()
+            if st.in_flight == 0 and st.counters["engine.prefix_sessions"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert st.in_flight == 0 and st.counters["engine.prefix_sessions"] == 0
+        assert srv.sessions.counters.get("restarts") == 1 and srv.sessions.sessions == {}
+        with pytest.raises(RolloutError) as gone:
+            await Session.append(idle, [5])
+        assert gone.value.code == ErrorCode.UNKNOWN_SESSION
+        async with rc.session() as fresh:
+            assert (await fresh.generate([5], SamplingParams(max_new_tokens=3))).finish_reason == "length"

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from rollwire.actors.generation_control import GenerationControl
+from rollwire.actors.generation_control import GenerationControl, session_key
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
 from rollwire.messages import (
     PROTOCOL_VERSION,
@@ -198,7 +198,7 @@ class GenerationActor(GenerationControl, Actor):
                 sp, n=1, seed=None if sp.seed is None else sp.seed + i)
             reqs.append(EngineRequest(f"{origin.peer.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
                                       msg.return_logprob, stream=msg.stream,
-                                      session_id=msg.session_id if sp.n == 1 else None,
+                                      session_id=session_key(origin.peer, msg.session_id) if sp.n == 1 else None,
                                       keep_stale_prefix=msg.keep_stale_prefix))
         try:
             self.engine.validate(reqs[0])  # type: ignore[attr-defined]
@@ -230,10 +230,11 @@ class GenerationActor(GenerationControl, Actor):
             while True:
                 epoch = flight.restarts
                 await self._collect(flight, msg, index, deltas, out)
-                if not (out.finish == "abort" and flight.restarts > epoch and not flight.aborted):
+                if not (flight.restarts > epoch and not flight.aborted):
                     break
-                # too stale under the retract policy: its tokens are dropped and it starts again from
-                # its prompt on the live version, so nothing it returns is older than the limit
+                # too stale under the retract policy (even if it finished just before the abort
+                # landed): its tokens are dropped and it starts again from its prompt on the live
+                # version, so nothing it returns is older than the limit
                 self.counters.inc("stale_restarts")
                 out = _Output(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
                 req = dataclasses.replace(req, rid=f"{flight.engine_rids[index]}:r{flight.restarts}")

@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from rollwire.runtime.metrics import Counters
 
 
+MAX_STALE_RESTARTS = 3
+
+
+def session_key(peer: bytes, session_id: str | None) -> str | None:
+    """The engine's prefix-cache key: per sender, so no client can reach another's cached KV."""
+    return None if session_id is None else f"{peer.hex()}:{session_id}"
+
+
 class GenerationControl:
     """Mixin of GenerationActor: pause policies, weight loads, memory release."""
 
@@ -115,19 +123,22 @@ class GenerationControl:
 
     @handles(ForgetSession)
     async def on_forget_session(self, origin: Origin, msg: ForgetSession, payload: Sequence[Any]) -> None:
-        await self.engine.close_session(msg.session_id)
+        key = session_key(origin.peer, msg.session_id)
+        assert key is not None
+        await self.engine.close_session(key)
         await self.reply(origin, Ack())
 
     def _abort_stale(self, new_version: int) -> None:
         """--max-staleness K: a request started under a version older than new - K is aborted
         (partial output, finish "abort"); under the retract policy a non-streamed one is instead
         restarted from its prompt on the new version (``InFlight.restarts``; a streamed one has
-        already sent its tokens, so it is aborted)."""
+        already sent its tokens, so it is aborted; so is one restarted MAX_STALE_RESTARTS times,
+        which pushes faster than it can finish would otherwise restart for ever)."""
         if self.max_staleness is None:
             return
         for f in list(self.in_flight.values()):
             if f.start_version < new_version - self.max_staleness and not f.aborted:
-                if self.pause_policy == "retract" and not f.streamed:
+                if self.pause_policy == "retract" and not f.streamed and f.restarts < MAX_STALE_RESTARTS:
                     f.restarts += 1
                     f.start_version = new_version
                     self.counters.inc("stale_retracts")

@@ -49,6 +49,8 @@ from rollwire.transports.rpc import ConnectionClosed, RpcClient
 
 SESSIONS = "sessions"
 MAX_TOMBSTONES = 65536  # closed/expired ids remembered, so late users get the precise error
+MAX_EARLY_ABORTS = 4096  # aborts that overtook their turn's registration, kept until it registers
+MAX_ABORT_WAIT_S = 30.0  # close() waits this long for an aborted turn to end
 
 
 @dataclass(eq=False)
@@ -57,6 +59,7 @@ class _Turn:
     forward_rid: int  # our GenerateRequest's rid at the GenerationActor
     abort_sent: bool = False
     answered_elsewhere: bool = False  # the supervisor answered it (restart)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # its reply is recorded
 
 
 @dataclass(eq=False)
@@ -87,6 +90,8 @@ class SessionActor(Actor):
         self.sessions: dict[str, _Session] = {}
         self._gone: OrderedDict[str, ErrorCode] = OrderedDict()  # closed / expired ids
         self._turns: dict[tuple[bytes, int], _Turn] = {}  # (worker, its rid) -> running turn
+        self._early_aborts: OrderedDict[tuple[bytes, int], None] = OrderedDict()
+        self._orphans: list[_Turn] = []  # turns the supervisor answered: on_stop aborts them
         self._vocab_size = 0
 
     @property
@@ -97,11 +102,20 @@ class SessionActor(Actor):
         self.spawn(self._sweep(), name=f"{self.name}:sweep")
 
     def take_held_requests(self) -> list[Origin]:
+        """On a crash: the supervisor answers the running turns; ``on_stop`` then stops their
+        engine work and frees the engine state of every session (the successor starts empty)."""
         held = list(self._turns.values())
         for t in held:
             t.answered_elsewhere = True
         self._turns.clear()
+        self._orphans = held
         return [t.origin for t in held]
+
+    async def on_stop(self) -> None:
+        if not self._orphans:  # a clean stop: the GenerationActor has stopped and aborted everything
+            return
+        jobs = [self._abort(t) for t in self._orphans] + [self._forget(sid) for sid in self.sessions]
+        await asyncio.wait([asyncio.ensure_future(j) for j in jobs], timeout=5.0)
 
     # -- handlers -------------------------------------------------------------------------
     @handles(OpenSession)
@@ -153,22 +167,24 @@ class SessionActor(Actor):
             await rpc.send(turn.forward_rid, GenerateRequest(
                 input_ids=prompt, sampling_params=sp, return_logprob=msg.return_logprob, stream=False,
                 min_version=msg.min_version, session_id=s.id, keep_stale_prefix=s.keep_stale_prefix))
+            if (origin.peer, origin.rid) in self._early_aborts:  # the worker's abort overtook the turn
+                del self._early_aborts[(origin.peer, origin.rid)]
+                await self._abort(turn)
             item = await queue.get()
         finally:
             rpc.close_stream(turn.forward_rid)
             s.turn = None
             s.last_used = time.monotonic()
             self._turns.pop((origin.peer, origin.rid), None)
-        if isinstance(item, ConnectionClosed):
-            raise RollwireError(ErrorCode.SHUTTING_DOWN, str(item))
-        if isinstance(item, BaseException):
-            raise item
-        reply = item.msg
+        reply = item.msg if not isinstance(item, BaseException) else ErrorReply(
+            code=ErrorCode.SHUTTING_DOWN if isinstance(item, ConnectionClosed) else ErrorCode.INTERNAL,
+            message=f"generation did not answer the turn: {item!r}", origin=self.name)
         if isinstance(reply, GenerateDone):
             s.history = prompt + reply.output_ids  # an aborted turn's partial output stays too
             s.turns += 1
             s.last_version = reply.weight_version
             self.counters.inc("turns")
+        turn.ended.set()
         if s.closed:  # closed while the turn ran: the turn's new prefix must go as well
             self.spawn(self._forget(s.id))
         if not turn.answered_elsewhere:
@@ -182,6 +198,11 @@ class SessionActor(Actor):
         turn = self._turns.get((origin.peer, msg.target_rid))
         if turn is not None:
             self.spawn(self._abort(turn))
+            return
+        # not registered yet (still being checked) or already over: remember it briefly
+        self._early_aborts[(origin.peer, msg.target_rid)] = None
+        while len(self._early_aborts) > MAX_EARLY_ABORTS:
+            self._early_aborts.popitem(last=False)
 
     @handles(CloseSession)
     async def on_close(self, origin: Origin, msg: CloseSession, payload: Sequence[Any]) -> None:
@@ -190,8 +211,10 @@ class SessionActor(Actor):
         del self.sessions[s.id]
         self._remember_gone(s.id, ErrorCode.SESSION_CLOSED)
         self.counters.inc("sessions_closed")
-        if s.turn is not None:
-            await self._abort(s.turn)  # its reply still reaches the worker; then the prefix goes
+        if s.turn is not None:  # abort it; its reply reaches the worker, then the prefix goes
+            turn = s.turn
+            await self._abort(turn)
+            await asyncio.wait([asyncio.ensure_future(turn.ended.wait())], timeout=MAX_ABORT_WAIT_S)
         else:
             await self._forget(s.id)
         await self.reply(origin, SessionClosed(session_id=s.id, length=len(s.history), turns=s.turns))
@@ -224,7 +247,10 @@ class SessionActor(Actor):
 
     async def _check_tokens(self, ids: Sequence[int]) -> None:
         if not self._vocab_size:
-            reply = (await self._generation.call(StatusRequest(), timeout=10.0)).msg
+            try:
+                reply = (await self._generation.call(StatusRequest(), timeout=10.0)).msg
+            except (TimeoutError, ConnectionClosed) as e:
+                raise RollwireError(ErrorCode.TIMEOUT, f"generation status unavailable: {e!r}") from None
             if not isinstance(reply, StatusReply):
                 raise RollwireError(ErrorCode.INTERNAL, f"generation status failed: {reply}")
             self._vocab_size = reply.vocab_size
@@ -242,7 +268,7 @@ class SessionActor(Actor):
         try:
             reply = (await self.peer(self._control_endpoint, ControlReply).call(
                 ForgetSession(session_id=session_id), timeout=30.0)).msg
-        except (TimeoutError, ConnectionClosed) as e:
+        except Exception as e:  # a failed forget must never take the actor down
             reply = ErrorReply(code=ErrorCode.TIMEOUT, message=repr(e))
         if isinstance(reply, ErrorReply):
             self.counters.inc("forget_failed")
@@ -254,14 +280,17 @@ class SessionActor(Actor):
             self._gone.popitem(last=False)
 
     async def _sweep(self) -> None:
-        """Expire sessions idle past their ttl_s (a session with a turn running is not idle)."""
+        """Expire sessions idle past their ttl_s (a session with a turn running is not idle). All
+        are removed before any engine state is freed, so no session is used in between."""
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             now = time.monotonic()
-            for s in [s for s in self.sessions.values() if s.turn is None and now - s.last_used > s.ttl_s]:
+            expired = [s for s in self.sessions.values() if s.turn is None and now - s.last_used > s.ttl_s]
+            for s in expired:
                 del self.sessions[s.id]
                 s.closed = True
                 self._remember_gone(s.id, ErrorCode.SESSION_EXPIRED)
                 self.counters.inc("sessions_expired")
                 self.log.info("session_expired", session_id=s.id, tokens=len(s.history), turns=s.turns)
+            for s in expired:
                 await self._forget(s.id)

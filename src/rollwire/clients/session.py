@@ -1,10 +1,13 @@
 """Client side of sessions: ``async with rc.session(...) as s`` and the trajectory it records.
 
 The server (SessionActor) owns the history; the client mirrors it turn by turn from what it sent
-and what came back, so ``trajectory()`` costs no round trip. ``loss_mask`` is 1 exactly on the
-tokens the model generated; ``logprobs`` is aligned with ``token_ids`` (0.0 on masked tokens,
-NaN on model tokens of a turn run without ``return_logprob``); ``weight_version_spans`` are in
-trajectory positions.
+and what came back, so ``trajectory()`` costs no round trip. Every reply is checked against the
+mirror (``Appended.length``, a turn's ``usage.prompt_tokens``); a call whose outcome is unknown
+(cancelled, or an append that timed out) or a mismatch makes the session *desynced*: further
+calls and ``trajectory()`` raise ``SessionDesynced`` (close the session; its record is lost).
+``loss_mask`` is 1 exactly on the tokens the model generated; ``logprobs`` is aligned with
+``token_ids`` (0.0 on masked tokens, NaN on model tokens of a turn run without
+``return_logprob``); ``weight_version_spans`` are in trajectory positions.
 """
 
 from __future__ import annotations
@@ -96,9 +99,21 @@ class Session:
 
     async def append(self, token_ids: Sequence[int]) -> int:
         """An environment turn (loss_mask 0); returns the history length."""
+        from rollwire.clients.rollout import RolloutError
+
+        self._check_synced()
         ids = list(token_ids)
-        done: Appended = await self._call(AppendTokens(session_id=self.id, token_ids=ids))
+        try:
+            done: Appended = await self._call(AppendTokens(session_id=self.id, token_ids=ids))
+        except RolloutError as e:
+            if e.code == ErrorCode.TIMEOUT:  # it may have been applied: the mirror is unknown
+                self._desynced = True
+            raise
+        except BaseException:  # cancelled: the same
+            self._desynced = True
+            raise
         self._add("env", ids, 0, [0.0] * len(ids))
+        self._expect_length(done.length, "append")
         return done.length
 
     async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None, *,
@@ -109,6 +124,7 @@ class Session:
         from rollwire.clients.rollout import RequestTimeout, _raise_if_error
 
         rpc = self._rpc_or_raise()
+        self._check_synced()
         prompt = list(input_ids)
         msg = SessionGenerate(session_id=self.id, input_ids=prompt, sampling_params=sampling_params or SamplingParams(),
                               return_logprob=return_logprob, min_version=min_version)
@@ -128,9 +144,15 @@ class Session:
                 except TimeoutError:
                     self._desynced = True
                     raise SessionDesynced(f"session {self.id}: no reply to an aborted turn") from None
+        except asyncio.CancelledError:  # the turn goes on without us: stop it, and the mirror is unknown
+            self._desynced = True
+            task = asyncio.ensure_future(rpc.send(0, AbortRequest(target_rid=rid)))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
+            raise
         finally:
             rpc.close_stream(rid)
         done: GenerateDone = _raise_if_error(item)
+        self._expect_length(done.usage.prompt_tokens - len(prompt), "turn")
         self._record(prompt, done)
         if timed_out:
             raise RequestTimeout(f"session {self.id}: turn took over {timeout}s; aborted after "
@@ -138,8 +160,7 @@ class Session:
         return done
 
     def trajectory(self) -> Trajectory:
-        if self._desynced:
-            raise SessionDesynced(f"session {self.id}: a turn's outcome is unknown")
+        self._check_synced()
         spans = [sp for t in self._turns for sp in t.weight_version_spans]
         return Trajectory(token_ids=list(self._ids), loss_mask=list(self._mask), logprobs=list(self._lps),
                           weight_version_spans=spans, turns=list(self._turns))
@@ -149,6 +170,19 @@ class Session:
         return closed
 
     # -- internals ------------------------------------------------------------------------
+    def _check_synced(self) -> None:
+        if self._desynced:
+            raise SessionDesynced(f"session {self.id}: the server's history is no longer known here "
+                                  "(a call was cancelled or timed out); close the session")
+
+    def _expect_length(self, server_length: int, what: str) -> None:
+        """The server's history length must be the mirror's (after an append; before a turn)."""
+        mine = len(self._ids)
+        if server_length != mine:
+            self._desynced = True
+            raise SessionDesynced(f"session {self.id}: after {what} the server holds {server_length} tokens, "
+                                  f"this client {mine}")
+
     def _rpc_or_raise(self) -> RpcClient[Any]:
         if self._rpc is None or not self.id:
             raise RuntimeError("session is not open: use `async with rc.session() as s` or `await s.open()`")

@@ -49,7 +49,7 @@ class EngineDelta:
     logprobs: list[float] | None  # aligned with token_ids when return_logprob
     weight_version: int  # version that produced these tokens
     finish_reason: FinishReason | None = None  # set on the last delta only
-    cached_tokens: int = 0  # prompt tokens served from a reused prefix (first delta)
+    cached_tokens: int = 0  # tokens served from a reused prefix so far (over re-prefills too); the actor keeps the max
 
 
 @dataclass

@@ -315,12 +315,15 @@ class HFEngine:
 
     def _admit(self, s: Seq) -> None:
         """A joiner of the next step: find its session's cached prefix (KV computed now is of
-        the live version)."""
-        s.kv_version, s.prefix, s.cached = self._version, None, 0
+        the live version). ``cached`` adds up over the prefills of a retracted request, as SGLang
+        counts its ``cached_tokens``."""
+        s.kv_version, s.prefix = self._version, None
         if s.req.session_id is not None:
             s.prefix = self._prefixes.lookup(s.req.session_id, s.req.input_ids + s.output, self._version,
                                              s.req.keep_stale_prefix)
-            s.cached = s.prefix[1] if s.prefix is not None else 0
+            s.cached += s.prefix[1] if s.prefix is not None else 0
+            if s.prefix is not None and s.prefix[0].version != self._version:
+                s.kv_version = hf_prefix.STALE  # reused an older version's KV (keep_stale_prefix)
 
     def _keep_prefix(self, batch: hf_batch.Batch, row: int, s: Seq) -> None:
         """Keep a finished session request's KV for the session's next turn. The copy is queued
@@ -373,7 +376,7 @@ class HFEngine:
         # retracted requests come back with their output so far: the prefill continues them
         fresh = [s for s in joiners if s.prefix is None or s.prefix[0].kv is None]
         for s in fresh:
-            s.cached = 0  # its entry could not be filled: a full prefill after all
+            s.cached -= s.prefix[1] if s.prefix is not None else 0  # its entry was not filled: a full prefill
         if fresh:
             jb, lg = hf_batch.prefill(self.model, [s.req.input_ids + s.output for s in fresh],
                                       self.device, self.pad_id)

@@ -138,7 +138,7 @@ class Actor:
             await peer.close()
         if close_sockets:
             for sock in self._socks.values():
-                sock.close(linger=sockets.DEFAULT_LINGER_MS)
+                sockets.close_router(sock)
 
     # -- for subclasses ---------------------------------------------------------------------
     def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:

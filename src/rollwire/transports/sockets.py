@@ -15,9 +15,11 @@ PUB with no subscriber). rollwire sets, for every socket it makes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,19 +56,34 @@ def _configure(sock: zmq.asyncio.Socket, hwm: int) -> None:
     sock.setsockopt(zmq.RCVHWM, hwm)
 
 
+_bound: weakref.WeakKeyDictionary[zmq.asyncio.Socket, list[str]] = weakref.WeakKeyDictionary()
+
+
 def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None,
            ) -> zmq.asyncio.Socket:
     """A ROUTER bound to every endpoint in ``binds`` (one socket can serve inproc and tcp)."""
     sock = (ctx or context()).socket(zmq.ROUTER)
     _configure(sock, hwm)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    bound: list[str] = []
     try:
         for ep in binds:
             sock.bind(ep)
+            bound.append(bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode())
     except zmq.ZMQError:
         sock.close(linger=0)
         raise
+    _bound[sock] = bound
     return sock
+
+
+def close_router(sock: zmq.asyncio.Socket, linger_ms: int = DEFAULT_LINGER_MS) -> None:
+    """Unbind every endpoint at once (a successor may bind the same names at once; a plain close
+    keeps them registered while lingering replies drain), then close."""
+    for ep in _bound.pop(sock, []):
+        with contextlib.suppress(zmq.ZMQError):  # already gone
+            sock.unbind(ep)
+    sock.close(linger=linger_ms)
 
 
 def dealer(connect: str, *, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
