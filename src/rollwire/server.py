@@ -114,9 +114,10 @@ class RolloutServer:
 
             rid = cfg.receiver_id or f"{socket.gethostname()}:{os.getpid()}"
             trainer_endpoint = cfg.trainer_endpoint
+            engine_device = cfg.device if cfg.engine == "hf" else "cuda"  # sglang's weights live on its GPUs
             await self.system.spawn(lambda: WeightReceiverActor(
                 trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
-                stall_timeout_s=cfg.stall_timeout_s))
+                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device))
         log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, session_endpoint=session_endpoint,
                  engine=cfg.engine, model=cfg.model)
         return self

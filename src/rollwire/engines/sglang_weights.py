@@ -77,7 +77,7 @@ class WeightsMixin:
             buckets = _buckets(items, self.weight_bucket_bytes) if items else []
             for i, bucket in enumerate(buckets):
                 last = i == len(buckets) - 1
-                payload = self._serializer.serialize(_stage_cpu(bucket))
+                payload = _serialize(self._serializer, _stage_cpu(bucket))
                 obj = self._io.UpdateWeightsFromTensorReqInput(
                     serialized_named_tensors=[payload] * self.tp_size, flush_cache=flush and last,
                     abort_all_requests=False, weight_version=str(version) if last else None)
@@ -271,3 +271,16 @@ def _stage_cpu(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.
         out[i] = (name, view)
         off += (sizes[i] + 63) // 64 * 64
     return out
+
+
+def _serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]]) -> Any:
+    """SGLang's serializer shares CUDA tensors by IPC handle. torch cannot re-share memory this
+    process itself opened from another process (rollwire's cuda_ipc transport hands the engine
+    views of the trainer's buffer): such a bucket is copied into this process's own CUDA memory
+    first (one device copy per bucket; torch keeps a shared block alive until the consumer lets go)."""
+    try:
+        return serializer.serialize(bucket)
+    except RuntimeError as e:
+        if "received from another process" not in str(e):
+            raise
+    return serializer.serialize([(name, t.clone() if t.is_cuda else t) for name, t in bucket])
