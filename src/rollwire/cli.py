@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 import msgspec
 
-from rollwire.runtime.logging import configure_logging
+from rollwire.runtime.logging import LEVEL_ENV, configure_logging
 from rollwire.server import RolloutServer, ServerConfig, run
 
 DEFAULT_ROLLOUT = "tcp://127.0.0.1:7500"
@@ -100,7 +101,7 @@ async def _status(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rollwire", description=__doc__)
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default=None, help="default: info (demo: warning, its view shows progress)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run a rollout server in the foreground (Ctrl-C stops it)")
@@ -124,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_demo_args(sub.add_parser("demo", help="the main job on the embedded engine, on CPU, in minutes"))
 
     a = parser.parse_args(argv)
+    if a.log_level is None:
+        a.log_level = "warning" if a.cmd == "demo" else "info"
+    os.environ[LEVEL_ENV] = a.log_level  # for the processes it spawns
     configure_logging(a.log_format, a.log_level)
     if a.cmd == "serve":
         run(RolloutServer(server_config(a)).serve_forever())

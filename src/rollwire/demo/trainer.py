@@ -130,6 +130,9 @@ async def _train(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
 def trainer_main(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
     import uvloop
 
+    from rollwire.runtime.logging import configure_logging
+
+    configure_logging()  # the parent's level ($ROLLWIRE_LOG_LEVEL)
     torch.set_num_threads(1)
     uvloop.run(_train(cfg, metrics, stop))
     metrics.put(None)

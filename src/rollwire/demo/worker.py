@@ -65,4 +65,7 @@ def worker_main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, 
                 temperature: float, stop: Any) -> None:
     import uvloop
 
+    from rollwire.runtime.logging import configure_logging
+
+    configure_logging()  # the parent's level ($ROLLWIRE_LOG_LEVEL)
     uvloop.run(_main(idx, rollout_ep, experience_ep, group_size, concurrency, seed, temperature, stop))

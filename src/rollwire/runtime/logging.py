@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
 
+LEVEL_ENV = "ROLLWIRE_LOG_LEVEL"  # child processes (the demo's trainer and workers) take the parent's level
 
-def configure_logging(fmt: str = "console", level: str = "info") -> None:
+
+def configure_logging(fmt: str = "console", level: str | None = None) -> None:
+    """``level`` None: $ROLLWIRE_LOG_LEVEL, else info."""
+    level = level or os.environ.get(LEVEL_ENV, "info")
     lvl = getattr(logging, level.upper(), logging.INFO)
     console = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     renderer: structlog.typing.Processor = structlog.processors.JSONRenderer() if fmt == "json" else console
