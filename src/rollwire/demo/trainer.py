@@ -117,7 +117,7 @@ async def _train(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
             rewards = [s.reward for g in used for s in g.samples]
             metrics.put({
                 "step": step, "reward_mean": sum(rewards) / len(rewards), "weight_version": version,
-                "tokens_per_s": tokens / max(1e-9, time.monotonic() - t0), "loss": float(loss),
+                "tokens_per_s": tokens / max(1e-9, time.monotonic() - t0), "loss": float(loss.detach()),
                 "push_s": report.seconds, "push_bytes": report.bytes, "rollout_wait_s": t_rollout,
                 "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
                 "groups_dropped_stale": dropped, "groups_used": len(used), "time": time.time(),
