@@ -67,9 +67,9 @@ async def test_each_bad_request_gets_its_typed_error_and_the_good_session_is_una
 
 async def test_a_second_generate_or_append_while_a_turn_runs_is_busy_and_the_turn_completes(
         rc: RolloutClient) -> None:
-    s = rc.session(max_tokens=2048)
+    s = rc.session(max_tokens=4096)
     await s.open()
-    long_turn = asyncio.ensure_future(s.generate([5, 6], SamplingParams(max_new_tokens=400, ignore_eos=True)))
+    long_turn = asyncio.ensure_future(s.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
     await asyncio.sleep(0.2)
     rpc = await rc._sessions()
     for msg in (SessionGenerate(session_id=s.id, input_ids=[7], sampling_params=SP),
@@ -77,7 +77,7 @@ async def test_a_second_generate_or_append_while_a_turn_runs_is_busy_and_the_tur
         reply = (await rpc.call(msg, timeout=10)).msg
         assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.SESSION_BUSY, reply
     done = await long_turn  # the running turn: untouched, complete
-    assert done.finish_reason == "length" and len(done.output_ids) == 400
+    assert done.finish_reason == "length" and len(done.output_ids) == 3000
     assert s.trajectory().token_ids == [5, 6, *done.output_ids]
 
 

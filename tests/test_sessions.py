@@ -104,7 +104,7 @@ async def test_a_turn_in_flight_during_a_weight_push_continues_and_the_next_turn
     greedy continuation of its own version). Retract re-prefilled its KV under version 1, so the
     next turn reuses it; in_place kept version 0's KV under it, so the next turn recomputes."""
     ep = ipc_endpoint("sess-push")
-    long_turn = SamplingParams(max_new_tokens=300, temperature=0.0, ignore_eos=True)
+    long_turn = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
     async with RolloutServer(ServerConfig(rollout_endpoint=ep, pause_policy=policy)), \
             RolloutClient(ep, timeout=120) as rc, rc.session(max_tokens=2048) as s:
         await s.generate([5, 6, 7], GREEDY)

@@ -54,7 +54,7 @@ async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_ve
     streamed one already sent version-0 tokens, so it is aborted with its partial output."""
     ep = free_tcp_endpoint()
     cfg = ServerConfig(rollout_endpoint=ep, pause_policy="retract", max_staleness=0)
-    long = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
     async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
         plain = [asyncio.ensure_future(rc.generate([3, i, 9], long)) for i in range(4)]
         stream = rc.stream([3, 7, 7], long)
@@ -65,7 +65,7 @@ async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_ve
         outs = [await p for p in plain]
         counters = srv.generation.counters.snapshot()
     for i, out in enumerate(outs):
-        assert out.finish_reason == "length" and len(out.output_ids) == 400  # type: ignore[union-attr]
+        assert out.finish_reason == "length" and len(out.output_ids) == 1500  # type: ignore[union-attr]
         assert [sp.version for sp in out.weight_version_spans] == [1]  # type: ignore[union-attr]
         check_spans([3, i, 9], out)  # type: ignore[arg-type]
     assert [d.finish_reason for d in streamed] == ["abort"]
@@ -79,7 +79,7 @@ async def test_coalesce_keeps_only_the_newest_version_waiting_behind_a_load() ->
     # drain keeps version 1's load waiting for a running request, so 2 and 3 queue behind it
     cfg = ServerConfig(rollout_endpoint=ep, coalesce=True, pause_policy="drain")
     async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
-        running = asyncio.ensure_future(rc.generate([1, 2], SamplingParams(max_new_tokens=200, temperature=0.0,
+        running = asyncio.ensure_future(rc.generate([1, 2], SamplingParams(max_new_tokens=1000, temperature=0.0,
                                                                            ignore_eos=True)))
         await asyncio.sleep(0.1)
 

@@ -131,7 +131,7 @@ async def test_the_cache_is_bounded_least_recently_used_first() -> None:
 
 
 async def test_an_aborted_session_request_keeps_no_prefix(engine: HFEngine) -> None:
-    sp = SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=2000, temperature=0.0, ignore_eos=True)
     req = EngineRequest(rid="long", input_ids=list(range(10, 40)), params=sp, session_id="s")
     reasons = []
 
