@@ -49,8 +49,9 @@ def pack(plan) -> torch.Tensor:
 
 
 def ready_for(plans, **kw) -> WeightsReady:
+    kw.setdefault("transport", "inline")
     return WeightsReady(trainer_id="t", version=1, step=1, n_buckets=len(plans),
-                        total_bytes=sum(p.nbytes for p in plans), transport="inline",
+                        total_bytes=sum(p.nbytes for p in plans),
                         buckets=[p.meta(checksum_sources(p)) for p in plans], **kw)
 
 

@@ -47,6 +47,7 @@ from rollwire.messages.weights import (
 )
 from rollwire.runtime import Actor, Port
 from rollwire.transports import cuda_ipc, shm
+from rollwire.transports.broadcast import available as broadcast_available
 from rollwire.transports.pubsub import Subscriber
 from rollwire.transports.rpc import RpcClient
 from rollwire.transports.staging import BroadcastReceiver, StagingError, attach_cuda_ipc, attach_shm, pull_inline
@@ -80,7 +81,8 @@ class WeightReceiverActor(Actor):
     ports: ClassVar[dict[str, Port]] = {}  # none: it talks through its own DEALER and SUB
 
     def __init__(self, trainer_endpoint: str, *, receiver_id: str, apply_endpoint: str,
-                 stall_timeout_s: float = 30.0, transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo"),
+                 stall_timeout_s: float = 30.0,
+                 transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo", "nccl"),
                  credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
                  engine_device: str | None = None, name: str = WEIGHT_RECEIVER) -> None:
         """``engine_device``: where the engine keeps its weights ("cpu", "cuda:0"...); cuda_ipc is
@@ -92,7 +94,8 @@ class WeightReceiverActor(Actor):
         self.apply_endpoint = apply_endpoint
         self.stall_timeout_s = stall_timeout_s
         self.transports = [t for t in transports if (t != "shm" or shm.available())
-                           and (t != "cuda_ipc" or cuda_ipc.receiver_offers(engine_device))]
+                           and (t not in ("cuda_ipc", "nccl") or cuda_ipc.receiver_offers(engine_device))
+                           and (t != "nccl" or broadcast_available("nccl"))]
         self.cuda_devices = cuda_ipc.visible_uuids() if "cuda_ipc" in self.transports else []
         self.credit_window = credit_window
         self.apply_timeout_s = apply_timeout_s
@@ -230,7 +233,7 @@ class WeightReceiverActor(Actor):
             v.applying = True
             applied = await self._apply(ApplyVersion(version=ready.version, step=ready.step, tensors=tensors,
                                                      **where), payload, ready.transport)
-            if ready.transport == "cuda_ipc":  # the engine's copies out of the arena are done
+            if ready.transport in ("cuda_ipc", "nccl"):  # the engine's copies out of the arena are done
                 await asyncio.get_running_loop().run_in_executor(self._verify_pool, cuda_ipc.synchronize_all)
             self.live_version = ready.version
             seconds = time.monotonic() - v.received
@@ -269,6 +272,10 @@ class WeightReceiverActor(Actor):
             return await attach_shm(ready, self._verify_pool), [], {"shm_name": ready.shm_name}
         if ready.transport == "cuda_ipc":
             tensors, key = await attach_cuda_ipc(ready, self._verify_pool)
+            return tensors, [], {"cuda_arena": key}
+        if ready.transport == "nccl":
+            tensors, key = await self._broadcast.receive_cuda(ready, stall_timeout_s=self.stall_timeout_s,
+                                                              pool=self._verify_pool)
             return tensors, [], {"cuda_arena": key}
         tensors, payload = await self._broadcast.receive(ready, stall_timeout_s=self.stall_timeout_s,
                                                          pool=self._verify_pool)

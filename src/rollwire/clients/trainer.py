@@ -100,6 +100,8 @@ class TrainerPublisher:
             self.transports.insert(0, "cuda_ipc")
         if broadcast_available("gloo"):
             self.transports.append("gloo")
+        if broadcast_available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
+            self.transports.append("nccl")
         host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
         self._broadcast_host = broadcast_host or (host if host not in ("*", "0.0.0.0", "") else "127.0.0.1")
         self.receivers: dict[str, Registered] = {}
@@ -199,10 +201,13 @@ class TrainerPublisher:
             t0 = time.monotonic()
             named = as_named_list(tensors, to_cpu=False)
             receivers = await self._wait_joined()
-            device = cuda_ipc.tensors_device([t for _, t in named]) if "cuda_ipc" in self.transports else None
+            on_gpu = "cuda_ipc" in self.transports or "nccl" in self.transports
+            device = cuda_ipc.tensors_device([t for _, t in named]) if on_gpu else None
             chosen = choose_transport(transport, self.transports, self.host_id, receivers,
                                       cuda_ipc.device_uuid(device) if device is not None else None)
-            if chosen == "cuda_ipc":
+            if chosen in ("cuda_ipc", "nccl"):
+                if device is None:
+                    raise ValueError(f"transport {chosen!r} needs every tensor on one CUDA device")
                 push_after = torch.cuda.Event()  # the packing waits for the caller's last write
                 push_after.record(torch.cuda.current_stream(device))
             else:
@@ -210,7 +215,7 @@ class TrainerPublisher:
             plans = plan_buckets(named, self.bucket_bytes)
             push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
                                                   for r in receivers}, self._pack_buf)
-            if chosen == "cuda_ipc":
+            if chosen in ("cuda_ipc", "nccl"):
                 push.cuda_after, push.device = push_after, device
             ready = await self._prepare(push, step if step is not None else version, receivers)
             self._push = push
@@ -244,7 +249,12 @@ class TrainerPublisher:
                 self._group = BroadcastGroup.host(self._broadcast_host, len(ranks) + 1, backend=push.transport,
                                                   timeout_s=self.timeout_s)
                 self._group_ranks = ranks
-            extra = {"group": self._group.init_method, "group_ranks": ranks}
+            if push.transport == "nccl":  # the packed CUDA arena goes out bucket by bucket, at these offsets
+                push.nccl_arena, push.offsets = self._cuda_arena.tensor, extra["shm_offsets"]
+                extra = {"shm_offsets": extra["shm_offsets"]}
+            else:
+                extra = {}
+            extra.update(group=self._group.init_method, group_ranks=ranks)
         push.metas = [p.meta(c) for p, c in zip(push.plans, sums, strict=True)]
         return WeightsReady(trainer_id=self.trainer_id, version=push.version, step=step, n_buckets=len(push.plans),
                             total_bytes=push.total_bytes, transport=push.transport, buckets=push.metas, **extra)
@@ -263,7 +273,7 @@ class TrainerPublisher:
     def _after_failure(self, push: Push) -> None:
         if push.transport == "shm":
             self._arena.retire()  # a receiver may still read it: the next push writes a fresh one
-        if push.transport == "cuda_ipc":
+        if push.transport in ("cuda_ipc", "nccl"):
             self._cuda_arena.retire()
         if push.transport in ("gloo", "nccl"):
             self._drop_group()

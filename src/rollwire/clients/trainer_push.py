@@ -117,7 +117,8 @@ class Push:
         self.pack_buf = pack_buf  # inline: buckets packed here on first pull (handed back for reuse)
         self.broadcast: asyncio.Future[None] | None = None
         self.cuda_after: Any = None  # cuda_ipc: event on the caller's stream after its last write
-        self.device: torch.device | None = None  # cuda_ipc: the GPU holding the tensors
+        self.device: torch.device | None = None  # cuda_ipc/nccl: the GPU holding the tensors
+        self.nccl_arena: torch.Tensor | None = None  # nccl: the packed CUDA arena, buckets at ``offsets``
         self._packed: dict[int, asyncio.Future[tuple[memoryview, int]]] = {}
         self._credits: dict[bytes, asyncio.Semaphore] = {}
         self.started = time.monotonic()
@@ -203,7 +204,7 @@ async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
     is packed and sent with it); broadcast: INBAND too (``broadcast_push`` sends them after the
     data)."""
     loop = asyncio.get_running_loop()
-    if push.transport == "cuda_ipc":
+    if push.transport in ("cuda_ipc", "nccl"):  # nccl: packed and checksummed the same way, then broadcast
         return await prepare_cuda_ipc(push, cuda_arena, workers)
     if push.transport == "inline":
         return [INBAND] * len(push.plans), {}
@@ -239,6 +240,9 @@ async def broadcast_push(group: Any, push: Push, workers: Executor) -> None:
     """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread). Announced
     INBAND, each tensor's crc32 is computed on ``workers`` while the next ones go out, and the
     buckets' crc32s follow the data as one more broadcast (int64, one per bucket)."""
+    if push.transport == "nccl":
+        await asyncio.get_running_loop().run_in_executor(None, _broadcast_arena, group, push)
+        return
     inband = any(m.checksum == INBAND for m in push.metas)
 
     def run() -> None:
@@ -265,6 +269,20 @@ async def broadcast_push(group: Any, push: Push, workers: Executor) -> None:
             group.broadcast(torch.tensor(sums, dtype=torch.int64, device=group.device))
 
     await asyncio.get_running_loop().run_in_executor(None, run)
+
+
+def _broadcast_arena(group: Any, push: Push) -> None:
+    """nccl: each packed bucket of the CUDA arena (checksums announced up front), one collective per
+    bucket. Written for issue 8; never run across two GPUs."""
+    from rollwire.transports.cuda_ipc import padded
+
+    arena = push.nccl_arena
+    assert arena is not None
+    with torch.cuda.device(arena.device):
+        group.connect()
+        for plan, off in zip(push.plans, push.offsets, strict=True):
+            group.broadcast(arena[off:off + padded(plan.nbytes)])
+        torch.cuda.synchronize(arena.device)
 
 
 def _is_one_tensor(plan: BucketPlan) -> bool:

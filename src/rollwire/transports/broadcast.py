@@ -79,6 +79,10 @@ class BroadcastGroup:
         cls._check(backend)
         if not 0 < rank < world_size:
             raise ValueError(f"receiver rank {rank} outside 1..{world_size - 1}")
+        if backend == "nccl":  # agree with the trainer (and SGLang); a timed-out collective must fail the
+            # push, not kill the server: NCCL's watchdog then only aborts the communicator (mode 2)
+            os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         host, port = _host_port(init_method)
         store = dist.TCPStore(host, port, world_size, False, timeout=datetime.timedelta(seconds=timeout_s))
         return cls(store, init_method, rank, world_size, backend, timeout_s)

@@ -217,6 +217,16 @@ def open_arena(h: CudaIpcHandle) -> str:
     return key
 
 
+def register_local(t: torch.Tensor) -> str:
+    """Make this process's own CUDA buffer (nccl staging) reachable by key, like an opened arena."""
+    key = f"local:{t.data_ptr():x}:{t.numel()}"
+    _opened[key] = t
+    _opened.move_to_end(key)
+    while len(_opened) > _MAX_OPENED:
+        _opened.popitem(last=False)
+    return key
+
+
 def opened(key: str) -> torch.Tensor:
     try:
         return _opened[key]

@@ -197,10 +197,65 @@ class BroadcastReceiver:
         self.receiver_id = receiver_id
         self._group: BroadcastGroup | None = None
         self._staging = torch.empty(0, dtype=torch.uint8)
+        self._cuda_staging: torch.Tensor | None = None  # nccl
 
     def discard_staging(self) -> None:
         """Forget the staging memory (a load may still read it): the next version gets fresh memory."""
         self._staging = torch.empty(0, dtype=torch.uint8)
+        self._cuda_staging = None
+
+    async def receive_cuda(self, ready: WeightsReady, *, stall_timeout_s: float, pool: Executor,
+                           ) -> tuple[list[NamedTensor], str]:
+        """nccl: the packed buckets land in a CUDA staging buffer of this process at the announced
+        offsets, are verified with the trainer's GPU checksums (as cuda_ipc), and the engine copies
+        them from there: a failed or partial broadcast never touches the live weights. Returns the
+        tensors (offsets into the buffer) and the buffer's key (``cuda_ipc.opened``). Written for
+        issue 8; never run across two GPUs."""
+        from rollwire.transports import cuda_ipc
+
+        if self.receiver_id not in ready.group_ranks:
+            raise StagingError(ErrorCode.BAD_FIELD,
+                               f"{self.receiver_id} is not in the broadcast group {ready.group_ranks}")
+        rank, world = ready.group_ranks.index(self.receiver_id) + 1, len(ready.group_ranks) + 1
+        offsets, sizes = list(ready.shm_offsets), [m.nbytes for m in ready.buckets]
+        if any(o < 0 or o % cuda_ipc.ARENA_ALIGN for o in offsets):
+            raise StagingError(ErrorCode.BAD_FIELD, f"nccl bucket offsets {offsets[:4]}... negative or misaligned")
+        total = max((o + cuda_ipc.padded(n) for o, n in zip(offsets, sizes, strict=True)), default=1)
+        device = torch.device("cuda", torch.cuda.current_device())
+        staging = self._cuda_staging
+        if staging is None or staging.device != device or staging.numel() < total:
+            staging = self._cuda_staging = torch.zeros(total, dtype=torch.uint8, device=device)
+        group = self._group
+        if group is not None and (group.init_method, group.rank, group.world_size) != (ready.group, rank, world):
+            self.close()
+            group = None
+        self._group = None
+
+        def run() -> BroadcastGroup:
+            g = group or BroadcastGroup.join(ready.group, rank, world, backend="nccl", timeout_s=stall_timeout_s)
+            try:
+                g.connect()
+                for off, n in zip(offsets, sizes, strict=True):
+                    g.broadcast(staging[off:off + cuda_ipc.padded(n)])
+                torch.cuda.synchronize(device)
+            except BaseException:
+                g.close()
+                raise
+            return g
+
+        try:
+            self._group = await asyncio.get_running_loop().run_in_executor(None, run)
+        except Exception as e:
+            raise StagingError(ErrorCode.TIMEOUT if "imeout" in str(e) else ErrorCode.WEIGHTS_FAILED,
+                               f"nccl broadcast receive failed: {e}") from None
+        key = cuda_ipc.register_local(staging)
+        sums = await asyncio.get_running_loop().run_in_executor(pool, cuda_ipc.verify, key, offsets, sizes)
+        bad = [f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
+               for m, got in zip(ready.buckets, sums, strict=True) if got != m.checksum]
+        if bad:
+            raise StagingError(ErrorCode.BAD_CHECKSUM, "; ".join(bad[:3]))
+        return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
+                for meta, off in zip(ready.buckets, offsets, strict=True) for t in meta.tensors], key
 
     def close(self) -> None:
         group, self._group = self._group, None

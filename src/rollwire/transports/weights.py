@@ -221,7 +221,7 @@ def check_layout(ready: WeightsReady) -> None:
             end = t.offset + item * _numel(t.shape)
         if end != b.nbytes:
             raise LayoutError(f"bucket {i}: tensors end at byte {end}, bucket has {b.nbytes}")
-    if ready.transport in ("shm", "cuda_ipc") and len(ready.shm_offsets) != ready.n_buckets:
+    if ready.transport in ("shm", "cuda_ipc", "nccl") and len(ready.shm_offsets) != ready.n_buckets:
         raise LayoutError(f"{ready.transport}: {len(ready.shm_offsets)} offsets for {ready.n_buckets} buckets")
 
 
