@@ -213,10 +213,7 @@ class BroadcastReceiver:
         issue 8; never run across two GPUs."""
         from rollwire.transports import cuda_ipc
 
-        if self.receiver_id not in ready.group_ranks:
-            raise StagingError(ErrorCode.BAD_FIELD,
-                               f"{self.receiver_id} is not in the broadcast group {ready.group_ranks}")
-        rank, world = ready.group_ranks.index(self.receiver_id) + 1, len(ready.group_ranks) + 1
+        self._check_member(ready)
         offsets, sizes = list(ready.shm_offsets), [m.nbytes for m in ready.buckets]
         if any(o < 0 or o % cuda_ipc.ARENA_ALIGN for o in offsets):
             raise StagingError(ErrorCode.BAD_FIELD, f"nccl bucket offsets {offsets[:4]}... negative or misaligned")
@@ -225,29 +222,13 @@ class BroadcastReceiver:
         staging = self._cuda_staging
         if staging is None or staging.device != device or staging.numel() < total:
             staging = self._cuda_staging = torch.zeros(total, dtype=torch.uint8, device=device)
-        group = self._group
-        if group is not None and (group.init_method, group.rank, group.world_size) != (ready.group, rank, world):
-            self.close()
-            group = None
-        self._group = None
 
-        def run() -> BroadcastGroup:
-            g = group or BroadcastGroup.join(ready.group, rank, world, backend="nccl", timeout_s=stall_timeout_s)
-            try:
-                g.connect()
-                for off, n in zip(offsets, sizes, strict=True):
-                    g.broadcast(staging[off:off + cuda_ipc.padded(n)])
-                torch.cuda.synchronize(device)
-            except BaseException:
-                g.close()
-                raise
-            return g
+        def into(g: BroadcastGroup) -> None:
+            for off, n in zip(offsets, sizes, strict=True):
+                g.broadcast(staging[off:off + cuda_ipc.padded(n)])
+            torch.cuda.synchronize(device)
 
-        try:
-            self._group = await asyncio.get_running_loop().run_in_executor(None, run)
-        except Exception as e:
-            raise StagingError(ErrorCode.TIMEOUT if "imeout" in str(e) else ErrorCode.WEIGHTS_FAILED,
-                               f"nccl broadcast receive failed: {e}") from None
+        await self._broadcast_into(ready, into, stall_timeout_s)
         key = cuda_ipc.register_local(staging)
         sums = await asyncio.get_running_loop().run_in_executor(pool, cuda_ipc.verify, key, offsets, sizes)
         bad = [f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
@@ -262,52 +243,28 @@ class BroadcastReceiver:
         if group is not None:
             group.close()
 
-    async def receive(self, ready: WeightsReady, *, stall_timeout_s: float, pool: Executor) -> Staged:
+    def _check_member(self, ready: WeightsReady) -> None:
         if self.receiver_id not in ready.group_ranks:
             raise StagingError(ErrorCode.BAD_FIELD,
                                f"{self.receiver_id} is not in the broadcast group {ready.group_ranks}")
+
+    async def _broadcast_into(self, ready: WeightsReady, into: Any, stall_timeout_s: float) -> None:
+        """Run ``into(group)`` on a worker thread in the announced group: the group kept from the
+        last version if it is the same one (else a new one is joined), kept again if ``into``
+        succeeds, torn down if it fails. A failure becomes a StagingError (TIMEOUT or WEIGHTS_FAILED)."""
         rank, world = ready.group_ranks.index(self.receiver_id) + 1, len(ready.group_ranks) + 1
-        offsets, pos = [], 0
-        for m in ready.buckets:
-            offsets.append(pos)
-            pos = (pos + m.nbytes + ALIGN - 1) // ALIGN * ALIGN
-        if self._staging.numel() < pos:
-            self._staging = torch.empty(pos, dtype=torch.uint8).fill_(0)  # touched once: warm for later pushes
-        staging = self._staging
         group = self._group
         if group is not None and (group.init_method, group.rank, group.world_size) != (ready.group, rank, world):
             self.close()  # the trainer built a new group (new receivers, or after a failure)
             group = None
         self._group = None  # owned by the worker thread until it returns
-        # crc of each tensor (or of each bucket, without crc32_combine), computed while the next
-        # ones arrive: (bucket index, future, length) in order
-        checks: list[tuple[int, Future[int], int]] = []
-        per_tensor = crc32_combine is not None
-        inband = any(m.checksum == INBAND for m in ready.buckets)
-        sent = torch.zeros(len(ready.buckets), dtype=torch.int64)
 
         def run() -> BroadcastGroup:
             g = group or BroadcastGroup.join(ready.group, rank, world, backend=ready.transport,
                                              timeout_s=stall_timeout_s)
             try:
                 g.connect()
-                for i, (meta, off) in enumerate(zip(ready.buckets, offsets, strict=True)):
-                    bucket = staging[off:off + meta.nbytes]
-                    view = byte_view(bucket)
-                    end = 0
-                    for t in meta.tensors:
-                        n = _nbytes(t.dtype, t.shape)
-                        bucket[end:t.offset].zero_()  # gaps are zeros in the checksum
-                        g.broadcast(bucket[t.offset:t.offset + n])
-                        if per_tensor:
-                            checks.append((i, pool.submit(crc32_of, [view[end:t.offset + n]]), t.offset + n - end))
-                        end = t.offset + n
-                    if not per_tensor:
-                        checks.append((i, pool.submit(crc32_of, [view]), meta.nbytes))
-                if inband:  # the trainer's crc32 of each bucket follows the data
-                    on_device = sent.to(g.device)
-                    g.broadcast(on_device)
-                    sent.copy_(on_device)
+                into(g)
             except BaseException:
                 g.close()
                 raise
@@ -320,6 +277,43 @@ class BroadcastReceiver:
         except Exception as e:
             raise StagingError(ErrorCode.TIMEOUT if "imeout" in str(e) else ErrorCode.WEIGHTS_FAILED,
                                f"broadcast receive failed: {e}") from None
+
+    async def receive(self, ready: WeightsReady, *, stall_timeout_s: float, pool: Executor) -> Staged:
+        self._check_member(ready)
+        offsets, pos = [], 0
+        for m in ready.buckets:
+            offsets.append(pos)
+            pos = (pos + m.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        if self._staging.numel() < pos:
+            self._staging = torch.empty(pos, dtype=torch.uint8).fill_(0)  # touched once: warm for later pushes
+        staging = self._staging
+        # crc of each tensor (or of each bucket, without crc32_combine), computed while the next
+        # ones arrive: (bucket index, future, length) in order
+        checks: list[tuple[int, Future[int], int]] = []
+        per_tensor = crc32_combine is not None
+        inband = any(m.checksum == INBAND for m in ready.buckets)
+        sent = torch.zeros(len(ready.buckets), dtype=torch.int64)
+
+        def into(g: BroadcastGroup) -> None:
+            for i, (meta, off) in enumerate(zip(ready.buckets, offsets, strict=True)):
+                bucket = staging[off:off + meta.nbytes]
+                view = byte_view(bucket)
+                end = 0
+                for t in meta.tensors:
+                    n = _nbytes(t.dtype, t.shape)
+                    bucket[end:t.offset].zero_()  # gaps are zeros in the checksum
+                    g.broadcast(bucket[t.offset:t.offset + n])
+                    if per_tensor:
+                        checks.append((i, pool.submit(crc32_of, [view[end:t.offset + n]]), t.offset + n - end))
+                    end = t.offset + n
+                if not per_tensor:
+                    checks.append((i, pool.submit(crc32_of, [view]), meta.nbytes))
+            if inband:  # the trainer's crc32 of each bucket follows the data
+                on_device = sent.to(g.device)
+                g.broadcast(on_device)
+                sent.copy_(on_device)
+
+        await self._broadcast_into(ready, into, stall_timeout_s)
         parts = await asyncio.gather(*(asyncio.wrap_future(f) for _, f, _ in checks))
         sums = [0] * len(ready.buckets)
         for (i, _, n), c in zip(checks, parts, strict=True):
