@@ -40,7 +40,7 @@ from rollwire.engines.base import (
     PauseMode,
 )
 from rollwire.engines.hf_requests import Seq, check_tags, deliver, eos_of, next_delta
-from rollwire.engines.hf_sampling import check_params, make_row_sampler, sample
+from rollwire.engines.hf_sampling import check_request, make_row_sampler, sample
 from rollwire.engines.hf_weights import WeightStore
 from rollwire.messages.generate import FinishReason
 
@@ -133,16 +133,7 @@ class HFEngine:
 
     def validate(self, req: EngineRequest) -> None:
         """Raise EngineError if ``req`` cannot be served; the actor may call it before streaming."""
-        ids, p, vocab = req.input_ids, req.params, self.vocab_size
-        if not ids:
-            raise EngineError("empty_input", "input_ids is empty")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab})")
-        if (bad := check_params(p, vocab)) is not None:
-            raise EngineError("bad_sampling_params", bad)
-        if len(ids) + p.max_new_tokens > self.max_model_len:
-            raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
-                                          f"max_model_len {self.max_model_len}")
+        check_request(req, self.vocab_size, self.max_model_len)
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
         self.validate(req)

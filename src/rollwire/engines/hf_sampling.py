@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rollwire.engines.base import EngineError, EngineRequest
 from rollwire.messages.generate import SamplingParams
 
 
@@ -65,6 +66,21 @@ def make_row_sampler(params: SamplingParams, vocab_size: int, device: torch.devi
         temperature=float(params.temperature), top_k=int(params.top_k), top_p=float(params.top_p),
         min_p=float(params.min_p), generator=generator, mask=mask, want_logprob=want_logprob,
     )
+
+
+def check_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> None:
+    """What every engine refuses (EngineError): no input, ids outside the vocabulary, bad sampling
+    parameters, prompt + max_new_tokens above the context length."""
+    ids, p = req.input_ids, req.params
+    if not ids:
+        raise EngineError("empty_input", "input_ids is empty")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab_size})")
+    if (bad := check_params(p, vocab_size)) is not None:
+        raise EngineError("bad_sampling_params", bad)
+    if len(ids) + p.max_new_tokens > max_model_len:
+        raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
+                                      f"max_model_len {max_model_len}")
 
 
 def check_params(p: SamplingParams, vocab_size: int) -> str | None:

@@ -94,7 +94,7 @@ from rollwire.engines.base import (
     MemoryTag,
     PauseMode,
 )
-from rollwire.engines.hf_sampling import check_params
+from rollwire.engines.hf_sampling import check_request
 from rollwire.engines.sglang_args import (
     DEFAULT_ARGS,
     FORCED_ARGS,
@@ -248,13 +248,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         await asyncio.get_running_loop().run_in_executor(None, eng.shutdown)
 
     def validate(self, req: EngineRequest) -> None:
-        ids, p, vocab = req.input_ids, req.params, self.vocab_size
-        if not ids:
-            raise EngineError("empty_input", "input_ids is empty")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab})")
-        if (bad := check_params(p, vocab)) is not None:
-            raise EngineError("bad_sampling_params", bad)
+        check_request(req, self.vocab_size, self.max_model_len)
+        p = req.params
         if p.seed is not None and p.temperature > 0 and not self.deterministic:
             raise EngineError("bad_sampling_params", "a per-request seed needs the sglang engine started with "
                                                      "--engine-arg enable_deterministic_inference=true")
@@ -262,9 +257,6 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
             raise EngineError("bad_sampling_params", "min_p with logprobs is not supported with "
                                                      "enable_deterministic_inference (SGLang asserts on min_p "
                                                      "with a sampling seed)")
-        if len(ids) + p.max_new_tokens > self.max_model_len:
-            raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
-                                          f"max_model_len {self.max_model_len}")
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
         self.validate(req)
