@@ -2,7 +2,7 @@
 # rollwire's SGLang backend on a GPU machine (../shared/gpu/README.md says how SGLang gets there).
 # Run from the repository root, with the kit's wheels in .whl/ (bash ../shared/gpu/build_wheels.sh):
 #
-#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5]      # default: all
+#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5|e2e]      # default: all
 #
 # checks: direct sglang.Engine smoke + reference outputs, then rollwire's SGLangEngine on the same
 #         inputs, then a RolloutServer with a rollout-worker process and governor pushes under load
@@ -10,6 +10,9 @@
 # issue5: the checks and the engine contract suite on sglang side by side (two engines on one GPU,
 #         correctness only), then the server and adapter throughput runs alone (direct
 #         async_generate is measured inside the adapter run)
+# e2e:    tests/gpu/e2e_sglang.py (rollwire serve colocated + trainer process pushing cuda_ipc + worker
+#         process; push vs direct update_weights_from_tensor; release/resume per tag), then
+#         bench/gpu/throughput_paired.py (server vs direct sglang.Engine, alternated, same run)
 # Logs and JSON are written to a work folder, then $OUT (default /tmp/rw-gpu-out) gets
 # summary_<what>.json (every check and figure) and logs_<what>.tgz (all logs and JSON).
 set -o pipefail
@@ -79,6 +82,16 @@ elif [ "$WHAT" = issue5b ]; then  # contract suite alone, checks against a kept 
     ${SPY:+--py-spy $SPY --py-spy-out $OUT/serve.speedscope.json}
   cp "$OUT/serve.speedscope.json" "$OUT/throughput_server.json" "$FINAL/" 2>/dev/null
   cat "$OUT/throughput_server.json"
+elif [ "$WHAT" = e2e ]; then  # issue 5 end to end (serve + trainer cuda_ipc + worker, colocated), then throughput paired
+  step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
+  step e2e_sglang "${E2E_S:-330}" python3 tests/gpu/e2e_sglang.py "$Q05" --cycles "${CYCLES:-20}"
+  cp "$OUT/e2e_serve.log" "$FINAL/" 2>/dev/null
+  SPY=""
+  if ls tmp_gpu_ref/py_spy-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/spy tmp_gpu_ref/py_spy-*.whl && SPY=/tmp/spy/bin/py-spy
+  fi
+  step throughput_paired "${PAIRED_S:-230}" python3 bench/gpu/throughput_paired.py --model "$Q05" ${SPY:+--py-spy $SPY}
+  cp "$OUT"/throughput_paired*.json "$OUT"/e2e_sglang.json "$FINAL/" 2>/dev/null
 elif [ "$WHAT" != bench ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
   step direct_sglang 300 python3 tests/gpu/direct_sglang.py "$TINY"
@@ -95,7 +108,7 @@ python3 - <<'PY'
 import json, os, pathlib
 out = pathlib.Path(os.environ["OUT"])
 summary = {"steps": [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()] if (out / "steps.jsonl").exists() else []}
-for name in ("direct_sglang", "adapter_checks", "throughput"):
+for name in ("direct_sglang", "adapter_checks", "throughput", "e2e_sglang", "throughput_paired"):
     p = out / f"{name}.json"
     if p.exists():
         summary[name] = json.loads(p.read_text())

@@ -1,0 +1,139 @@
+"""Issue 5's throughput figure with its floor in the same run: `rollwire serve --engine sglang` (a
+child process; the client is this process, over tcp) and sglang.Engine.async_generate called
+directly in this process, on the same GPU, same model and engine arguments, runs alternated
+(server, direct, server, direct, ...) so that drift and noise hit both alike. Both engines stay
+idle while the other runs.
+
+Then, with --py-spy, two more server runs sampled by py-spy (server process and its SGLang
+children), written as speedscope JSON: where the server's time goes.
+
+    python bench/gpu/throughput_paired.py --model DIR [--n 256] [--tokens 256] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import QWEN05B, device_info, prompts  # noqa: E402
+from throughput import BENCH_ARGS, BENCH_DIRECT  # noqa: E402
+
+
+def free_tcp() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def main(a: argparse.Namespace) -> dict[str, Any]:
+    import sglang
+
+    from rollwire import RolloutClient, SamplingParams
+
+    ep = free_tcp()
+    cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
+           "--model", a.model, "--rollout-endpoint", ep, "--max-new-tokens-limit", "4096"]
+    for k, v in BENCH_ARGS.items():
+        cmd += ["--engine-arg", f"{k}={v}"]
+    log = open(Path(a.out).with_suffix(".server.log"), "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    t = time.time()
+    eng = sglang.Engine(model_path=a.model, **BENCH_DIRECT)  # starts while the server starts
+    direct_start_s = time.time() - t
+    ps = prompts(a.n, QWEN05B["vocab_size"], seed=5, lo=32, hi=33)
+    spd = {"max_new_tokens": a.tokens, "temperature": 0.0, "ignore_eos": True}
+    sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
+    res: dict[str, Any] = {"n": a.n, "tokens": a.tokens, "direct_engine_start_s": round(direct_start_s, 1),
+                           "engine_args": BENCH_ARGS, "device": device_info()}
+    try:
+        async with RolloutClient(ep, timeout=600) as rc:
+            while True:
+                try:
+                    await rc.status(timeout=2.0)
+                    break
+                except Exception:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
+                    await asyncio.sleep(1.0)
+            res["server_ready_s"] = round(time.time() - t, 1)
+
+            async def direct_once() -> tuple[float, int]:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(eng.async_generate(input_ids=p, sampling_params=spd) for p in ps))
+                return time.perf_counter() - t0, sum(len(o["output_ids"]) for o in outs)
+
+            async def server_once() -> tuple[float, int]:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(rc.generate(p, sp) for p in ps))
+                elapsed = time.perf_counter() - t0
+                totals = sorted(o.timings.total_s for o in outs)  # type: ignore[union-attr]
+                server_s.append(totals[-1])
+                return elapsed, sum(len(o.output_ids) for o in outs)  # type: ignore[union-attr]
+
+            server_s: list[float] = []
+            await server_once()
+            await direct_once()
+            server, direct = [], []
+            for _ in range(a.repeats):
+                server.append(await server_once())
+                direct.append(await direct_once())
+            tokens = server[0][1]
+            assert tokens == direct[0][1] == a.n * a.tokens, (tokens, direct[0][1])
+            st, dt = [r[0] for r in server], [r[0] for r in direct]
+            res["server"] = {"runs_s": [round(x, 4) for x in st], "median_s": round(statistics.median(st), 4),
+                             "tokens_per_s": round(tokens / statistics.median(st), 1),
+                             "server_side_longest_request_s": [round(x, 4) for x in server_s[1:]]}
+            res["direct"] = {"runs_s": [round(x, 4) for x in dt], "median_s": round(statistics.median(dt), 4),
+                             "tokens_per_s": round(tokens / statistics.median(dt), 1)}
+            res["server_over_direct_tokens_per_s"] = round(statistics.median(dt) / statistics.median(st), 4)
+            res["pair_ratios"] = [round(d / s, 4) for s, d in zip(st, dt, strict=True)]
+            res["median_pair_ratio"] = round(statistics.median(res["pair_ratios"]), 4)
+            if a.py_spy:
+                out = str(Path(a.out).with_suffix(".speedscope.json"))
+                spy = subprocess.Popen([a.py_spy, "record", "--pid", str(proc.pid), "--output", out, "--format",
+                                        "speedscope", "--rate", "200", "--subprocesses", "--nonblocking",
+                                        "--duration", "6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                await asyncio.sleep(1.0)
+                res["profiled_server_runs_s"] = [round((await server_once())[0], 4) for _ in range(2)]
+                spy_out = await asyncio.get_running_loop().run_in_executor(None, lambda: spy.communicate(timeout=60))
+                res["py_spy"] = {"rc": spy.returncode, "out": out, "log": (spy_out[0] or b"").decode()[-1500:]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        eng.shutdown()
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--py-spy", default=None)
+    ap.add_argument("--out", default=str(Path(os.environ.get("OUT", "/tmp")) / "throughput_paired.json"))
+    args = ap.parse_args()
+    import uvloop
+
+    result = uvloop.run(main(args))
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"FIGURE server/direct tokens/s {result['server_over_direct_tokens_per_s']} "
+          f"(server {result['server']['median_s']} s, direct {result['direct']['median_s']} s, "
+          f"pairs {result['pair_ratios']})", flush=True)
+    print(json.dumps(result), flush=True)
