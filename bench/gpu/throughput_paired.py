@@ -1,11 +1,13 @@
 """Issue 5's throughput figure with its floor in the same run: `rollwire serve --engine sglang` (a
 child process; the client is this process, over tcp) and sglang.Engine.async_generate called
 directly in this process, on the same GPU, same model and engine arguments, runs alternated
-(server, direct, server, direct, ...) so that drift and noise hit both alike. Both engines stay
-idle while the other runs.
+(server, direct, ...) so that drift and noise hit both alike. Both engines stay idle while the
+other runs. Two more arms on the direct engine locate a gap: sglang.Engine called with exactly
+the sampling parameters and cache key rollwire's adapter sends, and the adapter itself in this
+process (no sockets).
 
-Then, with --py-spy, two more server runs sampled by py-spy (server process and its SGLang
-children), written as speedscope JSON: where the server's time goes.
+Then, with --py-spy, two more server runs and two more direct runs, each sampled by py-spy (the
+process and its SGLang children), written as speedscope JSON: where the server's time goes.
 
     python bench/gpu/throughput_paired.py --model DIR [--n 256] [--tokens 256] [--repeats 7]
 """
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import QWEN05B, device_info, prompts  # noqa: E402
-from throughput import BENCH_ARGS, BENCH_DIRECT  # noqa: E402
+from throughput import BENCH_ARGS  # noqa: E402
 
 
 def free_tcp() -> str:
@@ -38,9 +40,9 @@ def free_tcp() -> str:
 
 
 async def main(a: argparse.Namespace) -> dict[str, Any]:
-    import sglang
-
     from rollwire import RolloutClient, SamplingParams
+    from rollwire.engines.base import EngineRequest
+    from rollwire.engines.sglang import SGLangEngine
 
     ep = free_tcp()
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
@@ -50,7 +52,11 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     log = open(Path(a.out).with_suffix(".server.log"), "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     t = time.time()
-    eng = sglang.Engine(model_path=a.model, **BENCH_DIRECT)  # starts while the server starts
+    # the floor's engine is rollwire's adapter, so the same engine also runs the adapter arm; its
+    # sglang.Engine (with the server's engine arguments) is what the direct arms call
+    adapter = SGLangEngine(a.model, engine_args=BENCH_ARGS)
+    await adapter.start()  # starts while the server starts
+    eng = adapter._eng
     direct_start_s = time.time() - t
     ps = prompts(a.n, QWEN05B["vocab_size"], seed=5, lo=32, hi=33)
     spd = {"max_new_tokens": a.tokens, "temperature": 0.0, "ignore_eos": True}
@@ -74,6 +80,28 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                 outs = await asyncio.gather(*(eng.async_generate(input_ids=p, sampling_params=spd) for p in ps))
                 return time.perf_counter() - t0, sum(len(o["output_ids"]) for o in outs)
 
+            # what the adapter sends SGLang for these requests (its sampling parameters and cache key)
+            rw_params = {**spd, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "no_stop_trim": True}
+
+            async def direct_rw_once() -> tuple[float, int]:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(eng.async_generate(input_ids=p, sampling_params=rw_params,
+                                                                 extra_key="rw-v0") for p in ps))
+                return time.perf_counter() - t0, sum(len(o["output_ids"]) for o in outs)
+
+            counter = iter(range(1 << 30))
+
+            async def adapter_one(p: list[int]) -> int:
+                n = 0
+                async for d in adapter.generate(EngineRequest(f"a{next(counter)}", p, sp, stream=False)):
+                    n += len(d.token_ids)
+                return n
+
+            async def adapter_once() -> tuple[float, int]:
+                t0 = time.perf_counter()
+                got = await asyncio.gather(*(adapter_one(p) for p in ps))
+                return time.perf_counter() - t0, sum(got)
+
             async def server_once() -> tuple[float, int]:
                 t0 = time.perf_counter()
                 outs = await asyncio.gather(*(rc.generate(p, sp) for p in ps))
@@ -83,14 +111,21 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                 return elapsed, sum(len(o.output_ids) for o in outs)  # type: ignore[union-attr]
 
             server_s: list[float] = []
-            await server_once()
-            await direct_once()
-            server, direct = [], []
+            arms = {"server": server_once, "direct": direct_once, "direct_rw_params": direct_rw_once,
+                    "adapter": adapter_once}
+            for fn in arms.values():
+                await fn()
+            runs: dict[str, list[tuple[float, int]]] = {k: [] for k in arms}
             for _ in range(a.repeats):
-                server.append(await server_once())
-                direct.append(await direct_once())
+                for k, fn in arms.items():
+                    runs[k].append(await fn())
+            server, direct = runs["server"], runs["direct"]
             tokens = server[0][1]
-            assert tokens == direct[0][1] == a.n * a.tokens, (tokens, direct[0][1])
+            assert all(r[1] == a.n * a.tokens for v in runs.values() for r in v), "a run lost tokens"
+            for k in ("direct_rw_params", "adapter"):
+                kt = [r[0] for r in runs[k]]
+                res[k] = {"runs_s": [round(x, 4) for x in kt], "median_s": round(statistics.median(kt), 4),
+                          "tokens_per_s": round(tokens / statistics.median(kt), 1)}
             st, dt = [r[0] for r in server], [r[0] for r in direct]
             res["server"] = {"runs_s": [round(x, 4) for x in st], "median_s": round(statistics.median(st), 4),
                              "tokens_per_s": round(tokens / statistics.median(st), 1),
@@ -109,6 +144,14 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                 res["profiled_server_runs_s"] = [round((await server_once())[0], 4) for _ in range(2)]
                 spy_out = await asyncio.get_running_loop().run_in_executor(None, lambda: spy.communicate(timeout=60))
                 res["py_spy"] = {"rc": spy.returncode, "out": out, "log": (spy_out[0] or b"").decode()[-1500:]}
+                out2 = str(Path(a.out).with_suffix(".direct.speedscope.json"))  # this process's engine
+                spy = subprocess.Popen([a.py_spy, "record", "--pid", str(os.getpid()), "--output", out2, "--format",
+                                        "speedscope", "--rate", "200", "--subprocesses", "--nonblocking",
+                                        "--duration", "6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                await asyncio.sleep(1.0)
+                res["profiled_direct_runs_s"] = [round((await direct_once())[0], 4) for _ in range(2)]
+                spy_out = await asyncio.get_running_loop().run_in_executor(None, lambda: spy.communicate(timeout=60))
+                res["py_spy_direct"] = {"rc": spy.returncode, "out": out2, "log": (spy_out[0] or b"").decode()[-1500:]}
     finally:
         proc.terminate()
         try:
@@ -116,7 +159,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        eng.shutdown()
+        await adapter.shutdown()
     return res
 
 
@@ -135,5 +178,6 @@ if __name__ == "__main__":
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"FIGURE server/direct tokens/s {result['server_over_direct_tokens_per_s']} "
           f"(server {result['server']['median_s']} s, direct {result['direct']['median_s']} s, "
-          f"pairs {result['pair_ratios']})", flush=True)
+          f"pairs {result['pair_ratios']}; direct with rollwire's params {result['direct_rw_params']['median_s']} s, "
+          f"adapter in-process {result['adapter']['median_s']} s)", flush=True)
     print(json.dumps(result), flush=True)

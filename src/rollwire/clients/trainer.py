@@ -217,7 +217,9 @@ class TrainerPublisher:
                                                   for r in receivers}, self._pack_buf)
             if chosen in ("cuda_ipc", "nccl"):
                 push.cuda_after, push.device = push_after, device
+            t_prepare = time.monotonic()
             ready = await self._prepare(push, step if step is not None else version, receivers)
+            prepare_s = time.monotonic() - t_prepare
             self._push = push
             self._last_version = version  # announced: even a failed push uses it up (some may have applied it)
             try:
@@ -233,9 +235,11 @@ class TrainerPublisher:
             if failures:
                 self._after_failure(push)
                 raise PushError(f"version {version}", failures)
-            report = PushReport(version, time.monotonic() - t0, push.total_bytes, sorted(push.outcomes), chosen)
+            report = PushReport(version, time.monotonic() - t0, push.total_bytes, sorted(push.outcomes), chosen,
+                                prepare_s)
             log.info("weights_pushed", version=version, transport=chosen, bytes=push.total_bytes,
-                     seconds=round(report.seconds, 4), receivers=len(receivers))
+                     seconds=round(report.seconds, 4), prepare_s=round(prepare_s, 4),
+                     before_prepare_s=round(t_prepare - t0, 4), receivers=len(receivers))
             return report
 
     # -- push internals --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,10 @@ import torch
 from rollwire.engines.base import EngineError, MemoryTag
 from rollwire.engines.sglang_args import Checkpoint
 from rollwire.engines.sglang_requests import Live
+from rollwire.runtime.logging import get_logger
 
 log = logging.getLogger(__name__)
+slog = get_logger("rollwire.engines.sglang")
 EVICT_TIMEOUT_S = 60.0
 
 
@@ -72,19 +75,27 @@ class WeightsMixin:
         self._check_tensors([(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in items])
         assert self._lock is not None
         async with self._lock:
+            t0 = time.perf_counter()
             await self._prepare_switch()
             flush = self._flush_after_load()
             buckets = _buckets(items, self.weight_bucket_bytes) if items else []
+            staged_s = sglang_s = 0.0
             for i, bucket in enumerate(buckets):
                 last = i == len(buckets) - 1
+                t = time.perf_counter()
                 payload = _serialize(self._serializer, _stage_cpu(bucket))
                 obj = self._io.UpdateWeightsFromTensorReqInput(
                     serialized_named_tensors=[payload] * self.tp_size, flush_cache=flush and last,
                     abort_all_requests=False, weight_version=str(version) if last else None)
+                staged_s += time.perf_counter() - t
+                t = time.perf_counter()
                 ok, message = await self._tm.update_weights_from_tensor(obj, None)
+                sglang_s += time.perf_counter() - t
                 if not ok:
                     raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}")
             self._go_live(version)
+            slog.info("sglang_weights_loaded", version=version, buckets=len(buckets), staged_s=round(staged_s, 4),
+                      sglang_s=round(sglang_s, 4), total_s=round(time.perf_counter() - t0, 4))
 
     # -- NCCL broadcast from a trainer ----------------------------------------------------------------
 
@@ -277,10 +288,44 @@ def _serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]]) -> Any:
     """SGLang's serializer shares CUDA tensors by IPC handle. torch cannot re-share memory this
     process itself opened from another process (rollwire's cuda_ipc transport hands the engine
     views of the trainer's buffer): such a bucket is copied into this process's own CUDA memory
-    first (one device copy per bucket; torch keeps a shared block alive until the consumer lets go)."""
+    first (torch keeps a shared block alive until the consumer lets go)."""
     try:
         return serializer.serialize(bucket)
     except RuntimeError as e:
         if "received from another process" not in str(e):
             raise
-    return serializer.serialize([(name, t.clone() if t.is_cuda else t) for name, t in bucket])
+    return serializer.serialize(own_copy(bucket))
+
+
+def own_copy(bucket: list[tuple[str, torch.Tensor]], device_type: str = "cuda") -> list[tuple[str, torch.Tensor]]:
+    """The bucket's CUDA tensors as views of one fresh buffer per device: one allocation, and one
+    IPC handle for SGLang's scheduler to open, instead of one per tensor. Views of one source
+    storage laid out as densely as in the trainer's arena are copied in one device copy, keeping
+    their relative offsets; anything else is copied tensor by tensor."""
+    out = list(bucket)
+    groups: dict[tuple[torch.device, int], list[int]] = {}
+    for i, (_, t) in enumerate(bucket):
+        if t.device.type == device_type:
+            groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(i)
+    for (device, _), idx in groups.items():
+        spans = [(bucket[i][1].storage_offset() * bucket[i][1].element_size(),
+                  bucket[i][1].numel() * bucket[i][1].element_size()) for i in idx]
+        lo, hi = min(a for a, _ in spans), max(a + n for a, n in spans)
+        lo -= lo % 256  # keeps every view's offset a multiple of its element size
+        dense = all(bucket[i][1].is_contiguous() for i in idx) and hi - lo <= 1.25 * sum(n for _, n in spans) + 4096
+        if dense:
+            src = torch.empty(0, dtype=torch.uint8, device=device).set_(bucket[idx[0]][1].untyped_storage())
+            flat = src[lo:hi].clone()
+            for i, (a, n) in zip(idx, spans, strict=True):
+                name, t = bucket[i]
+                out[i] = (name, flat[a - lo:a - lo + n].view(t.dtype).view(t.shape))
+            continue
+        flat = torch.empty(sum((n + 255) // 256 * 256 for _, n in spans), dtype=torch.uint8, device=device)
+        off = 0
+        for i, (_, n) in zip(idx, spans, strict=True):
+            name, t = bucket[i]
+            view = flat[off:off + n].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            out[i] = (name, view)
+            off += (n + 255) // 256 * 256
+    return out
