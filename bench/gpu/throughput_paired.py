@@ -40,6 +40,8 @@ def free_tcp() -> str:
 
 
 async def main(a: argparse.Namespace) -> dict[str, Any]:
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
     from rollwire import RolloutClient, SamplingParams
     from rollwire.engines.base import EngineRequest
     from rollwire.engines.sglang import SGLangEngine
@@ -83,10 +85,14 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
             # what the adapter sends SGLang for these requests (its sampling parameters and cache key)
             rw_params = {**spd, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "no_stop_trim": True}
 
+            async def direct_rw_one(p: list[int]) -> Any:
+                # what Engine.async_generate does, plus the cache key it does not pass through
+                obj = GenerateReqInput(input_ids=p, sampling_params=rw_params, extra_key="rw-v0")
+                return await eng.tokenizer_manager.generate_request(obj, None).__anext__()
+
             async def direct_rw_once() -> tuple[float, int]:
                 t0 = time.perf_counter()
-                outs = await asyncio.gather(*(eng.async_generate(input_ids=p, sampling_params=rw_params,
-                                                                 extra_key="rw-v0") for p in ps))
+                outs = await asyncio.gather(*(direct_rw_one(p) for p in ps))
                 return time.perf_counter() - t0, sum(len(o["output_ids"]) for o in outs)
 
             counter = iter(range(1 << 30))

@@ -141,6 +141,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         self._tm: Any = None
         self._io: Any = None  # sglang.srt.managers.io_struct
         self._serializer: Any = None
+        self._flat_meta: Any = None
         self._mask_processor = TokenMask.to_str()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._version = 0
@@ -199,6 +200,11 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         self._tm = self._eng.tokenizer_manager
         self._io = io_struct
         self._serializer = MultiprocessingSerializer
+        try:  # CUDA buckets go as one flat tensor each (one IPC handle, not one per tensor)
+            from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+            self._flat_meta = FlattenedTensorMetadata
+        except ImportError:
+            self._flat_meta = None
         self._lock = asyncio.Lock()
         self._keep_sigterm_handler()
         self._tm.auto_create_handle_loop()  # its receive task, on this loop

@@ -45,6 +45,7 @@ class WeightsMixin:
     _tm: Any
     _io: Any
     _serializer: Any
+    _flat_meta: Any  # SGLang's FlattenedTensorMetadata (None: this SGLang has no flattened buckets)
     _version: int
     _paused: bool
     _released: set[MemoryTag]
@@ -83,10 +84,13 @@ class WeightsMixin:
             for i, bucket in enumerate(buckets):
                 last = i == len(buckets) - 1
                 t = time.perf_counter()
-                payload = _serialize(self._serializer, _stage_cpu(bucket))
+                flat = self._flat_meta is not None and all(x.is_cuda for _, x in bucket)
+                payload = (_serialize_flat(self._serializer, bucket, self._flat_meta) if flat
+                           else _serialize(self._serializer, _stage_cpu(bucket)))
                 obj = self._io.UpdateWeightsFromTensorReqInput(
                     serialized_named_tensors=[payload] * self.tp_size, flush_cache=flush and last,
-                    abort_all_requests=False, weight_version=str(version) if last else None)
+                    abort_all_requests=False, weight_version=str(version) if last else None,
+                    load_format="flattened_bucket" if flat else None)
                 staged_s += time.perf_counter() - t
                 t = time.perf_counter()
                 ok, message = await self._tm.update_weights_from_tensor(obj, None)
@@ -294,38 +298,48 @@ def _serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]]) -> Any:
     except RuntimeError as e:
         if "received from another process" not in str(e):
             raise
-    return serializer.serialize(own_copy(bucket))
+    return serializer.serialize([(name, t.clone() if t.is_cuda else t) for name, t in bucket])
 
 
-def own_copy(bucket: list[tuple[str, torch.Tensor]], device_type: str = "cuda") -> list[tuple[str, torch.Tensor]]:
-    """The bucket's CUDA tensors as views of one fresh buffer per device: one allocation, and one
-    IPC handle for SGLang's scheduler to open, instead of one per tensor. Views of one source
-    storage laid out as densely as in the trainer's arena are copied in one device copy, keeping
-    their relative offsets; anything else is copied tensor by tensor."""
-    out = list(bucket)
-    groups: dict[tuple[torch.device, int], list[int]] = {}
-    for i, (_, t) in enumerate(bucket):
-        if t.device.type == device_type:
-            groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(i)
-    for (device, _), idx in groups.items():
-        spans = [(bucket[i][1].storage_offset() * bucket[i][1].element_size(),
-                  bucket[i][1].numel() * bucket[i][1].element_size()) for i in idx]
-        lo, hi = min(a for a, _ in spans), max(a + n for a, n in spans)
-        lo -= lo % 256  # keeps every view's offset a multiple of its element size
-        dense = all(bucket[i][1].is_contiguous() for i in idx) and hi - lo <= 1.25 * sum(n for _, n in spans) + 4096
-        if dense:
-            src = torch.empty(0, dtype=torch.uint8, device=device).set_(bucket[idx[0]][1].untyped_storage())
-            flat = src[lo:hi].clone()
-            for i, (a, n) in zip(idx, spans, strict=True):
-                name, t = bucket[i]
-                out[i] = (name, flat[a - lo:a - lo + n].view(t.dtype).view(t.shape))
-            continue
-        flat = torch.empty(sum((n + 255) // 256 * 256 for _, n in spans), dtype=torch.uint8, device=device)
-        off = 0
-        for i, (_, n) in zip(idx, spans, strict=True):
-            name, t = bucket[i]
-            view = flat[off:off + n].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            out[i] = (name, view)
-            off += (n + 255) // 256 * 256
-    return out
+def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool,
+                device_type: str = "cuda") -> tuple[torch.Tensor, list[tuple[str, torch.Size, torch.dtype, int, int]]]:
+    """The bucket as one flat uint8 tensor and (name, shape, dtype, start, end) byte ranges in it
+    (SGLang's "flattened_bucket" load format: one IPC handle for the whole bucket instead of one
+    per tensor). Contiguous views of one storage laid out as densely as the trainer's arena lays
+    them out become one slice of that storage (``copy``: one device copy of it); anything else is
+    copied tensor by tensor into a fresh buffer."""
+    ts = [t for _, t in bucket]
+    assert ts and all(t.device.type == device_type for t in ts), "a flat bucket holds tensors of one device type"
+    spans = [(int(t.storage_offset()) * t.element_size(), t.numel() * t.element_size()) for t in ts]
+    lo, hi = min(a for a, _ in spans), max(a + n for a, n in spans)
+    lo -= lo % 256  # keeps every view's offset a multiple of its element size
+    one_storage = len({(t.device, t.untyped_storage().data_ptr()) for t in ts}) == 1
+    if one_storage and all(t.is_contiguous() for t in ts) and hi - lo <= 1.25 * sum(n for _, n in spans) + 4096:
+        whole = torch.empty(0, dtype=torch.uint8, device=ts[0].device).set_(ts[0].untyped_storage())
+        flat = whole[lo:hi].clone() if copy else whole[lo:hi]
+        return flat, [(name, t.shape, t.dtype, a - lo, a - lo + n)
+                      for (name, t), (a, n) in zip(bucket, spans, strict=True)]
+    flat = torch.empty(sum((n + 255) // 256 * 256 for _, n in spans), dtype=torch.uint8, device=ts[0].device)
+    metas, off = [], 0
+    for (name, t), (_, n) in zip(bucket, spans, strict=True):
+        flat[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+        metas.append((name, t.shape, t.dtype, off, off + n))
+        off += (n + 255) // 256 * 256
+    return flat, metas
+
+
+def _serialize_flat(serializer: Any, bucket: list[tuple[str, torch.Tensor]], meta_cls: Any) -> Any:
+    """A CUDA bucket in SGLang's "flattened_bucket" format. A slice of this process's own memory
+    is shared as it is; memory this process opened from another one (the cuda_ipc transport's view
+    of the trainer's arena), which torch cannot re-share, is copied once into a buffer of its own
+    (torch keeps that block alive until SGLang's scheduler lets go of it)."""
+    for copy in (False, True):
+        flat, spans = flat_bucket(bucket, copy=copy)
+        metas = [meta_cls(name=name, shape=shape, dtype=dtype, start_idx=a, end_idx=b, numel=b - a)
+                 for name, shape, dtype, a, b in spans]
+        try:
+            return serializer.serialize({"flattened_tensor": flat, "metadata": metas})
+        except RuntimeError as e:
+            if copy or "received from another process" not in str(e):
+                raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,65 @@
+"""The SGLang adapter's flat buckets (SGLang's "flattened_bucket" load format: one tensor, one IPC
+handle per bucket): views of one storage become one slice of it, or one copy of that slice when
+they were opened from another process (cuda_ipc); anything else is copied tensor by tensor. Run on
+CPU tensors here (the same code; on the GPU it runs in tests/gpu/e2e_sglang.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from rollwire.engines.sglang_weights import flat_bucket
+
+
+def arena_views(gap: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """bf16, fp32 and int64 tensors packed into one uint8 arena (as the trainer packs its buckets),
+    ``gap`` bytes apart, starting off a 256-byte boundary."""
+    g = torch.Generator().manual_seed(0)
+    specs = [("a", torch.bfloat16, (3, 5)), ("b", torch.float32, (7,)), ("c", torch.int64, (2, 2)),
+             ("d", torch.bfloat16, (1,))]
+    arena = torch.zeros(4096 + 4 * gap, dtype=torch.uint8)
+    off, views = 64, []
+    for name, dtype, shape in specs:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        off = (off + 7) // 8 * 8
+        v = arena[off:off + n].view(dtype).view(shape)
+        v.copy_((torch.randn(shape, generator=g) * 100).to(dtype))
+        views.append((name, v))
+        off += n + gap
+    return arena, views
+
+
+def rebuilt(flat: torch.Tensor, metas: list) -> list[tuple[str, torch.Tensor]]:
+    """What SGLang's FlattenedTensorBucket.reconstruct_tensors does with the metadata."""
+    return [(name, flat[a:b].view(dtype).reshape(shape)) for name, shape, dtype, a, b in metas]
+
+
+def check(bucket: list[tuple[str, torch.Tensor]], copy: bool) -> tuple[torch.Tensor, list]:
+    flat, metas = flat_bucket(bucket, copy=copy, device_type="cpu")
+    assert flat.dtype == torch.uint8 and flat.dim() == 1
+    out = rebuilt(flat, metas)
+    assert [n for n, _ in out] == [n for n, _ in bucket]
+    for (_, got), (_, want) in zip(out, bucket, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    return flat, metas
+
+
+def test_dense_views_become_one_slice_of_their_storage_or_one_copy_of_it() -> None:
+    arena, views = arena_views(gap=0)
+    flat, metas = check(views, copy=False)
+    assert flat.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()  # no copy
+    assert flat.numel() < 512 and metas[0][3] == 64  # the span, from the 256-byte boundary below the first
+    copied, copied_metas = check(views, copy=True)
+    assert copied.untyped_storage().data_ptr() != arena.untyped_storage().data_ptr()
+    assert copied_metas == metas and torch.equal(copied, flat)
+    arena.zero_()  # the copy is the trainer's bytes at the time, not a view of them
+    assert any(t.abs().sum() > 0 for _, t in rebuilt(copied, copied_metas))
+
+
+def test_sparse_strided_or_scattered_tensors_are_copied_tensor_by_tensor() -> None:
+    arena, views = arena_views(gap=3000)  # mostly gaps: taking the span would share (or copy) the gaps
+    flat, _ = check(views, copy=False)
+    assert flat.untyped_storage().data_ptr() != arena.untyped_storage().data_ptr() and flat.numel() < 2048
+    _, dense = arena_views(gap=0)
+    check([(n, t.t() if t.dim() == 2 else t) for n, t in dense], copy=False)  # non-contiguous views
+    g = torch.Generator().manual_seed(1)
+    check([("x", torch.randn(5, 3, generator=g)), ("y", torch.randn(4, generator=g).to(torch.bfloat16))], copy=False)
