@@ -209,6 +209,8 @@ async def main(a: argparse.Namespace) -> int:
         push_med = rep.figures["rollwire_push_s"]["median_s"]
         direct_med = rep.figures["direct_update_weights_from_tensor_s"]["median_s"]
         rep.figure("push_over_direct_update", round(push_med / direct_med, 3))
+        flat_med = rep.figures["direct_update_flattened_bucket_s"]["median_s"]
+        rep.figure("push_over_direct_flattened_update", round(push_med / flat_med, 3))
     except Exception as e:
         rep.fail("e2e", e)
     finally:
@@ -240,6 +242,20 @@ async def floors(eng: Any, a: argparse.Namespace, rep: Report, cuda: list) -> No
         ts.append(time.perf_counter() - t0)
     rep.figure("direct_update_weights_from_tensor_s", {"runs_s": [round(x, 4) for x in ts[1:]],
                                                        "median_s": round(statistics.median(ts[1:]), 4)})
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    ts = []  # the same, the way verl and slime call it: one flattened bucket (torch.cat of the tensors)
+    for _ in range(a.repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b = FlattenedTensorBucket(named_tensors=cuda)
+        payload = {"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()}
+        req = UpdateWeightsFromTensorReqInput(serialized_named_tensors=[MultiprocessingSerializer.serialize(payload)],
+                                              flush_cache=True, load_format="flattened_bucket")
+        await eng._eng.tokenizer_manager.update_weights_from_tensor(req, None)
+        ts.append(time.perf_counter() - t0)
+    rep.figure("direct_update_flattened_bucket_s", {"runs_s": [round(x, 4) for x in ts[1:]],
+                                                    "median_s": round(statistics.median(ts[1:]), 4)})
     version = 1000
     per_tag = {}
     for tag in ("kv_cache", "cuda_graph", "weights"):
