@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import QWEN05B, device_info, prompts  # noqa: E402
-from throughput import BENCH_ARGS  # noqa: E402
+from throughput import BENCH_ARGS as KIT_BENCH_ARGS  # noqa: E402
+
+# RW_SGLANG_LOG_LEVEL=info: both engines log their prefill and decode batches (sizes, throughput)
+BENCH_ARGS = {**KIT_BENCH_ARGS, "log_level": os.environ.get("RW_SGLANG_LOG_LEVEL", "warning")}
 
 
 def free_tcp() -> str:

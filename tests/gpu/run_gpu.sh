@@ -90,7 +90,7 @@ elif [ "$WHAT" = e2e ]; then  # issue 5 end to end (serve + trainer cuda_ipc + w
   if ls tmp_gpu_ref/py_spy-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/spy tmp_gpu_ref/py_spy-*.whl && SPY=/tmp/spy/bin/py-spy
   fi
-  step throughput_paired "${PAIRED_S:-230}" python3 bench/gpu/throughput_paired.py --model "$Q05" ${SPY:+--py-spy $SPY}
+  RW_SGLANG_LOG_LEVEL=info step throughput_paired "${PAIRED_S:-230}" python3 bench/gpu/throughput_paired.py --model "$Q05" ${SPY:+--py-spy $SPY}
   cp "$OUT"/throughput_paired*.json "$OUT"/e2e_sglang.json "$FINAL/" 2>/dev/null
 elif [ "$WHAT" != bench ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"

@@ -110,7 +110,9 @@ __all__ = ["SGLangEngine", "convert_engine_args"]
 
 log = logging.getLogger(__name__)
 
-WEIGHT_BUCKET_BYTES = 512 << 20  # as slime and verl: hundreds of MB per update_weights_from_tensor call
+# per update_weights_from_tensor call: each costs a scheduler round trip (~5 ms on an H100), and a
+# CUDA bucket this process opened from the trainer is copied once (a bucket of transient memory)
+WEIGHT_BUCKET_BYTES = 1 << 30
 
 
 class SGLangEngine(RequestsMixin, WeightsMixin):
@@ -323,7 +325,9 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
                 for s in inside:
                     self._tm.abort_request(s.srid)
                 await self._wait_states_finished(inside, EVICT_TIMEOUT_S)
-            elif not self._released:  # released: the scheduler is paused already, with nothing inside
+            elif not self._released and any(s.submitted and not s.done for s in self._live.values()):
+                # with nothing inside SGLang the scheduler needs no pause (new requests are held here);
+                # released: it is paused already, with nothing inside
                 await self._pause_scheduler(mode)
 
     async def resume(self) -> None:
