@@ -210,6 +210,12 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         self._lock = asyncio.Lock()
         self._keep_sigterm_handler()
         self._tm.auto_create_handle_loop()  # its receive task, on this loop
+        # Move everything built so far (SGLang, torch, the model) out of the garbage collector's
+        # reach, here and in the scheduler, as SGLang advises (its "LONG GARBAGE COLLECTION"
+        # warning): this process allocates per request and message, and each full collection
+        # would scan all of it while the event loop waits
+        if hasattr(self._tm, "freeze_gc"):
+            await self._tm.freeze_gc()
         mc = getattr(self._tm, "model_config", None)
         if mc is not None:
             self.vocab_size = int(getattr(mc, "vocab_size", self.vocab_size))

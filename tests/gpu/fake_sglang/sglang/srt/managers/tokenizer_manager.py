@@ -83,6 +83,9 @@ class TokenizerManager:
         self.log = []
 
     # -- tokenizer manager side -----------------------------------------------------------------
+    async def freeze_gc(self):
+        self.gc_frozen = True
+
     def auto_create_handle_loop(self):
         if self.event_loop is not None:
             return
