@@ -197,3 +197,29 @@ async def test_a_trainer_process_pushes_gpu_tensors_over_cuda_ipc_bit_exact_and_
         await loop.run_in_executor(None, proc.join, 60)
     assert proc.exitcode == 0
     assert len(set(cuda_ipc._opened) - opened_before) == 1  # one arena, opened once, for all three versions
+
+
+def test_the_trainer_packs_into_its_arena_with_zeroed_gaps_and_reuses_the_layout_until_it_changes() -> None:
+    """``pack_into`` (run here on a CPU buffer standing in for the CUDA arena): bytes equal the
+    reference packing, gaps and padding are zeros, a repeated layout reuses its views, a new one is
+    laid out afresh over whatever the last push left."""
+    from rollwire.transports.cuda_ipc import pack_into
+    from rollwire.transports.weights import pack_bucket
+
+    def packed(tensors: dict[str, torch.Tensor], arena: torch.Tensor, layout):
+        plans = plan_buckets(list(tensors.items()), 256)
+        offsets = arena_offsets([p.nbytes for p in plans])
+        layout = pack_into(arena, plans, offsets, layout)
+        want = torch.zeros_like(arena)
+        for p, off in zip(plans, offsets, strict=True):
+            pack_bucket(p, want[off:off + p.nbytes])
+        assert torch.equal(arena, want)
+        return layout
+
+    arena = torch.full((64 * ARENA_ALIGN,), 0xAB, dtype=torch.uint8)  # garbage: must not survive in gaps
+    tensors = awkward_tensors()
+    layout = packed(tensors, arena, None)
+    again = packed({k: v * 2 if v.dtype != torch.bool else v for k, v in tensors.items()}, arena, layout)
+    assert again is layout  # same layout: the views were reused
+    fewer = {k: v for k, v in tensors.items() if k != "bf16"}
+    assert packed(fewer, arena, layout)[0] != layout[0]

@@ -3,13 +3,14 @@ update_weights_from_tensor with CUDA tensors).
 
 Trainer (``CudaArena``): one flat uint8 CUDA buffer on the GPU that holds the tensors, created once
 per size and reused for every push (as the shm arena is). A push packs every bucket into it at
-``ARENA_ALIGN``-aligned offsets (one device-to-device copy per tensor, on the GPU), zeroes the
-padding, checksums every bucket on the GPU, and announces. The arena is exported once, as one
-handle (torch's ``reduce_tensor``, i.e. ``cudaIpcGetMemHandle`` plus torch's producer-side reference
-count): opening a handle costs milliseconds, so receivers open it once and keep it while it is the
-trainer's current arena. The trainer does not write the arena again before every receiver has
-reported the version (applied or refused); after a failed push it allocates a new one (``retire``),
-since a straggler may still read the old one (torch keeps memory alive while a consumer holds it).
+``ARENA_ALIGN``-aligned offsets (one multi-tensor device-to-device copy; the views and the zeroed
+gaps are kept while the layout repeats), checksums every bucket on the GPU, and announces. The
+arena is exported once, as one handle (torch's ``reduce_tensor``, i.e. ``cudaIpcGetMemHandle`` plus
+torch's producer-side reference count): opening a handle costs milliseconds, so receivers open it
+once and keep it while it is the trainer's current arena. The trainer does not write the arena
+again before every receiver has reported the version (applied or refused); after a failed push it
+allocates a new one (``retire``), since a straggler may still read the old one (torch keeps memory
+alive while a consumer holds it).
 
 Receiver (``open_arena``, ``verify``): rebuilds the arena as a CUDA tensor (``rebuild_cuda_tensor``,
 on the local index of the GPU named by UUID: indices differ between processes), verifies every
@@ -95,27 +96,31 @@ def arena_offsets(sizes: Sequence[int]) -> list[int]:
 
 
 # -- checksums ---------------------------------------------------------------------------------
-def _sums(words: torch.Tensor) -> torch.Tensor:
-    """[3] int64: sum, row-weighted and column-weighted sums of ``words`` ([rows, ROW_WORDS])."""
-    if words.numel() == 0:
-        return torch.zeros(3, dtype=torch.int64, device=words.device)
-    rows = words.sum(dim=1)
-    cols = words.sum(dim=0)
-    r = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=words.device)
-    c = torch.arange(1, ROW_WORDS + 1, dtype=torch.int64, device=words.device)
-    return torch.stack([rows.sum(), (rows * r).sum(), (cols * c).sum()])
-
-
 def gpu_checksums(arena: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
     """The 64-bit checksum of each bucket ``arena[off:off + padded(size)]`` (padding included, so it
-    must be zeros). Works on any device; one host transfer for all buckets."""
-    parts = []
-    for off, n in zip(offsets, sizes, strict=True):
-        words = arena[off:off + padded(n)].view(torch.int64).view(-1, ROW_WORDS)
-        parts.append(_sums(words))
-    if not parts:
+    must be zeros; ``off`` a multiple of ``ARENA_ALIGN``). Works on any device. A few launches
+    whatever the number of buckets: one row-sum pass over the arena, prefix sums to cut it into
+    buckets, one column-sum pass per bucket; one host transfer for all of them."""
+    if not offsets:
         return []
-    values = torch.stack(parts).tolist()
+    dev = arena.device
+    starts = [off // ARENA_ALIGN for off in offsets]  # buckets as runs of rows
+    counts = [padded(n) // ARENA_ALIGN for n in sizes]
+    end = max(s + c for s, c in zip(starts, counts, strict=True))
+    words = arena[:end * ARENA_ALIGN].view(torch.int64).view(end, ROW_WORDS)
+    rows = words.sum(dim=1)
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    r = torch.arange(1, end + 1, dtype=torch.int64, device=dev)  # global row index + 1
+    prefix = torch.cat([zero, rows.cumsum(0)])
+    prefix_r = torch.cat([zero, (rows * r).cumsum(0)])
+    st = torch.tensor(starts, dtype=torch.int64, device=dev)
+    en = st + torch.tensor(counts, dtype=torch.int64, device=dev)
+    total = prefix[en] - prefix[st]
+    by_row = prefix_r[en] - prefix_r[st] - st * total  # weights local row index + 1
+    cols = torch.stack([words[s:s + c].sum(dim=0) if c else torch.zeros(ROW_WORDS, dtype=torch.int64, device=dev)
+                        for s, c in zip(starts, counts, strict=True)])
+    by_col = (cols * torch.arange(1, ROW_WORDS + 1, dtype=torch.int64, device=dev)).sum(dim=1)
+    values = torch.stack([total, by_row, by_col], dim=1).tolist()
     return [int.from_bytes(hashlib.blake2b(struct.pack("<3q", *v), digest_size=8).digest(), "little")
             for v in values]
 
@@ -127,6 +132,7 @@ class CudaArena:
     def __init__(self) -> None:
         self.tensor: torch.Tensor | None = None
         self.handle: CudaIpcHandle | None = None
+        self._layout: Layout | None = None  # the last push's destination views (reused while it repeats)
         self.created = 0  # how many buffers this arena has allocated (benchmarks check it stays 1)
 
     def reserve(self, nbytes: int, device: torch.device) -> bool:
@@ -146,26 +152,41 @@ class CudaArena:
         self.close()
 
     def close(self) -> None:
-        self.tensor, self.handle = None, None  # torch frees it once no receiver holds it any more
+        self.tensor, self.handle, self._layout = None, None, None  # freed once no receiver holds it
 
     def pack(self, plans: Sequence[Any], offsets: Sequence[int], after: torch.cuda.Event | None = None) -> list[int]:
-        """Copy every bucket in (gaps and padding zeroed), then checksum them; blocks until the GPU
-        is done (run it on a worker thread). ``after``: an event recorded on the caller's stream after
-        its last write to the tensors (the copies wait for it)."""
-        from rollwire.transports.weights import pack_bucket
-
+        """Copy every bucket in, then checksum them; blocks until the GPU is done (run it on a worker
+        thread). ``after``: an event recorded on the caller's stream after its last write to the
+        tensors (the copies wait for it)."""
         arena = self.tensor
         assert arena is not None
         with torch.cuda.device(arena.device):
-            stream = torch.cuda.current_stream()
             if after is not None:
-                stream.wait_event(after)
-            for plan, off in zip(plans, offsets, strict=True):
-                pack_bucket(plan, arena[off:off + plan.nbytes])
-                if padded(plan.nbytes) > plan.nbytes:
-                    arena[off + plan.nbytes:off + padded(plan.nbytes)].zero_()
-            sums = gpu_checksums(arena, offsets, [p.nbytes for p in plans])  # .tolist() waits for the copies
-        return sums
+                torch.cuda.current_stream().wait_event(after)
+            self._layout = pack_into(arena, plans, offsets, self._layout)
+            return gpu_checksums(arena, offsets, [p.nbytes for p in plans])  # .tolist() waits for the copies
+
+
+Layout = tuple[tuple[Any, ...], list[torch.Tensor]]  # (the layout's key, destination views in the arena)
+
+
+def pack_into(arena: torch.Tensor, plans: Sequence[Any], offsets: Sequence[int], layout: Layout | None) -> Layout:
+    """Copy the plans' tensors into ``arena`` at ``offsets`` with one multi-tensor copy. The views
+    are built, and the arena zeroed (gaps and padding must be zeros for the checksum), only when the
+    layout differs from ``layout`` (the previous push's): a training run pushes the same layout."""
+    from rollwire.transports.weights import nbytes_of
+
+    key = tuple((off + m.offset, m.dtype, tuple(m.shape)) for plan, off in zip(plans, offsets, strict=True)
+                for m in plan.tensors)
+    srcs = [t for plan in plans for t in plan.sources]
+    if layout is None or layout[0] != key:
+        arena.zero_()
+        dsts = [arena[o:o + nbytes_of(t)].view(t.dtype).view(t.shape) for (o, _, _), t in zip(key, srcs, strict=True)]
+        layout = (key, dsts)
+    pairs = [(d, s) for d, s in zip(layout[1], srcs, strict=True) if s.numel()]
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+    return layout
 
 
 def export(t: torch.Tensor) -> CudaIpcHandle:
