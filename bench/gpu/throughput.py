@@ -33,7 +33,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
-from common import DIRECT_ENGINE_KWARGS, KIT_ENGINE_ARGS, QWEN05B, device_info, prompts, write_qwen2  # noqa: E402
+from common import (  # noqa: E402
+    DIRECT_ENGINE_KWARGS,
+    KIT_ENGINE_ARGS,
+    QWEN05B,
+    device_info,
+    prompts,
+    stop_process,
+    wait_serving,
+    write_qwen2,
+)
 
 BENCH_ARGS = {**KIT_ENGINE_ARGS, "cuda_graph_max_bs_decode": "256"}
 BENCH_DIRECT = {**DIRECT_ENGINE_KWARGS, "cuda_graph_max_bs_decode": 256}
@@ -221,14 +230,8 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         async with RolloutClient(ep, timeout=600) as rc:
-            while True:
-                try:
-                    status = await rc.status(timeout=2.0)
-                    break
-                except Exception:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
-                    await asyncio.sleep(1.0)
+            await wait_serving(rc, proc)
+            status = await rc.status()
             start_s = time.time() - t
             ps = _prompts(a.n)
             sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
@@ -266,11 +269,7 @@ async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
         return {"engine_start_s": round(start_s, 1), "engine": status.engine, "profiled": bool(a.profile or a.py_spy),
                 "last_run_timings": last, **_median_run([r[0] for r in runs], runs[0][1])}
     finally:
-        proc.terminate()  # SIGTERM: the adapter turns SGLang's handler into SIGINT, serve stops cleanly
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)  # SIGTERM: the adapter turns SGLang's handler into SIGINT, serve stops cleanly
         log.close()
 
 

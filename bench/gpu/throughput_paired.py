@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QWEN05B, device_info, prompts  # noqa: E402
+from common import QWEN05B, device_info, prompts, stop_process, wait_serving  # noqa: E402
 from throughput import BENCH_ARGS as KIT_BENCH_ARGS  # noqa: E402
 
 # RW_SGLANG_LOG_LEVEL=info: both engines log their prefill and decode batches (sizes, throughput)
@@ -70,14 +70,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                            "engine_args": BENCH_ARGS, "device": device_info()}
     try:
         async with RolloutClient(ep, timeout=600) as rc:
-            while True:
-                try:
-                    await rc.status(timeout=2.0)
-                    break
-                except Exception:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
-                    await asyncio.sleep(1.0)
+            await wait_serving(rc, proc)
             res["server_ready_s"] = round(time.time() - t, 1)
 
             async def direct_once() -> tuple[float, int]:
@@ -144,32 +137,28 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
             res["server_over_direct_tokens_per_s"] = round(statistics.median(dt) / statistics.median(st), 4)
             res["pair_ratios"] = [round(d / s, 4) for s, d in zip(st, dt, strict=True)]
             res["median_pair_ratio"] = round(statistics.median(res["pair_ratios"]), 4)
-            if a.py_spy:
-                out = str(Path(a.out).with_suffix(".speedscope.json"))
-                spy = subprocess.Popen([a.py_spy, "record", "--pid", str(proc.pid), "--output", out, "--format",
-                                        "speedscope", "--rate", "200", "--subprocesses", "--nonblocking",
-                                        "--duration", "6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                await asyncio.sleep(1.0)
-                res["profiled_server_runs_s"] = [round((await server_once())[0], 4) for _ in range(2)]
-                spy_out = await asyncio.get_running_loop().run_in_executor(None, lambda: spy.communicate(timeout=60))
-                res["py_spy"] = {"rc": spy.returncode, "out": out, "log": (spy_out[0] or b"").decode()[-1500:]}
-                out2 = str(Path(a.out).with_suffix(".direct.speedscope.json"))  # this process's engine
-                spy = subprocess.Popen([a.py_spy, "record", "--pid", str(os.getpid()), "--output", out2, "--format",
-                                        "speedscope", "--rate", "200", "--subprocesses", "--nonblocking",
-                                        "--duration", "6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                await asyncio.sleep(1.0)
-                res["profiled_direct_runs_s"] = [round((await direct_once())[0], 4) for _ in range(2)]
-                spy_out = await asyncio.get_running_loop().run_in_executor(None, lambda: spy.communicate(timeout=60))
-                res["py_spy_direct"] = {"rc": spy.returncode, "out": out2, "log": (spy_out[0] or b"").decode()[-1500:]}
+            if a.py_spy:  # the server process and its SGLang children, then this process's engine
+                res["py_spy"] = await profiled(a.py_spy, proc.pid, str(Path(a.out).with_suffix(".speedscope.json")),
+                                               server_once)
+                res["py_spy_direct"] = await profiled(a.py_spy, os.getpid(),
+                                                      str(Path(a.out).with_suffix(".direct.speedscope.json")),
+                                                      direct_once)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
         await adapter.shutdown()
     return res
+
+
+async def profiled(py_spy: str, pid: int, out: str, run: Any) -> dict[str, Any]:
+    """Two runs of ``run`` while py-spy samples process ``pid`` and its children (speedscope JSON)."""
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--output", out, "--format", "speedscope",
+                            "--rate", "200", "--subprocesses", "--nonblocking", "--duration", "6"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    await asyncio.sleep(1.0)
+    runs_s = [round((await run())[0], 4) for _ in range(2)]
+    spy_out = await asyncio.get_running_loop().run_in_executor(None, lambda: spy.communicate(timeout=60))
+    return {"rc": spy.returncode, "out": out, "runs_s": runs_s, "log": (spy_out[0] or b"").decode()[-1500:]}
 
 
 if __name__ == "__main__":

@@ -141,3 +141,30 @@ def gib_free() -> float:
     import torch
 
     return torch.cuda.mem_get_info(0)[0] / 2**30
+
+
+async def wait_serving(rc: Any, proc: Any, timeout: float = 300.0) -> None:
+    """Until `rollwire serve` (child process ``proc``) answers a status request on client ``rc``;
+    raises if the process exits first."""
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await rc.status(timeout=2.0)
+                return
+            except Exception:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
+                await asyncio.sleep(1.0)
+
+
+def stop_process(proc: Any, timeout: float = 60.0) -> None:
+    """SIGTERM (serve stops cleanly), then SIGKILL after ``timeout``."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -34,7 +34,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import CHECK_ENGINE_ARGS, Report, device_info, gib_free, prompts  # noqa: E402
+from common import CHECK_ENGINE_ARGS, Report, device_info, gib_free, prompts, stop_process, wait_serving  # noqa: E402
 
 PUSH_TRANSPORT = "auto"  # must resolve to cuda_ipc: the trainer's tensors are on the server's GPU
 
@@ -126,15 +126,7 @@ async def main(a: argparse.Namespace) -> int:
 
     try:
         async with RolloutClient(rollout_ep, timeout=300) as rc:
-            async with asyncio.timeout(300):
-                while True:
-                    try:
-                        await rc.status(timeout=2.0)
-                        break
-                    except Exception:
-                        if server.poll() is not None:
-                            raise RuntimeError(f"rollwire serve exited with {server.returncode}") from None
-                        await asyncio.sleep(1.0)
+            await wait_serving(rc, server)
 
             async def outputs() -> list[list[int]]:
                 return [list((await rc.generate(p, greedy)).output_ids) for p in ps]  # type: ignore[union-attr]
@@ -216,11 +208,7 @@ async def main(a: argparse.Namespace) -> int:
     finally:
         commands.put(None)
         trainer.join(30)
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         log.close()
         await eng.shutdown()
     rep.write({"device": device_info(), "model": a.model, "torch": torch.__version__})
