@@ -20,6 +20,10 @@ class FaultyEngine:
         self.version = 0
         self._aborted: set[str] = set()
 
+    @property
+    def weight_version(self) -> int:
+        return self.version
+
     def info(self) -> EngineInfo:
         return EngineInfo("faulty", self.vocab, [], 1 << 20, self.version, "cpu", "float32")
 

@@ -34,6 +34,10 @@ class ThreadedEngine:
             await self.engine.start()
         await self._call(build())
 
+    @property
+    def weight_version(self) -> int:
+        return int(self.engine.weight_version)
+
     def info(self) -> EngineInfo:
         info: EngineInfo = self.engine.info()
         return info

@@ -136,7 +136,7 @@ class GenerationActor(GenerationControl, Actor):
 
     @property
     def weight_version(self) -> int:
-        return self.engine.info().weight_version
+        return self.engine.weight_version
 
     async def _wait_for_change(self) -> None:
         """Until the version changes, admission reopens, or an abort arrives (it notifies too)."""

@@ -68,6 +68,10 @@ class EngineInfo:
 class Engine(Protocol):
     def info(self) -> EngineInfo: ...
 
+    @property
+    def weight_version(self) -> int:
+        """The live version, as ``info().weight_version``, without building the info (asked per request)."""
+
     async def start(self) -> None:
         """Start background work; called on the event loop that will drive the engine."""
 

@@ -98,6 +98,10 @@ class HFEngine:
 
     # -- protocol -------------------------------------------------------------------------------
 
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
     def info(self) -> EngineInfo:
         weights = self._weights.resident_bytes()
         return EngineInfo(

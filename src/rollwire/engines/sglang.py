@@ -47,9 +47,11 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
 * pause(abort|retract|in_place): ``pause_generation`` is fire-and-forget to the scheduler, so each
   pause is followed by a round trip to the scheduler; when it returns no step is running and the
   outputs of earlier steps have been handled. ``abort`` is done as retract + abort of every
-  request (SGLang's own abort mode polls once a second).
-* update_weights: ``update_weights_from_tensor`` in buckets of ~512 MiB (tiny buckets have
-  garbled outputs on large models), ``abort_all_requests=False`` (the default of
+  request (SGLang's own abort mode polls once a second). With nothing of ours inside SGLang the
+  scheduler is not paused (new requests wait in the adapter). See ``sglang_control``.
+* update_weights: ``update_weights_from_tensor`` in buckets of 1 GiB (tiny buckets have garbled
+  outputs on large models); CUDA buckets in SGLang's ``flattened_bucket`` format (one IPC handle
+  per bucket), ``abort_all_requests=False`` (the default of
   ``update_weight_version`` would undo a retract/in_place pause), the version passed along as
   ``weight_version``. SGLang's flush after a load asserts that the scheduler is idle, so the
   cache is flushed only when no request is inside SGLang; requests carry
@@ -79,20 +81,18 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 if importlib.util.find_spec("sglang") is None:  # the server turns this into "pip install 'rollwire[sglang]'"
     raise ImportError("rollwire.engines.sglang needs SGLang: pip install 'rollwire[sglang]'")
 
 from rollwire.engines.base import (
-    ALL_MEMORY_TAGS,
     EngineDelta,
     EngineError,
     EngineInfo,
     EngineRequest,
     MemoryTag,
-    PauseMode,
 )
 from rollwire.engines.hf_sampling import check_request
 from rollwire.engines.sglang_args import (
@@ -102,9 +102,10 @@ from rollwire.engines.sglang_args import (
     env_engine_args,
     read_checkpoint,
 )
+from rollwire.engines.sglang_control import ControlMixin
 from rollwire.engines.sglang_logits import TokenMask
 from rollwire.engines.sglang_requests import Live, RequestsMixin, StateView
-from rollwire.engines.sglang_weights import EVICT_TIMEOUT_S, WeightsMixin
+from rollwire.engines.sglang_weights import WeightsMixin
 
 __all__ = ["SGLangEngine", "convert_engine_args"]
 
@@ -115,7 +116,7 @@ log = logging.getLogger(__name__)
 WEIGHT_BUCKET_BYTES = 1 << 30
 
 
-class SGLangEngine(RequestsMixin, WeightsMixin):
+class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
     """Engine on ``sglang.Engine`` (GPU). ``engine_args`` are ServerArgs fields (strings are converted);
     defaults may come from ``ROLLWIRE_SGLANG_ENGINE_ARGS`` (see sglang_args)."""
 
@@ -163,6 +164,10 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         self.loop_is_engine_loop: bool | None = None
 
     # -- protocol -------------------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
 
     def info(self) -> EngineInfo:
         gpu = int(self.server_kwargs.get("base_gpu_id") or 0)
@@ -315,89 +320,6 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         else:
             self._pulse()  # held or evicted: its generate() ends now
 
-    async def pause(self, mode: PauseMode) -> None:
-        if mode not in ("abort", "retract", "in_place"):
-            raise EngineError("bad_pause_mode", f"unknown pause mode {mode!r}")
-        assert self._lock is not None, "engine not started"
-        async with self._lock:
-            self._paused = True
-            self._pulse()
-            if mode == "abort":
-                for s in self._live.values():
-                    s.abort_requested = True
-                self._pulse()
-                inside = [s for s in self._live.values() if s.submitted and not s.done]
-                await self._pause_scheduler("retract")
-                for s in inside:
-                    self._tm.abort_request(s.srid)
-                await self._wait_states_finished(inside, EVICT_TIMEOUT_S)
-            elif not self._released and any(s.submitted and not s.done for s in self._live.values()):
-                # with nothing inside SGLang the scheduler needs no pause (new requests are held here);
-                # released: it is paused already, with nothing inside
-                await self._pause_scheduler(mode)
-
-    async def resume(self) -> None:
-        """Run again. KV cache / CUDA graphs released while paused come back first; released weights
-        do not (they must be re-sent): requests stay held until resume_memory + update_weights."""
-        assert self._lock is not None, "engine not started"
-        async with self._lock:
-            self._paused = False
-            if self._released and "weights" not in self._released:  # only KV / graphs released: take them back
-                back = [t for t in ALL_MEMORY_TAGS if t in self._released]
-                await self._tm.resume_memory_occupation(self._io.ResumeMemoryOccupationReqInput(tags=back), None)
-                self._released.clear()
-            if not self._weights_sent:
-                log.warning("resuming without re-sent weights: outputs are garbage until update_weights")
-            if not self._released:
-                await self._continue_scheduler()
-            self._pulse()
-
-    async def release_memory(self, tags: Sequence[MemoryTag]) -> None:
-        """Frees GPU memory by tag (SGLang's torch_memory_saver). Needs a paused engine; requests
-        inside SGLang are evicted first and re-submitted once the engine runs again. Released
-        weights are lost: resume_memory(["weights"]), then update_weights with every tensor."""
-        _check_tags(tags)
-        if not self._paused:
-            raise EngineError("not_paused", "release_memory needs a paused engine")
-        new = [t for t in ALL_MEMORY_TAGS if t in tags and t not in self._released]
-        if not new:
-            return
-        assert self._lock is not None
-        async with self._lock:
-            await self._evict()
-            await self._tm.release_memory_occupation(self._io.ReleaseMemoryOccupationReqInput(tags=list(new)), None)
-            self._released.update(new)
-            if "weights" in new:
-                self._weights_sent = False
-
-    async def resume_memory(self, tags: Sequence[MemoryTag]) -> None:
-        _check_tags(tags)
-        back = [t for t in ALL_MEMORY_TAGS if t in tags and t in self._released]
-        if not back:
-            return
-        assert self._lock is not None
-        async with self._lock:
-            await self._tm.resume_memory_occupation(self._io.ResumeMemoryOccupationReqInput(tags=list(back)), None)
-            self._released.difference_update(back)
-            if not self._released and not self._paused:  # resume() came first: run now
-                await self._continue_scheduler()
-            self._pulse()
-
-    async def flush_cache(self) -> None:
-        """Drops SGLang's prefix cache. Refused (busy) while requests run unpaused; while paused,
-        requests inside SGLang are evicted first (they re-prefill on resume)."""
-        if not self._paused and any(not s.done for s in self._live.values()):
-            raise EngineError("busy", "flush_cache while requests are running; pause first")
-        assert self._lock is not None
-        async with self._lock:
-            if "kv_cache" in self._released:
-                return  # released KV was flushed by SGLang then
-            if self._paused:
-                await self._evict()
-            out = await self._tm.flush_cache()
-            if not getattr(out, "success", True):
-                raise EngineError("busy", f"sglang refused to flush: {getattr(out, 'message', '')}")
-
     async def close_session(self, session_id: str) -> None:
         """Forget the session's cache key; its KV stays in SGLang's radix cache until evicted (LRU),
         where any later request with the same history under the same version may still reuse it."""
@@ -412,53 +334,6 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
         """Wake every generate() waiting for the engine to run (or for its abort)."""
         self._changed.set()
         self._changed = asyncio.Event()
-
-    async def _sync(self) -> None:
-        """Round trip to the scheduler: it has handled everything sent before, and the outputs of
-        steps before that have been handled here (they travel on another socket: give it a moment)."""
-        await self._tm.get_internal_state()
-        await asyncio.sleep(0.002)
-
-    async def _settle(self, lives: list[Live], quiet_s: float = 0.003, limit_s: float = 0.2) -> None:
-        """Wait until the outputs of ``lives`` stop arriving (after a pause, the last step's tokens
-        may still be on their way through SGLang's output socket)."""
-        deadline = time.monotonic() + limit_s
-        seen = [s.produced() for s in lives]
-        while time.monotonic() < deadline:
-            await asyncio.sleep(quiet_s)
-            now = [s.produced() for s in lives]
-            if now == seen:
-                return
-            seen = now
-
-    async def _pause_scheduler(self, mode: str) -> None:
-        await self._tm.pause_generation(self._io.PauseGenerationReqInput(mode=mode))
-        await self._sync()
-        self._sched_paused = mode
-
-    async def _continue_scheduler(self) -> None:
-        if self._sched_paused:
-            await self._tm.continue_generation(self._io.ContinueGenerationReqInput())
-            self._sched_paused = ""
-
-    async def _evict(self) -> None:
-        """Take every request out of SGLang (to be re-submitted later) so its scheduler is idle."""
-        inside = [s for s in self._live.values() if s.submitted and not s.done]
-        if self._sched_paused != "retract" or inside:
-            await self._pause_scheduler("retract")  # running requests go back to the waiting queue
-        if not inside:
-            return
-        for s in inside:
-            s.evicting = True
-            self._tm.abort_request(s.srid)
-        await self._wait_states_finished(inside, EVICT_TIMEOUT_S)
-
-    async def _wait_states_finished(self, lives: list[Live], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while any(s.state is not None and not s.state.finished for s in lives):
-            if time.monotonic() > deadline:
-                raise EngineError("internal", "sglang did not end the aborted requests in time")
-            await asyncio.sleep(0.001)
 
     def _keep_sigterm_handler(self) -> None:
         """The TokenizerManager replaces the loop's SIGTERM handler with one that drains and kills the
@@ -476,9 +351,3 @@ class SGLangEngine(RequestsMixin, WeightsMixin):
                 signal.raise_signal(signal.SIGINT)
 
         self._tm.signal_handler_class = _Handler
-
-
-def _check_tags(tags: Sequence[str]) -> None:
-    bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
-    if bad:
-        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
