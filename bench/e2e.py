@@ -1,9 +1,5 @@
 """End to end: requests through rollwire from another process vs the hf engine called directly.
-
-Measures tokens/s for N requests x T tokens (greedy, ignore_eos) at several concurrencies:
-  direct   - HFEngine.generate in this process (the floor: no sockets, no actors)
-  rollwire - `rollwire serve` in a child process, RolloutClient here, over tcp
-Runs alternate direct and rollwire, repeated; medians reported with the ratio rollwire/direct.
+The benchmark lives in the package (``rollwire bench`` runs it too); see rollwire/bench.py.
 
     python bench/e2e.py [--quick] [--repeats 3] [--out bench/out/e2e.json]
 """
@@ -11,115 +7,11 @@ Runs alternate direct and rollwire, repeated; medians reported with the ratio ro
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
-import socket
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-from rollwire import RolloutClient, SamplingParams
-from rollwire.engines.base import EngineRequest
-from rollwire.engines.hf import HFEngine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _prompts(n: int) -> list[list[int]]:
-    return [[1 + (i * 7) % 90, 5 + i % 11, 9, 3 + i % 5] for i in range(n)]
-
-
-async def _run_direct(engine: HFEngine, n: int, tokens: int, concurrency: int) -> float:
-    sp = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
-    sem = asyncio.Semaphore(concurrency)
-    counter = iter(range(1 << 30))
-
-    async def one(p: list[int]) -> int:
-        async with sem:
-            got = 0
-            async for d in engine.generate(EngineRequest(f"d{next(counter)}", p, sp)):
-                got += len(d.token_ids)
-            return got
-
-    t0 = time.perf_counter()
-    total = sum(await asyncio.gather(*(one(p) for p in _prompts(n))))
-    return total / (time.perf_counter() - t0)
-
-
-async def _run_rollwire(rc: RolloutClient, n: int, tokens: int, concurrency: int) -> float:
-    sp = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(p: list[int]) -> int:
-        async with sem:
-            out = await rc.generate(p, sp)
-            return len(out.output_ids)  # type: ignore[union-attr]
-
-    t0 = time.perf_counter()
-    total = sum(await asyncio.gather(*(one(p) for p in _prompts(n))))
-    return total / (time.perf_counter() - t0)
-
-
-async def main(args: argparse.Namespace) -> dict[str, object]:
-    ep = f"tcp://127.0.0.1:{_free_port()}"
-    server = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
-                               "--rollout-endpoint", ep, "--max-batch-size", "64"])
-    engine = HFEngine.from_spec("tiny", max_batch_size=64)
-    await engine.start()
-    results: dict[str, dict[str, list[float]]] = {}
-    try:
-        async with RolloutClient(ep) as rc:
-            await rc.wait_ready(timeout=120)
-            await _run_rollwire(rc, 8, 8, 8)  # warm-up both paths
-            await _run_direct(engine, 8, 8, 8)
-            for conc in args.concurrency:
-                r = results.setdefault(str(conc), {"direct": [], "rollwire": []})
-                for _ in range(args.repeats):
-                    r["direct"].append(await _run_direct(engine, args.requests, args.tokens, conc))
-                    r["rollwire"].append(await _run_rollwire(rc, args.requests, args.tokens, conc))
-    finally:
-        await engine.shutdown()
-        server.terminate()
-        server.wait(30)
-    table = []
-    for conc, r in results.items():
-        d, w = statistics.median(r["direct"]), statistics.median(r["rollwire"])
-        table.append({"concurrency": int(conc), "direct_tok_s": d, "rollwire_tok_s": w, "ratio": w / d,
-                      "direct_runs": r["direct"], "rollwire_runs": r["rollwire"]})
-    return {"requests": args.requests, "tokens": args.tokens, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-            "rows": table}
-
-
-def _print(res: dict[str, object]) -> None:
-    print(f"\n{res['requests']} requests x {res['tokens']} tokens, medians of {res['repeats']} runs (tokens/s)")
-    print(f"{'concurrency':>11} {'direct':>10} {'rollwire':>10} {'ratio':>7}")
-    for row in res["rows"]:  # type: ignore[attr-defined]
-        print(f"{row['concurrency']:>11} {row['direct_tok_s']:>10.0f} {row['rollwire_tok_s']:>10.0f} "
-              f"{row['ratio']:>7.3f}")
-
+from rollwire.bench import add_bench_args, run_bench
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--out", default="bench/out/e2e.json")
-    a = ap.parse_args()
-    if a.quick:
-        a.requests, a.tokens, a.repeats, a.concurrency = 16, 16, 1, [1, 16]
-    import uvloop
-
-    res = uvloop.run(main(a))
-    _print(res)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_bench_args(ap)
+    sys.exit(run_bench(ap.parse_args()))

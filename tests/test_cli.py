@@ -46,3 +46,17 @@ async def test_serve_answers_generate_and_ctrl_c_gives_in_flight_requests_a_term
             proc.kill()
         log = proc.stdout.read().decode() if proc.stdout else ""
     assert "server_stopped" in log, log
+
+
+def test_bench_quick_prints_its_table_and_writes_both_paths_per_concurrency(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "e2e.json"
+    run = subprocess.run([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "bench", "--quick",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert (res["requests"], res["tokens"]) == (16, 16)
+    assert [r["concurrency"] for r in res["rows"]] == [1, 16]
+    for r in res["rows"]:  # both paths produced every token (figures, not assertions on speed)
+        assert r["direct_tok_s"] > 0 and r["rollwire_tok_s"] > 0
+        assert r["ratio"] == r["rollwire_tok_s"] / r["direct_tok_s"]
+    assert "concurrency" in run.stdout and f"wrote {out}" in run.stdout

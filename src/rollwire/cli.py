@@ -120,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
     st.add_argument("--timeout", type=float, default=5.0)
 
+    from rollwire.bench import add_bench_args
     from rollwire.demo import add_demo_args
+
+    add_bench_args(sub.add_parser("bench", help="tokens/s through rollwire vs the engine called directly (CPU)"))
 
     add_demo_args(sub.add_parser("demo", help="the main job on the embedded engine, on CPU, in minutes"))
 
@@ -136,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(_generate(a)))  # type: ignore[call-overload]
     if a.cmd == "status":
         return int(run(_status(a)))  # type: ignore[call-overload]
+    if a.cmd == "bench":
+        from rollwire.bench import run_bench
+
+        return run_bench(a)
     if a.cmd == "demo":
         from rollwire.demo import run_demo
 
