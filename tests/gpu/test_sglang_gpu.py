@@ -1,7 +1,7 @@
 """SGLangEngine on a real GPU with the real SGLang: the scripted checks of tests/gpu, as pytest.
 
 Skipped (with the reason) where CUDA or SGLang is missing, which includes CI. On a GPU machine:
-``pytest tests/gpu/test_sglang_gpu.py`` (about 5 minutes: two engine starts); run_gpu.sh runs the
+``pytest tests/gpu/test_sglang_gpu.py`` (about 8 minutes: four engine starts); run_gpu.sh runs the
 same scripts and keeps their logs and JSON.
 """
 
@@ -55,3 +55,18 @@ def test_every_scripted_check_passes_on_the_gpu(tmp_path: Path) -> None:
         summary = json.loads((tmp_path / script.replace(".py", ".json")).read_text())
         failed = [c for c in summary["checks"] if not c["ok"]]
         assert not failed, failed
+
+
+@pytest.mark.timeout(900)
+def test_end_to_end_serve_trainer_and_worker_processes_on_the_gpu(tmp_path: Path) -> None:
+    """tests/gpu/e2e_sglang.py: rollwire serve (colocated) + a trainer process pushing by cuda_ipc +
+    a worker process; every check it prints must pass (about 2 minutes)."""
+    sys.path.insert(0, str(HERE))
+    from common import QWEN05B, write_qwen2
+
+    model = write_qwen2(str(tmp_path / "q05"), QWEN05B)
+    subprocess.run([sys.executable, str(HERE / "e2e_sglang.py"), model], env={**os.environ, "OUT": str(tmp_path)},
+                   check=True, timeout=800)
+    summary = json.loads((tmp_path / "e2e_sglang.json").read_text())
+    failed = [c for c in summary["checks"] if not c["ok"]]
+    assert not failed and summary["passed"] == 7, failed
