@@ -81,15 +81,15 @@ async def _run_rollwire(rc: RolloutClient, n: int, tokens: int, concurrency: int
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    ep = f"tcp://127.0.0.1:{_free_port()}"
-    server = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
-                               "--rollout-endpoint", ep, "--max-batch-size", "64"])
     from rollwire.engines.hf import HFEngine
 
     engine = HFEngine.from_spec("tiny", max_batch_size=64)
-    await engine.start()
+    ep = f"tcp://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
+                               "--rollout-endpoint", ep, "--max-batch-size", "64"])
     results: dict[str, dict[str, list[float]]] = {}
     try:
+        await engine.start()
         async with RolloutClient(ep) as rc:
             await rc.wait_ready(timeout=120)
             await _run_rollwire(rc, 8, 8, 8)  # warm-up both paths
@@ -102,7 +102,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     finally:
         await engine.shutdown()
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
     table = []
     for conc, r in results.items():
         d, w = statistics.median(r["direct"]), statistics.median(r["rollwire"])

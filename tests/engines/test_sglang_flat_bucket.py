@@ -63,3 +63,32 @@ def test_sparse_strided_or_scattered_tensors_are_copied_tensor_by_tensor() -> No
     check([(n, t.t() if t.dim() == 2 else t) for n, t in dense], copy=False)  # non-contiguous views
     g = torch.Generator().manual_seed(1)
     check([("x", torch.randn(5, 3, generator=g)), ("y", torch.randn(4, generator=g).to(torch.bfloat16))], copy=False)
+
+
+class ForkingSerializer:
+    """What SGLang's MultiprocessingSerializer does (ForkingPickler: tensors shared, not copied)."""
+
+    @staticmethod
+    def serialize(obj: object) -> bytes:
+        import io
+        from multiprocessing.reduction import ForkingPickler
+
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(obj)
+        return buf.getvalue()
+
+
+def test_one_payload_per_tp_rank_each_a_share_of_its_own() -> None:
+    """As sglang.Engine does: torch's IPC reference count expects one share per consumer, so every
+    TP rank gets its own serialization of the bucket, not one payload repeated."""
+    import pickle
+
+    from rollwire.engines.sglang_weights import _serialize
+
+    _, views = arena_views(gap=0)
+    payloads = _serialize(ForkingSerializer, [(n, t.clone()) for n, t in views], 3)
+    assert len(payloads) == 3 and len({id(p) for p in payloads}) == 3
+    for p in payloads:
+        got = pickle.loads(p)
+        assert [n for n, _ in got] == [n for n, _ in views]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, views, strict=True))

@@ -34,7 +34,7 @@ class PushReport:
     bytes: int  # payload bytes of the version (sum of bucket sizes)
     receivers: list[str]  # every receiver that applied it
     transport: str
-    prepare_s: float = 0.0  # of ``seconds``: packing and checksums, up to the announcement
+    prepare_s: float = 0.0  # of ``seconds``: packing, checksums (gloo/nccl: the group's set-up), up to the announcement
 
 
 class PushError(Exception):

@@ -88,6 +88,7 @@ class ControlMixin:
             await self._evict()
             await self._tm.release_memory_occupation(self._io.ReleaseMemoryOccupationReqInput(tags=list(new)), None)
             self._released.update(new)
+            _return_cached_memory()
             if "weights" in new:
                 self._weights_sent = False
 
@@ -167,6 +168,17 @@ class ControlMixin:
             if time.monotonic() > deadline:
                 raise EngineError("internal", "sglang did not end the aborted requests in time")
             await asyncio.sleep(0.001)
+
+
+def _return_cached_memory() -> None:
+    """This process's share of the GPU: the buffers weight loads copied into (freed once SGLang's
+    scheduler let go of them, then kept by torch's caching allocator) go back to the driver, so
+    that a colocated trainer gets them too."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
+        torch.cuda.empty_cache()
 
 
 def _check_tags(tags: Sequence[str]) -> None:

@@ -46,6 +46,7 @@ class WeightsMixin:
     _io: Any
     _serializer: Any
     _flat_meta: Any  # SGLang's FlattenedTensorMetadata (None: this SGLang has no flattened buckets)
+    server_kwargs: dict[str, Any]
     _version: int
     _paused: bool
     _released: set[MemoryTag]
@@ -84,11 +85,11 @@ class WeightsMixin:
             for i, bucket in enumerate(buckets):
                 last = i == len(buckets) - 1
                 t = time.perf_counter()
-                flat = self._flat_meta is not None and all(x.is_cuda for _, x in bucket)
-                payload = (_serialize_flat(self._serializer, bucket, self._flat_meta) if flat
-                           else _serialize(self._serializer, _stage_cpu(bucket)))
+                flat = self._flat_meta is not None and self._flat_loadable(bucket)
+                payloads = (_serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size) if flat
+                            else _serialize(self._serializer, _stage_cpu(bucket), self.tp_size))
                 obj = self._io.UpdateWeightsFromTensorReqInput(
-                    serialized_named_tensors=[payload] * self.tp_size, flush_cache=flush and last,
+                    serialized_named_tensors=payloads, flush_cache=flush and last,
                     abort_all_requests=False, weight_version=str(version) if last else None,
                     load_format="flattened_bucket" if flat else None)
                 staged_s += time.perf_counter() - t
@@ -100,6 +101,12 @@ class WeightsMixin:
             self._go_live(version)
             slog.info("sglang_weights_loaded", version=version, buckets=len(buckets), staged_s=round(staged_s, 4),
                       sglang_s=round(sglang_s, 4), total_s=round(time.perf_counter() - t0, 4))
+
+    def _flat_loadable(self, bucket: list[tuple[str, torch.Tensor]]) -> bool:
+        """SGLang loads a flattened bucket from where it lies (no ``.to(device)`` as for a plain one):
+        only for one TP rank whose GPU holds the whole bucket."""
+        gpu = int(self.server_kwargs.get("base_gpu_id") or 0)
+        return self.tp_size == 1 and all(t.is_cuda and t.device.index == gpu for _, t in bucket)
 
     # -- NCCL broadcast from a trainer ----------------------------------------------------------------
 
@@ -288,17 +295,20 @@ def _stage_cpu(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.
     return out
 
 
-def _serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]]) -> Any:
-    """SGLang's serializer shares CUDA tensors by IPC handle. torch cannot re-share memory this
-    process itself opened from another process (rollwire's cuda_ipc transport hands the engine
-    views of the trainer's buffer): such a bucket is copied into this process's own CUDA memory
-    first (torch keeps a shared block alive until the consumer lets go)."""
+def _serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]], ranks: int) -> list[Any]:
+    """One payload per TP rank (as sglang.Engine does: torch's CUDA IPC reference count expects one
+    share per consumer). SGLang's serializer shares CUDA tensors by IPC handle. torch cannot
+    re-share memory this process itself opened from another process (rollwire's cuda_ipc
+    transport hands the engine views of the trainer's buffer): such a bucket is copied into this
+    process's own CUDA memory first (torch keeps a shared block alive until the consumer lets go)."""
     try:
-        return serializer.serialize(bucket)
+        first = serializer.serialize(bucket)
     except RuntimeError as e:
         if "received from another process" not in str(e):
             raise
-    return serializer.serialize([(name, t.clone() if t.is_cuda else t) for name, t in bucket])
+        bucket = [(name, t.clone() if t.is_cuda else t) for name, t in bucket]
+        first = serializer.serialize(bucket)
+    return [first] + [serializer.serialize(bucket) for _ in range(ranks - 1)]
 
 
 def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool,
@@ -328,18 +338,23 @@ def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool,
     return flat, metas
 
 
-def _serialize_flat(serializer: Any, bucket: list[tuple[str, torch.Tensor]], meta_cls: Any) -> Any:
-    """A CUDA bucket in SGLang's "flattened_bucket" format. A slice of this process's own memory
-    is shared as it is; memory this process opened from another one (the cuda_ipc transport's view
-    of the trainer's arena), which torch cannot re-share, is copied once into a buffer of its own
-    (torch keeps that block alive until SGLang's scheduler lets go of it)."""
+def _serialize_flat(serializer: Any, bucket: list[tuple[str, torch.Tensor]], meta_cls: Any,
+                    ranks: int) -> list[Any]:
+    """A CUDA bucket in SGLang's "flattened_bucket" format, one payload per TP rank (see
+    ``_serialize``). A slice of this process's own memory is shared as it is; memory this process
+    opened from another one (the cuda_ipc transport's view of the trainer's arena), which torch
+    cannot re-share, is copied once into a buffer of its own (torch keeps that block alive until
+    SGLang's scheduler lets go of it)."""
     for copy in (False, True):
         flat, spans = flat_bucket(bucket, copy=copy)
-        metas = [meta_cls(name=name, shape=shape, dtype=dtype, start_idx=a, end_idx=b, numel=b - a)
-                 for name, shape, dtype, a, b in spans]
+        payload = {"flattened_tensor": flat,
+                   "metadata": [meta_cls(name=name, shape=shape, dtype=dtype, start_idx=a, end_idx=b, numel=b - a)
+                                for name, shape, dtype, a, b in spans]}
         try:
-            return serializer.serialize({"flattened_tensor": flat, "metadata": metas})
+            first = serializer.serialize(payload)
         except RuntimeError as e:
             if copy or "received from another process" not in str(e):
                 raise
+            continue
+        return [first] + [serializer.serialize(payload) for _ in range(ranks - 1)]
     raise AssertionError("unreachable")
