@@ -11,6 +11,7 @@ is installed, since both are imported as ``sglang``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -413,3 +414,23 @@ def test_with_deterministic_inference_every_sampled_row_takes_sglangs_sorted_pat
     sp = e._sampling_params(Live(EngineRequest("r", [1], SamplingParams(temperature=1.0, seed=3))))
     assert sp["top_k"] == e.vocab_size  # keeps every token, but no longer SGLang's "all" marker
     assert e._sampling_params(Live(EngineRequest("g", [1], SamplingParams(temperature=0.0))))["top_k"] == -1
+
+
+async def test_a_request_whose_consumer_left_keeps_the_cache_unflushed_until_sglang_ended_it(eng) -> None:
+    """SGLang asserts an idle scheduler when it flushes after a load: a request aborted because its
+    consumer went away may still be in SGLang's batch, so the adapter must not ask for a flush yet."""
+    res, task = start(eng, "gone", [5, 6, 7], max_new_tokens=2000, temperature=0.0, ignore_eos=True)
+    while len(res["tokens"]) < 2:
+        await asyncio.sleep(0.002)
+    srid = next(iter(eng._live.values())).srid
+    task.cancel()  # the consumer goes away: generate() aborts the request inside SGLang and forgets it
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert not eng._live and srid in eng._leaving
+    assert srid in eng._tm.rid_to_state  # the abort is on its way to the scheduler: not ended yet
+    assert eng._flush_after_load() is False
+    for _ in range(1000):  # the abort comes back
+        if srid not in eng._tm.rid_to_state:
+            break
+        await asyncio.sleep(0.002)
+    assert eng._flush_after_load() is True and not eng._leaving

@@ -159,6 +159,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._changed = asyncio.Event()  # replaced by a fresh one at each pulse
         self._lock: asyncio.Lock | None = None  # control operations, one at a time
         self._session_keys: dict[str, str] = {}  # session id -> radix-cache key of its history
+        self._leaving: set[str] = set()  # SGLang rids we aborted and forgot; SGLang may still run them
         self._groups: set[str] = set()  # NCCL weight groups joined
         self.startup_s = 0.0
         self.loop_is_engine_loop: bool | None = None
@@ -304,6 +305,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
             if s.submitted and not s.done:  # the consumer went away: stop spending steps on it
                 with contextlib.suppress(Exception):
                     self._tm.abort_request(s.srid)
+                self._leaving.add(s.srid)  # inside SGLang until its abort comes back
             s.done = True
             if s.pending is not None and not s.pending.done():
                 s.pending.cancel()

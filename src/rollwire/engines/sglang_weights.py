@@ -58,6 +58,7 @@ class WeightsMixin:
     _sched_paused: str
     _overlap: bool
     _session_keys: dict[str, str]
+    _leaving: set[str]
     _groups: set[str]
     tp_size: int
     weight_bucket_bytes: int
@@ -180,10 +181,12 @@ class WeightsMixin:
             raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
 
     def _flush_after_load(self) -> bool:
-        """SGLang's flush after a load asserts an idle scheduler; released KV was flushed already. Not
+        """SGLang's flush after a load asserts an idle scheduler (a request we aborted counts until
+        its abort came back: it may still be in the running batch); released KV was flushed already. Not
         needed for correctness (prefixes are keyed by version), and skipped while sessions may want
         their stale prefix."""
-        idle = not any(s.submitted for s in self._live.values())
+        self._leaving = {rid for rid in self._leaving if rid in self._tm.rid_to_state}
+        idle = not any(s.submitted for s in self._live.values()) and not self._leaving
         return idle and "kv_cache" not in self._released and not self._session_keys
 
     async def _prepare_switch(self) -> None:
