@@ -212,6 +212,15 @@ def raw_zmq_floor(endpoint: str, bufs: list[memoryview]) -> Any:
     return once
 
 
+def stop_procs(stop: Any, procs: Sequence[Any], timeout: float = 60.0) -> None:
+    """Ask the benchmark's child processes to end (``stop`` event), then kill any that does not."""
+    stop.set()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+
+
 async def crc_passes(chunks: list[memoryview], repeats: int) -> float:
     """Median seconds of one checksum pass over the version (as the protocol does it)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -338,11 +347,7 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
             for p in pair:
                 p.join(60)
     finally:
-        stop.set()
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+        stop_procs(stop, procs)
     return rows
 
 

@@ -144,11 +144,7 @@ async def bench_size(n_layers: int, device: str, transport: str, repeats: int) -
                              "gib_s": nbytes / GiB / m})
             rows.append({"size": label, "path": "auto picked", "transport": auto.transport})
     finally:
-        stop.set()
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+        wb.stop_procs(stop, procs)
     return rows
 
 
