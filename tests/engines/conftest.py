@@ -2,19 +2,22 @@
 
 ``engine_kind`` is parametrized over the backends. ``hf`` runs anywhere; ``sglang`` is listed
 so that its backend can be plugged in, and skips with the reason when it cannot run here.
-Each test gets a fresh started engine on the tiny model and a reference copy of that model
-(bit-identical weights, on the CPU) for direct forward passes. ``ROLLWIRE_TEST_DEVICE=cuda``
-puts the hf engine's model on a GPU.
+Each test gets a started engine on the tiny model (a fresh hf engine; one sglang engine shared by
+the session, as it takes a minute to start, put back after each test) and a reference copy of
+that model (bit-identical weights, on the CPU) for direct forward passes.
+``ROLLWIRE_TEST_DEVICE=cuda`` puts the hf engine's model on a GPU.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -73,12 +76,69 @@ def make_engine(kind: str) -> Engine:
     raise ValueError(f"unknown engine kind {kind!r}")
 
 
+def originals(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+# -- engines: a fresh hf engine per test; one shared sglang engine ----------------------------------
+
+_shared: dict[str, Any] = {}  # "sglang" -> the started ThreadedEngine
+
+
+async def shared_sglang() -> Any:
+    if "sglang" not in _shared:
+        from tests.gpu.engine_thread import ThreadedEngine
+
+        eng = ThreadedEngine(lambda: make_engine("sglang"))
+        await eng.start()
+        _shared["sglang"] = eng
+    return _shared["sglang"]
+
+
+def forget_shared_sglang() -> None:
+    """The next test that asks for the shared sglang engine starts another (this one was shut down)."""
+    _shared.pop("sglang")
+
+
+async def _put_back(eng: Any, reference_model: torch.nn.Module) -> None:
+    """Leave the shared engine as a fresh one: nothing live, running, original weights as v0."""
+    async def reset(e: Any) -> None:
+        for rid in list(e._live):
+            await e.abort(rid)
+        for _ in range(1000):
+            if not e._live:
+                break
+            await asyncio.sleep(0.01)
+        await e.pause("retract")
+        reload = bool(e._released)
+        if e._released:
+            await e.resume_memory(list(e._released))
+        if reload or e.info().weight_version != 0:
+            await e.update_weights(originals(reference_model), version=0)
+        await e.flush_cache()
+        await e.resume()
+    await eng.run(reset)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shut_shared_engines() -> Iterator[None]:
+    yield
+    eng = _shared.pop("sglang", None)
+    if eng is not None:
+        asyncio.run(eng.shutdown())
+
+
 @pytest.fixture
-async def engine(engine_kind: str) -> AsyncIterator[Engine]:
-    eng = make_engine(engine_kind)
-    await eng.start()
-    yield eng
-    await eng.shutdown()
+async def engine(engine_kind: str, reference_model: torch.nn.Module) -> AsyncIterator[Engine]:
+    if engine_kind != "sglang":
+        eng = make_engine(engine_kind)
+        await eng.start()
+        yield eng
+        await eng.shutdown()
+        return
+    shared = await shared_sglang()
+    yield shared
+    await _put_back(shared, reference_model)
 
 
 @dataclass

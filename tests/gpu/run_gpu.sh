@@ -58,7 +58,7 @@ if [ "$WHAT" = issue5 ]; then
   CHECKS=$!
   ( export ROLLWIRE_SGLANG_ENGINE_ARGS="attention_backend=triton,sampling_backend=pytorch,cuda_graph_max_bs_decode=32"
     step contract 400 python3 -m pytest -q -p no:cacheprovider --timeout=150 -k sglang \
-      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py )
+      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py tests/engines/test_engine_contract_control.py )
   tail -15 "$OUT/contract.log" | cut -c1-300
   wait $CHECKS; cat "$OUT/phase_checks.txt"
   for mode in server adapter; do
@@ -71,7 +71,7 @@ elif [ "$WHAT" = issue5b ]; then  # contract suite alone, checks against a kept 
   step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
   ( export ROLLWIRE_SGLANG_ENGINE_ARGS="attention_backend=triton,sampling_backend=pytorch,cuda_graph_max_bs_decode=32"
     step contract "${CONTRACT_S:-170}" python3 -m pytest -q -s -p no:cacheprovider --timeout=100 -k sglang \
-      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py )
+      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py tests/engines/test_engine_contract_control.py )
   grep -E "passed|failed|FAILED|ERROR|Error|error" "$OUT/contract.log" | grep -v "Ignore import error" | tail -30 | cut -c1-300
   step adapter_checks "${CHECKS_S:-130}" python3 tests/gpu/adapter_checks.py "$TINY" "${REF:-$OUT/direct_ref.json}"
   SPY=""
