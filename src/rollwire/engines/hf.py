@@ -1,8 +1,8 @@
 """The embedded transformers engine: continuous batching of a ``PreTrainedModel`` on CPU or GPU.
 
-A scheduler task on the event loop admits requests, runs one step at a time on a single worker
-thread (torch releases the GIL, so the loop keeps answering) and hands each request its new
-token through its own ``asyncio.Queue``. A step is: drop finished rows, decode the running batch
+A scheduler task on the event loop (``hf_steps``) admits requests, runs one step at a time on a
+single worker thread (torch releases the GIL, so the loop keeps answering) and hands each request
+its new token through its own ``asyncio.Queue``. A step is: drop finished rows, decode the running batch
 by one token, prefill the joiners together, concatenate, sample every row (``hf_sampling``).
 Step N+1 is launched as soon as step N's tokens are booked; N's deltas go out while N+1 runs.
 State that the worker touches (``_batch``, ``_running``) is changed only between steps, on the
@@ -22,7 +22,6 @@ processors, no retract or abort pause, and no weight version.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,15 +38,13 @@ from rollwire.engines.base import (
     MemoryTag,
     PauseMode,
 )
-from rollwire.engines.hf_requests import Seq, check_tags, deliver, eos_of, next_delta
-from rollwire.engines.hf_sampling import check_request, make_row_sampler, sample
+from rollwire.engines.hf_requests import Seq, check_tags, eos_of, next_delta
+from rollwire.engines.hf_sampling import check_request, make_row_sampler
+from rollwire.engines.hf_steps import StepLoop
 from rollwire.engines.hf_weights import WeightStore
-from rollwire.messages.generate import FinishReason
-
-log = logging.getLogger(__name__)
 
 
-class HFEngine:
+class HFEngine(StepLoop):
     """Engine on a transformers causal LM; see the module docstring and ``hf_sampling``.
 
     ``max_batch_size`` rows decode together; ``max_model_len`` defaults to the model's
@@ -241,179 +238,3 @@ class HFEngine:
 
     async def close_session(self, session_id: str) -> None:
         self._prefixes.drop(session_id)
-
-    # -- scheduling -----------------------------------------------------------------------------
-
-    def _can_step(self) -> bool:
-        return not (self._paused or self._weights.released or self._closed) and bool(
-            self._waiting or any(not s.done for s in self._running))
-
-    async def _schedule(self) -> None:
-        while not self._closed:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._can_step():
-                async with self._lock:
-                    try:
-                        await self._run_steps()
-                    except Exception as e:  # a bug, not a request's fault: fail what runs, keep serving
-                        log.exception("hf engine step failed")
-                        self._fail([*self._running, *self._launched], e)
-                    finally:
-                        self._stepping = False
-
-    async def _run_steps(self) -> None:
-        """Steps back to back while there is work and no pause. Step N+1 is launched as soon as
-        step N's tokens are booked, and step N's deltas are handed out while N+1 computes."""
-        step = self._launch() if self._can_step() else None
-        while step is not None:
-            fut, version, members = step
-            try:
-                batch, rows, toks, lps = await fut
-            except Exception as e:
-                log.exception("hf engine step failed; failing its %d requests", len(members))
-                self._fail(members, e)
-                return
-            reasons = self._book(batch, rows, toks)
-            step = self._launch() if self._can_step() else None
-            for s, tok, lp, reason in zip(rows, toks, lps, reasons, strict=True):
-                self._emit(s, [tok], [lp] if s.req.return_logprob else None, version, reason)
-
-    def _launch(self) -> tuple[asyncio.Future[Any], int, list[Seq]] | None:
-        """Drop finished rows, admit joiners, start one step on the worker (or None: no work)."""
-        keep = []
-        for i, s in enumerate(self._running):
-            if s.abort_requested and not s.done:
-                self._finish(s, "abort")
-            if not s.done:
-                keep.append(i)
-        joiners: list[Seq] = []
-        longest = 0  # joiners are padded to the longest: bound the padded prefill of one step
-        while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
-            s = self._waiting[0]
-            n = len(s.req.input_ids) + len(s.output)
-            if joiners and (len(joiners) + 1) * max(longest, n) > self.MAX_PREFILL_TOKENS:
-                break
-            longest = max(longest, n)
-            joiners.append(self._waiting.popleft())
-            self._admit(s)
-        members = [*(self._running[i] for i in keep), *joiners]
-        if not members:
-            self._running, self._batch = [], None
-            self._stepping = False
-            return None
-        self._stepping = True
-        self._launched = members
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, self._compute, self._batch, keep, members[:len(keep)], joiners)
-        return fut, self._version, members
-
-    def _admit(self, s: Seq) -> None:
-        """A joiner of the next step: find its session's cached prefix (KV computed now is of
-        the live version). ``cached`` adds up over the prefills of a retracted request, as SGLang
-        counts its ``cached_tokens``."""
-        s.kv_version, s.prefix = self._version, None
-        if s.req.session_id is not None:
-            s.prefix = self._prefixes.lookup(s.req.session_id, s.req.input_ids + s.output, self._version,
-                                             s.req.keep_stale_prefix)
-            s.cached += s.prefix[1] if s.prefix is not None else 0
-            if s.prefix is not None and s.prefix[0].version != self._version:
-                s.kv_version = hf_prefix.STALE  # reused an older version's KV (keep_stale_prefix)
-
-    def _keep_prefix(self, batch: hf_batch.Batch, row: int, s: Seq) -> None:
-        """Keep a finished session request's KV for the session's next turn. The copy is queued
-        on the worker ahead of any later step, so a step that uses the entry finds it filled."""
-        assert s.req.session_id is not None
-        tokens = s.req.input_ids + s.output[:-1]
-        entry = hf_prefix.Entry(tokens=tokens, version=s.kv_version,
-                                nbytes=len(tokens) * hf_prefix.bytes_per_token(batch))
-        self._prefixes.put(s.req.session_id, entry)
-        self._pool.submit(hf_prefix.fill, entry, batch, row)
-        self._prefixes.evict_to_budget()
-
-    def _book(self, batch: hf_batch.Batch | None, rows: list[Seq], toks: list[int]) -> list[FinishReason | None]:
-        """Record a step's tokens and decide who finished (their rids are free from here on)."""
-        self._batch, self._running = batch, rows
-        reasons: list[FinishReason | None] = []
-        for i, (s, tok) in enumerate(zip(rows, toks, strict=True)):
-            s.output.append(tok)
-            reason: FinishReason | None = None
-            if tok in s.stop_ids:
-                reason = "stop"
-            elif len(s.req.input_ids) + len(s.output) >= s.limit:
-                reason = "length"
-            elif s.abort_requested:
-                reason = "abort"
-            if reason is not None:
-                s.done = True
-                if self._seqs.get(s.req.rid) is s:
-                    del self._seqs[s.req.rid]
-                if s.req.session_id is not None and reason != "abort" and batch is not None:
-                    self._keep_prefix(batch, i, s)
-            reasons.append(reason)
-        if all(s.done for s in rows):  # free the KV now rather than at the next step
-            self._batch, self._running = None, []
-        return reasons
-
-    @torch.inference_mode()
-    def _compute(self, batch: hf_batch.Batch | None, keep: list[int], rows: list[Seq], joiners: list[Seq],
-                 ) -> tuple[hf_batch.Batch | None, list[Seq], list[int], list[float | None]]:
-        """Worker thread: one decode of rows ``keep`` of ``batch`` (requests ``rows``) plus one
-        prefill of the joiners; returns the new batch, its requests, their tokens and logprobs."""
-        batch = hf_batch.select(batch, keep) if batch is not None else None
-        rows = list(rows)
-        logits = []
-        if rows:
-            assert batch is not None
-            last = torch.tensor([s.output[-1] for s in rows], dtype=torch.long).to(self.device)
-            batch, lg = hf_batch.decode(self.model, batch, last)
-            logits.append(lg)
-        # retracted requests come back with their output so far: the prefill continues them
-        fresh = [s for s in joiners if s.prefix is None or s.prefix[0].kv is None]
-        for s in fresh:
-            s.cached -= s.prefix[1] if s.prefix is not None else 0  # its entry was not filled: a full prefill
-        if fresh:
-            jb, lg = hf_batch.prefill(self.model, [s.req.input_ids + s.output for s in fresh],
-                                      self.device, self.pad_id)
-            batch = hf_batch.concat(batch, jb)
-            rows += fresh
-            logits.append(lg)
-        for s in joiners:
-            if s in fresh:
-                continue
-            assert s.prefix is not None
-            entry, reused = s.prefix
-            jb, lg = hf_prefix.prefill_from(self.model, entry, reused, s.req.input_ids + s.output, self.device)
-            batch = hf_batch.concat(batch, jb)
-            rows.append(s)
-            logits.append(lg)
-        toks, lps = sample(torch.cat(logits) if len(logits) > 1 else logits[0], [s.sampler for s in rows])
-        return batch, rows, toks, lps
-
-    def _retract(self) -> None:
-        """Drop all KV; unfinished running requests go back to the front of the queue, in order."""
-        for s in reversed(self._running):
-            if not s.done:
-                self._waiting.appendleft(s)
-        self._running, self._batch = [], None
-
-    def _emit(self, s: Seq, toks: list[int], lps: list[float | None] | None, version: int,
-              reason: FinishReason | None) -> None:
-        deliver(s, toks, lps, version, reason)
-        if reason is not None and self._seqs.get(s.req.rid) is s:
-            del self._seqs[s.req.rid]
-
-    def _fail(self, seqs: list[Seq], e: Exception) -> None:
-        """Their generate() raises EngineError("internal"); the batch (KV possibly half-written) goes."""
-        err = EngineError("internal", f"{type(e).__name__}: {e}")
-        for s in seqs:
-            if not s.done:
-                s.done = True
-                if self._seqs.get(s.req.rid) is s:
-                    del self._seqs[s.req.rid]
-                s.queue.put_nowait(err)
-        self._running, self._batch = [], None
-
-    def _finish(self, s: Seq, reason: FinishReason) -> None:
-        if not s.done:
-            self._emit(s, [], [] if s.req.return_logprob else None, self._version, reason)
