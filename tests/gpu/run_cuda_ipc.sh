@@ -22,12 +22,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 - <<'PY' 2>&1 | tee "$LOGS/env.log"
-import importlib, torch
-for m in ("zmq", "msgspec", "uvloop", "structlog", "transformers"):
-    print(m, getattr(importlib.import_module(m), "__version__", "ok"))
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0), torch.__version__)
-PY
+python3 tests/gpu/env_check.py 2>&1 | tee "$LOGS/env.log"
 [ $? -eq 0 ] || { echo "environment check failed"; exit 1; }
 
 step() {  # name, timeout (s), command...

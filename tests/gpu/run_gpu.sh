@@ -27,13 +27,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 - <<'PY' 2>&1 | tee "$OUT/env.log"
-import importlib, torch
-for m in ("zmq", "msgspec", "uvloop", "structlog", "transformers"):
-    mod = importlib.import_module(m)
-    print(m, getattr(mod, "__version__", "ok"))
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0), torch.__version__)
-PY
+python3 tests/gpu/env_check.py 2>&1 | tee "$OUT/env.log"
 [ $? -eq 0 ] || { echo "environment check failed (see $OUT/env.log)"; exit 1; }
 
 step() {  # name, timeout (s), command...
