@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import msgspec
 import zmq
 
 from rollwire.messages import PROTOCOL_VERSION, Codec, HealthReply, HealthRequest, RolloutReply, RolloutRequest
+from rollwire.transports.sockets import free_tcp_endpoint
 
 HEALTH_REPLY = HealthReply(weight_version=0, governor_state="SERVING", protocol=PROTOCOL_VERSION)
 REPLY_BODY = msgspec.msgpack.encode(HEALTH_REPLY)
@@ -30,15 +30,9 @@ def _has_reply_nowait() -> bool:
     return hasattr(Actor, "reply_nowait")
 
 
-def _free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def _endpoint(transport: str) -> str:
     if transport == "tcp":
-        return _free_tcp_endpoint()
+        return free_tcp_endpoint()
     return f"ipc://{tempfile.gettempdir()}/rw-bench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
 
 

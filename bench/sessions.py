@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,9 @@ from pathlib import Path
 from rollwire import RolloutClient, SamplingParams
 from rollwire.engines.base import EngineRequest
 from rollwire.engines.hf import HFEngine
+from rollwire.transports.sockets import free_tcp_endpoint
 
 ENV_TURN = [7, 8, 9, 10, 11, 12, 13, 14]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model_spec(name: str, tmp: str) -> str:
@@ -91,7 +85,7 @@ async def _floor(a: argparse.Namespace, spec: str, runs: dict[str, list[float]])
 
 async def _rollwire(a: argparse.Namespace, spec: str, runs: dict[str, list[float]]) -> list[int]:
     """The same turns through a `rollwire serve` child process: session turn vs plain full request."""
-    ep = f"tcp://127.0.0.1:{_free_port()}"
+    ep = free_tcp_endpoint()
     server = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
                                "--rollout-endpoint", ep, "--model", spec, "--max-new-tokens-limit", "4096"])
     sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)

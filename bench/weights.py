@@ -24,7 +24,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
@@ -36,12 +35,6 @@ import torch
 
 GiB = float(1 << 30)
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5632, 16, 512  # ~103 MB of bf16 per layer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_model(n_layers: int) -> Any:
@@ -267,6 +260,7 @@ async def push_series(tp: Any, sd: dict[str, torch.Tensor], transport: str, firs
 async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
     from rollwire.clients.rollout import RolloutClient
     from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.transports.sockets import free_tcp_endpoint
     from rollwire.transports.weights import byte_view, pack_bucket, plan_buckets
 
     sd = state_dict_for(n_layers, seed=1)
@@ -274,7 +268,7 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
     label = f"{nbytes / 1e6:.0f} MB bf16 ({len(sd)} tensors)"
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()
-    srv_ep, sink_ep, raw_ep = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    srv_ep, sink_ep, raw_ep = (free_tcp_endpoint() for _ in range(3))
     rollout_ep = f"ipc:///tmp/rw-bench-{os.getpid()}"
     procs = [ctx.Process(target=server_proc, args=(n_layers, srv_ep, rollout_ep, ready, stop)),
              ctx.Process(target=sink_proc, args=(sink_ep, ready, stop)),
@@ -330,7 +324,7 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
             raw(quit=True)
             # gloo broadcast, against a bare broadcast between two other processes
             go, out = ctx.Queue(), ctx.Queue()
-            port = free_port()
+            port = int(free_tcp_endpoint().rpartition(":")[2])
             pair = [ctx.Process(target=bare_broadcast_proc, args=(r, port, n_layers, go, out)) for r in (0, 1)]
             for p in pair:
                 p.start()

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
 from rollwire.server import RolloutServer, ServerConfig
-from rollwire.transports.sockets import ipc_endpoint
+from rollwire.transports.sockets import free_tcp_endpoint, ipc_endpoint
 
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+__all__ = ["free_tcp_endpoint"]
 
 
 @pytest.fixture(params=["ipc", "tcp"])

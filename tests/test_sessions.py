@@ -51,7 +51,7 @@ async def test_the_default_session_endpoint_leaves_the_neighbouring_port_to_a_tr
 
     from .conftest import free_tcp_endpoint
 
-    rollout = free_tcp_endpoint()
+    rollout = free_tcp_endpoint(span=3)  # the trainer's PUB takes P + 2
     host, _, port = rollout.rpartition(":")
     trainer = f"{host}:{int(port) + 1}"
     async with TrainerPublisher(trainer), RolloutServer(ServerConfig(rollout_endpoint=rollout,

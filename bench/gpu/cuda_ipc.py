@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from rollwire.transports.sockets import free_tcp_endpoint
+
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))  # bench/weights.py: the model shapes, the no-op receiver
 
@@ -110,7 +112,7 @@ async def bench_size(n_layers: int, device: str, transport: str, repeats: int) -
     label = f"{nbytes / 1e6:.0f} MB bf16 ({len(sd)} tensors)"
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()
-    srv_ep, sink_ep = (f"tcp://127.0.0.1:{wb.free_port()}" for _ in range(2))
+    srv_ep, sink_ep = (free_tcp_endpoint() for _ in range(2))
     rollout_ep = f"ipc:///tmp/rw-bench-ipc-{os.getpid()}"
     procs = [ctx.Process(target=server_proc, args=(n_layers, device, srv_ep, rollout_ep, ready, stop)),
              ctx.Process(target=wb.sink_proc, args=(sink_ep, ready, stop))]

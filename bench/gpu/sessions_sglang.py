@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,11 +67,10 @@ async def bench_direct(a: argparse.Namespace) -> dict[str, Any]:
 
 async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
     from rollwire import RolloutClient, SamplingParams
+    from rollwire.transports.sockets import free_tcp_endpoint
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ep = f"tcp://127.0.0.1:{port}"
+    ep = free_tcp_endpoint(span=2)  # sessions on the next port
+    port = int(ep.rpartition(":")[2])
     args = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
             "--model", a.model, "--rollout-endpoint", ep, "--session-endpoint", f"tcp://127.0.0.1:{port + 1}"]
     for k, v in KIT_ENGINE_ARGS.items():

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -216,10 +215,9 @@ async def session_checks(eng: Any, prompt: list[int], after_update: bool = False
 
 async def bench_server(a: argparse.Namespace) -> dict[str, Any]:
     from rollwire import RolloutClient, SamplingParams
+    from rollwire.transports.sockets import free_tcp_endpoint
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        ep = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ep = free_tcp_endpoint()
     prof = ["-m", "cProfile", "-o", a.profile] if a.profile else []
     cmd = [sys.executable, *prof, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
            "--model", a.model, "--rollout-endpoint", ep, "--max-new-tokens-limit", "4096"]

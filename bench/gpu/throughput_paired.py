@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,20 +35,15 @@ from throughput import BENCH_ARGS as KIT_BENCH_ARGS  # noqa: E402
 BENCH_ARGS = {**KIT_BENCH_ARGS, "log_level": os.environ.get("RW_SGLANG_LOG_LEVEL", "warning")}
 
 
-def free_tcp() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 async def main(a: argparse.Namespace) -> dict[str, Any]:
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     from rollwire import RolloutClient, SamplingParams
     from rollwire.engines.base import EngineRequest
     from rollwire.engines.sglang import SGLangEngine
+    from rollwire.transports.sockets import free_tcp_endpoint
 
-    ep = free_tcp()
+    ep = free_tcp_endpoint()
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
            "--model", a.model, "--rollout-endpoint", ep, "--max-new-tokens-limit", "4096"]
     for k, v in BENCH_ARGS.items():

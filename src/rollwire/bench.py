@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,15 +27,10 @@ from typing import TYPE_CHECKING
 from rollwire.clients.rollout import RolloutClient
 from rollwire.engines.base import EngineRequest
 from rollwire.messages import SamplingParams
+from rollwire.transports.sockets import free_tcp_endpoint
 
 if TYPE_CHECKING:  # imported when the benchmark runs: the CLI builds its parser from this module
     from rollwire.engines.hf import HFEngine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -84,7 +78,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     from rollwire.engines.hf import HFEngine
 
     engine = HFEngine.from_spec("tiny", max_batch_size=64)
-    ep = f"tcp://127.0.0.1:{_free_port()}"
+    ep = free_tcp_endpoint()
     server = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
                                "--rollout-endpoint", ep, "--max-batch-size", "64"])
     results: dict[str, dict[str, list[float]]] = {}

@@ -20,17 +20,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 async def e2e(eng: Any, rep: Report, ps: list, refs: list, cuda: list, perturbed: Any) -> None:
     """The engine inside a RolloutServer; a worker process pushes requests over tcp; versions are
     pushed through the governor under each pause policy while the worker's requests run."""
-    import socket
 
     from rollwire.actors.memory_governor import GOVERNOR
     from rollwire.messages import ApplyVersion, ControlReply, NamedTensor, VersionApplied
     from rollwire.runtime import address
     from rollwire.server import RolloutServer, ServerConfig
     from rollwire.transports.rpc import RpcClient
+    from rollwire.transports.sockets import free_tcp_endpoint
     from rollwire.transports.tensors import encode_tensors
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        ep = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ep = free_tcp_endpoint()
     cfg = ServerConfig(engine="sglang", model="gpu", rollout_endpoint=ep, max_new_tokens_limit=4096)
 
     async def push(version: int, tensors: list) -> VersionApplied:

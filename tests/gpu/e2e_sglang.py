@@ -25,7 +25,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,12 +36,6 @@ sys.path.insert(0, HERE)
 from common import CHECK_ENGINE_ARGS, Report, device_info, gib_free, prompts, stop_process, wait_serving  # noqa: E402
 
 PUSH_TRANSPORT = "auto"  # must resolve to cuda_ipc: the trainer's tensors are on the server's GPU
-
-
-def free_tcp() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def trainer_proc(endpoint: str, model: str, commands: Any, results: Any) -> None:
@@ -86,9 +79,10 @@ async def main(a: argparse.Namespace) -> int:
 
     from rollwire import RolloutClient, SamplingParams
     from rollwire.engines.sglang import SGLangEngine
+    from rollwire.transports.sockets import free_tcp_endpoint
 
     rep = Report("e2e_sglang")
-    rollout_ep, trainer_ep = free_tcp(), free_tcp()
+    rollout_ep, trainer_ep = free_tcp_endpoint(), free_tcp_endpoint()
     args = {**CHECK_ENGINE_ARGS, "mem_fraction_static": "0.25"}
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "info", "serve", "--engine", "sglang", "--model",
            a.model, "--rollout-endpoint", rollout_ep, "--trainer-endpoint", trainer_ep, "--mode", "colocated",

@@ -177,6 +177,16 @@ async def test_a_push_with_no_receiver_fails_after_the_timeout_saying_who_is_mis
             await tp.push_weights(1, {"w": torch.ones(1)})
 
 
+async def test_a_trainer_given_only_its_tcp_endpoint_publishes_on_the_next_port() -> None:
+    """free_tcp_endpoint leaves P + 1 free for the PUB (a CI run once found it taken)."""
+    from tests.conftest import free_tcp_endpoint
+
+    for _ in range(20):
+        endpoint = free_tcp_endpoint()
+        async with TrainerPublisher(endpoint) as tp:
+            assert tp.pub_endpoint == f"tcp://127.0.0.1:{int(endpoint.rpartition(':')[2]) + 1}"
+
+
 async def test_push_error_names_each_receiver_that_refused_and_why() -> None:
     system = ActorSystem()
     try:

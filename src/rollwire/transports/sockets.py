@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket as pysocket
 import tempfile
 import uuid
 import weakref
@@ -44,6 +45,24 @@ def context() -> zmq.asyncio.Context:
 def ipc_endpoint(name: str = "") -> str:
     """A fresh ipc:// endpoint in the temp directory (paths must stay short: 107 bytes max)."""
     return f"ipc://{tempfile.gettempdir()}/rw-{name}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1", *, span: int = 2) -> str:
+    """A tcp:// endpoint on a port P such that P .. P + span - 1 are free now. The default span
+    covers a TrainerPublisher given only its ROUTER endpoint, which binds its PUB on P + 1 (a
+    port next to one the OS just handed out is often a live connection's: that failed a CI run)."""
+    for _ in range(64):
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(pysocket.socket())
+            first.bind((host, 0))
+            port = first.getsockname()[1]
+            try:
+                for p in range(port + 1, port + span):
+                    stack.enter_context(pysocket.socket()).bind((host, p))
+            except OSError:  # in use, or past 65535
+                continue
+            return f"tcp://{host}:{port}"
+    raise OSError(f"no {span} adjacent free tcp ports found on {host}")
 
 
 def inproc_endpoint(name: str) -> str:
