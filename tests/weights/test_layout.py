@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import zlib
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
 import torch
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
-from rollwire.transports.checksum import crc32_parallel
+from rollwire.transports.checksum import Hasher, checksum_parallel
 from rollwire.transports.staging import _as_frames
 from rollwire.transports.weights import (
     ALIGN,
@@ -19,6 +22,7 @@ from rollwire.transports.weights import (
     checksum,
     checksum_sources,
     pack_bucket,
+    pack_with_checksum,
     plan_buckets,
     tensor_slices,
     tensors_from_apply,
@@ -76,12 +80,52 @@ def test_the_checksum_from_source_tensors_equals_the_checksum_of_the_packed_buck
         assert checksum(pack(p).numpy()) == checksum_sources(p)
 
 
-@pytest.mark.parametrize("sizes", [[0], [5], [3, 4 << 20, 7], [9 << 20], [1 << 20] * 20])
-async def test_the_parallel_checksum_of_pieces_equals_zlib_crc32_of_the_whole(sizes: list[int]) -> None:
-    g = torch.Generator().manual_seed(len(sizes))
-    bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes() for n in sizes]
+def reference_checksum(data: bytes) -> int:
+    """The definition, written out: xxh3-64 of each 1 MiB piece, then of the digests, 63 bits."""
+    pieces = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    digests = b"".join(xxhash.xxh3_64_intdigest(p).to_bytes(8, "little") for p in pieces)
+    return xxhash.xxh3_64_intdigest(digests) & ((1 << 63) - 1)
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+
+
+@pytest.mark.parametrize("sizes", [[0], [5], [3, 4 << 20, 7], [9 << 20], [1 << 20] * 20, [(1 << 20) - 1, 2, 1 << 20]])
+async def test_the_parallel_checksum_of_pieces_equals_the_definition_over_the_whole(sizes: list[int]) -> None:
+    bufs = [random_bytes(n, i) for i, n in enumerate(sizes)]
     with ThreadPoolExecutor(2) as pool:
-        assert await crc32_parallel(bufs, pool) == zlib.crc32(b"".join(bufs))
+        assert await checksum_parallel(bufs, pool) == reference_checksum(b"".join(bufs))
+        assert checksum(b"".join(bufs)) == reference_checksum(b"".join(bufs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(0, 3 << 20), max_size=6), pooled=st.booleans())
+def test_bytes_fed_to_a_hasher_in_any_cuts_give_the_checksum_of_the_whole(cuts: list[int], pooled: bool) -> None:
+    data = random_bytes(3 << 20 | 12345, 7)
+    bounds = [0, *sorted(cuts), len(data)]
+    with ThreadPoolExecutor(2) as pool:
+        h = Hasher(pool if pooled else None)
+        for a, b in itertools.pairwise(bounds):
+            h.update(data[a:b])
+        assert h.result() == reference_checksum(data)
+
+
+def test_packing_with_checksums_packs_exactly_and_each_checksum_is_its_buckets() -> None:
+    """Buckets over several 1 MiB pieces, tensors straddling piece edges, a non-contiguous one, and
+    one bucket of a single large tensor; against pack_bucket and the definition."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {"odd": torch.randn(333_333, generator=g), "t": torch.randn(700, 900, generator=g).t(),
+               **awkward_tensors(), "big": torch.randn(1 << 20, generator=g).to(torch.bfloat16)}
+    plans = plan_buckets(list(tensors.items()), bucket_bytes=3 << 20)
+    assert len(plans) > 1 and max(p.nbytes for p in plans) > 2 << 20
+    dsts = [torch.full((p.nbytes,), 0xAB, dtype=torch.uint8) for p in plans]  # gaps must be zeroed
+    with ThreadPoolExecutor(1) as pool:
+        sums = pack_with_checksum(plans, dsts, pool, threads=2)
+    for plan, dst, got in zip(plans, dsts, sums, strict=True):
+        assert torch.equal(dst, pack(plan))
+        assert got == reference_checksum(dst.numpy().tobytes()) == checksum_sources(plan)
 
 
 def test_a_tensor_larger_than_a_bucket_gets_a_bucket_of_its_own_and_others_stay_under_the_size() -> None:
@@ -106,7 +150,7 @@ def test_a_flipped_byte_or_a_short_bucket_fails_verification_with_the_reason() -
     assert verify_bucket(meta, buf.numpy().tobytes()) is None
     bad = bytearray(buf.numpy().tobytes())
     bad[17] ^= 0x01
-    assert "crc32" in (verify_bucket(meta, bytes(bad)) or "")
+    assert "checksum" in (verify_bucket(meta, bytes(bad)) or "")
     assert "bytes, announced" in (verify_bucket(meta, bytes(bad[:-1])) or "")
 
 

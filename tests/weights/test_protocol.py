@@ -217,22 +217,21 @@ async def test_a_receiver_that_goes_silent_mid_push_is_named_as_lost_long_before
     assert list(err.value.failures) == ["r1"] and err.value.failures["r1"].startswith("lost: no heartbeat")
 
 
-async def test_an_inline_crc_sent_with_the_bucket_is_checked_and_a_missing_or_wrong_one_is_bad_checksum(
+async def test_an_inline_checksum_sent_with_the_bucket_is_checked_and_a_missing_or_wrong_one_is_bad_checksum(
         rig: Rig) -> None:
-    """The TrainerPublisher announces inline buckets with checksum INBAND and sends each crc32 with
-    its bytes (computed while packing). Here by hand: right, wrong, and missing."""
-    import zlib
-
+    """The TrainerPublisher announces inline buckets with checksum INBAND and sends each checksum
+    with its bytes (computed while packing). Here by hand: right, wrong, and missing."""
     from rollwire.messages.weights import INBAND
+    from rollwire.transports.weights import checksum
 
     tensors = {"a": torch.randn(100), "b": torch.randn(7)}
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan(tensors, bucket_bytes=256)
         inband = [INBAND] * len(plans)
-        tr.crc_in_reply = lambda i, b: zlib.crc32(b)
+        tr.crc_in_reply = lambda i, b: checksum(b)
         assert (await outcome_of(await tr.announce(1, plans, checksums=inband))).ok
-        tr.crc_in_reply = lambda i, b: zlib.crc32(b) ^ 1
+        tr.crc_in_reply = lambda i, b: checksum(b) ^ 1
         out = await outcome_of(await tr.announce(2, plans, checksums=inband))
         assert (out.ok, out.error_code) == (False, "bad_checksum") and "sent" in out.message
         tr.crc_in_reply = None
@@ -242,20 +241,24 @@ async def test_an_inline_crc_sent_with_the_bucket_is_checked_and_a_missing_or_wr
     assert sorted(rig.sink.applied) == [1]
 
 
-async def test_a_gloo_version_whose_in_band_crc_does_not_match_is_bad_checksum_and_the_next_one_applies(
+async def test_a_gloo_version_whose_in_band_checksum_does_not_match_is_bad_checksum_and_the_next_one_applies(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Broadcast pushes announce INBAND and send each bucket's crc32 after the data; a trainer whose
-    sums are off (fault injection: its crc32_combine flips a bit) gets bad_checksum, nothing applies."""
+    """Broadcast pushes announce INBAND and send each bucket's checksum after the data; a trainer
+    whose sums are off (fault injection: its hasher flips a bit) gets bad_checksum, nothing applies."""
     import rollwire.clients.trainer_push as tpush
 
-    real = tpush.crc32_combine
+    real = tpush.Hasher
+
+    class OffByABit(real):  # type: ignore[misc, valid-type]
+        def result(self) -> int:
+            return super().result() ^ 1
     tensors = awkward_tensors()
     async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, bucket_bytes=256, timeout_s=20) as tp:
-        monkeypatch.setattr(tpush, "crc32_combine", lambda a, b, n: real(a, b, n) ^ 1)
+        monkeypatch.setattr(tpush, "Hasher", OffByABit)
         with pytest.raises(PushError) as err:
             await tp.push_weights(1, tensors, transport="gloo")
         assert err.value.failures["r1"].startswith("bad_checksum:") and "sent" in err.value.failures["r1"]
-        monkeypatch.setattr(tpush, "crc32_combine", real)
+        monkeypatch.setattr(tpush, "Hasher", real)
         await tp.push_weights(2, tensors, transport="gloo")
     assert sorted(rig.sink.applied) == [2]
     assert_applied(rig, 2, tensors)

@@ -9,7 +9,7 @@ Per announced version:
 1. refused with BAD_VERSION if not above the live version (or the one being staged);
 2. staged by its transport (``transports/staging.py``): inline buckets pulled under a credit
    window, or the shm arena attached, or the trainer's CUDA arena opened (cuda_ipc), or the
-   broadcast joined; every bucket checked against the announcement (layout, size, crc32; cuda_ipc:
+   broadcast joined; every bucket checked against the announcement (layout, size, checksum; cuda_ipc:
    a GPU checksum). A newer announcement, or one from a restarted trainer,
    supersedes a version still staging (SUPERSEDED); no progress for ``stall_timeout_s`` drops it
    (TIMEOUT). Either way the live version keeps serving;

@@ -14,9 +14,9 @@ A push: tensors are planned into buckets (``transports/weights.py``), announced,
 transport (``shm``: packed into a reused shared-memory arena and checksummed piece by piece before
 the announcement; ``cuda_ipc``: CUDA tensors packed on their GPU into a reused CUDA arena exported
 once and checksummed there, see ``transports/cuda_ipc.py``; ``inline``: each bucket packed on first
-pull into a reused buffer, its crc32 computed as it is packed and sent with it, served zero-copy;
+pull into a reused buffer, its checksum computed as it is packed and sent with it, served zero-copy;
 ``gloo``: broadcast tensor by tensor in a persistent group, see ``transports/broadcast.py``, the
-buckets' crc32s broadcast after the data), and the push returns when every joined receiver
+buckets' checksums broadcast after the data), and the push returns when every joined receiver
 reported the version applied, or raises ``PushError``. Source tensors must not change until
 ``push_weights`` returns (they are read while being served).
 """
@@ -366,8 +366,8 @@ class TrainerPublisher:
             await self._reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
             return
         async with push.credits(peer, self.credit_window):
-            buf, crc = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
-            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=crc), [buf])
+            buf, checksum = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
+            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=checksum), [buf])
 
     async def _beacon_loop(self) -> None:
         assert self._pub is not None

@@ -13,14 +13,12 @@ from typing import Any
 import torch
 
 from rollwire.messages.weights import INBAND, BucketMeta, VersionOutcome
-from rollwire.transports.checksum import crc32_combine, crc32_of, crc32_parallel
+from rollwire.transports.checksum import Hasher, checksum_of
 from rollwire.transports.weights import (
     ALIGN,
     BucketPlan,
-    bucket_buffers,
     byte_view,
-    pack_bucket,
-    pack_with_crc,
+    pack_with_checksum,
     tensor_bytes,
 )
 
@@ -158,8 +156,8 @@ class Push:
         return sem
 
     async def bucket_bytes(self, index: int, packer: Executor, *, ahead: int) -> tuple[memoryview, int]:
-        """The bytes of bucket ``index``, contiguous, without a copy once packed, and their crc32
-        (inline: computed as the bucket is packed, so no pass over the version precedes the
+        """The bytes of bucket ``index``, contiguous, without a copy once packed, and their
+        checksum (inline: computed as the bucket is packed, so no pass over the version precedes the
         announcement; it travels in the BucketData reply)."""
         plan = self.plans[index]
         if self.arena is not None:
@@ -176,9 +174,9 @@ class Push:
         if index in self._packed:
             return
         plan = self.plans[index]
-        if _is_one_tensor(plan):  # a bucket of one tensor is that tensor: no packing, only the crc
+        if _is_one_tensor(plan):  # a bucket of one tensor is that tensor: no packing, only the checksum
             view = tensor_bytes(plan.sources[0])
-            self._packed[index] = asyncio.wrap_future(packer.submit(lambda: (view, crc32_of([view]))))
+            self._packed[index] = asyncio.wrap_future(packer.submit(lambda: (view, checksum_of([view]))))
             return
         if not self.offsets:
             self.offsets = shm_offsets(self.plans)
@@ -188,11 +186,8 @@ class Push:
         off, buf = self.offsets[index], self.pack_buf
 
         def pack() -> tuple[memoryview, int]:
-            dst = buf[off:off + plan.nbytes]
-            if crc32_combine is not None:  # buckets are packed in parallel already: one thread each
-                return byte_view(dst), pack_with_crc([plan], [dst], packer, threads=1)[0]
-            pack_bucket(plan, dst)
-            return byte_view(dst), crc32_of([byte_view(dst)])
+            dst = buf[off:off + plan.nbytes]  # buckets are packed in parallel already: one thread each
+            return byte_view(dst), pack_with_checksum([plan], [dst], packer, threads=1)[0]
 
         self._packed[index] = asyncio.wrap_future(packer.submit(pack))
 
@@ -201,7 +196,7 @@ async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
                           workers: Executor) -> tuple[list[int], dict[str, Any]]:
     """Each bucket's checksum, and the transport's WeightsReady fields, before the announcement (on
     worker threads, off the event loop). shm: packed into the reused arena and checksummed piece by
-    piece; cuda_ipc: see ``prepare_cuda_ipc``; inline: INBAND (each crc32 is computed as its bucket
+    piece; cuda_ipc: see ``prepare_cuda_ipc``; inline: INBAND (each checksum is computed as its bucket
     is packed and sent with it); broadcast: INBAND too (``broadcast_push`` sends them after the
     data)."""
     loop = asyncio.get_running_loop()
@@ -215,13 +210,9 @@ async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
         arena = shm_arena.tensor
         push.arena, push.offsets = arena, offsets
         views = [arena[off:off + p.nbytes] for p, off in zip(push.plans, offsets, strict=True)]
-        if crc32_combine is not None:  # copy and checksum piece by piece, on two threads
-            sums = await loop.run_in_executor(workers, pack_with_crc, push.plans, views, workers)
-        else:  # one strided copy per tensor, then the crc of the packed bytes
-            await asyncio.gather(*(loop.run_in_executor(workers, pack_bucket, p, v)
-                                   for p, v in zip(push.plans, views, strict=True)))
-            sums = await asyncio.gather(*(crc32_parallel([byte_view(v)], workers) for v in views))
-        return list(sums), {"shm_name": shm_arena.name, "shm_offsets": offsets}
+        # copied and checksummed piece by piece, on two threads
+        sums = await loop.run_in_executor(workers, pack_with_checksum, push.plans, views, workers)
+        return sums, {"shm_name": shm_arena.name, "shm_offsets": offsets}
     return [INBAND] * len(push.plans), {}  # gloo/nccl
 
 
@@ -239,8 +230,8 @@ async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[l
 
 async def broadcast_push(group: Any, push: Push, workers: Executor) -> None:
     """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread). Announced
-    INBAND, each tensor's crc32 is computed on ``workers`` while the next ones go out, and the
-    buckets' crc32s follow the data as one more broadcast (int64, one per bucket)."""
+    INBAND, each tensor is hashed on ``workers`` while the next ones go out, and the buckets'
+    checksums follow the data as one more broadcast (int64, one per bucket)."""
     if push.transport == "nccl":
         await asyncio.get_running_loop().run_in_executor(None, _broadcast_arena, group, push)
         return
@@ -248,25 +239,19 @@ async def broadcast_push(group: Any, push: Push, workers: Executor) -> None:
 
     def run() -> None:
         group.connect()
-        parts: list[tuple[int, Any, int]] = []  # (bucket, crc future or value, bytes) in order
-        for i, plan in enumerate(push.plans):
+        hashers = [Hasher(workers) for _ in push.plans]
+        for plan, hasher in zip(push.plans, hashers, strict=True):
             pos = 0
             for meta, t in zip(plan.tensors, plan.sources, strict=True):
                 t = t.contiguous()
                 group.broadcast(t)
-                if inband and crc32_combine is not None:
+                if inband:  # the bucket's bytes in order: the zero gap, then the tensor
                     if meta.offset > pos:
-                        parts.append((i, crc32_of([bytes(meta.offset - pos)]), meta.offset - pos))
-                    n = t.numel() * t.element_size()
-                    parts.append((i, workers.submit(crc32_of, [tensor_bytes(t)]), n))
-                    pos = meta.offset + n
+                        hasher.update(bytes(meta.offset - pos))
+                    hasher.update(tensor_bytes(t))
+                    pos = meta.offset + t.numel() * t.element_size()
         if inband:
-            if crc32_combine is None:  # zlib only: one crc per bucket, after the data
-                sums = [crc32_of(bucket_buffers(p)) for p in push.plans]
-            else:
-                sums = [0] * len(push.plans)
-                for i, part, n in parts:
-                    sums[i] = crc32_combine(sums[i], part if isinstance(part, int) else part.result(), n)
+            sums = [h.result() for h in hashers]
             group.broadcast(torch.tensor(sums, dtype=torch.int64, device=group.device))
 
     await asyncio.get_running_loop().run_in_executor(None, run)

@@ -52,8 +52,9 @@ class TensorMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
 class BucketMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     index: int
     nbytes: int
-    # crc32 of the bucket's bytes (zlib.crc32); cuda_ipc: its 64-bit GPU checksum (cuda_ipc.py);
-    # INBAND (inline): the crc32 comes with the bytes, in BucketData
+    # of the bucket's bytes (transports/checksum.py: xxh3-64 over 1 MiB pieces, 63 bits);
+    # cuda_ipc: its 64-bit GPU checksum (cuda_ipc.py); INBAND (inline, broadcast): the checksum
+    # comes with the bytes (BucketData, or one last broadcast)
     checksum: int
     tensors: list[TensorMeta]
 
@@ -127,7 +128,7 @@ class PullBucket(msgspec.Struct, frozen=True, kw_only=True, tag="pull", array_li
     index: int
 
 
-INBAND = -1  # BucketMeta.checksum of an inline bucket whose crc32 comes with its BucketData
+INBAND = -1  # BucketMeta.checksum of an inline bucket whose checksum comes with its BucketData
 
 
 class BucketData(msgspec.Struct, frozen=True, kw_only=True, tag="bucket", array_like=True):
@@ -135,7 +136,7 @@ class BucketData(msgspec.Struct, frozen=True, kw_only=True, tag="bucket", array_
 
     version: int
     index: int
-    checksum: int = INBAND  # crc32 of the bytes, computed as the trainer packed them (INBAND: none, use the announced)
+    checksum: int = INBAND  # of the bytes, computed as the trainer packed them (INBAND: none, use the announced)
 
 
 class VersionOutcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome", array_like=True):

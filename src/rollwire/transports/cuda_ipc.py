@@ -19,8 +19,8 @@ the engine's load it synchronizes the GPU before reporting "applied", so the tra
 cannot overwrite bytes a copy still reads.
 
 Checksums (``gpu_checksums``): the bytes never leave GPU memory, so what a checksum catches here is a
-wrong handle, offset or layout, or an arena rewritten too early, not wire corruption; and crc32 has
-no fast GPU kernel in torch. So each bucket, zero-padded to ``ARENA_ALIGN`` bytes, is read as int64
+wrong handle, offset or layout, or an arena rewritten too early, not wire corruption; and xxh3 has
+no GPU kernel in torch. So each bucket, zero-padded to ``ARENA_ALIGN`` bytes, is read as int64
 words in rows of 512, and three sums are taken modulo 2**64 (integer sums: exact, whatever the
 reduction order, equal on CPU and GPU): all words, the row sums weighted by row index, the column
 sums weighted by column index. A changed word changes the first; two swapped unequal words change

@@ -1,7 +1,7 @@
 """Receiving one announced weight version, by transport, into tensors ready to load.
 
 Each function gathers the bytes of every bucket, verifies them against the announcement (size and
-crc32, or cuda_ipc's GPU checksum; the layout itself was checked by ``check_layout``) on worker
+checksum, or cuda_ipc's GPU checksum; the layout itself was checked by ``check_layout``) on worker
 threads, and returns the
 ``NamedTensor``s of an ApplyVersion plus its payload frames. Failures are ``StagingError`` with a
 wire ``ErrorCode``; nothing here decides what a failure means for the live version.
@@ -13,7 +13,7 @@ rewrite before every receiver has reported the version (cuda_ipc: the receiver s
 before reporting).
 
 A checksum announced as INBAND comes with the bytes instead: in each BucketData (inline, computed
-as the trainer packs the bucket) or as one last broadcast of the buckets' crc32s (gloo/nccl), so the
+as the trainer packs the bucket) or as one last broadcast of the buckets' checksums (gloo/nccl), so the
 trainer makes no pass over the version before announcing it.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import INBAND, BucketData, BucketMeta, NamedTensor, PullBucket, WeightsReady
 from rollwire.transports.broadcast import BroadcastGroup
-from rollwire.transports.checksum import crc32_combine, crc32_of, crc32_parallel
+from rollwire.transports.checksum import Hasher, checksum_parallel
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
 from rollwire.transports.weights import ALIGN, byte_view, checksum_problem, size_problem, tensor_slices
 
@@ -48,18 +48,18 @@ Staged = tuple[list[NamedTensor], list[Buffer]]
 
 
 async def _check(meta: BucketMeta, buf: Buffer, pool: Executor, sent: int = INBAND) -> str | None:
-    """Size and crc32 against the announcement, or against ``sent`` (the crc that came with the
-    bytes) where the announcement says INBAND."""
+    """Size and checksum against the announcement, or against ``sent`` (the checksum that came with
+    the bytes) where the announcement says INBAND."""
     want = sent if meta.checksum == INBAND else meta.checksum
     if want == INBAND:
-        return size_problem(meta, buf) or f"bucket {meta.index}: no crc32, neither announced nor sent"
-    return size_problem(meta, buf) or checksum_problem(meta, await crc32_parallel([buf], pool), want)
+        return size_problem(meta, buf) or f"bucket {meta.index}: no checksum, neither announced nor sent"
+    return size_problem(meta, buf) or checksum_problem(meta, await checksum_parallel([buf], pool), want)
 
 
 def _raise_problems(problems: Sequence[str | None]) -> None:
     bad = [p for p in problems if p]
     if bad:
-        code = ErrorCode.BAD_CHECKSUM if "crc32" in bad[0] else ErrorCode.BAD_FRAME
+        code = ErrorCode.BAD_CHECKSUM if "checksum" in bad[0] else ErrorCode.BAD_FRAME
         raise StagingError(code, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
 
 
@@ -287,10 +287,8 @@ class BroadcastReceiver:
         if self._staging.numel() < pos:
             self._staging = torch.empty(pos, dtype=torch.uint8).fill_(0)  # touched once: warm for later pushes
         staging = self._staging
-        # crc of each tensor (or of each bucket, without crc32_combine), computed while the next
-        # ones arrive: (bucket index, future, length) in order
-        checks: list[tuple[int, Future[int], int]] = []
-        per_tensor = crc32_combine is not None
+        # each bucket's pieces are hashed on the pool while the next tensors arrive
+        hashers = [Hasher(pool) for _ in ready.buckets]
         inband = any(m.checksum == INBAND for m in ready.buckets)
         sent = torch.zeros(len(ready.buckets), dtype=torch.int64)
 
@@ -303,21 +301,15 @@ class BroadcastReceiver:
                     n = _nbytes(t.dtype, t.shape)
                     bucket[end:t.offset].zero_()  # gaps are zeros in the checksum
                     g.broadcast(bucket[t.offset:t.offset + n])
-                    if per_tensor:
-                        checks.append((i, pool.submit(crc32_of, [view[end:t.offset + n]]), t.offset + n - end))
+                    hashers[i].update(view[end:t.offset + n])
                     end = t.offset + n
-                if not per_tensor:
-                    checks.append((i, pool.submit(crc32_of, [view]), meta.nbytes))
-            if inband:  # the trainer's crc32 of each bucket follows the data
+            if inband:  # the trainer's checksum of each bucket follows the data
                 on_device = sent.to(g.device)
                 g.broadcast(on_device)
                 sent.copy_(on_device)
 
         await self._broadcast_into(ready, into, stall_timeout_s)
-        parts = await asyncio.gather(*(asyncio.wrap_future(f) for _, f, _ in checks))
-        sums = [0] * len(ready.buckets)
-        for (i, _, n), c in zip(checks, parts, strict=True):
-            sums[i] = crc32_combine(sums[i], c, n) if per_tensor else c  # type: ignore[misc]
+        sums = [await h.wait() for h in hashers]
         bufs = [byte_view(staging[off:off + m.nbytes]) for m, off in zip(ready.buckets, offsets, strict=True)]
         want = sent.tolist() if inband else [m.checksum for m in ready.buckets]
         _raise_problems([size_problem(m, b) or checksum_problem(m, c, w)

@@ -2,8 +2,8 @@
 
 A bucket is a run of named tensors packed back to back, each at an offset aligned to ``ALIGN``
 bytes (the gaps are zeros), so any tensor can be viewed in place whatever its dtype. A tensor
-larger than the bucket size gets a bucket of its own. The checksum of a bucket is the crc32
-(zlib's) of all its bytes, gaps included (``transports/checksum.py`` computes it fast).
+larger than the bucket size gets a bucket of its own. The checksum of a bucket covers all its
+bytes, gaps included (``transports/checksum.py`` defines it: xxh3-64 over 1 MiB pieces, folded).
 
 Shared by the trainer (plan, checksum from the source tensors), the WeightReceiverActor
 (verify what arrived) and the GenerationActor (``tensors_from_apply``: tensor views for the load).
@@ -22,7 +22,7 @@ import torch
 
 from rollwire.messages.codec import Buffer
 from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
-from rollwire.transports.checksum import crc32, crc32_of
+from rollwire.transports.checksum import PIECE_BYTES, checksum_of, fold, piece_digests
 from rollwire.transports.tensors import decode_tensor, dtype_from_name, dtype_name
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
@@ -111,12 +111,12 @@ def bucket_buffers(plan: BucketPlan) -> list[memoryview]:
 
 
 def checksum_sources(plan: BucketPlan) -> int:
-    """crc32 of the bucket as it will be packed, computed from the source tensors (no packing)."""
-    return crc32_of(bucket_buffers(plan))
+    """The checksum of the bucket as it will be packed, computed from the source tensors (no packing)."""
+    return checksum_of(bucket_buffers(plan))
 
 
 def checksum(buf: Buffer) -> int:
-    return crc32(buf)
+    return checksum_of([buf])
 
 
 def pack_bucket(plan: BucketPlan, dst: torch.Tensor) -> None:
@@ -132,10 +132,7 @@ def pack_bucket(plan: BucketPlan, dst: torch.Tensor) -> None:
         pos = meta.offset + n
 
 
-PIECE_BYTES = 4 << 20  # fused pack + crc: a piece is copied, then checksummed while still in cache
-
-
-def _pieces(plan: BucketPlan, dst: torch.Tensor) -> list[tuple[int, int, int]]:
+def _ops(plan: BucketPlan, dst: torch.Tensor) -> list[tuple[int, int, int]]:
     """(start, length, source address or 0 for zeros or -1 for already packed) covering the bucket
     in order; a non-contiguous source is packed here (one strided copy) and only checksummed later."""
     out: list[tuple[int, int, int]] = []
@@ -146,48 +143,57 @@ def _pieces(plan: BucketPlan, dst: torch.Tensor) -> list[tuple[int, int, int]]:
         n = nbytes_of(t)
         if n and not t.is_contiguous():
             dst[meta.offset:meta.offset + n].view(t.dtype).view(t.shape).copy_(t)
-        for k in range(0, n, PIECE_BYTES):
-            src = t.data_ptr() + k if t.is_contiguous() else -1
-            out.append((meta.offset + k, min(PIECE_BYTES, n - k), src))
+        if n:
+            out.append((meta.offset, n, t.data_ptr() if t.is_contiguous() else -1))
         pos = meta.offset + n
     return out
 
 
-def pack_with_crc(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor], pool: Executor,
-                  threads: int = 2) -> list[int]:
-    """Pack every bucket into its ``dst`` (flat uint8 CPU tensors) and return each bucket's crc32,
-    computed piece by piece right after each piece is copied (it is still in cache: cheaper than a
-    copy pass then a crc pass). This thread and ``threads - 1`` workers of ``pool`` take pieces in
-    turn; the piece values are combined in order. Blocks: run it on a worker thread."""
+def _cells(plan: BucketPlan, dst: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """The bucket's copy operations cut at checksum-piece boundaries: one list per piece."""
+    cells: list[list[tuple[int, int, int]]] = [[] for _ in range(-(-plan.nbytes // PIECE_BYTES))]
+    for start, n, src in _ops(plan, dst):
+        while n:
+            take = min(n, PIECE_BYTES - start % PIECE_BYTES)
+            cells[start // PIECE_BYTES].append((start, take, src))
+            start, n, src = start + take, n - take, (src + take if src > 0 else src)
+    return cells
+
+
+def pack_with_checksum(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor], pool: Executor,
+                       threads: int = 2) -> list[int]:
+    """Pack every bucket into its ``dst`` (flat uint8 CPU tensors) and return each bucket's checksum,
+    each piece hashed right after it is copied (still in cache: nearly free next to the copy). This
+    thread and ``threads - 1`` workers of ``pool`` take pieces in turn. Blocks: run it on a worker
+    thread."""
     import ctypes
 
-    from rollwire.transports.checksum import crc32_combine
-
-    assert crc32_combine is not None, "pack_with_crc needs isal (crc32_combine)"
-    jobs = []  # (bucket, start, length, src, dst address, dst view)
+    jobs = []  # (bucket, ops, dst address, the piece's bytes)
     for b, (plan, dst) in enumerate(zip(plans, dsts, strict=True)):
         mv = byte_view(dst) if dst.numel() else memoryview(b"")
-        jobs += [(b, start, n, src, dst.data_ptr(), mv) for start, n, src in _pieces(plan, dst)]
-    sums = [0] * len(jobs)
+        jobs += [(b, ops, dst.data_ptr(), mv[k * PIECE_BYTES:(k + 1) * PIECE_BYTES])
+                 for k, ops in enumerate(_cells(plan, dst))]
+    digests = [0] * len(jobs)
     todo = iter(range(len(jobs)))  # shared: each worker takes the next piece (next() is atomic)
 
     def work() -> None:
         for i in todo:
-            _, start, n, src, addr, mv = jobs[i]
-            if src > 0:
-                ctypes.memmove(addr + start, src, n)
-            elif src == 0:
-                ctypes.memset(addr + start, 0, n)
-            sums[i] = crc32(mv[start:start + n])
+            _, ops, addr, piece = jobs[i]
+            for start, n, src in ops:
+                if src > 0:
+                    ctypes.memmove(addr + start, src, n)
+                elif src == 0:
+                    ctypes.memset(addr + start, 0, n)
+            digests[i] = piece_digests(piece)[0]
 
     helpers = [pool.submit(work) for _ in range(threads - 1)]
     work()  # this thread takes pieces too
     for f in helpers:
         f.result()
-    out = [0] * len(plans)
-    for (b, _, n, _, _, _), c in zip(jobs, sums, strict=True):
-        out[b] = crc32_combine(out[b], c, n)
-    return out
+    per_bucket: list[list[int]] = [[] for _ in plans]
+    for (b, _, _, _), d in zip(jobs, digests, strict=True):
+        per_bucket[b].append(d)
+    return [fold(d) for d in per_bucket]
 
 
 # -- receiver side ------------------------------------------------------------------------------
@@ -242,13 +248,13 @@ def checksum_problem(meta: BucketMeta, got: int, want: int | None = None) -> str
     want = meta.checksum if want is None else want
     if got != want:
         how = "announced" if want == meta.checksum else "sent"
-        return f"bucket {meta.index}: crc32 {got:#010x}, {how} {want:#010x}"
+        return f"bucket {meta.index}: checksum {got:#018x}, {how} {want:#018x}"
     return None
 
 
 def verify_bucket(meta: BucketMeta, buf: Buffer) -> str | None:
     """None if ``buf`` is exactly the announced bucket; else why not (size or checksum)."""
-    return size_problem(meta, buf) or checksum_problem(meta, crc32(buf))
+    return size_problem(meta, buf) or checksum_problem(meta, checksum(buf))
 
 
 def tensor_slices(meta: BucketMeta, buf: Buffer) -> list[memoryview]:
