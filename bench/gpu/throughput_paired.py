@@ -2,9 +2,11 @@
 child process; the client is this process, over tcp) and sglang.Engine.async_generate called
 directly in this process, on the same GPU, same model and engine arguments, runs alternated
 (server, direct, ...) so that drift and noise hit both alike. Both engines stay idle while the
-other runs. Two more arms on the direct engine locate a gap: sglang.Engine called with exactly
-the sampling parameters and cache key rollwire's adapter sends, and the adapter itself in this
-process (no sockets).
+other runs. Three more arms on the direct engine locate a gap: sglang.Engine called with exactly
+the sampling parameters and cache key rollwire's adapter sends; the adapter itself in this process
+(no sockets); and ``server_here``: a whole RolloutServer in this process around that same engine,
+its client in a child process over ipc. ``server`` against ``server_here`` is then the cost of a
+second engine in another process (its own scheduler, placement, memory), not of rollwire's actors.
 
 Then, with --py-spy, two more server runs and two more direct runs, each sampled by py-spy (the
 process and its SGLang children), written as speedscope JSON: where the server's time goes.
@@ -17,11 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import statistics
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +39,50 @@ from throughput import BENCH_ARGS as KIT_BENCH_ARGS  # noqa: E402
 BENCH_ARGS = {**KIT_BENCH_ARGS, "log_level": os.environ.get("RW_SGLANG_LOG_LEVEL", "warning")}
 
 
+class Borrowed:
+    """An engine lent to an in-process RolloutServer, which neither starts nor shuts it down."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+
+def client_proc(endpoint: str, ps: list[list[int]], tokens: int, go: Any, out: Any) -> None:
+    """A rollout worker in its own process: one timed batch of all prompts per item on ``go``."""
+    async def run() -> None:
+        from rollwire import RolloutClient, SamplingParams
+
+        sp = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+        loop = asyncio.get_running_loop()
+        async with RolloutClient(endpoint, timeout=600) as rc:
+            await rc.health()
+            out.put("ready")
+            while await loop.run_in_executor(None, go.get) is not None:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(rc.generate(p, sp) for p in ps))
+                out.put((time.perf_counter() - t0, sum(len(o.output_ids) for o in outs)))
+
+    import uvloop
+
+    uvloop.run(run())
+
+
 async def main(a: argparse.Namespace) -> dict[str, Any]:
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     from rollwire import RolloutClient, SamplingParams
     from rollwire.engines.base import EngineRequest
     from rollwire.engines.sglang import SGLangEngine
-    from rollwire.transports.sockets import free_tcp_endpoint
+    from rollwire.server import RolloutServer, ServerConfig
+    from rollwire.transports.sockets import free_tcp_endpoint, ipc_endpoint
 
     ep = free_tcp_endpoint()
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
@@ -62,8 +103,17 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     res: dict[str, Any] = {"n": a.n, "tokens": a.tokens, "direct_engine_start_s": round(direct_start_s, 1),
                            "engine_args": BENCH_ARGS, "device": device_info()}
+    here_cfg = ServerConfig(engine="sglang", model=a.model, rollout_endpoint=ipc_endpoint("here"),
+                            max_new_tokens_limit=4096)
+    ctx = mp.get_context("spawn")
+    go, back = ctx.Queue(), ctx.Queue()
+    client = ctx.Process(target=client_proc, args=(here_cfg.rollout_endpoint, ps, a.tokens, go, back))
+    loop = asyncio.get_running_loop()
     try:
-        async with RolloutClient(ep, timeout=600) as rc:
+        async with RolloutClient(ep, timeout=600) as rc, \
+                RolloutServer(here_cfg, engine_factory=lambda: Borrowed(adapter)):
+            client.start()
+            assert await loop.run_in_executor(None, back.get, True, 120) == "ready"
             await wait_serving(rc, proc)
             res["server_ready_s"] = round(time.time() - t, 1)
 
@@ -77,7 +127,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
 
             async def direct_rw_one(p: list[int]) -> Any:
                 # what Engine.async_generate does, plus the cache key it does not pass through
-                obj = GenerateReqInput(input_ids=p, sampling_params=rw_params, extra_key="rw-v0")
+                obj = GenerateReqInput(input_ids=p, sampling_params=rw_params, extra_key="rw-v0", rid=uuid.uuid4().hex)
                 return await eng.tokenizer_manager.generate_request(obj, None).__anext__()
 
             async def direct_rw_once() -> tuple[float, int]:
@@ -106,9 +156,13 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                 server_s.append(totals[-1])
                 return elapsed, sum(len(o.output_ids) for o in outs)  # type: ignore[union-attr]
 
+            async def server_here_once() -> tuple[float, int]:
+                go.put(1)
+                return tuple(await loop.run_in_executor(None, back.get, True, 600))  # type: ignore[return-value]
+
             server_s: list[float] = []
             arms = {"server": server_once, "direct": direct_once, "direct_rw_params": direct_rw_once,
-                    "adapter": adapter_once}
+                    "adapter": adapter_once, "server_here": server_here_once}
             for fn in arms.values():
                 await fn()
             runs: dict[str, list[tuple[float, int]]] = {k: [] for k in arms}
@@ -118,7 +172,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
             server, direct = runs["server"], runs["direct"]
             tokens = server[0][1]
             assert all(r[1] == a.n * a.tokens for v in runs.values() for r in v), "a run lost tokens"
-            for k in ("direct_rw_params", "adapter"):
+            for k in ("direct_rw_params", "adapter", "server_here"):
                 kt = [r[0] for r in runs[k]]
                 res[k] = {"runs_s": [round(x, 4) for x in kt], "median_s": round(statistics.median(kt), 4),
                           "tokens_per_s": round(tokens / statistics.median(kt), 1)}
@@ -138,6 +192,11 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                                                       str(Path(a.out).with_suffix(".direct.speedscope.json")),
                                                       direct_once)
     finally:
+        if client.pid is not None:
+            go.put(None)
+            client.join(30)
+            if client.is_alive():
+                client.kill()
         stop_process(proc)
         log.close()
         await adapter.shutdown()
@@ -171,5 +230,6 @@ if __name__ == "__main__":
     print(f"FIGURE server/direct tokens/s {result['server_over_direct_tokens_per_s']} "
           f"(server {result['server']['median_s']} s, direct {result['direct']['median_s']} s, "
           f"pairs {result['pair_ratios']}; direct with rollwire's params {result['direct_rw_params']['median_s']} s, "
-          f"adapter in-process {result['adapter']['median_s']} s)", flush=True)
+          f"adapter in-process {result['adapter']['median_s']} s; a RolloutServer in-process around the direct engine, "
+          f"client in a child process {result['server_here']['median_s']} s)", flush=True)
     print(json.dumps(result), flush=True)
