@@ -263,18 +263,26 @@ class GenerationActor(GenerationControl, Actor):
     async def _collect(self, flight: InFlight, msg: GenerateRequest, index: int, deltas: AsyncIterator[EngineDelta],
                        out: _Output) -> None:
         """Gather one engine run's deltas into ``out`` (streaming each as a chunk if asked)."""
-        async for d in deltas:
-            if d.token_ids:
-                if not out.first_token:
-                    out.first_token = time.monotonic()
-                out.ids.extend(d.token_ids)
-                if out.logprobs is not None and d.logprobs is not None:
-                    out.logprobs.extend(d.logprobs)
-                spans_add(out.spans, d.weight_version, len(d.token_ids))
-                out.version = d.weight_version
-                if msg.stream and not flight.closed:
-                    await self.reply(flight.origin, GenerateChunk(index=index, token_ids=d.token_ids,
-                                                                  logprobs=d.logprobs, weight_version=d.weight_version))
-            out.cached = max(out.cached, d.cached_tokens)
-            if d.finish_reason is not None:
-                out.finish = d.finish_reason
+        try:
+            async for d in deltas:
+                if d.token_ids:
+                    if not out.first_token:
+                        out.first_token = time.monotonic()
+                    out.ids.extend(d.token_ids)
+                    if out.logprobs is not None and d.logprobs is not None:
+                        out.logprobs.extend(d.logprobs)
+                    spans_add(out.spans, d.weight_version, len(d.token_ids))
+                    out.version = d.weight_version
+                    if msg.stream and not flight.closed:
+                        await self.reply(flight.origin, GenerateChunk(index=index, token_ids=d.token_ids,
+                                                                      logprobs=d.logprobs,
+                                                                      weight_version=d.weight_version))
+                out.cached = max(out.cached, d.cached_tokens)
+                if d.finish_reason is not None:
+                    out.finish = d.finish_reason
+        finally:
+            # closed now, not whenever the last reference goes (a kept exception's traceback can
+            # hold it): an open SGLang generate_request holds off weight updates
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
