@@ -28,6 +28,7 @@ from rollwire.messages.weights import (
 )
 from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
 from rollwire.transports import sockets
+from rollwire.transports.checksum import NAME as CHECKSUM_NAME
 from rollwire.transports.pubsub import Publisher
 from rollwire.transports.shm import ShmArena
 from rollwire.transports.weights import BucketPlan, checksum_sources, pack_bucket, plan_buckets, tensors_from_apply
@@ -82,7 +83,9 @@ class ScriptedTrainer:
         self.serve: BucketServe = lambda i, b: [b]
         self.reorder = 0
         self.extra_replies: list[tuple[int, int]] = []  # (version, index) sent unasked with each reply
-        self.crc_in_reply: Callable[[int, bytes], int] | None = None  # the checksum sent with bucket i
+        self.checksum_in_reply: Callable[[int, bytes], int] | None = None  # the checksum sent with bucket i
+        self.welcome_checksum = CHECKSUM_NAME  # "": answer as a rollwire from before xxh3 checksums
+        self.registers: list[Register] = []
         self._held: list[tuple[bytes, int, PullBucket]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.arena = ShmArena()
@@ -132,8 +135,8 @@ class ScriptedTrainer:
         frames = self.serve(pull.index, self.buckets[pull.index])
         if frames is None:
             return
-        crc = -1 if self.crc_in_reply is None else self.crc_in_reply(pull.index, self.buckets[pull.index])
-        await self._send(peer, rid, BucketData(version=pull.version, index=pull.index, checksum=crc), frames)
+        digest = -1 if self.checksum_in_reply is None else self.checksum_in_reply(pull.index, self.buckets[pull.index])
+        await self._send(peer, rid, BucketData(version=pull.version, index=pull.index, checksum=digest), frames)
         for version, index in self.extra_replies:
             await self._send(peer, rid, BucketData(version=version, index=index), [self.buckets.get(index, b"")])
 
@@ -149,7 +152,9 @@ class ScriptedTrainer:
             rid, msg, _ = self.codec.decode(frames[1:])
             match msg:
                 case Register():
-                    await self._send(peer, rid, Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint))
+                    self.registers.append(msg)
+                    await self._send(peer, rid, Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint,
+                                                        checksum=self.welcome_checksum))
                 case BeaconSeen():
                     if msg.trainer_id == self.trainer_id:
                         self.joined.add(msg.receiver_id)

@@ -24,6 +24,7 @@ from rollwire.transports.weights import (
     pack_bucket,
     pack_with_checksum,
     plan_buckets,
+    tensor_bytes,
     tensor_slices,
     tensors_from_apply,
     verify_bucket,
@@ -126,6 +127,11 @@ def test_packing_with_checksums_packs_exactly_and_each_checksum_is_its_buckets()
     for plan, dst, got in zip(plans, dsts, sums, strict=True):
         assert torch.equal(dst, pack(plan))
         assert got == reference_checksum(dst.numpy().tobytes()) == checksum_sources(plan)
+
+
+def test_the_bytes_of_a_one_element_view_with_a_stride_are_its_element() -> None:
+    one = torch.arange(4.0)[::2][:1]  # "contiguous" (one element), yet its stride is 2
+    assert bytes(tensor_bytes(one)) == torch.tensor([0.0]).numpy().tobytes()
 
 
 def test_a_tensor_larger_than_a_bucket_gets_a_bucket_of_its_own_and_others_stay_under_the_size() -> None:

@@ -13,6 +13,7 @@ import torch
 
 from rollwire.clients.trainer import PushError, TrainerPublisher
 from rollwire.runtime import ActorSystem
+from rollwire.transports.checksum import NAME as CHECKSUM_NAME
 from rollwire.transports.weights import checksum_sources, pack_bucket, plan_buckets
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer
@@ -47,6 +48,20 @@ async def test_a_push_arrives_bit_exact_over_each_transport_and_later_pushes_reu
         if transport != "shm":
             assert rig.sink.frames[2] == len(tensors)  # one payload frame per tensor
     assert rig.receiver.live_version == 2
+
+
+@pytest.mark.parametrize("transport", ["inline", "shm", "gloo"])
+async def test_buckets_over_several_checksum_pieces_agree_on_both_ends(rig: Rig, transport: str) -> None:
+    """Tensors straddling the 1 MiB checksum pieces at offsets that are not multiples of them: the
+    trainer (packing, or feeding tensor by tensor for gloo) and the receiver cut the same pieces."""
+    g = torch.Generator().manual_seed(11)
+    tensors = {"small": torch.randn(1001, generator=g), "big": torch.randn(800_001, generator=g),
+               "strided": torch.randn(900, 700, generator=g).t(), "last": torch.randn(3, generator=g).half()}
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, bucket_bytes=6 << 20,
+                                timeout_s=20) as tp:
+        report = await tp.push_weights(1, tensors, transport=transport)
+    assert report.bytes > 5 << 20 and len(plan_buckets(list(tensors.items()), 6 << 20)) == 1
+    assert_applied(rig, 1, tensors)
 
 
 async def test_auto_picks_shm_on_the_same_host(rig: Rig) -> None:
@@ -187,6 +202,44 @@ async def test_a_trainer_given_only_its_tcp_endpoint_publishes_on_the_next_port(
             assert tp.pub_endpoint == f"tcp://127.0.0.1:{int(endpoint.rpartition(':')[2]) + 1}"
 
 
+async def test_a_receiver_does_not_join_a_trainer_whose_buckets_carry_another_checksum(rig: Rig) -> None:
+    """A trainer from before xxh3 checksums (its Welcome names none): every push would fail the
+    receiver's checks, so the receiver does not join; it keeps asking and joins once the answer
+    names its checksum."""
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        tr.welcome_checksum = ""
+        async with asyncio.timeout(20):
+            while not tr.registers:
+                await asyncio.sleep(0.02)
+        assert tr.registers[0].checksums == [CHECKSUM_NAME]
+        await asyncio.sleep(0.5)
+        assert not tr.joined and rig.receiver.counters.get("registrations") == 0
+        tr.welcome_checksum = CHECKSUM_NAME
+        await tr.wait_joined()
+        assert len(tr.registers) >= 2 and rig.receiver.counters.get("registrations") == 1
+
+
+async def test_a_trainer_refuses_a_receiver_that_verifies_another_checksum_with_unsupported_protocol() -> None:
+    """A receiver from before xxh3 checksums registers without naming one: a typed refusal."""
+    from rollwire.messages import ErrorCode, ErrorReply
+    from rollwire.messages.weights import Register, TrainerReply
+    from rollwire.transports.rpc import RpcClient
+    from tests.conftest import free_tcp_endpoint
+
+    endpoint = free_tcp_endpoint()
+    async with TrainerPublisher(endpoint, timeout_s=5) as tp:
+        old = RpcClient(endpoint, TrainerReply)
+        old.start()
+        try:
+            reply = await old.call(Register(receiver_id="old", host_id="h", transports=["inline"], live_version=0),
+                                   timeout=10)
+        finally:
+            await old.close()
+        assert isinstance(reply.msg, ErrorReply) and reply.msg.code == ErrorCode.UNSUPPORTED_PROTOCOL
+        assert "crc32" in reply.msg.message and CHECKSUM_NAME in reply.msg.message
+        assert "old" not in tp.receivers
+
+
 async def test_push_error_names_each_receiver_that_refused_and_why() -> None:
     system = ActorSystem()
     try:
@@ -229,12 +282,12 @@ async def test_an_inline_checksum_sent_with_the_bucket_is_checked_and_a_missing_
         await tr.wait_joined()
         plans = tr.plan(tensors, bucket_bytes=256)
         inband = [INBAND] * len(plans)
-        tr.crc_in_reply = lambda i, b: checksum(b)
+        tr.checksum_in_reply = lambda i, b: checksum(b)
         assert (await outcome_of(await tr.announce(1, plans, checksums=inband))).ok
-        tr.crc_in_reply = lambda i, b: checksum(b) ^ 1
+        tr.checksum_in_reply = lambda i, b: checksum(b) ^ 1
         out = await outcome_of(await tr.announce(2, plans, checksums=inband))
         assert (out.ok, out.error_code) == (False, "bad_checksum") and "sent" in out.message
-        tr.crc_in_reply = None
+        tr.checksum_in_reply = None
         out = await outcome_of(await tr.announce(3, plans, checksums=inband))
         assert (out.ok, out.error_code) == (False, "bad_checksum") and "neither announced nor sent" in out.message
     assert_applied(rig, 1, tensors)

@@ -46,7 +46,7 @@ from rollwire.messages.weights import (
     Welcome,
 )
 from rollwire.runtime import Actor, Port
-from rollwire.transports import cuda_ipc, shm
+from rollwire.transports import checksum, cuda_ipc, shm
 from rollwire.transports.broadcast import available as broadcast_available
 from rollwire.transports.pubsub import Subscriber
 from rollwire.transports.rpc import RpcClient
@@ -133,12 +133,18 @@ class WeightReceiverActor(Actor):
         wait = REGISTER_TIMEOUT_S
         while True:
             msg = Register(receiver_id=self.receiver_id, host_id=shm.host_id(), transports=self.transports,
-                           live_version=self.live_version, cuda_devices=self.cuda_devices)
+                           live_version=self.live_version, cuda_devices=self.cuda_devices,
+                           checksums=[checksum.NAME])
             try:
                 reply = await self._trainer.call(msg, timeout=wait)
-                if isinstance(reply.msg, Welcome):
+                if isinstance(reply.msg, Welcome) and reply.msg.checksum == checksum.NAME:
                     break
-                self.log.warning("register_refused", reply=repr(reply.msg))
+                if isinstance(reply.msg, Welcome):  # an older trainer: every push would fail its checks
+                    self.log.error("trainer_incompatible", trainer_id=reply.msg.trainer_id,
+                                   reason=f"its buckets carry checksum {reply.msg.checksum or 'crc32'!r}, "
+                                          f"this receiver verifies {checksum.NAME!r}: run the same rollwire")
+                else:
+                    self.log.warning("register_refused", reply=repr(reply.msg))
                 await asyncio.sleep(wait)
             except TimeoutError:
                 pass

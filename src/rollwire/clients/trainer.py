@@ -60,7 +60,7 @@ from rollwire.messages.weights import (
     Welcome,
 )
 from rollwire.runtime.logging import get_logger
-from rollwire.transports import cuda_ipc, shm, sockets
+from rollwire.transports import checksum, cuda_ipc, shm, sockets
 from rollwire.transports.broadcast import BroadcastGroup
 from rollwire.transports.broadcast import available as broadcast_available
 from rollwire.transports.pubsub import Publisher
@@ -332,8 +332,14 @@ class TrainerPublisher:
                         fut.set_result(msg)
 
     async def _on_register(self, peer: bytes, rid: int, msg: Register) -> None:
+        if checksum.NAME not in msg.checksums:  # an older receiver: every push would fail its checks
+            why = (f"receiver {msg.receiver_id!r} verifies {', '.join(msg.checksums) or 'crc32'} bucket checksums, "
+                   f"this trainer sends {checksum.NAME!r}: run the same rollwire on both ends")
+            log.error("receiver_incompatible", receiver_id=msg.receiver_id, reason=why)
+            await self._reply(peer, rid, ErrorReply(code=ErrorCode.UNSUPPORTED_PROTOCOL, message=why, origin="trainer"))
+            return
         old = self.receivers.get(msg.receiver_id)
-        welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint)
+        welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint, checksum=checksum.NAME)
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
             await self._reply(peer, rid, welcome)
             return
@@ -366,8 +372,8 @@ class TrainerPublisher:
             await self._reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
             return
         async with push.credits(peer, self.credit_window):
-            buf, checksum = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
-            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=checksum), [buf])
+            buf, digest = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
+            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=digest), [buf])
 
     async def _beacon_loop(self) -> None:
         assert self._pub is not None

@@ -28,11 +28,13 @@ class Register(msgspec.Struct, frozen=True, kw_only=True, tag="register", array_
     transports: list[str]  # payload transports this receiver can use, fastest first
     live_version: int  # weight version serving now
     cuda_devices: list[str] = []  # cuda_ipc: UUIDs of the GPUs this receiver's process can open handles on
+    checksums: list[str] = []  # bucket checksums it verifies (transports/checksum.py NAME); none: a crc32 rollwire
 
 
 class Welcome(msgspec.Struct, frozen=True, kw_only=True, tag="welcome", array_like=True):
     trainer_id: str  # changes when the trainer restarts: receivers then register again
     pub_endpoint: str  # where announcements are published
+    checksum: str = ""  # the bucket checksum its announcements carry; "": a crc32 rollwire (refused)
 
 
 class StepMessage(msgspec.Struct, frozen=True, kw_only=True, tag="step", array_like=True):

@@ -22,6 +22,7 @@ import xxhash
 
 from rollwire.messages.codec import Buffer
 
+NAME = "xxh3-64/1MiB"  # receivers and trainers exchange it at registration (Register, Welcome)
 PIECE_BYTES = 1 << 20  # fits the L2 caches of the machines we run on; the digests add 8 B per MiB
 MASK = (1 << 63) - 1
 MAX_TASKS = 8  # per buffer handed to a pool: a few runs per core keep threads evenly busy
@@ -104,8 +105,7 @@ class Hasher:
         """``result`` without blocking the event loop."""
         self._close()
         pending = [asyncio.wrap_future(d) for d in self._digests if isinstance(d, Future)]
-        if pending:
-            await asyncio.wait(pending)
+        await asyncio.gather(*pending, return_exceptions=True)  # result() raises a run's error
         return self.result()
 
 
@@ -118,8 +118,13 @@ def checksum_of(bufs: Sequence[Buffer]) -> int:
 
 
 async def checksum_parallel(bufs: Sequence[Buffer], pool: Executor) -> int:
-    """The checksum of the concatenation of ``bufs``, its pieces hashed on ``pool``'s threads."""
+    """The checksum of the concatenation of ``bufs``, its pieces hashed on ``pool``'s threads (fed
+    from one of them too, so that no piece, not even a short last one, is hashed on the loop)."""
     h = Hasher(pool)
-    for b in bufs:
-        h.update(b)
+
+    def feed() -> None:
+        for b in bufs:
+            h.update(b)
+
+    await asyncio.get_running_loop().run_in_executor(pool, feed)
     return await h.wait()

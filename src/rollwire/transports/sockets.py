@@ -48,7 +48,7 @@ def ipc_endpoint(name: str = "") -> str:
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1", *, span: int = 2) -> str:
-    """A tcp:// endpoint on a port P such that P .. P + span - 1 are free now. The default span
+    """A tcp:// endpoint (IPv4 ``host``) on a port P such that P .. P + span - 1 are free now. The default span
     covers a TrainerPublisher given only its ROUTER endpoint, which binds its PUB on P + 1 (a
     port next to one the OS just handed out is often a live connection's: that failed a CI run)."""
     for _ in range(64):
@@ -56,10 +56,12 @@ def free_tcp_endpoint(host: str = "127.0.0.1", *, span: int = 2) -> str:
             first = stack.enter_context(pysocket.socket())
             first.bind((host, 0))
             port = first.getsockname()[1]
+            if port + span - 1 > 65535:
+                continue
             try:
                 for p in range(port + 1, port + span):
                     stack.enter_context(pysocket.socket()).bind((host, p))
-            except OSError:  # in use, or past 65535
+            except OSError:  # in use
                 continue
             return f"tcp://{host}:{port}"
     raise OSError(f"no {span} adjacent free tcp ports found on {host}")

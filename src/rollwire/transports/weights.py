@@ -95,7 +95,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return byte_view(t.reshape(-1).view(torch.uint8))
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # one element with another stride: "contiguous", yet not viewable as bytes
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return byte_view(flat.view(torch.uint8))
 
 
 def bucket_buffers(plan: BucketPlan) -> list[memoryview]:
@@ -189,7 +192,8 @@ def pack_with_checksum(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor]
     helpers = [pool.submit(work) for _ in range(threads - 1)]
     work()  # this thread takes pieces too
     for f in helpers:
-        f.result()
+        if not f.cancel():  # one still queued has nothing left to do (and may wait on this thread's pool)
+            f.result()
     per_bucket: list[list[int]] = [[] for _ in plans]
     for (b, _, _, _), d in zip(jobs, digests, strict=True):
         per_bucket[b].append(d)
