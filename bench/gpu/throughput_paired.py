@@ -5,8 +5,9 @@ directly in this process, on the same GPU, same model and engine arguments, runs
 other runs. Three more arms on the direct engine locate a gap: sglang.Engine called with exactly
 the sampling parameters and cache key rollwire's adapter sends; the adapter itself in this process
 (no sockets); and ``server_here``: a whole RolloutServer in this process around that same engine,
-its client in a child process over ipc. ``server`` against ``server_here`` is then the cost of a
-second engine in another process (its own scheduler, placement, memory), not of rollwire's actors.
+its client in a child process over tcp, as for ``server``. ``server`` against ``server_here`` is
+then the cost of a second engine in another process (its own scheduler, placement, memory), not
+of rollwire's actors and sockets.
 
 Then, with --py-spy, two more server runs and two more direct runs, each sampled by py-spy (the
 process and its SGLang children), written as speedscope JSON: where the server's time goes.
@@ -82,7 +83,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     from rollwire.engines.base import EngineRequest
     from rollwire.engines.sglang import SGLangEngine
     from rollwire.server import RolloutServer, ServerConfig
-    from rollwire.transports.sockets import free_tcp_endpoint, ipc_endpoint
+    from rollwire.transports.sockets import free_tcp_endpoint
 
     ep = free_tcp_endpoint()
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "sglang",
@@ -103,7 +104,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     sp = SamplingParams(max_new_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     res: dict[str, Any] = {"n": a.n, "tokens": a.tokens, "direct_engine_start_s": round(direct_start_s, 1),
                            "engine_args": BENCH_ARGS, "device": device_info()}
-    here_cfg = ServerConfig(engine="sglang", model=a.model, rollout_endpoint=ipc_endpoint("here"),
+    here_cfg = ServerConfig(engine="sglang", model=a.model, rollout_endpoint=free_tcp_endpoint(),
                             max_new_tokens_limit=4096)
     ctx = mp.get_context("spawn")
     go, back = ctx.Queue(), ctx.Queue()
