@@ -154,8 +154,7 @@ async def attach_shm(ready: WeightsReady, pool: Executor) -> list[NamedTensor]:
                                                     f"{arena.size}-byte arena")
         bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
     await _verify(ready.buckets, bufs, pool)
-    return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
-            for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True) for t in meta.tensors]
+    return _at_offsets(ready)
 
 
 # -- cuda_ipc ----------------------------------------------------------------------------------
@@ -171,22 +170,30 @@ async def attach_cuda_ipc(ready: WeightsReady, pool: Executor) -> tuple[list[Nam
         if off < 0 or off % cuda_ipc.ARENA_ALIGN or off + cuda_ipc.padded(meta.nbytes) > h.nbytes:
             raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
                                                     f"{h.nbytes}-byte CUDA arena or misaligned")
-    loop = asyncio.get_running_loop()
     try:
-        key = await loop.run_in_executor(pool, cuda_ipc.open_arena, h)
+        key = await asyncio.get_running_loop().run_in_executor(pool, cuda_ipc.open_arena, h)
     except (RuntimeError, ValueError) as e:
         raise StagingError(ErrorCode.BAD_FIELD, f"cannot open the CUDA IPC handle: {e}") from None
-    sums = await loop.run_in_executor(pool, cuda_ipc.verify, key, ready.shm_offsets, [m.nbytes for m in ready.buckets])
-    problems = [None if got == m.checksum else
-                f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
-                for m, got in zip(ready.buckets, sums, strict=True)]
-    bad = [p for p in problems if p]
-    if bad:
-        raise StagingError(ErrorCode.BAD_CHECKSUM, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3
-                                                                          else ""))
-    named = [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
-             for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True) for t in meta.tensors]
-    return named, key
+    await _verify_on_gpu(key, ready, pool)
+    return _at_offsets(ready), key
+
+
+async def _verify_on_gpu(key: str, ready: WeightsReady, pool: Executor) -> None:
+    """Every bucket at ``ready.shm_offsets`` of the CUDA buffer ``key`` against its announced GPU
+    checksum (cuda_ipc and nccl)."""
+    from rollwire.transports import cuda_ipc
+
+    sums = await asyncio.get_running_loop().run_in_executor(pool, cuda_ipc.verify, key, ready.shm_offsets,
+                                                            [m.nbytes for m in ready.buckets])
+    _raise_problems([None if got == m.checksum else
+                     f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
+                     for m, got in zip(ready.buckets, sums, strict=True)])
+
+
+def _at_offsets(ready: WeightsReady) -> list[NamedTensor]:
+    """The version's tensors as byte offsets into the buffer holding its buckets at ``shm_offsets``."""
+    return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
+            for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True) for t in meta.tensors]
 
 
 # -- gloo / nccl broadcast ----------------------------------------------------------------------
@@ -230,13 +237,8 @@ class BroadcastReceiver:
 
         await self._broadcast_into(ready, into, stall_timeout_s)
         key = cuda_ipc.register_local(staging)
-        sums = await asyncio.get_running_loop().run_in_executor(pool, cuda_ipc.verify, key, offsets, sizes)
-        bad = [f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
-               for m, got in zip(ready.buckets, sums, strict=True) if got != m.checksum]
-        if bad:
-            raise StagingError(ErrorCode.BAD_CHECKSUM, "; ".join(bad[:3]))
-        return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
-                for meta, off in zip(ready.buckets, offsets, strict=True) for t in meta.tensors], key
+        await _verify_on_gpu(key, ready, pool)
+        return _at_offsets(ready), key
 
     def close(self) -> None:
         group, self._group = self._group, None
