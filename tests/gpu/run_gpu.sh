@@ -47,19 +47,21 @@ MODES="direct server adapter"
 if [ "$WHAT" = issue5 ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
   step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
-  ( step direct_sglang 300 python3 tests/gpu/direct_sglang.py "$TINY"
-    step adapter_checks 420 python3 tests/gpu/adapter_checks.py "$TINY" "$OUT/direct_ref.json" ) > "$OUT/phase_checks.txt" 2>&1 &
-  CHECKS=$!
+  # One after the other: on the H200 (2026-12-04) the contract suite's engine died at start (SIGQUIT from a
+  # child, rc 131, nothing logged) while direct_sglang's engine started beside it; alone it passed.
+  step direct_sglang 300 python3 tests/gpu/direct_sglang.py "$TINY"
+  step adapter_checks 420 python3 tests/gpu/adapter_checks.py "$TINY" "$OUT/direct_ref.json"
   ( export ROLLWIRE_SGLANG_ENGINE_ARGS="attention_backend=triton,sampling_backend=pytorch,cuda_graph_max_bs_decode=32"
-    step contract 400 python3 -m pytest -q -p no:cacheprovider --timeout=150 -k sglang \
+    step contract 400 python3 -m pytest -q -s -p no:cacheprovider --timeout=150 -k sglang \
       --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py tests/engines/test_engine_contract_control.py )
-  tail -15 "$OUT/contract.log" | cut -c1-300
-  wait $CHECKS; cat "$OUT/phase_checks.txt"
-  for mode in server adapter; do
-    step "throughput_$mode" 300 python3 bench/gpu/throughput.py --mode "$mode" --model "$Q05"
-  done
-  python3 bench/gpu/throughput.py --mode combine --out "$OUT/throughput.json" > /dev/null && cat "$OUT/throughput.json"
-  cp "$OUT/throughput.json" "$FINAL/throughput_$WHAT.json" 2>/dev/null
+  grep -E "passed|failed|FAILED|ERROR" "$OUT/contract.log" | tail -15 | cut -c1-300
+  if [ -z "${SKIP_THROUGHPUT:-}" ]; then  # SKIP_THROUGHPUT=1: correctness only (throughput_paired measures speed)
+    for mode in server adapter; do
+      step "throughput_$mode" 300 python3 bench/gpu/throughput.py --mode "$mode" --model "$Q05"
+    done
+    python3 bench/gpu/throughput.py --mode combine --out "$OUT/throughput.json" > /dev/null && cat "$OUT/throughput.json"
+    cp "$OUT/throughput.json" "$FINAL/throughput_$WHAT.json" 2>/dev/null
+  fi
 elif [ "$WHAT" = issue5b ]; then  # contract suite alone, checks against a kept reference, profiled server
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
   step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
@@ -84,7 +86,7 @@ elif [ "$WHAT" = e2e ]; then  # issue 5 end to end (serve + trainer cuda_ipc + w
   if ls tmp_gpu_ref/py_spy-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/spy tmp_gpu_ref/py_spy-*.whl && SPY=/tmp/spy/bin/py-spy
   fi
-  RW_SGLANG_LOG_LEVEL=info step throughput_paired "${PAIRED_S:-230}" python3 bench/gpu/throughput_paired.py --model "$Q05" ${SPY:+--py-spy $SPY}
+  RW_SGLANG_LOG_LEVEL=info step throughput_paired "${PAIRED_S:-230}" python3 bench/gpu/throughput_paired.py --model "$Q05" --repeats "${PAIRED_REPEATS:-7}" ${SPY:+--py-spy $SPY}
   cp "$OUT"/throughput_paired*.json "$OUT"/e2e_sglang.json "$FINAL/" 2>/dev/null
 elif [ "$WHAT" != bench ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
