@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
 import json
 import signal
 import subprocess
 import sys
 
+import pytest
+
 from rollwire import RolloutClient, SamplingParams
+from rollwire.cli import add_server_args, main, server_config
+from rollwire.runtime.logging import LEVEL_ENV
 
 from .conftest import free_tcp_endpoint
 
@@ -60,3 +66,38 @@ def test_bench_quick_prints_its_table_and_writes_both_paths_per_concurrency(tmp_
         assert r["direct_tok_s"] > 0 and r["rollwire_tok_s"] > 0
         assert r["ratio"] == r["rollwire_tok_s"] / r["direct_tok_s"]
     assert "concurrency" in run.stdout and f"wrote {out}" in run.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed here")
+def test_serve_with_sglang_missing_fails_at_once_naming_the_extra() -> None:
+    run = subprocess.run([sys.executable, "-m", "rollwire.cli", "serve", "--engine", "sglang", "--model", "tiny",
+                          "--tp", "2", "--rollout-endpoint", free_tcp_endpoint()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "pip install 'rollwire[sglang]'" in run.stderr, run.stderr[-2000:]
+    assert "server_ready" not in run.stdout + run.stderr  # it never started serving
+
+
+@pytest.mark.parametrize(("argv", "refusal"), [
+    (["--tp", "2"], "--engine hf takes no engine arguments (got ['tp_size'])"),
+    (["--engine-arg", "mem_fraction_static=0.5"], "--engine hf takes no engine arguments"),
+    (["--engine", "sglang", "--tp", "2", "--engine-arg", "tp-size=4"], "--tp 2 contradicts --engine-arg tp_size=4"),
+    (["--engine", "sglang", "--dp", "0"], "--dp must be at least 1"),
+    (["--engine-arg", "tp_size"], "--engine-arg expects key=value"),
+])
+def test_serve_refuses_engine_arguments_that_cannot_apply(argv: list[str], refusal: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LEVEL_ENV, "info")  # main() sets it for its children: restored after the test
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "tiny", *argv])
+    assert refusal in str(e.value)
+
+
+def test_tp_and_dp_become_sglang_engine_args() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    cfg = server_config(parser.parse_args(["--engine", "sglang", "--tp", "2", "--dp", "2",
+                                           "--engine-arg", "mem_fraction_static=0.6"]))
+    assert cfg.engine_args == {"mem_fraction_static": "0.6", "tp_size": "2", "dp_size": "2"}
+    hf = server_config(parser.parse_args(["--tp", "1"]))  # one device is what hf runs on anyway
+    assert (hf.engine, hf.engine_args) == ("hf", {})

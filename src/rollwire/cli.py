@@ -37,7 +37,7 @@ def _engine_args(items: Sequence[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--engine-arg expects key=value, got {item!r}")
-        out[key] = value
+        out[key.strip().replace("-", "_")] = value  # ServerArgs' field names (sglang takes either spelling)
     return out
 
 
@@ -50,7 +50,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096)
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--engine-arg", action="append", default=[], help="key=value passed to the engine (sglang)")
+    p.add_argument("--engine-arg", action="append", default=[],
+                   help="key=value, an sglang ServerArgs field passed through (e.g. mem_fraction_static=0.6)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (sglang's tp_size)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel size (sglang's dp_size)")
     p.add_argument("--trainer-endpoint", default=None, help="TrainerPublisher endpoint to take weights from")
     p.add_argument("--mode", default="disaggregated", choices=["colocated", "disaggregated"])
     p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
@@ -65,10 +68,30 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-session-tokens", type=int, default=32768, help="upper bound of a session's max_tokens")
 
 
+def _all_engine_args(a: argparse.Namespace) -> dict[str, str]:
+    """``--engine-arg`` pairs plus ``--tp``/``--dp``. The hf engine runs on one device and takes none
+    (``--tp 1`` aside): refused there rather than silently ignored."""
+    args = _engine_args(a.engine_arg)
+    for flag, key in (("tp", "tp_size"), ("dp", "dp_size")):
+        value = getattr(a, flag)
+        if value is None:
+            continue
+        if value < 1:
+            raise SystemExit(f"--{flag} must be at least 1, got {value}")
+        if key in args and args[key] != str(value):
+            raise SystemExit(f"--{flag} {value} contradicts --engine-arg {key}={args[key]}")
+        args[key] = str(value)
+    if a.engine == "hf":
+        args = {k: v for k, v in args.items() if not (k in ("tp_size", "dp_size") and v == "1")}
+    if a.engine == "hf" and args:
+        raise SystemExit(f"--engine hf takes no engine arguments (got {sorted(args)}): they are for --engine sglang")
+    return args
+
+
 def server_config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(engine=a.engine, model=a.model, rollout_endpoint=a.rollout_endpoint, device=a.device,
                         dtype=a.dtype, max_new_tokens_limit=a.max_new_tokens_limit,
-                        max_batch_size=a.max_batch_size, engine_args=_engine_args(a.engine_arg),
+                        max_batch_size=a.max_batch_size, engine_args=_all_engine_args(a),
                         trainer_endpoint=a.trainer_endpoint, mode=a.mode, pause_policy=a.pause_policy,
                         drain_deadline_s=a.drain_deadline, coalesce=a.coalesce, max_staleness=a.max_staleness,
                         receiver_id=a.receiver_id, session_endpoint=a.session_endpoint,
