@@ -86,7 +86,7 @@ async def main(a: argparse.Namespace) -> int:
     args = {**CHECK_ENGINE_ARGS, "mem_fraction_static": "0.25"}
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "info", "serve", "--engine", "sglang", "--model",
            a.model, "--rollout-endpoint", rollout_ep, "--trainer-endpoint", trainer_ep, "--mode", "colocated",
-           "--pause-policy", "retract", "--receiver-id", "gpu-server"]
+           "--pause-policy", "retract", "--receiver-id", "gpu-server", "--tp", "1"]
     for k, v in args.items():
         cmd += ["--engine-arg", f"{k}={v}"]
     log = open(os.path.join(os.environ.get("OUT", "/tmp"), "e2e_serve.log"), "w")  # noqa: SIM115
