@@ -143,6 +143,10 @@ async def test_released_weights_free_memory_hold_requests_and_come_back_when_res
     await engine.pause("in_place")
     await engine.resume_memory(["weights"])
     assert engine.info().extra["weights_bytes"] == resident
+    live = engine.info().weight_version
+    with pytest.raises(EngineError) as err:  # restored memory is garbage: every tensor must come again
+        await engine.update_weights(originals(reference_model)[:-1], version=1)
+    assert err.value.code == "incomplete_version" and engine.info().weight_version == live
     await engine.update_weights(originals(reference_model), version=1)
     await engine.resume_memory(["kv_cache", "cuda_graph"])
     await engine.resume()

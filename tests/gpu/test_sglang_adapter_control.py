@@ -201,3 +201,34 @@ async def test_a_request_whose_consumer_left_keeps_the_cache_unflushed_until_sgl
             break
         await asyncio.sleep(0.002)
     assert eng._flush_after_load() is True and not eng._leaving
+
+
+async def test_a_load_failing_after_its_first_bucket_holds_requests_until_a_complete_version(eng,
+                                                                                              sglang_module) -> None:
+    """SGLang took bucket 1 of a version, then refused bucket 2: it holds a mix of two versions, so
+    nothing may run on it; a partial version is refused, a complete one releases the held requests."""
+    _, ckpt = sglang_module
+    started = [start(eng, f"h{i}", [i + 2, 9], **G) for i in range(3)]
+    for res, _ in started:
+        await until(res, 2)
+    await eng.pause("retract")
+    eng.weight_bucket_bytes = 1  # one tensor per bucket: the load takes several calls
+    eng._tm.fake_fail_weight_calls = {eng._tm._weight_calls + 2}
+    with pytest.raises(EngineError) as err:
+        await eng.update_weights(weights(ckpt, 1.5), version=1)
+    assert err.value.code == "weights_failed" and "bucket 2/" in err.value.message
+    assert eng.info().weight_version == 0 and eng.info().extra["weights_sent"] is False
+    await eng.resume()
+    held = [len(r["tokens"]) for r, _ in started]
+    await asyncio.sleep(0.1)
+    assert [len(r["tokens"]) for r, _ in started] == held and all(not t.done() for _, t in started)
+    await eng.pause("retract")
+    with pytest.raises(EngineError) as err:
+        await eng.update_weights(weights(ckpt)[:-1], version=2)
+    assert err.value.code == "incomplete_version"
+    await eng.update_weights(weights(ckpt), version=2)
+    await eng.resume()
+    for (_, task), k in zip(started, held, strict=True):  # each: one terminal reply, old tokens then v2's
+        out = await asyncio.wait_for(task, 10)
+        assert out["finals"] == 1 and out["finish"] == "length" and len(out["tokens"]) == 40
+        assert out["versions"] == [0] * k + [2] * (40 - k)

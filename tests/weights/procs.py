@@ -10,7 +10,8 @@ from typing import Any
 
 
 def tiny_weights(kind: str) -> dict[str, Any]:
-    """The server's own weights ("original"), or the same plus seeded noise ("perturbed")."""
+    """The server's own weights ("original"), the same plus seeded noise ("perturbed"), or the
+    originals less their last two tensors ("partial")."""
     import torch
 
     from rollwire.models import tiny
@@ -20,6 +21,8 @@ def tiny_weights(kind: str) -> dict[str, Any]:
     if kind == "perturbed":
         g = torch.Generator().manual_seed(1234)
         sd = {k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in sd.items()}
+    if kind == "partial":
+        sd = dict(list(sd.items())[:-2])
     return sd
 
 
@@ -49,6 +52,9 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
             cmd = await loop.run_in_executor(None, commands.get)
             if cmd is None:
                 break
+            if cmd[0] == "step":  # ("step", step, phase)
+                results.put(("stepped", await tp.publish_step(cmd[1], cmd[2])))
+                continue
             version, kind, transport = cmd
             try:
                 report = await tp.push_weights(version, weights[kind], transport=transport)
@@ -59,7 +65,8 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
 
 def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None = None,
                  bucket_bytes: int = 512 << 20, device: str = "cpu", pub_endpoint: str | None = None) -> None:
-    """Push what ``commands`` says: (version, key into ``weights``, transport); None stops. The
+    """Push what ``commands`` says: (version, key into ``weights``, transport), or publish a step
+    message: ("step", step, phase); None stops. The
     weights come from the parent as CPU tensors (building the model here would import transformers:
     seconds) and are moved to ``device`` here (cuda: the push is from GPU memory)."""
     import torch

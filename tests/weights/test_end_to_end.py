@@ -28,7 +28,7 @@ class TrainerProcess:
     def __init__(self, endpoint: str, **kw: Any) -> None:
         ctx = mp.get_context("spawn")
         self.commands, self.results = ctx.Queue(), ctx.Queue()
-        weights = {kind: tiny_weights(kind) for kind in ("original", "perturbed")}
+        weights = {kind: tiny_weights(kind) for kind in ("original", "perturbed", "partial")}
         self.proc = ctx.Process(target=trainer_main, args=(endpoint, weights, self.commands, self.results), kwargs=kw)
 
     async def get(self, timeout: float = 120.0) -> tuple:
@@ -125,3 +125,41 @@ async def test_a_trainer_sigkilled_mid_push_leaves_the_old_version_serving_and_a
     finally:
         await restarted.stop()
     assert receiver.counters.get("trainer_restarts_seen") >= 1
+
+
+async def test_colocated_after_train_start_a_dead_trainer_and_a_partial_version_leave_requests_held_not_garbage(
+        ) -> None:
+    """Colocated: train_start released the weights, so there is no old version to fall back on. A
+    trainer SIGKILLed mid-push, then a version missing tensors (refused: incomplete_version), must not
+    let anything run on restored-but-unloaded memory; a request sent meanwhile waits, and runs on the
+    first complete version."""
+    endpoint = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ipc_endpoint("colo"), trainer_endpoint=endpoint, receiver_id="server-0",
+                       mode="colocated", stall_timeout_s=1.5, max_new_tokens_limit=64)
+    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=120) as rc:
+        receiver = srv.system.actor("weight_receiver")
+        reference = await greedy(rc)
+        dying = await TrainerProcess(endpoint, die_at=3, bucket_bytes=16 << 10).start()
+        dying.commands.put(("step", 1, "train_start"))
+        assert await dying.get() == ("stepped", ["server-0"])
+        assert srv.governor.state.startswith("RELEASED")
+        held = asyncio.ensure_future(rc.generate(PROMPT, GREEDY))
+        dying.commands.put((1, "original", "inline"))  # dies when bucket 3 is asked for
+        await asyncio.get_running_loop().run_in_executor(None, dying.proc.join, 60)
+        assert dying.proc.exitcode == -9
+        async with asyncio.timeout(10):
+            while receiver.counters.get("versions_stalled") < 1:
+                await asyncio.sleep(0.05)
+        restarted = await TrainerProcess(endpoint).start()
+        try:
+            failed = await restarted.push(1, "partial", "shm")
+            assert failed[:3] == ("failed", 1, "shm") and failed[3]["server-0"].startswith("incomplete_version:")
+            await asyncio.sleep(0.3)
+            assert not held.done() and srv.governor.state.startswith("RELEASED")  # held, nothing generated
+            assert await restarted.push(2, "original", "shm") == ("ok", 2, "shm", ["server-0"])
+        finally:
+            await restarted.stop()
+        out = await asyncio.wait_for(held, 60)  # its one terminal reply: a whole run on version 2
+        assert (out.output_ids, out.finish_reason) == (reference[0], "length")
+        assert [(s.version, s.start, s.end) for s in out.weight_version_spans] == [(2, 0, len(reference[0]))]
+        assert srv.governor.state == "SERVING" and receiver.live_version == 2

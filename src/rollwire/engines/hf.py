@@ -109,6 +109,7 @@ class HFEngine(StepLoop):
                 "weights_bytes": weights, "kv_bytes": self._batch.nbytes() if self._batch else 0,
                 "running": sum(not s.done for s in self._running), "waiting": len(self._waiting),
                 "paused": self._paused, "weights_released": self._weights.released,
+                "weights_undefined": self._weights.undefined,
                 "max_batch_size": self.max_batch_size, "prefix_cache_bytes": self._prefixes.nbytes,
                 "prefix_sessions": len(self._prefixes), "prefix_hits": self._prefixes.hits,
                 "prefix_reused_tokens": self._prefixes.reused_tokens,

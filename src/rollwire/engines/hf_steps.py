@@ -45,7 +45,8 @@ class StepLoop:
     _pool: ThreadPoolExecutor
 
     def _can_step(self) -> bool:
-        return not (self._paused or self._weights.released or self._closed) and bool(
+        # restored-but-unloaded weights are garbage: never step on them (a complete load clears it)
+        return not (self._paused or self._weights.released or self._weights.undefined or self._closed) and bool(
             self._waiting or any(not s.done for s in self._running))
 
     async def _schedule(self) -> None:

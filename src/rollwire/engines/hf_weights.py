@@ -4,7 +4,9 @@ Loading never builds a new model or new tensors: each tensor is copied into the 
 parameter (``param.data.copy_``), so data pointers stay put. Releasing frees the storage for real
 (``param.data = torch.empty(0)``; on CPU glibc is asked to return the freed heap) and keeps the
 shapes and dtypes; restoring allocates storage of those shapes again, with undefined contents
-until weights are re-sent (SGLang's release_memory_occupation semantics).
+until weights are re-sent (SGLang's release_memory_occupation semantics). Until every parameter
+has been loaded again, a load that leaves one undefined is refused (``incomplete_version``) and
+``undefined`` says how many remain, so nothing is generated from uninitialised memory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class WeightStore:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self._distinct = {id(p): (p, tuple(p.shape), p.dtype) for p in self.params.values()}
         self.released = False
+        self._undefined: set[int] = set()  # ids of parameters restored but not loaded since
 
     def resident_bytes(self) -> int:
         return sum(p.untyped_storage().nbytes() for p, _, _ in self._distinct.values())
@@ -40,13 +43,25 @@ class WeightStore:
                 raise EngineError("shape_mismatch", f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
             if t.dtype != param.dtype:
                 raise EngineError("dtype_mismatch", f"{name}: got {t.dtype}, want {param.dtype}")
+        missing = self._undefined - {id(self.params[name]) for name, _ in checked}
+        if missing:
+            first = next(n for n, p in self.params.items() if id(p) in missing)
+            raise EngineError("incomplete_version", f"{len(missing)} of {len(self._distinct)} parameters hold no "
+                                                    f"weights since the release (e.g. {first!r}); a load after a "
+                                                    "release must send every tensor")
         return checked
+
+    @property
+    def undefined(self) -> int:
+        """Parameters whose storage was restored but not loaded since (their contents are garbage)."""
+        return len(self._undefined)
 
     def copy(self, items: list[tuple[str, torch.Tensor]]) -> None:
         """Copy checked tensors into the live parameters (any device; runs on the worker)."""
         with torch.no_grad():
             for name, t in items:
                 self.params[name].data.copy_(t)
+        self._undefined.difference_update(id(self.params[name]) for name, _ in items)
 
     def release(self) -> None:
         if self.released:
@@ -67,6 +82,7 @@ class WeightStore:
             for p, shape, dtype in self._distinct.values():
                 p.data = torch.empty(shape, dtype=dtype, device=self.device)
         self.released = False
+        self._undefined = set(self._distinct)
 
 
 def _return_freed_heap_to_os() -> None:

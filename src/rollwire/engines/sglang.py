@@ -154,7 +154,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._paused = False
         self._sched_paused = ""  # mode of the pause SGLang's scheduler is in ("" = running)
         self._released: set[MemoryTag] = set()
-        self._weights_sent = True  # False from a weights release until the next update_weights
+        self._weights_sent = True  # False from a weights release (or a failed load) until a complete load
         self._closed = False
         self._changed = asyncio.Event()  # replaced by a fresh one at each pulse
         self._lock: asyncio.Lock | None = None  # control operations, one at a time
@@ -330,7 +330,9 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
     # -- scheduler control ---------------------------------------------------------------------
 
     def _runnable(self) -> bool:
-        return not (self._paused or self._released or self._closed)
+        # without a complete version loaded (after a weights release, or a failed load) SGLang's
+        # weights are garbage: requests stay held here
+        return not (self._paused or self._released or self._closed or not self._weights_sent)
 
     def _pulse(self) -> None:
         """Wake every generate() waiting for the engine to run (or for its abort)."""

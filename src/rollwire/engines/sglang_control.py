@@ -67,9 +67,9 @@ class ControlMixin:
                 back = [t for t in ALL_MEMORY_TAGS if t in self._released]
                 await self._tm.resume_memory_occupation(self._io.ResumeMemoryOccupationReqInput(tags=back), None)
                 self._released.clear()
-            if not self._weights_sent:
-                log.warning("resuming without re-sent weights: outputs are garbage until update_weights")
-            if not self._released:
+            if not self._weights_sent:  # requests stay held (``_runnable``), in SGLang too
+                log.warning("resumed without a complete version loaded: requests are held until one loads")
+            elif not self._released:
                 await self._continue_scheduler()
             self._pulse()
 

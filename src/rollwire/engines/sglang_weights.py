@@ -76,6 +76,7 @@ class WeightsMixin:
         self._check_loadable()
         items = list(named_tensors)
         self._check_tensors([(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in items])
+        self._check_complete([n for n, _ in items])
         assert self._lock is not None
         async with self._lock:
             t0 = time.perf_counter()
@@ -98,7 +99,11 @@ class WeightsMixin:
                 ok, message = await self._tm.update_weights_from_tensor(obj, None)
                 sglang_s += time.perf_counter() - t
                 if not ok:
-                    raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}")
+                    # SGLang may hold part of this version now (earlier buckets, part of this one): no
+                    # version is whole, so requests stay held until a complete one loads
+                    self._weights_sent = False
+                    raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}; the engine "
+                                                        "holds no complete version until every tensor is sent")
             self._go_live(version)
             slog.info("sglang_weights_loaded", version=version, buckets=len(buckets), staged_s=round(staged_s, 4),
                       sglang_s=round(sglang_s, 4), total_s=round(time.perf_counter() - t0, 4))
@@ -149,6 +154,7 @@ class WeightsMixin:
             raise EngineError("weights_failed", f"not in weight group {group_name!r}: join_weight_group first")
         items = [(n, tuple(int(x) for x in shape), str(dtype).removeprefix("torch.")) for n, dtype, shape in specs]
         self._check_tensors(items)
+        self._check_complete([n for n, _, _ in items])
         assert self._lock is not None
         async with self._lock:
             await self._prepare_switch()
@@ -243,6 +249,23 @@ class WeightsMixin:
                 raise EngineError("shape_mismatch", f"{name}: got {tuple(shape)}, want {want_shape}")
             if dtype != (want_dtype or ckpt_dtype):
                 raise EngineError("dtype_mismatch", f"{name}: got {dtype}, want {want_dtype or ckpt_dtype}")
+
+    def _check_complete(self, names: list[str]) -> None:
+        """After a weights release, or a load that failed part-way, SGLang's weights are garbage
+        until every tensor is sent again: a version that leaves one out is refused before anything
+        of it is loaded (``incomplete_version``)."""
+        known = self._ckpt.tensors
+        if self._weights_sent or not known:
+            return
+        sent = set(names)
+        tied = self._ckpt.tied_embeddings
+        if tied and "lm_head.weight" in sent:
+            sent.add("model.embed_tokens.weight")
+        missing = [n for n in known if n not in sent and not (tied and n == "lm_head.weight")]
+        if missing:
+            raise EngineError("incomplete_version", f"{len(missing)} of {len(known)} tensors not sent (e.g. "
+                                                    f"{missing[0]!r}); after a weights release every tensor "
+                                                    "must be sent again")
 
     async def _close_groups(self) -> None:
         for g in list(self._groups):

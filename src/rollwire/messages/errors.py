@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     SHAPE_MISMATCH = "shape_mismatch"
     DTYPE_MISMATCH = "dtype_mismatch"
     WEIGHTS_FAILED = "weights_failed"
+    INCOMPLETE_VERSION = "incomplete_version"  # after a weights release, a load must send every tensor
     SUPERSEDED = "superseded"  # a queued version replaced by a newer one (--coalesce)
     NOT_PAUSED = "not_paused"  # weights may only be loaded while generation is paused
     # sessions
