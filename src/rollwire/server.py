@@ -117,7 +117,7 @@ class RolloutServer:
             engine_device = cfg.device if cfg.engine == "hf" else "cuda"  # sglang's weights live on its GPUs
             await self.system.spawn(lambda: WeightReceiverActor(
                 trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
-                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device))
+                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device, coalesce=cfg.coalesce))
         log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, session_endpoint=session_endpoint,
                  engine=cfg.engine, model=cfg.model)
         return self

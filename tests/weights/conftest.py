@@ -32,7 +32,8 @@ class Rig:
 
 
 async def make_rig(system: ActorSystem, *, stall_timeout_s: float = 1.0, receiver_id: str = "r1",
-                   known: dict | None = None, endpoint: str | None = None, delay_s: float = 0.0) -> Rig:
+                   known: dict | None = None, endpoint: str | None = None, delay_s: float = 0.0,
+                   coalesce: bool = False) -> Rig:
     """A receiver and its sink; names are unique per call (ZeroMQ frees an inproc name
     asynchronously after close, so the next test must not bind the same one)."""
     endpoint = endpoint or free_tcp_endpoint()
@@ -41,7 +42,8 @@ async def make_rig(system: ActorSystem, *, stall_timeout_s: float = 1.0, receive
     await system.spawn(lambda: ApplySink(known, name=sink_name, delay_s=delay_s))
     await system.spawn(lambda: WeightReceiverActor(endpoint, receiver_id=receiver_id,
                                                    apply_endpoint=address(sink_name, "weights"),
-                                                   stall_timeout_s=stall_timeout_s, name=receiver_name))
+                                                   stall_timeout_s=stall_timeout_s, coalesce=coalesce,
+                                                   name=receiver_name))
     return Rig(endpoint, free_tcp_endpoint(), system, sink_name, receiver_name)
 
 

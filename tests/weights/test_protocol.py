@@ -161,6 +161,33 @@ async def test_a_newer_announcement_supersedes_a_version_still_being_pulled(rig:
     assert list(rig.sink.applied) == [2]
 
 
+@pytest.mark.parametrize("coalesce", [False, True])
+async def test_versions_announced_during_a_load_wait_in_order_or_with_coalesce_only_the_newest(coalesce: bool,
+                                                                                              ) -> None:
+    system = ActorSystem()
+    try:
+        rig = await make_rig(system, delay_s=0.4, coalesce=coalesce)  # every load takes 0.4 s
+        async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+            await tr.wait_joined()
+            plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
+            first = await tr.announce(1, plans)
+            await asyncio.wait_for(rig.sink.loading.wait(), 10)  # version 1 is being loaded
+            later = [await tr.announce(v, plans) for v in (2, 3, 5)]
+            await asyncio.sleep(0.05)
+            stale = await tr.announce(4, plans)  # not above version 5, which already waits
+            outcomes = [await outcome_of(f) for f in (first, *later, stale)]
+        fates = [(o.version, o.ok, o.error_code) for o in outcomes]
+        if coalesce:  # each announcement replaced the one waiting before it
+            assert fates == [(1, True, ""), (2, False, "superseded"), (3, False, "superseded"), (5, True, ""),
+                             (4, False, "bad_version")]
+            assert list(rig.sink.applied) == [1, 5]
+        else:  # all of them waited and loaded, in order
+            assert fates == [(1, True, ""), (2, True, ""), (3, True, ""), (5, True, ""), (4, False, "bad_version")]
+            assert list(rig.sink.applied) == [1, 2, 3, 5]
+    finally:
+        await system.stop()
+
+
 async def test_versions_must_increase_at_the_trainer_and_at_the_receiver(rig: Rig) -> None:
     w = {"w": torch.ones(3)}
     async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -84,10 +85,12 @@ class WeightReceiverActor(Actor):
                  stall_timeout_s: float = 30.0,
                  transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo", "nccl"),
                  credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
-                 engine_device: str | None = None, name: str = WEIGHT_RECEIVER) -> None:
+                 engine_device: str | None = None, coalesce: bool = False, name: str = WEIGHT_RECEIVER) -> None:
         """``engine_device``: where the engine keeps its weights ("cpu", "cuda:0"...); cuda_ipc is
         offered only if this process has CUDA and that is a CUDA device (None: any engine of a CUDA
-        process, since every engine takes CUDA tensors)."""
+        process, since every engine takes CUDA tensors). ``coalesce``: of the versions announced while
+        one is being loaded, only the newest waits (the others get SUPERSEDED); without it they all
+        wait and load in order."""
         super().__init__(name)
         self.trainer_endpoint = trainer_endpoint
         self.receiver_id = receiver_id
@@ -104,7 +107,8 @@ class WeightReceiverActor(Actor):
         self._trainer: RpcClient[Any] | None = None
         self._sub: Subscriber[Any] | None = None
         self._current: _Version | None = None
-        self._next: _Version | None = None
+        self.coalesce = coalesce
+        self._queued: deque[_Version] = deque()  # announced while the current one loads, oldest first
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-verify")
         self._broadcast = BroadcastReceiver(receiver_id)
         self._stopping = False
@@ -200,20 +204,24 @@ class WeightReceiverActor(Actor):
         if cur is None:
             self._start(_Version(ready))
             return
-        newer = ready.trainer_id != cur.ready.trainer_id or ready.version > cur.ready.version
-        if not newer:
+        last = self._queued[-1].ready if self._queued else cur.ready
+        if ready.trainer_id == last.trainer_id and ready.version <= last.version:
             self._reject(ready, ErrorCode.BAD_VERSION, f"version {ready.version} is not above version "
-                                                       f"{cur.ready.version}, already in progress")
-        elif not cur.applying:  # still pulling: the newer version replaces it
+                                                       f"{last.version}, already in progress")
+        elif not cur.applying:  # still pulling: the newer version replaces it (and any waiting behind it)
             assert cur.task is not None
             cur.task.cancel()
-            self._reject(cur.ready, ErrorCode.SUPERSEDED, f"superseded by version {ready.version} "
-                                                          f"from trainer {ready.trainer_id[:8]}")
+            for old in [cur, *self._queued]:
+                self._reject(old.ready, ErrorCode.SUPERSEDED, f"superseded by version {ready.version} "
+                                                              f"from trainer {ready.trainer_id[:8]}")
+            self._queued.clear()
             self._start(_Version(ready))
-        else:  # being loaded: the newest announcement waits its turn
-            if self._next is not None:
-                self._reject(self._next.ready, ErrorCode.SUPERSEDED, f"superseded by version {ready.version}")
-            self._next = _Version(ready)
+        else:  # being loaded: the announcement waits its turn (with --coalesce, only the newest waits)
+            while self.coalesce and self._queued:
+                self._reject(self._queued.popleft().ready, ErrorCode.SUPERSEDED,
+                             f"superseded by version {ready.version} (--coalesce)")
+            self._queued.append(_Version(ready))
+            self.counters.set("versions_waiting", len(self._queued))
 
     def _start(self, v: _Version) -> None:
         self._current = v
@@ -222,14 +230,15 @@ class WeightReceiverActor(Actor):
     def _finished(self, v: _Version) -> None:
         if self._current is not v or self._stopping:
             return  # superseded (the newer version is already running), or shutting down
-        self._current, nxt = None, self._next
-        self._next = None
-        if nxt is not None:
-            if nxt.ready.version <= self.live_version:
-                self._reject(nxt.ready, ErrorCode.BAD_VERSION, f"version {nxt.ready.version} is not above the "
-                                                               f"live version {self.live_version}")
-            else:
+        self._current = None
+        while self._queued:
+            nxt = self._queued.popleft()
+            self.counters.set("versions_waiting", len(self._queued))
+            if nxt.ready.version > self.live_version:
                 self._start(nxt)
+                return
+            self._reject(nxt.ready, ErrorCode.BAD_VERSION, f"version {nxt.ready.version} is not above the "
+                                                           f"live version {self.live_version}")
 
     async def _run_version(self, v: _Version) -> None:
         ready = v.ready
