@@ -28,11 +28,12 @@ async def apply_version(version: int) -> VersionApplied:
     return reply
 
 
-async def _push_under_load(policy: str) -> tuple[list[GenerateDone], GenerateDone]:
+async def _push_under_load(policy: str, drain_deadline_s: float = 60.0,
+                           params: SamplingParams = LONG) -> tuple[list[GenerateDone], GenerateDone]:
     ep = free_tcp_endpoint()
-    cfg = ServerConfig(rollout_endpoint=ep, pause_policy=policy, drain_deadline_s=60)
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy=policy, drain_deadline_s=drain_deadline_s)
     async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=120) as rc:
-        streams = [rc.stream(p, LONG) for p in PROMPTS]
+        streams = [rc.stream(p, params) for p in PROMPTS]
         firsts = [await s.__anext__() for s in streams]  # every request has produced a token
         assert all(f.token_ids for f in firsts)  # type: ignore[union-attr]
         applied = asyncio.ensure_future(apply_version(1))
@@ -64,7 +65,7 @@ async def test_retract_policy_continues_every_request_under_the_new_weights_with
     outs, late = await _push_under_load("retract")
     for prompt, o in zip(PROMPTS, outs, strict=True):
         assert o.finish_reason == "length" and len(o.output_ids) == 48
-        assert [s.version for s in o.weight_version_spans] in ([0, 1], [1])
+        assert [s.version for s in o.weight_version_spans] == [0, 1]  # its first token came before the push
         check_spans(prompt, o)  # tokens after the retract are exactly version 1's continuation
     assert [s.version for s in late.weight_version_spans] == [1]
 
@@ -85,6 +86,17 @@ async def test_drain_policy_finishes_every_request_on_the_old_version_before_loa
         assert [s.version for s in o.weight_version_spans] == [0]
         check_spans(prompt, o)
     assert [s.version for s in late.weight_version_spans] == [1]
+    check_spans([5, 5, 5], late)
+
+
+async def test_drain_policy_aborts_what_is_still_running_at_the_deadline_with_its_partial_output() -> None:
+    endless = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)  # cannot finish in 0.3 s
+    outs, late = await _push_under_load("drain", drain_deadline_s=0.3, params=endless)
+    for prompt, o in zip(PROMPTS, outs, strict=True):  # each: one done, aborted, every token from version 0
+        assert o.finish_reason == "abort" and 1 <= len(o.output_ids) < 4000
+        assert [s.version for s in o.weight_version_spans] == [0]
+        check_spans(prompt, o)
+    assert late.finish_reason == "length" and [s.version for s in late.weight_version_spans] == [1]
     check_spans([5, 5, 5], late)
 
 

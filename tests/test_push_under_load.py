@@ -7,6 +7,7 @@ a token from a half-loaded or wrong version would not match its span's greedy co
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing as mp
 import random
 
@@ -51,9 +52,13 @@ async def test_twenty_pushes_under_load_lose_nothing_and_every_token_matches_its
         assert sorted(out["terminal"]) == sorted(out["prompts"]), "a request got no terminal reply"
         for rid, done in out["done"].items():
             assert isinstance(done, GenerateDone) and done.finish_reason == "length", done
-            versions = [s.version for s in done.weight_version_spans]
+            spans = done.weight_version_spans
+            versions = [s.version for s in spans]
             assert versions == sorted(versions) and set(versions) <= set(range(PUSHES + 1))
-            # multi-version outputs first (up to 150), and a sample of the rest
+            # every output: its spans cover its tokens, back to back, none empty
+            assert spans[0].start == 0 and spans[-1].end == len(done.output_ids), spans
+            assert all(a.end == b.start for a, b in itertools.pairwise(spans)) and all(x.end > x.start for x in spans)
+            # recomputed token by token: multi-version outputs first (up to 150), and a sample of the rest
             if (len(versions) > 1 and multi_span < 150) or rng.random() < 0.02:
                 check_spans(out["prompts"][rid], done)
                 checked += 1
