@@ -261,7 +261,8 @@ class WeightsMixin:
         tied = self._ckpt.tied_embeddings
         if tied and "lm_head.weight" in sent:
             sent.add("model.embed_tokens.weight")
-        missing = [n for n in known if n not in sent and not (tied and n == "lm_head.weight")]
+        missing = [n for n in known if n not in sent and not (tied and n == "lm_head.weight")
+                   and not n.endswith("rotary_emb.inv_freq")]  # a buffer some old checkpoints carry; not loaded
         if missing:
             raise EngineError("incomplete_version", f"{len(missing)} of {len(known)} tensors not sent (e.g. "
                                                     f"{missing[0]!r}); after a weights release every tensor "
