@@ -10,8 +10,9 @@ from typing import Any
 
 
 def tiny_weights(kind: str) -> dict[str, Any]:
-    """The server's own weights ("original"), the same plus seeded noise ("perturbed"), or the
-    originals less their last two tensors ("partial")."""
+    """The server's own weights ("original"), the same plus seeded noise ("perturbed"), the
+    originals less their last two tensors ("partial"), or perturbed ones with one tensor the engine
+    must refuse: "bad_shape", "bad_dtype", "unknown" (an extra name)."""
     import torch
 
     from rollwire.models import tiny
@@ -23,7 +24,33 @@ def tiny_weights(kind: str) -> dict[str, Any]:
         sd = {k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in sd.items()}
     if kind == "partial":
         sd = dict(list(sd.items())[:-2])
+    bad = tiny_weights("perturbed") if kind in ("bad_shape", "bad_dtype", "unknown") else sd
+    if kind == "bad_shape":
+        sd = {**bad, "lm_head.weight": bad["lm_head.weight"][:-1]}
+    elif kind == "bad_dtype":
+        sd = {**bad, "lm_head.weight": bad["lm_head.weight"].double()}
+    elif kind == "unknown":
+        sd = {**bad, "no.such.weight": torch.zeros(2)}
     return sd
+
+
+def _faulty_trainer_class() -> Any:
+    from rollwire.clients.trainer import TrainerPublisher
+
+    class FaultyTrainer(TrainerPublisher):
+        """Fault injection: with ``corrupt_next``, the next shm push flips a byte of its arena after
+        checksumming it (what receivers read no longer matches what was announced)."""
+
+        corrupt_next = False
+
+        async def _prepare(self, push: Any, step: int, receivers: Any) -> Any:
+            ready = await super()._prepare(push, step, receivers)
+            if self.corrupt_next and push.transport == "shm":
+                self.corrupt_next = False
+                self._arena.tensor[0] = 255 - int(self._arena.tensor[0])
+            return ready
+
+    return FaultyTrainer
 
 
 def _dying_trainer_class(die_at: int) -> Any:
@@ -42,9 +69,9 @@ def _dying_trainer_class(die_at: int) -> Any:
 
 async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None,
                  bucket_bytes: int, pub_endpoint: str | None) -> None:
-    from rollwire.clients.trainer import PushError, TrainerPublisher
+    from rollwire.clients.trainer import PushError
 
-    cls = TrainerPublisher if die_at is None else _dying_trainer_class(die_at)
+    cls = _faulty_trainer_class() if die_at is None else _dying_trainer_class(die_at)
     async with cls(endpoint, timeout_s=30, bucket_bytes=bucket_bytes, pub_endpoint=pub_endpoint) as tp:
         results.put(("started", tp.trainer_id))
         loop = asyncio.get_running_loop()
@@ -54,6 +81,9 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
                 break
             if cmd[0] == "step":  # ("step", step, phase)
                 results.put(("stepped", await tp.publish_step(cmd[1], cmd[2])))
+                continue
+            if cmd[0] == "corrupt_next":
+                tp.corrupt_next = True
                 continue
             version, kind, transport = cmd
             try:
@@ -65,8 +95,8 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
 
 def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None = None,
                  bucket_bytes: int = 512 << 20, device: str = "cpu", pub_endpoint: str | None = None) -> None:
-    """Push what ``commands`` says: (version, key into ``weights``, transport), or publish a step
-    message: ("step", step, phase); None stops. The
+    """Push what ``commands`` says: (version, key into ``weights``, transport), publish a step
+    message: ("step", step, phase), or corrupt the next shm push: ("corrupt_next",); None stops. The
     weights come from the parent as CPU tensors (building the model here would import transformers:
     seconds) and are moved to ``device`` here (cuda: the push is from GPU memory)."""
     import torch
