@@ -32,12 +32,12 @@ from rollwire.messages import (
     StepMessage,
     VersionApplied,
 )
+from rollwire.messages.weights import ALL_MEMORY_TAGS, PausePolicy
 from rollwire.runtime import Actor, Origin, Port, RollwireError, address, handles
 
 GOVERNOR = "governor"
 Mode = Literal["colocated", "disaggregated"]
-PausePolicy = Literal["abort", "retract", "drain", "in_place"]
-ALL_TAGS = ["weights", "kv_cache", "cuda_graph"]
+ALL_TAGS = list(ALL_MEMORY_TAGS)
 
 
 class MemoryGovernor(Actor):

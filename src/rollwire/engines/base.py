@@ -14,10 +14,10 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 
 from rollwire.messages.generate import FinishReason, SamplingParams
+from rollwire.messages.weights import ALL_MEMORY_TAGS as ALL_MEMORY_TAGS  # re-exported for the engines
+from rollwire.messages.weights import MemoryTag as MemoryTag
 
-PauseMode = Literal["abort", "retract", "in_place"]
-MemoryTag = Literal["weights", "kv_cache", "cuda_graph"]
-ALL_MEMORY_TAGS: tuple[MemoryTag, ...] = ("weights", "kv_cache", "cuda_graph")
+PauseMode = Literal["abort", "retract", "in_place"]  # the engine's own; "drain" is the GenerationActor's
 
 
 class EngineError(Exception):

@@ -189,10 +189,15 @@ class VersionApplied(msgspec.Struct, frozen=True, kw_only=True, tag="version_app
     pause_s: float  # time generation was paused around the load
 
 
+PausePolicy = Literal["abort", "retract", "drain", "in_place"]  # what happens to requests in flight
+MemoryTag = Literal["weights", "kv_cache", "cuda_graph"]  # what a release frees (SGLang's tags)
+ALL_MEMORY_TAGS: tuple[MemoryTag, ...] = ("weights", "kv_cache", "cuda_graph")
+
+
 class Pause(msgspec.Struct, frozen=True, kw_only=True, tag="pause", array_like=True):
     """Governor -> GenerationActor: stop generating under ``policy``; reply Ack when stopped."""
 
-    policy: Literal["abort", "retract", "drain", "in_place"]
+    policy: PausePolicy
     drain_deadline_s: float = 30.0
 
 
@@ -201,8 +206,8 @@ class Resume(msgspec.Struct, frozen=True, kw_only=True, tag="resume", array_like
 
 
 class ReleaseMemory(msgspec.Struct, frozen=True, kw_only=True, tag="release", array_like=True):
-    tags: list[str]
+    tags: list[MemoryTag]
 
 
 class ResumeMemory(msgspec.Struct, frozen=True, kw_only=True, tag="resume_memory", array_like=True):
-    tags: list[str]
+    tags: list[MemoryTag]
