@@ -203,20 +203,28 @@ async def test_a_request_whose_consumer_left_keeps_the_cache_unflushed_until_sgl
     assert eng._flush_after_load() is True and not eng._leaving
 
 
-async def test_a_load_failing_after_its_first_bucket_holds_requests_until_a_complete_version(eng,
-                                                                                              sglang_module) -> None:
-    """SGLang took bucket 1 of a version, then refused bucket 2: it holds a mix of two versions, so
-    nothing may run on it; a partial version is refused, a complete one releases the held requests."""
+@pytest.mark.parametrize("failure", ["refused", "raised"])
+async def test_a_load_failing_after_its_first_bucket_holds_requests_until_a_complete_version(eng, sglang_module,
+                                                                                              failure) -> None:
+    """SGLang took bucket 1 of a version, then refused bucket 2 (or the call raised): it holds a mix
+    of two versions, so nothing may run on it; a partial version is refused, a complete one releases
+    the held requests."""
     _, ckpt = sglang_module
     started = [start(eng, f"h{i}", [i + 2, 9], **G) for i in range(3)]
     for res, _ in started:
         await until(res, 2)
     await eng.pause("retract")
     eng.weight_bucket_bytes = 1  # one tensor per bucket: the load takes several calls
-    eng._tm.fake_fail_weight_calls = {eng._tm._weight_calls + 2}
-    with pytest.raises(EngineError) as err:
-        await eng.update_weights(weights(ckpt, 1.5), version=1)
-    assert err.value.code == "weights_failed" and "bucket 2/" in err.value.message
+    second = {eng._tm._weight_calls + 2}
+    if failure == "refused":
+        eng._tm.fake_fail_weight_calls = second
+        with pytest.raises(EngineError) as err:
+            await eng.update_weights(weights(ckpt, 1.5), version=1)
+        assert err.value.code == "weights_failed" and "bucket 2/" in err.value.message
+    else:
+        eng._tm.fake_raise_weight_calls = second
+        with pytest.raises(RuntimeError, match="injected crash"):
+            await eng.update_weights(weights(ckpt, 1.5), version=1)
     assert eng.info().weight_version == 0 and eng.info().extra["weights_sent"] is False
     await eng.resume()
     held = [len(r["tokens"]) for r, _ in started]

@@ -170,3 +170,23 @@ def test_with_deterministic_inference_every_sampled_row_takes_sglangs_sorted_pat
     sp = e._sampling_params(Live(EngineRequest("r", [1], SamplingParams(temperature=1.0, seed=3))))
     assert sp["top_k"] == e.vocab_size  # keeps every token, but no longer SGLang's "all" marker
     assert e._sampling_params(Live(EngineRequest("g", [1], SamplingParams(temperature=0.0))))["top_k"] == -1
+
+
+def test_checkpoint_tensors_come_from_the_index_or_skip_a_consolidated_copy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The tensors a complete version must name: the model's files (its index when it has one), not
+    another copy of the weights shipped beside them (Mistral's consolidated.safetensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from rollwire.engines.sglang_args import read_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "tie_word_embeddings": False}))
+    save_file({"model.a": torch.zeros(2), "model.b": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    save_file({"tok_embeddings.weight": torch.zeros(4)}, str(tmp_path / "consolidated.safetensors"))
+    ckpt = read_checkpoint(str(tmp_path))
+    assert sorted(ckpt.tensors) == ["model.a", "model.b"] and ckpt.nbytes == 5 * 4
+    save_file({"model.c": torch.zeros(1)}, str(tmp_path / "model-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.a": "model.safetensors", "model.c": "model-00002.safetensors"}}))
+    assert sorted(read_checkpoint(str(tmp_path)).tensors) == ["model.a", "model.b", "model.c"]

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import zmq
 
 from rollwire.messages import Ack, ApplyVersion, Codec, ErrorCode, GovernorRequest, StepMessage, VersionApplied
 from rollwire.messages.weights import (
@@ -43,6 +45,7 @@ class ApplySink(Actor):
         super().__init__(name)
         self.known = known
         self.delay_s = delay_s  # a slow load
+        self.gate: asyncio.Event | None = None  # set: every load waits until it opens
         self.loading = asyncio.Event()
         self.applied: dict[int, dict[str, torch.Tensor]] = {}
         self.frames: dict[int, int] = {}  # version -> payload frames it came with
@@ -52,6 +55,8 @@ class ApplySink(Actor):
     async def on_apply(self, origin: Origin, msg: ApplyVersion, payload: Sequence[Any]) -> None:
         self.loading.set()
         await asyncio.sleep(self.delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
         named = tensors_from_apply(msg, payload)
         for name, _ in named:
             if self.known is not None and name not in self.known:
@@ -91,8 +96,18 @@ class ScriptedTrainer:
         self.arena = ShmArena()
 
     async def __aenter__(self) -> ScriptedTrainer:
-        self.router = sockets.router([self.endpoint])
-        self.pub = Publisher(self.pub_endpoint)
+        for attempt in range(100):  # a predecessor's sockets on these ports are unbound asynchronously
+            try:
+                self.router = sockets.router([self.endpoint])
+                self.pub = Publisher(self.pub_endpoint)
+                break
+            except zmq.ZMQError as e:
+                if e.errno != errno.EADDRINUSE or attempt == 99:
+                    raise
+                if hasattr(self, "router"):
+                    sockets.close_router(self.router, linger_ms=0)
+                    del self.router
+                await asyncio.sleep(0.02)
         self._tasks = [asyncio.ensure_future(self._recv()), asyncio.ensure_future(self._beacons())]
         return self
 
@@ -100,7 +115,7 @@ class ScriptedTrainer:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.router.close(linger=0)
+        sockets.close_router(self.router, linger_ms=0)
         self.pub.close()
         self.arena.close()
 
@@ -167,7 +182,7 @@ class ScriptedTrainer:
                         await self._flush()
                     else:  # the last few pulls of a version: answer them soon anyway
                         asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self._flush()))
-                case VersionOutcome():
+                case VersionOutcome() if msg.trainer_id in ("", self.trainer_id):  # as TrainerPublisher does
                     fut = self.outcomes.get(msg.version)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)

@@ -166,15 +166,19 @@ async def test_versions_announced_during_a_load_wait_in_order_or_with_coalesce_o
                                                                                               ) -> None:
     system = ActorSystem()
     try:
-        rig = await make_rig(system, delay_s=0.4, coalesce=coalesce)  # every load takes 0.4 s
+        rig = await make_rig(system, coalesce=coalesce)
+        rig.sink.gate = asyncio.Event()  # loads wait until every announcement is in
         async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
             await tr.wait_joined()
             plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
             first = await tr.announce(1, plans)
             await asyncio.wait_for(rig.sink.loading.wait(), 10)  # version 1 is being loaded
             later = [await tr.announce(v, plans) for v in (2, 3, 5)]
-            await asyncio.sleep(0.05)
             stale = await tr.announce(4, plans)  # not above version 5, which already waits
+            async with asyncio.timeout(10):
+                while rig.receiver.counters.get("announcements") < 5:
+                    await asyncio.sleep(0.01)
+            rig.sink.gate.set()
             outcomes = [await outcome_of(f) for f in (first, *later, stale)]
         fates = [(o.version, o.ok, o.error_code) for o in outcomes]
         if coalesce:  # each announcement replaced the one waiting before it
@@ -184,6 +188,39 @@ async def test_versions_announced_during_a_load_wait_in_order_or_with_coalesce_o
         else:  # all of them waited and loaded, in order
             assert fates == [(1, True, ""), (2, True, ""), (3, True, ""), (5, True, ""), (4, False, "bad_version")]
             assert list(rig.sink.applied) == [1, 2, 3, 5]
+    finally:
+        await system.stop()
+
+
+async def test_a_version_queued_by_a_trainer_that_was_replaced_is_dropped_not_pulled_from_its_successor() -> None:
+    """Trainer 1 announces version 2 while its version 1 loads, then dies; trainer 2 starts on the same
+    endpoint and announces its own version 2 (same bytes). Trainer 1's queued version must not load
+    from trainer 2's buckets and make trainer 2's version look stale."""
+    system = ActorSystem()
+    try:
+        rig = await make_rig(system)
+        rig.sink.gate = asyncio.Event()
+        tensors = {"a": torch.randn(100)}
+        async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as first:
+            await first.wait_joined()
+            plans = first.plan(tensors, bucket_bytes=1 << 20)
+            await first.announce(1, plans)
+            await asyncio.wait_for(rig.sink.loading.wait(), 10)
+            await first.announce(2, plans)
+            async with asyncio.timeout(10):
+                while rig.receiver.counters.get("versions_waiting") < 1:
+                    await asyncio.sleep(0.01)
+        async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as second:
+            await second.wait_joined()
+            mine = await second.announce(2, second.plan(tensors, bucket_bytes=1 << 20))
+            async with asyncio.timeout(10):
+                while rig.receiver.counters.get("announcements") < 3:
+                    await asyncio.sleep(0.01)
+            assert rig.receiver.counters.get("rejected_superseded") == 1  # trainer 1's version 2
+            rig.sink.gate.set()
+            out = await outcome_of(mine)
+        assert (out.ok, out.error_code) == (True, "")
+        assert list(rig.sink.applied) == [1, 2] and rig.receiver.live_version == 2
     finally:
         await system.stop()
 

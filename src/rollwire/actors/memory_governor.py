@@ -122,7 +122,11 @@ class MemoryGovernor(Actor):
             self.counters.inc("load_failures")
             if not released:
                 await self._resume()
-            else:
+            else:  # give back the weights' memory woken for this load: the trainer may train again
+                try:
+                    await self._control(ReleaseMemory(tags=["weights"]))
+                except Exception as e:
+                    self.log.warning("re_release_failed", error=repr(e))
                 self._transition(f"RELEASED({','.join(ALL_TAGS)})")
             raise
         await self._resume()

@@ -217,11 +217,14 @@ class WeightReceiverActor(Actor):
             self._queued.clear()
             self._start(_Version(ready))
         else:  # being loaded: the announcement waits its turn (with --coalesce, only the newest waits)
-            while self.coalesce and self._queued:
-                self._reject(self._queued.popleft().ready, ErrorCode.SUPERSEDED,
-                             f"superseded by version {ready.version} (--coalesce)")
+            for old in [q for q in self._queued if self.coalesce or q.ready.trainer_id != ready.trainer_id]:
+                # another trainer's waiting versions: it was restarted, and its successor serves the pulls now
+                why = "(--coalesce)" if old.ready.trainer_id == ready.trainer_id else \
+                    f"from trainer {ready.trainer_id[:8]} (trainer {old.ready.trainer_id[:8]} was replaced)"
+                self._reject(old.ready, ErrorCode.SUPERSEDED, f"superseded by version {ready.version} {why}")
+                self._queued.remove(old)
             self._queued.append(_Version(ready))
-            self.counters.set("versions_waiting", len(self._queued))
+        self.counters.set("versions_waiting", len(self._queued))
 
     def _start(self, v: _Version) -> None:
         self._current = v
@@ -234,11 +237,15 @@ class WeightReceiverActor(Actor):
         while self._queued:
             nxt = self._queued.popleft()
             self.counters.set("versions_waiting", len(self._queued))
-            if nxt.ready.version > self.live_version:
+            if nxt.ready.trainer_id != self.trainer_id:  # its trainer was replaced since: nobody serves its pulls
+                self._reject(nxt.ready, ErrorCode.SUPERSEDED, f"trainer {nxt.ready.trainer_id[:8]} was replaced "
+                                                              f"by {self.trainer_id[:8]}")
+            elif nxt.ready.version > self.live_version:
                 self._start(nxt)
                 return
-            self._reject(nxt.ready, ErrorCode.BAD_VERSION, f"version {nxt.ready.version} is not above the "
-                                                           f"live version {self.live_version}")
+            else:
+                self._reject(nxt.ready, ErrorCode.BAD_VERSION, f"version {nxt.ready.version} is not above the "
+                                                               f"live version {self.live_version}")
 
     async def _run_version(self, v: _Version) -> None:
         ready = v.ready

@@ -124,6 +124,18 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
+def _weight_files(root: Path) -> list[Path]:
+    """The model's safetensors files: those its index names when there is one (a repo may also ship
+    another copy of the weights, e.g. Mistral's consolidated.safetensors), else all of them."""
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        return [root / n for n in names if (root / n).exists()]
+    files = sorted(root.glob("*.safetensors"))
+    plain = [f for f in files if not f.name.startswith("consolidated")]
+    return plain or files
+
+
 def read_checkpoint(path: str) -> Checkpoint:
     root = Path(path)
     cfg: dict[str, Any] = json.loads((root / "config.json").read_text())
@@ -135,7 +147,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
     nbytes = 0
-    for f in sorted(root.glob("*.safetensors")):
+    for f in _weight_files(root):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))

@@ -101,7 +101,7 @@ class ControlMixin:
         async with self._lock:
             await self._tm.resume_memory_occupation(self._io.ResumeMemoryOccupationReqInput(tags=list(back)), None)
             self._released.difference_update(back)
-            if not self._released and not self._paused:  # resume() came first: run now
+            if not self._released and not self._paused and self._weights_sent:  # resume() came first: run now
                 await self._continue_scheduler()
             self._pulse()
 

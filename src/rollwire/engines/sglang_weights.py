@@ -84,26 +84,32 @@ class WeightsMixin:
             flush = self._flush_after_load()
             buckets = _buckets(items, self.weight_bucket_bytes) if items else []
             staged_s = sglang_s = 0.0
-            for i, bucket in enumerate(buckets):
-                last = i == len(buckets) - 1
-                t = time.perf_counter()
-                flat = self._flat_meta is not None and self._flat_loadable(bucket)
-                payloads = (_serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size) if flat
-                            else _serialize(self._serializer, _stage_cpu(bucket), self.tp_size))
-                obj = self._io.UpdateWeightsFromTensorReqInput(
-                    serialized_named_tensors=payloads, flush_cache=flush and last,
-                    abort_all_requests=False, weight_version=str(version) if last else None,
-                    load_format="flattened_bucket" if flat else None)
-                staged_s += time.perf_counter() - t
-                t = time.perf_counter()
-                ok, message = await self._tm.update_weights_from_tensor(obj, None)
-                sglang_s += time.perf_counter() - t
-                if not ok:
-                    # SGLang may hold part of this version now (earlier buckets, part of this one): no
-                    # version is whole, so requests stay held until a complete one loads
+            issued = False  # a load call reached SGLang: from then on a failure leaves a mix of versions
+            try:
+                for i, bucket in enumerate(buckets):
+                    last = i == len(buckets) - 1
+                    t = time.perf_counter()
+                    flat = self._flat_meta is not None and self._flat_loadable(bucket)
+                    payloads = (_serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size) if flat
+                                else _serialize(self._serializer, _stage_cpu(bucket), self.tp_size))
+                    obj = self._io.UpdateWeightsFromTensorReqInput(
+                        serialized_named_tensors=payloads, flush_cache=flush and last,
+                        abort_all_requests=False, weight_version=str(version) if last else None,
+                        load_format="flattened_bucket" if flat else None)
+                    staged_s += time.perf_counter() - t
+                    t = time.perf_counter()
+                    issued = True
+                    ok, message = await self._tm.update_weights_from_tensor(obj, None)
+                    sglang_s += time.perf_counter() - t
+                    if not ok:
+                        raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}; the engine "
+                                                            "holds no complete version until every tensor is sent")
+            except BaseException:
+                # SGLang may hold part of this version now (earlier buckets, part of this one): no
+                # version is whole, so requests stay held (``_runnable``) until a complete one loads
+                if issued:
                     self._weights_sent = False
-                    raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}; the engine "
-                                                        "holds no complete version until every tensor is sent")
+                raise
             self._go_live(version)
             slog.info("sglang_weights_loaded", version=version, buckets=len(buckets), staged_s=round(staged_s, 4),
                       sglang_s=round(sglang_s, 4), total_s=round(time.perf_counter() - t0, 4))
@@ -160,23 +166,36 @@ class WeightsMixin:
             await self._prepare_switch()
             flush = self._flush_after_load()
             buckets = _spec_buckets(items, self.weight_bucket_bytes)
-            for i, bucket in enumerate(buckets):
-                last = i == len(buckets) - 1
-                obj = self._io.UpdateWeightsFromDistributedReqInput(
-                    names=[n for n, _, _ in bucket], dtypes=[d for _, _, d in bucket],
-                    shapes=[list(s) for _, s, _ in bucket], group_name=group_name,
-                    flush_cache=flush and last, abort_all_requests=False,
-                    weight_version=str(version) if last else None)
-                try:
-                    ok, message = await asyncio.wait_for(self._tm.update_weights_from_distributed(obj, None),
-                                                         timeout_s)
-                except TimeoutError:
-                    ok, message = False, f"broadcast not complete within {timeout_s}s"
-                if not ok:
-                    await self.leave_weight_group(group_name, timeout_s=10.0)
-                    raise EngineError("weights_failed", f"nccl bucket {i + 1}/{len(buckets)} of version {version}: "
-                                                        f"{message}; group {group_name!r} torn down")
+            # SGLang broadcasts a bucket into fresh tensors and loads them once all have arrived, so a
+            # failed first bucket leaves the old version whole; after that, a mix (see update_weights)
+            loaded = [0]
+            try:
+                await self._receive_buckets(buckets, version, group_name, flush, timeout_s, loaded)
+            except BaseException:
+                if loaded[0]:
+                    self._weights_sent = False
+                raise
             self._go_live(version)
+
+    async def _receive_buckets(self, buckets: list[list[tuple[str, tuple[int, ...], str]]], version: int,
+                               group_name: str, flush: bool, timeout_s: float, loaded: list[int]) -> None:
+        for i, bucket in enumerate(buckets):
+            last = i == len(buckets) - 1
+            obj = self._io.UpdateWeightsFromDistributedReqInput(
+                names=[n for n, _, _ in bucket], dtypes=[d for _, _, d in bucket],
+                shapes=[list(s) for _, s, _ in bucket], group_name=group_name,
+                flush_cache=flush and last, abort_all_requests=False,
+                weight_version=str(version) if last else None)
+            try:
+                ok, message = await asyncio.wait_for(self._tm.update_weights_from_distributed(obj, None),
+                                                     timeout_s)
+            except TimeoutError:
+                ok, message = False, f"broadcast not complete within {timeout_s}s"
+            if not ok:
+                await self.leave_weight_group(group_name, timeout_s=10.0)
+                raise EngineError("weights_failed", f"nccl bucket {i + 1}/{len(buckets)} of version {version}: "
+                                                    f"{message}; group {group_name!r} torn down")
+            loaded[0] += 1
 
     # -- shared steps ------------------------------------------------------------------------------
 
@@ -252,17 +271,17 @@ class WeightsMixin:
 
     def _check_complete(self, names: list[str]) -> None:
         """After a weights release, or a load that failed part-way, SGLang's weights are garbage
-        until every tensor is sent again: a version that leaves one out is refused before anything
-        of it is loaded (``incomplete_version``)."""
+        until every tensor is sent again: a version that leaves out one of the checkpoint's tensors
+        is refused before anything of it is loaded (``incomplete_version``). Known limit: tensors a
+        checkpoint carries that SGLang does not load (e.g. DeepSeek's MTP layers without nextn) are
+        required too."""
         known = self._ckpt.tensors
         if self._weights_sent or not known:
             return
         sent = set(names)
-        tied = self._ckpt.tied_embeddings
-        if tied and "lm_head.weight" in sent:
-            sent.add("model.embed_tokens.weight")
+        tied = self._ckpt.tied_embeddings  # SGLang skips lm_head.weight then: the embedding itself must come
         missing = [n for n in known if n not in sent and not (tied and n == "lm_head.weight")
-                   and not n.endswith("rotary_emb.inv_freq")]  # a buffer some old checkpoints carry; not loaded
+                   and "rotary_emb." not in n]  # inv_freq / cos / sin caches some checkpoints carry; not loaded
         if missing:
             raise EngineError("incomplete_version", f"{len(missing)} of {len(known)} tensors not sent (e.g. "
                                                     f"{missing[0]!r}); after a weights release every tensor "

@@ -8,6 +8,7 @@ receiver only after that receiver acknowledged a beacon it received on this link
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -39,6 +40,10 @@ class Publisher:
         await self._sock.send_multipart(self._codec.encode(0, msg))
 
     def close(self) -> None:
+        """Unbind first: a successor (a restarted trainer in this process) may bind the same address
+        at once; a plain close frees it only later, on ZeroMQ's I/O thread."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.unbind(self.endpoint)
         self._sock.close(linger=0)
 
 

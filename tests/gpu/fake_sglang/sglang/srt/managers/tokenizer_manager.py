@@ -81,6 +81,7 @@ class TokenizerManager:
         self._radix: dict = {}  # extra_key -> token sequences computed under it (a stand-in prefix cache)
         self.fake_nccl_hang = False  # update_weights_from_distributed never completes (a dead trainer)
         self.fake_fail_weight_calls: set[int] = set()  # these update_weights_from_tensor calls (1, 2, ...) fail
+        self.fake_raise_weight_calls: set[int] = set()  # ... raise instead (a crash mid-load, not a refusal)
         self._weight_calls = 0
         self.log = []
 
@@ -153,6 +154,8 @@ class TokenizerManager:
         self._weight_calls += 1
         if self._weight_calls in self.fake_fail_weight_calls:  # after the earlier buckets were loaded
             return False, f"fake: injected failure of weight load call {self._weight_calls}"
+        if self._weight_calls in self.fake_raise_weight_calls:
+            raise RuntimeError(f"fake: injected crash in weight load call {self._weight_calls}")
         ok, msg = await self._call("weights", obj)
         if ok and obj.weight_version is not None:
             self.server_args.weight_version = obj.weight_version
