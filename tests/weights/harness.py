@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import zmq
 
 from rollwire.messages import Ack, ApplyVersion, Codec, ErrorCode, GovernorRequest, StepMessage, VersionApplied
 from rollwire.messages.weights import (
@@ -96,18 +94,8 @@ class ScriptedTrainer:
         self.arena = ShmArena()
 
     async def __aenter__(self) -> ScriptedTrainer:
-        for attempt in range(100):  # a predecessor's sockets on these ports are unbound asynchronously
-            try:
-                self.router = sockets.router([self.endpoint])
-                self.pub = Publisher(self.pub_endpoint)
-                break
-            except zmq.ZMQError as e:
-                if e.errno != errno.EADDRINUSE or attempt == 99:
-                    raise
-                if hasattr(self, "router"):
-                    sockets.close_router(self.router, linger_ms=0)
-                    del self.router
-                await asyncio.sleep(0.02)
+        self.router = await sockets.bind_when_free(lambda: sockets.router([self.endpoint]))
+        self.pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint))
         self._tasks = [asyncio.ensure_future(self._recv()), asyncio.ensure_future(self._beacons())]
         return self
 

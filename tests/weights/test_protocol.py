@@ -7,13 +7,17 @@ TrainerPublisher, or a ScriptedTrainer where the test needs a trainer that misbe
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 import torch
+import zmq
 
 from rollwire.clients.trainer import PushError, TrainerPublisher
 from rollwire.runtime import ActorSystem
+from rollwire.transports import sockets
 from rollwire.transports.checksum import NAME as CHECKSUM_NAME
+from rollwire.transports.sockets import free_tcp_endpoint
 from rollwire.transports.weights import checksum_sources, pack_bucket, plan_buckets
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer
@@ -254,6 +258,21 @@ async def test_a_push_with_no_receiver_fails_after_the_timeout_saying_who_is_mis
     async with TrainerPublisher(free_tcp_endpoint(), pub_endpoint=free_tcp_endpoint(), timeout_s=0.5) as tp:
         with pytest.raises(PushError, match="0 receiver\\(s\\) joined"):
             await tp.push_weights(1, {"w": torch.ones(1)})
+
+
+async def test_a_trainer_restarted_in_process_rebinds_its_addresses_and_a_port_held_elsewhere_still_fails(
+        ) -> None:
+    endpoint, pub = free_tcp_endpoint(), free_tcp_endpoint()
+    for _ in range(5):  # each successor binds the addresses its predecessor has just closed
+        async with TrainerPublisher(endpoint, pub_endpoint=pub, timeout_s=5) as tp:
+            assert tp.pub_endpoint == pub
+    holder = await sockets.bind_when_free(lambda: sockets.router([endpoint]))  # the last trainer just closed it
+    try:
+        with pytest.raises(zmq.ZMQError) as err:
+            await sockets.bind_when_free(lambda: sockets.router([endpoint]), within_s=0.2)
+        assert err.value.errno == errno.EADDRINUSE
+    finally:
+        sockets.close_router(holder, linger_ms=0)
 
 
 async def test_a_trainer_given_only_its_tcp_endpoint_publishes_on_the_next_port() -> None:

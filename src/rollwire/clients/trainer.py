@@ -126,11 +126,11 @@ class TrainerPublisher:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> TrainerPublisher:
-        self._router = sockets.router([self.endpoint])
+        self._router = await sockets.bind_when_free(lambda: sockets.router([self.endpoint]))
         try:
-            self._pub = Publisher(self.pub_endpoint)
+            self._pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint))
         except Exception:
-            self._router.close(linger=0)
+            sockets.close_router(self._router, linger_ms=0)
             raise
         self.pub_endpoint = self._pub.endpoint
         loop = asyncio.get_running_loop()

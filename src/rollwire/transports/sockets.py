@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket as pysocket
 import tempfile
+import time
 import uuid
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+
+T = TypeVar("T")
 
 DEFAULT_HWM = 100_000
 DEFAULT_LINGER_MS = 500
@@ -96,6 +100,21 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
         raise
     _bound[sock] = bound
     return sock
+
+
+async def bind_when_free(make: Callable[[], T], within_s: float = 2.0) -> T:
+    """``make()`` (which binds), retried while its address is in use, for up to ``within_s``: a
+    predecessor in this process (a restarted trainer) that closed its socket there frees the port
+    asynchronously, on ZeroMQ's I/O thread, even after an unbind. A port someone else holds still
+    fails, ``within_s`` later."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return make()
+        except zmq.ZMQError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.02)
 
 
 def close_router(sock: zmq.asyncio.Socket, linger_ms: int = DEFAULT_LINGER_MS) -> None:
