@@ -13,9 +13,9 @@ processes do (mixed settings fail with "Cuda failure 'invalid argument'" in NCCL
 transport). SGLang receives a bucket into fresh buffers and loads it only after every broadcast
 of that bucket completed; a push that fails or times out raises ``EngineError("weights_failed")``
 and tears the group down (best effort), so the next push starts with a fresh
-``join_weight_group``. A bucket already loaded before a later one failed stays loaded: the
-caller must re-send a whole version before it trusts the weights (the version number does not
-change on failure).
+``join_weight_group``. A bucket already loaded before a later one failed stays loaded, so the
+engine holds requests until a whole version has loaded (the version number does not change on
+failure). Bucketing and serialization: ``sglang_payloads``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from rollwire.engines.base import EngineError, MemoryTag
 from rollwire.engines.sglang_args import Checkpoint
+from rollwire.engines.sglang_payloads import Spec, serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
 from rollwire.engines.sglang_requests import Live
 from rollwire.runtime.logging import get_logger
 
@@ -82,7 +83,7 @@ class WeightsMixin:
             t0 = time.perf_counter()
             await self._prepare_switch()
             flush = self._flush_after_load()
-            buckets = _buckets(items, self.weight_bucket_bytes) if items else []
+            buckets = tensor_buckets(items, self.weight_bucket_bytes) if items else []
             staged_s = sglang_s = 0.0
             issued = False  # a load call reached SGLang: from then on a failure leaves a mix of versions
             try:
@@ -90,8 +91,8 @@ class WeightsMixin:
                     last = i == len(buckets) - 1
                     t = time.perf_counter()
                     flat = self._flat_meta is not None and self._flat_loadable(bucket)
-                    payloads = (_serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size) if flat
-                                else _serialize(self._serializer, _stage_cpu(bucket), self.tp_size))
+                    payloads = (serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size) if flat
+                                else serialize(self._serializer, stage_cpu(bucket), self.tp_size))
                     obj = self._io.UpdateWeightsFromTensorReqInput(
                         serialized_named_tensors=payloads, flush_cache=flush and last,
                         abort_all_requests=False, weight_version=str(version) if last else None,
@@ -165,7 +166,7 @@ class WeightsMixin:
         async with self._lock:
             await self._prepare_switch()
             flush = self._flush_after_load()
-            buckets = _spec_buckets(items, self.weight_bucket_bytes)
+            buckets = spec_buckets(items, self.weight_bucket_bytes)
             # SGLang broadcasts a bucket into fresh tensors and loads them once all have arrived, so a
             # failed first bucket leaves the old version whole; after that, a mix (see update_weights)
             loaded = [0]
@@ -177,7 +178,7 @@ class WeightsMixin:
                 raise
             self._go_live(version)
 
-    async def _receive_buckets(self, buckets: list[list[tuple[str, tuple[int, ...], str]]], version: int,
+    async def _receive_buckets(self, buckets: list[list[Spec]], version: int,
                                group_name: str, flush: bool, timeout_s: float, loaded: list[int]) -> None:
         for i, bucket in enumerate(buckets):
             last = i == len(buckets) - 1
@@ -291,116 +292,3 @@ class WeightsMixin:
         for g in list(self._groups):
             with contextlib.suppress(Exception):
                 await self.leave_weight_group(g, timeout_s=5.0)
-
-
-def _buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Greedy packing in order; a tensor larger than a bucket goes alone."""
-    out: list[list[tuple[str, torch.Tensor]]] = []
-    size = 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        if not out or size + n > bucket_bytes:
-            out.append([])
-            size = 0
-        out[-1].append((name, t.detach()))
-        size += n
-    return out
-
-
-def _spec_buckets(items: list[tuple[str, tuple[int, ...], str]],
-                  bucket_bytes: int) -> list[list[tuple[str, tuple[int, ...], str]]]:
-    out: list[list[tuple[str, tuple[int, ...], str]]] = []
-    size = 0
-    for name, shape, dtype in items:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        if not out or size + n > bucket_bytes:
-            out.append([])
-            size = 0
-        out[-1].append((name, shape, dtype))
-        size += n
-    return out
-
-
-def _stage_cpu(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """CPU tensors of a bucket copied into one shared-memory block (one handle for SGLang's
-    scheduler to open; any source storage works, read-only frames and mmaps included). CUDA
-    tensors travel as CUDA IPC handles, unchanged."""
-    todo = [i for i, (_, t) in enumerate(bucket) if t.device.type == "cpu" and not t.is_shared()]
-    if not todo:
-        return bucket
-    sizes = {i: bucket[i][1].numel() * bucket[i][1].element_size() for i in todo}
-    flat = torch.empty(sum((n + 63) // 64 * 64 for n in sizes.values()), dtype=torch.uint8).share_memory_()
-    out = list(bucket)
-    off = 0
-    for i in todo:
-        name, t = bucket[i]
-        view = flat[off: off + sizes[i]].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        out[i] = (name, view)
-        off += (sizes[i] + 63) // 64 * 64
-    return out
-
-
-def _serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]], ranks: int) -> list[Any]:
-    """One payload per TP rank (as sglang.Engine does: torch's CUDA IPC reference count expects one
-    share per consumer). SGLang's serializer shares CUDA tensors by IPC handle. torch cannot
-    re-share memory this process itself opened from another process (rollwire's cuda_ipc
-    transport hands the engine views of the trainer's buffer): such a bucket is copied into this
-    process's own CUDA memory first (torch keeps a shared block alive until the consumer lets go)."""
-    try:
-        first = serializer.serialize(bucket)
-    except RuntimeError as e:
-        if "received from another process" not in str(e):
-            raise
-        bucket = [(name, t.clone() if t.is_cuda else t) for name, t in bucket]
-        first = serializer.serialize(bucket)
-    return [first] + [serializer.serialize(bucket) for _ in range(ranks - 1)]
-
-
-def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool,
-                device_type: str = "cuda") -> tuple[torch.Tensor, list[tuple[str, torch.Size, torch.dtype, int, int]]]:
-    """The bucket as one flat uint8 tensor and (name, shape, dtype, start, end) byte ranges in it
-    (SGLang's "flattened_bucket" load format: one IPC handle for the whole bucket instead of one
-    per tensor). Contiguous views of one storage laid out as densely as the trainer's arena lays
-    them out become one slice of that storage (``copy``: one device copy of it); anything else is
-    copied tensor by tensor into a fresh buffer."""
-    ts = [t for _, t in bucket]
-    assert ts and all(t.device.type == device_type for t in ts), "a flat bucket holds tensors of one device type"
-    spans = [(int(t.storage_offset()) * t.element_size(), t.numel() * t.element_size()) for t in ts]
-    lo, hi = min(a for a, _ in spans), max(a + n for a, n in spans)
-    lo -= lo % 256  # keeps every view's offset a multiple of its element size
-    one_storage = len({(t.device, t.untyped_storage().data_ptr()) for t in ts}) == 1
-    if one_storage and all(t.is_contiguous() for t in ts) and hi - lo <= 1.25 * sum(n for _, n in spans) + 4096:
-        whole = torch.empty(0, dtype=torch.uint8, device=ts[0].device).set_(ts[0].untyped_storage())
-        flat = whole[lo:hi].clone() if copy else whole[lo:hi]
-        return flat, [(name, t.shape, t.dtype, a - lo, a - lo + n)
-                      for (name, t), (a, n) in zip(bucket, spans, strict=True)]
-    flat = torch.empty(sum((n + 255) // 256 * 256 for _, n in spans), dtype=torch.uint8, device=ts[0].device)
-    metas, off = [], 0
-    for (name, t), (_, n) in zip(bucket, spans, strict=True):
-        flat[off:off + n].view(t.dtype).view(t.shape).copy_(t)
-        metas.append((name, t.shape, t.dtype, off, off + n))
-        off += (n + 255) // 256 * 256
-    return flat, metas
-
-
-def _serialize_flat(serializer: Any, bucket: list[tuple[str, torch.Tensor]], meta_cls: Any,
-                    ranks: int) -> list[Any]:
-    """A CUDA bucket in SGLang's "flattened_bucket" format, one payload per TP rank (see
-    ``_serialize``). A slice of this process's own memory is shared as it is; memory this process
-    opened from another one (the cuda_ipc transport's view of the trainer's arena), which torch
-    cannot re-share, is copied once into a buffer of its own (torch keeps that block alive until
-    SGLang's scheduler lets go of it)."""
-    for copy in (False, True):
-        flat, spans = flat_bucket(bucket, copy=copy)
-        payload = {"flattened_tensor": flat,
-                   "metadata": [meta_cls(name=name, shape=shape, dtype=dtype, start_idx=a, end_idx=b, numel=b - a)
-                                for name, shape, dtype, a, b in spans]}
-        try:
-            first = serializer.serialize(payload)
-        except RuntimeError as e:
-            if copy or "received from another process" not in str(e):
-                raise
-            continue
-        return [first] + [serializer.serialize(payload) for _ in range(ranks - 1)]
-    raise AssertionError("unreachable")
