@@ -117,8 +117,8 @@ class MemoryGovernor(Actor):
         except BaseException:
             # the engine validated before copying, so the old version is intact: serve it again,
             # unless its weights were released (colocated), in which case only a new push helps. (An
-            # engine whose load failed part-way, SGLang's bucket k > 1, holds its requests itself
-            # until a complete version loads.)
+            # engine whose load failed after reaching SGLang holds its requests itself until a
+            # complete version loads.)
             self.counters.inc("load_failures")
             if not released:
                 await self._resume()

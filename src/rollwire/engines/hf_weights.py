@@ -43,7 +43,7 @@ class WeightStore:
                 raise EngineError("shape_mismatch", f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
             if t.dtype != param.dtype:
                 raise EngineError("dtype_mismatch", f"{name}: got {t.dtype}, want {param.dtype}")
-        missing = self._undefined - {id(self.params[name]) for name, _ in checked}
+        missing = self._undefined - {id(self.params[name]) for name, _ in checked} if self._undefined else None
         if missing:
             first = next(n for n, p in self.params.items() if id(p) in missing)
             raise EngineError("incomplete_version", f"{len(missing)} of {len(self._distinct)} parameters hold no "

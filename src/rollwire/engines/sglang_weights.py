@@ -31,7 +31,7 @@ import torch
 
 from rollwire.engines.base import EngineError, MemoryTag
 from rollwire.engines.sglang_args import Checkpoint
-from rollwire.engines.sglang_payloads import Spec, serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
+from rollwire.engines.sglang_payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
 from rollwire.engines.sglang_requests import Live
 from rollwire.runtime.logging import get_logger
 
@@ -169,34 +169,30 @@ class WeightsMixin:
             buckets = spec_buckets(items, self.weight_bucket_bytes)
             # SGLang broadcasts a bucket into fresh tensors and loads them once all have arrived, so a
             # failed first bucket leaves the old version whole; after that, a mix (see update_weights)
-            loaded = [0]
+            loaded = 0
             try:
-                await self._receive_buckets(buckets, version, group_name, flush, timeout_s, loaded)
+                for i, bucket in enumerate(buckets):
+                    last = i == len(buckets) - 1
+                    obj = self._io.UpdateWeightsFromDistributedReqInput(
+                        names=[n for n, _, _ in bucket], dtypes=[d for _, _, d in bucket],
+                        shapes=[list(s) for _, s, _ in bucket], group_name=group_name,
+                        flush_cache=flush and last, abort_all_requests=False,
+                        weight_version=str(version) if last else None)
+                    try:
+                        ok, message = await asyncio.wait_for(self._tm.update_weights_from_distributed(obj, None),
+                                                             timeout_s)
+                    except TimeoutError:
+                        ok, message = False, f"broadcast not complete within {timeout_s}s"
+                    if not ok:
+                        await self.leave_weight_group(group_name, timeout_s=10.0)
+                        raise EngineError("weights_failed", f"nccl bucket {i + 1}/{len(buckets)} of version "
+                                                            f"{version}: {message}; group {group_name!r} torn down")
+                    loaded += 1
             except BaseException:
-                if loaded[0]:
+                if loaded:
                     self._weights_sent = False
                 raise
             self._go_live(version)
-
-    async def _receive_buckets(self, buckets: list[list[Spec]], version: int,
-                               group_name: str, flush: bool, timeout_s: float, loaded: list[int]) -> None:
-        for i, bucket in enumerate(buckets):
-            last = i == len(buckets) - 1
-            obj = self._io.UpdateWeightsFromDistributedReqInput(
-                names=[n for n, _, _ in bucket], dtypes=[d for _, _, d in bucket],
-                shapes=[list(s) for _, s, _ in bucket], group_name=group_name,
-                flush_cache=flush and last, abort_all_requests=False,
-                weight_version=str(version) if last else None)
-            try:
-                ok, message = await asyncio.wait_for(self._tm.update_weights_from_distributed(obj, None),
-                                                     timeout_s)
-            except TimeoutError:
-                ok, message = False, f"broadcast not complete within {timeout_s}s"
-            if not ok:
-                await self.leave_weight_group(group_name, timeout_s=10.0)
-                raise EngineError("weights_failed", f"nccl bucket {i + 1}/{len(buckets)} of version {version}: "
-                                                    f"{message}; group {group_name!r} torn down")
-            loaded[0] += 1
 
     # -- shared steps ------------------------------------------------------------------------------
 

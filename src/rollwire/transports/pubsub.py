@@ -40,8 +40,8 @@ class Publisher:
         await self._sock.send_multipart(self._codec.encode(0, msg))
 
     def close(self) -> None:
-        """Unbind first: a successor (a restarted trainer in this process) may bind the same address
-        at once; a plain close frees it only later, on ZeroMQ's I/O thread."""
+        """Unbind first, so the port is freed as soon as ZeroMQ's I/O thread gets to it (a successor
+        in this process binds through ``sockets.bind_when_free``)."""
         with contextlib.suppress(zmq.ZMQError):
             self._sock.unbind(self.endpoint)
         self._sock.close(linger=0)
