@@ -19,18 +19,17 @@ def tiny_weights(kind: str) -> dict[str, Any]:
 
     model, _ = tiny(seed=0)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if kind == "perturbed":
+    if kind in ("perturbed", "bad_shape", "bad_dtype", "unknown"):
         g = torch.Generator().manual_seed(1234)
         sd = {k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in sd.items()}
     if kind == "partial":
         sd = dict(list(sd.items())[:-2])
-    bad = tiny_weights("perturbed") if kind in ("bad_shape", "bad_dtype", "unknown") else sd
     if kind == "bad_shape":
-        sd = {**bad, "lm_head.weight": bad["lm_head.weight"][:-1]}
+        sd["lm_head.weight"] = sd["lm_head.weight"][:-1]
     elif kind == "bad_dtype":
-        sd = {**bad, "lm_head.weight": bad["lm_head.weight"].double()}
+        sd["lm_head.weight"] = sd["lm_head.weight"].double()
     elif kind == "unknown":
-        sd = {**bad, "no.such.weight": torch.zeros(2)}
+        sd["no.such.weight"] = torch.zeros(2)
     return sd
 
 
