@@ -118,7 +118,7 @@ async def serve_rollwire(endpoint: str, kind: str) -> None:
              "rw_async": AsyncHandler, "rw_nowait": ReplyNowait}
     actor_cls = kinds[kind]
     system = ActorSystem()
-    await system.spawn(lambda: actor_cls("echo"), extra_binds={"rollout": [endpoint]})
+    await system.spawn(lambda: actor_cls("echo"), public={"rollout": [endpoint]})
     _ready()
     await asyncio.Event().wait()
 

@@ -35,7 +35,7 @@ async def test_a_stream_read_until_the_reply_fails_is_closed_before_the_error_le
         raise ConnectionError("the worker's socket is gone")
 
     actor.reply = reply_fails  # type: ignore[method-assign]
-    flight = InFlight(origin=Origin("rollout", b"worker", 1), engine_rids=["r0"], arrived=0.0)
+    flight = InFlight(origin=Origin("rollout", "rollout", b"worker", 1), engine_rids=["r0"], arrived=0.0)
     closed: list[str] = []
     out = _Output(version=0, logprobs=None)
     with pytest.raises(ConnectionError) as err:
@@ -55,6 +55,6 @@ async def test_a_stream_read_to_its_end_is_closed_once() -> None:
             closed.append("r0")
 
     out = _Output(version=0, logprobs=None)
-    flight = InFlight(origin=Origin("rollout", b"worker", 1), engine_rids=["r0"], arrived=0.0)
+    flight = InFlight(origin=Origin("rollout", "rollout", b"worker", 1), engine_rids=["r0"], arrived=0.0)
     await actor._collect(flight, GenerateRequest(input_ids=[1]), 0, finite(), out)
     assert closed == ["r0"] and (out.ids, out.finish, out.spans) == ([7], "length", [[3, 0, 1]])

@@ -84,7 +84,8 @@ async def test_a_crashing_session_actor_stops_its_orphaned_turns_and_frees_their
         assert err.value.code == ErrorCode.ACTOR_RESTARTED
         for _ in range(600):  # up to 30 s: a loaded machine is slow to drain (was 5 s)
             st = await rc.status()
-            if st.in_flight == 0 and st.counters["engine.prefix_sessions"] == 0:
+            restarted = srv.sessions.counters.get("restarts") == 1  # after the restart back-off
+            if st.in_flight == 0 and st.counters["engine.prefix_sessions"] == 0 and restarted:
                 break
             await asyncio.sleep(0.05)
         assert st.in_flight == 0 and st.counters["engine.prefix_sessions"] == 0

@@ -17,6 +17,14 @@ from rollwire.actors.session import SESSIONS, SessionActor
 from rollwire.engines.base import Engine
 from rollwire.runtime import ActorSystem, address
 from rollwire.runtime.logging import get_logger
+from rollwire.transports.security import (
+    ROLLOUT_DOMAIN,
+    CurveClient,
+    CurveServer,
+    KeyPair,
+    load_public_keys,
+    require_secure_or_local,
+)
 
 log = get_logger("rollwire.server")
 
@@ -45,6 +53,39 @@ class ServerConfig:
     session_endpoint: str | None = None
     max_sessions: int = 4096
     max_session_tokens: int = 32768
+    # trust and liveness (transports/security.py): CURVE when secret_key is set
+    secret_key: str | None = None  # this server's .key_secret file
+    client_keys: list[str] = field(default_factory=list)  # rollout clients' .key files or directories
+    trainer_keys: list[str] = field(default_factory=list)  # trainers' .key files (the first is the one it pulls from)
+    insecure: bool = False  # allow a non-loopback tcp bind without keys
+    client_timeout_s: float = 15.0  # a client silent this long is gone: its requests and sessions are freed
+
+    def curve_server(self) -> CurveServer | None:
+        """The CURVE guard of the public sockets: rollout clients' and trainers' keys are let in."""
+        if self.secret_key is None:
+            if self.client_keys or self.trainer_keys:
+                raise SystemExit("--client-keys/--trainer-keys need --secret-key (this server's key pair)")
+            return None
+        keys = KeyPair.load(self.secret_key)
+        if keys.secret is None:
+            raise SystemExit(f"{self.secret_key} holds no secret key (give the .key_secret file)")
+        allowed = load_public_keys([*self.client_keys, *self.trainer_keys])
+        if not allowed:
+            raise SystemExit("--secret-key without --client-keys or --trainer-keys would let no one in")
+        return CurveServer(keys, ROLLOUT_DOMAIN, allowed)
+
+    def curve_receiver(self) -> CurveClient | None:
+        """How the WeightReceiverActor proves itself to the trainer and checks that it is the trainer."""
+        if self.secret_key is None:
+            return None
+        if not self.trainer_keys:
+            if self.trainer_endpoint:
+                raise SystemExit("--secret-key with --trainer-endpoint needs --trainer-keys (the trainer's .key)")
+            return None
+        trainer = sorted(load_public_keys(self.trainer_keys[:1]))
+        if len(trainer) != 1:
+            raise SystemExit(f"the first --trainer-keys entry must be one key file, got {self.trainer_keys[0]}")
+        return CurveClient(KeyPair.load(self.secret_key), trainer[0])
 
 
 def session_endpoint_for(rollout_endpoint: str) -> str:
@@ -77,6 +118,7 @@ class RolloutServer:
     def __init__(self, cfg: ServerConfig, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.cfg = cfg
         self.system = ActorSystem()
+        self.exit_reason: str | None = None  # why serve_forever stopped, when it was not asked to
         self._engine_factory = engine_factory or make_engine_factory(cfg)
 
     @property
@@ -93,18 +135,22 @@ class RolloutServer:
 
     async def start(self) -> RolloutServer:
         cfg = self.cfg
+        curve = cfg.curve_server()
+        session_bind = cfg.session_endpoint or session_endpoint_for(cfg.rollout_endpoint)
+        require_secure_or_local([cfg.rollout_endpoint, session_bind], curve is not None, cfg.insecure)
         sessions = await self.system.spawn(
             lambda: SessionActor(generation_rollout=address(GENERATION, "rollout"),
                                  generation_control=address(GENERATION, "control"),
-                                 max_sessions=cfg.max_sessions, max_session_tokens=cfg.max_session_tokens),
-            extra_binds={"sessions": [cfg.session_endpoint or session_endpoint_for(cfg.rollout_endpoint)]},
+                                 max_sessions=cfg.max_sessions, max_session_tokens=cfg.max_session_tokens,
+                                 client_timeout_s=cfg.client_timeout_s),
+            public={"sessions": [session_bind]}, curve=curve,
         )
         session_endpoint = sessions.bound_endpoint("sessions")
         await self.system.spawn(
             lambda: GenerationActor(self._engine_factory, max_new_tokens_limit=cfg.max_new_tokens_limit,
                                     model_name=cfg.model, max_staleness=cfg.max_staleness,
-                                    session_endpoint=session_endpoint),
-            extra_binds={"rollout": [cfg.rollout_endpoint]},
+                                    session_endpoint=session_endpoint, client_timeout_s=cfg.client_timeout_s),
+            public={"rollout": [cfg.rollout_endpoint]}, curve=curve,
         )
         await self.system.spawn(lambda: MemoryGovernor(
             generation=GENERATION, mode=cfg.mode, pause_policy=cfg.pause_policy,  # type: ignore[arg-type]
@@ -115,9 +161,11 @@ class RolloutServer:
             rid = cfg.receiver_id or f"{socket.gethostname()}:{os.getpid()}"
             trainer_endpoint = cfg.trainer_endpoint
             engine_device = cfg.device if cfg.engine == "hf" else "cuda"  # sglang's weights live on its GPUs
+            receiver_curve = cfg.curve_receiver()
+            extra: dict[str, Any] = {"curve": receiver_curve} if receiver_curve is not None else {}
             await self.system.spawn(lambda: WeightReceiverActor(
                 trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
-                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device, coalesce=cfg.coalesce))
+                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device, coalesce=cfg.coalesce, **extra))
         log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, session_endpoint=session_endpoint,
                  engine=cfg.engine, model=cfg.model)
         return self
@@ -132,8 +180,9 @@ class RolloutServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def serve_forever(self) -> None:
-        """Run until SIGINT/SIGTERM (or supervision gives up), then stop cleanly."""
+    async def serve_forever(self) -> int:
+        """Run until SIGINT/SIGTERM (exit status 0) or until supervision gives up (1, the reason in
+        ``exit_reason`` and the log), then stop cleanly."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,7 +192,11 @@ class RolloutServer:
             assert self.system.failed is not None
             waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait()), self.system.failed]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if self.system.failed.done():
+                self.exit_reason = str(self.system.failed.result())
+                log.error("server_failed", reason=self.exit_reason)
             log.info("server_stopping")
+        return 0 if self.exit_reason is None else 1
 
 
 def run(coro: object) -> object:

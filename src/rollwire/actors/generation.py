@@ -37,6 +37,7 @@ from rollwire.messages import (
 )
 from rollwire.messages import GenerationControl as GenerationControlUnion
 from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
+from rollwire.transports import sockets
 
 GENERATION = "generation"
 
@@ -91,12 +92,14 @@ def spans_add(spans: list[list[int]], version: int, n_tokens: int) -> None:
 
 
 class GenerationActor(GenerationControl, Actor):
-    ports = {"rollout": Port(RolloutRequest), "control": Port(GenerationControlUnion, zero_copy=True)}
+    ports = {"rollout": Port(RolloutRequest), "control": Port(GenerationControlUnion, zero_copy=True,
+                                                                       max_frame_bytes=sockets.BUCKET_MAX_FRAME)}
 
     def __init__(self, engine_factory: Callable[[], Engine], *, max_new_tokens_limit: int = 4096,
                  model_name: str = "", max_staleness: int | None = None, session_endpoint: str = "",
-                 name: str = GENERATION) -> None:
+                 name: str = GENERATION, client_timeout_s: float = Actor.client_timeout_s) -> None:
         super().__init__(name)
+        self.client_timeout_s = client_timeout_s
         self.session_endpoint = session_endpoint  # advertised in HealthReply
         self._engine_factory = engine_factory
         self.engine: Engine = engine_factory()
@@ -171,7 +174,7 @@ class GenerationActor(GenerationControl, Actor):
 
     @handles(AbortRequest)
     def on_abort(self, origin: Origin, msg: AbortRequest, payload: Sequence[Any]) -> None:
-        f = self.in_flight.get((origin.peer, msg.target_rid))
+        f = self.in_flight.get((origin.conn, msg.target_rid))
         self.counters.inc("abort_requests")
         if f is None or f.aborted:
             return  # already finished: its terminal reply is on the way or delivered
@@ -182,7 +185,7 @@ class GenerationActor(GenerationControl, Actor):
 
     @handles(GenerateRequest)
     def on_generate(self, origin: Origin, msg: GenerateRequest, payload: Sequence[Any]) -> Any:
-        key = (origin.peer, origin.rid)
+        key = (origin.conn, origin.rid)
         if key in self.in_flight:
             raise RollwireError(ErrorCode.DUPLICATE_REQUEST, f"request {origin.rid} is already in flight")
         sp = msg.sampling_params
@@ -196,9 +199,9 @@ class GenerationActor(GenerationControl, Actor):
         for i in range(sp.n):
             params = sp if sp.n == 1 else msgspec.structs.replace(
                 sp, n=1, seed=None if sp.seed is None else sp.seed + i)
-            reqs.append(EngineRequest(f"{origin.peer.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
+            reqs.append(EngineRequest(f"{origin.conn.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
                                       msg.return_logprob, stream=msg.stream,
-                                      session_id=session_key(origin.peer, msg.session_id) if sp.n == 1 else None,
+                                      session_id=session_key(origin.conn, msg.session_id) if sp.n == 1 else None,
                                       keep_stale_prefix=msg.keep_stale_prefix))
         try:
             self.engine.validate(reqs[0])  # type: ignore[attr-defined]
@@ -217,7 +220,7 @@ class GenerationActor(GenerationControl, Actor):
             flight.start_version = self.weight_version
             await asyncio.gather(*(self._run_sample(flight, msg, i, r) for i, r in enumerate(reqs)))
         finally:
-            self.in_flight.pop((flight.origin.peer, flight.origin.rid), None)
+            self.in_flight.pop((flight.origin.conn, flight.origin.rid), None)
 
     async def _run_sample(self, flight: InFlight, msg: GenerateRequest, index: int, req: EngineRequest) -> None:
         origin = flight.origin

@@ -123,7 +123,7 @@ class GenerationControl:
 
     @handles(ForgetSession)
     async def on_forget_session(self, origin: Origin, msg: ForgetSession, payload: Sequence[Any]) -> None:
-        key = session_key(origin.peer, msg.session_id)
+        key = session_key(origin.conn, msg.session_id)
         assert key is not None
         await self.engine.close_session(key)
         await self.reply(origin, Ack())

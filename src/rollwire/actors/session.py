@@ -80,8 +80,10 @@ class SessionActor(Actor):
     ports = {"sessions": Port(SessionRequest)}
 
     def __init__(self, *, generation_rollout: str, generation_control: str, max_sessions: int = 4096,
-                 max_session_tokens: int = 32768, sweep_interval_s: float = 1.0, name: str = SESSIONS) -> None:
+                 max_session_tokens: int = 32768, sweep_interval_s: float = 1.0, name: str = SESSIONS,
+                 client_timeout_s: float = Actor.client_timeout_s) -> None:
         super().__init__(name)
+        self.client_timeout_s = client_timeout_s
         self._rollout_endpoint = generation_rollout
         self._control_endpoint = generation_control
         self.max_sessions = max_sessions
@@ -155,27 +157,27 @@ class SessionActor(Actor):
         s = self._idle_session(msg.session_id)  # again: the vocab check may have waited
         if not s.history and not msg.input_ids:
             raise RollwireError(ErrorCode.EMPTY_INPUT, "the session is empty and input_ids is empty")
-        if (origin.peer, origin.rid) in self._turns:
+        if (origin.conn, origin.rid) in self._turns:
             raise RollwireError(ErrorCode.DUPLICATE_REQUEST, f"request {origin.rid} is already in flight")
         self._check_room(s, len(msg.input_ids), sp.max_new_tokens)
         rpc = self._generation
         turn = _Turn(origin, rpc.next_rid())
-        s.turn = self._turns[(origin.peer, origin.rid)] = turn
+        s.turn = self._turns[(origin.conn, origin.rid)] = turn
         prompt = s.history + list(msg.input_ids)
         queue = rpc.open_stream(turn.forward_rid)
         try:
             await rpc.send(turn.forward_rid, GenerateRequest(
                 input_ids=prompt, sampling_params=sp, return_logprob=msg.return_logprob, stream=False,
                 min_version=msg.min_version, session_id=s.id, keep_stale_prefix=s.keep_stale_prefix))
-            if (origin.peer, origin.rid) in self._early_aborts:  # the worker's abort overtook the turn
-                del self._early_aborts[(origin.peer, origin.rid)]
+            if (origin.conn, origin.rid) in self._early_aborts:  # the worker's abort overtook the turn
+                del self._early_aborts[(origin.conn, origin.rid)]
                 await self._abort(turn)
             item = await queue.get()
         finally:
             rpc.close_stream(turn.forward_rid)
             s.turn = None
             s.last_used = time.monotonic()
-            self._turns.pop((origin.peer, origin.rid), None)
+            self._turns.pop((origin.conn, origin.rid), None)
         reply = item.msg if not isinstance(item, BaseException) else ErrorReply(
             code=ErrorCode.SHUTTING_DOWN if isinstance(item, ConnectionClosed) else ErrorCode.INTERNAL,
             message=f"generation did not answer the turn: {item!r}", origin=self.name)
@@ -195,12 +197,12 @@ class SessionActor(Actor):
 
     @handles(AbortRequest)
     def on_abort(self, origin: Origin, msg: AbortRequest, payload: Sequence[Any]) -> None:
-        turn = self._turns.get((origin.peer, msg.target_rid))
+        turn = self._turns.get((origin.conn, msg.target_rid))
         if turn is not None:
             self.spawn(self._abort(turn))
             return
         # not registered yet (still being checked) or already over: remember it briefly
-        self._early_aborts[(origin.peer, msg.target_rid)] = None
+        self._early_aborts[(origin.conn, msg.target_rid)] = None
         while len(self._early_aborts) > MAX_EARLY_ABORTS:
             self._early_aborts.popitem(last=False)
 

@@ -1,7 +1,11 @@
 """RolloutClient: what a rollout worker uses to get tokens, logprobs and weight versions.
 
 Many concurrent requests are multiplexed over one DEALER socket; each has its own request id.
-Errors come back typed: ``RolloutError`` carries the server's ``ErrorCode``.
+Errors come back typed: ``RolloutError`` carries the server's ``ErrorCode``. The client beats
+every ``heartbeat_s`` and fails every pending call with ``SERVER_UNAVAILABLE`` when it hears nothing
+from the server for ``liveness_s`` (default 3 s; a healthy long generation keeps answering beats),
+then reconnects by itself. ``curve`` (a ``CurveClient``: this client's key pair and the server's
+public key) authenticates both ends.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from rollwire.messages import (
     StatusReply,
     StatusRequest,
 )
-from rollwire.transports.rpc import ConnectionClosed, Reply, RpcClient
+from rollwire.transports.rpc import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_LIVENESS_S,
+    ConnectionClosed,
+    Reply,
+    RpcClient,
+    ServerUnavailable,
+)
+from rollwire.transports.security import CurveClient
 
 GenerateOutput = GenerateDone  # the terminal reply is the output: output_ids, logprobs, spans...
 
@@ -49,6 +61,8 @@ class RequestTimeout(RolloutError):
 def _raise_if_error(item: Reply[Any] | BaseException) -> Any:
     if isinstance(item, ProtocolError):
         raise RolloutError(item.code, item.message)
+    if isinstance(item, ServerUnavailable):
+        raise RolloutError(ErrorCode.SERVER_UNAVAILABLE, str(item))
     if isinstance(item, ConnectionClosed):
         raise RolloutError(ErrorCode.SHUTTING_DOWN, str(item))
     if isinstance(item, BaseException):
@@ -83,7 +97,11 @@ class GenerationStream:
     async def __anext__(self) -> GenerateChunk | GenerateDone:
         if not self._sent:
             self._sent = True
-            await self._client._rpc.send(self.rid, self._request)
+            try:
+                await self._client._rpc.send(self.rid, self._request)
+            except ConnectionClosed as e:
+                self._client._rpc.close_stream(self.rid)
+                _raise_if_error(e)
         if self._remaining == 0:
             self._client._rpc.close_stream(self.rid)
             raise StopAsyncIteration
@@ -104,11 +122,14 @@ class GenerationStream:
 
 
 class RolloutClient:
-    def __init__(self, endpoint: str, *, timeout: float | None = None, session_endpoint: str | None = None) -> None:
+    def __init__(self, endpoint: str, *, timeout: float | None = None, session_endpoint: str | None = None,
+                 curve: CurveClient | None = None, heartbeat_s: float | None = DEFAULT_HEARTBEAT_S,
+                 liveness_s: float = DEFAULT_LIVENESS_S) -> None:
         self.endpoint = endpoint
         self.timeout = timeout  # default per-request timeout (None: wait as long as it takes)
         self.session_endpoint = session_endpoint  # None: asked from the server (HealthReply) on first use
-        self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply)
+        self._link = {"curve": curve, "heartbeat_s": heartbeat_s, "liveness_s": liveness_s}
+        self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, **self._link)  # type: ignore[arg-type]
         self._session_rpc: RpcClient[Any] | None = None
 
     async def __aenter__(self) -> RolloutClient:
@@ -139,7 +160,7 @@ class RolloutClient:
                     raise RolloutError(ErrorCode.UNKNOWN_KIND, f"{self.endpoint} serves no sessions")
                 endpoint = _reachable(advertised, self.endpoint)
             if self._session_rpc is None:  # another task may have connected while we waited
-                self._session_rpc = RpcClient(endpoint, SessionReply)
+                self._session_rpc = RpcClient(endpoint, SessionReply, **self._link)  # type: ignore[arg-type]
                 self._session_rpc.start()
         return self._session_rpc
 
@@ -169,6 +190,8 @@ class RolloutClient:
             reply = await self._rpc.call(HealthRequest(), timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"no health reply from {self.endpoint} within {timeout}s") from None
+        except ConnectionClosed as e:
+            return _raise_if_error(e)
         return _raise_if_error(reply)  # type: ignore[no-any-return]
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
@@ -176,6 +199,8 @@ class RolloutClient:
             reply = await self._rpc.call(StatusRequest(), timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"no status reply from {self.endpoint} within {timeout}s") from None
+        except ConnectionClosed as e:
+            return _raise_if_error(e)
         return _raise_if_error(reply)  # type: ignore[no-any-return]
 
     async def wait_ready(self, timeout: float = 60.0) -> HealthReply:
@@ -184,8 +209,9 @@ class RolloutClient:
         while True:
             try:
                 return await self.health(timeout=min(1.0, max(0.05, deadline - asyncio.get_running_loop().time())))
-            except RequestTimeout:
-                if asyncio.get_running_loop().time() >= deadline:
+            except RolloutError as e:
+                if e.code not in (ErrorCode.TIMEOUT, ErrorCode.SERVER_UNAVAILABLE) or \
+                        asyncio.get_running_loop().time() >= deadline:
                     raise
 
 

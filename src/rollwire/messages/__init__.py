@@ -6,7 +6,7 @@ One tagged union per socket (below), one ``Codec``. See docs/protocol.md.
 from __future__ import annotations
 
 from rollwire.messages.codec import Codec, ProtocolError
-from rollwire.messages.control import HealthReply, HealthRequest, StatusReply, StatusRequest
+from rollwire.messages.control import HealthReply, HealthRequest, Heartbeat, StatusReply, StatusRequest
 from rollwire.messages.envelope import PROTOCOL_VERSION, Header, TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.generate import (
@@ -44,11 +44,11 @@ from rollwire.messages.weights import (
 )
 
 # The rollout socket: rollout workers (DEALER) -> server (ROUTER) and back.
-RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest
-RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply
+RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest | Heartbeat
+RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply | Heartbeat
 # The session socket: rollout workers (DEALER) -> SessionActor (ROUTER) and back.
-SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest
-SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply
+SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest | Heartbeat
+SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply | Heartbeat
 # GenerationActor's control port (inproc, from the MemoryGovernor and the SessionActor).
 GenerationControl = Pause | Resume | ApplyVersion | ReleaseMemory | ResumeMemory | ForgetSession
 # MemoryGovernor's weights port (inproc, from the WeightReceiverActor).
@@ -81,6 +81,7 @@ __all__ = [
     "Header",
     "HealthReply",
     "HealthRequest",
+    "Heartbeat",
     "NamedTensor",
     "OpenSession",
     "Pause",

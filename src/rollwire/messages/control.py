@@ -29,3 +29,11 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="status_ok", ar
     max_new_tokens_limit: int
     vocab_size: int
     counters: dict[str, float]
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", array_like=True, gc=False):
+    """Liveness, both ways, on every client socket (rid 0). A client sends one when it has sent
+    nothing for a heartbeat interval; the server answers each at once. Any traffic counts as a
+    beat: a client with calls pending that hears nothing for its liveness bound fails them with
+    SERVER_UNAVAILABLE; a server that hears nothing from a client for ``--client-timeout`` aborts
+    that client's requests and frees its waiting requests and sessions."""

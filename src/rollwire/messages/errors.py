@@ -20,7 +20,11 @@ class ErrorCode(str, Enum):
     TOO_LONG = "too_long"  # prompt + max_new_tokens above the model's context
     DUPLICATE_REQUEST = "duplicate_request"  # a rid that is already in flight for this sender
     # service state
-    OVERLOADED = "overloaded"  # the server's in-flight limit is reached; retry later
+    OVERLOADED = "overloaded"  # the server's in-flight limit is reached; retry after retry_after_s
+    CLIENT_LIMIT = "client_limit"  # this client's own cap (in flight, waiting, sessions) is reached
+    UNAUTHORIZED = "unauthorized"  # the sender's key or role may not do this (or it is not the owner)
+    SERVER_UNAVAILABLE = "server_unavailable"  # client side: no traffic from the server within its liveness bound
+    ENGINE_DEAD = "engine_dead"  # the engine process or worker died while the request was in flight
     ACTOR_RESTARTED = "actor_restarted"  # the actor holding the request crashed and was restarted
     SHUTTING_DOWN = "shutting_down"
     TIMEOUT = "timeout"
@@ -51,3 +55,4 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error", array_l
     code: ErrorCode
     message: str
     origin: str = ""  # actor or component that raised it
+    retry_after_s: float = 0.0  # OVERLOADED / CLIENT_LIMIT: when a retry (same rid allowed) may succeed

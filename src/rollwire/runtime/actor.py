@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -25,15 +26,18 @@ import msgspec
 import zmq.asyncio
 
 from rollwire.messages.codec import Buffer, Codec, ProtocolError
+from rollwire.messages.control import Heartbeat
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.runtime.errors import RollwireError
 from rollwire.runtime.logging import get_logger
 from rollwire.runtime.metrics import Counters
 from rollwire.transports import sockets
 from rollwire.transports.rpc import RpcClient
+from rollwire.transports.security import CurveServer, client_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 RECV_BATCH = 256  # messages handled per wake-up of a port's receiving task before it yields
+_HEARTBEAT = Heartbeat()
 
 
 def handles(*types: type) -> Callable[[F], F]:
@@ -48,17 +52,35 @@ def handles(*types: type) -> Callable[[F], F]:
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Who sent a request and how to answer: the port's socket, the peer identity, the rid."""
+    """Who sent a request and how to answer: the socket it came in on, the peer, the rid.
 
-    port: str
-    peer: bytes
+    ``client`` names the sender for ownership and per-client limits: its CURVE public key (z85)
+    when the socket authenticates, ``internal:<hex id>`` on an actor's internal (inproc) socket,
+    else ``peer:<hex routing id>`` (one connection: without keys, identity is only that)."""
+
+    port: str  # the logical port (which union)
+    sock: str  # the socket it arrived on: the port's internal one, or one of its public ones
+    peer: bytes  # ZeroMQ routing id on that socket
     rid: int
+    client: str = ""
+
+    @property
+    def conn(self) -> bytes:
+        """A key for this connection that no peer of another socket can take (routing ids are
+        chosen by peers; two sockets' identity spaces are separate). Internal sockets share one
+        space: the co-located actors that use them have fixed names across all ports."""
+        return (b"internal" if self.internal else self.sock.encode()) + b"\x00" + self.peer
+
+    @property
+    def internal(self) -> bool:
+        return self.sock == self.port
 
 
 @dataclass(frozen=True)
 class Port:
     union: Any  # tagged union this port accepts
     zero_copy: bool = False  # receive frames without copying (ports that carry tensors)
+    max_frame_bytes: int = sockets.REQUEST_MAX_FRAME  # larger frames are refused by ZeroMQ unread
 
 
 class ActorCrashed(Exception):
@@ -68,6 +90,7 @@ class ActorCrashed(Exception):
 class Actor:
     ports: ClassVar[dict[str, Port]] = {}
     max_pending: ClassVar[int] = 4096
+    client_timeout_s: float = 15.0  # public peers silent this long are gone (0: never); see Heartbeat
     _handlers: ClassVar[dict[type, str]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -83,12 +106,15 @@ class Actor:
         self.name = name
         self.counters = Counters()
         self.log = get_logger(f"rollwire.{name}")
-        self._socks: dict[str, zmq.asyncio.Socket] = {}
+        self._socks: dict[str, zmq.asyncio.Socket] = {}  # socket key -> ROUTER (key: port, or port@endpoint)
+        self._sock_port: dict[str, str] = {}  # socket key -> its port
         self._codecs: dict[str, Codec[Any]] = {}
         self._reply_codec: Codec[Any] = Codec(ErrorReply)  # encoding only: any struct encodes
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: set[asyncio.Task[Any]] = set()  # error replies: flushed, not cancelled, on close
         self._peers: dict[str, RpcClient[Any]] = {}
+        self._authenticated: set[str] = set()  # socket keys that run CURVE
+        self._last_seen: dict[tuple[str, bytes], tuple[float, str]] = {}  # public (sock, peer) -> (time, client)
         self._crash: asyncio.Future[BaseException] | None = None
         self._serving: list[asyncio.Task[None]] = []
         self._dispatch = {t: getattr(self, attr) for t, attr in self._handlers.items()}
@@ -100,26 +126,46 @@ class Actor:
     async def on_stop(self) -> None:
         """Called on stop and before a restart; release what the actor owns."""
 
+    def on_client_gone(self, sock: str, peer: bytes, client: str) -> None:
+        """A public peer (connection ``sock``/``peer``, identity ``client``) sent nothing for
+        ``client_timeout_s``: abort its requests, free its waiting requests and sessions."""
+
     def take_held_requests(self) -> list[Origin]:
         """Requests the actor is answering right now, which it must no longer answer: on a crash
         the supervisor sends each one ACTOR_RESTARTED (exactly one terminal reply per request)."""
         return []
 
     # -- used by the ActorSystem --------------------------------------------------------
-    def _bind(self, binds: Mapping[str, Sequence[str]]) -> None:
+    def _bind(self, binds: Mapping[str, Sequence[str]], public: Mapping[str, Sequence[str]] | None = None,
+              curve: CurveServer | None = None) -> None:
+        """Each port gets an internal ROUTER (its inproc address, for co-located actors) and one
+        ROUTER per public endpoint, so no outside peer shares an identity space with an actor's
+        link; ``curve`` (if any) guards the public ones."""
         for port, spec in self.ports.items():
             self._codecs[port] = Codec(spec.union)
-            self._socks[port] = sockets.router(binds[port])
+            self._add_sock(port, port, sockets.router(binds[port], max_frame_bytes=spec.max_frame_bytes))
+            for ep in (public or {}).get(port, ()):
+                sock = sockets.router([ep], curve=curve, max_frame_bytes=spec.max_frame_bytes)
+                self._add_sock(f"{port}@{ep}", port, sock, curve is not None)
+
+    def _add_sock(self, key: str, port: str, sock: zmq.asyncio.Socket, authenticated: bool = False) -> None:
+        self._socks[key] = sock
+        self._sock_port[key] = port
+        if authenticated:
+            self._authenticated.add(key)
 
     def _adopt(self, old: Actor) -> None:
         """Take over a crashed predecessor's sockets: messages queued in them are not lost."""
-        self._codecs, self._socks = old._codecs, old._socks
+        self._codecs, self._socks, self._sock_port = old._codecs, old._socks, old._sock_port
+        self._authenticated, self._last_seen = old._authenticated, old._last_seen
 
     async def _run(self) -> BaseException:
         """Serve every port until cancelled; returns the exception that crashed the actor."""
         loop = asyncio.get_running_loop()
         self._crash = loop.create_future()
-        self._serving = [self.spawn(self._serve(port), name=f"{self.name}:{port}") for port in self._socks]
+        self._serving = [self.spawn(self._serve(key), name=f"{self.name}:{key}") for key in self._socks]
+        if self.client_timeout_s > 0 and len(self._socks) > len(self.ports):  # has public sockets
+            self._serving.append(self.spawn(self._sweep_clients(), name=f"{self.name}:liveness"))
         return await self._crash
 
     async def _stop_intake(self) -> None:
@@ -151,7 +197,7 @@ class Actor:
     async def reply(self, origin: Origin, msg: msgspec.Struct, payload: Sequence[Buffer] = ()) -> bool:
         """Send ``msg`` to whoever sent ``origin``; False if that peer is gone."""
         frames = self._reply_codec.encode(origin.rid, msg, payload)
-        ok = await sockets.send(self._socks[origin.port], [origin.peer, *frames], copy=not payload)
+        ok = await sockets.send(self._socks[origin.sock], [origin.peer, *frames], copy=not payload)
         if not ok:
             self.counters.inc("replies_undeliverable")
         return ok
@@ -163,7 +209,7 @@ class Actor:
         must stay unchanged until the send completes (as for ``reply``)."""
         frames = self._reply_codec.encode(origin.rid, msg, payload)
         try:
-            pending = sockets.send_nowait(self._socks[origin.port], [origin.peer, *frames], copy=not payload)
+            pending = sockets.send_nowait(self._socks[origin.sock], [origin.peer, *frames], copy=not payload)
         except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); ENOTSOCK: closed
             self.counters.inc("replies_undeliverable")
             return False
@@ -188,8 +234,9 @@ class Actor:
         self.reply_nowait(origin, ErrorReply(code=code, message=message, origin=self.name))
 
     def bound_endpoint(self, port: str) -> str:
-        """The endpoint ``port`` was bound to last (its public one; a tcp ``*`` port resolved)."""
-        return bytes(self._socks[port].getsockopt(zmq.LAST_ENDPOINT)).decode()
+        """The endpoint ``port`` was bound to last (its last public one; a tcp ``*`` port resolved)."""
+        key = [k for k, p in self._sock_port.items() if p == port][-1]
+        return bytes(self._socks[key].getsockopt(zmq.LAST_ENDPOINT)).decode()
 
     def peer(self, endpoint: str, reply_union: Any) -> RpcClient[Any]:
         """A cached DEALER to another actor's port (inproc, ipc or tcp: the same code)."""
@@ -199,17 +246,19 @@ class Actor:
         return client
 
     # -- internals ------------------------------------------------------------------------
-    async def _serve(self, port: str) -> None:
-        """The port's one receiving task: wait for a message, then handle it and every message
+    async def _serve(self, key: str) -> None:
+        """The socket's one receiving task: wait for a message, then handle it and every message
         already queued behind it (non-blocking receives, no Future each) before yielding."""
-        sock, codec = self._socks[port], self._codecs[port]
-        copy = not self.ports[port].zero_copy
+        sock, port = self._socks[key], self._sock_port[key]
+        codec = self._codecs[port]
+        authenticated = key in self._authenticated
+        copy = not (self.ports[port].zero_copy or authenticated)  # the sender's key rides on a Frame
         ready = sockets.shadow(sock)
         while True:
             frames: list[Any] = await sock.recv_multipart(copy=copy)
             handled = 0
             while True:
-                self._receive(port, codec, frames, copy)
+                self._receive(port, key, codec, frames, copy, authenticated)
                 handled += 1
                 if handled % RECV_BATCH == 0:
                     await asyncio.sleep(0)  # a long queue must not starve the actor's other tasks
@@ -218,19 +267,46 @@ class Actor:
                 except zmq.Again:
                     break
 
-    def _receive(self, port: str, codec: Codec[Any], frames: list[Any], copy: bool) -> None:
-        if not copy:
+    def _receive(self, port: str, key: str, codec: Codec[Any], frames: list[Any], copy: bool,
+                 authenticated: bool) -> None:
+        if copy:
+            peer = frames[0]
+            client = f"internal:{peer.hex()}" if key == port else f"peer:{peer.hex()}"
+        else:
+            client = (client_of(frames[-1]) or "") if authenticated else ""
             frames = [f.bytes if i == 0 else f.buffer for i, f in enumerate(frames)]
-        peer = frames[0]
+            peer = frames[0]
+            if not client:
+                client = f"internal:{peer.hex()}" if key == port else f"peer:{peer.hex()}"
+        if key != port:
+            self._last_seen[(key, peer)] = (time.monotonic(), client)
         try:
             rid, msg, payload = codec.decode(frames[1:])
         except Exception as e:  # a decoder bug must cost one message, never the port
             code, text, rid = ((e.code, e.message, e.rid) if isinstance(e, ProtocolError)
                                else (ErrorCode.BAD_FRAME, f"undecodable: {e!r}", 0))
             self.counters.inc("bad_messages")
-            self.send_error_soon(Origin(port, peer, rid), code, text)
+            self.send_error_soon(Origin(port, key, peer, rid, client), code, text)
             return
-        self._handle(Origin(port, peer, rid), msg, payload)
+        origin = Origin(port, key, peer, rid, client)
+        if type(msg) is Heartbeat:
+            self.reply_nowait(origin, _HEARTBEAT)
+            return
+        self._handle(origin, msg, payload)
+
+    async def _sweep_clients(self) -> None:
+        """Liveness of public peers: one silent for ``client_timeout_s`` (clients beat every second
+        or so while connected) is gone: ``on_client_gone`` frees what it held."""
+        period = max(0.05, self.client_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - self.client_timeout_s
+            gone = [(k, v[1]) for k, v in self._last_seen.items() if v[0] < cutoff]
+            for k, client in gone:
+                del self._last_seen[k]
+                self.counters.inc("clients_gone")
+                self.log.info("client_gone", client=client, silent_s=self.client_timeout_s)
+                self.on_client_gone(k[0], k[1], client)
 
     def _handle(self, origin: Origin, msg: Any, payload: Sequence[Buffer]) -> None:
         handler = self._dispatch.get(type(msg))

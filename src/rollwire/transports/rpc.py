@@ -4,12 +4,22 @@ Each request gets a fresh ``rid``; every reply carries it in the envelope. A sin
 task per socket (STYLE.md: one waiter per socket under asyncio) routes each reply to the
 request's future (one reply expected) or queue (a stream). Late replies for a request that was
 given up are dropped and counted. When the client closes, every waiter gets ``ConnectionClosed``.
+
+Liveness (``heartbeat_s``, on client sockets to a server's public ports): the client sends a
+``Heartbeat`` whenever it has sent nothing for ``heartbeat_s``, and the server answers each; any
+reply counts as a beat. With calls pending and nothing heard for ``liveness_s``, the server is
+taken for dead: every pending call fails with ``ServerUnavailable`` (whatever a healthy generation's
+length: beats flow while it runs), and the client drops its socket for a fresh one, which
+reconnects by itself when the server is back (ZeroMQ retries the connect; nothing queued for the
+dead server is replayed to its successor).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import time
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -17,7 +27,9 @@ import msgspec
 import zmq
 
 from rollwire.messages.codec import Buffer, Codec, ProtocolError
+from rollwire.messages.control import Heartbeat
 from rollwire.transports import sockets
+from rollwire.transports.security import CurveClient
 
 R = TypeVar("R")
 RECV_BATCH = 256  # replies delivered per wake-up of the receiving task before it yields
@@ -25,6 +37,15 @@ RECV_BATCH = 256  # replies delivered per wake-up of the receiving task before i
 
 class ConnectionClosed(Exception):
     """The client was closed (or its receive loop died) while a request was waiting."""
+
+
+class ServerUnavailable(ConnectionClosed):
+    """Nothing was heard from the server within the liveness bound while calls were pending."""
+
+
+DEFAULT_HEARTBEAT_S = 1.0
+DEFAULT_LIVENESS_S = 3.0  # three missed beats (zguide's ppworker): a dead server is noticed within ~3-4 s
+_HEARTBEAT = Heartbeat()
 
 
 class Reply(Generic[R]):
@@ -39,10 +60,20 @@ class RpcClient(Generic[R]):
     """A DEALER multiplexing requests to one ROUTER endpoint."""
 
     def __init__(self, endpoint: str, reply_union: Any, *, identity: bytes | None = None,
-                 copy_threshold: int | None = None) -> None:
+                 copy_threshold: int | None = None, curve: CurveClient | None = None,
+                 max_frame_bytes: int | None = sockets.REQUEST_MAX_FRAME, heartbeat_s: float | None = None,
+                 liveness_s: float = DEFAULT_LIVENESS_S) -> None:
         self.endpoint = endpoint
-        self._codec: Codec[R] = Codec(reply_union)
-        self._sock = sockets.dealer(endpoint, identity=identity)
+        self._codec: Codec[R] = Codec(reply_union, max_body_bytes=max_frame_bytes or sockets.BUCKET_MAX_FRAME)
+        self._curve = curve
+        self._max_frame = max_frame_bytes
+        self._fixed_identity = identity
+        self._sock = self._new_socket()
+        self.heartbeat_s = heartbeat_s  # None: no heartbeats (internal links: the peer shares our process)
+        self.liveness_s = liveness_s
+        self._last_rx = self._last_tx = self._watch_from = time.monotonic()
+        self._liveness_task: asyncio.Task[None] | None = None
+        self.server_deaths = 0  # times the liveness bound passed with calls pending
         self._rids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Reply[R]] | asyncio.Queue[Reply[R] | BaseException]] = {}
         self._recv_task: asyncio.Task[None] | None = None
@@ -55,17 +86,25 @@ class RpcClient(Generic[R]):
     def identity(self) -> bytes:
         return self._sock.getsockopt(zmq.IDENTITY)  # type: ignore[return-value]
 
+    def _new_socket(self) -> Any:
+        return sockets.dealer(self.endpoint, identity=self._fixed_identity, curve=self._curve,
+                              max_frame_bytes=self._max_frame)
+
     def start(self) -> None:
         if self._recv_task is None:
-            self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="rpc-recv")
+            loop = asyncio.get_running_loop()
+            self._recv_task = loop.create_task(self._recv_loop(), name="rpc-recv")
+            if self.heartbeat_s is not None and self._liveness_task is None:
+                self._liveness_task = loop.create_task(self._liveness_loop(), name="rpc-liveness")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._recv_task is not None:
-            self._recv_task.cancel()
-            await asyncio.gather(self._recv_task, return_exceptions=True)
+        for task in (self._liveness_task, self._recv_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._fail_all(ConnectionClosed(f"client to {self.endpoint} closed"))
         self._sock.close()
 
@@ -77,7 +116,7 @@ class RpcClient(Generic[R]):
         """Send ``msg`` and wait for exactly one reply."""
         rid = next(self._rids)
         fut: asyncio.Future[Reply[R]] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = fut
+        self._watch(rid, fut)
         try:
             await self.send(rid, msg, payload)
             return await (asyncio.wait_for(fut, timeout) if timeout is not None else fut)
@@ -87,8 +126,13 @@ class RpcClient(Generic[R]):
     def open_stream(self, rid: int) -> asyncio.Queue[Reply[R] | BaseException]:
         """Register ``rid`` for many replies; the caller must ``close_stream`` when done."""
         q: asyncio.Queue[Reply[R] | BaseException] = asyncio.Queue()
-        self._waiters[rid] = q
+        self._watch(rid, q)
         return q
+
+    def _watch(self, rid: int, waiter: asyncio.Future[Reply[R]] | asyncio.Queue[Reply[R] | BaseException]) -> None:
+        if not self._waiters:  # liveness is judged from the first pending call on
+            self._watch_from = time.monotonic()
+        self._waiters[rid] = waiter
 
     def close_stream(self, rid: int) -> None:
         self._waiters.pop(rid, None)
@@ -100,8 +144,38 @@ class RpcClient(Generic[R]):
             raise ConnectionClosed(f"receive loop for {self.endpoint} has stopped")
         self.start()
         frames = self._codec.encode(rid, msg, payload)
-        if not await sockets.send(self._sock, frames, copy=not payload):
+        try:
+            sent = await sockets.send(self._sock, frames, copy=not payload)
+        except zmq.ZMQError as e:  # the socket was replaced under us (server taken for dead) or closed
+            raise ServerUnavailable(f"send to {self.endpoint} failed: {e}") from None
+        if not sent:
             raise ConnectionClosed(f"send to {self.endpoint} timed out at the high-water mark")
+        self._last_tx = time.monotonic()
+
+    async def _liveness_loop(self) -> None:
+        assert self.heartbeat_s is not None
+        while True:
+            await asyncio.sleep(self.heartbeat_s / 2)
+            now = time.monotonic()
+            if now - self._last_tx >= self.heartbeat_s:
+                with contextlib.suppress(zmq.ZMQError):
+                    sockets.send_nowait(self._sock, self._codec.encode(0, _HEARTBEAT))
+                self._last_tx = now
+            if self._waiters and now - max(self._last_rx, self._watch_from) > self.liveness_s:
+                await self._server_died(now - max(self._last_rx, self._watch_from))
+
+    async def _server_died(self, silent_s: float) -> None:
+        """Fail every pending call, then start over on a fresh socket (nothing stale is replayed)."""
+        self.server_deaths += 1
+        self._fail_all(ServerUnavailable(f"no reply or heartbeat from {self.endpoint} for {silent_s:.1f}s "
+                                         f"(liveness bound {self.liveness_s}s)"))
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            await asyncio.gather(self._recv_task, return_exceptions=True)
+        self._sock.close(linger=0)
+        self._sock = self._new_socket()
+        self._last_rx = time.monotonic()
+        self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="rpc-recv")
 
     async def _recv_loop(self) -> None:
         copy = not self._zero_copy
@@ -109,6 +183,7 @@ class RpcClient(Generic[R]):
         try:
             while True:
                 frames: list[Any] = await self._sock.recv_multipart(copy=copy)
+                self._last_rx = time.monotonic()
                 delivered = 0
                 while True:  # every reply already queued, without a Future each
                     self._dispatch(frames if copy else [f.buffer for f in frames])
@@ -140,7 +215,8 @@ class RpcClient(Generic[R]):
             return
         waiter = self._waiters.get(rid)
         if waiter is None:
-            self.dropped_replies += 1
+            if rid != 0 or type(msg) is not Heartbeat:
+                self.dropped_replies += 1
             return
         reply = Reply(msg, payload)
         if isinstance(waiter, asyncio.Queue):

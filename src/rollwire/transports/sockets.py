@@ -7,6 +7,10 @@ PUB with no subscriber). rollwire sets, for every socket it makes:
   last reply (a terminal error, a dead sentinel) still gets a moment to leave.
 * ``SNDHWM``/``RCVHWM`` (``DEFAULT_HWM``): high enough that the application's own flow control
   (in-flight limits, credit windows) binds first; the HWM is a safety net, not backpressure.
+* ``MAXMSGSIZE`` (``max_frame_bytes``): a frame above it is refused by ZeroMQ before it is
+  buffered (the peer is disconnected), so no peer makes the server allocate what it sends.
+* CURVE (``transports.security``) when keys are given: set before ``bind``/``connect``.
+* ipc endpoints live in a directory only this user can enter (``private_ipc_dir``).
 * ``ROUTER_MANDATORY`` on every ROUTER: a reply to a peer that is gone raises EHOSTUNREACH
   instead of vanishing, so the sender learns (and counts) it; at the HWM a send raises EAGAIN,
   which the asyncio socket turns into a wait bounded by ``SEND_TIMEOUT_S``.
@@ -29,11 +33,16 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
+from rollwire.transports.security import CurveClient, CurveServer
+
 T = TypeVar("T")
 
 DEFAULT_HWM = 100_000
 DEFAULT_LINGER_MS = 500
 SEND_TIMEOUT_S = 10.0
+# Per-frame inbound limits (ZMQ_MAXMSGSIZE). Request sockets carry token lists, not tensors.
+REQUEST_MAX_FRAME = 64 << 20  # rollout, session, control sockets: a 16M-token prompt still fits
+BUCKET_MAX_FRAME = 4 << 30  # the weight-data path: one bucket (slime and verl use 512 MiB)
 
 _context: zmq.asyncio.Context | None = None
 
@@ -46,9 +55,32 @@ def context() -> zmq.asyncio.Context:
     return _context
 
 
+def private_ipc_dir() -> str:
+    """``$TMPDIR/rollwire-UID``, mode 0700 and owned by this user: other local users cannot reach
+    the ipc sockets in it. Refuses a directory someone else owns or others may enter."""
+    d = os.path.join(tempfile.gettempdir(), f"rollwire-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(d, 0o700)
+    st = os.lstat(d)
+    if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{d} must be a directory owned by uid {os.getuid()} with mode 0700")
+    return d
+
+
+def check_ipc_private(endpoint: str) -> None:
+    """Refuse to bind an ipc socket in a directory that other users may enter."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):  # @: abstract, no file
+        return
+    parent = os.path.dirname(os.path.abspath(endpoint.removeprefix("ipc://")))
+    st = os.stat(parent)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"ipc endpoint {endpoint}: its directory {parent} may be entered by other users "
+                              f"(mode {st.st_mode & 0o777:o}); use a directory of mode 0700 (e.g. {private_ipc_dir()})")
+
+
 def ipc_endpoint(name: str = "") -> str:
-    """A fresh ipc:// endpoint in the temp directory (paths must stay short: 107 bytes max)."""
-    return f"ipc://{tempfile.gettempdir()}/rw-{name}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """A fresh ipc:// endpoint in ``private_ipc_dir()`` (paths must stay short: 107 bytes max)."""
+    return f"ipc://{private_ipc_dir()}/{name}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1", *, span: int = 2) -> str:
@@ -75,24 +107,31 @@ def inproc_endpoint(name: str) -> str:
     return f"inproc://rollwire/{name}"
 
 
-def _configure(sock: zmq.asyncio.Socket, hwm: int) -> None:
+def _configure(sock: zmq.asyncio.Socket, hwm: int, max_frame_bytes: int | None = None) -> None:
     sock.setsockopt(zmq.LINGER, DEFAULT_LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    if max_frame_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
 
 
 _bound: weakref.WeakKeyDictionary[zmq.asyncio.Socket, list[str]] = weakref.WeakKeyDictionary()
 
 
 def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None,
+           curve: CurveServer | None = None, max_frame_bytes: int | None = REQUEST_MAX_FRAME,
            ) -> zmq.asyncio.Socket:
-    """A ROUTER bound to every endpoint in ``binds`` (one socket can serve inproc and tcp)."""
+    """A ROUTER bound to every endpoint in ``binds`` (one identity space: give public endpoints
+    their own socket, apart from internal inproc links)."""
     sock = (ctx or context()).socket(zmq.ROUTER)
-    _configure(sock, hwm)
+    _configure(sock, hwm, max_frame_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     bound: list[str] = []
     try:
+        if curve is not None:
+            curve.apply(sock)
         for ep in binds:
+            check_ipc_private(ep)
             sock.bind(ep)
             bound.append(bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode())
     except zmq.ZMQError:
@@ -127,17 +166,22 @@ def close_router(sock: zmq.asyncio.Socket, linger_ms: int = DEFAULT_LINGER_MS) -
 
 
 def dealer(connect: str, *, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
-           ctx: zmq.asyncio.Context | None = None) -> zmq.asyncio.Socket:
+           ctx: zmq.asyncio.Context | None = None, curve: CurveClient | None = None,
+           max_frame_bytes: int | None = REQUEST_MAX_FRAME) -> zmq.asyncio.Socket:
     sock = (ctx or context()).socket(zmq.DEALER)
-    _configure(sock, hwm)
+    _configure(sock, hwm, max_frame_bytes)
     sock.setsockopt(zmq.IDENTITY, identity or uuid.uuid4().bytes)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(connect)
     return sock
 
 
-def socket(kind: int, *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None) -> zmq.asyncio.Socket:
+def socket(kind: int, *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None,
+           max_frame_bytes: int | None = None) -> zmq.asyncio.Socket:
+    """Any other socket type (PUB, SUB, ...); the caller applies CURVE before bind/connect."""
     sock = (ctx or context()).socket(kind)
-    _configure(sock, hwm)
+    _configure(sock, hwm, max_frame_bytes)
     return sock
 
 
