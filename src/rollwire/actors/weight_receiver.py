@@ -20,6 +20,18 @@ Per announced version:
 
 Beacons: each one is acknowledged (that proves this SUB receives, and is the heartbeat); a beacon
 or announcement carrying a new trainer_id means the trainer restarted: register again.
+
+The trainer link is untrusted input. Nothing the trainer (or whoever answers at its endpoint)
+sends can stop this actor: an undecodable or unexpected reply or announcement is a counted, logged
+drop (``bad_replies``, ``bad_announcements``); a link whose receiving task died is replaced and the
+receiver registers again (``link_failures``); a bad bucket fails only its version (typed outcome).
+Sockets: the control DEALER (register, beacons seen, outcomes, step acks) and the SUB take small
+frames (``CONTROL_MAX_FRAME``, ``ANNOUNCEMENT_MAX_FRAME``); buckets come on a DEALER of their own,
+one per inline version, whose frame limit is that version's largest announced bucket (at most
+``BUCKET_MAX_FRAME``). With ``curve`` (the server's keys and the trainer's public key) every one of
+them is a CURVE client that completes its handshake only with the trainer holding that key: a
+stranger bound at the trainer's endpoints is never heard, so its pushes and step messages never
+reach the governor.
 """
 
 from __future__ import annotations
@@ -49,14 +61,23 @@ from rollwire.messages.weights import (
 from rollwire.runtime import Actor, Port
 from rollwire.transports import checksum, cuda_ipc, shm
 from rollwire.transports.broadcast import available as broadcast_available
-from rollwire.transports.pubsub import Subscriber
-from rollwire.transports.rpc import RpcClient
+from rollwire.transports.pubsub import ANNOUNCEMENT_MAX_FRAME, CONTROL_MAX_FRAME, Subscriber
+from rollwire.transports.rpc import ConnectionClosed, RpcClient
+from rollwire.transports.security import CurveClient
+from rollwire.transports.sockets import BUCKET_MAX_FRAME
 from rollwire.transports.staging import BroadcastReceiver, StagingError, attach_cuda_ipc, attach_shm, pull_inline
 from rollwire.transports.weights import LayoutError, check_layout
 
 WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0
 MAX_REGISTER_WAIT_S = 30.0
+LINK_RETRY_S = 0.5  # after the trainer link failed, before it is rebuilt
+
+
+def bucket_frame_limit(ready: WeightsReady) -> int:
+    """The inbound frame limit for a version's bucket link: its largest bucket (and room for the
+    small body frame)."""
+    return max([CONTROL_MAX_FRAME, *(b.nbytes for b in ready.buckets)])
 
 
 def _pub_address(pub_endpoint: str, trainer_endpoint: str) -> str:
@@ -85,12 +106,14 @@ class WeightReceiverActor(Actor):
                  stall_timeout_s: float = 30.0,
                  transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo", "nccl"),
                  credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
-                 engine_device: str | None = None, coalesce: bool = False, name: str = WEIGHT_RECEIVER) -> None:
-        """``engine_device``: where the engine keeps its weights ("cpu", "cuda:0"...); cuda_ipc is
-        offered only if this process has CUDA and that is a CUDA device (None: any engine of a CUDA
-        process, since every engine takes CUDA tensors). ``coalesce``: of the versions announced while
-        one is being loaded, only the newest waits (the others get SUPERSEDED); without it they all
-        wait and load in order."""
+                 engine_device: str | None = None, coalesce: bool = False, name: str = WEIGHT_RECEIVER,
+                 curve: CurveClient | None = None) -> None:
+        """``curve``: this server's key pair and the trainer's public key (CURVE on every trainer
+        socket; see the module docstring). ``engine_device``: where the engine keeps its weights
+        ("cpu", "cuda:0"...); cuda_ipc is offered only if this process has CUDA and that is a CUDA
+        device (None: any engine of a CUDA process, since every engine takes CUDA tensors).
+        ``coalesce``: of the versions announced while one is being loaded, only the newest waits
+        (the others get SUPERSEDED); without it they all wait and load in order."""
         super().__init__(name)
         self.trainer_endpoint = trainer_endpoint
         self.receiver_id = receiver_id
@@ -112,11 +135,14 @@ class WeightReceiverActor(Actor):
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-verify")
         self._broadcast = BroadcastReceiver(receiver_id)
         self._stopping = False
+        self.curve = curve
+
+    def _control_link(self) -> RpcClient[Any]:
+        return RpcClient(self.trainer_endpoint, TrainerReply, curve=self.curve, max_frame_bytes=CONTROL_MAX_FRAME)
 
     async def on_start(self) -> None:
-        # replies carry bucket bytes: received without a copy, handed on as views
-        self._trainer = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0)
-        self._sub = Subscriber(TrainerAnnouncement)
+        self._trainer = self._control_link()
+        self._sub = Subscriber(TrainerAnnouncement, curve=self.curve, max_frame_bytes=ANNOUNCEMENT_MAX_FRAME)
         self.spawn(self._listen(), name=f"{self.name}:listen")
 
     async def on_stop(self) -> None:
@@ -139,54 +165,107 @@ class WeightReceiverActor(Actor):
             msg = Register(receiver_id=self.receiver_id, host_id=shm.host_id(), transports=self.transports,
                            live_version=self.live_version, cuda_devices=self.cuda_devices,
                            checksums=[checksum.NAME])
+            pause = wait
             try:
                 reply = await self._trainer.call(msg, timeout=wait)
-                if isinstance(reply.msg, Welcome) and reply.msg.checksum == checksum.NAME:
-                    break
-                if isinstance(reply.msg, Welcome):  # an older trainer: every push would fail its checks
-                    self.log.error("trainer_incompatible", trainer_id=reply.msg.trainer_id,
-                                   reason=f"its buckets carry checksum {reply.msg.checksum or 'crc32'!r}, "
+                welcome = reply.msg
+                if isinstance(welcome, Welcome) and welcome.checksum == checksum.NAME:
+                    try:
+                        pub = _pub_address(welcome.pub_endpoint, self.trainer_endpoint)
+                        self._sub.connect(pub)
+                        break
+                    except ValueError as e:  # not an endpoint ZeroMQ can connect to
+                        self.counters.inc("bad_replies")
+                        self.log.warning("register_bad_welcome", pub=welcome.pub_endpoint[:200], error=str(e))
+                elif isinstance(welcome, Welcome):  # an older trainer: every push would fail its checks
+                    self.log.error("trainer_incompatible", trainer_id=welcome.trainer_id,
+                                   reason=f"its buckets carry checksum {welcome.checksum or 'crc32'!r}, "
                                           f"this receiver verifies {checksum.NAME!r}: run the same rollwire")
+                elif isinstance(welcome, ErrorReply):  # e.g. unauthorized: our id is held by a live connection
+                    self.log.warning("register_refused", code=welcome.code.value, reason=welcome.message[:500])
+                    if welcome.retry_after_s > 0:
+                        pause = min(wait, welcome.retry_after_s)
                 else:
-                    self.log.warning("register_refused", reply=repr(reply.msg))
-                await asyncio.sleep(wait)
+                    self.counters.inc("bad_replies")
+                    self.log.warning("register_unexpected_reply", kind=type(welcome).__name__)
             except TimeoutError:
-                pass
+                wait = min(MAX_REGISTER_WAIT_S, wait * 2)
+                continue
+            except ProtocolError as e:  # an undecodable reply to our Register: dropped, counted
+                self.counters.inc("bad_replies")
+                self.log.warning("register_bad_reply", code=e.code.value, reason=e.message[:200])
+            except ConnectionClosed as e:  # the link's receiving task died: a fresh link
+                await self._replace_link(e)
+            await asyncio.sleep(pause)
             wait = min(MAX_REGISTER_WAIT_S, wait * 2)
-        welcome: Welcome = reply.msg
         if self.trainer_id and welcome.trainer_id != self.trainer_id:
             self.counters.inc("trainer_restarts_seen")
         self.trainer_id = welcome.trainer_id
-        self._sub.connect(_pub_address(welcome.pub_endpoint, self.trainer_endpoint))
         self.counters.inc("registrations")
-        self.log.info("registered", trainer_id=self.trainer_id, pub=welcome.pub_endpoint)
+        self.log.info("registered", trainer_id=self.trainer_id, pub=pub)
+
+    async def _replace_link(self, why: BaseException) -> None:
+        """The control link's receiving task died (ZeroMQ, or a decoder that raised): close it and
+        start a fresh DEALER (a new connection; the trainer takes our next Register as a restart)."""
+        self.counters.inc("link_failures")
+        self.log.warning("trainer_link_replaced", error=repr(why)[:300])
+        old, self._trainer = self._trainer, self._control_link()
+        if old is not None:
+            await old.close()
+
+    async def _send(self, msg: Any) -> None:
+        """A message to the trainer that has no reply; a dead link is replaced, never raised."""
+        assert self._trainer is not None
+        try:
+            await self._trainer.send(0, msg)
+        except ConnectionClosed as e:
+            self.counters.inc("sends_lost")
+            await self._replace_link(e)
 
     async def _listen(self) -> None:
-        assert self._sub is not None and self._trainer is not None
-        await self._register()
+        """Register, then follow the PUB. Whatever goes wrong on the link is logged and counted and
+        the link starts over: nothing a peer sends reaches the supervisor."""
+        assert self._sub is not None
         while True:
-            msg = await self._sub.recv()
-            match msg:
-                case Beacon():
-                    if msg.trainer_id != self.trainer_id:
-                        self.log.info("trainer_changed", old=self.trainer_id, new=msg.trainer_id)
-                        await self._register()
-                    if msg.trainer_id == self.trainer_id:
-                        await self._trainer.send(0, BeaconSeen(receiver_id=self.receiver_id,
-                                                               trainer_id=self.trainer_id, seq=msg.seq))
-                case WeightsReady():
-                    if msg.trainer_id != self.trainer_id:
-                        await self._register()
-                    self._on_weights_ready(msg)
-                case StepMessage():
-                    self.spawn(self._forward_step(msg))
+            try:
+                await self._register()
+                while True:
+                    msg = await self._sub.recv()
+                    await self._on_announcement(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                await self._replace_link(e)
+                await asyncio.sleep(LINK_RETRY_S)
+
+    async def _on_announcement(self, msg: Any) -> None:
+        match msg:
+            case Beacon():
+                if msg.trainer_id != self.trainer_id:
+                    self.log.info("trainer_changed", old=self.trainer_id, new=msg.trainer_id)
+                    await self._register()
+                if msg.trainer_id == self.trainer_id:
+                    await self._send(BeaconSeen(receiver_id=self.receiver_id, trainer_id=self.trainer_id,
+                                                seq=msg.seq))
+            case WeightsReady():
+                if msg.trainer_id != self.trainer_id:
+                    await self._register()
+                if msg.trainer_id != self.trainer_id:  # not the trainer we registered with: its pulls would fail
+                    self.counters.inc("bad_announcements")
+                    self.log.warning("announcement_from_other_trainer", version=msg.version,
+                                     trainer_id=msg.trainer_id[:40], registered=self.trainer_id)
+                    return
+                self._on_weights_ready(msg)
+            case StepMessage():
+                self.spawn(self._forward_step(msg))
+            case _:
+                self.counters.inc("bad_announcements")
 
     async def _report(self, ready: WeightsReady, ok: bool, code: str = "", message: str = "",
                       seconds: float = 0.0) -> None:
-        assert self._trainer is not None
-        await self._trainer.send(0, VersionOutcome(receiver_id=self.receiver_id, version=ready.version, ok=ok,
-                                                   error_code=code, message=message, seconds=seconds,
-                                                   trainer_id=ready.trainer_id))
+        await self._send(VersionOutcome(receiver_id=self.receiver_id, version=ready.version, ok=ok,
+                                        error_code=code, message=message, seconds=seconds,
+                                        trainer_id=ready.trainer_id))
 
     def _reject(self, ready: WeightsReady, code: ErrorCode, message: str) -> None:
         self.counters.inc(f"rejected_{code.value}")
@@ -271,6 +350,11 @@ class WeightReceiverActor(Actor):
             if e.code == ErrorCode.TIMEOUT:
                 self.counters.inc("versions_stalled")
             self._reject(ready, e.code, e.message)
+        except Exception as e:  # an announcement no check above foresaw: it costs its version, not the actor
+            self.log.error("version_failed", version=ready.version, error=repr(e)[:300], exc_info=e)
+            if ready.transport in ("gloo", "nccl"):
+                self._broadcast.close()
+            self._reject(ready, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:300]}")
         finally:
             self._finished(v)
 
@@ -285,10 +369,20 @@ class WeightReceiverActor(Actor):
             raise StagingError(ErrorCode.BAD_FIELD, f"transport {ready.transport!r} not offered by this receiver "
                                                     f"({self.transports})")
         if ready.transport == "inline":
-            assert self._trainer is not None
-            tensors, payload = await pull_inline(self._trainer, ready, window=self.credit_window,
-                                                 stall_timeout_s=self.stall_timeout_s, pool=self._verify_pool,
-                                                 counters=self.counters)
+            limit = bucket_frame_limit(ready)
+            if limit > BUCKET_MAX_FRAME:
+                raise StagingError(ErrorCode.BAD_FIELD, f"a bucket of {limit} bytes is above this receiver's "
+                                                        f"limit of {BUCKET_MAX_FRAME}")
+            # the bucket link: its own DEALER sized for this version's buckets; replies are received
+            # without a copy and handed on as views (they outlive the socket)
+            link: RpcClient[Any] = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0, curve=self.curve,
+                                             max_frame_bytes=limit)
+            try:
+                tensors, payload = await pull_inline(link, ready, window=self.credit_window,
+                                                     stall_timeout_s=self.stall_timeout_s, pool=self._verify_pool,
+                                                     counters=self.counters)
+            finally:
+                await link.close()
             return tensors, payload, {}
         if ready.transport == "shm":
             return await attach_shm(ready, self._verify_pool), [], {"shm_name": ready.shm_name}
@@ -323,7 +417,6 @@ class WeightReceiverActor(Actor):
 
     # -- step messages ---------------------------------------------------------------------------
     async def _forward_step(self, msg: StepMessage) -> None:
-        assert self._trainer is not None
         self.counters.inc(f"step_{msg.phase}")
         code, why = "", ""
         try:
@@ -332,5 +425,7 @@ class WeightReceiverActor(Actor):
                 code, why = reply.msg.code.value, reply.msg.message
         except TimeoutError:
             code, why = ErrorCode.TIMEOUT.value, f"the governor did not answer within {self.apply_timeout_s}s"
-        await self._trainer.send(0, StepDone(receiver_id=self.receiver_id, step=msg.step, phase=msg.phase,
-                                             ok=not code, error_code=code, message=why))
+        except ProtocolError as e:
+            code, why = e.code.value, f"governor reply: {e.message}"
+        await self._send(StepDone(receiver_id=self.receiver_id, step=msg.step, phase=msg.phase, ok=not code,
+                                  error_code=code, message=why))

@@ -19,6 +19,23 @@ pull into a reused buffer, its checksum computed as it is packed and sent with i
 buckets' checksums broadcast after the data), and the push returns when every joined receiver
 reported the version applied, or raises ``PushError``. Source tensors must not change until
 ``push_weights`` returns (they are read while being served).
+
+Trust (issue 14). With ``keys`` and ``receiver_keys`` the ROUTER and the PUB are CURVE servers in
+the ``receivers`` domain (Ironhouse): only the listed servers complete a handshake, so strangers
+can neither register, pull buckets, report outcomes nor hear announcements; receivers check this
+trainer's public key, so a stranger bound at this endpoint cannot pass as the trainer. A receiver id
+belongs to the key that first registered it: another key claiming it is refused (UNAUTHORIZED)
+for this trainer's lifetime; the same key registering again is that server restarted. Without
+keys, a Register for a known id from a new connection is a restart only if the old connection is
+gone (a send to it fails) or lost (no beacon acknowledged for ``lost_after_s``); while the old one
+is alive it is refused (UNAUTHORIZED, retry_after_s), so a squatter cannot take a live receiver's
+place silently. Outcomes, step acknowledgements and beacon acknowledgements count only from the
+connection that registered the receiver id they name (others are counted in ``counters`` and
+dropped). Under CURVE only registered keys may pull.
+
+Nothing a peer sends stops this trainer: an undecodable or unexpected message is a typed error to
+its sender or a counted drop (``counters``). If the receiving task or the beacon task dies anyway,
+the pending push and step calls fail at once with the reason, and so does every later call.
 """
 
 from __future__ import annotations
@@ -27,11 +44,13 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+import zmq
 
 from rollwire.clients.trainer_push import (
     Push,
@@ -46,6 +65,7 @@ from rollwire.clients.trainer_push import (
 from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
+    Ack,
     Beacon,
     BeaconSeen,
     BucketData,
@@ -63,13 +83,16 @@ from rollwire.runtime.logging import get_logger
 from rollwire.transports import checksum, cuda_ipc, shm, sockets
 from rollwire.transports.broadcast import BroadcastGroup
 from rollwire.transports.broadcast import available as broadcast_available
-from rollwire.transports.pubsub import Publisher
+from rollwire.transports.pubsub import CONTROL_MAX_FRAME, Publisher
+from rollwire.transports.security import RECEIVERS_DOMAIN, CurveServer, KeyPair, client_of
 from rollwire.transports.weights import NamedTensors, as_named_list, on_cpu, plan_buckets
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 
 log = get_logger("rollwire.trainer")
 FAST_BEACON_S = 0.05  # while a registered receiver has not joined yet
+REREGISTER_RETRY_S = 1.0  # told to a Register refused because its id is held by a live connection
+MAX_PULLS_PER_PEER = 64  # pull requests one connection may have waiting for credits
 
 
 def default_pub_endpoint(endpoint: str) -> str:
@@ -85,9 +108,20 @@ def default_pub_endpoint(endpoint: str) -> str:
 class TrainerPublisher:
     def __init__(self, endpoint: str, *, pub_endpoint: str | None = None, bucket_bytes: int = 512 << 20,
                  credit_window: int = 4, timeout_s: float = 60.0, min_receivers: int = 1,
-                 heartbeat_s: float = 1.0, lost_after_s: float = 10.0, broadcast_host: str | None = None) -> None:
+                 heartbeat_s: float = 1.0, lost_after_s: float = 10.0, broadcast_host: str | None = None,
+                 keys: KeyPair | None = None, receiver_keys: Iterable[bytes] = ()) -> None:
+        """``keys``: this trainer's CURVE key pair; ``receiver_keys``: the public keys (z85) of the
+        servers allowed to receive from it. Both or neither (see the module docstring)."""
         if bucket_bytes <= 0 or credit_window <= 0:
             raise ValueError("bucket_bytes and credit_window must be positive")
+        allowed = frozenset(receiver_keys)
+        if (keys is None) != (not allowed):
+            raise ValueError("keys and receiver_keys go together (CURVE needs this trainer's key pair "
+                             "and the servers it accepts)")
+        if keys is not None and keys.secret is None:
+            raise ValueError("the trainer's key pair needs its secret key")
+        self._curve = CurveServer(keys, RECEIVERS_DOMAIN, allowed) if keys is not None else None
+        self.counters: Counter[str] = Counter()  # drops and refusals of what peers sent
         self.endpoint = endpoint
         self.pub_endpoint = pub_endpoint or default_pub_endpoint(endpoint)
         self.bucket_bytes, self.credit_window = bucket_bytes, credit_window
@@ -123,12 +157,15 @@ class TrainerPublisher:
         self._group: BroadcastGroup | None = None
         self._group_ranks: list[str] = []
         self._closed = False
+        self._dead: str | None = None  # why a background task died: every push and step fails with it
+        self._pulls_waiting: Counter[bytes] = Counter()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> TrainerPublisher:
-        self._router = await sockets.bind_when_free(lambda: sockets.router([self.endpoint]))
+        self._router = await sockets.bind_when_free(
+            lambda: sockets.router([self.endpoint], curve=self._curve, max_frame_bytes=CONTROL_MAX_FRAME))
         try:
-            self._pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint))
+            self._pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint, curve=self._curve))
         except Exception:
             sockets.close_router(self._router, linger_ms=0)
             raise
@@ -136,6 +173,8 @@ class TrainerPublisher:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._recv_loop(), name="trainer-recv"),
                        loop.create_task(self._beacon_loop(), name="trainer-beacon")]
+        for task in self._tasks:
+            task.add_done_callback(self._task_died)
         log.info("trainer_started", trainer_id=self.trainer_id, endpoint=self.endpoint, pub=self.pub_endpoint)
         return self
 
@@ -160,6 +199,25 @@ class TrainerPublisher:
             self._router.close(linger=sockets.DEFAULT_LINGER_MS)
         self._workers.shutdown(wait=False, cancel_futures=True)
 
+    def _task_died(self, task: asyncio.Task[Any]) -> None:
+        """A background task ended other than by close(): nothing would answer the receivers or
+        see their outcomes. Fail what waits now, loudly, and every later call."""
+        if task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        self._dead = f"{task.get_name()} stopped: {exc!r}" if exc is not None else f"{task.get_name()} stopped"
+        log.error("trainer_task_died", task=task.get_name(), error=repr(exc), exc_info=exc)
+        if self._push is not None:
+            self._push.fail_all(f"trainer broken: {self._dead}")
+        for fut in self._steps.values():
+            if not fut.done():
+                fut.set_exception(PushError("step", {"*": f"trainer broken: {self._dead}"}))
+        self._joined_changed.set()  # a push waiting for receivers to join fails now
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise PushError("trainer", {"*": f"trainer broken: {self._dead}"})
+
     async def __aenter__(self) -> TrainerPublisher:
         return await self.start()
 
@@ -170,6 +228,7 @@ class TrainerPublisher:
     async def publish_step(self, step: int, phase: StepPhase, *, wait: bool = True) -> list[str]:
         """Publish StepMessage to the joined receivers (waiting for ``min_receivers`` to join). With
         ``wait``, return once each server acted on it (colocated ``train_start``: memory released)."""
+        self._check_alive()
         receivers = await self._wait_joined()
         futs = {}
         if wait:
@@ -195,6 +254,7 @@ class TrainerPublisher:
         """Push one weight version; returns once every joined receiver applied it."""
         if self._closed or self._pub is None:
             raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        self._check_alive()
         async with self._push_lock:
             if self._last_version is not None and version <= self._last_version:
                 raise ValueError(f"version {version} is not above the last pushed version {self._last_version}")
@@ -290,6 +350,7 @@ class TrainerPublisher:
     async def _wait_joined(self) -> list[Registered]:
         deadline = time.monotonic() + self.timeout_s
         while True:
+            self._check_alive()
             joined = [r for r in self.receivers.values() if r.joined]
             if len(joined) >= self.min_receivers:
                 return sorted(joined, key=lambda r: r.receiver_id)
@@ -303,35 +364,108 @@ class TrainerPublisher:
 
     # -- sockets ---------------------------------------------------------------------------------
     async def _reply(self, peer: bytes, rid: int, msg: Any, payload: Sequence[Any] = ()) -> bool:
-        return await sockets.send(self._router, [peer, *self._codec.encode(rid, msg, payload)], copy=not payload)
+        try:
+            return await sockets.send(self._router, [peer, *self._codec.encode(rid, msg, payload)], copy=not payload)
+        except zmq.ZMQError as e:
+            self.counters["replies_undeliverable"] += 1
+            log.warning("reply_failed", error=str(e))
+            return False
+
+    async def _refuse(self, peer: bytes, rid: int, code: ErrorCode, why: str, retry_after_s: float = 0.0) -> None:
+        await self._reply(peer, rid, ErrorReply(code=code, message=why, origin="trainer", retry_after_s=retry_after_s))
 
     async def _recv_loop(self) -> None:
+        """The ROUTER's one receiving task: one bad message costs that message (a typed error to its
+        sender or a counted drop), never the loop."""
         while True:
-            frames = await self._router.recv_multipart()
-            peer = frames[0]
-            try:
-                rid, msg, _ = self._codec.decode(frames[1:])
-            except ProtocolError as e:
-                await self._reply(peer, e.rid, ErrorReply(code=e.code, message=e.message, origin="trainer"))
+            frames = await self._router.recv_multipart(copy=False)
+            if len(frames) < 2:
+                self.counters["bad_messages"] += 1
                 continue
-            match msg:
-                case Register():
-                    await self._on_register(peer, rid, msg)
-                case BeaconSeen():
-                    self._on_beacon_seen(peer, msg)
-                case PullBucket():
-                    task = asyncio.ensure_future(self._serve_pull(peer, rid, msg))
-                    self._serving.add(task)
-                    task.add_done_callback(self._serving.discard)
-                case VersionOutcome():
-                    if self._push is not None:
-                        self._push.outcome(msg, self.trainer_id)
-                case StepDone():
-                    fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
+            peer = frames[0].bytes
+            key = (client_of(frames[-1]) or "") if self._curve is not None else ""
+            try:
+                rid, msg, _ = self._codec.decode([f.buffer for f in frames[1:]])
+            except ProtocolError as e:
+                self.counters["bad_messages"] += 1
+                await self._refuse(peer, e.rid, e.code, e.message)
+                continue
+            except Exception as e:  # a decoder that raised something else (deep nesting: RecursionError)
+                self.counters["bad_messages"] += 1
+                await self._refuse(peer, 0, ErrorCode.BAD_FRAME, f"undecodable: {type(e).__name__}")
+                continue
+            try:
+                await self._dispatch(peer, key, rid, msg)
+            except Exception as e:
+                self.counters["handler_errors"] += 1
+                log.error("trainer_message_failed", kind=type(msg).__name__, error=repr(e)[:300], exc_info=e)
+                await self._refuse(peer, rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}")
 
-    async def _on_register(self, peer: bytes, rid: int, msg: Register) -> None:
+    async def _dispatch(self, peer: bytes, key: str, rid: int, msg: Any) -> None:
+        match msg:
+            case Register():
+                await self._on_register(peer, key, rid, msg)
+            case BeaconSeen():
+                self._on_beacon_seen(peer, msg)
+            case PullBucket():
+                if self._curve is not None and not any(r.key == key for r in self.receivers.values()):
+                    self.counters["pulls_refused"] += 1
+                    await self._refuse(peer, rid, ErrorCode.UNAUTHORIZED, "pull from a key no receiver registered")
+                    return
+                if self._pulls_waiting[peer] >= MAX_PULLS_PER_PEER:
+                    self.counters["pulls_refused"] += 1
+                    await self._refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls "
+                                                                        "outstanding on this connection")
+                    return
+                self._pulls_waiting[peer] += 1
+                task = asyncio.ensure_future(self._serve_pull(peer, rid, msg))
+                self._serving.add(task)
+                task.add_done_callback(lambda t: self._pull_done(peer, t))
+            case VersionOutcome():
+                if self._from_registered(peer, msg.receiver_id, "outcomes") and self._push is not None:
+                    self._push.outcome(msg, self.trainer_id)
+            case StepDone():
+                fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
+                if self._from_registered(peer, msg.receiver_id, "step_acks") and fut is not None and not fut.done():
+                    fut.set_result(msg)
+            case _:
+                self.counters["bad_messages"] += 1
+                await self._refuse(peer, rid, ErrorCode.UNKNOWN_KIND, f"the trainer does not take {type(msg).__name__}")
+
+    def _pull_done(self, peer: bytes, task: asyncio.Future[None]) -> None:
+        self._serving.discard(task)
+        self._pulls_waiting[peer] -= 1
+        if self._pulls_waiting[peer] <= 0:
+            del self._pulls_waiting[peer]
+        if not task.cancelled() and task.exception() is not None:
+            self.counters["pull_errors"] += 1
+            log.error("pull_failed", error=repr(task.exception())[:300])
+
+    def _from_registered(self, peer: bytes, receiver_id: str, what: str) -> bool:
+        """Only the connection that registered ``receiver_id`` speaks for it."""
+        r = self.receivers.get(receiver_id)
+        if r is not None and r.peer == peer:
+            return True
+        self.counters[f"{what}_dropped"] += 1
+        log.warning("message_not_from_registered_receiver", kind=what, receiver_id=receiver_id[:100])
+        return False
+
+    def _claim_refused(self, old: Registered, peer: bytes, key: str) -> str | None:
+        """Why a Register for ``old``'s id from another connection must not replace it (None: it
+        is ``old`` restarted, or ``old`` is gone)."""
+        if self._curve is not None:
+            return None if key == old.key else f"receiver id {old.receiver_id!r} belongs to another server's key"
+        if not old.joined and time.monotonic() - old.last_seen > self.lost_after_s:
+            return None  # lost: no beacon acknowledged for lost_after_s
+        try:  # still connected? (ROUTER_MANDATORY: a send to a connection that is gone fails at once)
+            pending = sockets.send_nowait(self._router, [old.peer, *self._codec.encode(0, Ack())])
+        except zmq.ZMQError:
+            return None
+        if pending is not None:
+            pending.cancel()
+        return f"receiver id {old.receiver_id!r} is held by a live connection"
+
+    async def _on_register(self, peer: bytes, key: str, rid: int, msg: Register) -> None:
         if checksum.NAME not in msg.checksums:  # an older receiver: every push would fail its checks
             why = (f"receiver {msg.receiver_id!r} verifies {', '.join(msg.checksums) or 'crc32'} bucket checksums, "
                    f"this trainer sends {checksum.NAME!r}: run the same rollwire on both ends")
@@ -343,13 +477,20 @@ class TrainerPublisher:
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
             await self._reply(peer, rid, welcome)
             return
+        refused = self._claim_refused(old, peer, key) if old is not None else None
+        if refused is not None:
+            self.counters["registrations_refused"] += 1
+            log.warning("register_refused", receiver_id=msg.receiver_id[:100], reason=refused)
+            await self._refuse(peer, rid, ErrorCode.UNAUTHORIZED, refused,
+                               retry_after_s=0.0 if self._curve is not None else REREGISTER_RETRY_S)
+            return
         if old is not None:  # the receiver restarted: whatever it was staging is gone
             if self._push is not None:
                 self._push.fail(msg.receiver_id, "receiver re-registered (restarted) during the push")
             if msg.receiver_id in self._group_ranks:
                 self._drop_group()
         self.receivers[msg.receiver_id] = Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports),
-                                                    msg.live_version, list(msg.cuda_devices))
+                                                    msg.live_version, list(msg.cuda_devices), key=key)
         log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,
                  transports=msg.transports)
         self._wake_beacon.set()

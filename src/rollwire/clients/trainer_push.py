@@ -58,6 +58,7 @@ class Registered:
     transports: list[str]
     live_version: int
     cuda_devices: list[str] = field(default_factory=list)  # GPUs it can open CUDA IPC handles on
+    key: str = ""  # CURVE: the z85 public key it registered with (only that key may register this id again)
     joined: bool = False
     last_seen: float = field(default_factory=time.monotonic)
 

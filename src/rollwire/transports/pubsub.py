@@ -15,18 +15,28 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from rollwire.messages.codec import Codec, ProtocolError
+from rollwire.messages.codec import Codec
 from rollwire.transports import sockets
+from rollwire.transports.security import CurveClient, CurveServer
 
 T = TypeVar("T")
 
+CONTROL_MAX_FRAME = 1 << 20  # the trainer link's control messages (Register, Welcome, outcomes...), both ways
+SUBSCRIPTION_MAX_FRAME = 4 << 10  # what a PUB receives: subscriptions (rollwire subscribes to b"")
+ANNOUNCEMENT_MAX_FRAME = sockets.REQUEST_MAX_FRAME  # a WeightsReady names every tensor (MoE: ~100k)
+
 
 class Publisher:
-    def __init__(self, endpoint: str) -> None:
-        self._sock = sockets.socket(zmq.PUB)
+    """A PUB; with ``curve`` a CURVE server, so only allowed subscribers receive anything."""
+
+    def __init__(self, endpoint: str, *, curve: CurveServer | None = None) -> None:
+        self._sock = sockets.socket(zmq.PUB, max_frame_bytes=SUBSCRIPTION_MAX_FRAME)
         try:
+            if curve is not None:
+                curve.apply(self._sock)  # before bind (STYLE.md)
+            sockets.check_ipc_private(endpoint)
             self._sock.bind(endpoint)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, OSError, ValueError):
             self._sock.close(linger=0)
             raise
         self._codec: Codec[Any] = Codec(msgspec.Struct)  # encoding only
@@ -48,10 +58,16 @@ class Publisher:
 
 
 class Subscriber(Generic[T]):
-    """A SUB reading the union ``T``; undecodable messages are counted and skipped."""
+    """A SUB reading the union ``T``; undecodable messages are counted and skipped (whatever the
+    decoder raises: a peer's bytes never end the reader). With ``curve``, a CURVE client that only
+    completes the handshake with the publisher holding ``curve.server_key``: a stranger bound at
+    the endpoint is never heard."""
 
-    def __init__(self, union: Any) -> None:
-        self._sock: zmq.asyncio.Socket = sockets.socket(zmq.SUB)
+    def __init__(self, union: Any, *, curve: CurveClient | None = None,
+                 max_frame_bytes: int = ANNOUNCEMENT_MAX_FRAME) -> None:
+        self._sock: zmq.asyncio.Socket = sockets.socket(zmq.SUB, max_frame_bytes=max_frame_bytes)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._codec: Codec[T] = Codec(union)
         self.endpoint = ""
@@ -61,9 +77,15 @@ class Subscriber(Generic[T]):
         """(Re)point the subscription at ``endpoint``; a no-op if already connected there."""
         if endpoint == self.endpoint:
             return
+        if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"not a ZeroMQ endpoint: {endpoint[:200]!r}")
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as e:  # e.g. a malformed address in a peer's message
+            raise ValueError(f"cannot connect to {endpoint[:200]!r}: {e}") from None
         if self.endpoint:
-            self._sock.disconnect(self.endpoint)
-        self._sock.connect(endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disconnect(self.endpoint)
         self.endpoint = endpoint
 
     async def recv(self, timeout: float | None = None) -> T | None:
@@ -74,7 +96,7 @@ class Subscriber(Generic[T]):
             frames = await self._sock.recv_multipart()
             try:
                 return self._codec.decode(frames)[1]
-            except ProtocolError:
+            except Exception:  # ProtocolError, or a decoder that raised something else (RecursionError)
                 self.bad_messages += 1
 
     def close(self) -> None:

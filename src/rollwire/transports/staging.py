@@ -84,58 +84,69 @@ async def pull_inline(trainer: RpcClient[Any], ready: WeightsReady, *, window: i
     """Pull every bucket with at most ``window`` requests outstanding. All pulls of a version share one
     request id, so replies are matched by (version, index): duplicates and replies to nothing we
     asked for are counted and dropped, any order is fine. No progress for ``stall_timeout_s``
-    (no accepted bucket) fails the version with TIMEOUT."""
+    (no accepted bucket) fails the version with TIMEOUT. Anything else the trainer sends, or a link
+    that dies under us, fails the version with a typed StagingError; nothing else is raised."""
     n = ready.n_buckets
     rid = trainer.next_rid()
     replies = trainer.open_stream(rid)
     got: dict[int, Buffer] = {}
     checks: list[asyncio.Future[Any]] = []
     asked: set[int] = set()
-    next_index = 0
     try:
-        while next_index < n and len(asked) < window:
-            await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
-            asked.add(next_index)
-            next_index += 1
-        progress = time.monotonic()
-        while len(got) < n:
-            left = progress + stall_timeout_s - time.monotonic()
-            try:
-                item = await asyncio.wait_for(replies.get(), max(left, 0.0))
-            except TimeoutError:
-                raise StagingError(ErrorCode.TIMEOUT, f"stalled: no bucket for {stall_timeout_s}s "
-                                                      f"({len(got)}/{n} received)") from None
-            if isinstance(item, ProtocolError):
-                raise StagingError(item.code, f"trainer reply: {item.message}")
-            if isinstance(item, ConnectionClosed):
-                raise StagingError(ErrorCode.SHUTTING_DOWN, str(item))
-            if isinstance(item, BaseException):
-                raise item
-            msg = item.msg
-            if isinstance(msg, ErrorReply):
-                raise StagingError(msg.code, f"trainer: {msg.message}")
-            if not isinstance(msg, BucketData) or msg.version != ready.version or msg.index not in asked:
-                counters.inc("duplicate_buckets" if isinstance(msg, BucketData) and msg.index in got
-                             else "unexpected_replies")
-                continue
-            if len(item.payload) != 1:
-                raise StagingError(ErrorCode.BAD_FRAME, f"bucket {msg.index} came in {len(item.payload)} frames")
-            asked.discard(msg.index)
-            got[msg.index] = item.payload[0]
-            progress = time.monotonic()
-            if next_index < n:  # one credit back: keep the window full while we verify
-                await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
-                asked.add(next_index)
-                next_index += 1
-            # verified on worker threads while the next buckets arrive
-            checks.append(asyncio.ensure_future(_check(ready.buckets[msg.index], got[msg.index], pool,
-                                                       msg.checksum)))
-        _raise_problems(await asyncio.gather(*checks))
+        await _pull(trainer, rid, replies, ready, window, stall_timeout_s, pool, counters, got, checks, asked)
+    except ConnectionClosed as e:
+        raise StagingError(ErrorCode.SHUTTING_DOWN, f"trainer link closed: {e}") from None
     finally:
         trainer.close_stream(rid)
         for c in checks:
             c.cancel()
     return _as_frames(ready.buckets, [got[i] for i in range(n)])
+
+
+async def _pull(trainer: RpcClient[Any], rid: int, replies: asyncio.Queue[Any], ready: WeightsReady, window: int,
+                stall_timeout_s: float, pool: Executor, counters: Any, got: dict[int, Buffer],
+                checks: list[asyncio.Future[Any]], asked: set[int]) -> None:
+    """pull_inline's loop: fills ``got``, ``checks`` and ``asked`` (the caller cleans up)."""
+    n = ready.n_buckets
+    next_index = 0
+    while next_index < n and len(asked) < window:
+        await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
+        asked.add(next_index)
+        next_index += 1
+    progress = time.monotonic()
+    while len(got) < n:
+        left = progress + stall_timeout_s - time.monotonic()
+        try:
+            item = await asyncio.wait_for(replies.get(), max(left, 0.0))
+        except TimeoutError:
+            raise StagingError(ErrorCode.TIMEOUT, f"stalled: no bucket for {stall_timeout_s}s "
+                                                  f"({len(got)}/{n} received)") from None
+        if isinstance(item, ProtocolError):
+            raise StagingError(item.code, f"trainer reply: {item.message}")
+        if isinstance(item, ConnectionClosed):
+            raise StagingError(ErrorCode.SHUTTING_DOWN, str(item))
+        if isinstance(item, BaseException):
+            raise StagingError(ErrorCode.BAD_FRAME, f"trainer link: {item!r}"[:300])
+        msg = item.msg
+        if isinstance(msg, ErrorReply):
+            raise StagingError(msg.code, f"trainer: {msg.message}")
+        if not isinstance(msg, BucketData) or msg.version != ready.version or msg.index not in asked:
+            counters.inc("duplicate_buckets" if isinstance(msg, BucketData) and msg.index in got
+                         else "unexpected_replies")
+            continue
+        if len(item.payload) != 1:
+            raise StagingError(ErrorCode.BAD_FRAME, f"bucket {msg.index} came in {len(item.payload)} frames")
+        asked.discard(msg.index)
+        got[msg.index] = item.payload[0]
+        progress = time.monotonic()
+        if next_index < n:  # one credit back: keep the window full while we verify
+            await trainer.send(rid, PullBucket(version=ready.version, index=next_index))
+            asked.add(next_index)
+            next_index += 1
+        # verified on worker threads while the next buckets arrive
+        checks.append(asyncio.ensure_future(_check(ready.buckets[msg.index], got[msg.index], pool,
+                                                   msg.checksum)))
+    _raise_problems(await asyncio.gather(*checks))
 
 
 # -- shm ---------------------------------------------------------------------------------------
