@@ -4,13 +4,31 @@ Receives GenerateRequest / AbortRequest / Health / Status on its ``rollout`` por
 inproc address and to the public rollout endpoint), runs each request as a task that streams the
 engine's deltas back, and answers every request with exactly one terminal reply per sample
 (GenerateDone, or ErrorReply). n > 1 runs n engine requests (seeds seed, seed+1, ...).
+
+Fair sharing. Capacity is counted in samples (a request with n samples counts n): at most
+``max_in_flight`` in the actor, ``max_client_in_flight`` per client (``Origin.client``: the CURVE
+key, else the connection), of which at most ``max_client_waiting`` may be requests still waiting
+for their ``min_version``. Beyond these a request is refused before anything is recorded
+(``overloaded`` / ``client_limit``, with ``retry_after_s``), so the same rid may be sent again. A
+co-located actor's requests (the SessionActor's) count for the client named in
+``GenerateRequest.client``, or for no one if it names none. The engine gets the client with each
+request and shares batch slots round-robin among clients (hf). A client gone silent
+(``on_client_gone``) has its requests aborted, waiting ones included.
+
+Engine death. An engine that dies (``DeathWatch``) fails every request it holds with
+``engine_dead``; requests waiting here get the same, new ones are refused with it, and once each
+has its reply the actor raises ``EngineDied``: the server exits non-zero with the reason (the
+engine is not rebuilt in this process: SGLang's GPU state and the live weights went with it; an
+outer supervisor restarts the server, whose receiver then takes the trainer's next version).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +37,12 @@ import msgspec
 
 from rollwire.actors.generation_control import GenerationControl, session_key
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
+from rollwire.engines.hf_sampling import MAX_N
 from rollwire.messages import (
     PROTOCOL_VERSION,
     AbortRequest,
     ErrorCode,
+    ErrorReply,
     GenerateChunk,
     GenerateDone,
     GenerateRequest,
@@ -42,6 +62,17 @@ from rollwire.transports import sockets
 GENERATION = "generation"
 
 
+class EngineDied(Exception):
+    """The engine died: the GenerationActor stops for good (``fatal``: supervision need not retry)."""
+
+    fatal = True
+
+
+# engine factory -> (why, the dead engine): an actor restarted after its engine died does not build
+# another engine from the same factory, it stops again at once (see GenerationActor.on_start)
+_DEAD_ENGINES: weakref.WeakKeyDictionary[Callable[[], Engine], tuple[str, Engine]] = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class InFlight:
     origin: Origin
@@ -53,6 +84,9 @@ class InFlight:
     restarts: int = 0  # --max-staleness under the retract policy: times it was sent back to its prompt
     closed: bool = False  # answered by someone else (supervisor): send nothing more
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    client: str | None = None  # whose limits it counts against (None: exempt)
+    samples: int = 1
+    waiting: bool = False  # counted among its client's requests waiting for min_version
 
 
 @dataclass
@@ -94,19 +128,33 @@ def spans_add(spans: list[list[int]], version: int, n_tokens: int) -> None:
 class GenerationActor(GenerationControl, Actor):
     ports = {"rollout": Port(RolloutRequest), "control": Port(GenerationControlUnion, zero_copy=True,
                                                                        max_frame_bytes=sockets.BUCKET_MAX_FRAME)}
+    # requests are bounded by max_in_flight (refused before anything is recorded), not by the
+    # mailbox: the governor's control messages must get through however many requests run
+    max_pending = 1 << 16
 
     def __init__(self, engine_factory: Callable[[], Engine], *, max_new_tokens_limit: int = 4096,
                  model_name: str = "", max_staleness: int | None = None, session_endpoint: str = "",
-                 name: str = GENERATION, client_timeout_s: float = Actor.client_timeout_s) -> None:
+                 name: str = GENERATION, client_timeout_s: float = Actor.client_timeout_s,
+                 max_in_flight: int = 4096, max_client_in_flight: int = 1024, max_client_waiting: int = 256,
+                 retry_after_s: float = 1.0) -> None:
         super().__init__(name)
         self.client_timeout_s = client_timeout_s
         self.session_endpoint = session_endpoint  # advertised in HealthReply
         self._engine_factory = engine_factory
-        self.engine: Engine = engine_factory()
+        dead = _DEAD_ENGINES.get(engine_factory)
+        self._dead: str | None = dead[0] if dead is not None else None  # why the engine died
+        self.engine: Engine = dead[1] if dead is not None else engine_factory()
         self.max_new_tokens_limit = max_new_tokens_limit
         self.model_name = model_name
         self.max_staleness = max_staleness
+        self.max_in_flight = max_in_flight  # samples in flight (and waiting) in this actor
+        self.max_client_in_flight = max_client_in_flight  # samples in flight per client
+        self.max_client_waiting = max_client_waiting  # requests per client waiting for their min_version
+        self.retry_after_s = retry_after_s  # told to refused senders (overloaded, client_limit)
         self.in_flight: dict[tuple[bytes, int], InFlight] = {}
+        self._samples = 0
+        self._client_samples: collections.Counter[str] = collections.Counter()
+        self._client_waiting: collections.Counter[str] = collections.Counter()
         self._version_changed = asyncio.Event()
         self.state = "SERVING"  # as the governor last set it: SERVING, PAUSING, PAUSED, RELEASED, LOADING
         self.pause_policy: str = ""
@@ -116,7 +164,13 @@ class GenerationActor(GenerationControl, Actor):
         self._sample_finished = asyncio.Event()
 
     async def on_start(self) -> None:
+        if self._dead is not None:  # restarted after the engine died: stop again, for good
+            self.spawn(self._stop_for_good())
+            return
         await self.engine.start()
+        watch = getattr(self.engine, "set_death_callback", None)
+        if watch is not None:
+            watch(self._engine_died)
         self.log.info("engine_started", **{k: v for k, v in vars(self.engine.info()).items() if k != "extra"})
 
     async def on_stop(self) -> None:
@@ -128,7 +182,17 @@ class GenerationActor(GenerationControl, Actor):
                 await self.engine.abort(erid)
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
-        await self.engine.shutdown()
+        await self.engine.shutdown()  # a dead engine shut down again (by a restarted actor) does nothing
+
+    def on_client_gone(self, sock: str, peer: bytes, client: str) -> None:
+        """A rollout client went silent: abort its requests (engine aborts; the ones still waiting
+        for min_version or admission end now). Each still gets its terminal reply, which the gone
+        peer may never read."""
+        conn = Origin("rollout", sock, peer, 0, client).conn
+        gone = [f for f in self.in_flight.values() if f.origin.conn == conn]
+        for f in gone:
+            self._abort_flight(f)
+        self.counters.inc("client_gone_aborts", len(gone))
 
     def take_held_requests(self) -> list[Origin]:
         held = list(self.in_flight.values())
@@ -167,6 +231,8 @@ class GenerationActor(GenerationControl, Actor):
         info = self.engine.info()
         counters = self.counters.snapshot()
         counters.update({f"engine.{k}": float(v) for k, v in info.extra.items() if isinstance(v, (int, float))})
+        counters.update(samples_in_flight=float(self._samples), clients_in_flight=float(len(self._client_samples)),
+                        clients_waiting=float(len(self._client_waiting)), engine_dead=float(self._dead is not None))
         self.reply_nowait(origin, StatusReply(
             engine=info.name, model=self.model_name, weight_version=info.weight_version,
             governor_state=self.state, in_flight=len(self.in_flight),
@@ -178,14 +244,21 @@ class GenerationActor(GenerationControl, Actor):
         self.counters.inc("abort_requests")
         if f is None or f.aborted:
             return  # already finished: its terminal reply is on the way or delivered
+        self._abort_flight(f)
+
+    def _abort_flight(self, f: InFlight) -> None:
+        if f.aborted:
+            return
         f.aborted = True
         for erid in f.engine_rids:
             self.spawn(self.engine.abort(erid))
         self.notify_version_changed()  # wakes a request still waiting for min_version
 
     @handles(GenerateRequest)
-    def on_generate(self, origin: Origin, msg: GenerateRequest, payload: Sequence[Any]) -> Any:
+    def on_generate(self, origin: Origin, msg: GenerateRequest, payload: Sequence[Any]) -> None:
         key = (origin.conn, origin.rid)
+        if self._dead is not None:
+            raise RollwireError(ErrorCode.ENGINE_DEAD, f"the engine died: {self._dead}")
         if key in self.in_flight:
             raise RollwireError(ErrorCode.DUPLICATE_REQUEST, f"request {origin.rid} is already in flight")
         sp = msg.sampling_params
@@ -193,8 +266,13 @@ class GenerationActor(GenerationControl, Actor):
             limit = self.max_new_tokens_limit
             raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS,
                                 f"max_new_tokens={sp.max_new_tokens} above this server's limit {limit}")
-        if not 1 <= sp.n <= 64:
-            raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n} must be in [1, 64]")
+        if not 1 <= sp.n <= MAX_N:
+            raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n} must be in [1, {MAX_N}]")
+        # a co-located actor's request counts for the client it names (none: exempt)
+        client = (msg.client or None) if origin.internal else origin.client
+        waits = msg.min_version > self.weight_version
+        if self._refused(origin, client, sp.n, waits):
+            return
         reqs = []
         for i in range(sp.n):
             params = sp if sp.n == 1 else msgspec.structs.replace(
@@ -202,30 +280,109 @@ class GenerationActor(GenerationControl, Actor):
             reqs.append(EngineRequest(f"{origin.conn.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
                                       msg.return_logprob, stream=msg.stream,
                                       session_id=session_key(origin.conn, msg.session_id) if sp.n == 1 else None,
-                                      keep_stale_prefix=msg.keep_stale_prefix))
-        try:
-            self.engine.validate(reqs[0])  # type: ignore[attr-defined]
+                                      keep_stale_prefix=msg.keep_stale_prefix, client=client or origin.client))
+        try:  # the first and the last sample (the highest seed) cover every sample's parameters
+            self.engine.validate(reqs[0])
+            if len(reqs) > 1:
+                self.engine.validate(reqs[-1])
         except EngineError as e:
             raise RollwireError(error_code(e.code), e.message) from None
-        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version, streamed=msg.stream)
+        flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version, streamed=msg.stream,
+                          client=client, samples=sp.n, waiting=waits and client is not None)
         self.in_flight[key] = flight
+        self._samples += sp.n
+        if client is not None:
+            self._client_samples[client] += sp.n
+            if flight.waiting:
+                self._client_waiting[client] += 1
         self.counters.inc("requests")
-        return self._run_request(flight, msg, reqs)
+        # a task of its own (not the handler's awaitable): nothing between here and the task can
+        # drop the request with its table entry left behind
+        flight.tasks = [self.spawn(self._run_request(flight, msg, reqs))]
+
+    def _refused(self, origin: Origin, client: str | None, samples: int, waits: bool) -> bool:
+        """Refuse (with retry_after_s) a request beyond the actor's or its client's capacity."""
+        code, why = None, ""
+        if self._samples + samples > self.max_in_flight:
+            code, why = ErrorCode.OVERLOADED, f"{self._samples} samples in flight (limit {self.max_in_flight})"
+        elif client is not None and self._client_samples[client] + samples > self.max_client_in_flight:
+            code, why = ErrorCode.CLIENT_LIMIT, (f"this client has {self._client_samples[client]} samples in "
+                                                 f"flight (limit {self.max_client_in_flight})")
+        elif client is not None and waits and self._client_waiting[client] >= self.max_client_waiting:
+            code, why = ErrorCode.CLIENT_LIMIT, (f"this client has {self._client_waiting[client]} requests waiting "
+                                                 f"for a weight version (limit {self.max_client_waiting})")
+        if code is None:
+            return False
+        self.counters.inc(f"refused_{code.value}")
+        self.reply_nowait(origin, ErrorReply(code=code, message=why, origin=self.name,
+                                             retry_after_s=self.retry_after_s))
+        return True
+
+    def _release(self, flight: InFlight) -> None:
+        """Its capacity is free again (the request ended, or stopped waiting for its version)."""
+        if flight.waiting:
+            flight.waiting = False
+            assert flight.client is not None
+            self._client_waiting[flight.client] -= 1
+            if not self._client_waiting[flight.client]:
+                del self._client_waiting[flight.client]
 
     async def _run_request(self, flight: InFlight, msg: GenerateRequest, reqs: list[EngineRequest]) -> None:
-        flight.tasks = [asyncio.current_task()]  # type: ignore[list-item]
         try:
             while not flight.aborted and (self.weight_version < msg.min_version or not self._admission.is_set()):
                 await self._wait_for_change()
+            self._release(flight)
+            if self._dead is not None:  # never reached the engine
+                if not flight.closed:
+                    await self.reply_error(flight.origin, ErrorCode.ENGINE_DEAD, f"the engine died: {self._dead}")
+                return
             flight.start_version = self.weight_version
             await asyncio.gather(*(self._run_sample(flight, msg, i, r) for i, r in enumerate(reqs)))
+        except Exception as e:  # a bug: this request's one reply is the error, then the actor crashes
+            if not flight.closed:
+                flight.closed = True
+                self.send_error_soon(flight.origin, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            raise
         finally:
-            self.in_flight.pop((flight.origin.conn, flight.origin.rid), None)
+            self._release(flight)
+            if self.in_flight.get((flight.origin.conn, flight.origin.rid)) is flight:
+                del self.in_flight[(flight.origin.conn, flight.origin.rid)]
+            self._samples -= flight.samples
+            if flight.client is not None:
+                self._client_samples[flight.client] -= flight.samples
+                if not self._client_samples[flight.client]:
+                    del self._client_samples[flight.client]
+
+    # -- engine death ---------------------------------------------------------------------
+    def _engine_died(self, reason: str) -> None:
+        """The engine's death callback: it has failed what it held with engine_dead; requests
+        waiting here get the same; once every request has its reply the actor stops for good."""
+        if self._dead is not None:
+            return
+        self._dead = reason
+        _DEAD_ENGINES[self._engine_factory] = (reason, self.engine)
+        self.counters.inc("engine_deaths")
+        self.log.error("engine_dead", reason=reason, in_flight=len(self.in_flight))
+        for f in self.in_flight.values():
+            f.aborted = True  # a waiting one wakes and answers engine_dead
+        self.notify_version_changed()
+        self.spawn(self._stop_for_good([t for f in self.in_flight.values() for t in f.tasks]))
+
+    async def _stop_for_good(self, tasks: Sequence[asyncio.Task[Any]] = ()) -> None:
+        if tasks:
+            await asyncio.wait(tasks, timeout=30.0)  # each request sends its engine_dead first
+        while self._crash is None:  # the actor's run loop has started (a restarted actor: at once)
+            await asyncio.sleep(0.01)
+        raise EngineDied(f"engine dead: {self._dead}")
 
     async def _run_sample(self, flight: InFlight, msg: GenerateRequest, index: int, req: EngineRequest) -> None:
         origin = flight.origin
         started = time.monotonic()
         out = _Output(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
+        if self._dead is not None:
+            if not flight.closed:
+                await self.reply_error(origin, ErrorCode.ENGINE_DEAD, f"the engine died: {self._dead}")
+            return
         # aborted before it started (e.g. while waiting for min_version): no engine work at all
         deltas = _no_deltas() if flight.aborted else self.engine.generate(req)
         self._running_samples += 1

@@ -7,7 +7,7 @@ actor or zmq. Outputs are streamed as ``EngineDelta``s; the last one of a reques
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -20,8 +20,12 @@ from rollwire.messages.weights import MemoryTag as MemoryTag
 PauseMode = Literal["abort", "retract", "in_place"]  # the engine's own; "drain" is the GenerationActor's
 
 
+ENGINE_DEAD = "engine_dead"  # EngineError code: the engine died under the request (see DeathWatch)
+
+
 class EngineError(Exception):
-    """A request the engine refuses (bad input); the engine keeps serving."""
+    """A request the engine refuses (bad input) or fails; the engine keeps serving, except with
+    code ``engine_dead``: then it has died and every request it held got the same error."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -40,6 +44,7 @@ class EngineRequest:
     # reuse it for the session's next request whose input_ids extend it (see close_session)
     session_id: str | None = None
     keep_stale_prefix: bool = False  # reuse a prefix computed by an older weight version
+    client: str = ""  # who asked (the actor's per-client key): engines share batch slots fairly among clients
 
 
 @dataclass
@@ -62,6 +67,16 @@ class EngineInfo:
     device: str
     dtype: str
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DeathWatch(Protocol):
+    """Optional part of an engine (hf and sglang have it): it can die (a worker thread failing
+    outside any one request, SGLang's scheduler process killed). On death it fails every request
+    it holds with ``EngineError(ENGINE_DEAD)`` at once, refuses new ones the same way, and calls
+    the callback once with the reason, even when nothing was in flight."""
+
+    def set_death_callback(self, callback: Callable[[str], None]) -> None: ...
 
 
 @runtime_checkable

@@ -22,8 +22,7 @@ processors, no retract or abort pause, and no weight version.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from rollwire.engines import hf_batch, hf_prefix
 from rollwire.engines.base import (
+    ENGINE_DEAD,
     EngineDelta,
     EngineError,
     EngineInfo,
@@ -38,7 +38,8 @@ from rollwire.engines.base import (
     MemoryTag,
     PauseMode,
 )
-from rollwire.engines.hf_requests import Seq, check_tags, eos_of, next_delta
+from rollwire.engines.hf_faults import Faults
+from rollwire.engines.hf_requests import FairQueue, Seq, check_tags, eos_of, next_delta
 from rollwire.engines.hf_sampling import check_request, make_row_sampler
 from rollwire.engines.hf_steps import StepLoop
 from rollwire.engines.hf_weights import WeightStore
@@ -74,7 +75,7 @@ class HFEngine(StepLoop):
         self._version = 0
         self._prefixes = hf_prefix.PrefixCache(prefix_cache_bytes)
         self._seqs: dict[str, Seq] = {}
-        self._waiting: deque[Seq] = deque()
+        self._waiting = FairQueue()  # round-robin across clients
         self._running: list[Seq] = []  # row i of _batch
         self._batch: hf_batch.Batch | None = None
         self._paused = False
@@ -85,6 +86,10 @@ class HFEngine(StepLoop):
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rollwire-{name}")
         self._task: asyncio.Task[None] | None = None
+        self._dead: str | None = None  # why the engine died (see _die); it serves nothing after
+        self._on_death: Callable[[str], None] | None = None
+        self._isolated = 0
+        self._faults = Faults.parse()  # test hook (hf_faults): None unless ROLLWIRE_HF_FAULTS is set
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu", dtype: str | None = None, **kw: Any) -> HFEngine:
@@ -110,7 +115,8 @@ class HFEngine(StepLoop):
                 "running": sum(not s.done for s in self._running), "waiting": len(self._waiting),
                 "paused": self._paused, "weights_released": self._weights.released,
                 "weights_undefined": self._weights.undefined,
-                "max_batch_size": self.max_batch_size, "prefix_cache_bytes": self._prefixes.nbytes,
+                "max_batch_size": self.max_batch_size, "dead": self._dead is not None,
+                "requests_failed_alone": self._isolated, "prefix_cache_bytes": self._prefixes.nbytes,
                 "prefix_sessions": len(self._prefixes), "prefix_hits": self._prefixes.hits,
                 "prefix_reused_tokens": self._prefixes.reused_tokens,
             },
@@ -139,6 +145,8 @@ class HFEngine(StepLoop):
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
         self.validate(req)
+        if self._dead is not None:
+            raise EngineError(ENGINE_DEAD, self._dead)
         if self._closed:
             raise EngineError("shutting_down", "engine is shut down")
         if req.rid in self._seqs:
@@ -199,6 +207,8 @@ class HFEngine(StepLoop):
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Validate every tensor, then copy all of them into the live parameters (storage kept)."""
+        if self._dead is not None:
+            raise EngineError(ENGINE_DEAD, self._dead)
         if not self._paused:
             raise EngineError("not_paused", "update_weights needs a paused engine")
         items = self._weights.check(named_tensors)
@@ -239,3 +249,9 @@ class HFEngine(StepLoop):
 
     async def close_session(self, session_id: str) -> None:
         self._prefixes.drop(session_id)
+
+    def set_death_callback(self, callback: Callable[[str], None]) -> None:
+        """``callback(reason)`` runs once, on the loop, when the engine dies (see ``_die``)."""
+        self._on_death = callback
+        if self._dead is not None:
+            asyncio.get_running_loop().call_soon(callback, self._dead)

@@ -9,7 +9,8 @@ delta never mixes versions): one wake-up of the consumer per request instead of 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +93,62 @@ def check_tags(tags: Sequence[str]) -> None:
     if bad:
         raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
 
+
+
+class FairQueue:
+    """The hf engine's waiting requests: round-robin across clients (``EngineRequest.client``), so
+    a client with a thousand requests queued takes turns with a newcomer for every batch slot that
+    frees; within a client, first come first served. Requests put back (``appendleft``: retracted,
+    or requeued after a batch mate's failed step) go before all others, in the order given."""
+
+    def __init__(self) -> None:
+        self._front: deque[Seq] = deque()
+        self._clients: dict[str, deque[Seq]] = {}  # insertion order is the rotation: first is next
+
+    def __len__(self) -> int:
+        return len(self._front) + sum(len(q) for q in self._clients.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._front or self._clients)
+
+    def __iter__(self) -> Iterator[Seq]:
+        yield from self._front
+        for q in self._clients.values():
+            yield from q
+
+    def __contains__(self, s: object) -> bool:
+        return isinstance(s, Seq) and (s in self._front or s in self._clients.get(s.req.client, ()))
+
+    def append(self, s: Seq) -> None:
+        self._clients.setdefault(s.req.client, deque()).append(s)
+
+    def appendleft(self, s: Seq) -> None:
+        self._front.appendleft(s)
+
+    def peek(self) -> Seq:
+        if self._front:
+            return self._front[0]
+        return self._clients[next(iter(self._clients))][0]
+
+    def popleft(self) -> Seq:
+        if self._front:
+            return self._front.popleft()
+        client = next(iter(self._clients))
+        q = self._clients.pop(client)
+        s = q.popleft()
+        if q:
+            self._clients[client] = q  # to the back of the rotation
+        return s
+
+    def remove(self, s: Seq) -> None:
+        if s in self._front:
+            self._front.remove(s)
+            return
+        q = self._clients[s.req.client]
+        q.remove(s)
+        if not q:
+            del self._clients[s.req.client]
+
+    def clear(self) -> None:
+        self._front.clear()
+        self._clients.clear()

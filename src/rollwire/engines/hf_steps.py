@@ -6,17 +6,19 @@ HFEngine's)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from rollwire.engines import hf_batch, hf_prefix
-from rollwire.engines.base import EngineError
-from rollwire.engines.hf_requests import Seq, deliver
-from rollwire.engines.hf_sampling import sample
+from rollwire.engines.base import ENGINE_DEAD, EngineError
+from rollwire.engines.hf_faults import Faults
+from rollwire.engines.hf_requests import FairQueue, Seq, deliver
+from rollwire.engines.hf_sampling import RowSampler, sample
 from rollwire.engines.hf_weights import WeightStore
 from rollwire.messages.generate import FinishReason
 
@@ -33,7 +35,7 @@ class StepLoop:
     _version: int
     _prefixes: hf_prefix.PrefixCache
     _seqs: dict[str, Seq]
-    _waiting: deque[Seq]
+    _waiting: FairQueue
     _running: list[Seq]
     _batch: hf_batch.Batch | None
     _paused: bool
@@ -43,23 +45,28 @@ class StepLoop:
     _lock: asyncio.Lock
     _wake: asyncio.Event
     _pool: ThreadPoolExecutor
+    _dead: str | None
+    _on_death: Callable[[str], None] | None
+    _faults: Faults | None
+    _isolated: int  # requests failed alone after a step failed
 
     def _can_step(self) -> bool:
         # restored-but-unloaded weights are garbage: never step on them (a complete load clears it)
-        return not (self._paused or self._weights.released or self._weights.undefined or self._closed) and bool(
+        return not (self._paused or self._weights.released or self._weights.undefined or self._closed
+                    or self._dead is not None) and bool(
             self._waiting or any(not s.done for s in self._running))
 
     async def _schedule(self) -> None:
-        while not self._closed:
+        while not self._closed and self._dead is None:
             await self._wake.wait()
             self._wake.clear()
             while self._can_step():
                 async with self._lock:
                     try:
                         await self._run_steps()
-                    except Exception as e:  # a bug, not a request's fault: fail what runs, keep serving
-                        log.exception("hf engine step failed")
-                        self._fail([*self._running, *self._launched], e)
+                    except Exception as e:  # outside any one request (launch, booking, the worker gone)
+                        log.exception("hf engine failed outside a request")
+                        self._die(f"hf engine worker failed: {type(e).__name__}: {e}")
                     finally:
                         self._stepping = False
 
@@ -72,8 +79,9 @@ class StepLoop:
             try:
                 batch, rows, toks, lps = await fut
             except Exception as e:
-                log.exception("hf engine step failed; failing its %d requests", len(members))
-                self._fail(members, e)
+                log.warning("hf engine step failed (%s: %s); isolating it among its %d requests",
+                            type(e).__name__, e, len(members))
+                await self._isolate(members)
                 return
             reasons = self._book(batch, rows, toks)
             step = self._launch() if self._can_step() else None
@@ -91,7 +99,7 @@ class StepLoop:
         joiners: list[Seq] = []
         longest = 0  # joiners are padded to the longest: bound the padded prefill of one step
         while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
-            s = self._waiting[0]
+            s = self._waiting.peek()
             n = len(s.req.input_ids) + len(s.output)
             if joiners and (len(joiners) + 1) * max(longest, n) > self.MAX_PREFILL_TOKENS:
                 break
@@ -105,6 +113,8 @@ class StepLoop:
             return None
         self._stepping = True
         self._launched = members
+        if self._faults is not None and self._faults.worker_dies_now():  # test hook: the worker dies
+            self._pool.shutdown(wait=False)
         fut = asyncio.get_running_loop().run_in_executor(
             self._pool, self._compute, self._batch, keep, members[:len(keep)], joiners)
         return fut, self._version, members
@@ -161,6 +171,8 @@ class StepLoop:
                  ) -> tuple[hf_batch.Batch | None, list[Seq], list[int], list[float | None]]:
         """Worker thread: one decode of rows ``keep`` of ``batch`` (requests ``rows``) plus one
         prefill of the joiners; returns the new batch, its requests, their tokens and logprobs."""
+        if self._faults is not None:
+            self._faults.check_rows((s.req.rid, len(s.output)) for s in [*rows, *joiners])
         batch = hf_batch.select(batch, keep) if batch is not None else None
         rows = list(rows)
         logits = []
@@ -204,17 +216,88 @@ class StepLoop:
         if reason is not None and self._seqs.get(s.req.rid) is s:
             del self._seqs[s.req.rid]
 
-    def _fail(self, seqs: list[Seq], e: Exception) -> None:
-        """Their generate() raises EngineError("internal"); the batch (KV possibly half-written) goes."""
-        err = EngineError("internal", f"{type(e).__name__}: {e}")
-        for s in seqs:
-            if not s.done:
-                s.done = True
-                if self._seqs.get(s.req.rid) is s:
-                    del self._seqs[s.req.rid]
-                s.queue.put_nowait(err)
+    async def _isolate(self, members: list[Seq]) -> None:
+        """A step failed on the worker: find the request that caused it and fail only that one.
+
+        The batch goes (its KV may be half-written). Each member is then run alone, as a probe (a
+        prefill of its prompt + output so far and a draw from a copy of its RNG; the result is
+        dropped). A member whose probe fails is a culprit: its generate() raises EngineError
+        ("internal"). The others go back to the front of the queue, in order, and continue (a
+        re-prefill, as after a retract; a batch mate's draws in the failed step may have moved a
+        sampled row's RNG on). If no probe fails, or every probe of several members does, the
+        fault is no one request's: the engine is dead (``_die``)."""
+        live = [s for s in members if not s.done]
         self._running, self._batch = [], None
+        loop = asyncio.get_running_loop()
+        culprits: list[tuple[Seq, BaseException]] = []
+        for s in live:
+            err = await loop.run_in_executor(self._pool, self._probe, s)
+            if err is not None:
+                culprits.append((s, err))
+        if not culprits or (len(live) > 1 and len(culprits) == len(live)):
+            self._die(f"hf engine step failed and no single request explains it ({len(culprits)} of "
+                      f"{len(live)} failed alone)")
+            return
+        for s, err in culprits:
+            log.warning("hf request %s failed its step alone: %s: %s", s.req.rid, type(err).__name__, err)
+            self._fail_one(s, EngineError("internal", f"this request failed in an engine step "
+                                                      f"({type(err).__name__}: {err}); its batch mates go on"))
+        bad = {id(s) for s, _ in culprits}
+        for s in reversed(live):
+            if id(s) in bad:
+                continue
+            if s.abort_requested:
+                self._finish(s, "abort")
+            else:
+                self._waiting.appendleft(s)
+        self._isolated += len(culprits)
+
+    @torch.inference_mode()
+    def _probe(self, s: Seq) -> BaseException | None:
+        """Worker thread: run ``s`` alone (prefill + one draw from a copy of its RNG); its error or None."""
+        try:
+            if self._faults is not None:
+                self._faults.check_rows([(s.req.rid, len(s.output))])
+            _, logits = hf_batch.prefill(self.model, [s.req.input_ids + s.output], self.device, self.pad_id)
+            sample(logits, [_copy_sampler(s.sampler)])
+        except Exception as e:  # the probe's whole point: which request fails alone
+            return e
+        return None
+
+    def _fail_one(self, s: Seq, err: EngineError) -> None:
+        if not s.done:
+            s.done = True
+            if self._seqs.get(s.req.rid) is s:
+                del self._seqs[s.req.rid]
+            s.queue.put_nowait(err)
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot go on: every request it holds gets EngineError(ENGINE_DEAD) now, new
+        ones are refused, and the death callback (the GenerationActor's) is told, once."""
+        if self._dead is not None:
+            return
+        self._dead = reason
+        log.error("hf engine dead: %s", reason)
+        err = EngineError(ENGINE_DEAD, reason)
+        for s in [*self._seqs.values(), *self._running, *self._waiting, *self._launched]:
+            self._fail_one(s, err)
+        self._seqs.clear()
+        self._waiting.clear()
+        self._running, self._batch, self._launched = [], None, []
+        self._pool.shutdown(wait=False)
+        self._wake.set()
+        if self._on_death is not None:
+            asyncio.get_running_loop().call_soon(self._on_death, reason)
 
     def _finish(self, s: Seq, reason: FinishReason) -> None:
         if not s.done:
             self._emit(s, [], [] if s.req.return_logprob else None, self._version, reason)
+
+
+def _copy_sampler(r: RowSampler) -> RowSampler:
+    """The same sampler with its own copy of the RNG (a probe must not move the request's draws)."""
+    if r.generator is None:
+        return r
+    g = torch.Generator(device="cpu")
+    g.set_state(r.generator.get_state())
+    return dataclasses.replace(r, generator=g)

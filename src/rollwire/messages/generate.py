@@ -43,6 +43,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate",
     # and reuse it for the next request of the same session whose input_ids extend it
     session_id: str | None = None
     keep_stale_prefix: bool = False  # reuse a prefix computed by an older weight version
+    # the public client a co-located actor (the SessionActor) forwards this request for: per-client
+    # limits and batch-slot shares count it as that client's; ignored when a public peer sets it
+    client: str = ""
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort", array_like=True, gc=False):
