@@ -69,6 +69,7 @@ class ApplySink(Actor):
         await self.reply(origin, Ack())
 
 
+_HEADER0 = Codec(Ack).encode(0, Ack())[0]
 BucketServe = Callable[[int, bytes], list[bytes] | None]  # index, bytes -> frames to send (None: withhold)
 
 
@@ -76,8 +77,16 @@ class ScriptedTrainer:
     """The trainer side of the protocol, by hand. ``serve`` decides what each pull gets;
     ``reorder`` holds pulls until ``reorder`` of them are queued, then answers them newest first."""
 
-    def __init__(self, endpoint: str, pub_endpoint: str) -> None:
+    def __init__(self, endpoint: str, pub_endpoint: str, curve: Any = None) -> None:
         self.endpoint, self.pub_endpoint = endpoint, pub_endpoint
+        self.curve = curve  # a CurveServer: ROUTER and PUB authenticate their peers
+        # hostile scripts: raw frame lists sent instead of the Welcome to the next Registers, and
+        # before the answer to the next pulls (a first frame equal to header(0) gets the request's rid)
+        self.register_script: list[list[bytes]] = []
+        self.pull_script: list[list[bytes]] = []
+        self.peers: dict[str, bytes] = {}  # receiver id -> the connection that last registered it
+        self.beacon_acks = 0  # BeaconSeen received for this trainer
+        self.beacon_acked = asyncio.Event()
         self.trainer_id = uuid.uuid4().hex
         self.codec: Codec[Any] = Codec(TrainerRequest)
         self.joined: set[str] = set()
@@ -94,8 +103,9 @@ class ScriptedTrainer:
         self.arena = ShmArena()
 
     async def __aenter__(self) -> ScriptedTrainer:
-        self.router = await sockets.bind_when_free(lambda: sockets.router([self.endpoint]))
-        self.pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint))
+        curve = {"curve": self.curve} if self.curve is not None else {}  # (no keyword: runs on older code too)
+        self.router = await sockets.bind_when_free(lambda: sockets.router([self.endpoint], **curve))
+        self.pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint, **curve))
         self._tasks = [asyncio.ensure_future(self._recv()), asyncio.ensure_future(self._beacons())]
         return self
 
@@ -131,10 +141,30 @@ class ScriptedTrainer:
         await self.pub.publish(ready)
         return fut
 
+    async def send_raw(self, peer: bytes, rid: int, frames: list[bytes]) -> None:
+        if frames and frames[0] == _HEADER0:
+            frames = [self.codec.encode(rid, Ack())[0], *frames[1:]]
+        await sockets.send(self.router, [peer, *frames])
+
+    async def publish_raw(self, frames: list[bytes]) -> None:
+        await self.pub._sock.send_multipart(frames)
+
+    async def wait_beacon_acks(self, more: int = 1, timeout: float = 30.0) -> None:
+        """Until ``more`` further beacons were acknowledged: the receiver's SUB and DEALER both work."""
+        target = self.beacon_acks + more
+        async with asyncio.timeout(timeout):
+            while self.beacon_acks < target:
+                self.beacon_acked.clear()
+                await self.beacon_acked.wait()
+
     async def _send(self, peer: bytes, rid: int, msg: Any, payload: Sequence[bytes] = ()) -> None:
         await sockets.send(self.router, [peer, *self.codec.encode(rid, msg, payload)])
 
     async def _answer(self, peer: bytes, rid: int, pull: PullBucket) -> None:
+        if self.pull_script:
+            await self.send_raw(peer, rid, self.pull_script.pop(0))
+        if pull.index not in self.buckets:
+            return
         frames = self.serve(pull.index, self.buckets[pull.index])
         if frames is None:
             return
@@ -154,13 +184,19 @@ class ScriptedTrainer:
             peer = frames[0]
             rid, msg, _ = self.codec.decode(frames[1:])
             match msg:
+                case Register() if self.register_script:
+                    self.registers.append(msg)
+                    await self.send_raw(peer, rid, self.register_script.pop(0))
                 case Register():
                     self.registers.append(msg)
+                    self.peers[msg.receiver_id] = peer
                     await self._send(peer, rid, Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint,
                                                         checksum=self.welcome_checksum))
                 case BeaconSeen():
                     if msg.trainer_id == self.trainer_id:
                         self.joined.add(msg.receiver_id)
+                        self.beacon_acks += 1
+                        self.beacon_acked.set()
                 case PullBucket():
                     if not self.reorder:
                         await self._answer(peer, rid, msg)

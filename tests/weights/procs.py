@@ -105,6 +105,47 @@ def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results:
     asyncio.run(_drive(endpoint, weights, commands, results, die_at, bucket_bytes, pub_endpoint))
 
 
+async def _receive(endpoint: str, receiver_id: str, commands: Any, results: Any, curve_files: Any) -> int:
+    import inspect
+
+    from rollwire.actors.weight_receiver import WeightReceiverActor
+    from rollwire.runtime import ActorSystem, address
+    from tests.weights.harness import ApplySink
+
+    kw: dict[str, Any] = {}
+    params = inspect.signature(WeightReceiverActor).parameters
+    if "register_timeout_s" in params:
+        kw.update(register_timeout_s=0.2, trainer_silence_s=2.0)
+    if curve_files is not None:
+        from rollwire.transports.security import CurveClient, KeyPair
+
+        kw["curve"] = CurveClient(KeyPair.load(curve_files[0]), KeyPair.load(curve_files[1]).public)
+    system = ActorSystem()
+    await system.spawn(lambda: ApplySink(name="sink"))
+    await system.spawn(lambda: WeightReceiverActor(endpoint, receiver_id=receiver_id, name="receiver",
+                                                   apply_endpoint=address("sink", "weights"), stall_timeout_s=1, **kw))
+    results.put(("started",))
+    loop = asyncio.get_running_loop()
+    failed = getattr(system, "failed", None)
+    while True:
+        cmd = await loop.run_in_executor(None, commands.get)
+        receiver, sink = system.actor("receiver"), system.actor("sink")
+        if cmd is None:
+            break
+        results.put(("report", receiver.counters.snapshot(), receiver.counters.get("restarts"),
+                     {v: {k: float(t.double().sum()) for k, t in ts.items()} for v, ts in sink.applied.items()},
+                     [(m.step, m.phase) for m in sink.steps], bool(failed is not None and failed.done())))
+    await system.stop()
+    return 0
+
+
+def receiver_main(endpoint: str, receiver_id: str, commands: Any, results: Any, curve_files: Any = None) -> None:
+    """A WeightReceiverActor (applying into an ApplySink) in its own process; ``("report",)`` puts
+    its counters, restarts, applied versions (tensor sums), step messages seen, and whether
+    supervision gave up; None stops it."""
+    raise SystemExit(asyncio.run(_receive(endpoint, receiver_id, commands, results, curve_files)))
+
+
 def attach_and_sum(name: str, out: Any) -> None:
     """Attach an arena in another process, report a sum of its first bytes, exit normally."""
     from rollwire.transports.shm import attach

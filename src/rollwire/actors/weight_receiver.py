@@ -72,6 +72,7 @@ WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0
 MAX_REGISTER_WAIT_S = 30.0
 LINK_RETRY_S = 0.5  # after the trainer link failed, before it is rebuilt
+TRAINER_SILENCE_S = 15.0  # no beacon for this long (trainers beat every second): register again
 
 
 def bucket_frame_limit(ready: WeightsReady) -> int:
@@ -107,7 +108,8 @@ class WeightReceiverActor(Actor):
                  transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo", "nccl"),
                  credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
                  engine_device: str | None = None, coalesce: bool = False, name: str = WEIGHT_RECEIVER,
-                 curve: CurveClient | None = None) -> None:
+                 curve: CurveClient | None = None, register_timeout_s: float = REGISTER_TIMEOUT_S,
+                 trainer_silence_s: float = TRAINER_SILENCE_S) -> None:
         """``curve``: this server's key pair and the trainer's public key (CURVE on every trainer
         socket; see the module docstring). ``engine_device``: where the engine keeps its weights
         ("cpu", "cuda:0"...); cuda_ipc is offered only if this process has CUDA and that is a CUDA
@@ -136,6 +138,8 @@ class WeightReceiverActor(Actor):
         self._broadcast = BroadcastReceiver(receiver_id)
         self._stopping = False
         self.curve = curve
+        self.register_timeout_s = register_timeout_s  # first wait for a Welcome, and first pause after a refusal
+        self.trainer_silence_s = trainer_silence_s  # the PUB silent this long: the trainer (or its Welcome) was wrong
 
     def _control_link(self) -> RpcClient[Any]:
         return RpcClient(self.trainer_endpoint, TrainerReply, curve=self.curve, max_frame_bytes=CONTROL_MAX_FRAME)
@@ -160,7 +164,7 @@ class WeightReceiverActor(Actor):
         assert self._trainer is not None and self._sub is not None
         # The DEALER queues a Register until the trainer is up, so one is enough while it starts;
         # resending (with a growing wait) only covers a trainer that died before answering.
-        wait = REGISTER_TIMEOUT_S
+        wait = self.register_timeout_s
         while True:
             msg = Register(receiver_id=self.receiver_id, host_id=shm.host_id(), transports=self.transports,
                            live_version=self.live_version, cuda_devices=self.cuda_devices,
@@ -230,7 +234,12 @@ class WeightReceiverActor(Actor):
             try:
                 await self._register()
                 while True:
-                    msg = await self._sub.recv()
+                    msg = await self._sub.recv(timeout=self.trainer_silence_s)
+                    if msg is None:  # no beacon: a dead trainer, or a Welcome that named a PUB nobody serves
+                        self.counters.inc("trainer_silent")
+                        self.log.warning("trainer_silent", seconds=self.trainer_silence_s, pub=self._sub.endpoint)
+                        await self._register()
+                        continue
                     await self._on_announcement(msg)
             except asyncio.CancelledError:
                 raise

@@ -202,9 +202,9 @@ class TrainerPublisher:
     def _task_died(self, task: asyncio.Task[Any]) -> None:
         """A background task ended other than by close(): nothing would answer the receivers or
         see their outcomes. Fail what waits now, loudly, and every later call."""
-        if task.cancelled() or self._closed:
+        if self._closed:
             return
-        exc = task.exception()
+        exc = None if task.cancelled() else task.exception()
         self._dead = f"{task.get_name()} stopped: {exc!r}" if exc is not None else f"{task.get_name()} stopped"
         log.error("trainer_task_died", task=task.get_name(), error=repr(exc), exc_info=exc)
         if self._push is not None:

@@ -94,8 +94,8 @@ async def pull_inline(trainer: RpcClient[Any], ready: WeightsReady, *, window: i
     asked: set[int] = set()
     try:
         await _pull(trainer, rid, replies, ready, window, stall_timeout_s, pool, counters, got, checks, asked)
-    except ConnectionClosed as e:
-        raise StagingError(ErrorCode.SHUTTING_DOWN, f"trainer link closed: {e}") from None
+    except ConnectionClosed as e:  # the bucket link's receiving task died (what the trainer sent broke it)
+        raise StagingError(ErrorCode.BAD_FRAME, f"trainer link closed: {e}") from None
     finally:
         trainer.close_stream(rid)
         for c in checks:
@@ -124,7 +124,7 @@ async def _pull(trainer: RpcClient[Any], rid: int, replies: asyncio.Queue[Any], 
         if isinstance(item, ProtocolError):
             raise StagingError(item.code, f"trainer reply: {item.message}")
         if isinstance(item, ConnectionClosed):
-            raise StagingError(ErrorCode.SHUTTING_DOWN, str(item))
+            raise StagingError(ErrorCode.BAD_FRAME, f"trainer link: {item}")
         if isinstance(item, BaseException):
             raise StagingError(ErrorCode.BAD_FRAME, f"trainer link: {item!r}"[:300])
         msg = item.msg
