@@ -67,6 +67,14 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   them). Requests still inside SGLang are *evicted* first: aborted there, kept here, and
   re-submitted (prompt + output so far, the remaining token budget) once the engine runs again,
   which is what a retract does. flush_cache evicts the same way when paused.
+* engine death: when a scheduler process dies SGLang's watchdog sends SIGQUIT to this process,
+  whose default handlers (``custom_sigquit_handler`` while starting, the TokenizerManager's
+  ``running_phase_sigquit_handler`` after) kill the whole process tree with SIGKILL. Both are
+  replaced. A scheduler killed outright (SIGKILL, the OOM killer) sends nothing, so the processes
+  ``sglang.Engine`` started here (multiprocessing children) are also watched every
+  ``WATCH_CHILDREN_S``. Either way the engine marks itself dead (``_die``), every live request's generate() raises
+  ``EngineError("engine_dead")`` at once, new ones are refused the same way, and the death
+  callback (the GenerationActor's, which then stops the server with exit status 1) is told.
 * stop_token_ids with ignore_eos: SGLang's ignore_eos also switches its stop ids off, so then the
   adapter streams the request, watches for them itself, ends it with "stop" and aborts it
   inside SGLang.
@@ -81,13 +89,15 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 if importlib.util.find_spec("sglang") is None:  # the server turns this into "pip install 'rollwire[sglang]'"
     raise ImportError("rollwire.engines.sglang needs SGLang: pip install 'rollwire[sglang]'")
 
+from rollwire.engines import sglang_args
 from rollwire.engines.base import (
+    ENGINE_DEAD,
     EngineDelta,
     EngineError,
     EngineInfo,
@@ -114,6 +124,7 @@ log = logging.getLogger(__name__)
 # per update_weights_from_tensor call: each costs a scheduler round trip (~5 ms on an H100), and a
 # CUDA bucket this process opened from the trainer is copied once (a bucket of transient memory)
 WEIGHT_BUCKET_BYTES = 1 << 30
+WATCH_CHILDREN_S = 0.5  # how often the processes sglang.Engine started are checked for life
 
 
 class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
@@ -156,6 +167,9 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._released: set[MemoryTag] = set()
         self._weights_sent = True  # False from a weights release (or a failed load) until a complete load
         self._closed = False
+        self._dead: str | None = None  # why the engine died (SGLang's scheduler process gone)
+        self._on_death: Callable[[str], None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # replaced by a fresh one at each pulse
         self._lock: asyncio.Lock | None = None  # control operations, one at a time
         self._session_keys: dict[str, str] = {}  # session id -> radix-cache key of its history
@@ -185,7 +199,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 "weights_sent": self._weights_sent, "startup_s": round(self.startup_s, 2),
                 "loop_is_engine_loop": self.loop_is_engine_loop, "deterministic": self.deterministic,
                 "overlap_schedule": self._overlap, "sessions": len(self._session_keys),
-                "weight_groups": sorted(self._groups),
+                "weight_groups": sorted(self._groups), "dead": self._dead is not None,
             },
         )
 
@@ -199,13 +213,21 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        self._eng = sglang.Engine(**self.server_kwargs)
+        import multiprocessing
+
+        before = set(multiprocessing.active_children())
+        kwargs = dict(self.server_kwargs)
+        if "custom_sigquit_handler" in sglang_args.server_arg_types():  # a dead scheduler must not kill us
+            kwargs["custom_sigquit_handler"] = self._sigquit_while_starting
+        self._eng = sglang.Engine(**kwargs)
         self.startup_s = time.monotonic() - t0
         self.loop_is_engine_loop = self._eng.loop is loop
         if not self.loop_is_engine_loop:
             raise RuntimeError("sglang.Engine did not keep the running event loop; rollwire cannot drive it")
         self._loop = loop
         self._tm = self._eng.tokenizer_manager
+        children = [p for p in multiprocessing.active_children() if p not in before]  # schedulers, detokenizer
+        self._watchdog = loop.create_task(self._watch_children(children), name=f"{self.name}-watchdog")
         self._io = io_struct
         self._serializer = MultiprocessingSerializer
         try:  # CUDA buckets go as one flat tensor each (one IPC handle, not one per tensor)
@@ -240,6 +262,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
             return
         self._closed = True
         self._pulse()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._eng is None:
             return
         submitted = [s for s in self._live.values() if s.submitted and not s.done]
@@ -280,6 +304,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[EngineDelta]:
         self.validate(req)
+        if self._dead is not None:
+            raise EngineError(ENGINE_DEAD, self._dead)
         if self._closed:
             raise EngineError("shutting_down", "engine is shut down")
         if self._eng is None:
@@ -290,8 +316,10 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._live[req.rid] = s
         try:
             while True:
-                while not self._runnable() and not s.abort_requested and not self._closed:
+                while not self._runnable() and not s.abort_requested and not self._closed and self._dead is None:
                     await self._changed.wait()
+                if self._dead is not None:
+                    raise EngineError(ENGINE_DEAD, self._dead)
                 if s.abort_requested or self._closed:
                     yield self._final(s, "abort")
                     return
@@ -339,9 +367,56 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def set_death_callback(self, callback: Callable[[str], None]) -> None:
+        """``callback(reason)`` runs once, on the loop, when SGLang's scheduler dies (see ``_die``)."""
+        self._on_death = callback
+        if self._dead is not None:
+            asyncio.get_running_loop().call_soon(callback, self._dead)
+
+    def _sigquit_while_starting(self, signum: Any = None, frame: Any = None) -> None:
+        """ServerArgs.custom_sigquit_handler: a plain signal handler (signal context): hand over to the loop."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._die, "sglang: a scheduler process died (SIGQUIT)")
+        else:  # still inside sglang.Engine(): its start-up fails; the server exits non-zero on it
+            log.error("sglang: a scheduler process died while the engine was starting (SIGQUIT)")
+
+    async def _watch_children(self, procs: list[Any]) -> None:
+        """A process sglang.Engine started that exits while the engine is open means it is dead."""
+        while not self._closed and self._dead is None:
+            await asyncio.sleep(WATCH_CHILDREN_S)
+            gone = [p for p in procs if not p.is_alive()]
+            if gone and not self._closed:
+                p = gone[0]
+                self._die(f"sglang: process {p.name} (pid {p.pid}) exited with status {p.exitcode}")
+
+    def _die(self, reason: str) -> None:
+        """SGLang's scheduler is gone: every live request ends with EngineError(ENGINE_DEAD) now (its
+        generate() is woken: the pending read is cancelled, its ReqState finished), new ones are
+        refused, and the death callback is told, once. ``shutdown`` then only reaps the processes."""
+        if self._dead is not None:
+            return
+        self._dead = reason
+        log.error("sglang engine dead: %s (%d requests live)", reason, len(self._live))
+        for s in list(self._live.values()):
+            s.killed = True
+            s.srid = ""  # nothing to abort inside a dead scheduler
+            if s.pending is not None and not s.pending.done():
+                s.pending.cancel()
+            st = s.state
+            if st is not None and not isinstance(st, StateView) and not st.finished:
+                st.finished = True
+                st.out_list.append({"output_ids": st.output_ids, "meta_info": {"finish_reason": {"type": "abort"}}})
+                st.event.set()
+        self._pulse()
+        if self._on_death is not None:
+            asyncio.get_running_loop().call_soon(self._on_death, reason)
+
     def _keep_sigterm_handler(self) -> None:
         """The TokenizerManager replaces the loop's SIGTERM handler with one that drains and kills the
-        process tree. Make its SIGTERM raise SIGINT instead, which rollwire serve stops on cleanly."""
+        process tree. Make its SIGTERM raise SIGINT instead, which rollwire serve stops on cleanly, and
+        its SIGQUIT (a scheduler died) mark the engine dead instead of killing this process tree."""
+        engine = self
         import signal
 
         from sglang.srt.managers import tokenizer_manager as tm_mod
@@ -353,5 +428,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         class _Handler(base):  # type: ignore[misc, valid-type]
             def sigterm_handler(self, signum: Any = None, frame: Any = None) -> None:
                 signal.raise_signal(signal.SIGINT)
+
+            def running_phase_sigquit_handler(self, signum: Any = None, frame: Any = None) -> None:
+                engine._die("sglang: a scheduler process died (SIGQUIT)")  # a loop signal handler: on the loop
 
         self._tm.signal_handler_class = _Handler

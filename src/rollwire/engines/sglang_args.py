@@ -33,6 +33,11 @@ def _field_types() -> dict[str, str]:
     return {f.name: str(f.type) for f in dataclasses.fields(ServerArgs)}
 
 
+def server_arg_types() -> dict[str, str]:
+    """ServerArgs field name -> annotation text, of the SGLang installed (version gates use it)."""
+    return _field_types()
+
+
 def _base_type(annotation: str) -> str:
     """'A[Optional[int], "help"]' -> 'int'; 'A[List[str], ...]' -> 'list'; unknown -> 'str'."""
     t = annotation.replace(" ", "")

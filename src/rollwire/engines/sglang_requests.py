@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollwire.engines.base import EngineDelta, EngineError, EngineRequest
+from rollwire.engines.base import ENGINE_DEAD, EngineDelta, EngineError, EngineRequest
 from rollwire.messages.generate import FinishReason
 
 
@@ -80,6 +80,7 @@ class RequestsMixin:
     _io: Any
     _version: int
     _closed: bool
+    _dead: str | None
     deterministic: bool
     vocab_size: int
     _mask_processor: str
@@ -159,6 +160,8 @@ class RequestsMixin:
                 except ValueError as e:  # SGLang refused the request
                     raise EngineError("bad_sampling_params", f"sglang: {e}") from None
                 first = s.pending = None
+                if self._dead is not None:  # SGLang's scheduler died (see SGLangEngine._die)
+                    raise EngineError(ENGINE_DEAD, self._dead)
                 meta = out["meta_info"] if out is not None else {}
                 if s.state is None and out is not None and isinstance(out.get("output_ids"), list):
                     s.state = StateView(out)  # no ReqState seen (should not happen): read the output itself
