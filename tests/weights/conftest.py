@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ class Rig:
 
 async def make_rig(system: ActorSystem, *, stall_timeout_s: float = 1.0, receiver_id: str = "r1",
                    known: dict | None = None, endpoint: str | None = None, delay_s: float = 0.0,
-                   coalesce: bool = False) -> Rig:
+                   coalesce: bool = False, curve: Any = None) -> Rig:
     """A receiver and its sink; names are unique per call (ZeroMQ frees an inproc name
     asynchronously after close, so the next test must not bind the same one)."""
     endpoint = endpoint or free_tcp_endpoint()
@@ -43,7 +44,7 @@ async def make_rig(system: ActorSystem, *, stall_timeout_s: float = 1.0, receive
     await system.spawn(lambda: WeightReceiverActor(endpoint, receiver_id=receiver_id,
                                                    apply_endpoint=address(sink_name, "weights"),
                                                    stall_timeout_s=stall_timeout_s, coalesce=coalesce,
-                                                   name=receiver_name))
+                                                   name=receiver_name, **({"curve": curve} if curve else {})))
     return Rig(endpoint, free_tcp_endpoint(), system, sink_name, receiver_name)
 
 

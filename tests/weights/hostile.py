@@ -111,18 +111,24 @@ async def call(sock: zmq.asyncio.Socket, msg: msgspec.Struct, union: Any, rid: i
                 return reply
 
 
-async def handshake_failures(sock: zmq.Socket, n: int = 1, timeout: float = 20.0) -> int:
-    """Wait until ``sock``'s monitor reported ``n`` failed handshakes (CURVE refused); returns the count."""
-    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-    amon = zmq.asyncio.Socket.from_socket(mon) if not isinstance(mon, zmq.asyncio.Socket) else mon
-    seen = 0
-    try:
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class HandshakeWatch:
+    """Counts failed handshakes on a socket (its monitor): start it before the peer connects.
+    A CURVE client refused by the server's allow-list sees HANDSHAKE_FAILED_AUTH, one without
+    CURVE NO_DETAIL; a server whose key the client does not expect sees PROTOCOL."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.mon: Any = sock.get_monitor_socket(HANDSHAKE_FAILED)
+
+    async def wait(self, n: int = 1, timeout: float = 20.0) -> None:
         async with asyncio.timeout(timeout):
-            while seen < n:
-                await amon.recv_multipart()
-                seen += 1
-    finally:
-        sock.disable_monitor()
-        amon.close(linger=0)
-    return seen
+            for _ in range(n):
+                await self.mon.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.mon.close(linger=0)

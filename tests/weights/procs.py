@@ -67,11 +67,16 @@ def _dying_trainer_class(die_at: int) -> Any:
 
 
 async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None,
-                 bucket_bytes: int, pub_endpoint: str | None) -> None:
+                 bucket_bytes: int, pub_endpoint: str | None, curve_files: Any = None) -> None:
     from rollwire.clients.trainer import PushError
 
     cls = _faulty_trainer_class() if die_at is None else _dying_trainer_class(die_at)
-    async with cls(endpoint, timeout_s=30, bucket_bytes=bucket_bytes, pub_endpoint=pub_endpoint) as tp:
+    kw: dict[str, Any] = {}
+    if curve_files is not None:  # (this trainer's .key_secret, [servers' .key files])
+        from rollwire.transports.security import KeyPair, load_public_keys
+
+        kw.update(keys=KeyPair.load(curve_files[0]), receiver_keys=load_public_keys(curve_files[1]))
+    async with cls(endpoint, timeout_s=30, bucket_bytes=bucket_bytes, pub_endpoint=pub_endpoint, **kw) as tp:
         results.put(("started", tp.trainer_id))
         loop = asyncio.get_running_loop()
         while True:
@@ -93,7 +98,8 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
 
 
 def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None = None,
-                 bucket_bytes: int = 512 << 20, device: str = "cpu", pub_endpoint: str | None = None) -> None:
+                 bucket_bytes: int = 512 << 20, device: str = "cpu", pub_endpoint: str | None = None,
+                 curve_files: Any = None) -> None:
     """Push what ``commands`` says: (version, key into ``weights``, transport), publish a step
     message: ("step", step, phase), or corrupt the next shm push: ("corrupt_next",); None stops. The
     weights come from the parent as CPU tensors (building the model here would import transformers:
@@ -102,7 +108,7 @@ def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results:
 
     torch.set_num_threads(1)
     weights = {kind: {k: v.to(device) for k, v in sd.items()} for kind, sd in weights.items()}
-    asyncio.run(_drive(endpoint, weights, commands, results, die_at, bucket_bytes, pub_endpoint))
+    asyncio.run(_drive(endpoint, weights, commands, results, die_at, bucket_bytes, pub_endpoint, curve_files))
 
 
 async def _receive(endpoint: str, receiver_id: str, commands: Any, results: Any, curve_files: Any) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from rollwire.clients.rollout import RolloutClient
 from rollwire.messages import SamplingParams
 from rollwire.server import RolloutServer, ServerConfig
+from rollwire.transports.security import CurveClient, KeyPair, create_keys
 from rollwire.transports.sockets import ipc_endpoint
 from tests.conftest import free_tcp_endpoint
 from tests.weights.procs import tiny_weights, trainer_main
@@ -48,13 +50,25 @@ class TrainerProcess:
         await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 30)
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[RolloutServer, RolloutClient, str]]:
+@pytest.fixture(params=["plain", "curve"])
+async def served(request: pytest.FixtureRequest, tmp_path: Path,
+                 ) -> AsyncIterator[tuple[RolloutServer, RolloutClient, str, dict[str, Any]]]:
+    """A server with its trainer endpoint; "curve": CURVE on every socket (the server's rollout
+    socket, the trainer's ROUTER and PUB, the receiver's DEALERs and SUB), real key files. The last
+    item is what a TrainerProcess needs to be let in."""
     trainer_endpoint = free_tcp_endpoint()
     cfg = ServerConfig(rollout_endpoint=ipc_endpoint("e2e"), trainer_endpoint=trainer_endpoint,
                        receiver_id="server-0", stall_timeout_s=1.5, max_new_tokens_limit=64)
-    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=60) as rc:
-        yield srv, rc, trainer_endpoint
+    trainer_kw: dict[str, Any] = {}
+    client_kw: dict[str, Any] = {}
+    if request.param == "curve":
+        keys = {name: create_keys(tmp_path, name) for name in ("server", "trainer", "worker")}
+        cfg.secret_key, cfg.trainer_keys = str(keys["server"][1]), [str(keys["trainer"][0])]
+        cfg.client_keys = [str(keys["worker"][0])]
+        trainer_kw["curve_files"] = (str(keys["trainer"][1]), [str(keys["server"][0])])
+        client_kw["curve"] = CurveClient(KeyPair.load(keys["worker"][1]), KeyPair.load(keys["server"][0]).public)
+    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=60, **client_kw) as rc:
+        yield srv, rc, trainer_endpoint, trainer_kw
 
 
 async def greedy(rc: RolloutClient) -> tuple[list[int], int]:
@@ -63,11 +77,11 @@ async def greedy(rc: RolloutClient) -> tuple[list[int], int]:
 
 
 async def test_greedy_output_follows_each_version_pushed_from_a_trainer_process_over_inline_shm_and_gloo(
-        served: tuple[RolloutServer, RolloutClient, str]) -> None:
-    _, rc, endpoint = served
+        served: tuple[RolloutServer, RolloutClient, str, dict[str, Any]]) -> None:
+    _, rc, endpoint, kw = served
     original, v0 = await greedy(rc)
     assert v0 == 0
-    trainer = await TrainerProcess(endpoint).start()
+    trainer = await TrainerProcess(endpoint, **kw).start()
     try:
         version = 0
         for transport in ("inline", "shm", "gloo"):
@@ -84,13 +98,13 @@ async def test_greedy_output_follows_each_version_pushed_from_a_trainer_process_
 
 
 async def test_each_bad_version_from_a_trainer_process_is_refused_with_its_code_and_the_old_version_keeps_serving(
-        served: tuple[RolloutServer, RolloutClient, str]) -> None:
+        served: tuple[RolloutServer, RolloutClient, str, dict[str, Any]]) -> None:
     """Wrong shape, wrong dtype, an unknown name, a corrupted shm bucket, then (from a restarted
     trainer) a version not above the live one: each is refused with its typed code, in the trainer
     process's PushError, while the server keeps serving the old version."""
-    srv, rc, endpoint = served
+    srv, rc, endpoint, kw = served
     original = await greedy(rc)
-    trainer = await TrainerProcess(endpoint).start()
+    trainer = await TrainerProcess(endpoint, **kw).start()
     try:
         for version, kind, transport, code in ((1, "bad_shape", "inline", "shape_mismatch"),
                                                (2, "bad_dtype", "shm", "dtype_mismatch"),
@@ -105,7 +119,7 @@ async def test_each_bad_version_from_a_trainer_process_is_refused_with_its_code_
         assert await trainer.push(5, "perturbed", "shm") == ("ok", 5, "shm", ["server-0"])  # the next good one loads
     finally:
         await trainer.stop()
-    restarted = await TrainerProcess(endpoint).start()  # knows nothing of version 5
+    restarted = await TrainerProcess(endpoint, **kw).start()  # knows nothing of version 5
     try:
         failed = await restarted.push(3, "original", "inline")
         assert failed[:3] == ("failed", 3, "inline")
@@ -118,12 +132,12 @@ async def test_each_bad_version_from_a_trainer_process_is_refused_with_its_code_
 
 
 async def test_a_trainer_sigkilled_mid_push_leaves_the_old_version_serving_and_a_restarted_trainer_pushes(
-        served: tuple[RolloutServer, RolloutClient, str]) -> None:
-    srv, rc, endpoint = served
+        served: tuple[RolloutServer, RolloutClient, str, dict[str, Any]]) -> None:
+    srv, rc, endpoint, kw = served
     original = await greedy(rc)
     receiver = srv.system.actor("weight_receiver")
     # small buckets, so the push is many pulls; the trainer kills itself when bucket 3 is asked for
-    dying = await TrainerProcess(endpoint, die_at=3, bucket_bytes=16 << 10).start()
+    dying = await TrainerProcess(endpoint, die_at=3, bucket_bytes=16 << 10, **kw).start()
     dying.commands.put((1, "perturbed", "inline"))
     await asyncio.get_running_loop().run_in_executor(None, dying.proc.join, 60)
     assert dying.proc.exitcode == -9
@@ -132,7 +146,7 @@ async def test_a_trainer_sigkilled_mid_push_leaves_the_old_version_serving_and_a
             await asyncio.sleep(0.05)
     assert receiver.live_version == 0
     assert await greedy(rc) == original  # still serving version 0, unharmed
-    restarted = await TrainerProcess(endpoint).start()
+    restarted = await TrainerProcess(endpoint, **kw).start()
     try:
         assert await restarted.push(1, "perturbed", "inline") == ("ok", 1, "inline", ["server-0"])
         changed, live = await greedy(rc)
