@@ -26,8 +26,9 @@ async def expect(code: ErrorCode, coro: Any) -> None:
 @pytest.fixture
 async def rc() -> Any:
     ep = ipc_endpoint("sess-bad")
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep, max_sessions=3, max_session_tokens=16384)), \
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep, max_sessions=3, max_session_tokens=16384)) as srv, \
             RolloutClient(ep, timeout=60) as client:
+        srv.sessions.max_client_sessions = 4  # above the table: this client fills it (caps: test_session_fairness)
         yield client
 
 

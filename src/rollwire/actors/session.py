@@ -12,11 +12,30 @@ Rules: one turn at a time per session (SESSION_BUSY); a turn that could take the
 kept in the history (the next turn continues from it); a failed turn leaves the history as it
 was. Closing or expiring a session (idle past ``ttl_s``) frees the engine's cached prefix
 (``ForgetSession``). A restart of this actor loses the table: workers then get UNKNOWN_SESSION.
+
+Ownership. A session belongs to the client that opened it (``Origin.client``: its CURVE key, else
+its connection). Any other client that names the session (use, append, close) gets
+UNKNOWN_SESSION, exactly as for an id that never existed, closed and expired ids included: an
+UNAUTHORIZED would confirm to a stranger that a leaked or guessed id is live. Aborts address the
+sender's own request ids, so nobody can abort another client's turn.
+
+Limits. At most ``max_sessions`` open sessions, at most ``max_client_sessions`` per client
+(default half the table, as the GenerationActor's per-client share of its slots: one client never
+locks a newcomer out); beyond either an open is refused (TOO_MANY_SESSIONS / CLIENT_LIMIT, with
+``retry_after_s``) before anything is recorded. A turn is forwarded with the client's name, so the
+GenerationActor counts it against that client's caps and batch share.
+
+A gone client (``on_client_gone``: silent for ``client_timeout_s`` after it spoke liveness) has its
+sessions closed: running turns aborted (their terminal reply goes out, likely undelivered), the
+engine's cached prefixes forgotten. Under CURVE an identity may hold several connections (several
+processes with one key, or a client that reconnected): its sessions go only when the last of its
+connections that beat is gone, since any of them may use them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections import OrderedDict
@@ -65,6 +84,7 @@ class _Turn:
 @dataclass(eq=False)
 class _Session:
     id: str
+    owner: str  # Origin.client of the opener: only it may use, append to or close the session
     max_tokens: int
     ttl_s: float
     keep_stale_prefix: bool
@@ -81,16 +101,21 @@ class SessionActor(Actor):
 
     def __init__(self, *, generation_rollout: str, generation_control: str, max_sessions: int = 4096,
                  max_session_tokens: int = 32768, sweep_interval_s: float = 1.0, name: str = SESSIONS,
-                 client_timeout_s: float = Actor.client_timeout_s) -> None:
+                 client_timeout_s: float = Actor.client_timeout_s, max_client_sessions: int | None = None,
+                 retry_after_s: float = 1.0) -> None:
         super().__init__(name)
         self.client_timeout_s = client_timeout_s
         self._rollout_endpoint = generation_rollout
         self._control_endpoint = generation_control
         self.max_sessions = max_sessions
+        # per client (None: half the table, so one client never takes every slot)
+        self.max_client_sessions = max_client_sessions if max_client_sessions is not None else max(1, max_sessions // 2)
+        self.retry_after_s = retry_after_s  # told to refused opens (too_many_sessions, client_limit)
         self.max_session_tokens = max_session_tokens
         self.sweep_interval_s = sweep_interval_s
         self.sessions: dict[str, _Session] = {}
-        self._gone: OrderedDict[str, ErrorCode] = OrderedDict()  # closed / expired ids
+        self._client_sessions: collections.Counter[str] = collections.Counter()  # owner -> open sessions
+        self._gone: OrderedDict[str, tuple[ErrorCode, str]] = OrderedDict()  # closed / expired id -> (code, owner)
         self._turns: dict[tuple[bytes, int], _Turn] = {}  # (worker, its rid) -> running turn
         self._early_aborts: OrderedDict[tuple[bytes, int], None] = OrderedDict()
         self._orphans: list[_Turn] = []  # turns the supervisor answered: on_stop aborts them
@@ -127,20 +152,26 @@ class SessionActor(Actor):
                                 f"max_tokens={msg.max_tokens} must be in [1, {self.max_session_tokens}]")
         if not msg.ttl_s > 0:
             raise RollwireError(ErrorCode.BAD_FIELD, f"ttl_s={msg.ttl_s} must be > 0")
+        if self._client_sessions[origin.client] >= self.max_client_sessions:
+            self._refuse(origin, ErrorCode.CLIENT_LIMIT,
+                         f"this client has {self.max_client_sessions} sessions open (its limit)")
+            return
         if len(self.sessions) >= self.max_sessions:
-            raise RollwireError(ErrorCode.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions are open (the limit)")
+            self._refuse(origin, ErrorCode.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions are open (the limit)")
+            return
         sid = uuid.uuid4().hex
-        self.sessions[sid] = _Session(sid, msg.max_tokens, msg.ttl_s, msg.keep_stale_prefix)
+        self.sessions[sid] = _Session(sid, origin.client, msg.max_tokens, msg.ttl_s, msg.keep_stale_prefix)
+        self._client_sessions[origin.client] += 1
         self.counters.inc("sessions_opened")
         self.reply_nowait(origin, SessionOpened(session_id=sid, max_tokens=msg.max_tokens, ttl_s=msg.ttl_s))
 
     @handles(AppendTokens)
     async def on_append(self, origin: Origin, msg: AppendTokens, payload: Sequence[Any]) -> None:
-        self._idle_session(msg.session_id)
+        self._idle_session(origin, msg.session_id)
         if not msg.token_ids:
             raise RollwireError(ErrorCode.EMPTY_INPUT, "token_ids is empty")
         await self._check_tokens(msg.token_ids)
-        s = self._idle_session(msg.session_id)  # again: the vocab check may have waited
+        s = self._idle_session(origin, msg.session_id)  # again: the vocab check may have waited
         self._check_room(s, len(msg.token_ids), 0)
         s.history.extend(msg.token_ids)
         s.last_used = time.monotonic()
@@ -148,13 +179,13 @@ class SessionActor(Actor):
 
     @handles(SessionGenerate)
     async def on_generate(self, origin: Origin, msg: SessionGenerate, payload: Sequence[Any]) -> None:
-        self._idle_session(msg.session_id)
+        self._idle_session(origin, msg.session_id)
         sp = msg.sampling_params
         if sp.n != 1:
             raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n}: a session turn is one sample (n=1)")
         if msg.input_ids:
             await self._check_tokens(msg.input_ids)
-        s = self._idle_session(msg.session_id)  # again: the vocab check may have waited
+        s = self._idle_session(origin, msg.session_id)  # again: the vocab check may have waited
         if not s.history and not msg.input_ids:
             raise RollwireError(ErrorCode.EMPTY_INPUT, "the session is empty and input_ids is empty")
         if (origin.conn, origin.rid) in self._turns:
@@ -168,7 +199,8 @@ class SessionActor(Actor):
         try:
             await rpc.send(turn.forward_rid, GenerateRequest(
                 input_ids=prompt, sampling_params=sp, return_logprob=msg.return_logprob, stream=False,
-                min_version=msg.min_version, session_id=s.id, keep_stale_prefix=s.keep_stale_prefix))
+                min_version=msg.min_version, session_id=s.id, keep_stale_prefix=s.keep_stale_prefix,
+                client=origin.client))
             if (origin.conn, origin.rid) in self._early_aborts:  # the worker's abort overtook the turn
                 del self._early_aborts[(origin.conn, origin.rid)]
                 await self._abort(turn)
@@ -208,33 +240,69 @@ class SessionActor(Actor):
 
     @handles(CloseSession)
     async def on_close(self, origin: Origin, msg: CloseSession, payload: Sequence[Any]) -> None:
-        s = self._session(msg.session_id)
+        s = self._session(origin, msg.session_id)
+        self._drop(s, ErrorCode.SESSION_CLOSED)
+        self.counters.inc("sessions_closed")
+        await self._end(s)
+        await self.reply(origin, SessionClosed(session_id=s.id, length=len(s.history), turns=s.turns))
+
+    def on_client_gone(self, sock: str, peer: bytes, client: str) -> None:
+        """Close the gone client's sessions, unless another connection of the same identity (a
+        CURVE key) still beats: any of its connections may use them."""
+        if any(seen[1] == client for seen in self._last_seen.values()):
+            return
+        mine = [s for s in self.sessions.values() if s.owner == client]
+        for s in mine:
+            self._drop(s, ErrorCode.SESSION_EXPIRED)
+            self.spawn(self._end(s))
+        self.counters.inc("client_gone_sessions", len(mine))
+        if mine:
+            self.log.info("client_gone_sessions_closed", client=client, sessions=len(mine),
+                          turns_aborted=sum(s.turn is not None for s in mine))
+
+    # -- internals ------------------------------------------------------------------------
+    def _refuse(self, origin: Origin, code: ErrorCode, message: str) -> None:
+        """An open refused before anything was recorded: the same request may be sent again."""
+        self.counters.inc(f"refused_{code.value}")
+        self.reply_nowait(origin, ErrorReply(code=code, message=message, origin=self.name,
+                                             retry_after_s=self.retry_after_s))
+
+    def _session(self, origin: Origin, session_id: str) -> _Session:
+        """The sender's session; another client's (open or gone) is as unknown as a made-up id."""
+        s = self.sessions.get(session_id)
+        if s is not None and s.owner == origin.client:
+            return s
+        code, owner = self._gone.get(session_id, (ErrorCode.UNKNOWN_SESSION, origin.client))
+        if s is not None or owner != origin.client:
+            self.counters.inc("not_owner")
+            code = ErrorCode.UNKNOWN_SESSION
+        if code is ErrorCode.SESSION_EXPIRED:
+            raise RollwireError(code, f"session {session_id} expired (idle past its ttl_s, or its client went silent)")
+        if code is ErrorCode.SESSION_CLOSED:
+            raise RollwireError(code, f"session {session_id} is closed")
+        raise RollwireError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r} on this server")
+
+    def _drop(self, s: _Session, code: ErrorCode) -> None:
+        """Remove ``s`` from the table (no one can use it from here on); ``_end`` frees its engine state."""
         s.closed = True
         del self.sessions[s.id]
-        self._remember_gone(s.id, ErrorCode.SESSION_CLOSED)
-        self.counters.inc("sessions_closed")
-        if s.turn is not None:  # abort it; its reply reaches the worker, then the prefix goes
+        self._client_sessions[s.owner] -= 1
+        if not self._client_sessions[s.owner]:
+            del self._client_sessions[s.owner]
+        self._remember_gone(s.id, code, s.owner)
+
+    async def _end(self, s: _Session) -> None:
+        """Free a dropped session's engine state: a running turn is aborted (its reply reaches the
+        worker, then the turn's end forgets the prefix), else the prefix is forgotten now."""
+        if s.turn is not None:
             turn = s.turn
             await self._abort(turn)
             await asyncio.wait([asyncio.ensure_future(turn.ended.wait())], timeout=MAX_ABORT_WAIT_S)
         else:
             await self._forget(s.id)
-        await self.reply(origin, SessionClosed(session_id=s.id, length=len(s.history), turns=s.turns))
 
-    # -- internals ------------------------------------------------------------------------
-    def _session(self, session_id: str) -> _Session:
-        s = self.sessions.get(session_id)
-        if s is not None:
-            return s
-        code = self._gone.get(session_id)
-        if code is ErrorCode.SESSION_EXPIRED:
-            raise RollwireError(code, f"session {session_id} expired (idle past its ttl_s)")
-        if code is ErrorCode.SESSION_CLOSED:
-            raise RollwireError(code, f"session {session_id} is closed")
-        raise RollwireError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r} on this server")
-
-    def _idle_session(self, session_id: str) -> _Session:
-        s = self._session(session_id)
+    def _idle_session(self, origin: Origin, session_id: str) -> _Session:
+        s = self._session(origin, session_id)
         if s.turn is not None:
             raise RollwireError(ErrorCode.SESSION_BUSY, f"session {session_id} has a turn running")
         return s
@@ -276,8 +344,8 @@ class SessionActor(Actor):
             self.counters.inc("forget_failed")
             self.log.warning("forget_session_failed", session_id=session_id, error=reply.message)
 
-    def _remember_gone(self, session_id: str, code: ErrorCode) -> None:
-        self._gone[session_id] = code
+    def _remember_gone(self, session_id: str, code: ErrorCode, owner: str) -> None:
+        self._gone[session_id] = (code, owner)
         while len(self._gone) > MAX_TOMBSTONES:
             self._gone.popitem(last=False)
 
@@ -289,9 +357,7 @@ class SessionActor(Actor):
             now = time.monotonic()
             expired = [s for s in self.sessions.values() if s.turn is None and now - s.last_used > s.ttl_s]
             for s in expired:
-                del self.sessions[s.id]
-                s.closed = True
-                self._remember_gone(s.id, ErrorCode.SESSION_EXPIRED)
+                self._drop(s, ErrorCode.SESSION_EXPIRED)
                 self.counters.inc("sessions_expired")
                 self.log.info("session_expired", session_id=s.id, tokens=len(s.history), turns=s.turns)
             for s in expired:
