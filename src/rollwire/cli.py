@@ -1,4 +1,4 @@
-"""Command line: ``rollwire serve | generate | status | demo | bench``."""
+"""Command line: ``rollwire serve | generate | status | keys | demo | bench``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import msgspec
 
 from rollwire.runtime.logging import LEVEL_ENV, configure_logging
 from rollwire.server import RolloutServer, ServerConfig, run
+from rollwire.transports.security import CurveClient, KeyPair, create_keys
 
 DEFAULT_ROLLOUT = "tcp://127.0.0.1:7500"
 
@@ -66,6 +67,31 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="SessionActor endpoint (default: a free tcp port on the rollout host, or <ipc path>-sessions)")
     p.add_argument("--max-sessions", type=int, default=4096)
     p.add_argument("--max-session-tokens", type=int, default=32768, help="upper bound of a session's max_tokens")
+    sec = p.add_argument_group("trust and liveness")
+    sec.add_argument("--secret-key", default=None,
+                     help="this server's .key_secret (from `rollwire keys`): turns CURVE on for every public socket")
+    sec.add_argument("--client-keys", action="append", default=[],
+                     help="rollout clients' .key files or directories of them (repeatable)")
+    sec.add_argument("--trainer-keys", action="append", default=[],
+                     help="trainers' .key files; the first is the trainer this server pulls weights from")
+    sec.add_argument("--insecure", action="store_true",
+                     help="allow binding a non-loopback tcp address without keys")
+    sec.add_argument("--client-timeout", type=float, default=15.0,
+                     help="seconds of silence after which a client is gone and its requests and sessions are freed "
+                          "(clients beat every second; 0: never)")
+
+
+def add_client_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", default=None, help="this client's .key_secret (CURVE); needs --server-key")
+    p.add_argument("--server-key", default=None, help="the server's public .key file")
+
+
+def client_curve(a: argparse.Namespace) -> CurveClient | None:
+    if (a.key is None) != (a.server_key is None):
+        raise SystemExit("--key and --server-key go together")
+    if a.key is None:
+        return None
+    return CurveClient(KeyPair.load(a.key), KeyPair.load(a.server_key).public)
 
 
 def _all_engine_args(a: argparse.Namespace) -> dict[str, str]:
@@ -95,7 +121,9 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         trainer_endpoint=a.trainer_endpoint, mode=a.mode, pause_policy=a.pause_policy,
                         drain_deadline_s=a.drain_deadline, coalesce=a.coalesce, max_staleness=a.max_staleness,
                         receiver_id=a.receiver_id, session_endpoint=a.session_endpoint,
-                        max_sessions=a.max_sessions, max_session_tokens=a.max_session_tokens)
+                        max_sessions=a.max_sessions, max_session_tokens=a.max_session_tokens,
+                        secret_key=a.secret_key, client_keys=a.client_keys, trainer_keys=a.trainer_keys,
+                        insecure=a.insecure, client_timeout_s=a.client_timeout)
 
 
 async def _generate(a: argparse.Namespace) -> int:
@@ -103,7 +131,7 @@ async def _generate(a: argparse.Namespace) -> int:
     from rollwire.messages import SamplingParams
 
     sp = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
-    async with RolloutClient(a.endpoint, timeout=a.timeout) as rc:
+    async with RolloutClient(a.endpoint, timeout=a.timeout, curve=client_curve(a)) as rc:
         try:
             out = await rc.generate(_ids(a.input_ids), sp, return_logprob=a.logprobs)
         except RolloutError as e:
@@ -114,10 +142,21 @@ async def _generate(a: argparse.Namespace) -> int:
 
 
 async def _status(a: argparse.Namespace) -> int:
-    from rollwire.clients.rollout import RolloutClient
+    from rollwire.clients.rollout import RolloutClient, RolloutError
 
-    async with RolloutClient(a.endpoint) as rc:
-        print(json.dumps(as_builtins(await rc.status(timeout=a.timeout))))
+    async with RolloutClient(a.endpoint, curve=client_curve(a)) as rc:
+        try:
+            print(json.dumps(as_builtins(await rc.status(timeout=a.timeout))))
+        except RolloutError as e:
+            print(json.dumps({"error": e.code.value, "message": e.message}))
+            return 1
+    return 0
+
+
+def _keys(a: argparse.Namespace) -> int:
+    for name in a.names:
+        public, secret = create_keys(a.dir, name)
+        print(f"{name}: public {public}  secret {secret}")
     return 0
 
 
@@ -138,10 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--logprobs", action="store_true")
     g.add_argument("--timeout", type=float, default=60.0)
+    add_client_key_args(g)
 
     st = sub.add_parser("status", help="print a server's status as JSON")
     st.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
     st.add_argument("--timeout", type=float, default=5.0)
+    add_client_key_args(st)
+
+    k = sub.add_parser("keys", help="make CURVE key pairs: NAME.key (public, give it out) and NAME.key_secret (0600)")
+    k.add_argument("names", nargs="+", help="e.g. server trainer worker")
+    k.add_argument("--dir", default="keys", help="directory to write them in (created mode 0700)")
 
     from rollwire.bench import add_bench_args
     from rollwire.demo import add_demo_args
@@ -156,8 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[LEVEL_ENV] = a.log_level  # for the processes it spawns
     configure_logging(a.log_format, a.log_level)
     if a.cmd == "serve":
-        run(RolloutServer(server_config(a)).serve_forever())
-        return 0
+        server = RolloutServer(server_config(a))
+        status = int(run(server.serve_forever()))  # type: ignore[call-overload]
+        if server.exit_reason is not None:
+            print(f"rollwire serve: stopped: {server.exit_reason}", file=sys.stderr)
+        return status
+    if a.cmd == "keys":
+        return _keys(a)
     if a.cmd == "generate":
         return int(run(_generate(a)))  # type: ignore[call-overload]
     if a.cmd == "status":

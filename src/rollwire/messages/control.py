@@ -35,5 +35,6 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", arra
     """Liveness, both ways, on every client socket (rid 0). A client sends one when it has sent
     nothing for a heartbeat interval; the server answers each at once. Any traffic counts as a
     beat: a client with calls pending that hears nothing for its liveness bound fails them with
-    SERVER_UNAVAILABLE; a server that hears nothing from a client for ``--client-timeout`` aborts
-    that client's requests and frees its waiting requests and sessions."""
+    SERVER_UNAVAILABLE. A client that has sent a Heartbeat has opted in: once it is silent for
+    ``--client-timeout``, the server aborts its requests and frees its waiting requests and
+    sessions (a client that never beats is not judged by silence)."""

@@ -278,7 +278,7 @@ class Actor:
             peer = frames[0]
             if not client:
                 client = f"internal:{peer.hex()}" if key == port else f"peer:{peer.hex()}"
-        if key != port:
+        if key != port and (key, peer) in self._last_seen:
             self._last_seen[(key, peer)] = (time.monotonic(), client)
         try:
             rid, msg, payload = codec.decode(frames[1:])
@@ -289,14 +289,18 @@ class Actor:
             self.send_error_soon(Origin(port, key, peer, rid, client), code, text)
             return
         origin = Origin(port, key, peer, rid, client)
-        if type(msg) is Heartbeat:
+        if type(msg) is Heartbeat:  # the peer speaks liveness: from now on, silence means it is gone
+            if key != port:
+                self._last_seen[(key, peer)] = (time.monotonic(), client)
             self.reply_nowait(origin, _HEARTBEAT)
             return
         self._handle(origin, msg, payload)
 
     async def _sweep_clients(self) -> None:
-        """Liveness of public peers: one silent for ``client_timeout_s`` (clients beat every second
-        or so while connected) is gone: ``on_client_gone`` frees what it held."""
+        """Liveness of public peers that beat (RolloutClient does, every second while connected):
+        one silent for ``client_timeout_s`` is gone and ``on_client_gone`` frees what it held. A peer
+        that never sent a Heartbeat (a raw pyzmq client) is not judged by silence: its requests run
+        to their end; ZMTP heartbeats still close its connection if its host vanishes."""
         period = max(0.05, self.client_timeout_s / 4)
         while True:
             await asyncio.sleep(period)

@@ -28,6 +28,7 @@ import zmq
 
 from rollwire.messages.codec import Buffer, Codec, ProtocolError
 from rollwire.messages.control import Heartbeat
+from rollwire.messages.errors import ErrorCode
 from rollwire.transports import sockets
 from rollwire.transports.security import CurveClient
 
@@ -169,20 +170,23 @@ class RpcClient(Generic[R]):
         self.server_deaths += 1
         self._fail_all(ServerUnavailable(f"no reply or heartbeat from {self.endpoint} for {silent_s:.1f}s "
                                          f"(liveness bound {self.liveness_s}s)"))
-        if self._recv_task is not None:
-            self._recv_task.cancel()
-            await asyncio.gather(self._recv_task, return_exceptions=True)
-        self._sock.close(linger=0)
+        # swap first, then retire the old pair: a send meanwhile goes to the fresh socket
+        old_task, old_sock = self._recv_task, self._sock
         self._sock = self._new_socket()
         self._last_rx = time.monotonic()
         self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="rpc-recv")
+        if old_task is not None:
+            old_task.cancel()
+            await asyncio.gather(old_task, return_exceptions=True)
+        old_sock.close(linger=0)
 
     async def _recv_loop(self) -> None:
         copy = not self._zero_copy
-        ready = sockets.shadow(self._sock)
+        sock = self._sock  # this task's socket, even after _server_died swaps in a fresh one
+        ready = sockets.shadow(sock)
         try:
             while True:
-                frames: list[Any] = await self._sock.recv_multipart(copy=copy)
+                frames: list[Any] = await sock.recv_multipart(copy=copy)
                 self._last_rx = time.monotonic()
                 delivered = 0
                 while True:  # every reply already queued, without a Future each
@@ -204,15 +208,25 @@ class RpcClient(Generic[R]):
         try:
             rid, msg, payload = self._codec.decode(frames)
         except ProtocolError as e:
-            self.bad_replies += 1
-            waiter = self._waiters.get(e.rid)
-            if waiter is None:
-                return
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait(e)
-            elif not waiter.done():
-                waiter.set_exception(e)
+            self._bad_reply(e)
             return
+        except Exception as e:  # a decoder bug (or a hostile server) costs one reply, never the loop
+            self._bad_reply(ProtocolError(ErrorCode.BAD_FRAME, f"undecodable reply: {e!r}"))
+            return
+        self._deliver(rid, msg, payload)
+
+    def _bad_reply(self, e: ProtocolError) -> None:
+        """Counted; the request it names (if any is waiting) gets the typed error."""
+        self.bad_replies += 1
+        waiter = self._waiters.get(e.rid)
+        if waiter is None:
+            return
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait(e)
+        elif not waiter.done():
+            waiter.set_exception(e)
+
+    def _deliver(self, rid: int, msg: Any, payload: Sequence[Buffer]) -> None:
         waiter = self._waiters.get(rid)
         if waiter is None:
             if rid != 0 or type(msg) is not Heartbeat:

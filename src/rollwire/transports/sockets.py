@@ -43,6 +43,7 @@ SEND_TIMEOUT_S = 10.0
 # Per-frame inbound limits (ZMQ_MAXMSGSIZE). Request sockets carry token lists, not tensors.
 REQUEST_MAX_FRAME = 64 << 20  # rollout, session, control sockets: a 16M-token prompt still fits
 BUCKET_MAX_FRAME = 4 << 30  # the weight-data path: one bucket (slime and verl use 512 MiB)
+ZMTP_HEARTBEAT_MS = 1000
 
 _context: zmq.asyncio.Context | None = None
 
@@ -107,6 +108,15 @@ def inproc_endpoint(name: str) -> str:
     return f"inproc://rollwire/{name}"
 
 
+def zmtp_heartbeats(sock: zmq.Socket, interval_ms: int = ZMTP_HEARTBEAT_MS) -> None:
+    """ZeroMQ's own PING/PONG (answered by libzmq's I/O thread, whatever the application does):
+    a connection whose peer vanished without a FIN (host down, cable cut) is closed after three
+    missed beats, so a ROUTER's reply to it fails (EHOSTUNREACH) and a DEALER reconnects."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * interval_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * interval_ms)
+
+
 def _configure(sock: zmq.asyncio.Socket, hwm: int, max_frame_bytes: int | None = None) -> None:
     sock.setsockopt(zmq.LINGER, DEFAULT_LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -130,6 +140,8 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
     try:
         if curve is not None:
             curve.apply(sock)
+        if any(not ep.startswith("inproc://") for ep in binds):
+            zmtp_heartbeats(sock)
         for ep in binds:
             check_ipc_private(ep)
             sock.bind(ep)
@@ -173,6 +185,8 @@ def dealer(connect: str, *, identity: bytes | None = None, hwm: int = DEFAULT_HW
     sock.setsockopt(zmq.IDENTITY, identity or uuid.uuid4().bytes)
     if curve is not None:
         curve.apply(sock)
+    if not connect.startswith("inproc://"):
+        zmtp_heartbeats(sock)
     sock.connect(connect)
     return sock
 
