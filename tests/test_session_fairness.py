@@ -1,0 +1,218 @@
+"""Sessions are owned, capped per client, and freed when their client is gone: real `rollwire serve`
+processes (hf engine, tiny model), each test saying what happened to every turn it started.
+
+* Another client that knows a session id can neither use, append to, close, nor abort a turn of it:
+  it gets unknown_session (as for an id that never existed), and the owner's session goes on.
+* One client cannot open every session slot: beyond its cap it gets client_limit with
+  retry_after_s, another client still opens sessions, and refused opens leave nothing behind.
+* A SIGKILLed worker's sessions are closed once it is silent for --client-timeout: its running
+  turn is aborted in the engine, the engine's cached prefixes are forgotten, and the slots it
+  held open for others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from rollwire import RolloutClient, RolloutError, SamplingParams
+from rollwire.clients.session import Session
+from rollwire.messages import AbortRequest, ErrorCode, ErrorReply, GenerateDone, OpenSession, StatusReply
+
+from .conftest import free_tcp_endpoint
+from .test_engine_faults import stop
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
+
+
+def serve_sessions(endpoint: str, *extra: str, session_kw: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+    """`rollwire serve` in a child process; ``session_kw`` sets SessionActor constructor defaults
+    (``max_client_sessions``) until `serve` has a flag for them."""
+    script = ("import sys\n"
+              "from rollwire.actors.session import SessionActor\n"
+              f"SessionActor.__init__.__kwdefaults__.update({session_kw or {}!r})\n"
+              "from rollwire.cli import main\n"
+              f"sys.exit(main(['--log-level', 'warning', 'serve', '--rollout-endpoint', {endpoint!r}, "
+              f"'--max-new-tokens-limit', '4000', *{list(extra)!r}]))\n")
+    return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, within_s: float = 60.0) -> None:
+    """Poll ``check`` until it holds (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, f"not reached within {within_s}s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def expect(code: ErrorCode, call: Awaitable[Any]) -> RolloutError:
+    with pytest.raises(RolloutError) as info:
+        await call
+    assert info.value.code == code, info.value
+    return info.value
+
+
+async def refused_open(rc: RolloutClient) -> ErrorReply:
+    """An open whose raw reply must be a refusal (RolloutError does not carry retry_after_s)."""
+    reply = (await (await rc._sessions()).call(OpenSession(), timeout=30)).msg
+    assert isinstance(reply, ErrorReply), reply
+    return reply
+
+
+def impostor(rc: RolloutClient, session_id: str) -> Session:
+    """A Session object of ``rc`` that names someone else's session id."""
+    s = rc.session()
+    s.id = session_id
+    return s
+
+
+async def test_another_client_that_knows_a_session_id_can_neither_use_append_abort_nor_close_it() -> None:
+    ep = free_tcp_endpoint()
+    proc = serve_sessions(ep)
+    try:
+        async with RolloutClient(ep, timeout=120) as owner, RolloutClient(ep, timeout=120) as other:
+            await owner.wait_ready(timeout=120)
+            s = owner.session(max_tokens=8192)
+            await s.open()
+            first = await s.generate([5, 6, 7], GREEDY)
+            thief = impostor(other, s.id)
+            thief._rpc = await other._sessions()
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.generate([1], GREEDY))
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.append([1, 2]))
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.close())
+            # the owner's turn runs; the other client aborts "its" rid: it names only its own requests
+            turn = asyncio.ensure_future(s.generate([8], LONG))
+            await until(lambda: _engine(owner, "running", 1), "the owner's long turn runs")
+            for rid in range(1, 64):  # whatever rid the owner used, the other client cannot reach it
+                await thief._rpc.send(0, AbortRequest(target_rid=rid))
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.generate([1], GREEDY))  # a fence after the aborts
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.append([3]))
+            assert not turn.done()
+            done = await turn
+            assert done.finish_reason == "length" and len(done.output_ids) == 4000  # the other's aborts did nothing
+            traj = s.trajectory()
+            assert traj.token_ids == [5, 6, 7, *first.output_ids, 8, *done.output_ids]  # nothing of the thief's
+            closed = await s.close()
+            assert closed.length == len(traj.token_ids) and closed.turns == 2
+            # a closed session is as unknown to the other client as one that never existed
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.generate([1], GREEDY))
+            await expect(ErrorCode.SESSION_CLOSED, s.append([1]))  # its owner is told the truth
+            assert (await owner.status()).in_flight == 0
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
+async def test_one_client_cannot_open_every_session_slot_and_refused_opens_leave_nothing() -> None:
+    """--max-sessions 8: the default per-client cap is half the table (4)."""
+    ep = free_tcp_endpoint()
+    proc = serve_sessions(ep, "--max-sessions", "8")
+    try:
+        async with RolloutClient(ep, timeout=120) as a, RolloutClient(ep, timeout=120) as b, \
+                RolloutClient(ep, timeout=120) as c:
+            await a.wait_ready(timeout=120)
+            mine = [a.session() for _ in range(4)]
+            for s in mine:
+                await s.open()
+            for _ in range(20):  # a flood of refused opens records nothing
+                err = await refused_open(a)
+                assert err.code == ErrorCode.CLIENT_LIMIT and err.retry_after_s > 0 and "limit" in err.message, err
+            theirs = [b.session() for _ in range(4)]
+            for s in theirs:  # the other client gets its share
+                await s.open()
+            await expect(ErrorCode.CLIENT_LIMIT, b.session().open())
+            err = await refused_open(c)  # the table is full: 8
+            assert err.code == ErrorCode.TOO_MANY_SESSIONS and err.retry_after_s > 0, err
+            await mine[0].close()  # one slot back: the refused flood did not hold it
+            extra = c.session()
+            await extra.open()
+            await expect(ErrorCode.TOO_MANY_SESSIONS, a.session().open())
+            for s in (*mine[1:], *theirs, extra):  # every open session works
+                out = await s.generate([3, 4], GREEDY)
+                assert isinstance(out, GenerateDone) and out.finish_reason == "length"
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
+WORKER = """
+import asyncio, sys
+from rollwire import RolloutClient, SamplingParams
+from rollwire.messages import Heartbeat
+SP = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
+async def main():
+    async with RolloutClient(sys.argv[1]) as rc:
+        await rc.wait_ready(timeout=120)
+        done, running, idle = rc.session(max_tokens=8192), rc.session(max_tokens=8192), rc.session()
+        for s in (done, running, idle):
+            await s.open()
+        await done.generate([5, 6, 7], SP)  # its KV prefix stays cached in the engine
+        await running.generate([9, 9], SP)
+        turn = asyncio.ensure_future(running.generate([8], LONG))
+        await (await rc._sessions()).send(0, Heartbeat())  # liveness spoken on the session link
+        print("ready", flush=True)
+        await turn
+asyncio.run(main())
+"""
+
+
+async def test_a_sigkilled_workers_sessions_are_closed_its_turn_aborted_and_its_kv_freed() -> None:
+    """The worker holds 3 of the 4 slots: one session with a finished turn, one with a 4000-token turn
+    running, one never used. After SIGKILL and --client-timeout 1: the running turn ends aborted in
+    the engine (finish_abort), no request is left in flight, the engine's prefixes of both used
+    sessions are forgotten, and another client opens all 4 slots."""
+    ep = free_tcp_endpoint()
+    proc = serve_sessions(ep, "--max-sessions", "4", "--client-timeout", "1", session_kw={"max_client_sessions": 4})
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, ep], stdout=subprocess.PIPE)
+    try:
+        async with RolloutClient(ep, timeout=120) as rc:
+            await rc.wait_ready(timeout=120)
+            assert worker.stdout is not None
+            line = await asyncio.get_running_loop().run_in_executor(None, worker.stdout.readline)
+            assert line.strip() == b"ready", line
+            await until(lambda: _engine(rc, "running", 1), "the worker's long turn runs in the engine")
+            await until(lambda: _engine(rc, "prefix_sessions", 2), "both used sessions hold cached KV")
+            probe = rc.session()
+            await probe.open()  # 3 + 1: the table is full
+            await expect(ErrorCode.TOO_MANY_SESSIONS, rc.session().open())
+            await probe.close()
+            before = await rc.status()
+            assert before.in_flight == 1 and before.counters.get("finish_abort", 0) == 0
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+
+            async def freed() -> bool:
+                st = await rc.status()
+                c = st.counters
+                return st.in_flight == 0 and c["engine.running"] == 0 and c["engine.prefix_sessions"] == 0
+
+            await until(freed, "the gone worker's turn aborted and its sessions forgotten")
+            st = await rc.status()
+            assert st.counters["finish_abort"] == 1  # the running turn: aborted in the engine, not finished
+            assert st.counters.get("finish_length", 0) == before.counters.get("finish_length", 0)
+            assert st.counters.get("restarts", 0) == 0
+            mine = [rc.session() for _ in range(4)]
+            for s in mine:  # every slot the worker held is free again
+                await s.open()
+            for s in mine:
+                assert (await s.generate([3, 4], GREEDY)).finish_reason == "length"
+        assert proc.poll() is None
+    finally:
+        stop(worker)
+        stop(proc)
+
+
+async def _engine(rc: RolloutClient, key: str, value: float) -> bool:
+    st: StatusReply = await rc.status()
+    return st.counters.get(f"engine.{key}") == value
