@@ -34,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,12 @@ CONFIGS: dict[str, tuple[str, str, str]] = {
     "rw_server_only": ("rw_sync", "raw_async", "rollwire server <- raw asyncio client"),
     "rw_client_only": ("raw_async", "rollwire", "raw asyncio server <- RpcClient.call"),
     "rw_spawn_reply": ("rw_spawn", "rollwire", "Actor sync handler + spawn(reply) <- RpcClient.call"),
+    # trust and liveness (issue 14): the same rollwire ends with CURVE, with client heartbeats
+    "rollwire_curve": ("rw_sync+curve", "rollwire+curve", "rollwire both ends, CURVE (Ironhouse) on"),
+    "raw_async_curve": ("raw_async+curve", "raw_async+curve", "raw asyncio both ends, CURVE on (its floor)"),
+    "rollwire_heartbeat": ("rw_sync", "rollwire+hb", "rollwire, client heartbeats every 1 s (RolloutClient's default)"),
 }
+TARGET_CURVE_P50 = 1.2  # rollwire_curve p50 <= 1.2 x rollwire plain
 
 
 HEADLINE = "rollwire"
@@ -123,6 +129,15 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
                        "p50_met": h["p50_vs_raw_async"] <= TARGET_P50_RATIO,
                        "rate_ratio": h["rate_vs_raw_async"], "rate_target": TARGET_RATE_RATIO,
                        "rate_met": h["rate_vs_raw_async"] >= TARGET_RATE_RATIO}
+        if HEADLINE in rows and "rollwire_curve" in rows:
+            ratio = rows["rollwire_curve"]["p50_us"] / rows[HEADLINE]["p50_us"]
+            targets.update({"curve_p50_ratio": ratio, "curve_p50_target": TARGET_CURVE_P50,
+                            "curve_p50_met": ratio <= TARGET_CURVE_P50,
+                            "curve_rate_ratio": rows["rollwire_curve"]["msgs_per_s"] / rows[HEADLINE]["msgs_per_s"]})
+        if HEADLINE in rows and "rollwire_heartbeat" in rows:
+            targets.update({
+                "heartbeat_p50_ratio": rows["rollwire_heartbeat"]["p50_us"] / rows[HEADLINE]["p50_us"],
+                "heartbeat_rate_ratio": rows["rollwire_heartbeat"]["msgs_per_s"] / rows[HEADLINE]["msgs_per_s"]})
         results[transport] = {"rows": rows, "targets": targets}
     return results
 
@@ -144,7 +159,13 @@ def _print(res: dict[str, Any], a: argparse.Namespace) -> None:
         print(f"(the rollwire row's handler replies with {a.reply_path}; "
               f"rw_reply_nowait is {'Actor.reply_nowait' if a.reply_path == 'reply_nowait' else 'a prototype of it'})")
         t = r["targets"]
-        if t:
+        if "curve_p50_ratio" in t:
+            print(f"CURVE on vs off (rollwire both ends): p50 {t['curve_p50_ratio']:.2f}x (<= {TARGET_CURVE_P50}: "
+                  f"{'met' if t['curve_p50_met'] else 'MISSED'}), pipelined rate {t['curve_rate_ratio']:.2f}x")
+        if "heartbeat_p50_ratio" in t:
+            print(f"heartbeats on vs off: p50 {t['heartbeat_p50_ratio']:.2f}x, pipelined rate "
+                  f"{t['heartbeat_rate_ratio']:.2f}x (1.00 = not measurable)")
+        if "p50_ratio" in t:
             print(f"targets ({HEADLINE} vs {FLOOR}): p50 {t['p50_ratio']:.2f}x (<= {t['p50_target']}: "
                   f"{'met' if t['p50_met'] else 'MISSED'}), pipelined {t['rate_ratio']:.2f}x "
                   f"(>= {t['rate_target']}: {'met' if t['rate_met'] else 'MISSED'})")
@@ -188,7 +209,13 @@ def main() -> None:
     print(f"$ {command}", file=sys.stderr)
     t0 = time.perf_counter()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    res = measure(a)
+    with tempfile.TemporaryDirectory() as keys:  # fresh CURVE pairs for the +curve configs
+        from rollwire.transports.security import create_keys
+
+        create_keys(keys, "server")
+        create_keys(keys, "client")
+        os.environ["ROLLWIRE_BENCH_KEYS"] = keys
+        res = measure(a)
     _print(res, a)
     out = {"command": command, "seconds": time.perf_counter() - t0,
            "params": {k: getattr(a, k) for k in ("repeats", "calls", "messages", "window", "warmup", "configs")},

@@ -7,7 +7,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,25 @@ def _has_reply_nowait() -> bool:
 def _endpoint(transport: str) -> str:
     if transport == "tcp":
         return free_tcp_endpoint()
-    return f"ipc://{tempfile.gettempdir()}/rw-bench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    from rollwire.transports.sockets import ipc_endpoint
+
+    return ipc_endpoint("bench")  # in the private (0700) directory rollwire binds ipc sockets in
+
+
+def _curve_server() -> Any:
+    """Options ride on the kind: ``+curve`` (keys from ROLLWIRE_BENCH_KEYS, made by rpc_echo.py)."""
+    from rollwire.transports.security import ROLLOUT_DOMAIN, CurveServer, KeyPair
+
+    d = Path(os.environ["ROLLWIRE_BENCH_KEYS"])
+    return CurveServer(KeyPair.load(d / "server.key_secret"), ROLLOUT_DOMAIN,
+                       frozenset({KeyPair.load(d / "client.key").public}))
+
+
+def _curve_client() -> Any:
+    from rollwire.transports.security import CurveClient, KeyPair
+
+    d = Path(os.environ["ROLLWIRE_BENCH_KEYS"])
+    return CurveClient(KeyPair.load(d / "client.key_secret"), KeyPair.load(d / "server.key").public)
 
 
 def _ready() -> None:
@@ -58,11 +75,13 @@ def serve_raw_sync(endpoint: str) -> None:
         sock.send_multipart([frames[0], frames[1], REPLY_BODY])
 
 
-async def serve_raw_async(endpoint: str) -> None:
+async def serve_raw_async(endpoint: str, curve: bool = False) -> None:
     import zmq.asyncio
 
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
+    if curve:
+        _curve_server().apply(sock)
     sock.bind(endpoint)
     _ready()
     while True:
@@ -70,7 +89,7 @@ async def serve_raw_async(endpoint: str) -> None:
         await sock.send_multipart([frames[0], frames[1], REPLY_BODY])
 
 
-async def serve_rollwire(endpoint: str, kind: str) -> None:
+async def serve_rollwire(endpoint: str, kind: str, curve: bool = False) -> None:
     from rollwire.runtime import Actor, ActorSystem, Origin, Port, handles
     from rollwire.runtime.logging import configure_logging
 
@@ -118,7 +137,8 @@ async def serve_rollwire(endpoint: str, kind: str) -> None:
              "rw_async": AsyncHandler, "rw_nowait": ReplyNowait}
     actor_cls = kinds[kind]
     system = ActorSystem()
-    await system.spawn(lambda: actor_cls("echo"), public={"rollout": [endpoint]})
+    await system.spawn(lambda: actor_cls("echo"), public={"rollout": [endpoint]},
+                       curve=_curve_server() if curve else None)
     _ready()
     await asyncio.Event().wait()
 
@@ -191,11 +211,13 @@ def client_raw_sync(endpoint: str, a: argparse.Namespace) -> dict[str, float]:
     return _summary(lat, a.messages, ph.stop("pipe", a.messages), ph)
 
 
-async def client_raw_async(endpoint: str, a: argparse.Namespace) -> dict[str, float]:
+async def client_raw_async(endpoint: str, a: argparse.Namespace, curve: bool = False) -> dict[str, float]:
     import zmq.asyncio
 
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
+    if curve:
+        _curve_client().apply(sock)
     sock.connect(endpoint)
     for _ in range(a.warmup):
         await sock.send_multipart(REQUEST_FRAMES)
@@ -224,10 +246,12 @@ async def client_raw_async(endpoint: str, a: argparse.Namespace) -> dict[str, fl
     return _summary(lat, a.messages, ph.stop("pipe", a.messages), ph)
 
 
-async def client_rollwire(endpoint: str, a: argparse.Namespace) -> dict[str, float]:
-    from rollwire.transports.rpc import RpcClient
+async def client_rollwire(endpoint: str, a: argparse.Namespace, curve: bool = False,
+                          heartbeat: bool = False) -> dict[str, float]:
+    from rollwire.transports.rpc import DEFAULT_HEARTBEAT_S, RpcClient
 
-    rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply)
+    rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, curve=_curve_client() if curve else None,
+                                    heartbeat_s=DEFAULT_HEARTBEAT_S if heartbeat else None)
     req = HealthRequest()
     try:
         for _ in range(a.warmup):
@@ -260,17 +284,20 @@ async def client_rollwire(endpoint: str, a: argparse.Namespace) -> dict[str, flo
 
 
 def run_server(kind: str, endpoint: str) -> None:
+    kind, *opts = kind.split("+")
     if kind == "raw_sync":
         serve_raw_sync(endpoint)
     elif kind == "raw_async":
-        _run_on_uvloop(serve_raw_async(endpoint))
+        _run_on_uvloop(serve_raw_async(endpoint, curve="curve" in opts))
     else:
-        _run_on_uvloop(serve_rollwire(endpoint, kind))
+        _run_on_uvloop(serve_rollwire(endpoint, kind, curve="curve" in opts))
 
 
 def run_client(kind: str, endpoint: str, a: argparse.Namespace) -> dict[str, float]:
+    kind, *opts = kind.split("+")
     if kind == "raw_sync":
         return client_raw_sync(endpoint, a)
     if kind == "raw_async":
-        return _run_on_uvloop(client_raw_async(endpoint, a))  # type: ignore[no-any-return]
-    return _run_on_uvloop(client_rollwire(endpoint, a))  # type: ignore[no-any-return]
+        return _run_on_uvloop(client_raw_async(endpoint, a, curve="curve" in opts))  # type: ignore[no-any-return]
+    return _run_on_uvloop(client_rollwire(endpoint, a, curve="curve" in opts,  # type: ignore[no-any-return]
+                                          heartbeat="hb" in opts))

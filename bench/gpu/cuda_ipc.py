@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rollwire.transports.sockets import free_tcp_endpoint
+from rollwire.transports.sockets import free_tcp_endpoint, ipc_endpoint
 
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))  # bench/weights.py: the model shapes, the no-op receiver
@@ -113,7 +113,7 @@ async def bench_size(n_layers: int, device: str, transport: str, repeats: int) -
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()
     srv_ep, sink_ep = (free_tcp_endpoint() for _ in range(2))
-    rollout_ep = f"ipc:///tmp/rw-bench-ipc-{os.getpid()}"
+    rollout_ep = ipc_endpoint("bench-ipc")
     procs = [ctx.Process(target=server_proc, args=(n_layers, device, srv_ep, rollout_ep, ready, stop)),
              ctx.Process(target=wb.sink_proc, args=(sink_ep, ready, stop))]
     for p in procs:
