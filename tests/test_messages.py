@@ -338,3 +338,18 @@ def test_floats_keep_their_bits_across_the_wire() -> None:
     got = codec.decode(codec.encode(1, chunk))[1]
     assert [math.copysign(1.0, x) for x in got.logprobs] == [math.copysign(1.0, x) for x in chunk.logprobs]
     assert got == chunk
+
+
+@pytest.mark.parametrize("depth", [1_000, 1_000_000])
+@pytest.mark.parametrize("where", ["body", "field", "header"])
+def test_deeply_nested_msgpack_is_a_bad_frame_with_the_rid_not_a_recursion_error(depth: int, where: str) -> None:
+    codec = Codec(RolloutRequest)
+    nested = b"\x91" * depth + b"\xc0"  # [[[...[nil]...]]]
+    header = msgspec.msgpack.encode([PROTOCOL_VERSION, 9])
+    frames = {"body": [header, nested],
+              "field": [header, b"\x92\xa8generate" + nested],  # a known tag, a nested first field
+              "header": [nested, msgspec.msgpack.encode(["health"])]}[where]
+    with pytest.raises(ProtocolError) as err:
+        codec.decode(frames)
+    assert err.value.code in (ErrorCode.BAD_FRAME, ErrorCode.BAD_FIELD)
+    assert err.value.rid == (0 if where == "header" else 9)

@@ -57,7 +57,7 @@ class Codec(Generic[T]):
             raise ProtocolError(ErrorCode.BAD_FRAME, f"expected >= 2 frames (header, body), got {len(frames)}")
         try:
             header = _header_decoder.decode(frames[0])
-        except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter on bad UTF-8
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # the 2nd: bad UTF-8
             raise ProtocolError(ErrorCode.BAD_FRAME, f"header does not decode: {e}") from None
         rid = header.rid
         if header.protocol != PROTOCOL_VERSION:
@@ -75,13 +75,15 @@ class Codec(Generic[T]):
             raise ProtocolError(self._classify(body), str(e), rid) from None
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"body does not decode: {e}", rid) from None
+        except RecursionError:  # msgspec's answer to deeply nested containers: a peer's bytes, not our bug
+            raise ProtocolError(ErrorCode.BAD_FRAME, "body nests containers too deeply", rid) from None
         return rid, msg, frames[2:]
 
     def _classify(self, body: Buffer) -> ErrorCode:
         """Tell an unknown message kind from a wrong field (only on the error path)."""
         try:
             raw = _any_decoder.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return ErrorCode.BAD_FRAME
         tag = raw[0] if isinstance(raw, list) and raw else raw.get("type") if isinstance(raw, dict) else None
         return ErrorCode.BAD_FIELD if isinstance(tag, str) and tag in self._tags else ErrorCode.UNKNOWN_KIND
