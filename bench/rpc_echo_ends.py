@@ -59,9 +59,9 @@ def _ready() -> None:
 
 
 def _run_on_uvloop(coro: Any) -> Any:
-    import uvloop
+    from rollwire.server import run
 
-    return uvloop.run(coro)
+    return run(coro)  # uvloop where installed (the GPU image has none: asyncio there, for every row)
 
 
 # -- servers ----------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ def slope_per_min(samples: list[tuple[float, float]]) -> float | None:
 
 # -- a worker process -------------------------------------------------------------------------
 def worker_main(endpoint: str, concurrency: int, seed: int, out_path: str) -> None:
-    import uvloop
+    from rollwire.server import run
 
-    uvloop.run(_worker(endpoint, concurrency, seed, out_path))
+    run(_worker(endpoint, concurrency, seed, out_path))
 
 
 async def _worker(endpoint: str, concurrency: int, seed: int, out_path: str) -> None:
@@ -194,9 +194,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/soak.json")
     a = ap.parse_args()
     command = " ".join(["python", "bench/soak.py", *sys.argv[1:]])
-    import uvloop
+    from rollwire.server import run
 
-    res = uvloop.run(soak(a))
+    res: dict[str, Any] = run(soak(a))  # type: ignore[assignment]
     res["command"] = command
     print(f"$ {command}")
     print(f"{'outcome':<28} {'requests':>10}")
