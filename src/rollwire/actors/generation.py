@@ -9,10 +9,12 @@ Fair sharing. Capacity is counted in samples (a request with n samples counts n)
 ``max_in_flight`` in the actor, ``max_client_in_flight`` per client (``Origin.client``: the CURVE
 key, else the connection), of which at most ``max_client_waiting`` may be requests still waiting
 for their ``min_version``. Beyond these a request is refused before anything is recorded
-(``overloaded`` / ``client_limit``, with ``retry_after_s``), so the same rid may be sent again. A
-co-located actor's requests (the SessionActor's) count for the client named in
-``GenerateRequest.client``, or for no one if it names none. The engine gets the client with each
-request and shares batch slots round-robin among clients (hf). A client gone silent
+(``overloaded`` / ``client_limit``, with ``retry_after_s``), so the same rid may be sent again.
+Defaults: 4096 samples, 2048 per client (half: one client never leaves a newcomer without room),
+1024 waiting requests per client. A co-located actor's request (a session turn forwarded by the
+SessionActor) counts for the client named in ``GenerateRequest.client`` (a public peer's value is
+ignored), or, naming none, for no one (the SessionActor bounds its turns itself). The engine gets
+the client with each request and shares batch slots round-robin among clients (hf). A client gone silent
 (``on_client_gone``) has its requests aborted, waiting ones included.
 
 Engine death. An engine that dies (``DeathWatch``) fails every request it holds with
@@ -135,7 +137,7 @@ class GenerationActor(GenerationControl, Actor):
     def __init__(self, engine_factory: Callable[[], Engine], *, max_new_tokens_limit: int = 4096,
                  model_name: str = "", max_staleness: int | None = None, session_endpoint: str = "",
                  name: str = GENERATION, client_timeout_s: float = Actor.client_timeout_s,
-                 max_in_flight: int = 4096, max_client_in_flight: int = 1024, max_client_waiting: int = 256,
+                 max_in_flight: int = 4096, max_client_in_flight: int = 2048, max_client_waiting: int = 1024,
                  retry_after_s: float = 1.0) -> None:
         super().__init__(name)
         self.client_timeout_s = client_timeout_s
