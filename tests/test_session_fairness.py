@@ -25,7 +25,18 @@ import pytest
 
 from rollwire import RolloutClient, RolloutError, SamplingParams
 from rollwire.clients.session import Session
-from rollwire.messages import AbortRequest, ErrorCode, ErrorReply, GenerateDone, OpenSession, StatusReply
+from rollwire.messages import (
+    AbortRequest,
+    Appended,
+    AppendTokens,
+    ErrorCode,
+    ErrorReply,
+    GenerateDone,
+    Heartbeat,
+    OpenSession,
+    SessionGenerate,
+    StatusReply,
+)
 
 from .conftest import free_tcp_endpoint
 from .test_engine_faults import stop
@@ -51,7 +62,8 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within_s: float
     """Poll ``check`` until it holds (a hang guard, not a timing assertion)."""
     deadline = time.monotonic() + within_s
     while not await check():
-        assert time.monotonic() < deadline, f"not reached within {within_s}s: {what}"
+        last = getattr(_engine, "last", None)  # the last engine counter read, if any
+        assert time.monotonic() < deadline, f"not reached within {within_s}s: {what} (last read: {last})"
         await asyncio.sleep(0.05)
 
 
@@ -215,4 +227,66 @@ async def test_a_sigkilled_workers_sessions_are_closed_its_turn_aborted_and_its_
 
 async def _engine(rc: RolloutClient, key: str, value: float) -> bool:
     st: StatusReply = await rc.status()
+    _engine.last = st.counters.get(f"engine.{key}")  # type: ignore[attr-defined]
     return st.counters.get(f"engine.{key}") == value
+
+
+async def test_under_curve_a_session_belongs_to_its_key_and_goes_when_the_keys_last_connection_is_gone(
+        tmp_path: Any) -> None:
+    """Alice's key has two connections: either may use her session, Bob's key may not. Alice's first
+    connection and then Bob go silent; once the server has called Bob gone (his session's KV is
+    forgotten) it has called Alice's first connection gone too, yet her session stays: her second
+    connection still beats. When that one goes, her session goes, and a new connection with her key
+    is told it expired."""
+    from rollwire.transports.security import CurveClient, KeyPair, create_keys
+
+    server_pub, server_secret = create_keys(tmp_path, "server")
+    alice_pub, alice_secret = create_keys(tmp_path, "alice")
+    bob_pub, bob_secret = create_keys(tmp_path, "bob")
+    server_key = KeyPair.load(server_pub).public
+
+    def client(secret: Any) -> RolloutClient:
+        return RolloutClient(ep, timeout=120, curve=CurveClient(KeyPair.load(secret), server_key))
+
+    ep = free_tcp_endpoint()
+    proc = serve_sessions(ep, "--secret-key", str(server_secret), "--client-keys", str(alice_pub),
+                          "--client-keys", str(bob_pub), "--client-timeout", "3")  # live clients beat every 1-1.5 s
+    try:
+        async with client(alice_secret) as a2, client(bob_secret) as b:
+            a1 = client(alice_secret)
+            await a1.wait_ready(timeout=120)
+            s = a1.session(max_tokens=8192, ttl_s=3600)
+            await s.open()
+            first = await s.generate([5, 6, 7], GREEDY)
+            a2_rpc = await a2._sessions()
+            appended = (await a2_rpc.call(AppendTokens(session_id=s.id, token_ids=[1, 2]), timeout=60)).msg
+            assert isinstance(appended, Appended) and appended.length == 3 + len(first.output_ids) + 2, appended
+            thief = impostor(b, s.id)
+            thief._rpc = await b._sessions()
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.generate([1], GREEDY))
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.append([1]))
+            await expect(ErrorCode.UNKNOWN_SESSION, thief.close())
+            bobs = b.session(ttl_s=3600)
+            await bobs.open()
+            await bobs.generate([9, 9], GREEDY)
+            await until(lambda: _engine(a2, "prefix_sessions", 2), "both sessions hold cached KV")
+            for rc in (a1, a2, b):  # liveness spoken on every session link
+                await (await rc._sessions()).send(0, Heartbeat())
+            await (await a1._sessions()).call(Heartbeat(), timeout=30)
+            await a1.close()  # alice's first connection goes silent
+            await (await b._sessions()).call(Heartbeat(), timeout=30)  # bob's last word comes after it
+            await b.close()
+            await until(lambda: _engine(a2, "prefix_sessions", 1), "bob called gone, his session's KV forgotten")
+            nxt = (await a2_rpc.call(SessionGenerate(session_id=s.id, sampling_params=GREEDY), timeout=60)).msg
+            assert isinstance(nxt, GenerateDone) and nxt.usage.prompt_tokens == appended.length, nxt
+        # a2 closed: alice has no connection left
+        async with client(alice_secret) as a3:
+            await until(lambda: _engine(a3, "prefix_sessions", 0), "alice called gone, her session's KV forgotten")
+            again = impostor(a3, s.id)
+            again._rpc = await a3._sessions()
+            await expect(ErrorCode.SESSION_EXPIRED, again.append([1]))  # her key is told the truth
+            st = await a3.status()
+            assert st.in_flight == 0 and st.counters.get("restarts", 0) == 0
+        assert proc.poll() is None
+    finally:
+        stop(proc)
