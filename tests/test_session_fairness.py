@@ -164,7 +164,7 @@ from rollwire.messages import Heartbeat
 SP = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
 async def main():
-    async with RolloutClient(sys.argv[1]) as rc:
+    async with RolloutClient(sys.argv[1], heartbeat_s=0.2) as rc:  # beats well inside --client-timeout
         await rc.wait_ready(timeout=120)
         done, running, idle = rc.session(max_tokens=8192), rc.session(max_tokens=8192), rc.session()
         for s in (done, running, idle):
@@ -185,10 +185,13 @@ async def test_a_sigkilled_workers_sessions_are_closed_its_turn_aborted_and_its_
     the engine (finish_abort), no request is left in flight, the engine's prefixes of both used
     sessions are forgotten, and another client opens all 4 slots."""
     ep = free_tcp_endpoint()
+    # a short timeout, so the gone worker's 4000-token turn is still running when it is called gone
+    # (it takes seconds on a CPU; finish_length below would catch it ending first); live clients
+    # here beat every 0.2-0.3 s, so none is called gone while it lives
     proc = serve_sessions(ep, "--max-sessions", "4", "--client-timeout", "1", session_kw={"max_client_sessions": 4})
     worker = subprocess.Popen([sys.executable, "-c", WORKER, ep], stdout=subprocess.PIPE)
     try:
-        async with RolloutClient(ep, timeout=120) as rc:
+        async with RolloutClient(ep, timeout=120, heartbeat_s=0.2) as rc:
             await rc.wait_ready(timeout=120)
             assert worker.stdout is not None
             line = await asyncio.get_running_loop().run_in_executor(None, worker.stdout.readline)
