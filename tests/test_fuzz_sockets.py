@@ -268,3 +268,22 @@ async def _still_serving(ep: str, session_id: str, history_and_identity: list[An
         assert not isinstance(reply, ErrorReply), reply
         assert reply.usage.prompt_tokens == len(history) and reply.usage.cached_tokens == len(history) - 1
         return st.counters
+
+
+@pytest.mark.parametrize("name", ["rollout", "sessions"])
+def test_deeply_nested_msgpack_gets_a_typed_error_naming_its_request(served: tuple[Any, dict[str, str]],
+                                                                      name: str) -> None:
+    """100,000 nested arrays under a known tag: msgspec's RecursionError must become the codec's
+    typed error with the request's rid (9ab9bce), not the actor's catch-all answer to rid 0."""
+    _, endpoints = served
+    peers = Peers(endpoints)
+    try:
+        s = peers.sock(name, b"nested")
+        tag = _tags(SOCKETS[name][0])[0]
+        s.send_multipart([b"\x92\x01\x07", b"\x92" + enc.encode(tag) + b"\x91" * 100_000 + b"\x00"])
+        assert s.poll(30_000), "no reply"
+        rid, msg, _ = peers.codecs[name].decode(s.recv_multipart())
+        assert isinstance(msg, ErrorReply), msg
+        assert rid == 7 and "Recursion" not in msg.message, (rid, msg)
+    finally:
+        peers.close()
