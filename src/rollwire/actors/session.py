@@ -163,6 +163,7 @@ class SessionActor(Actor):
         self.sessions[sid] = _Session(sid, origin.client, msg.max_tokens, msg.ttl_s, msg.keep_stale_prefix)
         self._client_sessions[origin.client] += 1
         self.counters.inc("sessions_opened")
+        self._gauges()
         self.reply_nowait(origin, SessionOpened(session_id=sid, max_tokens=msg.max_tokens, ttl_s=msg.ttl_s))
 
     @handles(AppendTokens)
@@ -290,6 +291,11 @@ class SessionActor(Actor):
         if not self._client_sessions[s.owner]:
             del self._client_sessions[s.owner]
         self._remember_gone(s.id, code, s.owner)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        self.counters.set("sessions_open", len(self.sessions))
+        self.counters.set("clients_with_sessions", len(self._client_sessions))
 
     async def _end(self, s: _Session) -> None:
         """Free a dropped session's engine state: a running turn is aborted (its reply reaches the

@@ -8,6 +8,10 @@ calls and ``trajectory()`` raise ``SessionDesynced`` (close the session; its rec
 ``loss_mask`` is 1 exactly on the tokens the model generated; ``logprobs`` is aligned with
 ``token_ids`` (0.0 on masked tokens, NaN on model tokens of a turn run without
 ``return_logprob``); ``weight_version_spans`` are in trajectory positions.
+
+A session belongs to the client that opened it: its CURVE key, or without keys the RolloutClient's
+one session connection (all its sessions share it). Another client naming the id gets
+unknown_session; a RolloutClient silent past the server's ``--client-timeout`` loses its sessions.
 """
 
 from __future__ import annotations
