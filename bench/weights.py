@@ -15,6 +15,14 @@ like). Prints a table, writes bench/out/weights.json.
 
     python bench/weights.py            # 100 MB and 1 GB state dicts
     python bench/weights.py --quick    # 100 MB, 3 repeats
+    python bench/weights.py --curve    # inline push with CURVE vs without (bench/out/weights_curve.json)
+
+``--curve``: two no-op receivers, one a CURVE client of a trainer whose ROUTER and PUB are CURVE
+servers (real key files), one plain; each repeat pushes the same version to both, in alternating
+order, and ``curve_over_plain`` is the median of the per-pair time ratios. Only inline buckets
+cross CURVE: shm, cuda_ipc and nccl/gloo payloads go through shared memory, CUDA IPC or a
+torch.distributed group, and only their small control messages (announcement, outcome) are
+encrypted.
 """
 
 from __future__ import annotations
@@ -84,7 +92,8 @@ def server_proc(n_layers: int, trainer_endpoint: str, rollout_endpoint: str, rea
     asyncio.run(main())
 
 
-def sink_proc(trainer_endpoint: str, ready: Any, stop: Any) -> None:
+def sink_proc(trainer_endpoint: str, ready: Any, stop: Any, curve_files: tuple[str, str] | None = None) -> None:
+    """``curve_files``: (this server's .key_secret, the trainer's .key): the receiver is a CURVE client."""
     from rollwire.actors.weight_receiver import WeightReceiverActor
     from rollwire.messages import ApplyVersion, GovernorRequest, StepMessage, VersionApplied
     from rollwire.messages.weights import Ack
@@ -105,11 +114,17 @@ def sink_proc(trainer_endpoint: str, ready: Any, stop: Any) -> None:
         async def on_step(self, origin: Any, msg: StepMessage, payload: Sequence[Any]) -> None:
             await self.reply(origin, Ack())
 
+    kw: dict[str, Any] = {}
+    if curve_files is not None:
+        from rollwire.transports.security import CurveClient, KeyPair
+
+        kw["curve"] = CurveClient(KeyPair.load(curve_files[0]), KeyPair.load(curve_files[1]).public)
+
     async def main() -> None:
         system = ActorSystem()
         await system.spawn(lambda: NoopApply("noop"))
         await system.spawn(lambda: WeightReceiverActor(trainer_endpoint, receiver_id="sink", stall_timeout_s=120,
-                                                       apply_endpoint=address("noop", "weights")))
+                                                       apply_endpoint=address("noop", "weights"), **kw))
         ready.put("sink")
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         await system.stop()
@@ -346,6 +361,71 @@ async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+async def bench_curve(n_layers: int, repeats: int, buckets: Sequence[int]) -> list[dict[str, Any]]:
+    """Inline push -> applied by a no-op receiver, CURVE on vs off, pairs interleaved (see the docstring)."""
+    import tempfile
+
+    from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.transports.security import KeyPair, create_keys, load_public_keys
+    from rollwire.transports.sockets import free_tcp_endpoint
+
+    sd = state_dict_for(n_layers, seed=1)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    label = f"{nbytes / 1e6:.0f} MB bf16 ({len(sd)} tensors)"
+    keydir = tempfile.mkdtemp(prefix="rw-bench-keys-")
+    trainer_pub, trainer_sec = create_keys(keydir, "trainer")
+    server_pub, server_sec = create_keys(keydir, "server")
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    plain_ep, curve_ep = free_tcp_endpoint(), free_tcp_endpoint()
+    procs = [ctx.Process(target=sink_proc, args=(plain_ep, ready, stop)),
+             ctx.Process(target=sink_proc, args=(curve_ep, ready, stop, (str(server_sec), str(trainer_pub))))]
+    for p in procs:
+        p.start()
+    loop = asyncio.get_running_loop()
+    for _ in procs:
+        await loop.run_in_executor(None, ready.get, True, 300)
+    rows = []
+    try:
+        async with TrainerPublisher(plain_ep, timeout_s=300) as plain, \
+                TrainerPublisher(curve_ep, timeout_s=300, keys=KeyPair.load(trainer_sec),
+                                 receiver_keys=load_public_keys([server_pub])) as curved:
+            version = 0
+            for bucket in buckets:
+                plain.bucket_bytes = curved.bucket_bytes = bucket
+                runs: dict[str, list[float]] = {"plain": [], "curve": []}
+                for i in range(repeats + 1):  # the first pair warms up
+                    version += 1
+                    pair = [("plain", plain), ("curve", curved)]
+                    for name, tp in pair if i % 2 == 0 else reversed(pair):
+                        t0 = time.perf_counter()
+                        report = await tp.push_weights(version, sd, transport="inline")
+                        runs[name].append(time.perf_counter() - t0)
+                        assert report.receivers == ["sink"]
+                p_runs, c_runs = runs["plain"][1:], runs["curve"][1:]
+                rows.append({"size": label, "bytes": nbytes, "bucket_mib": bucket >> 20,
+                             "plain_median_s": statistics.median(p_runs), "curve_median_s": statistics.median(c_runs),
+                             "plain_gib_s": nbytes / GiB / statistics.median(p_runs),
+                             "curve_gib_s": nbytes / GiB / statistics.median(c_runs),
+                             "curve_over_plain": statistics.median(c / p for c, p in zip(c_runs, p_runs, strict=True)),
+                             "plain_runs_s": p_runs, "curve_runs_s": c_runs,
+                             "cold_s": {"plain": runs["plain"][0], "curve": runs["curve"][0]}})
+    finally:
+        stop_procs(stop, procs)
+    return rows
+
+
+def print_curve_table(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'size':<28} {'bucket':>8} {'plain s':>8} {'plain GiB/s':>11} {'CURVE s':>8} {'CURVE GiB/s':>11} "
+            f"{'CURVE/plain':>11}")
+    print("inline push -> applied (no-op receiver), CURVE vs plain, median of per-pair ratios")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['size']:<28} {r['bucket_mib']:>5} MiB {r['plain_median_s']:>8.3f} {r['plain_gib_s']:>11.2f} "
+              f"{r['curve_median_s']:>8.3f} {r['curve_gib_s']:>11.2f} {r['curve_over_plain']:>10.2f}x")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = f"{'size':<28} {'path':<40} {'median s':>9} {'GiB/s':>7} {'floor':<34} {'floor GiB/s':>11} {'% floor':>8}"
     print(head)
@@ -367,19 +447,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100 MB only, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "weights.json"))
+    ap.add_argument("--curve", action="store_true", help="only the inline push with CURVE vs without")
+    ap.add_argument("--out", default=None, help="JSON file (default bench/out/weights.json, or weights_curve.json)")
     a = ap.parse_args(argv)
+    out = a.out or str(Path(__file__).parent / "out" / ("weights_curve.json" if a.curve else "weights.json"))
     layers = [1] if a.quick else [1, 10]  # ~107 MB and ~1.03 GB
     repeats = a.repeats or (3 if a.quick else 5)
     rows: list[dict[str, Any]] = []
     for n in layers:
-        rows += asyncio.run(bench_size(n, repeats))
-    print_table(rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        rows += asyncio.run(bench_curve(n, repeats, (512 << 20, 64 << 20)) if a.curve else bench_size(n, repeats))
+    (print_curve_table if a.curve else print_table)(rows)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
             "repeats": repeats, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {a.out}")
+    Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
     return 0
 
 

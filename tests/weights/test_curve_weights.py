@@ -180,6 +180,23 @@ async def test_another_allowed_server_cannot_take_a_receiver_id_pull_or_forge_it
         other.close(linger=0)
 
 
+async def test_a_bucket_above_the_control_frame_limit_crosses_curve_to_a_receiver_process(
+        keys: dict[str, tuple[Path, Path]]) -> None:
+    """Regression: the bucket link's frame limit was exactly the bucket size, but libzmq counts the
+    encrypted frame (CURVE adds a box and a nonce): between processes every bucket above 1 MiB
+    stalled under CURVE."""
+    endpoint = free_tcp_endpoint()
+    receiver = await ReceiverProcess(endpoint, "r1", curve_files=(str(keys["server"][1]),
+                                                                  str(keys["trainer"][0]))).start()
+    big = {"big": torch.arange(30 << 18, dtype=torch.float32)}  # 30 MiB: a bucket of its own
+    try:
+        async with trainer(keys, endpoint) as tp:
+            assert (await tp.push_weights(1, big)).receivers == ["r1"]
+        assert (await receiver.report())["applied"] == {1: sums(big)}
+    finally:
+        assert await receiver.stop() == 0
+
+
 def test_keys_and_receiver_keys_go_together() -> None:
     kp = KeyPair.generate()
     with pytest.raises(ValueError, match="together"):

@@ -75,10 +75,14 @@ LINK_RETRY_S = 0.5  # after the trainer link failed, before it is rebuilt
 TRAINER_SILENCE_S = 15.0  # no beacon for this long (trainers beat every second): register again
 
 
+FRAME_OVERHEAD = 64 << 10  # what ZeroMQ counts against MAXMSGSIZE beyond the bytes (CURVE: box, nonce, command)
+
+
 def bucket_frame_limit(ready: WeightsReady) -> int:
-    """The inbound frame limit for a version's bucket link: its largest bucket (and room for the
-    small body frame)."""
-    return max([CONTROL_MAX_FRAME, *(b.nbytes for b in ready.buckets)])
+    """The inbound frame limit for a version's bucket link: its largest bucket, plus CURVE's
+    per-frame overhead (libzmq checks the encrypted frame: a limit of exactly the bucket size
+    drops the connection under CURVE), and never below the control limit (the body frame)."""
+    return max([CONTROL_MAX_FRAME, *(b.nbytes + FRAME_OVERHEAD for b in ready.buckets)])
 
 
 def _pub_address(pub_endpoint: str, trainer_endpoint: str) -> str:
@@ -378,10 +382,11 @@ class WeightReceiverActor(Actor):
             raise StagingError(ErrorCode.BAD_FIELD, f"transport {ready.transport!r} not offered by this receiver "
                                                     f"({self.transports})")
         if ready.transport == "inline":
-            limit = bucket_frame_limit(ready)
-            if limit > BUCKET_MAX_FRAME:
-                raise StagingError(ErrorCode.BAD_FIELD, f"a bucket of {limit} bytes is above this receiver's "
+            largest = max((b.nbytes for b in ready.buckets), default=0)
+            if largest > BUCKET_MAX_FRAME:
+                raise StagingError(ErrorCode.BAD_FIELD, f"a bucket of {largest} bytes is above this receiver's "
                                                         f"limit of {BUCKET_MAX_FRAME}")
+            limit = bucket_frame_limit(ready)
             # the bucket link: its own DEALER sized for this version's buckets; replies are received
             # without a copy and handed on as views (they outlive the socket)
             link: RpcClient[Any] = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0, curve=self.curve,
