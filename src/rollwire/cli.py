@@ -79,6 +79,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--client-timeout", type=float, default=15.0,
                      help="seconds of silence after which a client is gone and its requests and sessions are freed "
                           "(clients beat every second; 0: never)")
+    fair = p.add_argument_group("fair sharing (per client: its CURVE key, else its connection)")
+    fair.add_argument("--max-in-flight", type=int, default=4096, help="samples in flight in the server (overloaded)")
+    fair.add_argument("--max-client-in-flight", type=int, default=2048, help="samples in flight per client")
+    fair.add_argument("--max-client-waiting", type=int, default=1024,
+                      help="requests per client waiting for a min_version")
+    fair.add_argument("--max-client-sessions", type=int, default=None, help="sessions per client (default: half)")
+    fair.add_argument("--retry-after", type=float, default=1.0, help="seconds overloaded/client_limit tell clients")
 
 
 def add_client_key_args(p: argparse.ArgumentParser) -> None:
@@ -123,7 +130,9 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         receiver_id=a.receiver_id, session_endpoint=a.session_endpoint,
                         max_sessions=a.max_sessions, max_session_tokens=a.max_session_tokens,
                         secret_key=a.secret_key, client_keys=a.client_keys, trainer_keys=a.trainer_keys,
-                        insecure=a.insecure, client_timeout_s=a.client_timeout)
+                        insecure=a.insecure, client_timeout_s=a.client_timeout, max_in_flight=a.max_in_flight,
+                        max_client_in_flight=a.max_client_in_flight, max_client_waiting=a.max_client_waiting,
+                        max_client_sessions=a.max_client_sessions, retry_after_s=a.retry_after)
 
 
 async def _generate(a: argparse.Namespace) -> int:

@@ -59,6 +59,12 @@ class ServerConfig:
     trainer_keys: list[str] = field(default_factory=list)  # trainers' .key files (the first is the one it pulls from)
     insecure: bool = False  # allow a non-loopback tcp bind without keys
     client_timeout_s: float = 15.0  # a client silent this long is gone: its requests and sessions are freed
+    # fair sharing (per client: its CURVE key, else its connection)
+    max_in_flight: int = 4096  # samples in flight in the whole server; beyond: overloaded
+    max_client_in_flight: int = 2048  # samples in flight per client; beyond: client_limit
+    max_client_waiting: int = 1024  # requests per client waiting for a min_version
+    max_client_sessions: int | None = None  # None: half of max_sessions
+    retry_after_s: float = 1.0  # what overloaded / client_limit tell the client
 
     def curve_server(self) -> CurveServer | None:
         """The CURVE guard of the public sockets: rollout clients' and trainers' keys are let in."""
@@ -142,14 +148,17 @@ class RolloutServer:
             lambda: SessionActor(generation_rollout=address(GENERATION, "rollout"),
                                  generation_control=address(GENERATION, "control"),
                                  max_sessions=cfg.max_sessions, max_session_tokens=cfg.max_session_tokens,
-                                 client_timeout_s=cfg.client_timeout_s),
+                                 client_timeout_s=cfg.client_timeout_s, max_client_sessions=cfg.max_client_sessions,
+                                 retry_after_s=cfg.retry_after_s),
             public={"sessions": [session_bind]}, curve=curve,
         )
         session_endpoint = sessions.bound_endpoint("sessions")
         await self.system.spawn(
             lambda: GenerationActor(self._engine_factory, max_new_tokens_limit=cfg.max_new_tokens_limit,
                                     model_name=cfg.model, max_staleness=cfg.max_staleness,
-                                    session_endpoint=session_endpoint, client_timeout_s=cfg.client_timeout_s),
+                                    session_endpoint=session_endpoint, client_timeout_s=cfg.client_timeout_s,
+                                    max_in_flight=cfg.max_in_flight, max_client_in_flight=cfg.max_client_in_flight,
+                                    max_client_waiting=cfg.max_client_waiting, retry_after_s=cfg.retry_after_s),
             public={"rollout": [cfg.rollout_endpoint]}, curve=curve,
         )
         await self.system.spawn(lambda: MemoryGovernor(
