@@ -11,6 +11,7 @@ All functions here run on the engine's worker thread under ``torch.inference_mod
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +62,22 @@ def prefill(model: torch.nn.Module, prompts: list[list[int]], device: torch.devi
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).clamp_(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(model, cache),
                 use_cache=True, logits_to_keep=1)
     return Batch(cache=cache, mask=mask), out.logits[:, -1, :]
+
+
+_CACHE_PARAM: dict[type, str] = {}
+
+
+def cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache argument under the name this transformers release takes: ``cache`` in recent
+    5.x (which warns on ``past_key_values``), ``past_key_values`` before."""
+    name = _CACHE_PARAM.get(type(model))
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_PARAM[type(model)] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
 
 
 def decode(model: torch.nn.Module, batch: Batch, last_tokens: torch.Tensor) -> tuple[Batch, torch.Tensor]:
@@ -71,7 +85,7 @@ def decode(model: torch.nn.Module, batch: Batch, last_tokens: torch.Tensor) -> t
     positions = batch.mask.sum(dim=-1, keepdim=True)
     mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
     out = model(input_ids=last_tokens[:, None], attention_mask=mask, position_ids=positions,
-                past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                **cache_kwarg(model, batch.cache), use_cache=True, logits_to_keep=1)
     batch.mask = mask
     return batch, out.logits[:, -1, :]
 

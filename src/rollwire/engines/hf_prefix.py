@@ -113,6 +113,6 @@ def prefill_from(model: torch.nn.Module, entry: Entry, reused: int, ids: list[in
     suffix = torch.tensor([ids[reused:]], dtype=torch.long, device=device)
     mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
     positions = torch.arange(reused, len(ids), dtype=torch.long, device=device)[None, :]
-    out = model(input_ids=suffix, attention_mask=mask, position_ids=positions, past_key_values=past,
+    out = model(input_ids=suffix, attention_mask=mask, position_ids=positions, **hf_batch.cache_kwarg(model, past),
                 use_cache=True, logits_to_keep=1)
     return hf_batch.Batch(cache=past, mask=mask), out.logits[:, -1, :]
