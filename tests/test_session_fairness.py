@@ -45,12 +45,9 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
 
 
-def serve_sessions(endpoint: str, *extra: str, session_kw: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
-    """`rollwire serve` in a child process; ``session_kw`` sets SessionActor constructor defaults
-    (``max_client_sessions``) until `serve` has a flag for them."""
+def serve_sessions(endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
+    """`rollwire serve` in a child process (hf engine, tiny model)."""
     script = ("import sys\n"
-              "from rollwire.actors.session import SessionActor\n"
-              f"SessionActor.__init__.__kwdefaults__.update({session_kw or {}!r})\n"
               "from rollwire.cli import main\n"
               f"sys.exit(main(['--log-level', 'warning', 'serve', '--rollout-endpoint', {endpoint!r}, "
               f"'--max-new-tokens-limit', '4000', *{list(extra)!r}]))\n")
@@ -188,7 +185,7 @@ async def test_a_sigkilled_workers_sessions_are_closed_its_turn_aborted_and_its_
     # a short timeout, so the gone worker's 4000-token turn is still running when it is called gone
     # (it takes seconds on a CPU; finish_length below would catch it ending first); live clients
     # here beat every 0.2-0.3 s, so none is called gone while it lives
-    proc = serve_sessions(ep, "--max-sessions", "4", "--client-timeout", "1", session_kw={"max_client_sessions": 4})
+    proc = serve_sessions(ep, "--max-sessions", "4", "--max-client-sessions", "4", "--client-timeout", "1")
     worker = subprocess.Popen([sys.executable, "-c", WORKER, ep], stdout=subprocess.PIPE)
     try:
         async with RolloutClient(ep, timeout=120, heartbeat_s=0.2) as rc:
