@@ -48,18 +48,11 @@ from rollwire.messages import (
 from .conftest import free_tcp_endpoint
 
 
-def serve(endpoint: str, *extra: str, env: dict[str, str] | None = None,
-          kwdefaults: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
-    """`rollwire serve` in a child process. ``kwdefaults`` sets GenerationActor constructor
-    defaults (its per-client caps) until `serve` has flags for them."""
-    script = ("import sys\n"
-              "from rollwire.actors.generation import GenerationActor\n"
-              f"GenerationActor.__init__.__kwdefaults__.update({kwdefaults or {}!r})\n"
-              "from rollwire.cli import main\n"
-              f"sys.exit(main(['--log-level', 'warning', 'serve', '--rollout-endpoint', {endpoint!r}, "
-              f"'--max-new-tokens-limit', '4000', *{list(extra)!r}]))\n")
-    return subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def serve(endpoint: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`rollwire serve` in a child process (``env`` added to this one's: the fault hook)."""
+    return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
+                             "--rollout-endpoint", endpoint, "--max-new-tokens-limit", "4000", *extra],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

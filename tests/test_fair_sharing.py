@@ -80,7 +80,7 @@ async def test_a_flood_of_6000_refused_beyond_the_client_cap_leaves_nothing_in_f
 
 async def test_overloaded_says_when_to_retry_and_the_same_rids_are_served_after() -> None:
     ep = free_tcp_endpoint()
-    proc = serve(ep, kwdefaults={"max_in_flight": 32, "max_client_in_flight": 10**6, "retry_after_s": 0.25})
+    proc = serve(ep, "--max-in-flight", "32", "--max-client-in-flight", "1000000", "--retry-after", "0.25")
     c = RawClient(ep)
     try:
         await c.wait_ready()
@@ -102,7 +102,7 @@ async def test_overloaded_says_when_to_retry_and_the_same_rids_are_served_after(
 
 async def test_per_client_caps_on_samples_in_flight_and_version_waiters_leave_others_served() -> None:
     ep = free_tcp_endpoint()
-    proc = serve(ep, kwdefaults={"max_client_in_flight": 6, "max_client_waiting": 2})
+    proc = serve(ep, "--max-client-in-flight", "6", "--max-client-waiting", "2")
     a, b, w = RawClient(ep), RawClient(ep), RawClient(ep)
     try:
         await a.wait_ready()
@@ -152,6 +152,12 @@ async def main():
         await rc.wait_ready(timeout=120)
         calls = [asyncio.ensure_future(rc.generate([1 + i, 2, 3], LONG)) for i in range(4)]
         calls += [asyncio.ensure_future(rc.generate([7, 8], LONG, min_version=99)) for _ in range(2)]
+        await asyncio.sleep(0)
+        sent = rc._rpc._last_tx
+        # until a Heartbeat went out after the requests (one goes after heartbeat_s of silence):
+        # from then on the server judges this connection by its silence
+        while rc._rpc._last_tx < sent + 0.9 * rc._rpc.heartbeat_s:
+            await asyncio.sleep(0.05)
         print("sent", flush=True)
         await asyncio.gather(*calls)
 asyncio.run(main())
@@ -220,4 +226,44 @@ async def test_one_client_holding_every_batch_slot_does_not_starve_a_newcomer() 
         print(f"A's requests finished before B's: {ahead} of 24")
         assert ahead <= 8, order  # FIFO would put it behind all 24
     finally:
+        stop(proc)
+
+
+async def test_a_newcomer_gets_a_batch_slot_while_another_client_holds_all_of_them_with_long_requests() -> None:
+    """--max-batch-size 4: client A runs 4 requests of 4000 tokens and queues 4 more. Round-robin
+    alone would make client B wait for one of them to finish; instead A's newest row gives up
+    its slot (B is below its share of 2), so B's 20 tokens come back before any of A's requests
+    ends. Then A's are aborted: each ends once."""
+    ep = free_tcp_endpoint()
+    proc = serve(ep, "--max-batch-size", "4")
+    a, b = RawClient(ep), RawClient(ep)
+    try:
+        await a.wait_ready()
+        for rid in range(1, 9):
+            await a.send(rid, GenerateRequest(input_ids=[rid, 2, 3], sampling_params=LONG))
+        deadline = time.monotonic() + 60
+        while True:  # bounded poll: A fills the batch and queues the rest
+            st = await b.status(1000)
+            if st.counters.get("engine.running") == 4 and st.counters.get("engine.waiting") == 4:
+                break
+            assert time.monotonic() < deadline, st
+            await asyncio.sleep(0.01)
+        sp = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+        await b.send(1, GenerateRequest(input_ids=[9, 9, 9], sampling_params=sp))
+        await b.until(lambda: b.terminal[1] == 1, "B's reply")
+        await a.pump(0)
+        assert isinstance(b.last(1), GenerateDone) and len(b.last(1).output_ids) == 20
+        assert not any(a.terminal.values()), "B finished before any of A's requests"
+        st = await b.status(1001)
+        assert st.counters["engine.rows_preempted"] >= 1
+        for rid in range(1, 9):
+            await a.send(100 + rid, AbortRequest(target_rid=rid))
+        await a.until(lambda: all(a.terminal[r] for r in range(1, 9)), "A's aborts")
+        await a.pump(0.2)
+        only_terminal(a, list(range(1, 9)))
+        for rid in range(1, 9):
+            assert isinstance(a.last(rid), GenerateDone) and a.last(rid).finish_reason == "abort", a.last(rid)
+    finally:
+        a.close()
+        b.close()
         stop(proc)

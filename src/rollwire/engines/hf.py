@@ -8,6 +8,15 @@ Step N+1 is launched as soon as step N's tokens are booked; N's deltas go out wh
 State that the worker touches (``_batch``, ``_running``) is changed only between steps, on the
 loop; ``_lock`` is held across a chain of steps, so ``pause`` returns only once none is in flight.
 
+Fair sharing: waiting requests are admitted round-robin across clients (``EngineRequest.client``,
+``hf_requests.FairQueue``), and a full batch gives one row back (the newest of the client holding
+the most above its share, ``max_batch_size`` // clients with work) for each client that waits with
+fewer rows than its share; that row is re-prefilled when its turn comes again (``_fair_share``).
+
+Failures: a step that raises is isolated (``_isolate``: each member probed alone; only a culprit
+fails); a failure outside any one request (the worker gone) kills the engine (``_die``: engine_dead
+to every request, the death callback). ``hf_faults`` injects both, for tests only.
+
 Float noise: a row's logits differ by ~1e-6 between running alone and in a batch (oneDNN/MKL
 pick different GEMM kernels for 1, 2-3 and >= 4 rows, and SDPA blocks differently over a
 left-padded key length), so equality of greedy tokens holds only where the top-2 logit gap is
@@ -89,6 +98,7 @@ class HFEngine(StepLoop):
         self._dead: str | None = None  # why the engine died (see _die); it serves nothing after
         self._on_death: Callable[[str], None] | None = None
         self._isolated = 0
+        self._preempted = 0
         self._faults = Faults.parse()  # test hook (hf_faults): None unless ROLLWIRE_HF_FAULTS is set
 
     @classmethod
@@ -116,7 +126,8 @@ class HFEngine(StepLoop):
                 "paused": self._paused, "weights_released": self._weights.released,
                 "weights_undefined": self._weights.undefined,
                 "max_batch_size": self.max_batch_size, "dead": self._dead is not None,
-                "requests_failed_alone": self._isolated, "prefix_cache_bytes": self._prefixes.nbytes,
+                "requests_failed_alone": self._isolated,
+                "rows_preempted": self._preempted, "prefix_cache_bytes": self._prefixes.nbytes,
                 "prefix_sessions": len(self._prefixes), "prefix_hits": self._prefixes.hits,
                 "prefix_reused_tokens": self._prefixes.reused_tokens,
             },

@@ -125,6 +125,19 @@ class FairQueue:
     def appendleft(self, s: Seq) -> None:
         self._front.appendleft(s)
 
+    def clients(self) -> list[str]:
+        """Clients with requests queued (not counting the put-back ones), next in turn first."""
+        return list(self._clients)
+
+    def put_back(self, s: Seq) -> None:
+        """``s`` gave up its batch slot: first of its client's queue, its client's turn unchanged."""
+        self._clients.setdefault(s.req.client, deque()).appendleft(s)
+
+    def next_turn(self, client: str) -> None:
+        """``client`` (queued) takes the next turn."""
+        q = self._clients.pop(client)
+        self._clients = {client: q, **self._clients}
+
     def peek(self) -> Seq:
         if self._front:
             return self._front[0]

@@ -6,6 +6,7 @@ HFEngine's)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class StepLoop:
     _on_death: Callable[[str], None] | None
     _faults: Faults | None
     _isolated: int  # requests failed alone after a step failed
+    _preempted: int  # rows that gave up their batch slot to a client below its share
 
     def _can_step(self) -> bool:
         # restored-but-unloaded weights are garbage: never step on them (a complete load clears it)
@@ -96,6 +98,7 @@ class StepLoop:
                 self._finish(s, "abort")
             if not s.done:
                 keep.append(i)
+        keep = self._fair_share(keep)
         joiners: list[Seq] = []
         longest = 0  # joiners are padded to the longest: bound the padded prefill of one step
         while self._waiting and len(keep) + len(joiners) < self.max_batch_size:
@@ -118,6 +121,32 @@ class StepLoop:
         fut = asyncio.get_running_loop().run_in_executor(
             self._pool, self._compute, self._batch, keep, members[:len(keep)], joiners)
         return fut, self._version, members
+
+    def _fair_share(self, keep: list[int]) -> list[int]:
+        """A full batch makes room for a client that waits with fewer rows than its share
+        (``max_batch_size`` // clients with work): the client holding the most rows above its share
+        gives up its newest one, which goes first in its own queue (re-prefilled when admitted
+        again, as after a retract: its tokens so far are kept), and the waiting client takes the
+        next turn. One row per waiting client per step."""
+        waiting = self._waiting.clients() if len(keep) >= self.max_batch_size else []
+        if not waiting:
+            return keep
+        held = collections.Counter(self._running[i].req.client for i in keep)
+        share = max(1, self.max_batch_size // len(set(held) | set(waiting)))
+        for client in waiting:
+            if held[client] >= share:
+                continue
+            top, rows = held.most_common(1)[0]
+            if rows <= share:
+                break
+            idx = next(i for i in reversed(keep) if self._running[i].req.client == top)
+            keep.remove(idx)
+            held[top] -= 1
+            held[client] += 1
+            self._waiting.put_back(self._running[idx])
+            self._waiting.next_turn(client)
+            self._preempted += 1
+        return keep
 
     def _admit(self, s: Seq) -> None:
         """A joiner of the next step: find its session's cached prefix (KV computed now is of
