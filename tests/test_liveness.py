@@ -96,7 +96,9 @@ async def test_a_server_whose_supervision_gives_up_exits_non_zero_and_says_why(t
     err_log = tmp_path / "stderr"
     proc = subprocess.Popen([sys.executable, "-c", inject], stdout=subprocess.DEVNULL, stderr=err_log.open("wb"))
     try:
-        async with RolloutClient(ep) as rc:
+        # a long liveness bound: the actor answers no beat while it restarts (back-off + a new
+        # engine), which on a loaded machine can outlast the default 3 s
+        async with RolloutClient(ep, liveness_s=60) as rc:
             await rc.wait_ready(timeout=120)
             codes = []
             for _ in range(6):

@@ -78,7 +78,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                      help="allow binding a non-loopback tcp address without keys")
     sec.add_argument("--client-timeout", type=float, default=15.0,
                      help="seconds of silence after which a client is gone and its requests and sessions are freed "
-                          "(clients beat every second; 0: never)")
+                          "(rollwire clients beat every second, so keep it above ~3; 0: never)")
     fair = p.add_argument_group("fair sharing (per client: its CURVE key, else its connection)")
     fair.add_argument("--max-in-flight", type=int, default=4096, help="samples in flight in the server (overloaded)")
     fair.add_argument("--max-client-in-flight", type=int, default=2048, help="samples in flight per client")

@@ -250,7 +250,7 @@ class SessionActor(Actor):
     def on_client_gone(self, sock: str, peer: bytes, client: str) -> None:
         """Close the gone client's sessions, unless another connection of the same identity (a
         CURVE key) still beats: any of its connections may use them."""
-        if any(seen[1] == client for seen in self._last_seen.values()):
+        if self.has_live_connection(client):
             return
         mine = [s for s in self.sessions.values() if s.owner == client]
         for s in mine:

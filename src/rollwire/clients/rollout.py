@@ -47,10 +47,11 @@ GenerateOutput = GenerateDone  # the terminal reply is the output: output_ids, l
 class RolloutError(Exception):
     """The server answered a request with a typed error (``code``), or it could not be reached."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # overloaded / client_limit: when a retry (same rid) may succeed
 
 
 class RequestTimeout(RolloutError):
@@ -68,7 +69,7 @@ def _raise_if_error(item: Reply[Any] | BaseException) -> Any:
     if isinstance(item, BaseException):
         raise item
     if isinstance(item.msg, ErrorReply):
-        raise RolloutError(item.msg.code, item.msg.message)
+        raise RolloutError(item.msg.code, item.msg.message, item.msg.retry_after_s)
     return item.msg
 
 

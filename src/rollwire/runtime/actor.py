@@ -130,6 +130,10 @@ class Actor:
         """A public peer (connection ``sock``/``peer``, identity ``client``) sent nothing for
         ``client_timeout_s``: abort its requests, free its waiting requests and sessions."""
 
+    def has_live_connection(self, client: str) -> bool:
+        """Whether any beating public connection of ``client`` is still being heard from."""
+        return any(seen[1] == client for seen in self._last_seen.values())
+
     def take_held_requests(self) -> list[Origin]:
         """Requests the actor is answering right now, which it must no longer answer: on a crash
         the supervisor sends each one ACTOR_RESTARTED (exactly one terminal reply per request)."""

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -68,11 +69,15 @@ class RpcClient(Generic[R]):
         self._codec: Codec[R] = Codec(reply_union, max_body_bytes=max_frame_bytes or sockets.BUCKET_MAX_FRAME)
         self._curve = curve
         self._max_frame = max_frame_bytes
-        self._fixed_identity = identity
+        # one identity for the client's life: a fresh socket after a false "server dead" keeps its
+        # sessions (without CURVE a session belongs to the connection's identity); public ROUTERs
+        # let the new connection take the identity over (ROUTER_HANDOVER)
+        self._fixed_identity = identity or uuid.uuid4().bytes
         self._sock = self._new_socket()
         self.heartbeat_s = heartbeat_s  # None: no heartbeats (internal links: the peer shares our process)
         self.liveness_s = liveness_s
-        self._last_rx = self._last_tx = self._watch_from = time.monotonic()
+        self._last_rx = self._watch_from = time.monotonic()
+        self._last_tx = float("-inf")  # the first liveness tick beats at once: the server learns we beat
         self._liveness_task: asyncio.Task[None] | None = None
         self.server_deaths = 0  # times the liveness bound passed with calls pending
         self._rids = itertools.count(1)
@@ -156,7 +161,6 @@ class RpcClient(Generic[R]):
     async def _liveness_loop(self) -> None:
         assert self.heartbeat_s is not None
         while True:
-            await asyncio.sleep(self.heartbeat_s / 2)
             now = time.monotonic()
             if now - self._last_tx >= self.heartbeat_s:
                 with contextlib.suppress(zmq.ZMQError):
@@ -164,6 +168,7 @@ class RpcClient(Generic[R]):
                 self._last_tx = now
             if self._waiters and now - max(self._last_rx, self._watch_from) > self.liveness_s:
                 await self._server_died(now - max(self._last_rx, self._watch_from))
+            await asyncio.sleep(self.heartbeat_s / 2)
 
     async def _server_died(self, silent_s: float) -> None:
         """Fail every pending call, then start over on a fresh socket (nothing stale is replayed)."""
@@ -173,7 +178,7 @@ class RpcClient(Generic[R]):
         # swap first, then retire the old pair: a send meanwhile goes to the fresh socket
         old_task, old_sock = self._recv_task, self._sock
         self._sock = self._new_socket()
-        self._last_rx = time.monotonic()
+        self._last_rx, self._last_tx = time.monotonic(), float("-inf")
         self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="rpc-recv")
         if old_task is not None:
             old_task.cancel()
