@@ -113,3 +113,36 @@ async def test_a_server_whose_supervision_gives_up_exits_non_zero_and_says_why(t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_calls_to_a_server_that_refuses_the_handshake_fail_with_server_unavailable_never_cancelled() -> None:
+    """A send still waiting for a connection (the server refuses our plain handshake: it wants
+    CURVE) is cancelled by zmq when the liveness check retires the socket; the caller must see the
+    typed error, not a CancelledError it never asked for. (That race needs the send to find no
+    pipe, which timing decides: this guards it across 50 calls; the CURVE stranger test met it.)"""
+    import zmq
+    import zmq.asyncio
+
+    from rollwire.messages import RolloutReply, StatusRequest
+    from rollwire.transports.rpc import RpcClient, ServerUnavailable
+
+    ep = free_tcp_endpoint()
+    ctx = zmq.asyncio.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.CURVE_SERVER, 1)
+    server.setsockopt(zmq.CURVE_SECRETKEY, zmq.curve_keypair()[1])
+    server.setsockopt(zmq.LINGER, 0)
+    server.bind(ep)
+    rpc: RpcClient[object] = RpcClient(ep, RolloutReply, heartbeat_s=0.05, liveness_s=0.2)
+    try:
+        outcomes: list[str] = []
+        for _ in range(10):  # each round: the socket is retired and a fresh one made
+            results = await asyncio.wait_for(
+                asyncio.gather(*(rpc.call(StatusRequest()) for _ in range(5)), return_exceptions=True), 30)
+            outcomes += [type(r).__name__ for r in results]
+        assert set(outcomes) == {ServerUnavailable.__name__}, outcomes
+        assert rpc.server_deaths >= 10
+    finally:
+        await rpc.close()
+        server.close()
+        ctx.term()

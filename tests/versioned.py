@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers import DynamicCache
 
 from rollwire.actors.memory_governor import GOVERNOR
+from rollwire.engines.hf_batch import cache_kwarg
 from rollwire.messages import ApplyVersion, ControlReply, GenerateDone, NamedTensor
 from rollwire.models import tiny
 from rollwire.runtime import address
@@ -34,10 +36,11 @@ def greedy(version: int, prefix: list[int], n: int) -> list[int]:
     model = version_model(version)
     out: list[int] = []
     with torch.no_grad():
-        step = model(torch.tensor([prefix]), use_cache=True)
+        cache = DynamicCache()  # grown in place by each call
+        step = model(torch.tensor([prefix]), **cache_kwarg(model, cache), use_cache=True)
         for _ in range(n):
             out.append(int(step.logits[0, -1].argmax()))
-            step = model(torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+            step = model(torch.tensor([[out[-1]]]), **cache_kwarg(model, cache), use_cache=True)
     return out
 
 

@@ -390,6 +390,7 @@ class WeightReceiverActor(Actor):
             # the bucket link: its own DEALER sized for this version's buckets; replies are received
             # without a copy and handed on as views (they outlive the socket)
             link: RpcClient[Any] = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0, curve=self.curve,
+                                             zmtp_heartbeat=False,
                                              max_frame_bytes=limit)
             try:
                 tensors, payload = await pull_inline(link, ready, window=self.credit_window,

@@ -163,7 +163,8 @@ class TrainerPublisher:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> TrainerPublisher:
         self._router = await sockets.bind_when_free(
-            lambda: sockets.router([self.endpoint], curve=self._curve, max_frame_bytes=CONTROL_MAX_FRAME))
+            lambda: sockets.router([self.endpoint], curve=self._curve, max_frame_bytes=CONTROL_MAX_FRAME,
+                           zmtp_heartbeat=False))  # it sends buckets; beacons give liveness
         try:
             self._pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint, curve=self._curve))
         except Exception:

@@ -64,11 +64,12 @@ class RpcClient(Generic[R]):
     def __init__(self, endpoint: str, reply_union: Any, *, identity: bytes | None = None,
                  copy_threshold: int | None = None, curve: CurveClient | None = None,
                  max_frame_bytes: int | None = sockets.REQUEST_MAX_FRAME, heartbeat_s: float | None = None,
-                 liveness_s: float = DEFAULT_LIVENESS_S) -> None:
+                 liveness_s: float = DEFAULT_LIVENESS_S, zmtp_heartbeat: bool = True) -> None:
         self.endpoint = endpoint
         self._codec: Codec[R] = Codec(reply_union, max_body_bytes=max_frame_bytes or sockets.BUCKET_MAX_FRAME)
         self._curve = curve
         self._max_frame = max_frame_bytes
+        self._zmtp_heartbeat = zmtp_heartbeat
         # one identity for the client's life: a fresh socket after a false "server dead" keeps its
         # sessions (without CURVE a session belongs to the connection's identity); public ROUTERs
         # let the new connection take the identity over (ROUTER_HANDOVER)
@@ -94,7 +95,7 @@ class RpcClient(Generic[R]):
 
     def _new_socket(self) -> Any:
         return sockets.dealer(self.endpoint, identity=self._fixed_identity, curve=self._curve,
-                              max_frame_bytes=self._max_frame)
+                              max_frame_bytes=self._max_frame, zmtp_heartbeat=self._zmtp_heartbeat)
 
     def start(self) -> None:
         if self._recv_task is None:
@@ -124,7 +125,12 @@ class RpcClient(Generic[R]):
         fut: asyncio.Future[Reply[R]] = asyncio.get_running_loop().create_future()
         self._watch(rid, fut)
         try:
-            await self.send(rid, msg, payload)
+            try:
+                await self.send(rid, msg, payload)
+            except ServerUnavailable:
+                if fut.done():  # the liveness check failed the call while its send waited
+                    return fut.result()  # raises that typed error (and marks it retrieved)
+                raise
             return await (asyncio.wait_for(fut, timeout) if timeout is not None else fut)
         finally:
             self._waiters.pop(rid, None)
@@ -150,10 +156,20 @@ class RpcClient(Generic[R]):
             raise ConnectionClosed(f"receive loop for {self.endpoint} has stopped")
         self.start()
         frames = self._codec.encode(rid, msg, payload)
+        sock = self._sock
         try:
-            sent = await sockets.send(self._sock, frames, copy=not payload)
+            sent = await sockets.send(sock, frames, copy=not payload)
         except zmq.ZMQError as e:  # the socket was replaced under us (server taken for dead) or closed
             raise ServerUnavailable(f"send to {self.endpoint} failed: {e}") from None
+        except asyncio.CancelledError:
+            # a send still waiting for a connection (none ever came: a server that refuses our
+            # CURVE handshake, or none there) is cancelled by zmq when the liveness check retires
+            # the socket; that is the server's unavailability, not our caller's cancellation
+            task = asyncio.current_task()
+            if sock.closed and sock is not self._sock and not (task and task.cancelling()):
+                raise ServerUnavailable(f"send to {self.endpoint} abandoned: no connection within the "
+                                        f"liveness bound ({self.liveness_s}s)") from None
+            raise
         if not sent:
             raise ConnectionClosed(f"send to {self.endpoint} timed out at the high-water mark")
         self._last_tx = time.monotonic()

@@ -111,7 +111,9 @@ def inproc_endpoint(name: str) -> str:
 def zmtp_heartbeats(sock: zmq.Socket, interval_ms: int = ZMTP_HEARTBEAT_MS) -> None:
     """ZeroMQ's own PING/PONG (answered by libzmq's I/O thread, whatever the application does):
     a connection whose peer vanished without a FIN (host down, cable cut) is closed after three
-    missed beats, so a ROUTER's reply to it fails (EHOSTUNREACH) and a DEALER reconnects."""
+    missed beats, so a ROUTER's reply to it fails (EHOSTUNREACH) and a DEALER reconnects. Not on
+    links that carry weight buckets: encrypting a 512 MiB CURVE frame keeps the I/O thread busy
+    past the timeout (a push stalled so); the trainer link has its own beacons."""
     sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * interval_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * interval_ms)
@@ -130,7 +132,7 @@ _bound: weakref.WeakKeyDictionary[zmq.asyncio.Socket, list[str]] = weakref.WeakK
 
 def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Context | None = None,
            curve: CurveServer | None = None, max_frame_bytes: int | None = REQUEST_MAX_FRAME,
-           ) -> zmq.asyncio.Socket:
+           zmtp_heartbeat: bool = True) -> zmq.asyncio.Socket:
     """A ROUTER bound to every endpoint in ``binds`` (one identity space: give public endpoints
     their own socket, apart from internal inproc links)."""
     sock = (ctx or context()).socket(zmq.ROUTER)
@@ -140,7 +142,7 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
     try:
         if curve is not None:
             curve.apply(sock)
-        if any(not ep.startswith("inproc://") for ep in binds):
+        if zmtp_heartbeat and any(not ep.startswith("inproc://") for ep in binds):
             zmtp_heartbeats(sock)
             # a client that reconnects on a fresh socket keeps its (random, 128-bit) identity: the
             # new connection takes it over instead of being refused while the old one lingers
@@ -182,13 +184,13 @@ def close_router(sock: zmq.asyncio.Socket, linger_ms: int = DEFAULT_LINGER_MS) -
 
 def dealer(connect: str, *, identity: bytes | None = None, hwm: int = DEFAULT_HWM,
            ctx: zmq.asyncio.Context | None = None, curve: CurveClient | None = None,
-           max_frame_bytes: int | None = REQUEST_MAX_FRAME) -> zmq.asyncio.Socket:
+           max_frame_bytes: int | None = REQUEST_MAX_FRAME, zmtp_heartbeat: bool = True) -> zmq.asyncio.Socket:
     sock = (ctx or context()).socket(zmq.DEALER)
     _configure(sock, hwm, max_frame_bytes)
     sock.setsockopt(zmq.IDENTITY, identity or uuid.uuid4().bytes)
     if curve is not None:
         curve.apply(sock)
-    if not connect.startswith("inproc://"):
+    if zmtp_heartbeat and not connect.startswith("inproc://"):
         zmtp_heartbeats(sock)
     sock.connect(connect)
     return sock
