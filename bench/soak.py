@@ -8,7 +8,10 @@ and the server's RSS growth per minute (a least-squares slope per server incarna
 warm-up minute share is dropped).
 
     python bench/soak.py [--minutes 3] [--workers 4] [--concurrency 8] [--push-every 3]
-                         [--kill-every 20] [--seed 0] [--out bench/out/soak.json]
+                         [--kill-every 20] [--seed 0] [--curve] [--out bench/out/soak.json]
+
+--curve runs every link with CurveZMQ (Ironhouse): fresh key files for the server, the workers
+and the trainer; the server allow-lists the worker key for rollouts and the trainer key.
 """
 
 from __future__ import annotations
@@ -52,21 +55,26 @@ def slope_per_min(samples: list[tuple[float, float]]) -> float | None:
 
 
 # -- a worker process -------------------------------------------------------------------------
-def worker_main(endpoint: str, concurrency: int, seed: int, out_path: str) -> None:
+def worker_main(endpoint: str, concurrency: int, seed: int, out_path: str, keydir: str | None) -> None:
     from rollwire.server import run
 
-    run(_worker(endpoint, concurrency, seed, out_path))
+    run(_worker(endpoint, concurrency, seed, out_path, keydir))
 
 
-async def _worker(endpoint: str, concurrency: int, seed: int, out_path: str) -> None:
+async def _worker(endpoint: str, concurrency: int, seed: int, out_path: str, keydir: str | None) -> None:
     from rollwire import RolloutClient, SamplingParams
     from rollwire.clients.rollout import RolloutError
+    from rollwire.transports.security import CurveClient, KeyPair
+
+    curve = None
+    if keydir is not None:
+        curve = CurveClient(KeyPair.load(f"{keydir}/worker.key_secret"), KeyPair.load(f"{keydir}/server.key").public)
 
     rng = random.Random(seed)
     outcomes: collections.Counter[str] = collections.Counter()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with RolloutClient(endpoint) as rc:
+    async with RolloutClient(endpoint, curve=curve) as rc:
         async def loop() -> None:
             while not stop.is_set():
                 sp = SamplingParams(max_new_tokens=rng.randint(8, 96), temperature=1.0, seed=rng.randint(0, 1 << 30))
@@ -86,10 +94,12 @@ async def _worker(endpoint: str, concurrency: int, seed: int, out_path: str) -> 
 
 
 # -- the orchestrator ---------------------------------------------------------------------------
-def start_server(rollout_ep: str, trainer_ep: str) -> subprocess.Popen[bytes]:
+def start_server(rollout_ep: str, trainer_ep: str, keydir: str | None) -> subprocess.Popen[bytes]:
+    keys = [] if keydir is None else ["--secret-key", f"{keydir}/server.key_secret", "--client-keys",
+                                      f"{keydir}/worker.key", "--trainer-keys", f"{keydir}/trainer.key"]
     return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "error", "serve",
                              "--rollout-endpoint", rollout_ep, "--trainer-endpoint", trainer_ep,
-                             "--max-new-tokens-limit", "512"], stdout=subprocess.DEVNULL)
+                             "--max-new-tokens-limit", "512", *keys], stdout=subprocess.DEVNULL)
 
 
 async def soak(a: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +108,7 @@ async def soak(a: argparse.Namespace) -> dict[str, Any]:
     from rollwire.clients.trainer import TrainerPublisher
     from rollwire.models import tiny
     from rollwire.runtime.logging import configure_logging
+    from rollwire.transports.security import KeyPair, create_keys
 
     configure_logging(level="warning")
     rng = random.Random(a.seed)
@@ -107,7 +118,15 @@ async def soak(a: argparse.Namespace) -> dict[str, Any]:
     outdir.mkdir(parents=True, exist_ok=True)
     model, _ = tiny(0)
     named = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    server = start_server(rollout_ep, trainer_ep)
+    keydir: str | None = None
+    trainer_curve: dict[str, Any] = {}
+    if a.curve:
+        keydir = str(Path(a.out).parent / "soak-keys")
+        for name in ("server", "worker", "trainer"):
+            create_keys(keydir, name)
+        trainer_curve = {"keys": KeyPair.load(f"{keydir}/trainer.key_secret"),
+                         "receiver_keys": {KeyPair.load(f"{keydir}/server.key").public}}
+    server = start_server(rollout_ep, trainer_ep, keydir)
     incarnations: list[list[tuple[float, float]]] = [[]]
     workers: dict[int, tuple[Any, str]] = {}
     next_worker = 0
@@ -118,7 +137,7 @@ async def soak(a: argparse.Namespace) -> dict[str, Any]:
         nonlocal next_worker
         path = str(outdir / f"w{next_worker}.json")
         Path(path).unlink(missing_ok=True)
-        p = ctx.Process(target=worker_main, args=(rollout_ep, a.concurrency, a.seed * 1000 + next_worker, path))
+        p = ctx.Process(target=worker_main, args=(rollout_ep, a.concurrency, a.seed * 1000 + next_worker, path, keydir))
         p.start()
         workers[next_worker] = (p, path)
         next_worker += 1
@@ -129,7 +148,7 @@ async def soak(a: argparse.Namespace) -> dict[str, Any]:
     end = t0 + 60 * a.minutes
     next_push, next_kill, next_rss = t0 + a.push_every, t0 + a.kill_every, t0
     version = 0
-    async with TrainerPublisher(trainer_ep, timeout_s=30.0) as trainer:
+    async with TrainerPublisher(trainer_ep, timeout_s=30.0, **trainer_curve) as trainer:
         while time.monotonic() < end:
             now = time.monotonic()
             if now >= next_rss:
@@ -150,7 +169,7 @@ async def soak(a: argparse.Namespace) -> dict[str, Any]:
                     server.kill()
                     server.wait()
                     kills["server"] += 1
-                    server = start_server(rollout_ep, trainer_ep)
+                    server = start_server(rollout_ep, trainer_ep, keydir)
                     incarnations.append([])
             if now >= next_push:
                 next_push = now + a.push_every
@@ -176,7 +195,8 @@ async def soak(a: argparse.Namespace) -> dict[str, Any]:
     for r in results:
         outcomes.update(r["outcomes"])
     slopes = [s for s in (slope_per_min(inc) for inc in incarnations) if s is not None]
-    return {"minutes": a.minutes, "workers_at_end": len(results), "kills": dict(kills), "pushes": dict(pushes),
+    return {"minutes": a.minutes, "curve": a.curve, "workers_at_end": len(results), "kills": dict(kills),
+            "pushes": dict(pushes),
             "versions": version, "outcomes": dict(outcomes),
             "dropped_replies": sum(r.get("dropped_replies", 0) for r in results),
             "rss_mb_per_min": slopes, "rss_mb_end": incarnations[-1][-1][1] if incarnations[-1] else None,
@@ -191,6 +211,7 @@ def main() -> None:
     ap.add_argument("--push-every", type=float, default=3.0)
     ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills (worker or server)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--curve", action="store_true", help="CurveZMQ on every link (fresh key files)")
     ap.add_argument("--out", default="bench/out/soak.json")
     a = ap.parse_args()
     command = " ".join(["python", "bench/soak.py", *sys.argv[1:]])
