@@ -6,7 +6,7 @@ socket decodes a message and hands it straight to the handler registered for its
 handler runs inline (no extra hop) and answers with ``reply_nowait`` (no task either); an async
 handler becomes a task, bounded by ``max_pending`` (the mailbox bound: beyond it the sender gets
 OVERLOADED, and the receive loop keeps reading so aborts and health checks still get through).
-The receiving task drains every message already queued (up to ``RECV_BATCH``) before it yields.
+The receiving task is the shared ``receive_loop`` (transports/receive.py).
 
 Handler outcomes: a ``RollwireError`` becomes that request's ``ErrorReply`` and the actor goes on;
 any other exception also answers the sender (``internal``) and then crashes the actor, which the
@@ -32,11 +32,11 @@ from rollwire.runtime.errors import RollwireError
 from rollwire.runtime.logging import get_logger
 from rollwire.runtime.metrics import Counters
 from rollwire.transports import sockets
+from rollwire.transports.receive import receive_loop
 from rollwire.transports.rpc import RpcClient
 from rollwire.transports.security import CurveServer, client_of
 
 F = TypeVar("F", bound=Callable[..., Any])
-RECV_BATCH = 256  # messages handled per wake-up of a port's receiving task before it yields
 _HEARTBEAT = Heartbeat()
 
 
@@ -251,25 +251,13 @@ class Actor:
 
     # -- internals ------------------------------------------------------------------------
     async def _serve(self, key: str) -> None:
-        """The socket's one receiving task: wait for a message, then handle it and every message
-        already queued behind it (non-blocking receives, no Future each) before yielding."""
+        """The socket's one receiving task (the shared receive loop)."""
         sock, port = self._socks[key], self._sock_port[key]
         codec = self._codecs[port]
         authenticated = key in self._authenticated
         copy = not (self.ports[port].zero_copy or authenticated)  # the sender's key rides on a Frame
-        ready = sockets.shadow(sock)
-        while True:
-            frames: list[Any] = await sock.recv_multipart(copy=copy)
-            handled = 0
-            while True:
-                self._receive(port, key, codec, frames, copy, authenticated)
-                handled += 1
-                if handled % RECV_BATCH == 0:
-                    await asyncio.sleep(0)  # a long queue must not starve the actor's other tasks
-                try:
-                    frames = ready.recv_multipart(zmq.NOBLOCK, copy=copy)
-                except zmq.Again:
-                    break
+        await receive_loop(sock, lambda frames: self._receive(port, key, codec, frames, copy, authenticated),
+                           copy=copy)
 
     def _receive(self, port: str, key: str, codec: Codec[Any], frames: list[Any], copy: bool,
                  authenticated: bool) -> None:

@@ -31,10 +31,10 @@ from rollwire.messages.codec import Buffer, Codec, ProtocolError
 from rollwire.messages.control import Heartbeat
 from rollwire.messages.errors import ErrorCode
 from rollwire.transports import sockets
+from rollwire.transports.receive import receive_loop
 from rollwire.transports.security import CurveClient
 
 R = TypeVar("R")
-RECV_BATCH = 256  # replies delivered per wake-up of the receiving task before it yields
 
 
 class ConnectionClosed(Exception):
@@ -204,21 +204,13 @@ class RpcClient(Generic[R]):
     async def _recv_loop(self) -> None:
         copy = not self._zero_copy
         sock = self._sock  # this task's socket, even after _server_died swaps in a fresh one
-        ready = sockets.shadow(sock)
+
+        def on_frames(frames: list[Any]) -> None:
+            self._last_rx = time.monotonic()
+            self._dispatch(frames if copy else [f.buffer for f in frames])
+
         try:
-            while True:
-                frames: list[Any] = await sock.recv_multipart(copy=copy)
-                self._last_rx = time.monotonic()
-                delivered = 0
-                while True:  # every reply already queued, without a Future each
-                    self._dispatch(frames if copy else [f.buffer for f in frames])
-                    delivered += 1
-                    if delivered % RECV_BATCH == 0:
-                        await asyncio.sleep(0)  # let the callers run
-                    try:
-                        frames = ready.recv_multipart(zmq.NOBLOCK, copy=copy)
-                    except zmq.Again:
-                        break
+            await receive_loop(sock, on_frames, copy=copy)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the socket died: nobody may wait forever
