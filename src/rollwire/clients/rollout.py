@@ -18,14 +18,13 @@ from rollwire.clients.session import Session
 from rollwire.messages import (
     AbortRequest,
     ErrorCode,
-    ErrorReply,
     GenerateChunk,
     GenerateDone,
     GenerateRequest,
     HealthReply,
     HealthRequest,
-    ProtocolError,
     RolloutReply,
+    RollwireError,
     SamplingParams,
     SessionReply,
     StatusReply,
@@ -35,42 +34,16 @@ from rollwire.transports.rpc import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_LIVENESS_S,
     ConnectionClosed,
-    Reply,
+    RequestTimeout,
     RpcClient,
-    ServerUnavailable,
+    unwrap,
 )
 from rollwire.transports.security import CurveClient
 
 GenerateOutput = GenerateDone  # the terminal reply is the output: output_ids, logprobs, spans...
 
 
-class RolloutError(Exception):
-    """The server answered a request with a typed error (``code``), or it could not be reached."""
-
-    def __init__(self, code: ErrorCode, message: str, retry_after_s: float = 0.0) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
-        self.message = message
-        self.retry_after_s = retry_after_s  # overloaded / client_limit: when a retry (same rid) may succeed
-
-
-class RequestTimeout(RolloutError):
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.TIMEOUT, message)
-
-
-def _raise_if_error(item: Reply[Any] | BaseException) -> Any:
-    if isinstance(item, ProtocolError):
-        raise RolloutError(item.code, item.message)
-    if isinstance(item, ServerUnavailable):
-        raise RolloutError(ErrorCode.SERVER_UNAVAILABLE, str(item))
-    if isinstance(item, ConnectionClosed):
-        raise RolloutError(ErrorCode.SHUTTING_DOWN, str(item))
-    if isinstance(item, BaseException):
-        raise item
-    if isinstance(item.msg, ErrorReply):
-        raise RolloutError(item.msg.code, item.msg.message, item.msg.retry_after_s)
-    return item.msg
+RolloutError = RollwireError  # what a rollout call raises: one hierarchy, a stable ``code`` on each
 
 
 class GenerationStream:
@@ -100,9 +73,9 @@ class GenerationStream:
             self._sent = True
             try:
                 await self._client._rpc.send(self.rid, self._request)
-            except ConnectionClosed as e:
+            except ConnectionClosed:
                 self._client._rpc.close_stream(self.rid)
-                _raise_if_error(e)
+                raise
         if self._remaining == 0:
             self._client._rpc.close_stream(self.rid)
             raise StopAsyncIteration
@@ -113,7 +86,7 @@ class GenerationStream:
             self._client._rpc.close_stream(self.rid)
             raise RequestTimeout(f"no reply to request {self.rid} within {self._timeout}s; aborted it") from None
         try:
-            msg = _raise_if_error(item)
+            msg = unwrap(item)
         except BaseException:
             self._client._rpc.close_stream(self.rid)
             raise
@@ -191,18 +164,14 @@ class RolloutClient:
             reply = await self._rpc.call(HealthRequest(), timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"no health reply from {self.endpoint} within {timeout}s") from None
-        except ConnectionClosed as e:
-            return _raise_if_error(e)
-        return _raise_if_error(reply)  # type: ignore[no-any-return]
+        return unwrap(reply)  # type: ignore[no-any-return]
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
         try:
             reply = await self._rpc.call(StatusRequest(), timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"no status reply from {self.endpoint} within {timeout}s") from None
-        except ConnectionClosed as e:
-            return _raise_if_error(e)
-        return _raise_if_error(reply)  # type: ignore[no-any-return]
+        return unwrap(reply)  # type: ignore[no-any-return]
 
     async def wait_ready(self, timeout: float = 60.0) -> HealthReply:
         """Poll health until the server answers (the READY handshake for a new connection)."""

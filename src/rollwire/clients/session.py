@@ -30,12 +30,14 @@ from rollwire.messages import (
     ErrorCode,
     GenerateDone,
     OpenSession,
+    RollwireError,
     SamplingParams,
     SessionClosed,
     SessionGenerate,
     SessionOpened,
     VersionSpan,
 )
+from rollwire.transports.rpc import RequestTimeout, unwrap
 
 if TYPE_CHECKING:
     from rollwire.clients.rollout import RolloutClient
@@ -87,11 +89,10 @@ class Session:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        from rollwire.clients.rollout import RolloutError
 
         try:
             await self.close()
-        except RolloutError as e:  # already gone: nothing left to free
+        except RollwireError as e:  # already gone: nothing left to free
             if e.code not in (ErrorCode.SESSION_EXPIRED, ErrorCode.SESSION_CLOSED, ErrorCode.UNKNOWN_SESSION):
                 raise
 
@@ -103,13 +104,12 @@ class Session:
 
     async def append(self, token_ids: Sequence[int]) -> int:
         """An environment turn (loss_mask 0); returns the history length."""
-        from rollwire.clients.rollout import RolloutError
 
         self._check_synced()
         ids = list(token_ids)
         try:
             done: Appended = await self._call(AppendTokens(session_id=self.id, token_ids=ids))
-        except RolloutError as e:
+        except RollwireError as e:
             if e.code == ErrorCode.TIMEOUT:  # it may have been applied: the mirror is unknown
                 self._desynced = True
             raise
@@ -125,7 +125,6 @@ class Session:
                        ) -> GenerateDone:
         """A model turn on the whole history (``input_ids``, if any, is appended first as a prompt
         turn). A timeout aborts the turn, records its partial output, then raises RequestTimeout."""
-        from rollwire.clients.rollout import RequestTimeout, _raise_if_error
 
         rpc = self._rpc_or_raise()
         self._check_synced()
@@ -155,7 +154,7 @@ class Session:
             raise
         finally:
             rpc.close_stream(rid)
-        done: GenerateDone = _raise_if_error(item)
+        done: GenerateDone = unwrap(item)
         self._expect_length(done.usage.prompt_tokens - len(prompt), "turn")
         self._record(prompt, done)
         if timed_out:
@@ -193,14 +192,13 @@ class Session:
         return self._rpc
 
     async def _call(self, msg: Any) -> Any:
-        from rollwire.clients.rollout import RequestTimeout, _raise_if_error
 
         rpc = self._rpc if self._rpc is not None else await self._client._sessions()
         try:
             reply = await rpc.call(msg, timeout=self.timeout)
         except TimeoutError:
             raise RequestTimeout(f"no reply to {type(msg).__name__} within {self.timeout}s") from None
-        return _raise_if_error(reply)
+        return unwrap(reply)
 
     def _add(self, role: Literal["prompt", "model", "env"], ids: list[int], mask: int, lps: list[float]) -> TurnRecord:
         turn = TurnRecord(role=role, start=len(self._ids), end=len(self._ids) + len(ids))

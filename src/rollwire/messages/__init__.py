@@ -8,7 +8,7 @@ from __future__ import annotations
 from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.control import HealthReply, HealthRequest, Heartbeat, StatusReply, StatusRequest
 from rollwire.messages.envelope import PROTOCOL_VERSION, Header, TensorRef
-from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.messages.errors import ErrorCode, ErrorReply, RemoteError, RollwireError
 from rollwire.messages.generate import (
     AbortRequest,
     FinishReason,
@@ -87,10 +87,12 @@ __all__ = [
     "Pause",
     "ProtocolError",
     "ReleaseMemory",
+    "RemoteError",
     "Resume",
     "ResumeMemory",
     "RolloutReply",
     "RolloutRequest",
+    "RollwireError",
     "Sample",
     "SampleGroup",
     "SamplingParams",

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from rollwire.messages.envelope import PROTOCOL_VERSION, Header
-from rollwire.messages.errors import ErrorCode
+from rollwire.messages.errors import ErrorCode, RollwireError
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
@@ -21,11 +21,11 @@ Buffer = bytes | bytearray | memoryview
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # a body above this is refused before decoding
 
 
-class ProtocolError(Exception):
+class ProtocolError(RollwireError):
+    """Bytes that do not decode (``rid``: the request they named, when the header decoded)."""
+
     def __init__(self, code: ErrorCode, message: str, rid: int = 0) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.rid = rid
 
 

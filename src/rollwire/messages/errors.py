@@ -56,3 +56,26 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error", array_l
     message: str
     origin: str = ""  # actor or component that raised it
     retry_after_s: float = 0.0  # OVERLOADED / CLIENT_LIMIT: when a retry (same rid allowed) may succeed
+
+
+class RollwireError(Exception):
+    """The one error hierarchy: every failure rollwire reports, local or remote, has a stable
+    ``code`` and a human ``message``. Raised by an actor's handler, it becomes that request's
+    ``ErrorReply`` and the actor goes on; a client raises it (``RemoteError`` when the peer
+    answered with an error, ``ConnectionClosed`` / ``ServerUnavailable`` when it could not be
+    reached, ``ProtocolError`` for bytes that do not decode)."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s  # overloaded / client_limit: when a retry (same rid) may succeed
+
+
+class RemoteError(RollwireError):
+    """The peer answered a request with an ``ErrorReply``."""
+
+    @classmethod
+    def of(cls, reply: ErrorReply) -> RemoteError:
+        return cls(reply.code, reply.message, reply.retry_after_s)
+

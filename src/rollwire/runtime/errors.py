@@ -1,14 +1,8 @@
-"""Errors an actor handler raises on purpose; each becomes an ErrorReply to the sender."""
+"""Errors an actor handler raises on purpose; each becomes an ErrorReply to the sender. The
+hierarchy lives in ``rollwire.messages.errors`` (the lowest layer, so every package shares it)."""
 
 from __future__ import annotations
 
-from rollwire.messages.errors import ErrorCode
+from rollwire.messages.errors import RemoteError, RollwireError
 
-
-class RollwireError(Exception):
-    """An expected failure of one request: answered with a typed error, the actor keeps going."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
-        self.message = message
+__all__ = ["RemoteError", "RollwireError"]

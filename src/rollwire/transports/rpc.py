@@ -29,7 +29,7 @@ import zmq
 
 from rollwire.messages.codec import Buffer, Codec, ProtocolError
 from rollwire.messages.control import Heartbeat
-from rollwire.messages.errors import ErrorCode
+from rollwire.messages.errors import ErrorCode, ErrorReply, RemoteError, RollwireError
 from rollwire.transports import sockets
 from rollwire.transports.receive import receive_loop
 from rollwire.transports.security import CurveClient
@@ -37,12 +37,25 @@ from rollwire.transports.security import CurveClient
 R = TypeVar("R")
 
 
-class ConnectionClosed(Exception):
+class ConnectionClosed(RollwireError):
     """The client was closed (or its receive loop died) while a request was waiting."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.SHUTTING_DOWN) -> None:
+        super().__init__(code, message)
 
 
 class ServerUnavailable(ConnectionClosed):
     """Nothing was heard from the server within the liveness bound while calls were pending."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.SERVER_UNAVAILABLE)
+
+
+class RequestTimeout(RollwireError):
+    """The caller's own deadline passed before the reply came."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.TIMEOUT, message)
 
 
 DEFAULT_HEARTBEAT_S = 1.0
@@ -56,6 +69,18 @@ class Reply(Generic[R]):
     def __init__(self, msg: R, payload: Sequence[Buffer]) -> None:
         self.msg = msg
         self.payload = payload  # zmq frames' buffers; alive as long as this object or views of it
+
+
+def unwrap(item: Reply[R] | BaseException) -> R:
+    """A reply (or a stream item) as its message: the one place an ``ErrorReply`` becomes a
+    ``RemoteError``; an exception a waiter was failed with is raised as it is (each one is a
+    ``RollwireError`` with its code, except a bug's)."""
+    if isinstance(item, BaseException):
+        raise item
+    if isinstance(item.msg, ErrorReply):
+        raise RemoteError.of(item.msg)
+    return item.msg
+
 
 
 class RpcClient(Generic[R]):
