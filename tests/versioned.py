@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from rollwire.actors.memory_governor import GOVERNOR
-from rollwire.engines.hf_batch import cache_kwarg
+from rollwire.engines.hf.batch import cache_kwarg
 from rollwire.messages import ApplyVersion, ControlReply, GenerateDone, NamedTensor
 from rollwire.models import tiny
 from rollwire.runtime import address

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from rollwire.engines.sglang_payloads import flat_bucket
+from rollwire.engines.sglang.payloads import flat_bucket
 
 
 def arena_views(gap: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
@@ -83,7 +83,7 @@ def test_one_payload_per_tp_rank_each_a_share_of_its_own() -> None:
     TP rank gets its own serialization of the bucket, not one payload repeated."""
     import pickle
 
-    from rollwire.engines.sglang_payloads import serialize
+    from rollwire.engines.sglang.payloads import serialize
 
     _, views = arena_views(gap=0)
     payloads = serialize(ForkingSerializer, [(n, t.clone()) for n, t in views], 3)

@@ -24,8 +24,8 @@ def sglang_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ob
         yield mod, ckpt
     finally:
         sys.path.remove(FAKE)
-        ours = ("sglang", "rollwire.engines.sglang")
-        for name in [n for n in sys.modules if n in ours or n.startswith("sglang.")]:
+        ours = ("sglang", "rollwire.engines.sglang")  # and their submodules: all were bound to the stand-in
+        for name in [n for n in sys.modules if n in ours or n.startswith(("sglang.", "rollwire.engines.sglang."))]:
             del sys.modules[name]
 
 

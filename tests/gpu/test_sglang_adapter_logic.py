@@ -141,7 +141,7 @@ async def test_with_deterministic_inference_min_p_goes_to_the_logit_processor_an
         sglang_module) -> None:
     mod, ckpt = sglang_module
     e = mod.SGLangEngine(ckpt, engine_args={"enable_deterministic_inference": "true"})  # type: ignore[attr-defined]
-    from rollwire.engines.sglang_requests import Live
+    from rollwire.engines.sglang.requests import Live
 
     s = Live(EngineRequest("r", [1], SamplingParams(temperature=0.8, min_p=0.1, seed=3)))
     sp = e._sampling_params(s)
@@ -152,7 +152,7 @@ async def test_with_deterministic_inference_min_p_goes_to_the_logit_processor_an
 
 
 def test_the_min_p_logit_processor_keeps_what_min_p_keeps(sglang_module) -> None:
-    from rollwire.engines.sglang_logits import TokenMask
+    from rollwire.engines.sglang.logits import TokenMask
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -3.0], [2.0, 1.0, 0.0, -3.0]])
     out = TokenMask()(logits.clone(), [{"rw_min_p": 0.3, "rw_temperature": 1.0}, {"rw_min_p": 0.3,
@@ -165,7 +165,7 @@ def test_the_min_p_logit_processor_keeps_what_min_p_keeps(sglang_module) -> None
 def test_with_deterministic_inference_every_sampled_row_takes_sglangs_sorted_path(sglang_module) -> None:
     mod, ckpt = sglang_module
     e = mod.SGLangEngine(ckpt, engine_args={"enable_deterministic_inference": "true"})  # type: ignore[attr-defined]
-    from rollwire.engines.sglang_requests import Live
+    from rollwire.engines.sglang.requests import Live
 
     sp = e._sampling_params(Live(EngineRequest("r", [1], SamplingParams(temperature=1.0, seed=3))))
     assert sp["top_k"] == e.vocab_size  # keeps every token, but no longer SGLang's "all" marker
@@ -179,7 +179,7 @@ def test_checkpoint_tensors_come_from_the_index_or_skip_a_consolidated_copy(tmp_
 
     from safetensors.torch import save_file
 
-    from rollwire.engines.sglang_args import read_checkpoint
+    from rollwire.engines.sglang.args import read_checkpoint
 
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "tie_word_embeddings": False}))
     save_file({"model.a": torch.zeros(2), "model.b": torch.zeros(3)}, str(tmp_path / "model.safetensors"))

@@ -39,7 +39,7 @@ import msgspec
 
 from rollwire.actors.generation_control import GenerationControl, session_key
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
-from rollwire.engines.hf_sampling import MAX_N
+from rollwire.engines.hf.sampling import MAX_N
 from rollwire.messages import (
     PROTOCOL_VERSION,
     AbortRequest,

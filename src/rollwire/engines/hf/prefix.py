@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollwire.engines import hf_batch
+from rollwire.engines.hf import batch as hf_batch
 
 STALE = -1  # version of KV computed partly under an older version
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollwire.engines import hf_prefix
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineDelta, EngineError, EngineRequest
-from rollwire.engines.hf_sampling import RowSampler
+from rollwire.engines.hf import prefix as hf_prefix
+from rollwire.engines.hf.sampling import RowSampler
 from rollwire.messages.generate import FinishReason
 
 

@@ -15,7 +15,7 @@ of that bucket completed; a push that fails or times out raises ``EngineError("w
 and tears the group down (best effort), so the next push starts with a fresh
 ``join_weight_group``. A bucket already loaded before a later one failed stays loaded, so the
 engine holds requests until a whole version has loaded (the version number does not change on
-failure). Bucketing and serialization: ``sglang_payloads``.
+failure). Bucketing and serialization: ``payloads``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollwire.engines.base import EngineError, MemoryTag
-from rollwire.engines.sglang_args import Checkpoint
-from rollwire.engines.sglang_payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
-from rollwire.engines.sglang_requests import Live
+from rollwire.engines.sglang.args import Checkpoint
+from rollwire.engines.sglang.payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
+from rollwire.engines.sglang.requests import Live
 from rollwire.runtime.logging import get_logger
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """HFEngine's scheduling half: the task that admits requests and runs steps back to back, one step
 on the worker thread (decode the running rows, prefill the joiners, sample), the booking of each
-step's tokens and the hand-out of deltas (see ``hf``'s module docstring; the attributes below are
+step's tokens and the hand-out of deltas (see ``engine``'s module docstring; the attributes below are
 HFEngine's)."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from rollwire.engines import hf_batch, hf_prefix
 from rollwire.engines.base import ENGINE_DEAD, EngineError
-from rollwire.engines.hf_faults import Faults
-from rollwire.engines.hf_requests import FairQueue, Seq, deliver
-from rollwire.engines.hf_sampling import RowSampler, sample
-from rollwire.engines.hf_weights import WeightStore
+from rollwire.engines.hf import batch as hf_batch
+from rollwire.engines.hf import prefix as hf_prefix
+from rollwire.engines.hf.faults import Faults
+from rollwire.engines.hf.requests import FairQueue, Seq, deliver
+from rollwire.engines.hf.sampling import RowSampler, sample
+from rollwire.engines.hf.weights import WeightStore
 from rollwire.messages.generate import FinishReason
 
 log = logging.getLogger("rollwire.engines.hf")

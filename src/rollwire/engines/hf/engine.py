@@ -1,21 +1,21 @@
 """The embedded transformers engine: continuous batching of a ``PreTrainedModel`` on CPU or GPU.
 
-A scheduler task on the event loop (``hf_steps``) admits requests, runs one step at a time on a
+A scheduler task on the event loop (``scheduler``) admits requests, runs one step at a time on a
 single worker thread (torch releases the GIL, so the loop keeps answering) and hands each request
 its new token through its own ``asyncio.Queue``. A step is: drop finished rows, decode the running batch
-by one token, prefill the joiners together, concatenate, sample every row (``hf_sampling``).
+by one token, prefill the joiners together, concatenate, sample every row (``sampling``).
 Step N+1 is launched as soon as step N's tokens are booked; N's deltas go out while N+1 runs.
 State that the worker touches (``_batch``, ``_running``) is changed only between steps, on the
 loop; ``_lock`` is held across a chain of steps, so ``pause`` returns only once none is in flight.
 
 Fair sharing: waiting requests are admitted round-robin across clients (``EngineRequest.client``,
-``hf_requests.FairQueue``), and a full batch gives one row back (the newest of the client holding
+``requests.FairQueue``), and a full batch gives one row back (the newest of the client holding
 the most above its share, ``max_batch_size`` // clients with work) for each client that waits with
 fewer rows than its share; that row is re-prefilled when its turn comes again (``_fair_share``).
 
 Failures: a step that raises is isolated (``_isolate``: each member probed alone; only a culprit
 fails); a failure outside any one request (the worker gone) kills the engine (``_die``: engine_dead
-to every request, the death callback). ``hf_faults`` injects both, for tests only.
+to every request, the death callback). ``faults`` injects both, for tests only.
 
 Float noise: a row's logits differ by ~1e-6 between running alone and in a batch (oneDNN/MKL
 pick different GEMM kernels for 1, 2-3 and >= 4 rows, and SDPA blocks differently over a
@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 
-from rollwire.engines import hf_batch, hf_prefix
 from rollwire.engines.base import (
     ENGINE_DEAD,
     EngineDelta,
@@ -47,15 +46,17 @@ from rollwire.engines.base import (
     MemoryTag,
     PauseMode,
 )
-from rollwire.engines.hf_faults import Faults
-from rollwire.engines.hf_requests import FairQueue, Seq, check_tags, eos_of, next_delta
-from rollwire.engines.hf_sampling import check_request, make_row_sampler
-from rollwire.engines.hf_steps import StepLoop
-from rollwire.engines.hf_weights import WeightStore
+from rollwire.engines.hf import batch as hf_batch
+from rollwire.engines.hf import prefix as hf_prefix
+from rollwire.engines.hf.faults import Faults
+from rollwire.engines.hf.requests import FairQueue, Seq, check_tags, eos_of, next_delta
+from rollwire.engines.hf.sampling import check_request, make_row_sampler
+from rollwire.engines.hf.scheduler import StepLoop
+from rollwire.engines.hf.weights import WeightStore
 
 
 class HFEngine(StepLoop):
-    """Engine on a transformers causal LM; see the module docstring and ``hf_sampling``.
+    """Engine on a transformers causal LM; see the module docstring and ``sampling``.
 
     ``max_batch_size`` rows decode together; ``max_model_len`` defaults to the model's
     max_position_embeddings; ``eos_token_ids`` to its generation config; ``device`` (where
@@ -99,7 +100,7 @@ class HFEngine(StepLoop):
         self._on_death: Callable[[str], None] | None = None
         self._isolated = 0
         self._preempted = 0
-        self._faults = Faults.parse()  # test hook (hf_faults): None unless ROLLWIRE_HF_FAULTS is set
+        self._faults = Faults.parse()  # test hook (faults): None unless ROLLWIRE_HF_FAULTS is set
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu", dtype: str | None = None, **kw: Any) -> HFEngine:

@@ -5,9 +5,9 @@ imports it. The ``sglang.Engine`` is built in ``start()``, on the event loop tha
 (SGLang keeps the running loop as ``eng.loop`` and runs the TokenizerManager's tasks there).
 Everything after that is a coroutine on that loop talking to the TokenizerManager directly:
 ``Engine``'s own synchronous methods call ``loop.run_until_complete`` and cannot be used from
-inside the running loop. Modules: ``sglang_args`` (engine arguments, checkpoint facts),
-``sglang_requests`` (one request's segments, outputs, version spans), ``sglang_weights`` (CUDA
-IPC / shared-memory and NCCL loading), ``sglang_logits`` (the custom logit processor).
+inside the running loop. Modules: ``args`` (engine arguments, checkpoint facts),
+``requests`` (one request's segments, outputs, version spans), ``weights`` (CUDA
+IPC / shared-memory and NCCL loading), ``logits`` (the custom logit processor).
 
 How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
 
@@ -28,7 +28,7 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   which leaves one step of the old weights in flight, the pause is turned into a ``retract``
   (SGLang then processes that step first; the requests keep their cached KV). With
   ``--engine-arg disable_overlap_schedule=true`` an ``in_place`` pause is exact as it is.
-* allowed/disallowed token masks: a custom logit processor (``sglang_logits.TokenMask``), so the
+* allowed/disallowed token masks: a custom logit processor (``logits.TokenMask``), so the
   engine is always started with ``enable_custom_logit_processor=True``. Logprobs are SGLang's:
   log_softmax(masked logits / T) before top-k/top-p/min-p, as the hf engine reports them.
 * seed: SGLang honours ``sampling_seed`` only with ``enable_deterministic_inference``; without
@@ -48,7 +48,7 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   pause is followed by a round trip to the scheduler; when it returns no step is running and the
   outputs of earlier steps have been handled. ``abort`` is done as retract + abort of every
   request (SGLang's own abort mode polls once a second). With nothing of ours inside SGLang the
-  scheduler is not paused (new requests wait in the adapter). See ``sglang_control``.
+  scheduler is not paused (new requests wait in the adapter). See ``control``.
 * update_weights: ``update_weights_from_tensor`` in buckets of 1 GiB (tiny buckets have garbled
   outputs on large models); CUDA buckets in SGLang's ``flattened_bucket`` format (one IPC handle
   per bucket), ``abort_all_requests=False`` (the default of
@@ -57,7 +57,7 @@ How the protocol maps onto SGLang 0.5.x, and the traps each mapping avoids:
   cache is flushed only when no request is inside SGLang; requests carry
   ``extra_key=rw-v<weight version>`` so a prefix computed under old weights is never reused by a
   request started under new ones. NCCL: ``join_weight_group`` + ``update_weights_from_distributed``
-  (``sglang_weights`` says how the trainer takes part).
+  (``weights`` says how the trainer takes part).
 * sessions: SGLang's radix cache already reuses the KV of a resent history, so a session needs
   no SGLang session object; ``close_session`` forgets the session's cache key. A request with
   ``keep_stale_prefix`` keeps its session's first cache key across versions, so it can reuse a
@@ -95,7 +95,6 @@ from typing import Any
 if importlib.util.find_spec("sglang") is None:  # the server turns this into "pip install 'rollwire[sglang]'"
     raise ImportError("rollwire.engines.sglang needs SGLang: pip install 'rollwire[sglang]'")
 
-from rollwire.engines import sglang_args
 from rollwire.engines.base import (
     ENGINE_DEAD,
     EngineDelta,
@@ -104,18 +103,19 @@ from rollwire.engines.base import (
     EngineRequest,
     MemoryTag,
 )
-from rollwire.engines.hf_sampling import check_request
-from rollwire.engines.sglang_args import (
+from rollwire.engines.hf.sampling import check_request
+from rollwire.engines.sglang import args as sglang_args
+from rollwire.engines.sglang.args import (
     DEFAULT_ARGS,
     FORCED_ARGS,
     convert_engine_args,
     env_engine_args,
     read_checkpoint,
 )
-from rollwire.engines.sglang_control import ControlMixin
-from rollwire.engines.sglang_logits import TokenMask
-from rollwire.engines.sglang_requests import Live, RequestsMixin, StateView
-from rollwire.engines.sglang_weights import WeightsMixin
+from rollwire.engines.sglang.control import ControlMixin
+from rollwire.engines.sglang.logits import TokenMask
+from rollwire.engines.sglang.requests import Live, RequestsMixin, StateView
+from rollwire.engines.sglang.weights import WeightsMixin
 
 __all__ = ["SGLangEngine", "convert_engine_args"]
 
@@ -129,7 +129,7 @@ WATCH_CHILDREN_S = 0.5  # how often the processes sglang.Engine started are chec
 
 class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
     """Engine on ``sglang.Engine`` (GPU). ``engine_args`` are ServerArgs fields (strings are converted);
-    defaults may come from ``ROLLWIRE_SGLANG_ENGINE_ARGS`` (see sglang_args)."""
+    defaults may come from ``ROLLWIRE_SGLANG_ENGINE_ARGS`` (see args)."""
 
     def __init__(self, model_path: str, *, engine_args: Mapping[str, object] | None = None,
                  name: str = "sglang", weight_bucket_bytes: int = WEIGHT_BUCKET_BYTES) -> None:

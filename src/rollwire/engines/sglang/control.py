@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineError, MemoryTag, PauseMode
-from rollwire.engines.sglang_requests import Live
-from rollwire.engines.sglang_weights import EVICT_TIMEOUT_S
+from rollwire.engines.sglang.requests import Live
+from rollwire.engines.sglang.weights import EVICT_TIMEOUT_S
 
 log = logging.getLogger("rollwire.engines.sglang")
 
