@@ -39,7 +39,7 @@ import msgspec
 
 from rollwire.actors.generation_control import GenerationControl, session_key
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
-from rollwire.engines.hf.sampling import MAX_N
+from rollwire.engines.validation import MAX_N
 from rollwire.messages import (
     PROTOCOL_VERSION,
     AbortRequest,
@@ -50,6 +50,8 @@ from rollwire.messages import (
     GenerateRequest,
     HealthReply,
     HealthRequest,
+    ParamsReply,
+    ParamsRequest,
     RolloutRequest,
     StatusReply,
     StatusRequest,
@@ -227,6 +229,10 @@ class GenerationActor(GenerationControl, Actor):
     def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
         self.reply_nowait(origin, HealthReply(weight_version=self.weight_version, governor_state=self.state,
                                               protocol=PROTOCOL_VERSION, session_endpoint=self.session_endpoint))
+
+    @handles(ParamsRequest)
+    def on_params(self, origin: Origin, msg: ParamsRequest, payload: Sequence[Any]) -> None:
+        self.reply_nowait(origin, ParamsReply(weight_version=self.weight_version, params=self.engine.parameters()))
 
     @handles(StatusRequest)
     def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:

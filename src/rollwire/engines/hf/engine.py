@@ -49,10 +49,12 @@ from rollwire.engines.base import (
 from rollwire.engines.hf import batch as hf_batch
 from rollwire.engines.hf import prefix as hf_prefix
 from rollwire.engines.hf.faults import Faults
-from rollwire.engines.hf.requests import FairQueue, Seq, check_tags, eos_of, next_delta
-from rollwire.engines.hf.sampling import check_request, make_row_sampler
+from rollwire.engines.hf.requests import FairQueue, Seq, eos_of, next_delta
+from rollwire.engines.hf.sampling import make_row_sampler
 from rollwire.engines.hf.scheduler import StepLoop
 from rollwire.engines.hf.weights import WeightStore
+from rollwire.engines.validation import check_request, check_tags
+from rollwire.messages.control import ParamSpec
 
 
 class HFEngine(StepLoop):
@@ -114,6 +116,9 @@ class HFEngine(StepLoop):
     @property
     def weight_version(self) -> int:
         return self._version
+
+    def parameters(self) -> list[ParamSpec]:
+        return self._weights.specs()
 
     def info(self) -> EngineInfo:
         weights = self._weights.resident_bytes()

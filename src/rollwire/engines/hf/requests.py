@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollwire.engines.base import ALL_MEMORY_TAGS, EngineDelta, EngineError, EngineRequest
+from rollwire.engines.base import EngineDelta, EngineRequest
 from rollwire.engines.hf import prefix as hf_prefix
 from rollwire.engines.hf.sampling import RowSampler
 from rollwire.messages.generate import FinishReason
@@ -86,13 +86,6 @@ def eos_of(model: Any) -> list[int]:
         if eos is not None:
             return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
     return []
-
-
-def check_tags(tags: Sequence[str]) -> None:
-    bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
-    if bad:
-        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
-
 
 
 class FairQueue:

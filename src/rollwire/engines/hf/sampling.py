@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollwire.engines.base import EngineError, EngineRequest
+from rollwire.engines.validation import GREEDY_BELOW
 from rollwire.messages.generate import SamplingParams
 
 
@@ -67,64 +67,6 @@ def make_row_sampler(params: SamplingParams, vocab_size: int, device: torch.devi
         temperature=temperature, top_k=int(params.top_k), top_p=float(params.top_p),
         min_p=float(params.min_p), generator=generator, mask=mask, want_logprob=want_logprob,
     )
-
-
-def check_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> None:
-    """What every engine refuses (EngineError): no input, ids outside the vocabulary, bad sampling
-    parameters, prompt + max_new_tokens above the context length."""
-    ids, p = req.input_ids, req.params
-    if not ids:
-        raise EngineError("empty_input", "input_ids is empty")
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab_size})")
-    if (bad := check_params(p, vocab_size)) is not None:
-        raise EngineError("bad_sampling_params", bad)
-    if len(ids) + p.max_new_tokens > max_model_len:
-        raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
-                                      f"max_model_len {max_model_len}")
-
-
-# Ranges every engine accepts (SGLang's scheduler dies, and torch raises inside a batched step, on
-# values beyond them): checked at validation, so no value that reaches an engine can overflow there.
-MAX_TEMPERATURE = 1e4  # logits / T: above this every distribution is uniform to float precision
-GREEDY_BELOW = 1e-6  # a temperature in (0, this) is greedy (SGLang's _SAMPLING_EPS); 1/T would overflow
-MAX_TOP_K = 2**31 - 1  # SGLang keeps top_k as int32; above the vocabulary it keeps every token anyway
-MAX_SEED = 2**63 - 1  # torch.Generator and SGLang take a signed 64-bit seed; seed + n - 1 must fit too
-MAX_N = 64  # samples per request
-MAX_STOP_IDS = 1024  # stop_token_ids per request
-
-
-def check_params(p: SamplingParams, vocab_size: int) -> str | None:
-    """What is wrong with ``p`` (None if nothing): the engine refuses it as bad_sampling_params.
-    Every number is range-checked (NaN and infinities refused), every id list is bounded and its
-    ids lie in the vocabulary."""
-    if p.max_new_tokens <= 0:
-        return "max_new_tokens must be >= 1"
-    if not 0 <= p.temperature <= MAX_TEMPERATURE:  # also catches NaN and inf
-        return f"temperature must lie in [0, {MAX_TEMPERATURE:g}]"
-    if not 0 < p.top_p <= 1:
-        return "top_p must lie in (0, 1]"
-    if not 0 <= p.min_p < 1:  # 1 would keep only the top token: ask for greedy
-        return "min_p must lie in [0, 1)"
-    if not (p.top_k == -1 or 1 <= p.top_k <= MAX_TOP_K):
-        return f"top_k must be -1 (all) or in [1, {MAX_TOP_K}]"
-    if not 1 <= p.n <= MAX_N:
-        return f"n={p.n} must lie in [1, {MAX_N}]"
-    if p.seed is not None and not 0 <= p.seed <= MAX_SEED - (p.n - 1):
-        return f"seed must lie in [0, 2**63 - n] (n samples use seed .. seed + n - 1), got {p.seed}"
-    if len(p.stop_token_ids) > MAX_STOP_IDS:
-        return f"at most {MAX_STOP_IDS} stop_token_ids"
-    if p.allowed_token_ids is not None and not p.allowed_token_ids:
-        return "allowed_token_ids is empty"
-    for name, ids in (("stop_token_ids", p.stop_token_ids), ("allowed_token_ids", p.allowed_token_ids),
-                      ("disallowed_token_ids", p.disallowed_token_ids)):
-        if ids and len(ids) > vocab_size:
-            return f"{name} has {len(ids)} ids, more than the vocabulary ({vocab_size})"
-        if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
-            return f"{name} must lie in [0, {vocab_size})"
-    banned = set(p.disallowed_token_ids or ())
-    left = vocab_size - len(banned) if p.allowed_token_ids is None else len(set(p.allowed_token_ids) - banned)
-    return "the token mask leaves no token to sample" if left == 0 else None
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int], list[float | None]]:

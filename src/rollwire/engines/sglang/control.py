@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineError, MemoryTag, PauseMode
 from rollwire.engines.sglang.requests import Live
 from rollwire.engines.sglang.weights import EVICT_TIMEOUT_S
+from rollwire.engines.validation import check_tags
 
 log = logging.getLogger("rollwire.engines.sglang")
 
@@ -77,7 +78,7 @@ class ControlMixin:
         """Frees GPU memory by tag (SGLang's torch_memory_saver). Needs a paused engine; requests
         inside SGLang are evicted first and re-submitted once the engine runs again. Released
         weights are lost: resume_memory(["weights"]), then update_weights with every tensor."""
-        _check_tags(tags)
+        check_tags(tags)
         if not self._paused:
             raise EngineError("not_paused", "release_memory needs a paused engine")
         new = [t for t in ALL_MEMORY_TAGS if t in tags and t not in self._released]
@@ -93,7 +94,7 @@ class ControlMixin:
                 self._weights_sent = False
 
     async def resume_memory(self, tags: Sequence[MemoryTag]) -> None:
-        _check_tags(tags)
+        check_tags(tags)
         back = [t for t in ALL_MEMORY_TAGS if t in tags and t in self._released]
         if not back:
             return
@@ -180,8 +181,3 @@ def _return_cached_memory() -> None:
         torch.cuda.ipc_collect()
         torch.cuda.empty_cache()
 
-
-def _check_tags(tags: Sequence[str]) -> None:
-    bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
-    if bad:
-        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")

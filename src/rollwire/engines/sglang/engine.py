@@ -103,7 +103,6 @@ from rollwire.engines.base import (
     EngineRequest,
     MemoryTag,
 )
-from rollwire.engines.hf.sampling import check_request
 from rollwire.engines.sglang import args as sglang_args
 from rollwire.engines.sglang.args import (
     DEFAULT_ARGS,
@@ -116,6 +115,7 @@ from rollwire.engines.sglang.control import ControlMixin
 from rollwire.engines.sglang.logits import TokenMask
 from rollwire.engines.sglang.requests import Live, RequestsMixin, StateView
 from rollwire.engines.sglang.weights import WeightsMixin
+from rollwire.engines.validation import check_request
 
 __all__ = ["SGLangEngine", "convert_engine_args"]
 
