@@ -127,3 +127,29 @@ async def test_a_raw_pyzmq_trainer_written_from_the_document_pushes_a_full_versi
         router.close()
         pub.close()
         ctx.term()
+
+
+async def test_any_client_learns_the_servers_parameters_and_a_version_built_from_them_applies() -> None:
+    """`params` on the rollout socket: every name, dtype and shape of the served model, and which a
+    complete version needs (tied aliases are not required)."""
+    from rollwire.models import tiny
+
+    ep = free_tcp_endpoint()
+    server = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
+                               "--rollout-endpoint", ep], stdout=subprocess.DEVNULL)
+    try:
+        async with RolloutClient(ep) as rc:
+            await rc.wait_ready(timeout=120)
+            reply = await rc.params()
+        model = tiny(0)[0]
+        named = dict(model.named_parameters(remove_duplicate=False))
+        assert [p.name for p in reply.params] == list(named)
+        for p in reply.params:
+            assert (p.dtype, p.shape) == (str(named[p.name].dtype).removeprefix("torch."), list(named[p.name].shape))
+        required = {p.name for p in reply.params if p.required}
+        assert required == {n for n, _ in model.named_parameters()}  # one name per distinct tensor
+        assert reply.weight_version == 0
+        print(f"{len(reply.params)} parameters, {len(required)} required")
+    finally:
+        server.terminate()
+        assert server.wait(60) == 0

@@ -23,6 +23,8 @@ from rollwire.messages import (
     GenerateRequest,
     HealthReply,
     HealthRequest,
+    ParamsReply,
+    ParamsRequest,
     RolloutReply,
     RollwireError,
     SamplingParams,
@@ -171,6 +173,14 @@ class RolloutClient:
             reply = await self._rpc.call(StatusRequest(), timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"no status reply from {self.endpoint} within {timeout}s") from None
+        return unwrap(reply)  # type: ignore[no-any-return]
+
+    async def params(self, timeout: float = 30.0) -> ParamsReply:
+        """The server's parameters: what a version may name, and what a complete one must."""
+        try:
+            reply = await self._rpc.call(ParamsRequest(), timeout=timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no params reply from {self.endpoint} within {timeout}s") from None
         return unwrap(reply)  # type: ignore[no-any-return]
 
     async def wait_ready(self, timeout: float = 60.0) -> HealthReply:

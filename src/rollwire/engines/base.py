@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from rollwire.messages.control import ParamSpec
 from rollwire.messages.generate import FinishReason, SamplingParams
 from rollwire.messages.weights import ALL_MEMORY_TAGS as ALL_MEMORY_TAGS  # re-exported for the engines
 from rollwire.messages.weights import MemoryTag as MemoryTag
@@ -92,6 +93,10 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None:
         """Abort everything still running (each gets a final "abort" delta) and stop."""
+
+    def parameters(self) -> list[ParamSpec]:
+        """The tensors a version may name: name, dtype, shape, and whether a complete version
+        needs it (docs/protocol.md section 11.6); empty when the engine cannot tell."""
 
     def validate(self, req: EngineRequest) -> None:
         """Raise EngineError if ``req`` cannot run (empty, ids out of range, bad params, too long)."""

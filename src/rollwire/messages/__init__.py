@@ -6,7 +6,16 @@ One tagged union per socket (below), one ``Codec``. See docs/protocol.md.
 from __future__ import annotations
 
 from rollwire.messages.codec import Codec, ProtocolError
-from rollwire.messages.control import HealthReply, HealthRequest, Heartbeat, StatusReply, StatusRequest
+from rollwire.messages.control import (
+    HealthReply,
+    HealthRequest,
+    Heartbeat,
+    ParamSpec,
+    ParamsReply,
+    ParamsRequest,
+    StatusReply,
+    StatusRequest,
+)
 from rollwire.messages.envelope import PROTOCOL_VERSION, Header, TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply, RemoteError, RollwireError
 from rollwire.messages.generate import (
@@ -44,8 +53,8 @@ from rollwire.messages.weights import (
 )
 
 # The rollout socket: rollout workers (DEALER) -> server (ROUTER) and back.
-RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest | Heartbeat
-RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply | Heartbeat
+RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest | ParamsRequest | Heartbeat
+RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply | ParamsReply | Heartbeat
 # The session socket: rollout workers (DEALER) -> SessionActor (ROUTER) and back.
 SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest | Heartbeat
 SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply | Heartbeat
@@ -84,6 +93,9 @@ __all__ = [
     "Heartbeat",
     "NamedTensor",
     "OpenSession",
+    "ParamSpec",
+    "ParamsReply",
+    "ParamsRequest",
     "Pause",
     "ProtocolError",
     "ReleaseMemory",

@@ -31,6 +31,24 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="status_ok", ar
     counters: dict[str, float]
 
 
+class ParamsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="params", array_like=True):
+    """What a trainer must send: the server's parameters (docs/protocol.md section 11.6)."""
+
+
+class ParamSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    name: str
+    dtype: str  # torch dtype name without "torch.", as in TensorMeta
+    shape: list[int]
+    # part of a complete version: a version must name every required parameter after a weights
+    # release (incomplete_version otherwise); a tied alias (lm_head.weight sharing the embedding) is not
+    required: bool
+
+
+class ParamsReply(msgspec.Struct, frozen=True, kw_only=True, tag="params_ok", array_like=True):
+    weight_version: int
+    params: list[ParamSpec]  # empty: the engine cannot tell (e.g. a checkpoint without a safetensors header)
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", array_like=True, gc=False):
     """Liveness, both ways, on every client socket (rid 0). A client sends one when it has sent
     nothing for a heartbeat interval; the server answers each at once. Any traffic counts as a

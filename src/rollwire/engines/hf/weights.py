@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from rollwire.engines.base import EngineError
+from rollwire.messages.control import ParamSpec
 
 
 class WeightStore:
@@ -26,6 +27,15 @@ class WeightStore:
         self._distinct = {id(p): (p, tuple(p.shape), p.dtype) for p in self.params.values()}
         self.released = False
         self._undefined: set[int] = set()  # ids of parameters restored but not loaded since
+
+    def specs(self) -> list[ParamSpec]:
+        """Every name, in the model's order; of names sharing one tensor only the first is required."""
+        first: set[int] = set()
+        out = []
+        for name, p in self.params.items():
+            out.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), list(p.shape), id(p) not in first))
+            first.add(id(p))
+        return out
 
     def resident_bytes(self) -> int:
         return sum(p.untyped_storage().nbytes() for p, _, _ in self._distinct.values())

@@ -33,6 +33,7 @@ from rollwire.engines.base import EngineError, MemoryTag
 from rollwire.engines.sglang.args import Checkpoint
 from rollwire.engines.sglang.payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
 from rollwire.engines.sglang.requests import Live
+from rollwire.messages.control import ParamSpec
 from rollwire.runtime.logging import get_logger
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,15 @@ class WeightsMixin:
                 raise EngineError("shape_mismatch", f"{name}: got {tuple(shape)}, want {want_shape}")
             if dtype != (want_dtype or ckpt_dtype):
                 raise EngineError("dtype_mismatch", f"{name}: got {dtype}, want {want_dtype or ckpt_dtype}")
+
+    def parameters(self) -> list[ParamSpec]:
+        """The checkpoint's tensors (safetensors header), with the dtype loads must have; required
+        as ``_check_complete`` requires them. Empty without a safetensors header."""
+        want_dtype = self._dtype if self._dtype not in ("auto", "") else None
+        tied = self._ckpt.tied_embeddings
+        return [ParamSpec(name, want_dtype or dtype, list(shape),
+                          not (tied and name == "lm_head.weight") and "rotary_emb." not in name)
+                for name, (shape, dtype) in self._ckpt.tensors.items()]
 
     def _check_complete(self, names: list[str]) -> None:
         """After a weights release, or a load that failed part-way, SGLang's weights are garbage
