@@ -43,7 +43,7 @@ async def run(eng: HFEngine, ids: list[int], session: str | None = None, n: int 
 
 async def settled(eng: HFEngine) -> dict[str, object]:
     """Engine info once the worker has run the queued prefix copies."""
-    await asyncio.get_running_loop().run_in_executor(eng._pool, lambda: None)
+    await asyncio.get_running_loop().run_in_executor(eng._sched.pool, lambda: None)
     return eng.info().extra
 
 
