@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rollwire.engines.base import EngineError
+from rollwire.engines.sglang import compat
 from tests.gpu.fake_engine import G, run, run_batch, start, until, weights
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is not None,
@@ -194,10 +195,10 @@ async def test_a_request_whose_consumer_left_keeps_the_cache_unflushed_until_sgl
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert not eng._live and srid in eng._leaving
-    assert srid in eng._tm.rid_to_state  # the abort is on its way to the scheduler: not ended yet
+    assert compat.is_live(eng._tm, srid)  # the abort is on its way to the scheduler: not ended yet
     assert eng._flush_after_load() is False
     for _ in range(1000):  # the abort comes back
-        if srid not in eng._tm.rid_to_state:
+        if not compat.is_live(eng._tm, srid):
             break
         await asyncio.sleep(0.002)
     assert eng._flush_after_load() is True and not eng._leaving

@@ -190,3 +190,16 @@ def test_checkpoint_tensors_come_from_the_index_or_skip_a_consolidated_copy(tmp_
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.a": "model.safetensors", "model.c": "model-00002.safetensors"}}))
     assert sorted(read_checkpoint(str(tmp_path)).tensors) == ["model.a", "model.b", "model.c"]
+
+
+async def test_an_sglang_outside_the_tested_range_is_refused_before_an_engine_is_built(sglang_module,
+                                                                                      monkeypatch) -> None:
+    mod, ckpt = sglang_module
+    import sglang  # the stand-in (first on the path while the module fixture lives)
+
+    monkeypatch.setattr(sglang, "__version__", "0.6.0")
+    monkeypatch.delenv("ROLLWIRE_SGLANG_ANY_VERSION", raising=False)
+    e = mod.SGLangEngine(ckpt)
+    with pytest.raises(mod.compat.UnsupportedSGLangVersion, match=r"sglang 0\.6\.0 is not supported"):
+        await e.start()
+    assert e._eng is None

@@ -8,7 +8,9 @@ imports ``logits`` (the custom logit processor travels by reference) without loa
 Modules: ``engine`` (the Engine protocol), ``requests`` (segments, outputs, version spans),
 ``control`` (pause, release, flush), ``weights`` (tensor and NCCL loads), ``payloads``
 (bucketing, serialization), ``args`` (engine arguments, checkpoint facts), ``logits`` (the logit
-processor).
+processor), ``compat`` (every read of SGLang's private state, and the version range checked at
+start). The other modules call the TokenizerManager's request methods (``generate_request``,
+``pause_generation``, ``update_weights_from_tensor``...), the ones SGLang's own HTTP server calls.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineError, MemoryTag, PauseMode
+from rollwire.engines.sglang import compat
 from rollwire.engines.sglang.requests import Live
 from rollwire.engines.sglang.weights import EVICT_TIMEOUT_S
 from rollwire.engines.validation import check_tags
@@ -165,7 +166,7 @@ class ControlMixin:
 
     async def _wait_states_finished(self, lives: list[Live], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while any(s.state is not None and not s.state.finished for s in lives):
+        while any(s.state is not None and not compat.state_finished(s.state) for s in lives):
             if time.monotonic() > deadline:
                 raise EngineError("internal", "sglang did not end the aborted requests in time")
             await asyncio.sleep(0.001)

@@ -104,6 +104,7 @@ from rollwire.engines.base import (
     MemoryTag,
 )
 from rollwire.engines.sglang import args as sglang_args
+from rollwire.engines.sglang import compat
 from rollwire.engines.sglang.args import (
     DEFAULT_ARGS,
     FORCED_ARGS,
@@ -113,7 +114,7 @@ from rollwire.engines.sglang.args import (
 )
 from rollwire.engines.sglang.control import ControlMixin
 from rollwire.engines.sglang.logits import TokenMask
-from rollwire.engines.sglang.requests import Live, RequestsMixin, StateView
+from rollwire.engines.sglang.requests import Live, RequestsMixin
 from rollwire.engines.sglang.weights import WeightsMixin
 from rollwire.engines.validation import check_request
 
@@ -208,6 +209,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         if self._eng is not None:
             return
         import sglang
+
+        compat.check_version(str(getattr(sglang, "__version__", "unknown")))  # before anything of it runs
         from sglang.srt.managers import io_struct
         from sglang.srt.utils import MultiprocessingSerializer
 
@@ -244,16 +247,12 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         # would scan all of it while the event loop waits
         if hasattr(self._tm, "freeze_gc"):
             await self._tm.freeze_gc()
-        mc = getattr(self._tm, "model_config", None)
-        if mc is not None:
-            self.vocab_size = int(getattr(mc, "vocab_size", self.vocab_size))
-            self._dtype = str(getattr(mc, "dtype", self._dtype)).removeprefix("torch.")
-        ctx = getattr(self._tm, "context_len", None)
-        if ctx:
-            self.max_model_len = int(ctx)
-        sa = getattr(self._tm, "server_args", None)
-        if sa is not None and hasattr(sa, "disable_overlap_schedule"):  # SGLang may switch it off itself
-            self._overlap = not bool(sa.disable_overlap_schedule)
+        facts = compat.engine_facts(self._tm)
+        self.vocab_size = facts.get("vocab_size", self.vocab_size)
+        self._dtype = facts.get("dtype", self._dtype)
+        self.max_model_len = facts.get("context_len", self.max_model_len)
+        if "disable_overlap_schedule" in facts:  # SGLang may switch it off itself
+            self._overlap = not facts["disable_overlap_schedule"]
         log.info("sglang engine started in %.1fs (loop kept: %s, overlap scheduler: %s)", self.startup_s,
                  self.loop_is_engine_loop, self._overlap)
 
@@ -279,15 +278,11 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
             s.killed = True
             if s.pending is not None and not s.pending.done():
                 s.pending.cancel()
-            st = s.state
-            if st is not None and not isinstance(st, StateView) and not st.finished:
-                st.finished = True
-                st.out_list.append({"output_ids": st.output_ids, "meta_info": {"finish_reason": {"type": "abort"}}})
-                st.event.set()
+            if s.state is not None and not isinstance(s.state, compat.StateView):
+                compat.end_as_aborted(s.state)
         await asyncio.sleep(0)
         await self._close_groups()
-        for task in list(getattr(self._tm, "asyncio_tasks", ())):
-            task.cancel()
+        compat.cancel_background_tasks(self._tm)
         eng, self._eng = self._eng, None
         await asyncio.get_running_loop().run_in_executor(None, eng.shutdown)
 
@@ -403,11 +398,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
             s.srid = ""  # nothing to abort inside a dead scheduler
             if s.pending is not None and not s.pending.done():
                 s.pending.cancel()
-            st = s.state
-            if st is not None and not isinstance(st, StateView) and not st.finished:
-                st.finished = True
-                st.out_list.append({"output_ids": st.output_ids, "meta_info": {"finish_reason": {"type": "abort"}}})
-                st.event.set()
+            if s.state is not None and not isinstance(s.state, compat.StateView):
+                compat.end_as_aborted(s.state)
         self._pulse()
         if self._on_death is not None:
             asyncio.get_running_loop().call_soon(self._on_death, reason)
@@ -416,20 +408,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         """The TokenizerManager replaces the loop's SIGTERM handler with one that drains and kills the
         process tree. Make its SIGTERM raise SIGINT instead, which rollwire serve stops on cleanly, and
         its SIGQUIT (a scheduler died) mark the engine dead instead of killing this process tree."""
-        engine = self
         import signal
 
-        from sglang.srt.managers import tokenizer_manager as tm_mod
-
-        base = getattr(tm_mod, "SignalHandler", None)
-        if base is None or not hasattr(self._tm, "signal_handler_class"):
-            return
-
-        class _Handler(base):  # type: ignore[misc, valid-type]
-            def sigterm_handler(self, signum: Any = None, frame: Any = None) -> None:
-                signal.raise_signal(signal.SIGINT)
-
-            def running_phase_sigquit_handler(self, signum: Any = None, frame: Any = None) -> None:
-                engine._die("sglang: a scheduler process died (SIGQUIT)")  # a loop signal handler: on the loop
-
-        self._tm.signal_handler_class = _Handler
+        compat.replace_signal_handlers(self._tm, lambda: signal.raise_signal(signal.SIGINT),
+                                       lambda: self._die("sglang: a scheduler process died (SIGQUIT)"))

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from rollwire.engines.base import ENGINE_DEAD, EngineDelta, EngineError, EngineRequest
+from rollwire.engines.sglang import compat
 from rollwire.messages.generate import FinishReason
 
 
@@ -34,7 +35,7 @@ class Live:
     logprobs: list[float] = field(default_factory=list)
     marks: list[tuple[int, int]] = field(default_factory=list)  # (tokens produced, version before) per switch
     srid: str = ""  # SGLang rid of the current segment ("" when not inside SGLang)
-    state: Any = None  # SGLang's ReqState of the current segment
+    state: Any = None  # SGLang's ReqState of the current segment (read through compat)
     seg_base: int = 0  # len(output) when the current segment was submitted
     streamed: bool = True  # the current segment is a streamed SGLang request
     abort_requested: bool = False
@@ -51,26 +52,8 @@ class Live:
     def produced(self) -> int:
         """Tokens this request has produced, including outputs SGLang handed over that were not yet read."""
         if self.state is not None:
-            return self.seg_base + len(self.state.output_ids)
+            return self.seg_base + len(compat.state_ids(self.state))
         return len(self.output)
-
-
-class StateView:
-    """A stand-in ReqState built from one output (only used if SGLang's state was not found)."""
-
-    def __init__(self, out: Mapping[str, Any]) -> None:
-        self.output_ids = out.get("output_ids") or []
-        self.output_token_logprobs_val = [x[0] for x in out.get("meta_info", {}).get("output_token_logprobs") or []]
-        self.finished = False
-
-
-def finish_type(meta: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    fr = meta.get("finish_reason")
-    if fr is None:
-        return None, {}
-    if isinstance(fr, dict):
-        return str(fr.get("type")), fr
-    return str(fr), {}
 
 
 class RequestsMixin:
@@ -147,7 +130,7 @@ class RequestsMixin:
             first: asyncio.Future[Any] | None = asyncio.ensure_future(agen.__anext__())
             s.pending = first
             await asyncio.sleep(0)  # its first step registers the ReqState that outputs are read from
-            s.state = self._tm.rid_to_state.get(s.srid)
+            s.state = compat.req_state(self._tm, s.srid)
             while True:
                 try:
                     out = await first if first is not None else await agen.__anext__()
@@ -162,12 +145,12 @@ class RequestsMixin:
                 first = s.pending = None
                 if self._dead is not None:  # SGLang's scheduler died (see SGLangEngine._die)
                     raise EngineError(ENGINE_DEAD, self._dead)
-                meta = out["meta_info"] if out is not None else {}
+                meta = compat.output_meta(out)
                 if s.state is None and out is not None and isinstance(out.get("output_ids"), list):
-                    s.state = StateView(out)  # no ReqState seen (should not happen): read the output itself
-                kind, fr = finish_type(meta) if out is not None else ("abort", {})
+                    s.state = compat.StateView(out)  # no ReqState seen (should not happen): read the output itself
+                kind, fr = compat.finish_type(meta) if out is not None else ("abort", {})
                 new_ids, new_lps = self._take_new(s)
-                cached = int(meta.get("cached_tokens") or 0)
+                cached = compat.cached_tokens(meta)
                 hit = next((i for i, t in enumerate(new_ids) if t in local_stops), None) if local_stops else None
                 if hit is not None:
                     new_ids = new_ids[: hit + 1]
@@ -199,10 +182,10 @@ class RequestsMixin:
         if st is None:
             return [], [] if s.req.return_logprob else None
         have = len(s.output) - s.seg_base
-        ids = [int(t) for t in st.output_ids[have:]]
+        ids = [int(t) for t in compat.state_ids(st)[have:]]
         lps: list[float] | None = None
         if s.req.return_logprob:
-            lps = [float(x) for x in st.output_token_logprobs_val[have: have + len(ids)]]
+            lps = [float(x) for x in compat.state_logprobs(st)[have: have + len(ids)]]
         return ids, lps
 
     def _deltas(self, s: Live, ids: list[int], lps: list[float] | None, reason: FinishReason | None,

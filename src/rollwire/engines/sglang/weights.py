@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollwire.engines.base import EngineError, MemoryTag
+from rollwire.engines.sglang import compat
 from rollwire.engines.sglang.args import Checkpoint
 from rollwire.engines.sglang.payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
 from rollwire.engines.sglang.requests import Live
@@ -208,7 +209,7 @@ class WeightsMixin:
         its abort came back: it may still be in the running batch); released KV was flushed already. Not
         needed for correctness (prefixes are keyed by version), and skipped while sessions may want
         their stale prefix."""
-        self._leaving = {rid for rid in self._leaving if rid in self._tm.rid_to_state}
+        self._leaving = {rid for rid in self._leaving if compat.is_live(self._tm, rid)}
         idle = not any(s.submitted for s in self._live.values()) and not self._leaving
         return idle and "kv_cache" not in self._released and not self._session_keys
 

@@ -7,6 +7,6 @@ asserting an idle scheduler, abort_all_requests, weight_version); it is not SGLa
 is checked by tests/gpu/run_gpu.sh on a GPU.
 """
 
-__version__ = "0.0.0-fake"
+__version__ = "0.5.15"  # the release it imitates (the adapter checks the range at start)
 
 from sglang.srt.entrypoints_engine import Engine  # noqa: F401
