@@ -10,6 +10,8 @@ import asyncio
 import itertools
 import multiprocessing as mp
 import random
+import time
+from collections.abc import Callable
 
 from rollwire.clients.trainer import TrainerPublisher
 from rollwire.messages import GenerateDone
@@ -20,6 +22,15 @@ from tests.workers import keep_in_flight
 from .conftest import free_tcp_endpoint
 
 PUSHES = 20
+WORKERS, CONCURRENCY = 4, 8
+
+
+async def until(what: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``what`` (state of the in-process server) every 10 ms until it holds, or fail."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out waiting for the server state"
+        await asyncio.sleep(0.01)
 
 
 async def test_twenty_pushes_under_load_lose_nothing_and_every_token_matches_its_version() -> None:
@@ -30,16 +41,22 @@ async def test_twenty_pushes_under_load_lose_nothing_and_every_token_matches_its
     cfg = ServerConfig(rollout_endpoint=rollout_ep, trainer_endpoint=trainer_ep, pause_policy="retract")
     loop = asyncio.get_running_loop()
     async with RolloutServer(cfg) as srv, TrainerPublisher(trainer_ep) as tp:
-        procs = [ctx.Process(target=keep_in_flight, args=(rollout_ep, 8, 24, seed, stop, results))
-                 for seed in range(4)]
+        procs = [ctx.Process(target=keep_in_flight, args=(rollout_ep, CONCURRENCY, 24, seed, stop, results))
+                 for seed in range(WORKERS)]
         for p in procs:
             p.start()
-        await asyncio.sleep(3.0)  # workers up and generating
+
+        async def more_requests(n: int) -> None:
+            """Until the workers have sent ``n`` more requests (each follows one that finished)."""
+            target = srv.generation.counters.get("requests") + n
+            await until(lambda: srv.generation.counters.get("requests") >= target)
+
+        await until(lambda: len(srv.generation.in_flight) == WORKERS * CONCURRENCY)  # workers up and generating
         for v in range(1, PUSHES + 1):
             report = await tp.push_weights(version=v, tensors=states[v], transport="inline" if v % 2 else "shm")
             assert report.version == v and report.receivers
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+            await more_requests(WORKERS)  # requests finish (and start) under version v
+        await more_requests(WORKERS * CONCURRENCY)  # a full turnover under the last version
         stop.set()
         outs = [await loop.run_in_executor(None, results.get, True, 180) for _ in procs]
         for p in procs:

@@ -6,6 +6,8 @@ Uses FaultyEngine (fault injection only): a prompt starting with 99 makes the en
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -16,12 +18,20 @@ from tests.fakes import FaultyEngine
 from .conftest import free_tcp_endpoint
 
 
+async def until(what: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``what`` (state of the in-process server) every 10 ms until it holds, or fail."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out waiting for the server state"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_crashing_generation_actor_is_restarted_and_its_held_requests_get_actor_restarted() -> None:
     ep = free_tcp_endpoint()
     cfg = ServerConfig(rollout_endpoint=ep)
     async with RolloutServer(cfg, engine_factory=lambda: FaultyEngine()) as srv, RolloutClient(ep, timeout=30) as rc:
         held = [asyncio.ensure_future(rc.generate([3], SamplingParams(max_new_tokens=500))) for _ in range(3)]
-        await asyncio.sleep(0.1)
+        await until(lambda: len(srv.generation.in_flight) == 3)  # all three held by the actor
         with pytest.raises(RolloutError) as crash:
             await rc.generate([99], SamplingParams(max_new_tokens=5))
         assert crash.value.code == ErrorCode.INTERNAL
@@ -40,11 +50,11 @@ async def test_a_generation_crash_fails_the_running_session_turns_and_the_sessio
     next turn of that session runs on the restarted actor."""
     ep = free_tcp_endpoint()
     sp = SamplingParams(max_new_tokens=4)
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep), engine_factory=lambda: FaultyEngine()), \
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep), engine_factory=lambda: FaultyEngine()) as srv, \
             RolloutClient(ep, timeout=30) as rc, rc.session() as victim, rc.session() as culprit:
         await victim.generate([3], sp)
         held = asyncio.ensure_future(victim.generate([10], SamplingParams(max_new_tokens=500)))
-        await asyncio.sleep(0.1)
+        await until(lambda: len(srv.generation.in_flight) == 1)  # the turn reached the GenerationActor
         with pytest.raises(RolloutError) as crash:
             await culprit.generate([99], sp)  # the fault: its prompt crashes the engine
         assert crash.value.code == ErrorCode.INTERNAL
@@ -70,7 +80,7 @@ async def test_a_crashing_session_actor_stops_its_orphaned_turns_and_frees_their
             await s.open()
         await idle.generate(list(range(10, 60)), SamplingParams(max_new_tokens=4, temperature=0.0))
         held = asyncio.ensure_future(victim.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
-        await asyncio.sleep(0.3)
+        await until(lambda: srv.generation.engine.info().extra["running"] == 1)  # the turn runs in the engine
 
         def bug(*args: object) -> None:
             raise RuntimeError("injected session-actor bug")

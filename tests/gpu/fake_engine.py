@@ -48,6 +48,19 @@ async def until(res: dict, n: int) -> None:
     raise TimeoutError
 
 
+async def rounds(e: object, n: int = 10) -> None:
+    """Until the stand-in's scheduler has gone round its loop ``n`` more times: a window in which a
+    running request would have made tokens, measured in scheduler steps rather than wall time (a
+    loaded machine stretches the time, not the count)."""
+    tm = e._tm  # type: ignore[attr-defined]
+    target = tm.fake_rounds + n
+    for _ in range(20000):
+        if tm.fake_rounds >= target:
+            return
+        await asyncio.sleep(0.001)
+    raise TimeoutError
+
+
 G = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True)
 
 

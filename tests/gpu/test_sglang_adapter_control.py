@@ -14,7 +14,7 @@ import torch
 
 from rollwire.engines.base import EngineError
 from rollwire.engines.sglang import compat
-from tests.gpu.fake_engine import G, run, run_batch, start, until, weights
+from tests.gpu.fake_engine import G, rounds, run, run_batch, start, until, weights
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is not None,
                                 reason="the real sglang is installed: the stand-in would shadow it")
@@ -28,7 +28,7 @@ async def test_tokens_after_a_load_while_paused_carry_the_new_version(eng, sglan
         await until(res, 3)
     await eng.pause(mode)
     seen = [len(r["tokens"]) for r, _ in started]
-    await asyncio.sleep(0.05)
+    await rounds(eng)
     assert [len(r["tokens"]) for r, _ in started] == seen  # nothing while paused
     await eng.update_weights(weights(ckpt, 1.5), version=1)
     await eng.resume()
@@ -46,7 +46,11 @@ async def test_pause_abort_ends_running_requests_and_holds_new_ones(eng) -> None
     out = await ta
     assert out["finish"] == "abort" and out["finals"] == 1 and 3 <= len(out["tokens"]) < 500
     b, tb = start(eng, "b", [4, 5], max_new_tokens=8)
-    await asyncio.sleep(0.05)
+    for _ in range(5000):  # b reaches the engine and is held there
+        if eng.info().extra["waiting"] == 1:
+            break
+        await asyncio.sleep(0.001)
+    await rounds(eng)
     assert b["tokens"] == [] and eng.info().extra["waiting"] == 1
     await eng.resume()
     assert (await tb)["finish"] in ("stop", "length")
@@ -62,7 +66,7 @@ async def test_release_with_requests_inside_sglang_evicts_them_and_they_continue
     await eng.release_memory(["weights", "kv_cache", "cuda_graph"])  # the stand-in asserts an idle scheduler
     assert eng.info().extra["weights_bytes"] == 0 and eng.info().extra["in_sglang"] == 0
     await eng.resume()
-    await asyncio.sleep(0.05)
+    await rounds(eng)
     assert all(not t.done() for _, t in started)  # held: nothing runs without weights
     await eng.pause("retract")
     await eng.resume_memory(["weights"])
@@ -188,8 +192,7 @@ async def test_a_request_whose_consumer_left_keeps_the_cache_unflushed_until_sgl
     """SGLang asserts an idle scheduler when it flushes after a load: a request aborted because its
     consumer went away may still be in SGLang's batch, so the adapter must not ask for a flush yet."""
     res, task = start(eng, "gone", [5, 6, 7], max_new_tokens=2000, temperature=0.0, ignore_eos=True)
-    while len(res["tokens"]) < 2:
-        await asyncio.sleep(0.002)
+    await until(res, 2)
     srid = next(iter(eng._live.values())).srid
     task.cancel()  # the consumer goes away: generate() aborts the request inside SGLang and forgets it
     with contextlib.suppress(asyncio.CancelledError):
@@ -229,7 +232,7 @@ async def test_a_load_failing_after_its_first_bucket_holds_requests_until_a_comp
     assert eng.info().weight_version == 0 and eng.info().extra["weights_sent"] is False
     await eng.resume()
     held = [len(r["tokens"]) for r, _ in started]
-    await asyncio.sleep(0.1)
+    await rounds(eng, 20)
     assert [len(r["tokens"]) for r, _ in started] == held and all(not t.done() for _, t in started)
     await eng.pause("retract")
     with pytest.raises(EngineError) as err:

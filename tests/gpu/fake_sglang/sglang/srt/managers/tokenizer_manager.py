@@ -84,6 +84,7 @@ class TokenizerManager:
         self.fake_raise_weight_calls: set[int] = set()  # ... raise instead (a crash mid-load, not a refusal)
         self._weight_calls = 0
         self.log = []
+        self.fake_rounds = 0  # scheduler loop iterations so far: tests wait on these, not on wall time
 
     # -- tokenizer manager side -----------------------------------------------------------------
     async def freeze_gc(self):
@@ -227,6 +228,7 @@ class TokenizerManager:
     async def _scheduler(self):
         step = self.server_args.fake_step_s
         while not self.scheduler_dead:
+            self.fake_rounds += 1
             msgs = []
             with contextlib.suppress(asyncio.TimeoutError):
                 msgs.append(await asyncio.wait_for(self._inbox.get(), step))
