@@ -2,7 +2,7 @@
 # rollwire's SGLang backend on a GPU machine (../shared/gpu/README.md says how SGLang gets there).
 # Run from the repository root, with the kit's wheels in .whl/ (bash ../shared/gpu/build_wheels.sh):
 #
-#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5|e2e]      # default: all
+#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5|e2e|issue15]      # default: all
 #
 # checks: direct sglang.Engine smoke + reference outputs, then rollwire's SGLangEngine on the same
 #         inputs, then a RolloutServer with a rollout-worker process and governor pushes under load
@@ -13,6 +13,9 @@
 # e2e:    tests/gpu/e2e_sglang.py (rollwire serve colocated + trainer process pushing cuda_ipc + worker
 #         process; push vs direct update_weights_from_tensor; release/resume per tag), then
 #         bench/gpu/throughput_paired.py (server vs direct sglang.Engine, alternated, same run)
+# issue15: after the weight-path and engine-package moves: SGLang output traces recorded for the CPU
+#         replay (tests/gpu/traces/), direct reference + adapter checks, the engine contract suite on
+#         sglang; then (E2E=1) tests/gpu/e2e_sglang.py with CYCLES cycles (the cuda_ipc push figure)
 # Logs and JSON are written to a work folder, then $OUT (default /tmp/rw-gpu-out) gets
 # summary_<what>.json (every check and figure) and logs_<what>.tgz (all logs and JSON).
 set -o pipefail
@@ -78,6 +81,21 @@ elif [ "$WHAT" = issue5b ]; then  # contract suite alone, checks against a kept 
     ${SPY:+--py-spy $SPY --py-spy-out $OUT/serve.speedscope.json}
   cp "$OUT/serve.speedscope.json" "$OUT/throughput_server.json" "$FINAL/" 2>/dev/null
   cat "$OUT/throughput_server.json"
+elif [ "$WHAT" = issue15 ]; then
+  python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
+  step record_traces 200 python3 tests/gpu/record_sglang_traces.py --out "$OUT/traces"
+  cp -r "$OUT/traces" "$FINAL/" 2>/dev/null
+  step direct_sglang 200 python3 tests/gpu/direct_sglang.py "$TINY"
+  step adapter_checks 240 python3 tests/gpu/adapter_checks.py "$TINY" "$OUT/direct_ref.json"
+  ( export ROLLWIRE_SGLANG_ENGINE_ARGS="attention_backend=triton,sampling_backend=pytorch,cuda_graph_max_bs_decode=32"
+    step contract "${CONTRACT_S:-220}" python3 -m pytest -q -s -p no:cacheprovider --timeout=100 -k sglang \
+      --junitxml="$OUT/contract.xml" -rfE tests/engines/test_engine_contract.py tests/engines/test_engine_contract_control.py )
+  grep -E "passed|failed|FAILED|ERROR" "$OUT/contract.log" | tail -15 | cut -c1-300
+  if [ -n "${E2E:-}" ]; then
+    step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
+    step e2e_sglang "${E2E_S:-300}" python3 tests/gpu/e2e_sglang.py "$Q05" --cycles "${CYCLES:-3}"
+    cp "$OUT/e2e_sglang.json" "$FINAL/" 2>/dev/null
+  fi
 elif [ "$WHAT" = e2e ]; then  # issue 5 end to end (serve + trainer cuda_ipc + worker, colocated), then throughput paired
   step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
   step e2e_sglang "${E2E_S:-330}" python3 tests/gpu/e2e_sglang.py "$Q05" --cycles "${CYCLES:-20}"
