@@ -105,10 +105,10 @@ def start_server(rollout_ep: str, trainer_ep: str, keydir: str | None) -> subpro
 async def soak(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from rollwire.clients.trainer import TrainerPublisher
     from rollwire.models import tiny
     from rollwire.runtime.logging import configure_logging
     from rollwire.transports.security import KeyPair, create_keys
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     configure_logging(level="warning")
     rng = random.Random(a.seed)

@@ -98,7 +98,7 @@ def sink_proc(trainer_endpoint: str, ready: Any, stop: Any, curve_files: tuple[s
     from rollwire.messages import ApplyVersion, GovernorRequest, StepMessage, VersionApplied
     from rollwire.messages.weights import Ack
     from rollwire.runtime import Actor, ActorSystem, Port, address, handles
-    from rollwire.transports.weights import tensors_from_apply
+    from rollwire.weightsync.staged import tensors_from_apply
 
     class NoopApply(Actor):
         """Builds the tensor views (as the engine would) and loads nothing."""
@@ -233,7 +233,7 @@ async def checksum_passes(chunks: list[memoryview], repeats: int) -> float:
     """Median seconds of one cold checksum pass over the version (the receiver's verify)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rollwire.transports.checksum import checksum_parallel
+    from rollwire.weightsync.checksum import checksum_parallel
 
     times = []
     with ThreadPoolExecutor(2) as pool:
@@ -274,9 +274,9 @@ async def push_series(tp: Any, sd: dict[str, torch.Tensor], transport: str, firs
 
 async def bench_size(n_layers: int, repeats: int) -> list[dict[str, Any]]:
     from rollwire.clients.rollout import RolloutClient
-    from rollwire.clients.trainer import TrainerPublisher
     from rollwire.transports.sockets import free_tcp_endpoint
-    from rollwire.transports.weights import byte_view, pack_bucket, plan_buckets
+    from rollwire.weightsync.layout import byte_view, pack_bucket, plan_buckets
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     sd = state_dict_for(n_layers, seed=1)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
@@ -365,9 +365,9 @@ async def bench_curve(n_layers: int, repeats: int, buckets: Sequence[int]) -> li
     """Inline push -> applied by a no-op receiver, CURVE on vs off, pairs interleaved (see the docstring)."""
     import tempfile
 
-    from rollwire.clients.trainer import TrainerPublisher
     from rollwire.transports.security import KeyPair, create_keys, load_public_keys
     from rollwire.transports.sockets import free_tcp_endpoint
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     sd = state_dict_for(n_layers, seed=1)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())

@@ -15,7 +15,7 @@ from rollwire.messages import Ack, ApplyVersion, ControlReply, NamedTensor, Step
 from rollwire.runtime import address
 from rollwire.server import RolloutServer, ServerConfig
 from rollwire.transports.rpc import RpcClient
-from rollwire.transports.tensors import encode_tensors
+from rollwire.weightsync.inline import encode_tensors
 
 from .conftest import free_tcp_endpoint
 

@@ -13,9 +13,9 @@ import random
 import time
 from collections.abc import Callable
 
-from rollwire.clients.trainer import TrainerPublisher
 from rollwire.messages import GenerateDone
 from rollwire.server import RolloutServer, ServerConfig
+from rollwire.weightsync.publisher import TrainerPublisher
 from tests.versioned import check_spans, version_state
 from tests.workers import keep_in_flight
 

@@ -47,7 +47,7 @@ async def test_turn_two_reuses_the_prefix_and_equals_a_full_recompute(server: Ro
 
 async def test_the_default_session_endpoint_leaves_the_neighbouring_port_to_a_trainer() -> None:
     """The issue's layout: rollout on port P, trainer on P + 1; sessions bind a free port."""
-    from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     from .conftest import free_tcp_endpoint
 

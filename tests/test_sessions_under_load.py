@@ -12,9 +12,9 @@ import itertools
 import multiprocessing as mp
 from typing import Any
 
-from rollwire.clients.trainer import TrainerPublisher
 from rollwire.messages import GenerateDone, Timings, Usage, VersionSpan
 from rollwire.server import RolloutServer, ServerConfig
+from rollwire.weightsync.publisher import TrainerPublisher
 from tests.session_workers import run_sessions
 from tests.versioned import check_spans, version_state
 

@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from rollwire.messages import ApplyVersion, Codec, GenerationControl, NamedTensor, TensorRef
 from rollwire.transports import sockets
-from rollwire.transports.tensors import decode_tensor, encode_tensors
+from rollwire.weightsync.inline import decode_tensor, encode_tensors
 
 codec: Codec[Any] = Codec(GenerationControl)
 

@@ -18,7 +18,7 @@ from rollwire.messages import ApplyVersion, ControlReply, GenerateDone, NamedTen
 from rollwire.models import tiny
 from rollwire.runtime import address
 from rollwire.transports.rpc import RpcClient
-from rollwire.transports.tensors import encode_tensors
+from rollwire.weightsync.inline import encode_tensors
 
 
 @functools.cache

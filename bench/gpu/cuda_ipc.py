@@ -77,8 +77,8 @@ def timed(fn: Any, device: str, repeats: int) -> list[float]:
 
 
 def floors(sd: dict[str, torch.Tensor], device: str, repeats: int, bucket_bytes: int) -> dict[str, list[float]]:
-    from rollwire.transports.cuda_ipc import CudaArena, arena_offsets, gpu_checksums, padded
-    from rollwire.transports.weights import plan_buckets
+    from rollwire.weightsync.cuda_ipc import CudaArena, arena_offsets, gpu_checksums, padded
+    from rollwire.weightsync.layout import plan_buckets
 
     params = {k: torch.empty_like(v) for k, v in sd.items()}
     total = sum(t.numel() * t.element_size() for t in sd.values())
@@ -105,7 +105,7 @@ def floors(sd: dict[str, torch.Tensor], device: str, repeats: int, bucket_bytes:
 
 async def bench_size(n_layers: int, device: str, transport: str, repeats: int) -> list[dict[str, Any]]:
     from rollwire.clients.rollout import RolloutClient
-    from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     sd = {k: v.to(device) for k, v in wb.state_dict_for(n_layers, seed=1).items()}
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())

@@ -33,7 +33,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # the trainer side pulls in torch: imported on first use, not with every rollout client
     if name in ("TrainerPublisher", "PushReport", "PushError"):
-        from rollwire.clients import trainer
+        from rollwire.weightsync import publisher
 
-        return getattr(trainer, name)
+        return getattr(publisher, name)
     raise AttributeError(f"module 'rollwire' has no attribute {name!r}")

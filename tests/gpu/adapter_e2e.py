@@ -27,7 +27,7 @@ async def e2e(eng: Any, rep: Report, ps: list, refs: list, cuda: list, perturbed
     from rollwire.server import RolloutServer, ServerConfig
     from rollwire.transports.rpc import RpcClient
     from rollwire.transports.sockets import free_tcp_endpoint
-    from rollwire.transports.tensors import encode_tensors
+    from rollwire.weightsync.inline import encode_tensors
     ep = free_tcp_endpoint()
     cfg = ServerConfig(engine="sglang", model="gpu", rollout_endpoint=ep, max_new_tokens_limit=4096)
 

@@ -50,7 +50,7 @@ def trainer_proc(endpoint: str, model: str, commands: Any, results: Any) -> None
     weights = {"original": original, "perturbed": perturbed}
 
     async def drive() -> None:
-        from rollwire.clients.trainer import TrainerPublisher
+        from rollwire.weightsync.publisher import TrainerPublisher
 
         async with TrainerPublisher(endpoint, timeout_s=120) as tp:
             results.put(("started", sum(t.numel() * t.element_size() for t in original.values())))

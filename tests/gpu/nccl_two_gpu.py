@@ -3,7 +3,7 @@
     python tests/gpu/nccl_two_gpu.py [MODEL_DIR]     # writes $OUT/nccl_two_gpu.json; needs 2 GPUs
 
 GPU 0: SGLangEngine (rollwire's adapter) in this process. GPU 1: a trainer process that hosts the
-weight group with rollwire's own ``transports.broadcast.BroadcastGroup`` (rank 0, NCCL,
+weight group with rollwire's own ``weightsync.broadcast.BroadcastGroup`` (rank 0, NCCL,
 ``NCCL_CUMEM_ENABLE=0``) and broadcasts every tensor in checkpoint order. The engine joins with
 ``join_weight_group`` and receives with ``update_weights_from_distributed``. SGLang's side builds
 its group through ``init_custom_process_group``, which keys the rendezvous store under
@@ -53,7 +53,7 @@ def trainer(conn: Any, model: str, gpu: int) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from rollwire.transports.broadcast import BroadcastGroup
+    from rollwire.weightsync.broadcast import BroadcastGroup
 
     torch.cuda.set_device(gpu)
     named = [(k, v.to(f"cuda:{gpu}").contiguous()) for k, v in load_file(f"{model}/model.safetensors").items()]

@@ -57,7 +57,7 @@ async def run(device: str, transport: str) -> dict[str, Any]:
     from rollwire.clients.rollout import RolloutClient
     from rollwire.messages import GenerateDone, SamplingParams
     from rollwire.server import RolloutServer, ServerConfig
-    from rollwire.transports import cuda_ipc
+    from rollwire.weightsync import cuda_ipc
     from tests.conftest import free_tcp_endpoint
     from tests.versioned import greedy as reference_greedy
     from tests.versioned import version_state

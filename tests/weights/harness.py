@@ -28,10 +28,11 @@ from rollwire.messages.weights import (
 )
 from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
 from rollwire.transports import sockets
-from rollwire.transports.checksum import NAME as CHECKSUM_NAME
 from rollwire.transports.pubsub import Publisher
-from rollwire.transports.shm import ShmArena
-from rollwire.transports.weights import BucketPlan, checksum_sources, pack_bucket, plan_buckets, tensors_from_apply
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.layout import BucketPlan, checksum_sources, pack_bucket, plan_buckets
+from rollwire.weightsync.shm import ShmArena
+from rollwire.weightsync.staged import tensors_from_apply
 
 
 class ApplySink(Actor):

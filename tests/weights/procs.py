@@ -34,7 +34,7 @@ def tiny_weights(kind: str) -> dict[str, Any]:
 
 
 def _faulty_trainer_class() -> Any:
-    from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     class FaultyTrainer(TrainerPublisher):
         """Fault injection: with ``corrupt_next``, the next shm push flips a byte of its arena after
@@ -53,7 +53,7 @@ def _faulty_trainer_class() -> Any:
 
 
 def _dying_trainer_class(die_at: int) -> Any:
-    from rollwire.clients.trainer import TrainerPublisher
+    from rollwire.weightsync.publisher import TrainerPublisher
 
     class DyingTrainer(TrainerPublisher):
         """Fault injection: SIGKILLs its own process when asked for bucket ``die_at`` (mid-push)."""
@@ -68,7 +68,7 @@ def _dying_trainer_class(die_at: int) -> Any:
 
 async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None,
                  bucket_bytes: int, pub_endpoint: str | None, curve_files: Any = None) -> None:
-    from rollwire.clients.trainer import PushError
+    from rollwire.weightsync.publisher import PushError
 
     cls = _faulty_trainer_class() if die_at is None else _dying_trainer_class(die_at)
     kw: dict[str, Any] = {}
@@ -154,7 +154,7 @@ def receiver_main(endpoint: str, receiver_id: str, commands: Any, results: Any, 
 
 def attach_and_sum(name: str, out: Any) -> None:
     """Attach an arena in another process, report a sum of its first bytes, exit normally."""
-    from rollwire.transports.shm import attach
+    from rollwire.weightsync.shm import attach
 
     arena = attach(name)
     out.put(int(arena.tensor[:1024].sum()))
@@ -164,7 +164,7 @@ def create_arena_and_wait(out: Any) -> None:
     """Make an arena, report its name, then wait to be SIGKILLed (its arena is left behind)."""
     import time
 
-    from rollwire.transports.shm import ShmArena
+    from rollwire.weightsync.shm import ShmArena
 
     arena = ShmArena()
     arena.reserve(1 << 20)

@@ -12,12 +12,12 @@ import msgspec
 import pytest
 import torch
 
-from rollwire.clients.trainer import TrainerPublisher
-from rollwire.clients.trainer_push import Registered, choose_transport
 from rollwire.messages.weights import CudaIpcHandle
-from rollwire.transports import cuda_ipc
-from rollwire.transports.cuda_ipc import ARENA_ALIGN, arena_offsets, gpu_checksums, padded, tensors_device
-from rollwire.transports.weights import LayoutError, check_layout, plan_buckets
+from rollwire.weightsync import cuda_ipc
+from rollwire.weightsync.cuda_ipc import ARENA_ALIGN, arena_offsets, gpu_checksums, padded, tensors_device
+from rollwire.weightsync.layout import LayoutError, check_layout, plan_buckets
+from rollwire.weightsync.publisher import TrainerPublisher
+from rollwire.weightsync.push import Registered, choose_transport
 from tests.weights.conftest import Rig
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.procs import trainer_main
@@ -203,8 +203,8 @@ def test_the_trainer_packs_into_its_arena_with_zeroed_gaps_and_reuses_the_layout
     """``pack_into`` (run here on a CPU buffer standing in for the CUDA arena): bytes equal the
     reference packing, gaps and padding are zeros, a repeated layout reuses its views, a new one is
     laid out afresh over whatever the last push left."""
-    from rollwire.transports.cuda_ipc import pack_into
-    from rollwire.transports.weights import pack_bucket
+    from rollwire.weightsync.cuda_ipc import pack_into
+    from rollwire.weightsync.layout import pack_bucket
 
     def packed(tensors: dict[str, torch.Tensor], arena: torch.Tensor, layout):
         plans = plan_buckets(list(tensors.items()), 256)

@@ -13,12 +13,12 @@ import torch
 import zmq
 import zmq.asyncio
 
-from rollwire.clients.trainer import TrainerPublisher
 from rollwire.messages import ErrorCode, ErrorReply
 from rollwire.messages.weights import PullBucket, Register, StepMessage, TrainerReply, VersionOutcome
 from rollwire.runtime import ActorSystem
-from rollwire.transports.checksum import NAME as CHECKSUM_NAME
 from rollwire.transports.security import RECEIVERS_DOMAIN, CurveClient, CurveServer, KeyPair, create_keys
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.publisher import TrainerPublisher
 from tests.conftest import free_tcp_endpoint
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer

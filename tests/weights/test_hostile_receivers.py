@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from rollwire.clients.trainer import PushError, TrainerPublisher
 from rollwire.messages import ErrorCode, ErrorReply
 from rollwire.messages.weights import PullBucket, Register, TrainerReply, VersionOutcome
 from rollwire.runtime import ActorSystem
 from rollwire.transports import pubsub
-from rollwire.transports.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.publisher import PushError, TrainerPublisher
 from tests.conftest import free_tcp_endpoint
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.hostile import call, dealer, header, hostile_frames, nested

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rollwire.messages import ErrorCode
 from rollwire.messages.weights import Beacon, Welcome
 from rollwire.transports import pubsub
-from rollwire.transports.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from tests.conftest import free_tcp_endpoint
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.hostile import header, hostile_frames, nested

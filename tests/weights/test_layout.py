@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
-from rollwire.transports.checksum import Hasher, checksum_parallel
-from rollwire.transports.staging import _as_frames
-from rollwire.transports.weights import (
+from rollwire.weightsync.checksum import Hasher, checksum_parallel
+from rollwire.weightsync.layout import (
     ALIGN,
     LayoutError,
+    as_frames,
     check_layout,
     checksum,
     checksum_sources,
@@ -26,9 +26,9 @@ from rollwire.transports.weights import (
     plan_buckets,
     tensor_bytes,
     tensor_slices,
-    tensors_from_apply,
     verify_bucket,
 )
+from rollwire.weightsync.staged import tensors_from_apply
 
 
 def awkward_tensors() -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def test_bf16_non_contiguous_empty_and_scalar_tensors_round_trip_bit_exact_throu
     plans = plan_buckets(list(tensors.items()), bucket_bytes=256)
     bufs = [pack(p) for p in plans]
     metas = [p.meta(checksum(b.numpy())) for p, b in zip(plans, bufs, strict=True)]
-    named, frames = _as_frames(metas, [memoryview(b.numpy()) for b in bufs])
+    named, frames = as_frames(metas, [memoryview(b.numpy()) for b in bufs])
     assert len(frames) == len(tensors)  # one payload frame per tensor, empty ones included
     msg = msgspec.msgpack.decode(msgspec.msgpack.encode(ApplyVersion(version=1, step=1, tensors=named)),
                                  type=ApplyVersion)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rollwire.actors.weight_receiver import WeightReceiverActor
-from rollwire.clients.trainer_push import Registered, choose_transport
-from rollwire.transports.weights import LayoutError, check_layout, plan_buckets
+from rollwire.weightsync.layout import LayoutError, check_layout, plan_buckets
+from rollwire.weightsync.push import Registered, choose_transport
 from tests.weights.test_layout import ready_for
 
 WITH_NCCL = ["shm", "inline", "gloo", "nccl"]

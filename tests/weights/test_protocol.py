@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from typing import Any
 
 import pytest
 import torch
 import zmq
 
-from rollwire.clients.trainer import PushError, TrainerPublisher
 from rollwire.runtime import ActorSystem
 from rollwire.transports import sockets
-from rollwire.transports.checksum import NAME as CHECKSUM_NAME
 from rollwire.transports.sockets import free_tcp_endpoint
-from rollwire.transports.weights import checksum_sources, pack_bucket, plan_buckets
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.layout import checksum_sources, pack_bucket, plan_buckets
+from rollwire.weightsync.publisher import PushError, TrainerPublisher
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.test_layout import awkward_tensors
@@ -358,7 +359,7 @@ async def test_an_inline_checksum_sent_with_the_bucket_is_checked_and_a_missing_
     """The TrainerPublisher announces inline buckets with checksum INBAND and sends each checksum
     with its bytes (computed while packing). Here by hand: right, wrong, and missing."""
     from rollwire.messages.weights import INBAND
-    from rollwire.transports.weights import checksum
+    from rollwire.weightsync.layout import checksum
 
     tensors = {"a": torch.randn(100), "b": torch.randn(7)}
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
@@ -381,20 +382,19 @@ async def test_a_gloo_version_whose_in_band_checksum_does_not_match_is_bad_check
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Broadcast pushes announce INBAND and send each bucket's checksum after the data; a trainer
     whose sums are off (fault injection: its hasher flips a bit) gets bad_checksum, nothing applies."""
-    import rollwire.clients.trainer_push as tpush
+    import rollwire.weightsync.broadcast as tpush
 
-    real = tpush.Hasher
+    real = tpush._sent_checksums
 
-    class OffByABit(real):  # type: ignore[misc, valid-type]
-        def result(self) -> int:
-            return super().result() ^ 1
+    def off_by_a_bit(hashers: Any) -> list[int]:  # the trainer's sums only (its receiver shares the module)
+        return [s ^ 1 for s in real(hashers)]
     tensors = awkward_tensors()
     async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, bucket_bytes=256, timeout_s=20) as tp:
-        monkeypatch.setattr(tpush, "Hasher", OffByABit)
+        monkeypatch.setattr(tpush, "_sent_checksums", off_by_a_bit)
         with pytest.raises(PushError) as err:
             await tp.push_weights(1, tensors, transport="gloo")
         assert err.value.failures["r1"].startswith("bad_checksum:") and "sent" in err.value.failures["r1"]
-        monkeypatch.setattr(tpush, "Hasher", real)
+        monkeypatch.setattr(tpush, "_sent_checksums", real)
         await tp.push_weights(2, tensors, transport="gloo")
     assert sorted(rig.sink.applied) == [2]
     assert_applied(rig, 2, tensors)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rollwire.transports import shm
+from rollwire.weightsync import shm
 from tests.weights.procs import attach_and_sum, create_arena_and_wait
 
 

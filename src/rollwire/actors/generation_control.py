@@ -24,6 +24,7 @@ from rollwire.messages import (
     VersionApplied,
 )
 from rollwire.runtime import Origin, RollwireError, handles
+from rollwire.weightsync.staged import tensors_from_apply
 
 if TYPE_CHECKING:
     from rollwire.actors.generation import InFlight
@@ -86,8 +87,6 @@ class GenerationControl:
 
     @handles(ApplyVersion)
     async def on_apply_version(self, origin: Origin, msg: ApplyVersion, payload: Sequence[Any]) -> None:
-        from rollwire.transports.weights import tensors_from_apply
-
         if self.state not in ("PAUSED", "RELEASED"):
             raise RollwireError(ErrorCode.NOT_PAUSED, f"cannot load weights while {self.state}")
         t0 = time.monotonic()

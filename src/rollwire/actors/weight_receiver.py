@@ -1,13 +1,13 @@
 """WeightReceiverActor: stages one weight version at a time; only a whole, verified version goes on.
 
-Talks to the trainer (``clients/trainer.py``) through a DEALER (register, pull buckets, report
+Talks to the trainer (``weightsync/publisher.py``) through a DEALER (register, pull buckets, report
 outcomes) and a SUB (beacons, WeightsReady, StepMessage), and to the MemoryGovernor's "weights"
 port (``apply_endpoint``) with ApplyVersion and StepMessage. It has no port of its own.
 
 Per announced version:
 
 1. refused with BAD_VERSION if not above the live version (or the one being staged);
-2. staged by its transport (``transports/staging.py``): inline buckets pulled under a credit
+2. staged by its transport (``weightsync/``, one module per transport): inline buckets pulled under a credit
    window, or the shm arena attached, or the trainer's CUDA arena opened (cuda_ipc), or the
    broadcast joined; every bucket checked against the announcement (layout, size, checksum; cuda_ipc:
    a GPU checksum). A newer announcement, or one from a restarted trainer,
@@ -59,14 +59,17 @@ from rollwire.messages.weights import (
     Welcome,
 )
 from rollwire.runtime import Actor, Port
-from rollwire.transports import checksum, cuda_ipc, shm
-from rollwire.transports.broadcast import available as broadcast_available
 from rollwire.transports.pubsub import ANNOUNCEMENT_MAX_FRAME, CONTROL_MAX_FRAME, Subscriber
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
 from rollwire.transports.security import CurveClient
 from rollwire.transports.sockets import BUCKET_MAX_FRAME
-from rollwire.transports.staging import BroadcastReceiver, StagingError, attach_cuda_ipc, attach_shm, pull_inline
-from rollwire.transports.weights import LayoutError, check_layout
+from rollwire.weightsync import checksum, cuda_ipc, shm
+from rollwire.weightsync.broadcast import BroadcastReceiver
+from rollwire.weightsync.broadcast import available as broadcast_available
+from rollwire.weightsync.cuda_ipc import attach_cuda_ipc
+from rollwire.weightsync.inline import pull_inline
+from rollwire.weightsync.layout import LayoutError, StagingError, check_layout
+from rollwire.weightsync.shm import attach_shm
 
 WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0

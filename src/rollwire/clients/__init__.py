@@ -1,4 +1,4 @@
-"""Clients: RolloutClient for rollout workers, TrainerPublisher for trainers."""
+"""Clients: RolloutClient for rollout workers, with sessions (TrainerPublisher is in rollwire.weightsync)."""
 
 from rollwire.clients.rollout import (
     GenerateOutput,

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from rollwire.clients.trainer import TrainerPublisher
 from rollwire.demo.task import Task
 from rollwire.messages import Ack, Codec, ExperienceRequest, SampleGroup
 from rollwire.models import tiny
 from rollwire.transports import sockets
+from rollwire.weightsync.publisher import TrainerPublisher
 
 
 @dataclass

@@ -13,14 +13,9 @@ from typing import Any
 import torch
 
 from rollwire.messages.weights import INBAND, BucketMeta, VersionOutcome
-from rollwire.transports.checksum import Hasher, checksum_of
-from rollwire.transports.weights import (
-    ALIGN,
-    BucketPlan,
-    byte_view,
-    pack_with_checksum,
-    tensor_bytes,
-)
+from rollwire.weightsync import cuda_ipc, shm
+from rollwire.weightsync.inline import BucketServer
+from rollwire.weightsync.layout import BucketPlan, byte_view
 
 BROADCAST_FAILURE_GRACE_S = 2.0  # after the trainer's broadcast fails, receivers may still explain why
 
@@ -94,15 +89,6 @@ def choose_transport(wanted: str, offered: Sequence[str], host_id: str, receiver
     return wanted
 
 
-def shm_offsets(plans: Sequence[BucketPlan]) -> list[int]:
-    """Where each bucket starts in a buffer holding all of them back to back (aligned)."""
-    offsets, pos = [], 0
-    for p in plans:
-        offsets.append(pos)
-        pos = (pos + p.nbytes + ALIGN - 1) // ALIGN * ALIGN
-    return offsets
-
-
 class Push:
     def __init__(self, version: int, plans: list[BucketPlan], transport: str,
                  outcomes: dict[str, asyncio.Future[VersionOutcome]], pack_buf: torch.Tensor) -> None:
@@ -114,12 +100,11 @@ class Push:
         self.metas: list[BucketMeta] = []
         self.arena: torch.Tensor | None = None  # shm: buckets already packed here, at ``offsets``
         self.offsets: list[int] = []
-        self.pack_buf = pack_buf  # inline: buckets packed here on first pull (handed back for reuse)
+        self.served = BucketServer(plans, pack_buf)  # inline: buckets packed on first pull
         self.broadcast: asyncio.Future[None] | None = None
         self.cuda_after: Any = None  # cuda_ipc: event on the caller's stream after its last write
         self.device: torch.device | None = None  # cuda_ipc/nccl: the GPU holding the tensors
         self.nccl_arena: torch.Tensor | None = None  # nccl: the packed CUDA arena, buckets at ``offsets``
-        self._packed: dict[int, asyncio.Future[tuple[memoryview, int]]] = {}
         self._credits: dict[bytes, asyncio.Semaphore] = {}
         self.started = time.monotonic()
 
@@ -164,116 +149,25 @@ class Push:
         if self.arena is not None:
             off = self.offsets[index]
             return byte_view(self.arena[off:off + plan.nbytes]), self.metas[index].checksum
-        self.prefetch(packer, index, ahead + 1)  # pack ahead of the pulls
-        return await self._packed[index]
-
-    def prefetch(self, packer: Executor, first: int, n: int) -> None:
-        for i in range(first, min(len(self.plans), first + n)):
-            self._start_packing(i, packer)
-
-    def _start_packing(self, index: int, packer: Executor) -> None:
-        if index in self._packed:
-            return
-        plan = self.plans[index]
-        if _is_one_tensor(plan):  # a bucket of one tensor is that tensor: no packing, only the checksum
-            view = tensor_bytes(plan.sources[0])
-            self._packed[index] = asyncio.wrap_future(packer.submit(lambda: (view, checksum_of([view]))))
-            return
-        if not self.offsets:
-            self.offsets = shm_offsets(self.plans)
-            need = self.offsets[-1] + self.plans[-1].nbytes
-            if self.pack_buf.numel() < need:
-                self.pack_buf = torch.empty(need, dtype=torch.uint8).fill_(0)  # touched once, warm after
-        off, buf = self.offsets[index], self.pack_buf
-
-        def pack() -> tuple[memoryview, int]:
-            dst = buf[off:off + plan.nbytes]  # buckets are packed in parallel already: one thread each
-            return byte_view(dst), pack_with_checksum([plan], [dst], packer, threads=1)[0]
-
-        self._packed[index] = asyncio.wrap_future(packer.submit(pack))
+        return await self.served.bucket(index, packer, ahead=ahead)
 
 
 async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
                           workers: Executor) -> tuple[list[int], dict[str, Any]]:
     """Each bucket's checksum, and the transport's WeightsReady fields, before the announcement (on
-    worker threads, off the event loop). shm: packed into the reused arena and checksummed piece by
-    piece; cuda_ipc: see ``prepare_cuda_ipc``; inline: INBAND (each checksum is computed as its bucket
-    is packed and sent with it); broadcast: INBAND too (``broadcast_push`` sends them after the
-    data)."""
-    loop = asyncio.get_running_loop()
-    if push.transport in ("cuda_ipc", "nccl"):  # nccl: packed and checksummed the same way, then broadcast
-        return await prepare_cuda_ipc(push, cuda_arena, workers)
-    if push.transport == "inline":
-        return [INBAND] * len(push.plans), {}
+    worker threads, off the event loop). shm and cuda_ipc: packed into the reused arena and
+    checksummed (``shm.prepare``, ``cuda_ipc.prepare``; nccl packs as cuda_ipc, then broadcasts);
+    inline: INBAND (each checksum is computed as its bucket is packed and sent with it); gloo:
+    INBAND too (``broadcast.send`` sends them after the data)."""
+    if push.transport in ("cuda_ipc", "nccl"):
+        assert push.device is not None
+        sums, offsets = await cuda_ipc.prepare(cuda_arena, push.plans, push.device, push.cuda_after, workers)
+        return sums, {"cuda_ipc": cuda_arena.handle, "shm_offsets": offsets}
     if push.transport == "shm":
-        offsets = shm_offsets(push.plans)
-        shm_arena.reserve(offsets[-1] + push.plans[-1].nbytes if push.plans else 1)
-        arena = shm_arena.tensor
-        push.arena, push.offsets = arena, offsets
-        views = [arena[off:off + p.nbytes] for p, off in zip(push.plans, offsets, strict=True)]
-        # copied and checksummed piece by piece, on two threads
-        sums = await loop.run_in_executor(workers, pack_with_checksum, push.plans, views, workers)
+        sums, offsets = await shm.prepare(shm_arena, push.plans, workers)
+        push.arena, push.offsets = shm_arena.tensor, offsets
         return sums, {"shm_name": shm_arena.name, "shm_offsets": offsets}
-    return [INBAND] * len(push.plans), {}  # gloo/nccl
-
-
-async def prepare_cuda_ipc(push: Push, arena: Any, workers: Executor) -> tuple[list[int], dict[str, Any]]:
-    """cuda_ipc: pack every bucket into the reused CUDA arena and checksum it on the GPU (on a worker
-    thread: the launches and the final wait stay off the event loop)."""
-    from rollwire.transports.cuda_ipc import arena_offsets, padded
-
-    assert push.device is not None
-    offsets = arena_offsets([p.nbytes for p in push.plans])
-    arena.reserve(offsets[-1] + padded(push.plans[-1].nbytes) if push.plans else 1, push.device)
-    sums = await asyncio.get_running_loop().run_in_executor(workers, arena.pack, push.plans, offsets, push.cuda_after)
-    return sums, {"cuda_ipc": arena.handle, "shm_offsets": offsets}
-
-
-async def broadcast_push(group: Any, push: Push, workers: Executor) -> None:
-    """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread). Announced
-    INBAND, each tensor is hashed on ``workers`` while the next ones go out, and the buckets'
-    checksums follow the data as one more broadcast (int64, one per bucket)."""
-    if push.transport == "nccl":
-        await asyncio.get_running_loop().run_in_executor(None, _broadcast_arena, group, push)
-        return
-    inband = any(m.checksum == INBAND for m in push.metas)
-
-    def run() -> None:
-        group.connect()
-        hashers = [Hasher(workers) for _ in push.plans]
-        for plan, hasher in zip(push.plans, hashers, strict=True):
-            pos = 0
-            for meta, t in zip(plan.tensors, plan.sources, strict=True):
-                t = t.contiguous()
-                group.broadcast(t)
-                if inband:  # the bucket's bytes in order: the zero gap, then the tensor
-                    if meta.offset > pos:
-                        hasher.update(bytes(meta.offset - pos))
-                    hasher.update(tensor_bytes(t))
-                    pos = meta.offset + t.numel() * t.element_size()
-        if inband:
-            sums = [h.result() for h in hashers]
-            group.broadcast(torch.tensor(sums, dtype=torch.int64, device=group.device))
-
-    await asyncio.get_running_loop().run_in_executor(None, run)
-
-
-def _broadcast_arena(group: Any, push: Push) -> None:
-    """nccl: each packed bucket of the CUDA arena (checksums announced up front), one collective per
-    bucket. Written for issue 8; never run across two GPUs."""
-    from rollwire.transports.cuda_ipc import padded
-
-    arena = push.nccl_arena
-    assert arena is not None
-    with torch.cuda.device(arena.device):
-        group.connect()
-        for plan, off in zip(push.plans, push.offsets, strict=True):
-            group.broadcast(arena[off:off + padded(plan.nbytes)])
-        torch.cuda.synchronize(arena.device)
-
-
-def _is_one_tensor(plan: BucketPlan) -> bool:
-    return len(plan.sources) == 1 and plan.sources[0].is_contiguous()
+    return [INBAND] * len(push.plans), {}  # inline, gloo
 
 
 async def collect(futs: dict[str, asyncio.Future[Any]], timeout: float) -> dict[str, str]:

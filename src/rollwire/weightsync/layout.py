@@ -3,14 +3,18 @@
 A bucket is a run of named tensors packed back to back, each at an offset aligned to ``ALIGN``
 bytes (the gaps are zeros), so any tensor can be viewed in place whatever its dtype. A tensor
 larger than the bucket size gets a bucket of its own. The checksum of a bucket covers all its
-bytes, gaps included (``transports/checksum.py`` defines it: xxh3-64 over 1 MiB pieces, folded).
+bytes, gaps included (``weightsync/checksum.py`` defines it: xxh3-64 over 1 MiB pieces, folded).
 
-Shared by the trainer (plan, checksum from the source tensors), the WeightReceiverActor
-(verify what arrived) and the GenerationActor (``tensors_from_apply``: tensor views for the load).
+Shared by the trainer (plan, checksum from the source tensors) and every receiver-side transport
+(verify what arrived, ``StagingError``). The dtype names the wire carries live here too, so that
+``inline``, ``shm``, ``cuda_ipc`` and ``broadcast`` all sit above this module and none imports another
+for them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import mmap
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,14 +25,31 @@ from typing import Any, cast
 import torch
 
 from rollwire.messages.codec import Buffer
-from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
-from rollwire.transports.checksum import PIECE_BYTES, checksum_of, fold, piece_digests
-from rollwire.transports.tensors import decode_tensor, dtype_from_name, dtype_name
+from rollwire.messages.envelope import TensorRef
+from rollwire.messages.errors import ErrorCode
+from rollwire.messages.weights import INBAND, BucketMeta, NamedTensor, TensorMeta, WeightsReady
+from rollwire.weightsync.checksum import PIECE_BYTES, checksum_of, checksum_parallel, fold, piece_digests
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
 _ZEROS = bytes(ALIGN)
 
 NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported tensor dtype {name!r}; supported: {sorted(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def as_named_list(tensors: NamedTensors, *, to_cpu: bool = True) -> list[tuple[str, torch.Tensor]]:
@@ -88,6 +109,15 @@ def plan_buckets(named: Sequence[tuple[str, torch.Tensor]], bucket_bytes: int) -
         cur.sources.append(t)
         cur.nbytes = offset + size
     return buckets
+
+
+def packed_offsets(plans: Sequence[BucketPlan]) -> list[int]:
+    """Where each bucket starts in a buffer holding all of them back to back (``ALIGN``-aligned)."""
+    offsets, pos = [], 0
+    for p in plans:
+        offsets.append(pos)
+        pos = (pos + p.nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return offsets
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -169,7 +199,6 @@ def pack_with_checksum(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor]
     each piece hashed right after it is copied (still in cache: nearly free next to the copy). This
     thread and ``threads - 1`` workers of ``pool`` take pieces in turn. Blocks: run it on a worker
     thread."""
-    import ctypes
 
     jobs = []  # (bucket, ops, dst address, the piece's bytes)
     for b, (plan, dst) in enumerate(zip(plans, dsts, strict=True)):
@@ -284,24 +313,6 @@ def view_at(base: torch.Tensor, offset: int, dtype_str: str, shape: Sequence[int
     return base[offset:offset + n].view(dtype).view(list(shape))
 
 
-def tensors_from_apply(msg: ApplyVersion, payload: Sequence[Buffer]) -> list[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs of an ApplyVersion: views on its payload frames (inline, gloo), on
-    the attached shm arena ``msg.shm_name`` or on the opened CUDA arena ``msg.cuda_arena`` (CUDA
-    tensors; ``TensorRef.frame`` is then a byte offset). The views are valid while the sender keeps
-    the bytes unchanged, i.e. until it gets the reply."""
-    if msg.cuda_arena:
-        from rollwire.transports.cuda_ipc import opened
-
-        base = opened(msg.cuda_arena)
-        return [(nt.name, view_at(base, nt.ref.frame, nt.ref.dtype, nt.ref.shape)) for nt in msg.tensors]
-    if msg.shm_name:
-        from rollwire.transports.shm import attach
-
-        base = attach(msg.shm_name).tensor
-        return [(nt.name, view_at(base, nt.ref.frame, nt.ref.dtype, nt.ref.shape)) for nt in msg.tensors]
-    return [(nt.name, decode_tensor(nt.ref, payload)) for nt in msg.tensors]
-
-
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a flat uint8 CPU tensor as a memoryview (no copy; keeps the tensor alive)."""
     return memoryview(cast(Any, t.numpy()))
@@ -314,3 +325,57 @@ def uint8_view(buf: Buffer | mmap.mmap) -> torch.Tensor:
     with warnings.catch_warnings():  # frombuffer warns on read-only buffers; callers only read
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+# -- staging: what every receiver-side transport shares -------------------------------------------
+class StagingError(Exception):
+    """A version that cannot be staged, with the wire ``ErrorCode`` its outcome reports."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+Staged = tuple[list[NamedTensor], list[Buffer]]
+
+
+async def check_bucket(meta: BucketMeta, buf: Buffer, pool: Executor, sent: int = INBAND) -> str | None:
+    """Size and checksum against the announcement, or against ``sent`` (the checksum that came with
+    the bytes) where the announcement says INBAND."""
+    want = sent if meta.checksum == INBAND else meta.checksum
+    if want == INBAND:
+        return size_problem(meta, buf) or f"bucket {meta.index}: no checksum, neither announced nor sent"
+    return size_problem(meta, buf) or checksum_problem(meta, await checksum_parallel([buf], pool), want)
+
+
+def raise_problems(problems: Sequence[str | None]) -> None:
+    bad = [p for p in problems if p]
+    if bad:
+        code = ErrorCode.BAD_CHECKSUM if "checksum" in bad[0] else ErrorCode.BAD_FRAME
+        raise StagingError(code, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+
+
+async def verify_buckets(metas: Sequence[BucketMeta], bufs: Sequence[Buffer], pool: Executor) -> None:
+    raise_problems(await asyncio.gather(*(check_bucket(m, b, pool) for m, b in zip(metas, bufs, strict=True))))
+
+
+def at_offsets(buckets: Sequence[BucketMeta], offsets: Sequence[int]) -> list[NamedTensor]:
+    """The version's tensors as byte offsets into the buffer holding its buckets at ``offsets``."""
+    return [NamedTensor(t.name, TensorRef(off + t.offset, t.dtype, list(t.shape)))
+            for meta, off in zip(buckets, offsets, strict=True) for t in meta.tensors]
+
+
+def as_frames(metas: Sequence[BucketMeta], bufs: Sequence[Buffer]) -> Staged:
+    """One payload frame per tensor: zero-copy slices of the verified buckets."""
+    named: list[NamedTensor] = []
+    frames: list[Buffer] = []
+    for meta, buf in zip(metas, bufs, strict=True):
+        for t, view in zip(meta.tensors, tensor_slices(meta, buf), strict=True):
+            named.append(NamedTensor(t.name, TensorRef(len(frames), t.dtype, list(t.shape))))
+            frames.append(view)
+    return named, frames
+
+
+def nbytes_of_meta(dtype: str, shape: Sequence[int]) -> int:
+    return dtype_from_name(dtype).itemsize * _numel(shape)

@@ -31,15 +31,19 @@ the bucket's 64-bit ``checksum``. This is an integrity check against bugs, not a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import torch
 
-from rollwire.messages.weights import CudaIpcHandle
+from rollwire.messages.errors import ErrorCode
+from rollwire.messages.weights import CudaIpcHandle, NamedTensor, WeightsReady
+from rollwire.weightsync.layout import BucketPlan, StagingError, at_offsets, nbytes_of, raise_problems
 
 ARENA_ALIGN = 4096  # bucket offsets and checksum padding: whole rows of 512 int64 words
 ROW_WORDS = ARENA_ALIGN // 8
@@ -154,7 +158,8 @@ class CudaArena:
     def close(self) -> None:
         self.tensor, self.handle, self._layout = None, None, None  # freed once no receiver holds it
 
-    def pack(self, plans: Sequence[Any], offsets: Sequence[int], after: torch.cuda.Event | None = None) -> list[int]:
+    def pack(self, plans: Sequence[BucketPlan], offsets: Sequence[int],
+             after: torch.cuda.Event | None = None) -> list[int]:
         """Copy every bucket in, then checksum them; blocks until the GPU is done (run it on a worker
         thread). ``after``: an event recorded on the caller's stream after its last write to the
         tensors (the copies wait for it)."""
@@ -174,8 +179,6 @@ def pack_into(arena: torch.Tensor, plans: Sequence[Any], offsets: Sequence[int],
     """Copy the plans' tensors into ``arena`` at ``offsets`` with one multi-tensor copy. The views
     are built, and the arena zeroed (gaps and padding must be zeros for the checksum), only when the
     layout differs from ``layout`` (the previous push's): a training run pushes the same layout."""
-    from rollwire.transports.weights import nbytes_of
-
     key = tuple((off + m.offset, m.dtype, tuple(m.shape)) for plan, off in zip(plans, offsets, strict=True)
                 for m in plan.tensors)
     srcs = [t for plan in plans for t in plan.sources]
@@ -280,3 +283,43 @@ def synchronize_all() -> None:
     """Wait for every GPU of this process (the engine's copies out of the arena included)."""
     for i in range(torch.cuda.device_count()):
         torch.cuda.synchronize(i)
+
+
+async def prepare(arena: CudaArena, plans: Sequence[BucketPlan], device: torch.device, after: Any,
+                  workers: Executor) -> tuple[list[int], list[int]]:
+    """Trainer half: pack every bucket into the reused CUDA arena and checksum it on the GPU (on a
+    worker thread: the launches and the final wait stay off the event loop). Returns each bucket's
+    checksum and its offset in the arena."""
+    offsets = arena_offsets([p.nbytes for p in plans])
+    arena.reserve(offsets[-1] + padded(plans[-1].nbytes) if plans else 1, device)
+    sums = await asyncio.get_running_loop().run_in_executor(workers, arena.pack, plans, offsets, after)
+    return sums, offsets
+
+
+# -- receiver half: staging ----------------------------------------------------------------------
+async def attach_cuda_ipc(ready: WeightsReady, pool: Executor) -> tuple[list[NamedTensor], str]:
+    """Open the trainer's CUDA arena (cached), verify every bucket's GPU checksum; tensors are byte
+    offsets into it, the key names the opened arena in this process."""
+    h = ready.cuda_ipc
+    if h is None:
+        raise StagingError(ErrorCode.BAD_FIELD, "cuda_ipc announcement without a handle")
+    for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True):
+        if off < 0 or off % ARENA_ALIGN or off + padded(meta.nbytes) > h.nbytes:
+            raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
+                                                    f"{h.nbytes}-byte CUDA arena or misaligned")
+    try:
+        key = await asyncio.get_running_loop().run_in_executor(pool, open_arena, h)
+    except (RuntimeError, ValueError) as e:
+        raise StagingError(ErrorCode.BAD_FIELD, f"cannot open the CUDA IPC handle: {e}") from None
+    await verify_on_gpu(key, ready, pool)
+    return at_offsets(ready.buckets, ready.shm_offsets), key
+
+
+async def verify_on_gpu(key: str, ready: WeightsReady, pool: Executor) -> None:
+    """Every bucket at ``ready.shm_offsets`` of the CUDA buffer ``key`` against its announced GPU
+    checksum (cuda_ipc and nccl)."""
+    sums = await asyncio.get_running_loop().run_in_executor(pool, verify, key, ready.shm_offsets,
+                                                            [m.nbytes for m in ready.buckets])
+    raise_problems([None if got == m.checksum else
+                     f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
+                     for m, got in zip(ready.buckets, sums, strict=True)])

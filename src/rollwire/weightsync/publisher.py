@@ -10,12 +10,12 @@ waited for, only once it acknowledged a beacon it received on the PUB: a SUB tha
 yet would silently miss an announcement. Beacons double as heartbeats; a receiver silent for
 ``lost_after_s`` is no longer counted (a push waiting on it fails at once, naming it).
 
-A push: tensors are planned into buckets (``transports/weights.py``), announced, then moved by the
+A push: tensors are planned into buckets (``weightsync/layout.py``), announced, then moved by the
 transport (``shm``: packed into a reused shared-memory arena and checksummed piece by piece before
 the announcement; ``cuda_ipc``: CUDA tensors packed on their GPU into a reused CUDA arena exported
-once and checksummed there, see ``transports/cuda_ipc.py``; ``inline``: each bucket packed on first
+once and checksummed there, see ``weightsync/cuda_ipc.py``; ``inline``: each bucket packed on first
 pull into a reused buffer, its checksum computed as it is packed and sent with it, served zero-copy;
-``gloo``: broadcast tensor by tensor in a persistent group, see ``transports/broadcast.py``, the
+``gloo``: broadcast tensor by tensor in a persistent group, see ``weightsync/broadcast.py``, the
 buckets' checksums broadcast after the data), and the push returns when every joined receiver
 reported the version applied, or raises ``PushError``. Source tensors must not change until
 ``push_weights`` returns (they are read while being served).
@@ -52,16 +52,6 @@ from typing import Any
 import torch
 import zmq
 
-from rollwire.clients.trainer_push import (
-    Push,
-    PushError,
-    PushReport,
-    Registered,
-    broadcast_push,
-    choose_transport,
-    collect,
-    prepare_payload,
-)
 from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
@@ -80,12 +70,21 @@ from rollwire.messages.weights import (
     Welcome,
 )
 from rollwire.runtime.logging import get_logger
-from rollwire.transports import checksum, cuda_ipc, shm, sockets
-from rollwire.transports.broadcast import BroadcastGroup
-from rollwire.transports.broadcast import available as broadcast_available
+from rollwire.transports import sockets
 from rollwire.transports.pubsub import CONTROL_MAX_FRAME, Publisher
 from rollwire.transports.security import RECEIVERS_DOMAIN, CurveServer, KeyPair, client_of
-from rollwire.transports.weights import NamedTensors, as_named_list, on_cpu, plan_buckets
+from rollwire.weightsync import broadcast, checksum, cuda_ipc, shm
+from rollwire.weightsync.broadcast import BroadcastGroup
+from rollwire.weightsync.layout import NamedTensors, as_named_list, on_cpu, plan_buckets
+from rollwire.weightsync.push import (
+    Push,
+    PushError,
+    PushReport,
+    Registered,
+    choose_transport,
+    collect,
+    prepare_payload,
+)
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 
@@ -132,9 +131,9 @@ class TrainerPublisher:
         self.transports = ["shm", "inline"] if shm.available() else ["inline"]
         if cuda_ipc.available():
             self.transports.insert(0, "cuda_ipc")
-        if broadcast_available("gloo"):
+        if broadcast.available("gloo"):
             self.transports.append("gloo")
-        if broadcast_available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
+        if broadcast.available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
             self.transports.append("nccl")
         host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
         self._broadcast_host = broadcast_host or (host if host not in ("*", "0.0.0.0", "") else "127.0.0.1")
@@ -286,13 +285,13 @@ class TrainerPublisher:
             try:
                 await self._pub.publish(ready)
                 if chosen == "inline":  # pack the first buckets while the receivers ask for them
-                    push.prefetch(self._workers, 0, self.credit_window)
+                    push.served.prefetch(self._workers, 0, self.credit_window)
                 if chosen in ("gloo", "nccl"):
                     push.broadcast = asyncio.ensure_future(self._broadcast(push))
                 failures = await push.wait(self.timeout_s)
             finally:
                 self._push = None
-                self._pack_buf = push.pack_buf
+                self._pack_buf = push.served.pack_buf
             if failures:
                 self._after_failure(push)
                 raise PushError(f"version {version}", failures)
@@ -328,7 +327,7 @@ class TrainerPublisher:
         group = self._group
         assert group is not None
         try:
-            await broadcast_push(group, push, self._workers)
+            await broadcast.send(group, push, self._workers)
         except Exception as e:
             log.warning("broadcast_failed", version=push.version, error=repr(e))
             if self._group is group:

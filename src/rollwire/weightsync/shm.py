@@ -14,12 +14,16 @@ trainer's arena with it. Here only the trainer unlinks: on ``close`` and at inte
 trainer killed with SIGKILL leaves its arena behind, and the next trainer started in the same
 pid namespace removes arenas whose creator is dead.
 
-Receivers (and the GenerationActor) ``attach`` by name, read-only, and cache the mapping: a
-mapping stays valid after the trainer unlinks the name, until the last tensor view on it dies.
+Receivers ``attach`` by name, read-only, and cache the mapping: a mapping stays valid after the
+trainer unlinks the name, until the last tensor view on it dies.
+
+Trainer half: ``prepare`` packs a version into the reused arena, each piece checksummed as it is
+copied. Receiver half: ``stage`` verifies the buckets in place and names the tensors by offset.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import mmap
@@ -29,12 +33,25 @@ import socket
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rollwire.transports.weights import uint8_view
+from rollwire.messages.errors import ErrorCode
+from rollwire.messages.weights import NamedTensor, WeightsReady
+from rollwire.weightsync.layout import (
+    BucketPlan,
+    StagingError,
+    at_offsets,
+    byte_view,
+    pack_with_checksum,
+    packed_offsets,
+    uint8_view,
+    verify_buckets,
+)
 
 SHM_DIR = "/dev/shm"
 _PREFIX = "rw-arena"
@@ -188,3 +205,31 @@ def attach(name: str) -> AttachedArena:
 
 def detach_all() -> None:
     _attached.clear()
+
+
+# -- trainer half -------------------------------------------------------------------------------
+async def prepare(arena: ShmArena, plans: Sequence[BucketPlan], workers: Executor) -> tuple[list[int], list[int]]:
+    """Pack every bucket into the reused arena, each piece checksummed right after it is copied (on
+    two threads). Returns each bucket's checksum and its offset in the arena."""
+    offsets = packed_offsets(plans)
+    arena.reserve(offsets[-1] + plans[-1].nbytes if plans else 1)
+    views = [arena.tensor[off:off + p.nbytes] for p, off in zip(plans, offsets, strict=True)]
+    sums = await asyncio.get_running_loop().run_in_executor(workers, pack_with_checksum, plans, views, workers)
+    return sums, offsets
+
+
+# -- receiver half ------------------------------------------------------------------------------
+async def attach_shm(ready: WeightsReady, pool: Executor) -> list[NamedTensor]:
+    """Verify the buckets in the trainer's arena in place; tensors are byte offsets into it."""
+    try:
+        arena = attach(ready.shm_name)
+    except (OSError, ValueError) as e:
+        raise StagingError(ErrorCode.BAD_FIELD, f"cannot attach shm arena {ready.shm_name!r}: {e}") from None
+    bufs = []
+    for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True):
+        if off < 0 or off + meta.nbytes > arena.size:
+            raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
+                                                    f"{arena.size}-byte arena")
+        bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
+    await verify_buckets(ready.buckets, bufs, pool)
+    return at_offsets(ready.buckets, ready.shm_offsets)
