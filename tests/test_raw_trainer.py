@@ -55,7 +55,7 @@ def frames(rid: int, body: list[Any], *payload: bytes) -> list[bytes]:
 
 def weights_ready(trainer_id: str, nbytes: int, metas: list[list[Any]]) -> list[Any]:
     bucket = [0, nbytes, -1, metas]  # BucketMeta [index, nbytes, checksum (-1: in band), tensors]
-    return ["weights_ready", trainer_id, VERSION, 0, 1, nbytes, "inline", [bucket]]
+    return ["weights_ready", trainer_id, VERSION, 0, 1, nbytes, [bucket], ["inline"]]
 
 
 async def test_a_raw_pyzmq_trainer_written_from_the_document_pushes_a_full_version() -> None:

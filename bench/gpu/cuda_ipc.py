@@ -137,7 +137,7 @@ async def bench_size(n_layers: int, device: str, transport: str, repeats: int) -
             server = await wb.push_series(to_server, sd, transport, 1, repeats, rc)
             row(f"{transport} -> server (hf engine, {device})", server)
             if transport == "cuda_ipc":
-                assert to_server._cuda_arena.created == 1, "the CUDA arena must be allocated once and reused"
+                assert to_server._senders["cuda_ipc"].arena.created == 1, "one CUDA arena, reused"
             row(f"{transport} -> receiver (no-op apply)", await wb.push_series(to_sink, sd, transport, 1, repeats))
             auto = await to_server.push_weights(repeats + 2, sd, transport="auto")
             for name, times in fl.items():

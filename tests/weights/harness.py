@@ -19,6 +19,7 @@ from rollwire.messages.weights import (
     Beacon,
     BeaconSeen,
     BucketData,
+    InlinePayload,
     PullBucket,
     Register,
     TrainerRequest,
@@ -131,12 +132,13 @@ class ScriptedTrainer:
             self.buckets[p.index] = buf.numpy().tobytes()
         return plans
 
-    async def announce(self, version: int, plans: list[BucketPlan], *, transport: str = "inline",
-                       checksums: list[int] | None = None, **extra: Any) -> asyncio.Future[VersionOutcome]:
+    async def announce(self, version: int, plans: list[BucketPlan], *, payload: Any = None,
+                       checksums: list[int] | None = None) -> asyncio.Future[VersionOutcome]:
         sums = checksums or [checksum_sources(p) for p in plans]
         ready = WeightsReady(trainer_id=self.trainer_id, version=version, step=version, n_buckets=len(plans),
-                             total_bytes=sum(p.nbytes for p in plans), transport=transport,
-                             buckets=[p.meta(c) for p, c in zip(plans, sums, strict=True)], **extra)
+                             total_bytes=sum(p.nbytes for p in plans),
+                             buckets=[p.meta(c) for p, c in zip(plans, sums, strict=True)],
+                             payload=payload if payload is not None else InlinePayload())
         fut: asyncio.Future[VersionOutcome] = asyncio.get_running_loop().create_future()
         self.outcomes[version] = fut
         await self.pub.publish(ready)

@@ -22,6 +22,7 @@ from rollwire.messages.weights import (
     Beacon,
     BeaconSeen,
     BucketData,
+    InlinePayload,
     PullBucket,
     Register,
     StepDone,
@@ -42,7 +43,8 @@ HONEST: list[msgspec.Struct] = [
     BucketData(version=1, index=0, checksum=5),
     Beacon(trainer_id="t", seq=1),
     StepMessage(step=1, phase="train_start"),
-    WeightsReady(trainer_id="t", version=1, step=1, n_buckets=0, total_bytes=0, transport="inline", buckets=[]),
+    WeightsReady(trainer_id="t", version=1, step=1, n_buckets=0, total_bytes=0, buckets=[],
+                 payload=InlinePayload()),
 ]
 TAGS = ["register", "beacon_seen", "pull", "outcome", "step_done", "welcome", "bucket", "beacon", "step",
         "weights_ready", "error", "ack"]

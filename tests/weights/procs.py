@@ -42,11 +42,14 @@ def _faulty_trainer_class() -> Any:
 
         corrupt_next = False
 
-        async def _prepare(self, push: Any, step: int, receivers: Any) -> Any:
-            ready = await super()._prepare(push, step, receivers)
-            if self.corrupt_next and push.transport == "shm":
+        async def _prepare(self, push: Any, sender: Any, step: int, receivers: Any) -> Any:
+            from rollwire.messages.weights import ShmPayload
+
+            ready = await super()._prepare(push, sender, step, receivers)
+            if self.corrupt_next and isinstance(ready.payload, ShmPayload):
                 self.corrupt_next = False
-                self._arena.tensor[0] = 255 - int(self._arena.tensor[0])
+                arena = self._senders["shm"].arena
+                arena.tensor[0] = 255 - int(arena.tensor[0])
             return ready
 
     return FaultyTrainer

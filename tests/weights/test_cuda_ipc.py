@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import torch
 
-from rollwire.messages.weights import CudaIpcHandle
+from rollwire.messages.weights import CudaIpcHandle, CudaIpcPayload
 from rollwire.weightsync import cuda_ipc
 from rollwire.weightsync.cuda_ipc import ARENA_ALIGN, arena_offsets, gpu_checksums, padded, tensors_device
 from rollwire.weightsync.layout import LayoutError, check_layout, plan_buckets
@@ -148,8 +148,7 @@ def test_a_cuda_ipc_announcement_needs_one_offset_per_bucket() -> None:
     plans = plan_buckets(list(awkward_tensors().items()), 256)
     assert len(plans) > 1
     with pytest.raises(LayoutError, match="cuda_ipc: 1 offsets"):
-        check_layout(msgspec.structs.replace(ready_for(plans), transport="cuda_ipc", shm_offsets=[0],
-                                             cuda_ipc=handle()))
+        check_layout(msgspec.structs.replace(ready_for(plans), payload=CudaIpcPayload(handle=handle(), offsets=[0])))
 
 
 async def test_a_receiver_that_does_not_offer_cuda_ipc_refuses_a_cuda_ipc_version_and_keeps_serving(
@@ -159,7 +158,7 @@ async def test_a_receiver_that_does_not_offer_cuda_ipc_refuses_a_cuda_ipc_versio
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
-        fut = await tr.announce(1, plans, transport="cuda_ipc", shm_offsets=[0], cuda_ipc=handle())
+        fut = await tr.announce(1, plans, payload=CudaIpcPayload(handle=handle(), offsets=[0]))
         out = await asyncio.wait_for(fut, 20)
         assert (out.ok, out.error_code) == (False, "bad_field") and "not offered" in out.message
         fut = await tr.announce(2, plans)  # inline, the next version: applied

@@ -12,7 +12,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollwire.messages.weights import ApplyVersion, BucketMeta, TensorMeta, WeightsReady
+from rollwire.messages.weights import ApplyVersion, BucketMeta, InlinePayload, TensorMeta, WeightsReady
 from rollwire.weightsync.checksum import Hasher, checksum_parallel
 from rollwire.weightsync.layout import (
     ALIGN,
@@ -54,7 +54,7 @@ def pack(plan) -> torch.Tensor:
 
 
 def ready_for(plans, **kw) -> WeightsReady:
-    kw.setdefault("transport", "inline")
+    kw.setdefault("payload", InlinePayload())
     return WeightsReady(trainer_id="t", version=1, step=1, n_buckets=len(plans),
                         total_bytes=sum(p.nbytes for p in plans),
                         buckets=[p.meta(checksum_sources(p)) for p in plans], **kw)

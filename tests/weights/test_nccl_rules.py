@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rollwire.actors.weight_receiver import WeightReceiverActor
+from rollwire.messages.weights import NcclPayload
 from rollwire.weightsync.layout import LayoutError, check_layout, plan_buckets
 from rollwire.weightsync.push import Registered, choose_transport
 from tests.weights.test_layout import ready_for
@@ -32,9 +33,10 @@ def test_auto_never_picks_a_broadcast_and_an_explicit_nccl_needs_every_receiver_
 
 def test_an_nccl_announcement_without_one_offset_per_bucket_is_refused() -> None:
     plans = plan_buckets([("w", torch.zeros(300)), ("b", torch.zeros(10))], bucket_bytes=1024)
-    check_layout(ready_for(plans, transport="nccl", shm_offsets=[4096 * i for i in range(len(plans))]))
+    check_layout(ready_for(plans, payload=NcclPayload(group="tcp://h:1", ranks=["a"],
+                                                      offsets=[4096 * i for i in range(len(plans))])))
     with pytest.raises(LayoutError, match="nccl: 0 offsets"):
-        check_layout(ready_for(plans, transport="nccl"))
+        check_layout(ready_for(plans, payload=NcclPayload(group="tcp://h:1", ranks=["a"], offsets=[])))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a receiver without CUDA offers")

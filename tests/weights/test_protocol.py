@@ -14,6 +14,7 @@ import pytest
 import torch
 import zmq
 
+from rollwire.messages.weights import ShmPayload
 from rollwire.runtime import ActorSystem
 from rollwire.transports import sockets
 from rollwire.transports.sockets import free_tcp_endpoint
@@ -49,7 +50,7 @@ async def test_a_push_arrives_bit_exact_over_each_transport_and_later_pushes_reu
         await tp.push_weights(2, doubled, transport=transport)
         assert_applied(rig, 2, doubled)
         if transport == "shm":
-            assert tp._arena.created == 1  # the same arena served both pushes
+            assert tp._senders["shm"].arena.created == 1  # type: ignore[attr-defined]  # the same arena served both
         if transport != "shm":
             assert rig.sink.frames[2] == len(tensors)  # one payload frame per tensor
     assert rig.receiver.live_version == 2
@@ -104,11 +105,11 @@ async def test_an_shm_arena_that_does_not_match_its_checksum_is_rejected(rig: Ri
         tr.arena.reserve(plans[0].nbytes)
         pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
         sum_ok = checksum_sources(plans[0])
-        out = await outcome_of(await tr.announce(1, plans, transport="shm", checksums=[sum_ok ^ 1],
-                                                 shm_name=tr.arena.name, shm_offsets=[0]))
+        out = await outcome_of(await tr.announce(1, plans, checksums=[sum_ok ^ 1],
+                                                 payload=ShmPayload(name=tr.arena.name, offsets=[0])))
         assert (out.ok, out.error_code) == (False, "bad_checksum")
-        out = await outcome_of(await tr.announce(2, plans, transport="shm", checksums=[sum_ok],
-                                                 shm_name=tr.arena.name, shm_offsets=[0]))
+        out = await outcome_of(await tr.announce(2, plans, checksums=[sum_ok],
+                                                 payload=ShmPayload(name=tr.arena.name, offsets=[0])))
         assert out.ok and torch.equal(rig.sink.applied[2]["a"], plans[0].sources[0])
 
 
@@ -116,11 +117,11 @@ async def test_an_announcement_that_does_not_add_up_is_rejected_with_bad_field(r
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
-        out = await outcome_of(await tr.announce(1, plans, transport="shm", shm_name="../../etc/passwd",
-                                                 shm_offsets=[0]))
+        out = await outcome_of(await tr.announce(1, plans, payload=ShmPayload(name="../../etc/passwd",
+                                                                                  offsets=[0])))
         assert (out.ok, out.error_code) == (False, "bad_field")
-        out = await outcome_of(await tr.announce(2, plans, transport="shm", shm_name=tr.arena.name or "x",
-                                                 shm_offsets=[]))
+        out = await outcome_of(await tr.announce(2, plans, payload=ShmPayload(name=tr.arena.name or "x",
+                                                                                  offsets=[])))
         assert (out.ok, out.error_code) == (False, "bad_field")
 
 

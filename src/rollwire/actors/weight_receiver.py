@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 
 from rollwire.messages import ControlReply, ErrorCode, ErrorReply, ProtocolError, VersionApplied
 from rollwire.messages.weights import (
+    PAYLOAD_TYPES,
     ApplyVersion,
     Beacon,
     BeaconSeen,
@@ -62,30 +63,19 @@ from rollwire.runtime import Actor, Port
 from rollwire.transports.pubsub import ANNOUNCEMENT_MAX_FRAME, CONTROL_MAX_FRAME, Subscriber
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
 from rollwire.transports.security import CurveClient
-from rollwire.transports.sockets import BUCKET_MAX_FRAME
 from rollwire.weightsync import checksum, cuda_ipc, shm
 from rollwire.weightsync.broadcast import BroadcastReceiver
 from rollwire.weightsync.broadcast import available as broadcast_available
-from rollwire.weightsync.cuda_ipc import attach_cuda_ipc
-from rollwire.weightsync.inline import pull_inline
-from rollwire.weightsync.layout import LayoutError, StagingError, check_layout
-from rollwire.weightsync.shm import attach_shm
+from rollwire.weightsync.cuda_ipc import CudaIpcStager
+from rollwire.weightsync.inline import InlineStager
+from rollwire.weightsync.layout import LayoutError, Stager, StagingError, check_layout
+from rollwire.weightsync.shm import ShmStager
 
 WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0
 MAX_REGISTER_WAIT_S = 30.0
 LINK_RETRY_S = 0.5  # after the trainer link failed, before it is rebuilt
 TRAINER_SILENCE_S = 15.0  # no beacon for this long (trainers beat every second): register again
-
-
-FRAME_OVERHEAD = 64 << 10  # what ZeroMQ counts against MAXMSGSIZE beyond the bytes (CURVE: box, nonce, command)
-
-
-def bucket_frame_limit(ready: WeightsReady) -> int:
-    """The inbound frame limit for a version's bucket link: its largest bucket, plus CURVE's
-    per-frame overhead (libzmq checks the encrypted frame: a limit of exactly the bucket size
-    drops the connection under CURVE), and never below the control limit (the body frame)."""
-    return max([CONTROL_MAX_FRAME, *(b.nbytes + FRAME_OVERHEAD for b in ready.buckets)])
 
 
 def _pub_address(pub_endpoint: str, trainer_endpoint: str) -> str:
@@ -128,9 +118,9 @@ class WeightReceiverActor(Actor):
         self.receiver_id = receiver_id
         self.apply_endpoint = apply_endpoint
         self.stall_timeout_s = stall_timeout_s
-        self.transports = [t for t in transports if (t != "shm" or shm.available())
-                           and (t not in ("cuda_ipc", "nccl") or cuda_ipc.receiver_offers(engine_device))
-                           and (t != "nccl" or broadcast_available("nccl"))]
+        offers = {"shm": shm.available(), "cuda_ipc": cuda_ipc.receiver_offers(engine_device),
+                  "nccl": cuda_ipc.receiver_offers(engine_device) and broadcast_available("nccl")}
+        self.transports = [t for t in transports if offers.get(t, True)]
         self.cuda_devices = cuda_ipc.visible_uuids() if "cuda_ipc" in self.transports else []
         self.credit_window = credit_window
         self.apply_timeout_s = apply_timeout_s
@@ -142,7 +132,13 @@ class WeightReceiverActor(Actor):
         self.coalesce = coalesce
         self._queued: deque[_Version] = deque()  # announced while the current one loads, oldest first
         self._verify_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-verify")
-        self._broadcast = BroadcastReceiver(receiver_id)
+        broadcast = BroadcastReceiver(receiver_id)
+        stagers: dict[str, Stager] = {
+            "inline": InlineStager(trainer_endpoint, curve=curve, window=credit_window, counters=self.counters),
+            "shm": ShmStager(), "cuda_ipc": CudaIpcStager(), "gloo": broadcast, "nccl": broadcast}
+        # the receiver half of every transport offered, by the payload type that announces it
+        self._stagers = {PAYLOAD_TYPES[t]: stagers[t] for t in self.transports if t in PAYLOAD_TYPES}
+        self._broadcast = broadcast
         self._stopping = False
         self.curve = curve
         self.register_timeout_s = register_timeout_s  # first wait for a Welcome, and first pause after a refusal
@@ -344,14 +340,17 @@ class WeightReceiverActor(Actor):
 
     async def _run_version(self, v: _Version) -> None:
         ready = v.ready
+        stager = self._stagers.get(type(ready.payload))
         try:
-            tensors, payload, where = await self._stage(ready)
+            if stager is None:
+                raise StagingError(ErrorCode.BAD_FIELD, f"transport {ready.transport!r} not offered by this receiver "
+                                                        f"({self.transports})")
+            tensors, payload, where = await self._stage(ready, stager)
             staged = time.monotonic()
             v.applying = True
             applied = await self._apply(ApplyVersion(version=ready.version, step=ready.step, tensors=tensors,
-                                                     **where), payload, ready.transport)
-            if ready.transport in ("cuda_ipc", "nccl"):  # the engine's copies out of the arena are done
-                await asyncio.get_running_loop().run_in_executor(self._verify_pool, cuda_ipc.synchronize_all)
+                                                     **where), payload, stager)
+            await asyncio.get_running_loop().run_in_executor(self._verify_pool, stager.after_load)
             self.live_version = ready.version
             seconds = time.monotonic() - v.received
             self.counters.inc("versions_applied")
@@ -361,61 +360,29 @@ class WeightReceiverActor(Actor):
                           pause_s=round(applied.pause_s, 4), load_s=round(applied.load_s, 4))
             await self._report(ready, True, seconds=seconds)
         except StagingError as e:
-            if ready.transport in ("gloo", "nccl"):
-                self._broadcast.close()
+            if stager is not None:
+                stager.failed()
             if e.code == ErrorCode.TIMEOUT:
                 self.counters.inc("versions_stalled")
             self._reject(ready, e.code, e.message)
         except Exception as e:  # an announcement no check above foresaw: it costs its version, not the actor
             self.log.error("version_failed", version=ready.version, error=repr(e)[:300], exc_info=e)
-            if ready.transport in ("gloo", "nccl"):
-                self._broadcast.close()
+            if stager is not None:
+                stager.failed()
             self._reject(ready, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:300]}")
         finally:
             self._finished(v)
 
-    async def _stage(self, ready: WeightsReady) -> tuple[list[Any], list[Any], dict[str, str]]:
+    async def _stage(self, ready: WeightsReady, stager: Stager) -> tuple[list[Any], list[Any], dict[str, str]]:
         """The version's tensors, its payload frames, and where the tensors' offsets point
         (ApplyVersion's ``shm_name`` or ``cuda_arena``; none for frames)."""
         try:
             check_layout(ready)
         except LayoutError as e:
             raise StagingError(ErrorCode.BAD_FIELD, f"announcement does not add up: {e}") from None
-        if ready.transport not in self.transports:
-            raise StagingError(ErrorCode.BAD_FIELD, f"transport {ready.transport!r} not offered by this receiver "
-                                                    f"({self.transports})")
-        if ready.transport == "inline":
-            largest = max((b.nbytes for b in ready.buckets), default=0)
-            if largest > BUCKET_MAX_FRAME:
-                raise StagingError(ErrorCode.BAD_FIELD, f"a bucket of {largest} bytes is above this receiver's "
-                                                        f"limit of {BUCKET_MAX_FRAME}")
-            limit = bucket_frame_limit(ready)
-            # the bucket link: its own DEALER sized for this version's buckets; replies are received
-            # without a copy and handed on as views (they outlive the socket)
-            link: RpcClient[Any] = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0, curve=self.curve,
-                                             zmtp_heartbeat=False,
-                                             max_frame_bytes=limit)
-            try:
-                tensors, payload = await pull_inline(link, ready, window=self.credit_window,
-                                                     stall_timeout_s=self.stall_timeout_s, pool=self._verify_pool,
-                                                     counters=self.counters)
-            finally:
-                await link.close()
-            return tensors, payload, {}
-        if ready.transport == "shm":
-            return await attach_shm(ready, self._verify_pool), [], {"shm_name": ready.shm_name}
-        if ready.transport == "cuda_ipc":
-            tensors, key = await attach_cuda_ipc(ready, self._verify_pool)
-            return tensors, [], {"cuda_arena": key}
-        if ready.transport == "nccl":
-            tensors, key = await self._broadcast.receive_cuda(ready, stall_timeout_s=self.stall_timeout_s,
-                                                              pool=self._verify_pool)
-            return tensors, [], {"cuda_arena": key}
-        tensors, payload = await self._broadcast.receive(ready, stall_timeout_s=self.stall_timeout_s,
-                                                         pool=self._verify_pool)
-        return tensors, payload, {}
+        return await stager.stage(ready, self._verify_pool, self.stall_timeout_s)
 
-    async def _apply(self, msg: ApplyVersion, payload: Sequence[Any], transport: str) -> VersionApplied:
+    async def _apply(self, msg: ApplyVersion, payload: Sequence[Any], stager: Stager) -> VersionApplied:
         """The governor loads it (pause, copy, resume); its typed refusal is this version's outcome."""
         peer = self.peer(self.apply_endpoint, ControlReply)
         try:
@@ -423,8 +390,7 @@ class WeightReceiverActor(Actor):
         except ProtocolError as e:
             raise StagingError(e.code, f"governor reply: {e.message}") from None
         except TimeoutError:
-            if transport in ("gloo", "nccl"):
-                self._broadcast.discard_staging()  # the engine may still be reading it
+            stager.load_timed_out()  # the engine may still be reading the staged bytes
             raise StagingError(ErrorCode.TIMEOUT,
                                f"the governor did not answer within {self.apply_timeout_s}s") from None
         if isinstance(reply.msg, ErrorReply):

@@ -77,6 +77,45 @@ class CudaIpcHandle(msgspec.Struct, frozen=True, array_like=True, gc=False):
     nbytes: int  # bytes of the arena (the buckets lie in [0, nbytes))
 
 
+class InlinePayload(msgspec.Struct, frozen=True, kw_only=True, tag="inline", array_like=True):
+    """The receiver pulls each bucket from the trainer's ROUTER (PullBucket -> BucketData)."""
+
+
+class ShmPayload(msgspec.Struct, frozen=True, kw_only=True, tag="shm", array_like=True):
+    """Every bucket lies in the trainer's shared-memory arena (same host)."""
+
+    name: str  # the arena, in /dev/shm (rw-arena-<pidns>-<pid>-<hex12>)
+    offsets: list[int]  # byte offset of each bucket in the arena
+
+
+class CudaIpcPayload(msgspec.Struct, frozen=True, kw_only=True, tag="cuda_ipc", array_like=True):
+    """Every bucket lies in the trainer's CUDA arena (same host, a GPU the receiver can open)."""
+
+    handle: CudaIpcHandle  # the arena
+    offsets: list[int]  # byte offset of each bucket in the arena (multiples of 4096)
+
+
+class GlooPayload(msgspec.Struct, frozen=True, kw_only=True, tag="gloo", array_like=True):
+    """One torch.distributed broadcast per tensor, in announced order, from rank 0 (the trainer)."""
+
+    group: str  # init_method of the broadcast group (tcp://host:port)
+    ranks: list[str]  # receiver ids in rank order (rank i+1; the trainer is rank 0)
+
+
+class NcclPayload(msgspec.Struct, frozen=True, kw_only=True, tag="nccl", array_like=True):
+    """One NCCL broadcast per packed bucket of the trainer's CUDA arena, from rank 0 (the trainer)."""
+
+    group: str  # init_method of the broadcast group (tcp://host:port)
+    ranks: list[str]  # receiver ids in rank order (rank i+1; the trainer is rank 0)
+    offsets: list[int]  # byte offset of each bucket in the arena, kept in the receiver's staging buffer
+
+
+# How the bytes of an announced version travel: one struct per payload transport, its tag the
+# transport's name.
+Payload = InlinePayload | ShmPayload | CudaIpcPayload | GlooPayload | NcclPayload
+PAYLOAD_TYPES: dict[str, type] = {str(p.__struct_config__.tag): p for p in Payload.__args__}  # type: ignore[attr-defined]
+
+
 class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready", array_like=True):
     """Trainer -> all (PUB): version ``version`` can be pulled."""
 
@@ -85,13 +124,13 @@ class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready
     step: int
     n_buckets: int
     total_bytes: int
-    transport: str  # the payload transport chosen for this push
     buckets: list[BucketMeta]
-    shm_name: str = ""  # shm: the arena holding every bucket, back to back
-    shm_offsets: list[int] = []  # shm and cuda_ipc: byte offset of each bucket in the arena
-    group: str = ""  # gloo/nccl: init_method of the broadcast group (tcp://host:port)
-    group_ranks: list[str] = []  # gloo/nccl: receiver ids in rank order (rank i+1; the trainer is rank 0)
-    cuda_ipc: CudaIpcHandle | None = None  # cuda_ipc: the arena holding every bucket (offsets: shm_offsets)
+    payload: Payload  # the transport chosen for this push, and where its bytes are
+
+    @property
+    def transport(self) -> str:
+        """The payload transport's name (its tag), for logs and reports."""
+        return str(self.payload.__struct_config__.tag)
 
 
 class Beacon(msgspec.Struct, frozen=True, kw_only=True, tag="beacon", array_like=True, gc=False):

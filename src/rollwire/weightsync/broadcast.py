@@ -30,14 +30,19 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from rollwire.messages.codec import Buffer
 from rollwire.messages.errors import ErrorCode
-from rollwire.messages.weights import INBAND, NamedTensor, WeightsReady
+from rollwire.messages.weights import INBAND, GlooPayload, NamedTensor, NcclPayload, Payload, WeightsReady
+from rollwire.runtime.logging import get_logger
 from rollwire.weightsync import cuda_ipc
 from rollwire.weightsync.checksum import Hasher
 from rollwire.weightsync.layout import (
     ALIGN,
+    Sender,
     Staged,
+    Stager,
     StagingError,
+    Where,
     as_frames,
     at_offsets,
     byte_view,
@@ -49,6 +54,7 @@ from rollwire.weightsync.layout import (
 )
 
 BACKENDS = ("gloo", "nccl")
+log = get_logger("rollwire.trainer")
 
 
 def available(backend: str) -> bool:
@@ -153,7 +159,7 @@ async def send(group: BroadcastGroup, push: Any, workers: Executor) -> None:
     """gloo/nccl: every tensor of the version, in order, from rank 0 (on a worker thread). Announced
     INBAND, each tensor is hashed on ``workers`` while the next ones go out, and the buckets'
     checksums follow the data as one more broadcast (int64, one per bucket)."""
-    if push.transport == "nccl":
+    if push.nccl_arena is not None:
         await asyncio.get_running_loop().run_in_executor(None, _send_arena, group, push)
         return
     inband = any(m.checksum == INBAND for m in push.metas)
@@ -195,9 +201,87 @@ def _send_arena(group: BroadcastGroup, push: Any) -> None:
         torch.cuda.synchronize(arena.device)
 
 
+class GlooSender(Sender):
+    """A persistent group per set of receivers (module docstring); INBAND checksums after the data."""
+
+    backend = "gloo"
+
+    def __init__(self, host: str, timeout_s: float) -> None:
+        self.host, self.timeout_s = host, timeout_s
+        self.group: BroadcastGroup | None = None
+        self.ranks: list[str] = []
+
+    async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
+        self._join(ranks)
+        assert self.group is not None
+        return [INBAND] * len(push.plans), GlooPayload(group=self.group.init_method, ranks=list(ranks))
+
+    def _join(self, ranks: Sequence[str]) -> None:
+        if self.group is None or self.ranks != list(ranks):
+            self._drop_group()
+            self.group = BroadcastGroup.host(self.host, len(ranks) + 1, backend=self.backend, timeout_s=self.timeout_s)
+            self.ranks = list(ranks)
+
+    def announced(self, push: Any, workers: Executor, window: int) -> None:
+        push.broadcast = asyncio.ensure_future(self._send(push, workers))
+
+    async def _send(self, push: Any, workers: Executor) -> None:
+        group = self.group
+        assert group is not None
+        try:
+            await send(group, push, workers)
+        except Exception as e:
+            log.warning("broadcast_failed", version=push.version, error=repr(e))
+            if self.group is group:
+                self._drop_group()
+            push.broadcast_failed(f"broadcast failed on the trainer: {e}")
+
+    def failed(self) -> None:
+        self._drop_group()
+
+    def forget(self, receiver_id: str) -> None:
+        if receiver_id in self.ranks:
+            self._drop_group()
+
+    def close(self) -> None:
+        self._drop_group()
+
+    def _drop_group(self) -> None:
+        group, self.group, self.ranks = self.group, None, []
+        if group is not None:
+            group.close()
+
+
+class NcclSender(GlooSender):
+    """Packed and checksummed on the GPU as cuda_ipc, then broadcast bucket by bucket."""
+
+    backend = "nccl"
+    on_gpu = True
+
+    def __init__(self, host: str, timeout_s: float) -> None:
+        super().__init__(host, timeout_s)
+        self.arena = cuda_ipc.CudaArena()
+
+    async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
+        sums, offsets = await cuda_ipc.prepare(self.arena, push.plans, push.device, push.cuda_after, workers)
+        push.nccl_arena, push.offsets = self.arena.tensor, offsets
+        self._join(ranks)
+        assert self.group is not None
+        return sums, NcclPayload(group=self.group.init_method, ranks=list(ranks), offsets=offsets)
+
+    def failed(self) -> None:
+        super().failed()
+        self.arena.retire()
+
+    def close(self) -> None:
+        super().close()
+        self.arena.close()
+
+
 # -- receiver half --------------------------------------------------------------------------------
-class BroadcastReceiver:
-    """This receiver's rank in the trainer's weight group, and its reusable staging memory."""
+class BroadcastReceiver(Stager):
+    """This receiver's rank in the trainer's weight group, and its reusable staging memory; stages
+    both gloo and nccl payloads (one group at a time, whichever the trainer announces)."""
 
     def __init__(self, receiver_id: str) -> None:
         self.receiver_id = receiver_id
@@ -205,20 +289,39 @@ class BroadcastReceiver:
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._cuda_staging: torch.Tensor | None = None  # nccl
 
+    async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
+                    ) -> tuple[list[NamedTensor], list[Buffer], Where]:
+        if isinstance(ready.payload, NcclPayload):
+            tensors, key = await self.receive_cuda(ready, ready.payload, stall_timeout_s=stall_timeout_s, pool=pool)
+            return tensors, [], {"cuda_arena": key}
+        assert isinstance(ready.payload, GlooPayload)
+        tensors, frames = await self.receive(ready, ready.payload, stall_timeout_s=stall_timeout_s, pool=pool)
+        return tensors, frames, {}
+
+    def after_load(self) -> None:
+        if self._cuda_staging is not None:  # nccl: the engine's copies out of the staging buffer are done
+            cuda_ipc.synchronize_all()
+
+    def failed(self) -> None:
+        self.close()
+
+    def load_timed_out(self) -> None:
+        self.discard_staging()
+
     def discard_staging(self) -> None:
         """Forget the staging memory (a load may still read it): the next version gets fresh memory."""
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._cuda_staging = None
 
-    async def receive_cuda(self, ready: WeightsReady, *, stall_timeout_s: float, pool: Executor,
+    async def receive_cuda(self, ready: WeightsReady, payload: NcclPayload, *, stall_timeout_s: float, pool: Executor,
                            ) -> tuple[list[NamedTensor], str]:
         """nccl: the packed buckets land in a CUDA staging buffer of this process at the announced
         offsets, are verified with the trainer's GPU checksums (as cuda_ipc), and the engine copies
         them from there: a failed or partial broadcast never touches the live weights. Returns the
         tensors (offsets into the buffer) and the buffer's key (``cuda_ipc.opened``). Written for
         issue 8; never run across two GPUs."""
-        self._check_member(ready)
-        offsets, sizes = list(ready.shm_offsets), [m.nbytes for m in ready.buckets]
+        self._check_member(payload)
+        offsets, sizes = list(payload.offsets), [m.nbytes for m in ready.buckets]
         if any(o < 0 or o % cuda_ipc.ARENA_ALIGN for o in offsets):
             raise StagingError(ErrorCode.BAD_FIELD, f"nccl bucket offsets {offsets[:4]}... negative or misaligned")
         total = max((o + cuda_ipc.padded(n) for o, n in zip(offsets, sizes, strict=True)), default=1)
@@ -232,34 +335,35 @@ class BroadcastReceiver:
                 g.broadcast(staging[off:off + cuda_ipc.padded(n)])
             torch.cuda.synchronize(device)
 
-        await self._broadcast_into(ready, into, stall_timeout_s)
+        await self._broadcast_into(payload, into, stall_timeout_s)
         key = cuda_ipc.register_local(staging)
-        await cuda_ipc.verify_on_gpu(key, ready, pool)
-        return at_offsets(ready.buckets, ready.shm_offsets), key
+        await cuda_ipc.verify_on_gpu(key, ready.buckets, payload.offsets, pool)
+        return at_offsets(ready.buckets, payload.offsets), key
 
     def close(self) -> None:
         group, self._group = self._group, None
         if group is not None:
             group.close()
 
-    def _check_member(self, ready: WeightsReady) -> None:
-        if self.receiver_id not in ready.group_ranks:
+    def _check_member(self, payload: GlooPayload | NcclPayload) -> None:
+        if self.receiver_id not in payload.ranks:
             raise StagingError(ErrorCode.BAD_FIELD,
-                               f"{self.receiver_id} is not in the broadcast group {ready.group_ranks}")
+                               f"{self.receiver_id} is not in the broadcast group {payload.ranks}")
 
-    async def _broadcast_into(self, ready: WeightsReady, into: Any, stall_timeout_s: float) -> None:
+    async def _broadcast_into(self, payload: GlooPayload | NcclPayload, into: Any, stall_timeout_s: float) -> None:
         """Run ``into(group)`` on a worker thread in the announced group: the group kept from the
         last version if it is the same one (else a new one is joined), kept again if ``into``
         succeeds, torn down if it fails. A failure becomes a StagingError (TIMEOUT or WEIGHTS_FAILED)."""
-        rank, world = ready.group_ranks.index(self.receiver_id) + 1, len(ready.group_ranks) + 1
+        rank, world = payload.ranks.index(self.receiver_id) + 1, len(payload.ranks) + 1
+        backend = str(payload.__struct_config__.tag)  # the payload's tag is the backend's name
         group = self._group
-        if group is not None and (group.init_method, group.rank, group.world_size) != (ready.group, rank, world):
+        if group is not None and (group.init_method, group.rank, group.world_size) != (payload.group, rank, world):
             self.close()  # the trainer built a new group (new receivers, or after a failure)
             group = None
         self._group = None  # owned by the worker thread until it returns
 
         def run() -> BroadcastGroup:
-            g = group or BroadcastGroup.join(ready.group, rank, world, backend=ready.transport,
+            g = group or BroadcastGroup.join(payload.group, rank, world, backend=backend,
                                              timeout_s=stall_timeout_s)
             try:
                 g.connect()
@@ -277,8 +381,9 @@ class BroadcastReceiver:
             raise StagingError(ErrorCode.TIMEOUT if "imeout" in str(e) else ErrorCode.WEIGHTS_FAILED,
                                f"broadcast receive failed: {e}") from None
 
-    async def receive(self, ready: WeightsReady, *, stall_timeout_s: float, pool: Executor) -> Staged:
-        self._check_member(ready)
+    async def receive(self, ready: WeightsReady, payload: GlooPayload, *, stall_timeout_s: float,
+                      pool: Executor) -> Staged:
+        self._check_member(payload)
         offsets, pos = [], 0
         for m in ready.buckets:
             offsets.append(pos)
@@ -307,7 +412,7 @@ class BroadcastReceiver:
                 g.broadcast(on_device)
                 sent.copy_(on_device)
 
-        await self._broadcast_into(ready, into, stall_timeout_s)
+        await self._broadcast_into(payload, into, stall_timeout_s)
         sums = [await h.wait() for h in hashers]
         bufs = [byte_view(staging[off:off + m.nbytes]) for m, off in zip(ready.buckets, offsets, strict=True)]
         want = sent.tolist() if inband else [m.checksum for m in ready.buckets]

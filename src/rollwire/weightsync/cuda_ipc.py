@@ -41,9 +41,19 @@ from typing import Any
 
 import torch
 
+from rollwire.messages.codec import Buffer
 from rollwire.messages.errors import ErrorCode
-from rollwire.messages.weights import CudaIpcHandle, NamedTensor, WeightsReady
-from rollwire.weightsync.layout import BucketPlan, StagingError, at_offsets, nbytes_of, raise_problems
+from rollwire.messages.weights import BucketMeta, CudaIpcHandle, CudaIpcPayload, NamedTensor, Payload, WeightsReady
+from rollwire.weightsync.layout import (
+    BucketPlan,
+    Sender,
+    Stager,
+    StagingError,
+    Where,
+    at_offsets,
+    nbytes_of,
+    raise_problems,
+)
 
 ARENA_ALIGN = 4096  # bucket offsets and checksum padding: whole rows of 512 int64 words
 ROW_WORDS = ARENA_ALIGN // 8
@@ -296,30 +306,52 @@ async def prepare(arena: CudaArena, plans: Sequence[BucketPlan], device: torch.d
     return sums, offsets
 
 
+class CudaIpcSender(Sender):
+    same_host = needs_device = on_gpu = True
+
+    def __init__(self) -> None:
+        self.arena = CudaArena()
+
+    async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
+        sums, offsets = await prepare(self.arena, push.plans, push.device, push.cuda_after, workers)
+        assert self.arena.handle is not None
+        return sums, CudaIpcPayload(handle=self.arena.handle, offsets=offsets)
+
+    def failed(self) -> None:
+        self.arena.retire()
+
+    def close(self) -> None:
+        self.arena.close()
+
+
 # -- receiver half: staging ----------------------------------------------------------------------
-async def attach_cuda_ipc(ready: WeightsReady, pool: Executor) -> tuple[list[NamedTensor], str]:
-    """Open the trainer's CUDA arena (cached), verify every bucket's GPU checksum; tensors are byte
-    offsets into it, the key names the opened arena in this process."""
-    h = ready.cuda_ipc
-    if h is None:
-        raise StagingError(ErrorCode.BAD_FIELD, "cuda_ipc announcement without a handle")
-    for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True):
-        if off < 0 or off % ARENA_ALIGN or off + padded(meta.nbytes) > h.nbytes:
-            raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
-                                                    f"{h.nbytes}-byte CUDA arena or misaligned")
-    try:
-        key = await asyncio.get_running_loop().run_in_executor(pool, open_arena, h)
-    except (RuntimeError, ValueError) as e:
-        raise StagingError(ErrorCode.BAD_FIELD, f"cannot open the CUDA IPC handle: {e}") from None
-    await verify_on_gpu(key, ready, pool)
-    return at_offsets(ready.buckets, ready.shm_offsets), key
+class CudaIpcStager(Stager):
+    async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
+                    ) -> tuple[list[NamedTensor], list[Buffer], Where]:
+        """Open the trainer's CUDA arena (cached), verify every bucket's GPU checksum; tensors are byte
+        offsets into it, ``cuda_arena`` names the opened arena in this process."""
+        payload = ready.payload
+        assert isinstance(payload, CudaIpcPayload)
+        h = payload.handle
+        for meta, off in zip(ready.buckets, payload.offsets, strict=True):
+            if off < 0 or off % ARENA_ALIGN or off + padded(meta.nbytes) > h.nbytes:
+                raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
+                                                        f"{h.nbytes}-byte CUDA arena or misaligned")
+        try:
+            key = await asyncio.get_running_loop().run_in_executor(pool, open_arena, h)
+        except (RuntimeError, ValueError) as e:
+            raise StagingError(ErrorCode.BAD_FIELD, f"cannot open the CUDA IPC handle: {e}") from None
+        await verify_on_gpu(key, ready.buckets, payload.offsets, pool)
+        return at_offsets(ready.buckets, payload.offsets), [], {"cuda_arena": key}
+
+    def after_load(self) -> None:
+        synchronize_all()  # the engine's copies out of the trainer's arena are done
 
 
-async def verify_on_gpu(key: str, ready: WeightsReady, pool: Executor) -> None:
-    """Every bucket at ``ready.shm_offsets`` of the CUDA buffer ``key`` against its announced GPU
-    checksum (cuda_ipc and nccl)."""
-    sums = await asyncio.get_running_loop().run_in_executor(pool, verify, key, ready.shm_offsets,
-                                                            [m.nbytes for m in ready.buckets])
+async def verify_on_gpu(key: str, buckets: Sequence[BucketMeta], offsets: Sequence[int], pool: Executor) -> None:
+    """Every bucket at ``offsets`` of the CUDA buffer ``key`` against its announced GPU checksum
+    (cuda_ipc and nccl)."""
+    sums = await asyncio.get_running_loop().run_in_executor(pool, verify, key, offsets, [m.nbytes for m in buckets])
     raise_problems([None if got == m.checksum else
                      f"bucket {m.index}: GPU checksum {got:#018x}, announced {m.checksum:#018x}"
-                     for m, got in zip(ready.buckets, sums, strict=True)])
+                     for m, got in zip(buckets, sums, strict=True)])

@@ -22,13 +22,28 @@ import torch
 from rollwire.messages.codec import Buffer, ProtocolError
 from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorCode, ErrorReply
-from rollwire.messages.weights import BucketData, PullBucket, WeightsReady
+from rollwire.messages.weights import (
+    INBAND,
+    BucketData,
+    InlinePayload,
+    NamedTensor,
+    Payload,
+    PullBucket,
+    TrainerReply,
+    WeightsReady,
+)
+from rollwire.transports.pubsub import CONTROL_MAX_FRAME
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
+from rollwire.transports.security import CurveClient
+from rollwire.transports.sockets import BUCKET_MAX_FRAME
 from rollwire.weightsync.checksum import checksum_of
 from rollwire.weightsync.layout import (
     BucketPlan,
+    Sender,
     Staged,
+    Stager,
     StagingError,
+    Where,
     as_frames,
     byte_view,
     check_bucket,
@@ -124,6 +139,14 @@ class BucketServer:
         self._packed[index] = asyncio.wrap_future(packer.submit(pack))
 
 
+class InlineSender(Sender):
+    async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
+        return [INBAND] * len(push.plans), InlinePayload()  # each checksum comes with its BucketData
+
+    def announced(self, push: Any, workers: Executor, window: int) -> None:
+        push.served.prefetch(workers, 0, window)  # pack the first buckets while the receivers ask for them
+
+
 def _is_one_tensor(plan: BucketPlan) -> bool:
     return len(plan.sources) == 1 and plan.sources[0].is_contiguous()
 
@@ -197,3 +220,40 @@ async def _pull(trainer: RpcClient[Any], rid: int, replies: asyncio.Queue[Any], 
         checks.append(asyncio.ensure_future(check_bucket(ready.buckets[msg.index], got[msg.index], pool,
                                                    msg.checksum)))
     raise_problems(await asyncio.gather(*checks))
+
+
+FRAME_OVERHEAD = 64 << 10  # what ZeroMQ counts against MAXMSGSIZE beyond the bytes (CURVE: box, nonce, command)
+
+
+def bucket_frame_limit(ready: WeightsReady) -> int:
+    """The inbound frame limit for a version's bucket link: its largest bucket, plus CURVE's
+    per-frame overhead (libzmq checks the encrypted frame: a limit of exactly the bucket size
+    drops the connection under CURVE), and never below the control limit (the body frame)."""
+    return max([CONTROL_MAX_FRAME, *(b.nbytes + FRAME_OVERHEAD for b in ready.buckets)])
+
+
+class InlineStager(Stager):
+    """Pulls each version on a bucket link of its own: a DEALER to the trainer sized for that
+    version's buckets; replies are received without a copy and handed on as views (they outlive
+    the socket)."""
+
+    def __init__(self, trainer_endpoint: str, *, curve: CurveClient | None, window: int, counters: Any) -> None:
+        self.trainer_endpoint = trainer_endpoint
+        self.curve = curve
+        self.window = window
+        self.counters = counters
+
+    async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
+                    ) -> tuple[list[NamedTensor], list[Buffer], Where]:
+        largest = max((b.nbytes for b in ready.buckets), default=0)
+        if largest > BUCKET_MAX_FRAME:
+            raise StagingError(ErrorCode.BAD_FIELD, f"a bucket of {largest} bytes is above this receiver's "
+                                                    f"limit of {BUCKET_MAX_FRAME}")
+        link: RpcClient[Any] = RpcClient(self.trainer_endpoint, TrainerReply, copy_threshold=0, curve=self.curve,
+                                         zmtp_heartbeat=False, max_frame_bytes=bucket_frame_limit(ready))
+        try:
+            tensors, frames = await pull_inline(link, ready, window=self.window, stall_timeout_s=stall_timeout_s,
+                                                pool=pool, counters=self.counters)
+        finally:
+            await link.close()
+        return tensors, frames, {}

@@ -27,7 +27,17 @@ import torch
 from rollwire.messages.codec import Buffer
 from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorCode
-from rollwire.messages.weights import INBAND, BucketMeta, NamedTensor, TensorMeta, WeightsReady
+from rollwire.messages.weights import (
+    INBAND,
+    BucketMeta,
+    CudaIpcPayload,
+    NamedTensor,
+    NcclPayload,
+    Payload,
+    ShmPayload,
+    TensorMeta,
+    WeightsReady,
+)
 from rollwire.weightsync.checksum import PIECE_BYTES, checksum_of, checksum_parallel, fold, piece_digests
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
@@ -260,8 +270,10 @@ def check_layout(ready: WeightsReady) -> None:
             end = t.offset + item * _numel(t.shape)
         if end != b.nbytes:
             raise LayoutError(f"bucket {i}: tensors end at byte {end}, bucket has {b.nbytes}")
-    if ready.transport in ("shm", "cuda_ipc", "nccl") and len(ready.shm_offsets) != ready.n_buckets:
-        raise LayoutError(f"{ready.transport}: {len(ready.shm_offsets)} offsets for {ready.n_buckets} buckets")
+    match ready.payload:  # payloads that place the buckets in one buffer give one offset per bucket
+        case ShmPayload(offsets=offsets) | CudaIpcPayload(offsets=offsets) | NcclPayload(offsets=offsets):
+            if len(offsets) != ready.n_buckets:
+                raise LayoutError(f"{ready.transport}: {len(offsets)} offsets for {ready.n_buckets} buckets")
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -338,6 +350,53 @@ class StagingError(Exception):
 
 
 Staged = tuple[list[NamedTensor], list[Buffer]]
+Where = dict[str, str]  # what ApplyVersion needs to find the staged tensors (shm_name or cuda_arena)
+
+
+class Sender:
+    """The trainer half of a payload transport. The TrainerPublisher keeps one per transport it
+    offers (by name, the payload's tag); a push calls ``prepare`` before the announcement and
+    ``announced`` after it; the hooks default to nothing."""
+
+    same_host = False  # receivers must be on the trainer's host (Register.host_id)
+    needs_device = False  # receivers must see the GPU holding the tensors (Register.cuda_devices)
+    on_gpu = False  # the tensors stay on their GPU (the others are moved to the CPU first)
+
+    async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
+        """Each bucket's checksum (INBAND: sent with the bytes) and the announcement's payload."""
+        raise NotImplementedError
+
+    def announced(self, push: Any, workers: Executor, window: int) -> None:
+        """The version was announced: start moving bytes, if the trainer moves them."""
+
+    def failed(self) -> None:
+        """The push failed: a receiver may still read what this push prepared."""
+
+    def forget(self, receiver_id: str) -> None:
+        """``receiver_id`` restarted: whatever it had joined for this transport is gone."""
+
+    def close(self) -> None:
+        pass
+
+
+class Stager:
+    """The receiver half of a payload transport: stage an announced version into tensors the engine
+    can load. The WeightReceiverActor keeps one per payload type it offers and calls it by the type
+    of ``WeightsReady.payload``; the hooks below default to nothing."""
+
+    async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
+                    ) -> tuple[list[NamedTensor], list[Buffer], Where]:
+        raise NotImplementedError
+
+    def after_load(self) -> None:
+        """The engine loaded the version (blocking; on a worker thread): its reads of the staged
+        bytes must be finished before the trainer hears "applied"."""
+
+    def failed(self) -> None:
+        """Staging or loading the version failed."""
+
+    def load_timed_out(self) -> None:
+        """The load did not answer in time: the engine may still read the staged bytes."""
 
 
 async def check_bucket(meta: BucketMeta, buf: Buffer, pool: Executor, sent: int = INBAND) -> str | None:

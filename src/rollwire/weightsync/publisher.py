@@ -74,8 +74,8 @@ from rollwire.transports import sockets
 from rollwire.transports.pubsub import CONTROL_MAX_FRAME, Publisher
 from rollwire.transports.security import RECEIVERS_DOMAIN, CurveServer, KeyPair, client_of
 from rollwire.weightsync import broadcast, checksum, cuda_ipc, shm
-from rollwire.weightsync.broadcast import BroadcastGroup
-from rollwire.weightsync.layout import NamedTensors, as_named_list, on_cpu, plan_buckets
+from rollwire.weightsync.inline import InlineSender
+from rollwire.weightsync.layout import NamedTensors, Sender, as_named_list, on_cpu, plan_buckets
 from rollwire.weightsync.push import (
     Push,
     PushError,
@@ -83,7 +83,6 @@ from rollwire.weightsync.push import (
     Registered,
     choose_transport,
     collect,
-    prepare_payload,
 )
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
@@ -128,15 +127,20 @@ class TrainerPublisher:
         self.heartbeat_s, self.lost_after_s = heartbeat_s, lost_after_s
         self.trainer_id = uuid.uuid4().hex  # new on every start: receivers notice and re-register
         self.host_id = shm.host_id()
-        self.transports = ["shm", "inline"] if shm.available() else ["inline"]
-        if cuda_ipc.available():
-            self.transports.insert(0, "cuda_ipc")
-        if broadcast.available("gloo"):
-            self.transports.append("gloo")
-        if broadcast.available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
-            self.transports.append("nccl")
         host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
         self._broadcast_host = broadcast_host or (host if host not in ("*", "0.0.0.0", "") else "127.0.0.1")
+        # the trainer half of each transport this process can use, fastest first
+        self._senders: dict[str, Sender] = {}
+        if cuda_ipc.available():
+            self._senders["cuda_ipc"] = cuda_ipc.CudaIpcSender()
+        if shm.available():
+            self._senders["shm"] = shm.ShmSender()
+        self._senders["inline"] = InlineSender()
+        if broadcast.available("gloo"):
+            self._senders["gloo"] = broadcast.GlooSender(self._broadcast_host, timeout_s)
+        if broadcast.available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
+            self._senders["nccl"] = broadcast.NcclSender(self._broadcast_host, timeout_s)
+        self.transports = list(self._senders)
         self.receivers: dict[str, Registered] = {}
         self._codec: Codec[Any] = Codec(TrainerRequest)
         self._router: Any = None
@@ -149,12 +153,8 @@ class TrainerPublisher:
         self._push_lock = asyncio.Lock()
         self._steps: dict[tuple[str, int, str], asyncio.Future[StepDone]] = {}
         self._last_version: int | None = None
-        self._arena = shm.ShmArena()
-        self._cuda_arena = cuda_ipc.CudaArena()
         self._pack_buf = torch.empty(0, dtype=torch.uint8)  # inline: reused, so warm after the first push
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="rw-trainer")
-        self._group: BroadcastGroup | None = None
-        self._group_ranks: list[str] = []
         self._closed = False
         self._dead: str | None = None  # why a background task died: every push and step fails with it
         self._pulls_waiting: Counter[bytes] = Counter()
@@ -190,9 +190,8 @@ class TrainerPublisher:
         for fut in self._steps.values():
             if not fut.done():
                 fut.set_exception(PushError("step", {"*": "trainer closed"}))
-        self._drop_group()
-        self._arena.close()
-        self._cuda_arena.close()
+        for sender in self._senders.values():
+            sender.close()
         if self._pub is not None:
             self._pub.close()
         if self._router is not None:
@@ -261,11 +260,12 @@ class TrainerPublisher:
             t0 = time.monotonic()
             named = as_named_list(tensors, to_cpu=False)
             receivers = await self._wait_joined()
-            on_gpu = "cuda_ipc" in self.transports or "nccl" in self.transports
+            on_gpu = any(s.on_gpu for s in self._senders.values())
             device = cuda_ipc.tensors_device([t for _, t in named]) if on_gpu else None
             chosen = choose_transport(transport, self.transports, self.host_id, receivers,
                                       cuda_ipc.device_uuid(device) if device is not None else None)
-            if chosen in ("cuda_ipc", "nccl"):
+            sender = self._senders[chosen]
+            if sender.on_gpu:
                 if device is None:
                     raise ValueError(f"transport {chosen!r} needs every tensor on one CUDA device")
                 push_after = torch.cuda.Event()  # the packing waits for the caller's last write
@@ -275,25 +275,22 @@ class TrainerPublisher:
             plans = plan_buckets(named, self.bucket_bytes)
             push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
                                                   for r in receivers}, self._pack_buf)
-            if chosen in ("cuda_ipc", "nccl"):
+            if sender.on_gpu:
                 push.cuda_after, push.device = push_after, device
             t_prepare = time.monotonic()
-            ready = await self._prepare(push, step if step is not None else version, receivers)
+            ready = await self._prepare(push, sender, step if step is not None else version, receivers)
             prepare_s = time.monotonic() - t_prepare
             self._push = push
             self._last_version = version  # announced: even a failed push uses it up (some may have applied it)
             try:
                 await self._pub.publish(ready)
-                if chosen == "inline":  # pack the first buckets while the receivers ask for them
-                    push.served.prefetch(self._workers, 0, self.credit_window)
-                if chosen in ("gloo", "nccl"):
-                    push.broadcast = asyncio.ensure_future(self._broadcast(push))
+                sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
             finally:
                 self._push = None
                 self._pack_buf = push.served.pack_buf
             if failures:
-                self._after_failure(push)
+                sender.failed()
                 raise PushError(f"version {version}", failures)
             report = PushReport(version, time.monotonic() - t0, push.total_bytes, sorted(push.outcomes), chosen,
                                 prepare_s)
@@ -303,49 +300,13 @@ class TrainerPublisher:
             return report
 
     # -- push internals --------------------------------------------------------------------------
-    async def _prepare(self, push: Push, step: int, receivers: Sequence[Registered]) -> WeightsReady:
-        """Checksums (and, for shm, the packing) on worker threads, off the event loop."""
-        sums, extra = await prepare_payload(push, self._arena, self._cuda_arena, self._workers)
-        if push.transport in ("gloo", "nccl"):
-            ranks = [r.receiver_id for r in receivers]
-            if self._group is None or self._group_ranks != ranks:
-                self._drop_group()
-                self._group = BroadcastGroup.host(self._broadcast_host, len(ranks) + 1, backend=push.transport,
-                                                  timeout_s=self.timeout_s)
-                self._group_ranks = ranks
-            if push.transport == "nccl":  # the packed CUDA arena goes out bucket by bucket, at these offsets
-                push.nccl_arena, push.offsets = self._cuda_arena.tensor, extra["shm_offsets"]
-                extra = {"shm_offsets": extra["shm_offsets"]}
-            else:
-                extra = {}
-            extra.update(group=self._group.init_method, group_ranks=ranks)
+    async def _prepare(self, push: Push, sender: Sender, step: int, receivers: Sequence[Registered]) -> WeightsReady:
+        """Checksums and the payload (packing, an arena, a group) by the transport's trainer half, on
+        worker threads, off the event loop."""
+        sums, payload = await sender.prepare(push, [r.receiver_id for r in receivers], self._workers)
         push.metas = [p.meta(c) for p, c in zip(push.plans, sums, strict=True)]
         return WeightsReady(trainer_id=self.trainer_id, version=push.version, step=step, n_buckets=len(push.plans),
-                            total_bytes=push.total_bytes, transport=push.transport, buckets=push.metas, **extra)
-
-    async def _broadcast(self, push: Push) -> None:
-        group = self._group
-        assert group is not None
-        try:
-            await broadcast.send(group, push, self._workers)
-        except Exception as e:
-            log.warning("broadcast_failed", version=push.version, error=repr(e))
-            if self._group is group:
-                self._drop_group()
-            push.broadcast_failed(f"broadcast failed on the trainer: {e}")
-
-    def _after_failure(self, push: Push) -> None:
-        if push.transport == "shm":
-            self._arena.retire()  # a receiver may still read it: the next push writes a fresh one
-        if push.transport in ("cuda_ipc", "nccl"):
-            self._cuda_arena.retire()
-        if push.transport in ("gloo", "nccl"):
-            self._drop_group()
-
-    def _drop_group(self) -> None:
-        group, self._group, self._group_ranks = self._group, None, []
-        if group is not None:
-            group.close()
+                            total_bytes=push.total_bytes, buckets=push.metas, payload=payload)
 
     async def _wait_joined(self) -> list[Registered]:
         deadline = time.monotonic() + self.timeout_s
@@ -487,8 +448,8 @@ class TrainerPublisher:
         if old is not None:  # the receiver restarted: whatever it was staging is gone
             if self._push is not None:
                 self._push.fail(msg.receiver_id, "receiver re-registered (restarted) during the push")
-            if msg.receiver_id in self._group_ranks:
-                self._drop_group()
+            for sender in self._senders.values():
+                sender.forget(msg.receiver_id)
         self.receivers[msg.receiver_id] = Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports),
                                                     msg.live_version, list(msg.cuda_devices), key=key)
         log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
-from rollwire.messages.weights import INBAND, BucketMeta, VersionOutcome
-from rollwire.weightsync import cuda_ipc, shm
-from rollwire.weightsync.inline import BucketServer
-from rollwire.weightsync.layout import BucketPlan, byte_view
+from rollwire.messages.weights import BucketMeta, VersionOutcome
+from rollwire.weightsync.broadcast import GlooSender, NcclSender
+from rollwire.weightsync.cuda_ipc import CudaIpcSender
+from rollwire.weightsync.inline import BucketServer, InlineSender
+from rollwire.weightsync.layout import BucketPlan, Sender, byte_view
+from rollwire.weightsync.shm import ShmSender
 
 BROADCAST_FAILURE_GRACE_S = 2.0  # after the trainer's broadcast fails, receivers may still explain why
 
@@ -58,6 +60,12 @@ class Registered:
     last_seen: float = field(default_factory=time.monotonic)
 
 
+# the trainer half of every transport, by name (the payload's tag): what a push needs of its receivers
+SENDER_TYPES: dict[str, type[Sender]] = {"cuda_ipc": CudaIpcSender, "shm": ShmSender, "inline": InlineSender,
+                                         "gloo": GlooSender, "nccl": NcclSender}
+AUTO_ORDER = ("cuda_ipc", "shm", "inline")  # what ``auto`` tries, fastest first (broadcast only when asked)
+
+
 def choose_transport(wanted: str, offered: Sequence[str], host_id: str, receivers: Sequence[Registered],
                      cuda_device: str | None = None) -> str:
     """``auto``: the fastest transport that every receiver can use: ``cuda_ipc`` when the tensors are
@@ -66,24 +74,22 @@ def choose_transport(wanted: str, offered: Sequence[str], host_id: str, receiver
     Broadcast is only used when asked for. An explicit choice must suit every receiver."""
 
     def usable(t: str, r: Registered) -> bool:
-        if t not in r.transports:
-            return False
-        if t == "cuda_ipc":
-            return r.host_id == host_id and cuda_device is not None and cuda_device in r.cuda_devices
-        return t != "shm" or r.host_id == host_id
+        kind = SENDER_TYPES[t]
+        return (t in r.transports and (not kind.same_host or r.host_id == host_id)
+                and (not kind.needs_device or (cuda_device is not None and cuda_device in r.cuda_devices)))
 
-    if wanted == "auto":
-        for t in ("cuda_ipc", "shm", "inline"):
+    if wanted == "auto":  # the user's word for "pick one", not a transport
+        for t in AUTO_ORDER:
             if t in offered and all(usable(t, r) for r in receivers):
                 return t
         return "inline"
     if wanted not in offered:
         raise ValueError(f"transport {wanted!r} is not available here; this trainer offers {list(offered)}")
-    if wanted == "cuda_ipc" and cuda_device is None:
-        raise ValueError("transport 'cuda_ipc' needs every tensor on one CUDA device")
+    if SENDER_TYPES[wanted].needs_device and cuda_device is None:
+        raise ValueError(f"transport {wanted!r} needs every tensor on one CUDA device")
     unable = [r.receiver_id for r in receivers if not usable(wanted, r)]
     if unable:
-        why = "other host, GPU not visible there, or not offered" if wanted == "cuda_ipc" else \
+        why = "other host, GPU not visible there, or not offered" if SENDER_TYPES[wanted].needs_device else \
             "other host or not offered"
         raise ValueError(f"transport {wanted!r} cannot reach receivers {unable} ({why})")
     return wanted
@@ -150,24 +156,6 @@ class Push:
             off = self.offsets[index]
             return byte_view(self.arena[off:off + plan.nbytes]), self.metas[index].checksum
         return await self.served.bucket(index, packer, ahead=ahead)
-
-
-async def prepare_payload(push: Push, shm_arena: Any, cuda_arena: Any,
-                          workers: Executor) -> tuple[list[int], dict[str, Any]]:
-    """Each bucket's checksum, and the transport's WeightsReady fields, before the announcement (on
-    worker threads, off the event loop). shm and cuda_ipc: packed into the reused arena and
-    checksummed (``shm.prepare``, ``cuda_ipc.prepare``; nccl packs as cuda_ipc, then broadcasts);
-    inline: INBAND (each checksum is computed as its bucket is packed and sent with it); gloo:
-    INBAND too (``broadcast.send`` sends them after the data)."""
-    if push.transport in ("cuda_ipc", "nccl"):
-        assert push.device is not None
-        sums, offsets = await cuda_ipc.prepare(cuda_arena, push.plans, push.device, push.cuda_after, workers)
-        return sums, {"cuda_ipc": cuda_arena.handle, "shm_offsets": offsets}
-    if push.transport == "shm":
-        sums, offsets = await shm.prepare(shm_arena, push.plans, workers)
-        push.arena, push.offsets = shm_arena.tensor, offsets
-        return sums, {"shm_name": shm_arena.name, "shm_offsets": offsets}
-    return [INBAND] * len(push.plans), {}  # inline, gloo
 
 
 async def collect(futs: dict[str, asyncio.Future[Any]], timeout: float) -> dict[str, str]:

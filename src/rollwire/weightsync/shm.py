@@ -40,11 +40,15 @@ from typing import Any
 
 import torch
 
+from rollwire.messages.codec import Buffer
 from rollwire.messages.errors import ErrorCode
-from rollwire.messages.weights import NamedTensor, WeightsReady
+from rollwire.messages.weights import NamedTensor, Payload, ShmPayload, WeightsReady
 from rollwire.weightsync.layout import (
     BucketPlan,
+    Sender,
+    Stager,
     StagingError,
+    Where,
     at_offsets,
     byte_view,
     pack_with_checksum,
@@ -218,18 +222,40 @@ async def prepare(arena: ShmArena, plans: Sequence[BucketPlan], workers: Executo
     return sums, offsets
 
 
+class ShmSender(Sender):
+    same_host = True
+
+    def __init__(self) -> None:
+        self.arena = ShmArena()
+
+    async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
+        sums, offsets = await prepare(self.arena, push.plans, workers)
+        push.arena, push.offsets = self.arena.tensor, offsets  # a pull (not needed) is served from here
+        return sums, ShmPayload(name=self.arena.name, offsets=offsets)
+
+    def failed(self) -> None:
+        self.arena.retire()  # a receiver may still read it: the next push writes a fresh one
+
+    def close(self) -> None:
+        self.arena.close()
+
+
 # -- receiver half ------------------------------------------------------------------------------
-async def attach_shm(ready: WeightsReady, pool: Executor) -> list[NamedTensor]:
-    """Verify the buckets in the trainer's arena in place; tensors are byte offsets into it."""
-    try:
-        arena = attach(ready.shm_name)
-    except (OSError, ValueError) as e:
-        raise StagingError(ErrorCode.BAD_FIELD, f"cannot attach shm arena {ready.shm_name!r}: {e}") from None
-    bufs = []
-    for meta, off in zip(ready.buckets, ready.shm_offsets, strict=True):
-        if off < 0 or off + meta.nbytes > arena.size:
-            raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
-                                                    f"{arena.size}-byte arena")
-        bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
-    await verify_buckets(ready.buckets, bufs, pool)
-    return at_offsets(ready.buckets, ready.shm_offsets)
+class ShmStager(Stager):
+    async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
+                    ) -> tuple[list[NamedTensor], list[Buffer], Where]:
+        """Verify the buckets in the trainer's arena in place; tensors are byte offsets into it."""
+        payload = ready.payload
+        assert isinstance(payload, ShmPayload)
+        try:
+            arena = attach(payload.name)
+        except (OSError, ValueError) as e:
+            raise StagingError(ErrorCode.BAD_FIELD, f"cannot attach shm arena {payload.name!r}: {e}") from None
+        bufs = []
+        for meta, off in zip(ready.buckets, payload.offsets, strict=True):
+            if off < 0 or off + meta.nbytes > arena.size:
+                raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
+                                                        f"{arena.size}-byte arena")
+            bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
+        await verify_buckets(ready.buckets, bufs, pool)
+        return at_offsets(ready.buckets, payload.offsets), [], {"shm_name": payload.name}
