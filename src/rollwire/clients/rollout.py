@@ -161,27 +161,23 @@ class RolloutClient:
         req = self._request(input_ids, sampling_params, return_logprob, True, min_version)
         return GenerationStream(self, req, timeout if timeout is not None else self.timeout)
 
-    async def health(self, timeout: float = 5.0) -> HealthReply:
+    async def _ask(self, msg: Any, what: str, timeout: float) -> Any:
+        """One cheap request (health, status, params) under the caller's deadline."""
         try:
-            reply = await self._rpc.call(HealthRequest(), timeout=timeout)
+            reply = await self._rpc.call(msg, timeout=timeout)
         except TimeoutError:
-            raise RequestTimeout(f"no health reply from {self.endpoint} within {timeout}s") from None
-        return unwrap(reply)  # type: ignore[no-any-return]
+            raise RequestTimeout(f"no {what} reply from {self.endpoint} within {timeout}s") from None
+        return unwrap(reply)
+
+    async def health(self, timeout: float = 5.0) -> HealthReply:
+        return await self._ask(HealthRequest(), "health", timeout)  # type: ignore[no-any-return]
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
-        try:
-            reply = await self._rpc.call(StatusRequest(), timeout=timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"no status reply from {self.endpoint} within {timeout}s") from None
-        return unwrap(reply)  # type: ignore[no-any-return]
+        return await self._ask(StatusRequest(), "status", timeout)  # type: ignore[no-any-return]
 
     async def params(self, timeout: float = 30.0) -> ParamsReply:
         """The server's parameters: what a version may name, and what a complete one must."""
-        try:
-            reply = await self._rpc.call(ParamsRequest(), timeout=timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"no params reply from {self.endpoint} within {timeout}s") from None
-        return unwrap(reply)  # type: ignore[no-any-return]
+        return await self._ask(ParamsRequest(), "params", timeout)  # type: ignore[no-any-return]
 
     async def wait_ready(self, timeout: float = 60.0) -> HealthReply:
         """Poll health until the server answers (the READY handshake for a new connection)."""
