@@ -19,7 +19,7 @@ from rollwire.messages import (
     SessionReply,
     SessionRequest,
 )
-from rollwire.messages.weights import TrainerAnnouncement, TrainerReply, TrainerRequest
+from rollwire.messages.weights import Payload, TrainerAnnouncement, TrainerReply, TrainerRequest
 
 UNIONS: dict[str, Any] = {
     "RolloutRequest": RolloutRequest,
@@ -33,6 +33,7 @@ UNIONS: dict[str, Any] = {
     "TrainerRequest": TrainerRequest,
     "TrainerReply": TrainerReply,
     "TrainerAnnouncement": TrainerAnnouncement,
+    "Payload": Payload,  # WeightsReady.payload: a tagged union nested in an announcement
 }
 CODECS: dict[str, Codec[Any]] = {name: Codec(union) for name, union in UNIONS.items()}
 HEADER = b"\x92\x01\x05"  # [protocol 1, rid 5]
