@@ -82,7 +82,6 @@ def unwrap(item: Reply[R] | BaseException) -> R:
     return item.msg
 
 
-
 class RpcClient(Generic[R]):
     """A DEALER multiplexing requests to one ROUTER endpoint."""
 
