@@ -12,6 +12,7 @@ import msgspec
 
 from rollwire.runtime.logging import LEVEL_ENV, configure_logging
 from rollwire.server import RolloutServer, ServerConfig, run
+from rollwire.transports import sockets
 from rollwire.transports.security import CurveClient, KeyPair, create_keys
 
 DEFAULT_ROLLOUT = "tcp://127.0.0.1:7500"
@@ -212,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.cmd == "serve":
         server = RolloutServer(server_config(a))
         status = int(run(server.serve_forever()))  # type: ignore[call-overload]
+        sockets.end_context()  # the replies still queued go out before the process exits
         if server.exit_reason is not None:
             print(f"rollwire serve: stopped: {server.exit_reason}", file=sys.stderr)
         return status

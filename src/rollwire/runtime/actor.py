@@ -345,3 +345,5 @@ class Actor:
     def _crashed(self, exc: BaseException) -> None:
         if self._crash is not None and not self._crash.done():
             self._crash.set_result(exc)
+            for t in self._serving:  # read no further: queued requests wait for the successor
+                t.cancel()

@@ -22,13 +22,18 @@ RECV_BATCH = 256  # messages handled per wake-up before the task yields
 
 async def receive_loop(sock: zmq.asyncio.Socket, on_frames: Callable[[list[Any]], None], *,
                        copy: bool = True, batch: int = RECV_BATCH) -> None:
-    """Feed every multipart message of ``sock`` to ``on_frames`` until cancelled."""
+    """Feed every multipart message of ``sock`` to ``on_frames`` until cancelled. A cancel
+    requested from inside ``on_frames`` (an actor that crashed on this message) stops the loop
+    before it reads another: what is still queued stays in the socket for a successor."""
     ready = sockets.shadow(sock)
+    this = asyncio.current_task()
     while True:
         frames: list[Any] = await sock.recv_multipart(copy=copy)
         handled = 0
         while True:
             on_frames(frames)
+            if this is not None and this.cancelling():
+                raise asyncio.CancelledError
             handled += 1
             if handled % batch == 0:
                 await asyncio.sleep(0)

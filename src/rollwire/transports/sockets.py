@@ -56,6 +56,16 @@ def context() -> zmq.asyncio.Context:
     return _context
 
 
+def end_context(linger_ms: int = DEFAULT_LINGER_MS) -> None:
+    """Flush what the process's sockets still hold (each for at most ``linger_ms``), then end the
+    context. A process that exits right after closing its sockets otherwise drops the frames still
+    queued in ZeroMQ's I/O thread: the last error reply before a server gives up among them."""
+    global _context
+    if _context is not None and not _context.closed:
+        _context.destroy(linger=linger_ms)
+    _context = None
+
+
 def private_ipc_dir() -> str:
     """``$TMPDIR/rollwire-UID``, mode 0700 and owned by this user: other local users cannot reach
     the ipc sockets in it. Refuses a directory someone else owns or others may enter."""
