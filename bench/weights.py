@@ -95,19 +95,19 @@ def server_proc(n_layers: int, trainer_endpoint: str, rollout_endpoint: str, rea
 def sink_proc(trainer_endpoint: str, ready: Any, stop: Any, curve_files: tuple[str, str] | None = None) -> None:
     """``curve_files``: (this server's .key_secret, the trainer's .key): the receiver is a CURVE client."""
     from rollwire.actors.weight_receiver import WeightReceiverActor
-    from rollwire.messages import ApplyVersion, GovernorRequest, StepMessage, VersionApplied
+    from rollwire.messages import GovernorRequest, LoadVersion, StepMessage, VersionApplied
     from rollwire.messages.weights import Ack
     from rollwire.runtime import Actor, ActorSystem, Port, address, handles
-    from rollwire.weightsync.staged import tensors_from_apply
+    from rollwire.weightsync.staged import STAGED
 
     class NoopApply(Actor):
-        """Builds the tensor views (as the engine would) and loads nothing."""
+        """Takes the staged tensor views (the receiver resolved them, as for the engine); loads nothing."""
 
-        ports = {"weights": Port(GovernorRequest, zero_copy=True)}
+        ports = {"weights": Port(GovernorRequest)}
 
-        @handles(ApplyVersion)
-        async def on_apply(self, origin: Any, msg: ApplyVersion, payload: Sequence[Any]) -> None:
-            tensors_from_apply(msg, payload)
+        @handles(LoadVersion)
+        async def on_apply(self, origin: Any, msg: LoadVersion, payload: Sequence[Any]) -> None:
+            STAGED.get(msg.staged)
             await self.reply(origin, VersionApplied(version=msg.version, load_s=0.0, pause_s=0.0))
 
         @handles(StepMessage)

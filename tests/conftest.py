@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -22,3 +24,11 @@ async def server(endpoint: str) -> AsyncIterator[RolloutServer]:
     cfg = ServerConfig(engine="hf", model="tiny", rollout_endpoint=endpoint, max_new_tokens_limit=256)
     async with RolloutServer(cfg) as srv:
         yield srv
+
+
+async def until(what: Callable[[], bool], why: str = "the server state", timeout: float = 60.0) -> None:
+    """Poll ``what`` (state of an in-process server) every 10 ms until it holds, or fail."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"timed out waiting for {why}"
+        await asyncio.sleep(0.01)

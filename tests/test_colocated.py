@@ -11,11 +11,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rollwire import RolloutClient, SamplingParams
 from rollwire.actors.memory_governor import GOVERNOR
-from rollwire.messages import Ack, ApplyVersion, ControlReply, NamedTensor, StepMessage, VersionApplied
+from rollwire.messages import Ack, ControlReply, StepMessage, VersionApplied
 from rollwire.runtime import address
 from rollwire.server import RolloutServer, ServerConfig
 from rollwire.transports.rpc import RpcClient
-from rollwire.weightsync.inline import encode_tensors
+from tests.versioned import send_version
 
 from .conftest import free_tcp_endpoint
 
@@ -40,7 +40,6 @@ def _checkpoint(tmp: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 async def test_fifty_colocated_cycles_release_and_restore_memory_without_growth(tmp_path: Path) -> None:
     path, state = _checkpoint(tmp_path / "ckpt")
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    refs, bufs = encode_tensors(list(state.values()))
     ep = free_tcp_endpoint()
     sp = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     async with RolloutServer(ServerConfig(model=str(path), rollout_endpoint=ep, mode="colocated")) as srv, \
@@ -54,9 +53,8 @@ async def test_fifty_colocated_cycles_release_and_restore_memory_without_growth(
             assert srv.governor.state.startswith("RELEASED")
             assert srv.generation.engine.info().extra["weights_bytes"] == 0
             released.append(rss_bytes())
-            applied = await gov.call(ApplyVersion(version=cycle, step=cycle, tensors=[
-                NamedTensor(n, r) for n, r in zip(state, refs, strict=True)]), bufs, timeout=60)
-            assert isinstance(applied.msg, VersionApplied), applied.msg
+            applied = await send_version(cycle, state)
+            assert isinstance(applied, VersionApplied), applied
             assert srv.governor.state == "SERVING"
             out = await rc.generate([1, 2, 3], sp)
             assert out.output_ids == reference.output_ids  # type: ignore[union-attr]  # same weights, same output

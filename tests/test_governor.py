@@ -1,7 +1,7 @@
 """The MemoryGovernor's pause policies with requests in flight, on the real hf engine.
 
 A version is handed to the governor's weights port exactly as the WeightReceiverActor does
-(ApplyVersion, tensors as payload frames, over inproc ZeroMQ). Each test says what happened to
+(the tensors staged in this process, one LoadVersion over inproc ZeroMQ). Each test says what happened to
 every in-flight request.
 """
 
@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from rollwire import RolloutClient, SamplingParams
-from rollwire.messages import ErrorCode, ErrorReply, GenerateDone, VersionApplied
+from rollwire.messages import ErrorCode, GenerateDone, RemoteError, VersionApplied
 from rollwire.server import RolloutServer, ServerConfig
 from tests.versioned import check_spans, send_version, version_state
 
@@ -106,8 +106,9 @@ async def test_a_version_with_a_wrong_shape_is_rejected_and_the_old_version_keep
     async with RolloutServer(ServerConfig(rollout_endpoint=ep, pause_policy=policy)) as srv:
         state = version_state(1)
         state["lm_head.weight"] = state["lm_head.weight"][:-1]
-        reply = await send_version(1, state)
-        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.SHAPE_MISMATCH, reply
+        with pytest.raises(RemoteError) as refused:
+            await send_version(1, state)
+        assert refused.value.code == ErrorCode.SHAPE_MISMATCH, refused.value
         assert srv.generation.weight_version == 0 and srv.governor.state == "SERVING"
         async with RolloutClient(ep, timeout=60) as rc:
             out = await rc.generate([1, 2, 3], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))

@@ -10,8 +10,6 @@ import asyncio
 import itertools
 import multiprocessing as mp
 import random
-import time
-from collections.abc import Callable
 
 from rollwire.messages import GenerateDone
 from rollwire.server import RolloutServer, ServerConfig
@@ -19,18 +17,10 @@ from rollwire.weightsync.publisher import TrainerPublisher
 from tests.versioned import check_spans, version_state
 from tests.workers import keep_in_flight
 
-from .conftest import free_tcp_endpoint
+from .conftest import free_tcp_endpoint, until
 
 PUSHES = 20
 WORKERS, CONCURRENCY = 4, 8
-
-
-async def until(what: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll ``what`` (state of the in-process server) every 10 ms until it holds, or fail."""
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, "timed out waiting for the server state"
-        await asyncio.sleep(0.01)
 
 
 async def test_twenty_pushes_under_load_lose_nothing_and_every_token_matches_its_version() -> None:

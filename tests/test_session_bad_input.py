@@ -9,7 +9,7 @@ import pytest
 
 from rollwire import RolloutClient, RolloutError, SamplingParams
 from rollwire.clients.session import Session
-from rollwire.messages import AppendTokens, Codec, ErrorCode, ErrorReply, SessionGenerate, SessionReply
+from rollwire.messages import AppendTokens, Codec, ErrorCode, ErrorReply, RemoteError, SessionGenerate, SessionReply
 from rollwire.server import RolloutServer, ServerConfig
 from rollwire.transports.rpc import RpcClient
 from rollwire.transports.sockets import ipc_endpoint
@@ -75,8 +75,9 @@ async def test_a_second_generate_or_append_while_a_turn_runs_is_busy_and_the_tur
     rpc = await rc._sessions()
     for msg in (SessionGenerate(session_id=s.id, input_ids=[7], sampling_params=SP),
                 AppendTokens(session_id=s.id, token_ids=[7])):
-        reply = (await rpc.call(msg, timeout=10)).msg
-        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.SESSION_BUSY, reply
+        with pytest.raises(RemoteError) as busy:
+            await rpc.call(msg, timeout=10)
+        assert busy.value.code == ErrorCode.SESSION_BUSY, busy.value
     done = await long_turn  # the running turn: untouched, complete
     assert done.finish_reason == "length" and len(done.output_ids) == 3000
     assert s.trajectory().token_ids == [5, 6, *done.output_ids]

@@ -11,17 +11,25 @@ import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
 import zmq
 import zmq.asyncio
 
-from rollwire.messages import ApplyVersion, Codec, GenerationControl, NamedTensor, TensorRef
+from rollwire.messages import Codec, NamedTensor, TensorRef
 from rollwire.transports import sockets
 from rollwire.weightsync.inline import decode_tensor, encode_tensors
 
-codec: Codec[Any] = Codec(GenerationControl)
+
+class Tensors(msgspec.Struct, frozen=True, tag="tensors", array_like=True):
+    """Tensors as payload frames, as a trainer's BucketData carries its bucket."""
+
+    tensors: list[NamedTensor]
+
+
+codec: Codec[Any] = Codec(Tensors)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -53,7 +61,7 @@ class Pair:
 
     async def send(self, rid: int, tensors: list[torch.Tensor]) -> None:
         refs, bufs = encode_tensors(tensors)
-        msg = ApplyVersion(version=3, step=1, tensors=[NamedTensor(f"t{i}", r) for i, r in enumerate(refs)])
+        msg = Tensors(tensors=[NamedTensor(f"t{i}", r) for i, r in enumerate(refs)])
         assert await sockets.send(self.dealer, codec.encode(rid, msg, bufs), copy=False)
 
     async def recv(self) -> list[zmq.Frame]:
@@ -81,7 +89,7 @@ async def test_each_tensor_travels_as_one_frame_beside_header_and_body(pair: Pai
     frames = await pair.recv()
     assert len(frames) == 2 + len(tensors)
     rid, msg, payload = codec.decode([f.buffer for f in frames])
-    assert rid == 11 and isinstance(msg, ApplyVersion)
+    assert rid == 11 and isinstance(msg, Tensors)
     assert [t.ref.frame for t in msg.tensors] == list(range(len(tensors)))
     assert len(payload) == len(tensors)
 
@@ -126,7 +134,7 @@ async def test_many_tensors_after_a_payload_offset_are_found_by_their_frame_inde
     tensors = [torch.full((i + 1,), float(i)) for i in range(5)]
     refs, bufs = encode_tensors(tensors, first_frame=2)
     blobs = [memoryview(b"first"), memoryview(b"second")]
-    msg = ApplyVersion(version=1, step=1, tensors=[NamedTensor(f"t{i}", r) for i, r in enumerate(refs)])
+    msg = Tensors(tensors=[NamedTensor(f"t{i}", r) for i, r in enumerate(refs)])
     assert await sockets.send(pair.dealer, codec.encode(4, msg, [*blobs, *bufs]), copy=False)
     frames = await pair.recv()
     assert len(frames) == 2 + 2 + 5

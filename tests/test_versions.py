@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from rollwire import ErrorCode, RolloutClient, SamplingParams
-from rollwire.messages import ErrorReply, GenerateDone, VersionApplied
+from rollwire import RolloutClient, SamplingParams
+from rollwire.messages import GenerateDone
 from rollwire.server import RolloutServer, ServerConfig
 from tests.test_governor import apply_version
 from tests.versioned import check_spans, send_version, version_state
 
-from .conftest import free_tcp_endpoint
+from .conftest import free_tcp_endpoint, until
 
 SP = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
 
@@ -73,24 +73,25 @@ async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_ve
     assert counters["stale_retracts"] == 4 and counters["stale_restarts"] == 4 and counters["stale_aborts"] == 1
 
 
-async def test_coalesce_keeps_only_the_newest_version_waiting_behind_a_load() -> None:
+async def test_versions_handed_to_the_governor_during_a_load_wait_and_load_in_order() -> None:
+    """The governor runs one load at a time (any coalescing is the receiver's, before it): versions
+    2 and 3, handed over while version 1's drain waits for a running request, each load after it."""
     ep = free_tcp_endpoint()
     states = {v: version_state(v) for v in (1, 2, 3)}
-    # drain keeps version 1's load waiting for a running request, so 2 and 3 queue behind it
-    cfg = ServerConfig(rollout_endpoint=ep, coalesce=True, pause_policy="drain")
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="drain")
     async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
         running = asyncio.ensure_future(rc.generate([1, 2], SamplingParams(max_new_tokens=1000, temperature=0.0,
                                                                            ignore_eos=True)))
-        await asyncio.sleep(0.1)
-
+        await until(lambda: srv.generation._running_samples == 1, "the request running")
         first = asyncio.ensure_future(send_version(1, states[1]))
-        await asyncio.sleep(0.01)
-        middle, newest = await asyncio.gather(send_version(2, states[2]), send_version(3, states[3]))
-        assert isinstance(await first, VersionApplied)
-        assert isinstance(middle, ErrorReply) and middle.code == ErrorCode.SUPERSEDED
-        assert isinstance(newest, VersionApplied) and newest.version == 3
+        await until(lambda: srv.governor.state == "LOADING", "version 1 loading")
+        second, third = await asyncio.gather(send_version(2, states[2]), send_version(3, states[3]))
+        applied = [await first, second, third]
+        assert [a.version for a in applied] == [1, 2, 3], applied  # type: ignore[attr-defined]
         assert srv.generation.weight_version == 3
         assert (await running).finish_reason == "length"  # type: ignore[union-attr]  # drained, not lost
+        loads = [s for _, s in srv.governor.timeline if s == "LOADING"]
+        assert len(loads) == 3
 
 
 async def test_a_request_aborted_while_waiting_for_min_version_ends_with_abort_and_the_actor_keeps_serving() -> None:

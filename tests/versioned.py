@@ -14,11 +14,11 @@ from transformers import DynamicCache
 
 from rollwire.actors.memory_governor import GOVERNOR
 from rollwire.engines.hf.batch import cache_kwarg
-from rollwire.messages import ApplyVersion, ControlReply, GenerateDone, NamedTensor
+from rollwire.messages import ControlReply, GenerateDone, LoadVersion
 from rollwire.models import tiny
 from rollwire.runtime import address
 from rollwire.transports.rpc import RpcClient
-from rollwire.weightsync.inline import encode_tensors
+from rollwire.weightsync.staged import STAGED, stage_tensors
 
 
 @functools.cache
@@ -56,13 +56,13 @@ def check_spans(prompt: list[int], done: GenerateDone) -> None:
 
 async def send_version(version: int, state: dict[str, torch.Tensor], timeout: float = 60) -> object:
     """Hand ``state`` to the governor's weights port exactly as the WeightReceiverActor does
-    (ApplyVersion, tensors as payload frames, inproc ZeroMQ); returns its reply message."""
-    refs, bufs = encode_tensors(list(state.values()))
-    msg = ApplyVersion(version=version, step=version,
-                       tensors=[NamedTensor(n, r) for n, r in zip(state, refs, strict=True)])
+    (the tensors staged in this process, one LoadVersion over inproc ZeroMQ); returns its reply
+    message (a refusal raises RemoteError)."""
+    key = stage_tensors(version, list(state.items()))
     client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
     try:
-        reply = await client.call(msg, bufs, timeout=timeout)
+        reply = await client.call(LoadVersion(version=version, step=version, staged=key), timeout=timeout)
     finally:
+        STAGED.discard(key)
         await client.close()
     return reply.msg

@@ -163,7 +163,7 @@ class RolloutServer:
         )
         await self.system.spawn(lambda: MemoryGovernor(
             generation=GENERATION, mode=cfg.mode, pause_policy=cfg.pause_policy,  # type: ignore[arg-type]
-            coalesce=cfg.coalesce, drain_deadline_s=cfg.drain_deadline_s))
+            drain_deadline_s=cfg.drain_deadline_s))
         if cfg.trainer_endpoint:
             from rollwire.actors.weight_receiver import WeightReceiverActor
 

@@ -22,23 +22,22 @@ async def e2e(eng: Any, rep: Report, ps: list, refs: list, cuda: list, perturbed
     pushed through the governor under each pause policy while the worker's requests run."""
 
     from rollwire.actors.memory_governor import GOVERNOR
-    from rollwire.messages import ApplyVersion, ControlReply, NamedTensor, VersionApplied
+    from rollwire.messages import ControlReply, LoadVersion, VersionApplied
     from rollwire.runtime import address
     from rollwire.server import RolloutServer, ServerConfig
     from rollwire.transports.rpc import RpcClient
     from rollwire.transports.sockets import free_tcp_endpoint
-    from rollwire.weightsync.inline import encode_tensors
+    from rollwire.weightsync.staged import STAGED, stage_tensors
     ep = free_tcp_endpoint()
     cfg = ServerConfig(engine="sglang", model="gpu", rollout_endpoint=ep, max_new_tokens_limit=4096)
 
     async def push(version: int, tensors: list) -> VersionApplied:
-        refs_, bufs = encode_tensors([t.cpu() for _, t in tensors])
-        msg = ApplyVersion(version=version, step=version,
-                           tensors=[NamedTensor(n, r) for (n, _), r in zip(tensors, refs_, strict=True)])
+        key = stage_tensors(version, [(n, t.cpu()) for n, t in tensors])
         client: RpcClient = RpcClient(address(GOVERNOR, "weights"), ControlReply)
         try:
-            reply = await client.call(msg, bufs, timeout=120)
+            reply = await client.call(LoadVersion(version=version, step=version, staged=key), timeout=120)
         finally:
+            STAGED.discard(key)
             await client.close()
         assert isinstance(reply.msg, VersionApplied), reply.msg
         return reply.msg

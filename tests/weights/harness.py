@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rollwire.messages import Ack, ApplyVersion, Codec, ErrorCode, GovernorRequest, StepMessage, VersionApplied
+from rollwire.messages import Ack, Codec, ErrorCode, GovernorRequest, LoadVersion, StepMessage, VersionApplied
 from rollwire.messages.weights import (
     Beacon,
     BeaconSeen,
@@ -33,7 +33,7 @@ from rollwire.transports.pubsub import Publisher
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from rollwire.weightsync.layout import BucketPlan, checksum_sources, pack_bucket, plan_buckets
 from rollwire.weightsync.shm import ShmArena
-from rollwire.weightsync.staged import tensors_from_apply
+from rollwire.weightsync.staged import STAGED
 
 
 class ApplySink(Actor):
@@ -48,21 +48,19 @@ class ApplySink(Actor):
         self.gate: asyncio.Event | None = None  # set: every load waits until it opens
         self.loading = asyncio.Event()
         self.applied: dict[int, dict[str, torch.Tensor]] = {}
-        self.frames: dict[int, int] = {}  # version -> payload frames it came with
         self.steps: list[StepMessage] = []
 
-    @handles(ApplyVersion)
-    async def on_apply(self, origin: Origin, msg: ApplyVersion, payload: Sequence[Any]) -> None:
+    @handles(LoadVersion)
+    async def on_apply(self, origin: Origin, msg: LoadVersion, payload: Sequence[Any]) -> None:
         self.loading.set()
         await asyncio.sleep(self.delay_s)
         if self.gate is not None:
             await self.gate.wait()
-        named = tensors_from_apply(msg, payload)
+        named = STAGED.get(msg.staged).tensors
         for name, _ in named:
             if self.known is not None and name not in self.known:
                 raise RollwireError(ErrorCode.UNKNOWN_TENSOR, f"no parameter named {name!r}")
         self.applied[msg.version] = {name: t.clone() for name, t in named}
-        self.frames[msg.version] = len(payload)
         await self.reply(origin, VersionApplied(version=msg.version, load_s=0.0, pause_s=0.0))
 
     @handles(StepMessage)

@@ -12,7 +12,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollwire.messages.weights import ApplyVersion, BucketMeta, InlinePayload, TensorMeta, WeightsReady
+from rollwire.messages.weights import BucketMeta, InlinePayload, NamedTensor, TensorMeta, WeightsReady
 from rollwire.weightsync.checksum import Hasher, checksum_parallel
 from rollwire.weightsync.layout import (
     ALIGN,
@@ -28,7 +28,7 @@ from rollwire.weightsync.layout import (
     tensor_slices,
     verify_bucket,
 )
-from rollwire.weightsync.staged import tensors_from_apply
+from rollwire.weightsync.staged import resolve
 
 
 def awkward_tensors() -> dict[str, torch.Tensor]:
@@ -67,9 +67,8 @@ def test_bf16_non_contiguous_empty_and_scalar_tensors_round_trip_bit_exact_throu
     metas = [p.meta(checksum(b.numpy())) for p, b in zip(plans, bufs, strict=True)]
     named, frames = as_frames(metas, [memoryview(b.numpy()) for b in bufs])
     assert len(frames) == len(tensors)  # one payload frame per tensor, empty ones included
-    msg = msgspec.msgpack.decode(msgspec.msgpack.encode(ApplyVersion(version=1, step=1, tensors=named)),
-                                 type=ApplyVersion)
-    out = dict(tensors_from_apply(msg, frames))
+    named = msgspec.msgpack.decode(msgspec.msgpack.encode(named), type=list[NamedTensor])
+    out = dict(resolve(named, frames, {}))
     assert list(out) == list(tensors)
     for name, t in tensors.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name

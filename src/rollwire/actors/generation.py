@@ -38,16 +38,20 @@ from typing import Any
 import msgspec
 
 from rollwire.actors.generation_control import GenerationControl, session_key
+from rollwire.actors.memory_governor import GOVERNOR
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
 from rollwire.engines.validation import MAX_N
 from rollwire.messages import (
     PROTOCOL_VERSION,
     AbortRequest,
+    ControlReply,
     ErrorCode,
     ErrorReply,
     GenerateChunk,
     GenerateDone,
     GenerateRequest,
+    GovernorQuery,
+    GovernorStatus,
     HealthReply,
     HealthRequest,
     ParamsReply,
@@ -60,10 +64,11 @@ from rollwire.messages import (
     VersionSpan,
 )
 from rollwire.messages import GenerationControl as GenerationControlUnion
-from rollwire.runtime import Actor, Origin, Port, RollwireError, handles
+from rollwire.runtime import Actor, Origin, Port, RollwireError, address, handles
 from rollwire.transports import sockets
 
 GENERATION = "generation"
+GOVERNOR_QUERY_TIMEOUT_S = 2.0
 
 
 class EngineDied(Exception):
@@ -111,13 +116,6 @@ async def _no_deltas() -> AsyncIterator[EngineDelta]:
     yield
 
 
-def error_code(code: str) -> ErrorCode:
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL
-
-
 def spans_add(spans: list[list[int]], version: int, n_tokens: int) -> None:
     """Extend the version spans [version, start, end) by ``n_tokens`` produced under ``version``."""
     if n_tokens == 0:
@@ -140,8 +138,9 @@ class GenerationActor(GenerationControl, Actor):
                  model_name: str = "", max_staleness: int | None = None, session_endpoint: str = "",
                  name: str = GENERATION, client_timeout_s: float = Actor.client_timeout_s,
                  max_in_flight: int = 4096, max_client_in_flight: int = 2048, max_client_waiting: int = 1024,
-                 retry_after_s: float = 1.0) -> None:
+                 retry_after_s: float = 1.0, governor: str = GOVERNOR) -> None:
         super().__init__(name)
+        self.governor_endpoint = address(governor, "weights")  # asked for its state by health and status
         self.client_timeout_s = client_timeout_s
         self.session_endpoint = session_endpoint  # advertised in HealthReply
         self._engine_factory = engine_factory
@@ -160,7 +159,6 @@ class GenerationActor(GenerationControl, Actor):
         self._client_samples: collections.Counter[str] = collections.Counter()
         self._client_waiting: collections.Counter[str] = collections.Counter()
         self._version_changed = asyncio.Event()
-        self.state = "SERVING"  # as the governor last set it: SERVING, PAUSING, PAUSED, RELEASED, LOADING
         self.pause_policy: str = ""
         self._admission = asyncio.Event()  # cleared while paused: new requests wait here
         self._admission.set()
@@ -225,25 +223,36 @@ class GenerationActor(GenerationControl, Actor):
         self._version_changed = asyncio.Event()
 
     # -- handlers -------------------------------------------------------------------------
+    async def _governor_state(self) -> str:
+        """The MemoryGovernor's state (it owns the one state machine); UNKNOWN if it does not answer."""
+        try:
+            reply = await self.peer(self.governor_endpoint, ControlReply).call(GovernorQuery(),
+                                                                               timeout=GOVERNOR_QUERY_TIMEOUT_S)
+        except (TimeoutError, RollwireError):
+            return "UNKNOWN"
+        return reply.msg.state if isinstance(reply.msg, GovernorStatus) else "UNKNOWN"
+
     @handles(HealthRequest)
-    def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
-        self.reply_nowait(origin, HealthReply(weight_version=self.weight_version, governor_state=self.state,
-                                              protocol=PROTOCOL_VERSION, session_endpoint=self.session_endpoint))
+    async def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:
+        state = await self._governor_state()
+        await self.reply(origin, HealthReply(weight_version=self.weight_version, governor_state=state,
+                                             protocol=PROTOCOL_VERSION, session_endpoint=self.session_endpoint))
 
     @handles(ParamsRequest)
     def on_params(self, origin: Origin, msg: ParamsRequest, payload: Sequence[Any]) -> None:
         self.reply_nowait(origin, ParamsReply(weight_version=self.weight_version, params=self.engine.parameters()))
 
     @handles(StatusRequest)
-    def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
+    async def on_status(self, origin: Origin, msg: StatusRequest, payload: Sequence[Any]) -> None:
+        state = await self._governor_state()
         info = self.engine.info()
         counters = self.counters.snapshot()
         counters.update({f"engine.{k}": float(v) for k, v in info.extra.items() if isinstance(v, (int, float))})
         counters.update(samples_in_flight=float(self._samples), clients_in_flight=float(len(self._client_samples)),
                         clients_waiting=float(len(self._client_waiting)), engine_dead=float(self._dead is not None))
-        self.reply_nowait(origin, StatusReply(
+        await self.reply(origin, StatusReply(
             engine=info.name, model=self.model_name, weight_version=info.weight_version,
-            governor_state=self.state, in_flight=len(self.in_flight),
+            governor_state=state, in_flight=len(self.in_flight),
             max_new_tokens_limit=self.max_new_tokens_limit, vocab_size=info.vocab_size, counters=counters))
 
     @handles(AbortRequest)
@@ -289,12 +298,9 @@ class GenerationActor(GenerationControl, Actor):
                                       msg.return_logprob, stream=msg.stream,
                                       session_id=session_key(origin.conn, msg.session_id) if sp.n == 1 else None,
                                       keep_stale_prefix=msg.keep_stale_prefix, client=client or origin.client))
-        try:  # the first and the last sample (the highest seed) cover every sample's parameters
-            self.engine.validate(reqs[0])
-            if len(reqs) > 1:
-                self.engine.validate(reqs[-1])
-        except EngineError as e:
-            raise RollwireError(error_code(e.code), e.message) from None
+        self.engine.validate(reqs[0])  # the first and the last sample (the highest seed) cover every
+        if len(reqs) > 1:               # sample's parameters; an EngineError is this request's reply
+            self.engine.validate(reqs[-1])
         flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version, streamed=msg.stream,
                           client=client, samples=sp.n, waiting=waits and client is not None)
         self.in_flight[key] = flight
@@ -410,7 +416,7 @@ class GenerationActor(GenerationControl, Actor):
                 deltas = self.engine.generate(req)
         except EngineError as e:
             if not flight.closed:
-                await self.reply_error(origin, error_code(e.code), e.message)
+                await self.reply_error(origin, e.code, e.message)
             return
         finally:
             self._running_samples -= 1

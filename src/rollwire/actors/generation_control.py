@@ -1,7 +1,9 @@
 """GenerationActor's control port: what the MemoryGovernor asks of it (inproc only).
 
 Kept apart from the rollout port so a rollout worker can never pause the engine or load weights.
-Every handler answers ``Ack`` (or ``VersionApplied``) once the engine has done it.
+A weight push is one ``SwapWeights``: pause, (wake), load, (wake), resume, in one handler; a
+colocated train_start is one ``ReleaseForTraining``: pause, free memory. The governor owns the
+state; this side keeps only the admission gate (``_admission``) that makes new requests wait.
 """
 
 from __future__ import annotations
@@ -14,19 +16,19 @@ from typing import TYPE_CHECKING, Any
 from rollwire.engines.base import EngineError
 from rollwire.messages import (
     Ack,
-    ApplyVersion,
     ErrorCode,
     ForgetSession,
-    Pause,
-    ReleaseMemory,
-    Resume,
-    ResumeMemory,
+    ReleaseForTraining,
+    SwapWeights,
     VersionApplied,
 )
+from rollwire.messages.weights import PausePolicy
 from rollwire.runtime import Origin, RollwireError, handles
-from rollwire.weightsync.staged import tensors_from_apply
+from rollwire.weightsync.staged import STAGED
 
 if TYPE_CHECKING:
+    import structlog
+
     from rollwire.actors.generation import InFlight
     from rollwire.engines.base import Engine
     from rollwire.runtime.metrics import Counters
@@ -41,15 +43,15 @@ def session_key(peer: bytes, session_id: str | None) -> str | None:
 
 
 class GenerationControl:
-    """Mixin of GenerationActor: pause policies, weight loads, memory release."""
+    """Mixin of GenerationActor: the weight swap, the release for training, session forgetting."""
 
     # provided by GenerationActor / Actor
     engine: Engine
-    state: str
     pause_policy: str
     max_staleness: int | None
     in_flight: dict[tuple[bytes, int], InFlight]
     counters: Counters
+    log: structlog.typing.FilteringBoundLogger
     _admission: asyncio.Event
     _running_samples: int
     _sample_finished: asyncio.Event
@@ -58,66 +60,78 @@ class GenerationControl:
         def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]: ...
         def notify_version_changed(self) -> None: ...
 
-    @handles(Pause)
-    async def on_pause(self, origin: Origin, msg: Pause, payload: Sequence[Any]) -> None:
+    async def _pause(self, policy: PausePolicy, drain_deadline_s: float) -> None:
         t0 = time.monotonic()
-        self.state = "PAUSING"
         self._admission.clear()  # new requests wait in the actor, not in the engine
-        if msg.policy == "drain":
-            deadline = t0 + msg.drain_deadline_s
+        if policy == "drain":
+            deadline = t0 + drain_deadline_s
             while self._running_samples and time.monotonic() < deadline:
                 self._sample_finished.clear()
                 await asyncio.wait([asyncio.ensure_future(self._sample_finished.wait())],
                                    timeout=max(0.0, deadline - time.monotonic()))
             await self.engine.pause("abort")  # whatever outlived the deadline is aborted
         else:
-            await self.engine.pause(msg.policy)
-        self.state = "PAUSED"
-        self.pause_policy = msg.policy
-        self.counters.inc(f"pauses_{msg.policy}")
-        self.counters.inc("pause_seconds", time.monotonic() - t0)
-        await self.reply(origin, Ack())
+            await self.engine.pause(policy)
+        self.pause_policy = policy
+        self.counters.inc(f"pauses_{policy}")
 
-    @handles(Resume)
-    async def on_resume(self, origin: Origin, msg: Resume, payload: Sequence[Any]) -> None:
+    async def _resume(self) -> None:
         await self.engine.resume()
-        self.state = "SERVING"
         self._admission.set()
-        await self.reply(origin, Ack())
 
-    @handles(ApplyVersion)
-    async def on_apply_version(self, origin: Origin, msg: ApplyVersion, payload: Sequence[Any]) -> None:
-        if self.state not in ("PAUSED", "RELEASED"):
-            raise RollwireError(ErrorCode.NOT_PAUSED, f"cannot load weights while {self.state}")
+    @handles(SwapWeights)
+    async def on_swap_weights(self, origin: Origin, msg: SwapWeights, payload: Sequence[Any]) -> None:
         t0 = time.monotonic()
-        self.state = "LOADING"
+        staged = STAGED.get(msg.staged)
+        released = list(msg.released)
+        if not released:
+            await self._pause(msg.policy, msg.drain_deadline_s)
         try:
-            named = tensors_from_apply(msg, payload)
-            await self.engine.update_weights(named, msg.version)
-        except EngineError as e:
-            raise RollwireError(_code(e.code), e.message) from None
-        except ValueError as e:
-            raise RollwireError(ErrorCode.WEIGHTS_FAILED, str(e)) from None
-        finally:
-            self.state = "PAUSED"
-        load_s = time.monotonic() - t0
+            if "weights" in released:  # colocated: weights first, then load, then KV and graphs
+                await self.engine.resume_memory(["weights"])
+            t_load = time.monotonic()
+            try:
+                await self.engine.update_weights(staged.tensors, msg.version)
+            except EngineError as e:
+                raise RollwireError(e.code, e.message) from None
+            except ValueError as e:
+                raise RollwireError(ErrorCode.WEIGHTS_FAILED, str(e)) from None
+            load_s = time.monotonic() - t_load
+            rest = [t for t in released if t != "weights"]
+            if rest:
+                await self.engine.resume_memory(rest)
+        except BaseException:
+            # the engine validated before copying, so the old version is intact: serve it again,
+            # unless its weights were released (colocated): give back the memory woken for this load,
+            # the trainer may train again, and only a new push helps. (An engine whose load failed
+            # after reaching SGLang holds its requests itself until a complete version loads.)
+            self.counters.inc("load_failures")
+            if not released:
+                await self._resume()
+            elif "weights" in released:
+                try:
+                    await self.engine.release_memory(["weights"])
+                except Exception as e:
+                    self.log.warning("re_release_failed", error=repr(e))
+            raise
         self.counters.inc("weight_loads")
         self.counters.inc("load_seconds", load_s)
         self._abort_stale(msg.version)
         self.notify_version_changed()
-        await self.reply(origin, VersionApplied(version=msg.version, load_s=load_s, pause_s=0.0))
+        await self._resume()
+        pause_s = time.monotonic() - t0
+        self.counters.inc("pause_seconds", pause_s)
+        await self.reply(origin, VersionApplied(version=msg.version, load_s=load_s, pause_s=pause_s))
 
-    @handles(ReleaseMemory)
-    async def on_release_memory(self, origin: Origin, msg: ReleaseMemory, payload: Sequence[Any]) -> None:
-        await self.engine.release_memory(msg.tags)  # type: ignore[arg-type]
-        self.state = "RELEASED"
+    @handles(ReleaseForTraining)
+    async def on_release_for_training(self, origin: Origin, msg: ReleaseForTraining, payload: Sequence[Any]) -> None:
+        await self._pause(msg.policy, msg.drain_deadline_s)
+        try:
+            await self.engine.release_memory(msg.tags)
+        except BaseException:
+            await self._resume()  # nothing released: serve on
+            raise
         self.counters.inc("releases")
-        await self.reply(origin, Ack())
-
-    @handles(ResumeMemory)
-    async def on_resume_memory(self, origin: Origin, msg: ResumeMemory, payload: Sequence[Any]) -> None:
-        await self.engine.resume_memory(msg.tags)  # type: ignore[arg-type]
-        self.state = "PAUSED"
         await self.reply(origin, Ack())
 
     @handles(ForgetSession)
@@ -147,9 +161,3 @@ class GenerationControl:
                 for erid in f.engine_rids:
                     self.spawn(self.engine.abort(erid))
 
-
-def _code(code: str) -> ErrorCode:
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.WEIGHTS_FAILED

@@ -2,7 +2,7 @@
 
 Talks to the trainer (``weightsync/publisher.py``) through a DEALER (register, pull buckets, report
 outcomes) and a SUB (beacons, WeightsReady, StepMessage), and to the MemoryGovernor's "weights"
-port (``apply_endpoint``) with ApplyVersion and StepMessage. It has no port of its own.
+port (``apply_endpoint``) with LoadVersion and StepMessage. It has no port of its own.
 
 Per announced version:
 
@@ -13,9 +13,11 @@ Per announced version:
    a GPU checksum). A newer announcement, or one from a restarted trainer,
    supersedes a version still staging (SUPERSEDED); no progress for ``stall_timeout_s`` drops it
    (TIMEOUT). Either way the live version keeps serving;
-3. sent whole to the governor, which pauses, loads and resumes (the engine refuses unknown names,
-   wrong shapes or dtypes before copying anything); cuda_ipc: the GPU is synchronized after the
-   load, so no copy out of the trainer's arena is still running when the trainer hears "applied";
+3. resolved into tensors (``weightsync/staged.py``: views on the frames or arena, no copy) and
+   handed whole to the governor as one ``LoadVersion``; it has the GenerationActor pause, load and
+   resume in one handler (the engine refuses unknown names, wrong shapes or dtypes before copying
+   anything); cuda_ipc: the GPU is synchronized after the load, so no copy out of the trainer's
+   arena is still running when the trainer hears "applied";
 4. reported to the trainer as VersionOutcome (ok, or the error code and message).
 
 Beacons: each one is acknowledged (that proves this SUB receives, and is the heartbeat); a beacon
@@ -44,12 +46,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from rollwire.messages import ControlReply, ErrorCode, ErrorReply, ProtocolError, VersionApplied
+from rollwire.messages import ControlReply, ErrorCode, ProtocolError, RemoteError, RollwireError, VersionApplied
 from rollwire.messages.weights import (
     PAYLOAD_TYPES,
-    ApplyVersion,
     Beacon,
     BeaconSeen,
+    LoadVersion,
     Register,
     StepDone,
     StepMessage,
@@ -70,6 +72,7 @@ from rollwire.weightsync.cuda_ipc import CudaIpcStager
 from rollwire.weightsync.inline import InlineStager
 from rollwire.weightsync.layout import LayoutError, Stager, StagingError, check_layout
 from rollwire.weightsync.shm import ShmStager
+from rollwire.weightsync.staged import STAGED, StagedVersion, resolve
 
 WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0
@@ -188,16 +191,16 @@ class WeightReceiverActor(Actor):
                     self.log.error("trainer_incompatible", trainer_id=welcome.trainer_id,
                                    reason=f"its buckets carry checksum {welcome.checksum or 'crc32'!r}, "
                                           f"this receiver verifies {checksum.NAME!r}: run the same rollwire")
-                elif isinstance(welcome, ErrorReply):  # e.g. unauthorized: our id is held by a live connection
-                    self.log.warning("register_refused", code=welcome.code.value, reason=welcome.message[:500])
-                    if welcome.retry_after_s > 0:
-                        pause = min(wait, welcome.retry_after_s)
                 else:
                     self.counters.inc("bad_replies")
                     self.log.warning("register_unexpected_reply", kind=type(welcome).__name__)
             except TimeoutError:
                 wait = min(MAX_REGISTER_WAIT_S, wait * 2)
                 continue
+            except RemoteError as e:  # e.g. unauthorized: our id is held by a live connection
+                self.log.warning("register_refused", code=e.code.value, reason=e.message[:500])
+                if e.retry_after_s > 0:
+                    pause = min(wait, e.retry_after_s)
             except ProtocolError as e:  # an undecodable reply to our Register: dropped, counted
                 self.counters.inc("bad_replies")
                 self.log.warning("register_bad_reply", code=e.code.value, reason=e.message[:200])
@@ -348,8 +351,11 @@ class WeightReceiverActor(Actor):
             tensors, payload, where = await self._stage(ready, stager)
             staged = time.monotonic()
             v.applying = True
-            applied = await self._apply(ApplyVersion(version=ready.version, step=ready.step, tensors=tensors,
-                                                     **where), payload, stager)
+            key = STAGED.put(StagedVersion(ready.version, resolve(tensors, payload, where), ready.total_bytes))
+            try:
+                applied = await self._apply(LoadVersion(version=ready.version, step=ready.step, staged=key), stager)
+            finally:
+                STAGED.discard(key)  # the views (and the frames they hold) go once the governor answered
             await asyncio.get_running_loop().run_in_executor(self._verify_pool, stager.after_load)
             self.live_version = ready.version
             seconds = time.monotonic() - v.received
@@ -375,26 +381,23 @@ class WeightReceiverActor(Actor):
 
     async def _stage(self, ready: WeightsReady, stager: Stager) -> tuple[list[Any], list[Any], dict[str, str]]:
         """The version's tensors, its payload frames, and where the tensors' offsets point
-        (ApplyVersion's ``shm_name`` or ``cuda_arena``; none for frames)."""
+        (``shm_name`` or ``cuda_arena``; none for frames): ``staged.resolve`` makes them tensors."""
         try:
             check_layout(ready)
         except LayoutError as e:
             raise StagingError(ErrorCode.BAD_FIELD, f"announcement does not add up: {e}") from None
         return await stager.stage(ready, self._verify_pool, self.stall_timeout_s)
 
-    async def _apply(self, msg: ApplyVersion, payload: Sequence[Any], stager: Stager) -> VersionApplied:
+    async def _apply(self, msg: LoadVersion, stager: Stager) -> VersionApplied:
         """The governor loads it (pause, copy, resume); its typed refusal is this version's outcome."""
-        peer = self.peer(self.apply_endpoint, ControlReply)
         try:
-            reply = await peer.call(msg, payload, timeout=self.apply_timeout_s)
-        except ProtocolError as e:
-            raise StagingError(e.code, f"governor reply: {e.message}") from None
+            reply = await self.peer(self.apply_endpoint, ControlReply).call(msg, timeout=self.apply_timeout_s)
         except TimeoutError:
             stager.load_timed_out()  # the engine may still be reading the staged bytes
             raise StagingError(ErrorCode.TIMEOUT,
                                f"the governor did not answer within {self.apply_timeout_s}s") from None
-        if isinstance(reply.msg, ErrorReply):
-            raise StagingError(reply.msg.code, reply.msg.message)
+        except RollwireError as e:  # its refusal (RemoteError), or a reply that did not decode
+            raise StagingError(e.code, e.message if isinstance(e, RemoteError) else f"governor: {e.message}") from None
         if not isinstance(reply.msg, VersionApplied):
             raise StagingError(ErrorCode.INTERNAL, f"governor answered {type(reply.msg).__name__}")
         return reply.msg
@@ -404,12 +407,10 @@ class WeightReceiverActor(Actor):
         self.counters.inc(f"step_{msg.phase}")
         code, why = "", ""
         try:
-            reply = await self.peer(self.apply_endpoint, ControlReply).call(msg, timeout=self.apply_timeout_s)
-            if isinstance(reply.msg, ErrorReply):
-                code, why = reply.msg.code.value, reply.msg.message
+            await self.peer(self.apply_endpoint, ControlReply).call(msg, timeout=self.apply_timeout_s)
         except TimeoutError:
             code, why = ErrorCode.TIMEOUT.value, f"the governor did not answer within {self.apply_timeout_s}s"
-        except ProtocolError as e:
-            code, why = e.code.value, f"governor reply: {e.message}"
+        except RollwireError as e:  # its refusal (RemoteError), or a reply that did not decode
+            code, why = e.code.value, e.message
         await self._send(StepDone(receiver_id=self.receiver_id, step=msg.step, phase=msg.phase, ok=not code,
                                   error_code=code, message=why))

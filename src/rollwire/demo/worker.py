@@ -12,9 +12,9 @@ from typing import Any
 
 from rollwire.clients.rollout import RolloutClient, RolloutError
 from rollwire.demo.task import Task
-from rollwire.messages import Ack, ErrorReply, Sample, SampleGroup, SamplingParams
+from rollwire.messages import Ack, ErrorReply, RollwireError, Sample, SampleGroup, SamplingParams
 from rollwire.models import tiny_tokenizer
-from rollwire.transports.rpc import ConnectionClosed, RpcClient
+from rollwire.transports.rpc import RpcClient
 
 
 async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient, exp: RpcClient[Any], group_size: int,
@@ -39,10 +39,10 @@ async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient, exp: RpcC
                    reward=task.reward(o.output_ids), weight_version_spans=o.weight_version_spans) for o in outs])
         try:
             reply = await exp.call(group, timeout=120)
-        except (ConnectionClosed, TimeoutError):
+        except (RollwireError, TimeoutError):  # an error reply, or the trainer gone: it is done with us
             return
-        if isinstance(reply.msg, ErrorReply) or not isinstance(reply.msg, Ack):
-            return  # the trainer is done with us
+        if not isinstance(reply.msg, Ack):
+            return
 
 
 async def _main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, concurrency: int, seed: int,

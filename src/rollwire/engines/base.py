@@ -14,6 +14,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 
 from rollwire.messages.control import ParamSpec
+from rollwire.messages.errors import ErrorCode, RollwireError
 from rollwire.messages.generate import FinishReason, SamplingParams
 from rollwire.messages.weights import ALL_MEMORY_TAGS as ALL_MEMORY_TAGS  # re-exported for the engines
 from rollwire.messages.weights import MemoryTag as MemoryTag
@@ -21,17 +22,12 @@ from rollwire.messages.weights import MemoryTag as MemoryTag
 PauseMode = Literal["abort", "retract", "in_place"]  # the engine's own; "drain" is the GenerationActor's
 
 
-ENGINE_DEAD = "engine_dead"  # EngineError code: the engine died under the request (see DeathWatch)
+ENGINE_DEAD = ErrorCode.ENGINE_DEAD  # EngineError code: the engine died under the request (see DeathWatch)
 
 
-class EngineError(Exception):
+class EngineError(RollwireError):
     """A request the engine refuses (bad input) or fails; the engine keeps serving, except with
     code ``engine_dead``: then it has died and every request it held got the same error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass

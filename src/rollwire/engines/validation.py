@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineError, EngineRequest
+from rollwire.messages.errors import ErrorCode
 from rollwire.messages.generate import SamplingParams
 
 # Ranges every engine accepts (SGLang's scheduler dies, and torch raises inside a batched step, on
@@ -29,13 +30,13 @@ def check_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> No
     parameters, prompt + max_new_tokens above the context length."""
     ids, p = req.input_ids, req.params
     if not ids:
-        raise EngineError("empty_input", "input_ids is empty")
+        raise EngineError(ErrorCode.EMPTY_INPUT, "input_ids is empty")
     if min(ids) < 0 or max(ids) >= vocab_size:
-        raise EngineError("token_out_of_range", f"input ids must lie in [0, {vocab_size})")
+        raise EngineError(ErrorCode.TOKEN_OUT_OF_RANGE, f"input ids must lie in [0, {vocab_size})")
     if (bad := check_params(p, vocab_size)) is not None:
-        raise EngineError("bad_sampling_params", bad)
+        raise EngineError(ErrorCode.BAD_SAMPLING_PARAMS, bad)
     if len(ids) + p.max_new_tokens > max_model_len:
-        raise EngineError("too_long", f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
+        raise EngineError(ErrorCode.TOO_LONG, f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
                                       f"max_model_len {max_model_len}")
 
 
@@ -76,4 +77,4 @@ def check_tags(tags: Sequence[str]) -> None:
     """Memory tags of release_memory / resume_memory: only the known ones."""
     bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
     if bad:
-        raise EngineError("unknown_tag", f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
+        raise EngineError(ErrorCode.UNKNOWN_TAG, f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")

@@ -42,13 +42,13 @@ from rollwire.messages.session import (
 )
 from rollwire.messages.weights import (
     Ack,
-    ApplyVersion,
+    GovernorQuery,
+    GovernorStatus,
+    LoadVersion,
     NamedTensor,
-    Pause,
-    ReleaseMemory,
-    Resume,
-    ResumeMemory,
+    ReleaseForTraining,
     StepMessage,
+    SwapWeights,
     VersionApplied,
 )
 
@@ -59,11 +59,11 @@ RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusR
 SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest | Heartbeat
 SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply | Heartbeat
 # GenerationActor's control port (inproc, from the MemoryGovernor and the SessionActor).
-GenerationControl = Pause | Resume | ApplyVersion | ReleaseMemory | ResumeMemory | ForgetSession
-# MemoryGovernor's weights port (inproc, from the WeightReceiverActor).
-GovernorRequest = ApplyVersion | StepMessage
+GenerationControl = SwapWeights | ReleaseForTraining | ForgetSession
+# MemoryGovernor's weights port (inproc, from the WeightReceiverActor; GovernorQuery from the GenerationActor).
+GovernorRequest = LoadVersion | StepMessage | GovernorQuery
 # Replies on both internal ports.
-ControlReply = Ack | VersionApplied | ErrorReply
+ControlReply = Ack | VersionApplied | GovernorStatus | ErrorReply
 # The experience socket (demo): rollout workers -> trainer.
 ExperienceRequest = SampleGroup
 
@@ -73,7 +73,6 @@ __all__ = [
     "Ack",
     "AppendTokens",
     "Appended",
-    "ApplyVersion",
     "CloseSession",
     "Codec",
     "ControlReply",
@@ -86,22 +85,22 @@ __all__ = [
     "GenerateDone",
     "GenerateRequest",
     "GenerationControl",
+    "GovernorQuery",
     "GovernorRequest",
+    "GovernorStatus",
     "Header",
     "HealthReply",
     "HealthRequest",
     "Heartbeat",
+    "LoadVersion",
     "NamedTensor",
     "OpenSession",
     "ParamSpec",
     "ParamsReply",
     "ParamsRequest",
-    "Pause",
     "ProtocolError",
-    "ReleaseMemory",
+    "ReleaseForTraining",
     "RemoteError",
-    "Resume",
-    "ResumeMemory",
     "RolloutReply",
     "RolloutRequest",
     "RollwireError",
@@ -116,6 +115,7 @@ __all__ = [
     "StatusReply",
     "StatusRequest",
     "StepMessage",
+    "SwapWeights",
     "TensorRef",
     "Timings",
     "Usage",

@@ -38,6 +38,10 @@ class ErrorCode(str, Enum):
     INCOMPLETE_VERSION = "incomplete_version"  # after a weights release, a load must send every tensor
     SUPERSEDED = "superseded"  # a queued version replaced by a newer one (--coalesce)
     NOT_PAUSED = "not_paused"  # weights may only be loaded while generation is paused
+    # engine control (inside the server: the governor's requests to the engine)
+    BAD_PAUSE_MODE = "bad_pause_mode"
+    UNKNOWN_TAG = "unknown_tag"  # a memory tag the engine does not know
+    BUSY = "busy"  # flush_cache while requests are running
     # sessions
     UNKNOWN_SESSION = "unknown_session"  # never opened here (or forgotten long ago)
     SESSION_EXPIRED = "session_expired"  # idle past its ttl_s; its state is freed

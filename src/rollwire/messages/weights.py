@@ -3,7 +3,8 @@
 Trainer side (TrainerPublisher binds a ROUTER at the trainer endpoint and a PUB beside it):
 receivers register over DEALER, subscribe to the PUB for announcements, pull buckets under a
 credit window, and report the outcome of every version. Inside the server, a verified version
-travels WeightReceiverActor -> MemoryGovernor -> GenerationActor as ``ApplyVersion``/``LoadWeights``.
+is staged by the WeightReceiverActor into tensors (``weightsync/staged.py``), announced to the
+MemoryGovernor as ``LoadVersion`` and loaded by the GenerationActor on one ``SwapWeights``.
 """
 
 from __future__ import annotations
@@ -205,27 +206,10 @@ TrainerAnnouncement = Beacon | WeightsReady | StepMessage
 
 # -- inside the server ---------------------------------------------------------------------
 class NamedTensor(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A staged tensor before it is resolved: a payload frame, or a byte offset into an arena."""
+
     name: str
-    ref: TensorRef  # payload frame (inline) or, with shm_name or cuda_arena set, byte offset in the arena
-
-
-class ApplyVersion(msgspec.Struct, frozen=True, kw_only=True, tag="apply_version", array_like=True):
-    """WeightReceiverActor -> MemoryGovernor, and governor -> GenerationActor (as the load):
-    a complete, verified version. Tensors are payload frames, or views into shm arena ``shm_name``
-    or into the CUDA arena this process opened under ``cuda_arena`` (``TensorRef.frame`` is then a
-    byte offset)."""
-
-    version: int
-    step: int
-    tensors: list[NamedTensor]
-    shm_name: str = ""
-    cuda_arena: str = ""  # cuda_ipc: key of the opened arena (transports/cuda_ipc.py, this process only)
-
-
-class VersionApplied(msgspec.Struct, frozen=True, kw_only=True, tag="version_applied", array_like=True):
-    version: int
-    load_s: float  # time spent loading into the engine
-    pause_s: float  # time generation was paused around the load
+    ref: TensorRef
 
 
 PausePolicy = Literal["abort", "retract", "drain", "in_place"]  # what happens to requests in flight
@@ -233,20 +217,46 @@ MemoryTag = Literal["weights", "kv_cache", "cuda_graph"]  # what a release frees
 ALL_MEMORY_TAGS: tuple[MemoryTag, ...] = ("weights", "kv_cache", "cuda_graph")
 
 
-class Pause(msgspec.Struct, frozen=True, kw_only=True, tag="pause", array_like=True):
-    """Governor -> GenerationActor: stop generating under ``policy``; reply Ack when stopped."""
+class LoadVersion(msgspec.Struct, frozen=True, kw_only=True, tag="load_version", array_like=True):
+    """WeightReceiverActor -> MemoryGovernor: a complete, verified version, staged in this
+    process under ``staged`` (``weightsync.staged``); the reply is ``VersionApplied``."""
 
+    version: int
+    step: int
+    staged: str
+
+
+class SwapWeights(msgspec.Struct, frozen=True, kw_only=True, tag="swap_weights", array_like=True):
+    """MemoryGovernor -> GenerationActor: the one load message. Pause under ``policy`` (unless
+    ``released``: already paused for training), wake the released weights, load the staged version,
+    wake the rest of ``released``, resume; the reply is ``VersionApplied``. On a failed load the
+    old version serves again, or, when it had been released, the woken weights are released again."""
+
+    version: int
+    staged: str
+    policy: PausePolicy
+    drain_deadline_s: float = 30.0
+    released: list[MemoryTag] = []
+
+
+class ReleaseForTraining(msgspec.Struct, frozen=True, kw_only=True, tag="release_for_training", array_like=True):
+    """MemoryGovernor -> GenerationActor (colocated, on train_start): pause under ``policy``, then
+    free ``tags``; the reply is ``Ack``. The next ``SwapWeights`` wakes them."""
+
+    tags: list[MemoryTag]
     policy: PausePolicy
     drain_deadline_s: float = 30.0
 
 
-class Resume(msgspec.Struct, frozen=True, kw_only=True, tag="resume", array_like=True):
-    pass
+class GovernorQuery(msgspec.Struct, frozen=True, kw_only=True, tag="governor_query", array_like=True):
+    """GenerationActor -> MemoryGovernor: its state, for health and status."""
 
 
-class ReleaseMemory(msgspec.Struct, frozen=True, kw_only=True, tag="release", array_like=True):
-    tags: list[MemoryTag]
+class GovernorStatus(msgspec.Struct, frozen=True, kw_only=True, tag="governor_status", array_like=True):
+    state: str  # a GovernorState value
 
 
-class ResumeMemory(msgspec.Struct, frozen=True, kw_only=True, tag="resume_memory", array_like=True):
-    tags: list[MemoryTag]
+class VersionApplied(msgspec.Struct, frozen=True, kw_only=True, tag="version_applied", array_like=True):
+    version: int
+    load_s: float  # time spent loading into the engine
+    pause_s: float  # time generation was paused around the load

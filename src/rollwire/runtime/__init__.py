@@ -1,6 +1,7 @@
 """The actor runtime: Actor, ActorSystem, supervision, logging, counters."""
 
-from rollwire.runtime.actor import Actor, Origin, Port, handles
+from rollwire.runtime.actor import Actor, Origin, Port
+from rollwire.runtime.dispatch import handles
 from rollwire.runtime.errors import RollwireError
 from rollwire.runtime.system import ActorSystem, address
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import msgspec
 import zmq.asyncio
@@ -28,6 +28,7 @@ import zmq.asyncio
 from rollwire.messages.codec import Buffer, Codec, ProtocolError
 from rollwire.messages.control import Heartbeat
 from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.runtime.dispatch import handler_table
 from rollwire.runtime.errors import RollwireError
 from rollwire.runtime.logging import get_logger
 from rollwire.runtime.metrics import Counters
@@ -36,18 +37,7 @@ from rollwire.transports.receive import receive_loop
 from rollwire.transports.rpc import RpcClient
 from rollwire.transports.security import CurveServer, client_of
 
-F = TypeVar("F", bound=Callable[..., Any])
 _HEARTBEAT = Heartbeat()
-
-
-def handles(*types: type) -> Callable[[F], F]:
-    """Mark a method as the handler of ``types``: ``def h(self, origin, msg, payload)``."""
-
-    def mark(fn: F) -> F:
-        fn.__rollwire_handles__ = types  # type: ignore[attr-defined]
-        return fn
-
-    return mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +85,7 @@ class Actor:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        table: dict[type, str] = {}
-        for klass in reversed(cls.__mro__):
-            for attr, fn in vars(klass).items():
-                for t in getattr(fn, "__rollwire_handles__", ()):
-                    table[t] = attr
-        cls._handlers = table
+        cls._handlers = handler_table(cls)
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -72,14 +72,18 @@ class Reply(Generic[R]):
 
 
 def unwrap(item: Reply[R] | BaseException) -> R:
-    """A reply (or a stream item) as its message: the one place an ``ErrorReply`` becomes a
-    ``RemoteError``; an exception a waiter was failed with is raised as it is (each one is a
-    ``RollwireError`` with its code, except a bug's)."""
+    """A reply (or a stream item) as its message; an exception a waiter was failed with is raised
+    as it is (each one is a ``RollwireError`` with its code, except a bug's)."""
     if isinstance(item, BaseException):
         raise item
-    if isinstance(item.msg, ErrorReply):
-        raise RemoteError.of(item.msg)
-    return item.msg
+    return _checked(item).msg
+
+
+def _checked(reply: Reply[R]) -> Reply[R]:
+    """The one place an ``ErrorReply`` becomes a ``RemoteError``."""
+    if isinstance(reply.msg, ErrorReply):
+        raise RemoteError.of(reply.msg)
+    return reply
 
 
 class RpcClient(Generic[R]):
@@ -144,7 +148,7 @@ class RpcClient(Generic[R]):
 
     async def call(self, msg: msgspec.Struct, payload: Sequence[Buffer] = (), *,
                    timeout: float | None = None) -> Reply[R]:
-        """Send ``msg`` and wait for exactly one reply."""
+        """Send ``msg`` and wait for exactly one reply; an ``ErrorReply`` raises ``RemoteError``."""
         rid = next(self._rids)
         fut: asyncio.Future[Reply[R]] = asyncio.get_running_loop().create_future()
         self._watch(rid, fut)
@@ -153,9 +157,9 @@ class RpcClient(Generic[R]):
                 await self.send(rid, msg, payload)
             except ServerUnavailable:
                 if fut.done():  # the liveness check failed the call while its send waited
-                    return fut.result()  # raises that typed error (and marks it retrieved)
+                    return _checked(fut.result())  # raises that typed error (and marks it retrieved)
                 raise
-            return await (asyncio.wait_for(fut, timeout) if timeout is not None else fut)
+            return _checked(await (asyncio.wait_for(fut, timeout) if timeout is not None else fut))
         finally:
             self._waiters.pop(rid, None)
 

@@ -350,7 +350,7 @@ class StagingError(Exception):
 
 
 Staged = tuple[list[NamedTensor], list[Buffer]]
-Where = dict[str, str]  # what ApplyVersion needs to find the staged tensors (shm_name or cuda_arena)
+Where = dict[str, str]  # where staged tensor offsets point (shm_name or cuda_arena; staged.resolve)
 
 
 class Sender:

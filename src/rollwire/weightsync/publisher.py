@@ -69,9 +69,11 @@ from rollwire.messages.weights import (
     WeightsReady,
     Welcome,
 )
+from rollwire.runtime.dispatch import handler_table, handles
 from rollwire.runtime.logging import get_logger
 from rollwire.transports import sockets
 from rollwire.transports.pubsub import CONTROL_MAX_FRAME, Publisher
+from rollwire.transports.receive import receive_loop
 from rollwire.transports.security import RECEIVERS_DOMAIN, CurveServer, KeyPair, client_of
 from rollwire.weightsync import broadcast, checksum, cuda_ipc, shm
 from rollwire.weightsync.inline import InlineSender
@@ -146,7 +148,8 @@ class TrainerPublisher:
         self._router: Any = None
         self._pub: Publisher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._serving: set[asyncio.Future[None]] = set()  # bucket replies being sent
+        self._serving: set[asyncio.Task[Any]] = set()  # handlers running (pulls waiting for credits, replies)
+        self._dispatch = {t: getattr(self, attr) for t, attr in handler_table(type(self)).items()}
         self._joined_changed = asyncio.Event()
         self._wake_beacon = asyncio.Event()
         self._push: Push | None = None
@@ -171,7 +174,7 @@ class TrainerPublisher:
             raise
         self.pub_endpoint = self._pub.endpoint
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._recv_loop(), name="trainer-recv"),
+        self._tasks = [loop.create_task(receive_loop(self._router, self._on_frames, copy=False), name="trainer-recv"),
                        loop.create_task(self._beacon_loop(), name="trainer-beacon")]
         for task in self._tasks:
             task.add_done_callback(self._task_died)
@@ -335,72 +338,82 @@ class TrainerPublisher:
     async def _refuse(self, peer: bytes, rid: int, code: ErrorCode, why: str, retry_after_s: float = 0.0) -> None:
         await self._reply(peer, rid, ErrorReply(code=code, message=why, origin="trainer", retry_after_s=retry_after_s))
 
-    async def _recv_loop(self) -> None:
-        """The ROUTER's one receiving task: one bad message costs that message (a typed error to its
-        sender or a counted drop), never the loop."""
-        while True:
-            frames = await self._router.recv_multipart(copy=False)
-            if len(frames) < 2:
-                self.counters["bad_messages"] += 1
-                continue
-            peer = frames[0].bytes
-            key = (client_of(frames[-1]) or "") if self._curve is not None else ""
-            try:
-                rid, msg, _ = self._codec.decode([f.buffer for f in frames[1:]])
-            except ProtocolError as e:
-                self.counters["bad_messages"] += 1
-                await self._refuse(peer, e.rid, e.code, e.message)
-                continue
-            except Exception as e:  # a decoder that raised something else (deep nesting: RecursionError)
-                self.counters["bad_messages"] += 1
-                await self._refuse(peer, 0, ErrorCode.BAD_FRAME, f"undecodable: {type(e).__name__}")
-                continue
-            try:
-                await self._dispatch(peer, key, rid, msg)
-            except Exception as e:
-                self.counters["handler_errors"] += 1
-                log.error("trainer_message_failed", kind=type(msg).__name__, error=repr(e)[:300], exc_info=e)
-                await self._refuse(peer, rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}")
+    def _on_frames(self, frames: list[Any]) -> None:
+        """The ROUTER's receive loop hands each message here: one bad message costs that message
+        (a typed error to its sender or a counted drop), never the loop."""
+        if len(frames) < 2:
+            self.counters["bad_messages"] += 1
+            return
+        peer = frames[0].bytes
+        key = (client_of(frames[-1]) or "") if self._curve is not None else ""
+        try:
+            rid, msg, _ = self._codec.decode([f.buffer for f in frames[1:]])
+        except ProtocolError as e:
+            self.counters["bad_messages"] += 1
+            self._spawn(self._refuse(peer, e.rid, e.code, e.message))
+            return
+        except Exception as e:  # a decoder that raised something else (deep nesting: RecursionError)
+            self.counters["bad_messages"] += 1
+            self._spawn(self._refuse(peer, 0, ErrorCode.BAD_FRAME, f"undecodable: {type(e).__name__}"))
+            return
+        handler = self._dispatch.get(type(msg))
+        if handler is None:  # a reply type the codec knows, sent to us as a request
+            self.counters["bad_messages"] += 1
+            why = f"the trainer does not take {type(msg).__name__}"
+            self._spawn(self._refuse(peer, rid, ErrorCode.UNKNOWN_KIND, why))
+            return
+        try:
+            result = handler(peer, key, rid, msg)
+        except Exception as e:
+            self._handler_failed(peer, rid, msg, e)
+            return
+        if result is not None:
+            self._spawn(result).add_done_callback(lambda t: self._handler_done(peer, rid, msg, t))
 
-    async def _dispatch(self, peer: bytes, key: str, rid: int, msg: Any) -> None:
-        match msg:
-            case Register():
-                await self._on_register(peer, key, rid, msg)
-            case BeaconSeen():
-                self._on_beacon_seen(peer, msg)
-            case PullBucket():
-                if self._curve is not None and not any(r.key == key for r in self.receivers.values()):
-                    self.counters["pulls_refused"] += 1
-                    await self._refuse(peer, rid, ErrorCode.UNAUTHORIZED, "pull from a key no receiver registered")
-                    return
-                if self._pulls_waiting[peer] >= MAX_PULLS_PER_PEER:
-                    self.counters["pulls_refused"] += 1
-                    await self._refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls "
-                                                                        "outstanding on this connection")
-                    return
-                self._pulls_waiting[peer] += 1
-                task = asyncio.ensure_future(self._serve_pull(peer, rid, msg))
-                self._serving.add(task)
-                task.add_done_callback(lambda t: self._pull_done(peer, t))
-            case VersionOutcome():
-                if self._from_registered(peer, msg.receiver_id, "outcomes") and self._push is not None:
-                    self._push.outcome(msg, self.trainer_id)
-            case StepDone():
-                fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
-                if self._from_registered(peer, msg.receiver_id, "step_acks") and fut is not None and not fut.done():
-                    fut.set_result(msg)
-            case _:
-                self.counters["bad_messages"] += 1
-                await self._refuse(peer, rid, ErrorCode.UNKNOWN_KIND, f"the trainer does not take {type(msg).__name__}")
-
-    def _pull_done(self, peer: bytes, task: asyncio.Future[None]) -> None:
-        self._serving.discard(task)
-        self._pulls_waiting[peer] -= 1
-        if self._pulls_waiting[peer] <= 0:
-            del self._pulls_waiting[peer]
+    def _handler_done(self, peer: bytes, rid: int, msg: Any, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self.counters["pull_errors"] += 1
-            log.error("pull_failed", error=repr(task.exception())[:300])
+            self._handler_failed(peer, rid, msg, task.exception())
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+        return task
+
+    def _handler_failed(self, peer: bytes, rid: int, msg: Any, e: BaseException | None) -> None:
+        self.counters["handler_errors"] += 1
+        log.error("trainer_message_failed", kind=type(msg).__name__, error=repr(e)[:300], exc_info=e)
+        self._spawn(self._refuse(peer, rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}"))
+
+    @handles(PullBucket)
+    async def _on_pull(self, peer: bytes, key: str, rid: int, msg: PullBucket) -> None:
+        if self._curve is not None and not any(r.key == key for r in self.receivers.values()):
+            self.counters["pulls_refused"] += 1
+            await self._refuse(peer, rid, ErrorCode.UNAUTHORIZED, "pull from a key no receiver registered")
+            return
+        if self._pulls_waiting[peer] >= MAX_PULLS_PER_PEER:
+            self.counters["pulls_refused"] += 1
+            await self._refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls "
+                                                                "outstanding on this connection")
+            return
+        self._pulls_waiting[peer] += 1
+        try:
+            await self._serve_pull(peer, rid, msg)
+        finally:
+            self._pulls_waiting[peer] -= 1
+            if self._pulls_waiting[peer] <= 0:
+                del self._pulls_waiting[peer]
+
+    @handles(VersionOutcome)
+    def _on_outcome(self, peer: bytes, key: str, rid: int, msg: VersionOutcome) -> None:
+        if self._from_registered(peer, msg.receiver_id, "outcomes") and self._push is not None:
+            self._push.outcome(msg, self.trainer_id)
+
+    @handles(StepDone)
+    def _on_step_done(self, peer: bytes, key: str, rid: int, msg: StepDone) -> None:
+        fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
+        if self._from_registered(peer, msg.receiver_id, "step_acks") and fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def _from_registered(self, peer: bytes, receiver_id: str, what: str) -> bool:
         """Only the connection that registered ``receiver_id`` speaks for it."""
@@ -426,6 +439,7 @@ class TrainerPublisher:
             pending.cancel()
         return f"receiver id {old.receiver_id!r} is held by a live connection"
 
+    @handles(Register)
     async def _on_register(self, peer: bytes, key: str, rid: int, msg: Register) -> None:
         if checksum.NAME not in msg.checksums:  # an older receiver: every push would fail its checks
             why = (f"receiver {msg.receiver_id!r} verifies {', '.join(msg.checksums) or 'crc32'} bucket checksums, "
@@ -457,7 +471,8 @@ class TrainerPublisher:
         self._wake_beacon.set()
         await self._reply(peer, rid, welcome)
 
-    def _on_beacon_seen(self, peer: bytes, msg: BeaconSeen) -> None:
+    @handles(BeaconSeen)
+    def _on_beacon_seen(self, peer: bytes, key: str, rid: int, msg: BeaconSeen) -> None:
         r = self.receivers.get(msg.receiver_id)
         if r is None or r.peer != peer or msg.trainer_id != self.trainer_id:
             return  # a stale connection or a previous trainer's beacon

@@ -55,6 +55,7 @@ from rollwire.engines.hf.scheduler import Scheduler
 from rollwire.engines.hf.weights import WeightStore
 from rollwire.engines.validation import check_request, check_tags
 from rollwire.messages.control import ParamSpec
+from rollwire.messages.errors import ErrorCode
 
 
 class HFEngine:
@@ -138,9 +139,9 @@ class HFEngine:
         if sched.dead is not None:
             raise EngineError(ENGINE_DEAD, sched.dead)
         if sched.closed:
-            raise EngineError("shutting_down", "engine is shut down")
+            raise EngineError(ErrorCode.SHUTTING_DOWN, "engine is shut down")
         if req.rid in sched.seqs:
-            raise EngineError("duplicate_request", f"request {req.rid!r} is already live")
+            raise EngineError(ErrorCode.DUPLICATE_REQUEST, f"request {req.rid!r} is already live")
         await self.start()
         p = req.params
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
@@ -169,7 +170,7 @@ class HFEngine:
         """Stop stepping; returns once no step is in flight. ``abort`` also aborts requests queued
         before the pause (as SGLang's abort_all); requests arriving while paused wait."""
         if mode not in ("abort", "retract", "in_place"):
-            raise EngineError("bad_pause_mode", f"unknown pause mode {mode!r}")
+            raise EngineError(ErrorCode.BAD_PAUSE_MODE, f"unknown pause mode {mode!r}")
         await self._sched.pause(mode)
 
     async def resume(self) -> None:
@@ -180,7 +181,7 @@ class HFEngine:
         if self._sched.dead is not None:
             raise EngineError(ENGINE_DEAD, self._sched.dead)
         if not self._sched.paused:
-            raise EngineError("not_paused", "update_weights needs a paused engine")
+            raise EngineError(ErrorCode.NOT_PAUSED, "update_weights needs a paused engine")
         items = self._weights.check(named_tensors)
         await self._sched.load(lambda: self._weights.copy(items), version)
 
@@ -190,7 +191,7 @@ class HFEngine:
         only); running requests are re-prefilled on resume. ``cuda_graph``: nothing to free."""
         check_tags(tags)
         if "kv_cache" in tags and not self._sched.paused:
-            raise EngineError("not_paused", "release kv_cache needs a paused engine")
+            raise EngineError(ErrorCode.NOT_PAUSED, "release kv_cache needs a paused engine")
         async with self._sched.lock:
             if "kv_cache" in tags:
                 self._sched.retract()
@@ -210,7 +211,7 @@ class HFEngine:
     async def flush_cache(self) -> None:
         """Drops every session's cached prefix; refuses (``busy``) while requests run unpaused."""
         if not self._sched.paused and self._sched.busy():
-            raise EngineError("busy", "flush_cache while requests are running; pause first")
+            raise EngineError(ErrorCode.BUSY, "flush_cache while requests are running; pause first")
         self._prefixes.clear()
 
     async def close_session(self, session_id: str) -> None:

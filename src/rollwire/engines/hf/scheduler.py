@@ -32,6 +32,7 @@ from rollwire.engines.hf.faults import Faults
 from rollwire.engines.hf.requests import FairQueue, Seq, deliver
 from rollwire.engines.hf.sampling import RowSampler, sample
 from rollwire.engines.hf.weights import WeightStore
+from rollwire.messages.errors import ErrorCode
 from rollwire.messages.generate import FinishReason
 
 log = logging.getLogger("rollwire.engines.hf")
@@ -361,7 +362,7 @@ class Scheduler:
             return
         for s, err in culprits:
             log.warning("hf request %s failed its step alone: %s: %s", s.req.rid, type(err).__name__, err)
-            self._fail_one(s, EngineError("internal", f"this request failed in an engine step "
+            self._fail_one(s, EngineError(ErrorCode.INTERNAL, f"this request failed in an engine step "
                                                       f"({type(err).__name__}: {err}); its batch mates go on"))
         bad = {id(s) for s, _ in culprits}
         for s in reversed(live):

@@ -17,6 +17,7 @@ import torch
 
 from rollwire.engines.base import EngineError
 from rollwire.messages.control import ParamSpec
+from rollwire.messages.errors import ErrorCode
 
 
 class WeightStore:
@@ -43,22 +44,22 @@ class WeightStore:
     def check(self, items: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """All of ``items`` as a list, or EngineError for the first bad one (nothing is applied)."""
         if self.released:
-            raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
+            raise EngineError(ErrorCode.WEIGHTS_FAILED, "weights are released: resume_memory(['weights']) first")
         checked = list(items)
         for name, t in checked:
             param = self.params.get(name)
             if param is None:
-                raise EngineError("unknown_tensor", f"no parameter named {name!r}")
+                raise EngineError(ErrorCode.UNKNOWN_TENSOR, f"no parameter named {name!r}")
             if tuple(t.shape) != tuple(param.shape):
-                raise EngineError("shape_mismatch", f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
+                raise EngineError(ErrorCode.SHAPE_MISMATCH, f"{name}: got {tuple(t.shape)}, want {tuple(param.shape)}")
             if t.dtype != param.dtype:
-                raise EngineError("dtype_mismatch", f"{name}: got {t.dtype}, want {param.dtype}")
+                raise EngineError(ErrorCode.DTYPE_MISMATCH, f"{name}: got {t.dtype}, want {param.dtype}")
         missing = self._undefined - {id(self.params[name]) for name, _ in checked} if self._undefined else None
         if missing:
             first = next(n for n, p in self.params.items() if id(p) in missing)
-            raise EngineError("incomplete_version", f"{len(missing)} of {len(self._distinct)} parameters hold no "
-                                                    f"weights since the release (e.g. {first!r}); a load after a "
-                                                    "release must send every tensor")
+            raise EngineError(ErrorCode.INCOMPLETE_VERSION,
+                              f"{len(missing)} of {len(self._distinct)} parameters hold no weights since the "
+                              f"release (e.g. {first!r}); a load after a release must send every tensor")
         return checked
 
     @property

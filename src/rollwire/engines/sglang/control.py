@@ -21,6 +21,7 @@ from rollwire.engines.sglang import compat
 from rollwire.engines.sglang.requests import Live
 from rollwire.engines.sglang.weights import EVICT_TIMEOUT_S
 from rollwire.engines.validation import check_tags
+from rollwire.messages.errors import ErrorCode
 
 log = logging.getLogger("rollwire.engines.sglang")
 
@@ -40,7 +41,7 @@ class ControlMixin:
 
     async def pause(self, mode: PauseMode) -> None:
         if mode not in ("abort", "retract", "in_place"):
-            raise EngineError("bad_pause_mode", f"unknown pause mode {mode!r}")
+            raise EngineError(ErrorCode.BAD_PAUSE_MODE, f"unknown pause mode {mode!r}")
         assert self._lock is not None, "engine not started"
         async with self._lock:
             self._paused = True
@@ -81,7 +82,7 @@ class ControlMixin:
         weights are lost: resume_memory(["weights"]), then update_weights with every tensor."""
         check_tags(tags)
         if not self._paused:
-            raise EngineError("not_paused", "release_memory needs a paused engine")
+            raise EngineError(ErrorCode.NOT_PAUSED, "release_memory needs a paused engine")
         new = [t for t in ALL_MEMORY_TAGS if t in tags and t not in self._released]
         if not new:
             return
@@ -111,7 +112,7 @@ class ControlMixin:
         """Drops SGLang's prefix cache. Refused (busy) while requests run unpaused; while paused,
         requests inside SGLang are evicted first (they re-prefill on resume)."""
         if not self._paused and any(not s.done for s in self._live.values()):
-            raise EngineError("busy", "flush_cache while requests are running; pause first")
+            raise EngineError(ErrorCode.BUSY, "flush_cache while requests are running; pause first")
         assert self._lock is not None
         async with self._lock:
             if "kv_cache" in self._released:
@@ -120,7 +121,7 @@ class ControlMixin:
                 await self._evict()
             out = await self._tm.flush_cache()
             if not getattr(out, "success", True):
-                raise EngineError("busy", f"sglang refused to flush: {getattr(out, 'message', '')}")
+                raise EngineError(ErrorCode.BUSY, f"sglang refused to flush: {getattr(out, 'message', '')}")
 
     # -- scheduler round trips ------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class ControlMixin:
         deadline = time.monotonic() + timeout
         while any(s.state is not None and not compat.state_finished(s.state) for s in lives):
             if time.monotonic() > deadline:
-                raise EngineError("internal", "sglang did not end the aborted requests in time")
+                raise EngineError(ErrorCode.INTERNAL, "sglang did not end the aborted requests in time")
             await asyncio.sleep(0.001)
 
 

@@ -117,6 +117,7 @@ from rollwire.engines.sglang.logits import TokenMask
 from rollwire.engines.sglang.requests import Live, RequestsMixin
 from rollwire.engines.sglang.weights import WeightsMixin
 from rollwire.engines.validation import check_request
+from rollwire.messages.errors import ErrorCode
 
 __all__ = ["SGLangEngine", "convert_engine_args"]
 
@@ -290,10 +291,10 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         check_request(req, self.vocab_size, self.max_model_len)
         p = req.params
         if p.seed is not None and p.temperature > 0 and not self.deterministic:
-            raise EngineError("bad_sampling_params", "a per-request seed needs the sglang engine started with "
+            raise EngineError(ErrorCode.BAD_SAMPLING_PARAMS, "a per-request seed needs the sglang engine started with "
                                                      "--engine-arg enable_deterministic_inference=true")
         if self.deterministic and p.min_p > 0 and p.temperature > 0 and req.return_logprob:
-            raise EngineError("bad_sampling_params", "min_p with logprobs is not supported with "
+            raise EngineError(ErrorCode.BAD_SAMPLING_PARAMS, "min_p with logprobs is not supported with "
                                                      "enable_deterministic_inference (SGLang asserts on min_p "
                                                      "with a sampling seed)")
 
@@ -302,11 +303,11 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         if self._dead is not None:
             raise EngineError(ENGINE_DEAD, self._dead)
         if self._closed:
-            raise EngineError("shutting_down", "engine is shut down")
+            raise EngineError(ErrorCode.SHUTTING_DOWN, "engine is shut down")
         if self._eng is None:
-            raise EngineError("internal", "engine not started")
+            raise EngineError(ErrorCode.INTERNAL, "engine not started")
         if req.rid in self._live:
-            raise EngineError("duplicate_request", f"request {req.rid!r} is already live")
+            raise EngineError(ErrorCode.DUPLICATE_REQUEST, f"request {req.rid!r} is already live")
         s = Live(req)
         self._live[req.rid] = s
         try:

@@ -25,6 +25,7 @@ from typing import Any
 
 from rollwire.engines.base import ENGINE_DEAD, EngineDelta, EngineError, EngineRequest
 from rollwire.engines.sglang import compat
+from rollwire.messages.errors import ErrorCode
 from rollwire.messages.generate import FinishReason
 
 
@@ -141,7 +142,7 @@ class RequestsMixin:
                         raise
                     out = None  # shutdown gave up on SGLang's answer
                 except ValueError as e:  # SGLang refused the request
-                    raise EngineError("bad_sampling_params", f"sglang: {e}") from None
+                    raise EngineError(ErrorCode.BAD_SAMPLING_PARAMS, f"sglang: {e}") from None
                 first = s.pending = None
                 if self._dead is not None:  # SGLang's scheduler died (see SGLangEngine._die)
                     raise EngineError(ENGINE_DEAD, self._dead)
@@ -164,7 +165,7 @@ class RequestsMixin:
                     continue
                 s.srid, s.state = "", None
                 if kind == "abort" and fr.get("status_code") not in (None, 200) and not s.abort_requested:
-                    raise EngineError("internal", f"sglang: {fr.get('message', fr)}")
+                    raise EngineError(ErrorCode.INTERNAL, f"sglang: {fr.get('message', fr)}")
                 if kind == "abort" and s.evicting and not s.abort_requested and not self._closed:
                     for d in self._deltas(s, new_ids, new_lps, None, cached):
                         yield d

@@ -35,6 +35,7 @@ from rollwire.engines.sglang.args import Checkpoint
 from rollwire.engines.sglang.payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
 from rollwire.engines.sglang.requests import Live
 from rollwire.messages.control import ParamSpec
+from rollwire.messages.errors import ErrorCode
 from rollwire.runtime.logging import get_logger
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,9 @@ class WeightsMixin:
                     ok, message = await self._tm.update_weights_from_tensor(obj, None)
                     sglang_s += time.perf_counter() - t
                     if not ok:
-                        raise EngineError("weights_failed", f"bucket {i + 1}/{len(buckets)}: {message}; the engine "
-                                                            "holds no complete version until every tensor is sent")
+                        raise EngineError(ErrorCode.WEIGHTS_FAILED,
+                                          f"bucket {i + 1}/{len(buckets)}: {message}; the engine holds no "
+                                          "complete version until every tensor is sent")
             except BaseException:
                 # SGLang may hold part of this version now (earlier buckets, part of this one): no
                 # version is whole, so requests stay held (``_runnable``) until a complete one loads
@@ -138,7 +140,7 @@ class WeightsMixin:
         except TimeoutError:
             ok, message = False, f"no answer within {timeout_s}s"
         if not ok:
-            raise EngineError("weights_failed", f"join weight group {group_name!r}: {message}")
+            raise EngineError(ErrorCode.WEIGHTS_FAILED, f"join weight group {group_name!r}: {message}")
         self._groups.add(group_name)
 
     async def leave_weight_group(self, group_name: str = "rollwire", timeout_s: float = 30.0) -> bool:
@@ -160,7 +162,7 @@ class WeightsMixin:
         over ``group_name``; then ``version`` is live. Needs a paused engine and a joined group."""
         self._check_loadable()
         if group_name not in self._groups:
-            raise EngineError("weights_failed", f"not in weight group {group_name!r}: join_weight_group first")
+            raise EngineError(ErrorCode.WEIGHTS_FAILED, f"not in weight group {group_name!r}: join_weight_group first")
         items = [(n, tuple(int(x) for x in shape), str(dtype).removeprefix("torch.")) for n, dtype, shape in specs]
         self._check_tensors(items)
         self._check_complete([n for n, _, _ in items])
@@ -187,7 +189,7 @@ class WeightsMixin:
                         ok, message = False, f"broadcast not complete within {timeout_s}s"
                     if not ok:
                         await self.leave_weight_group(group_name, timeout_s=10.0)
-                        raise EngineError("weights_failed", f"nccl bucket {i + 1}/{len(buckets)} of version "
+                        raise EngineError(ErrorCode.WEIGHTS_FAILED, f"nccl bucket {i + 1}/{len(buckets)} of version "
                                                             f"{version}: {message}; group {group_name!r} torn down")
                     loaded += 1
             except BaseException:
@@ -200,9 +202,9 @@ class WeightsMixin:
 
     def _check_loadable(self) -> None:
         if not self._paused:
-            raise EngineError("not_paused", "update_weights needs a paused engine")
+            raise EngineError(ErrorCode.NOT_PAUSED, "update_weights needs a paused engine")
         if "weights" in self._released:
-            raise EngineError("weights_failed", "weights are released: resume_memory(['weights']) first")
+            raise EngineError(ErrorCode.WEIGHTS_FAILED, "weights are released: resume_memory(['weights']) first")
 
     def _flush_after_load(self) -> bool:
         """SGLang's flush after a load asserts an idle scheduler (a request we aborted counts until
@@ -261,12 +263,12 @@ class WeightsMixin:
             if meta is None and name == "lm_head.weight" and self._ckpt.tied_embeddings:
                 meta = known.get("model.embed_tokens.weight")
             if meta is None:
-                raise EngineError("unknown_tensor", f"no parameter named {name!r}")
+                raise EngineError(ErrorCode.UNKNOWN_TENSOR, f"no parameter named {name!r}")
             want_shape, ckpt_dtype = meta
             if tuple(shape) != want_shape:
-                raise EngineError("shape_mismatch", f"{name}: got {tuple(shape)}, want {want_shape}")
+                raise EngineError(ErrorCode.SHAPE_MISMATCH, f"{name}: got {tuple(shape)}, want {want_shape}")
             if dtype != (want_dtype or ckpt_dtype):
-                raise EngineError("dtype_mismatch", f"{name}: got {dtype}, want {want_dtype or ckpt_dtype}")
+                raise EngineError(ErrorCode.DTYPE_MISMATCH, f"{name}: got {dtype}, want {want_dtype or ckpt_dtype}")
 
     def parameters(self) -> list[ParamSpec]:
         """The checkpoint's tensors (safetensors header), with the dtype loads must have; required
@@ -291,7 +293,7 @@ class WeightsMixin:
         missing = [n for n in known if n not in sent and not (tied and n == "lm_head.weight")
                    and "rotary_emb." not in n]  # inv_freq / cos / sin caches some checkpoints carry; not loaded
         if missing:
-            raise EngineError("incomplete_version", f"{len(missing)} of {len(known)} tensors not sent (e.g. "
+            raise EngineError(ErrorCode.INCOMPLETE_VERSION, f"{len(missing)} of {len(known)} tensors not sent (e.g. "
                                                     f"{missing[0]!r}); after a weights release every tensor "
                                                     "must be sent again")
 
