@@ -10,8 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-STATE_COLORS = {"SERVING": "#d9f2d9", "PAUSING": "#ffe0b3", "PAUSED": "#ffcccc", "LOADING": "#cce0ff",
-                "RESUMING": "#e6ccff", "RELEASED": "#dddddd"}
+from rollwire.actors.memory_governor import GovernorState
 
 
 def plot_reward(rows: list[dict[str, Any]], path: Path) -> None:
@@ -27,13 +26,14 @@ def plot_reward(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-STATES = ["SERVING", "PAUSING", "PAUSED", "RELEASED", "LOADING", "RESUMING"]
+STATES = [s.value for s in GovernorState]
 
 
 def plot_timeline(timeline: list[tuple[float, str]], activity: list[tuple[float, int, str]],
                   rows: list[dict[str, Any]], path: Path) -> None:
     """Top: requests in flight over the run, a tick per applied push. Bottom: the governor's
-    state machine around one push in the middle of the run, at millisecond resolution."""
+    state machine around one push in the middle of the run, at millisecond resolution (LOADING is
+    the GenerationActor's one pause + load + resume)."""
     busy = [a for a in activity if a[1] > 0]
     t0 = busy[0][0] if busy else timeline[0][0]
     fig, (top, zoom) = plt.subplots(2, 1, figsize=(10, 5.5))
