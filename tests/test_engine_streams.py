@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rollwire.actors.generation import GenerationActor, InFlight, _Output
+from rollwire.actors.flights import InFlight, SampleOutput
+from rollwire.actors.generation import GenerationActor
 from rollwire.engines.base import EngineDelta
 from rollwire.messages import GenerateRequest
 from rollwire.runtime import Origin
@@ -37,7 +38,7 @@ async def test_a_stream_read_until_the_reply_fails_is_closed_before_the_error_le
     actor.reply = reply_fails  # type: ignore[method-assign]
     flight = InFlight(origin=Origin("rollout", "rollout", b"worker", 1), engine_rids=["r0"], arrived=0.0)
     closed: list[str] = []
-    out = _Output(version=0, logprobs=None)
+    out = SampleOutput(version=0, logprobs=None)
     with pytest.raises(ConnectionError) as err:
         await actor._collect(flight, GenerateRequest(input_ids=[1], stream=True), 0, recording_stream(closed), out)
     assert err.value.__traceback__ is not None  # kept alive, with the frames that read the stream
@@ -54,7 +55,7 @@ async def test_a_stream_read_to_its_end_is_closed_once() -> None:
         finally:
             closed.append("r0")
 
-    out = _Output(version=0, logprobs=None)
+    out = SampleOutput(version=0, logprobs=None)
     flight = InFlight(origin=Origin("rollout", "rollout", b"worker", 1), engine_rids=["r0"], arrived=0.0)
     await actor._collect(flight, GenerateRequest(input_ids=[1]), 0, finite(), out)
     assert closed == ["r0"] and (out.ids, out.finish, out.spans) == ([7], "length", [[3, 0, 1]])

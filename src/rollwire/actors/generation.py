@@ -32,11 +32,11 @@ import dataclasses
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from rollwire.actors.flights import InFlight, SampleOutput, no_deltas, spans_add
 from rollwire.actors.generation_control import GenerationControl, session_key
 from rollwire.actors.memory_governor import GOVERNOR
 from rollwire.engines.base import Engine, EngineDelta, EngineError, EngineRequest
@@ -80,51 +80,6 @@ class EngineDied(Exception):
 # engine factory -> (why, the dead engine): an actor restarted after its engine died does not build
 # another engine from the same factory, it stops again at once (see GenerationActor.on_start)
 _DEAD_ENGINES: weakref.WeakKeyDictionary[Callable[[], Engine], tuple[str, Engine]] = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class InFlight:
-    origin: Origin
-    engine_rids: list[str]
-    arrived: float
-    start_version: int = 0  # live version when the request was admitted
-    streamed: bool = False
-    aborted: bool = False
-    restarts: int = 0  # --max-staleness under the retract policy: times it was sent back to its prompt
-    closed: bool = False  # answered by someone else (supervisor): send nothing more
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    client: str | None = None  # whose limits it counts against (None: exempt)
-    samples: int = 1
-    waiting: bool = False  # counted among its client's requests waiting for min_version
-
-
-@dataclass
-class _Output:
-    """What one sample has produced so far."""
-
-    version: int  # of the last token (the live version before any)
-    logprobs: list[float] | None
-    ids: list[int] = field(default_factory=list)
-    spans: list[list[int]] = field(default_factory=list)  # [version, start, end)
-    finish: str = "abort"
-    cached: int = 0
-    first_token: float = 0.0
-
-
-async def _no_deltas() -> AsyncIterator[EngineDelta]:
-    return
-    yield
-
-
-def spans_add(spans: list[list[int]], version: int, n_tokens: int) -> None:
-    """Extend the version spans [version, start, end) by ``n_tokens`` produced under ``version``."""
-    if n_tokens == 0:
-        return
-    if spans and spans[-1][0] == version:
-        spans[-1][2] += n_tokens
-    else:
-        start = spans[-1][2] if spans else 0
-        spans.append([version, start, start + n_tokens])
 
 
 class GenerationActor(GenerationControl, Actor):
@@ -392,13 +347,13 @@ class GenerationActor(GenerationControl, Actor):
     async def _run_sample(self, flight: InFlight, msg: GenerateRequest, index: int, req: EngineRequest) -> None:
         origin = flight.origin
         started = time.monotonic()
-        out = _Output(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
+        out = SampleOutput(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
         if self._dead is not None:
             if not flight.closed:
                 await self.reply_error(origin, ErrorCode.ENGINE_DEAD, f"the engine died: {self._dead}")
             return
         # aborted before it started (e.g. while waiting for min_version): no engine work at all
-        deltas = _no_deltas() if flight.aborted else self.engine.generate(req)
+        deltas = no_deltas() if flight.aborted else self.engine.generate(req)
         self._running_samples += 1
         try:
             while True:
@@ -410,7 +365,7 @@ class GenerationActor(GenerationControl, Actor):
                 # landed): its tokens are dropped and it starts again from its prompt on the live
                 # version, so nothing it returns is older than the limit
                 self.counters.inc("stale_restarts")
-                out = _Output(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
+                out = SampleOutput(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
                 req = dataclasses.replace(req, rid=f"{flight.engine_rids[index]}:r{flight.restarts}")
                 flight.engine_rids[index] = req.rid  # where a later abort must go
                 deltas = self.engine.generate(req)
@@ -435,7 +390,7 @@ class GenerationActor(GenerationControl, Actor):
                             first_token_s=(out.first_token or now) - flight.arrived, total_s=now - flight.arrived)))
 
     async def _collect(self, flight: InFlight, msg: GenerateRequest, index: int, deltas: AsyncIterator[EngineDelta],
-                       out: _Output) -> None:
+                       out: SampleOutput) -> None:
         """Gather one engine run's deltas into ``out`` (streaming each as a chunk if asked)."""
         try:
             async for d in deltas:

@@ -29,7 +29,7 @@ from rollwire.weightsync.staged import STAGED
 if TYPE_CHECKING:
     import structlog
 
-    from rollwire.actors.generation import InFlight
+    from rollwire.actors.flights import InFlight
     from rollwire.engines.base import Engine
     from rollwire.runtime.metrics import Counters
 
