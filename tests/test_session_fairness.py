@@ -30,10 +30,10 @@ from rollwire.messages import (
     Appended,
     AppendTokens,
     ErrorCode,
-    ErrorReply,
     GenerateDone,
     Heartbeat,
     OpenSession,
+    RemoteError,
     SessionGenerate,
     StatusReply,
 )
@@ -71,11 +71,11 @@ async def expect(code: ErrorCode, call: Awaitable[Any]) -> RolloutError:
     return info.value
 
 
-async def refused_open(rc: RolloutClient) -> ErrorReply:
-    """An open whose raw reply must be a refusal (RolloutError does not carry retry_after_s)."""
-    reply = (await (await rc._sessions()).call(OpenSession(), timeout=30)).msg
-    assert isinstance(reply, ErrorReply), reply
-    return reply
+async def refused_open(rc: RolloutClient) -> RemoteError:
+    """An open that must be refused (the refusal carries code, message and retry_after_s)."""
+    with pytest.raises(RemoteError) as refused:
+        await (await rc._sessions()).call(OpenSession(), timeout=30)
+    return refused.value
 
 
 def impostor(rc: RolloutClient, session_id: str) -> Session:
