@@ -8,6 +8,7 @@ from rollwire.clients.rollout import (
     RolloutError,
 )
 from rollwire.clients.session import Session, Trajectory, TurnRecord
+from rollwire.fleet import RolloutFleet
 from rollwire.messages import ErrorCode, GenerateChunk, GenerateDone, SamplingParams, VersionSpan
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "RequestTimeout",
     "RolloutClient",
     "RolloutError",
+    "RolloutFleet",
     "SamplingParams",
     "Session",
     "TrainerPublisher",

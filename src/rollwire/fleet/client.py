@@ -1,0 +1,313 @@
+"""RolloutFleet: many rollout servers behind one client, with routing, health and failover.
+
+    async with RolloutFleet(["tcp://10.0.0.1:7500", "tcp://10.0.0.2:7500"]) as fleet:
+        out = await fleet.generate(prompt_ids, SamplingParams(max_new_tokens=256))
+
+One ``RolloutClient`` (one DEALER socket) per server: no extra hop. ``fleet/routing.py`` picks the
+server; all ``n`` samples of a prompt go to the same one; sessions stay on theirs.
+
+Health. Every ``health_interval_s`` each server is asked for health (version, governor state); a
+server that does not answer within ``health_timeout_s``, or whose calls fail with
+``server_unavailable`` (the client's liveness bound: nothing heard for ``liveness_s``), is evicted.
+It is re-admitted once it answers again *and* serves the fleet's current version (the highest any
+live server reported), so a restarted server does not serve stale weights to the fleet.
+
+Failover. A non-streamed request runs as a stream inside this client, so it knows every token it
+has. When its server dies (``server_unavailable``, ``shutting_down``, ``engine_dead``,
+``actor_restarted``), each unfinished sample continues on another live server from its prompt plus
+the tokens it already had, for the tokens it still may produce; its ``weight_version_spans`` cover
+every token, each with the version that made it, and ``usage`` counts the original prompt. Each
+request gets exactly one result or one typed error: no live server left, more than
+``max_failovers`` moves, or the caller's ``timeout`` (``RequestTimeout``; the request is aborted).
+A streamed request (``stream``) is not continued: it ends with the typed error, since its chunks
+were already delivered from the dead server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from rollwire.clients.rollout import GenerationStream, RolloutClient
+from rollwire.clients.session import Session
+from rollwire.fleet.routing import Policy, Router, ServerView
+from rollwire.messages import (
+    ErrorCode,
+    GenerateChunk,
+    GenerateDone,
+    RollwireError,
+    SamplingParams,
+    Timings,
+    Usage,
+    VersionSpan,
+)
+from rollwire.runtime.logging import get_logger
+from rollwire.transports.rpc import DEFAULT_LIVENESS_S, RequestTimeout
+from rollwire.transports.security import CurveClient
+
+log = get_logger("rollwire.fleet")
+
+SERVER_GONE = frozenset({ErrorCode.SERVER_UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.ENGINE_DEAD})
+TRY_ELSEWHERE = SERVER_GONE | {ErrorCode.ACTOR_RESTARTED, ErrorCode.OVERLOADED}
+
+
+class NoLiveServer(RollwireError):
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.SERVER_UNAVAILABLE, message)
+
+
+@dataclass
+class _Sample:
+    """One sample's output so far, across the servers it ran on."""
+
+    index: int
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    spans: list[VersionSpan] = field(default_factory=list)
+    done: GenerateDone | None = None
+
+
+def _extend_spans(spans: list[VersionSpan], more: Sequence[VersionSpan], offset: int) -> list[VersionSpan]:
+    out = list(spans)
+    for s in more:
+        if out and out[-1].version == s.version and out[-1].end == s.start + offset:
+            out[-1] = VersionSpan(s.version, out[-1].start, s.end + offset)
+        else:
+            out.append(VersionSpan(s.version, s.start + offset, s.end + offset))
+    return out
+
+
+class RolloutFleet:
+    def __init__(self, endpoints: Sequence[str], *, policy: Policy = "least_loaded", timeout: float | None = None,
+                 curve: CurveClient | None = None, liveness_s: float = DEFAULT_LIVENESS_S,
+                 health_interval_s: float = 1.0, health_timeout_s: float = 2.0, max_failovers: int = 3,
+                 prefix_tokens: int = 32, load_factor: float = 1.25) -> None:
+        if not endpoints:
+            raise ValueError("a fleet needs at least one endpoint")
+        self.timeout = timeout
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.max_failovers = max_failovers
+        self.servers = [ServerView(ep, RolloutClient(ep, curve=curve, liveness_s=liveness_s)) for ep in endpoints]
+        self.router = Router(self.servers, policy, prefix_tokens=prefix_tokens, load_factor=load_factor)
+        self.current_version = 0  # the highest version a live server reported
+        self.failovers = 0  # samples continued on another server
+        self.tokens_carried = 0  # tokens those samples had when their server died
+        self._health_task: asyncio.Task[None] | None = None
+        self._admitted = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> RolloutFleet:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> RolloutFleet:
+        for s in self.servers:
+            await s.client.__aenter__()
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="fleet-health")
+        return self
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        for s in self.servers:
+            await s.client.close()
+
+    async def wait_ready(self, servers: int = 1, timeout: float = 60.0) -> list[str]:
+        """Until ``servers`` servers are admitted; their endpoints."""
+        async with asyncio.timeout(timeout):
+            while len(self.router.live()) < servers:
+                self._admitted.clear()
+                await self._admitted.wait()
+        return [s.endpoint for s in self.router.live()]
+
+    # -- health ----------------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(s) for s in self.servers))
+            await asyncio.sleep(self.health_interval_s)
+
+    async def _check(self, s: ServerView) -> None:
+        try:
+            h = await s.client.health(timeout=self.health_timeout_s)
+        except RollwireError as e:
+            self._evict(s, f"health: {e.code.value}")
+            return
+        s.version, s.last_ok = h.weight_version, time.monotonic()
+        if s.alive:
+            self.current_version = max(self.current_version, h.weight_version)
+        elif h.weight_version >= self.current_version:
+            s.alive, s.why_out = True, ""
+            self.current_version = h.weight_version
+            log.info("server_admitted", endpoint=s.endpoint, version=h.weight_version)
+            self._admitted.set()
+        else:
+            s.why_out = f"serves version {h.weight_version}, the fleet is at {self.current_version}"
+
+    def _evict(self, s: ServerView, why: str) -> None:
+        if s.alive:
+            s.alive, s.evictions = False, s.evictions + 1
+            log.warning("server_evicted", endpoint=s.endpoint, reason=why)
+        s.why_out = why
+
+    # -- requests --------------------------------------------------------------------------------
+    def _choose(self, input_ids: Sequence[int], samples: int, min_version: int,
+                exclude: Sequence[ServerView] = ()) -> ServerView:
+        s = self.router.choose(input_ids, samples, min_version, exclude)
+        if s is None:
+            out = {v.endpoint: v.why_out for v in self.servers}
+            raise NoLiveServer(f"no live server to run on ({out})")
+        return s
+
+    async def generate(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
+                       return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
+                       ) -> GenerateDone | list[GenerateDone]:
+        """As ``RolloutClient.generate``, continued on another server if its server dies."""
+        sp = sampling_params or SamplingParams()
+        limit = timeout if timeout is not None else self.timeout
+        samples = [_Sample(i) for i in range(sp.n)]
+        run = self._run(list(input_ids), sp, samples, return_logprob, min_version)
+        try:
+            outs = await (asyncio.wait_for(run, limit) if limit is not None else run)
+        except TimeoutError:
+            raise RequestTimeout(f"no result within {limit}s") from None
+        return outs[0] if sp.n == 1 else outs
+
+    async def _run(self, prompt: list[int], sp: SamplingParams, samples: list[_Sample], return_logprob: bool,
+                   min_version: int) -> list[GenerateDone]:
+        server = self._choose(prompt, sp.n, min_version)
+        tried = [server]
+        failure = await self._attempt(server, prompt, sp, samples, return_logprob, min_version)
+        moves = 0
+        while failure is not None:
+            left = [s for s in samples if s.done is None]
+            moves += 1
+            if moves > self.max_failovers:
+                raise failure
+            # each unfinished sample goes on by itself, from its prompt plus the tokens it has
+            conts = []
+            for s in left:
+                remaining = sp.max_new_tokens - len(s.ids)
+                if remaining <= 0:
+                    s.done = self._finish(s, prompt, None, "length")
+                    continue
+                params = msgspec.structs.replace(sp, n=1, max_new_tokens=remaining,
+                                                 seed=None if sp.seed is None else sp.seed + s.index)
+                nxt = self._choose(prompt, 1, min_version, exclude=tried)
+                self.failovers += 1
+                tried.append(nxt)
+                conts.append(self._attempt(nxt, prompt, params, [s], return_logprob, min_version))
+            results = await asyncio.gather(*conts)
+            failure = next((f for f in results if f is not None), None)
+        return [s.done for s in samples]  # type: ignore[misc]
+
+    async def _attempt(self, server: ServerView, prompt: list[int], sp: SamplingParams, samples: list[_Sample],
+                       return_logprob: bool, min_version: int) -> RollwireError | None:
+        """Run ``samples`` on ``server`` (continuing from their tokens); the error that should move
+        them elsewhere, or None when all are done. Any other error is raised: it is the request's."""
+        server.in_flight += len(samples)
+        server.routed += 1
+        base = [len(s.ids) for s in samples]
+        ids = prompt + samples[0].ids if len(samples) == 1 else prompt
+        stream: GenerationStream = server.client.stream(ids, sp, return_logprob=return_logprob,
+                                                        min_version=min_version, timeout=None)
+        try:
+            async for msg in stream:
+                s = samples[msg.index] if len(samples) > 1 else samples[0]
+                if isinstance(msg, GenerateChunk):
+                    self._add_chunk(s, msg)
+                    server.tokens += len(msg.token_ids)
+                else:
+                    s.done = self._finish(s, prompt, msg, msg.finish_reason, base[samples.index(s)])
+            return None
+        except RollwireError as e:
+            if e.code not in TRY_ELSEWHERE:
+                raise
+            if e.code in SERVER_GONE:
+                self._evict(server, f"request failed: {e.code.value}")
+            server.failures += sum(s.done is None for s in samples)
+            self.tokens_carried += sum(len(s.ids) for s in samples if s.done is None)
+            log.warning("request_moves", endpoint=server.endpoint, code=e.code.value,
+                        samples=[(s.index, len(s.ids)) for s in samples if s.done is None])
+            return e
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stream.abort()  # cancelled (the caller's timeout): stop the work there
+            raise
+        finally:
+            server.in_flight -= len(samples)
+
+    @staticmethod
+    def _add_chunk(s: _Sample, chunk: GenerateChunk) -> None:
+        n = len(chunk.token_ids)
+        s.spans = _extend_spans(s.spans, [VersionSpan(chunk.weight_version, 0, n)], len(s.ids))
+        s.ids += chunk.token_ids
+        if chunk.logprobs is not None:
+            s.logprobs += chunk.logprobs
+
+    @staticmethod
+    def _finish(s: _Sample, prompt: list[int], done: GenerateDone | None, reason: Any, base: int = 0) -> GenerateDone:
+        """The sample's one result: the tokens of every server it ran on (``base``: how many it had
+        when this server took it; the server's GenerateDone is authoritative for the rest)."""
+        if done is not None:
+            s.ids = s.ids[:base] + list(done.output_ids)
+            s.logprobs = s.logprobs[:base] + list(done.output_logprobs or [])
+            kept = [VersionSpan(sp.version, sp.start, min(sp.end, base)) for sp in s.spans if sp.start < base]
+            s.spans = _extend_spans(kept, done.weight_version_spans, base)
+        last = done or GenerateDone(output_ids=[], finish_reason="length", weight_version=0,
+                                    usage=Usage(prompt_tokens=0, completion_tokens=0),
+                                    timings=Timings(queued_s=0.0, first_token_s=0.0, total_s=0.0))
+        return GenerateDone(index=s.index, output_ids=s.ids, output_logprobs=s.logprobs if last.output_logprobs
+                            is not None or s.logprobs else None, finish_reason=reason,
+                            weight_version=s.spans[-1].version if s.spans else last.weight_version,
+                            weight_version_spans=s.spans,
+                            usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(s.ids),
+                                        cached_tokens=last.usage.cached_tokens),
+                            timings=last.timings)
+
+    def stream(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
+               return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
+               ) -> AsyncIterator[GenerateChunk | GenerateDone]:
+        """A streamed request on one server; if it dies, the stream ends with its typed error."""
+        sp = sampling_params or SamplingParams()
+        server = self._choose(input_ids, sp.n, min_version)
+        return self._stream(server, server.client.stream(input_ids, sp, return_logprob=return_logprob,
+                                                         min_version=min_version,
+                                                         timeout=timeout if timeout is not None else self.timeout),
+                            sp.n)
+
+    async def _stream(self, server: ServerView, stream: GenerationStream, n: int,
+                      ) -> AsyncIterator[GenerateChunk | GenerateDone]:
+        server.in_flight += n
+        server.routed += 1
+        try:
+            async for msg in stream:
+                yield msg
+        except RollwireError as e:
+            if e.code in SERVER_GONE:
+                self._evict(server, f"stream failed: {e.code.value}")
+            raise
+        finally:
+            server.in_flight -= n
+
+    def session(self, **kw: Any) -> Session:
+        """A session on one server (the least loaded now); it stays there."""
+        return self._choose([], 1, 0).client.session(**kw)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {s.endpoint: {"alive": s.alive, "version": s.version, "in_flight": s.in_flight, "routed": s.routed,
+                             "tokens": s.tokens, "failures": s.failures, "evictions": s.evictions, "why_out": s.why_out}
+                for s in self.servers}
+
+

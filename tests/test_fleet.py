@@ -1,0 +1,126 @@
+"""RolloutFleet against real `rollwire serve` processes on localhost: routing, eviction, failover
+of in-flight requests when a server is SIGKILLed, and re-admission of the restarted server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from rollwire import GenerateDone, RolloutClient, RolloutFleet, SamplingParams
+from rollwire.fleet.routing import Router, ServerView
+from rollwire.transports.sockets import free_tcp_endpoint
+
+GREEDY = SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True)
+
+
+def serve(endpoint: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "hf",
+                             "--model", "tiny", "--rollout-endpoint", endpoint],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
+    eps = [free_tcp_endpoint() for _ in range(3)]
+    procs = [serve(ep) for ep in eps]
+    try:
+        yield eps, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+async def until(what, why: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"timed out waiting for {why}"
+        await asyncio.sleep(0.02)
+
+
+def check_spans(out: GenerateDone) -> None:
+    """Spans are contiguous from 0 and cover every token."""
+    assert out.weight_version_spans and out.weight_version_spans[0].start == 0, out.weight_version_spans
+    for a, b in zip(out.weight_version_spans, out.weight_version_spans[1:], strict=False):
+        assert a.end == b.start, out.weight_version_spans
+    assert out.weight_version_spans[-1].end == len(out.output_ids)
+
+
+async def test_requests_on_a_killed_server_continue_elsewhere_and_the_restarted_server_rejoins(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    eps, procs = servers
+    prompts = [[3 + i % 11, 7, 11 + i] for i in range(18)]
+    async with RolloutFleet(eps, liveness_s=2.0, health_interval_s=0.5) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        # the reference: each prompt's greedy output on one server, uninterrupted
+        ref = await asyncio.gather(*(fleet.generate(p, GREEDY) for p in prompts))
+        victim = fleet.servers[0]
+        before = victim.tokens
+        running = [asyncio.ensure_future(fleet.generate(p, GREEDY, return_logprob=True)) for p in prompts]
+        await until(lambda: victim.in_flight >= 3 and victim.tokens - before >= 20 * victim.in_flight,
+                    "requests generating on the victim")
+        on_victim = victim.in_flight
+        procs[0].send_signal(signal.SIGKILL)
+        outs = await asyncio.wait_for(asyncio.gather(*running), 240)
+        # every request: exactly one result, complete, its spans cover every token
+        assert len(outs) == len(prompts)
+        for out in outs:
+            assert isinstance(out, GenerateDone) and out.finish_reason == "length", out
+            assert len(out.output_ids) == GREEDY.max_new_tokens
+            assert len(out.output_logprobs or []) == len(out.output_ids)
+            assert out.usage.prompt_tokens == 3
+            check_spans(out)
+        # continued from prompt + the tokens it had: the same greedy tokens as uninterrupted
+        for out, want in zip(outs, ref, strict=True):
+            assert out.output_ids == want.output_ids  # type: ignore[union-attr]
+        assert not victim.alive and victim.evictions == 1 and victim.failures == on_victim, fleet.stats()
+        assert fleet.failovers == on_victim
+        assert fleet.tokens_carried >= 20 * on_victim  # they went on from their tokens, not from scratch
+        print(f"fleet: {on_victim} requests moved off the killed server; stats {fleet.stats()}")
+        # restarted at the same endpoint: admitted again (it serves the fleet's version, 0)
+        procs[0] = serve(eps[0])
+        await until(lambda: victim.alive, "the restarted server re-admitted", timeout=180)
+        again = await fleet.generate(prompts[0], GREEDY)
+        assert again.output_ids == ref[0].output_ids  # type: ignore[union-attr]
+
+
+async def test_a_request_fails_typed_when_no_server_is_left() -> None:
+    ep = free_tcp_endpoint()
+    proc = serve(ep)
+    try:
+        async with RolloutFleet([ep], liveness_s=2.0, health_interval_s=0.5) as fleet:
+            await fleet.wait_ready(timeout=180)
+            running = asyncio.ensure_future(fleet.generate([1, 2, 3], SamplingParams(max_new_tokens=4000,
+                                                                                  ignore_eos=True)))
+            await until(lambda: fleet.servers[0].in_flight == 1, "the request running")
+            proc.send_signal(signal.SIGKILL)
+            with pytest.raises(Exception) as err:
+                await asyncio.wait_for(running, 60)
+            assert getattr(err.value, "code", None) is not None and err.value.code.value == "server_unavailable"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_power_of_two_choices_spreads_a_burst_and_the_prefix_policy_holds_only_under_its_load_gate() -> None:
+    views = [ServerView(f"s{i}", RolloutClient(f"tcp://127.0.0.1:{9000 + i}"), alive=True) for i in range(4)]
+    router = Router(views)
+    for _ in range(400):  # a burst: each choice adds one in flight
+        router.choose([1, 2, 3]).in_flight += 1  # type: ignore[union-attr]
+    loads = [v.in_flight for v in views]
+    assert max(loads) - min(loads) <= 12, loads  # p2c: within a few of each other, never all on one
+    sticky = Router(views, "prefix", prefix_tokens=2)
+    owner = sticky.choose([5, 6, 99])
+    assert all(sticky.choose([5, 6, i]) is owner for i in range(20))  # same prefix, same server
+    assert owner is not None
+    owner.in_flight += 200  # far above the gate: the prefix yields to the load
+    assert sticky.choose([5, 6, 7]) is not owner
+    views[1].alive = False
+    assert all(router.choose([1]) is not views[1] for _ in range(50))  # evicted: never chosen
