@@ -40,7 +40,9 @@ async def test_serve_answers_generate_and_ctrl_c_gives_in_flight_requests_a_term
 
             in_flight = [asyncio.ensure_future(rc.generate([i + 1, 2], SamplingParams(
                 max_new_tokens=4000, temperature=0.0, ignore_eos=True))) for i in range(3)]
-            await asyncio.sleep(0.5)
+            async with asyncio.timeout(60):  # Ctrl-C with all three generating (the server's own count)
+                while (await rc.status()).counters.get("samples_in_flight", 0) < 3:
+                    await asyncio.sleep(0.02)
             proc.send_signal(signal.SIGINT)
             outs = await asyncio.gather(*in_flight)
         # every in-flight request got its terminal reply: aborted, with the partial output

@@ -15,6 +15,8 @@ from rollwire.server import RolloutServer, ServerConfig
 from rollwire.transports.sockets import ipc_endpoint
 from tests.versioned import check_spans, send_version, version_state
 
+from .conftest import until
+
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
 
 
@@ -105,12 +107,12 @@ async def test_a_turn_in_flight_during_a_weight_push_continues_and_the_next_turn
     next turn reuses it; in_place kept version 0's KV under it, so the next turn recomputes."""
     ep = ipc_endpoint("sess-push")
     long_turn = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep, pause_policy=policy)), \
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep, pause_policy=policy)) as srv, \
             RolloutClient(ep, timeout=120) as rc, rc.session(max_tokens=2048) as s:
         await s.generate([5, 6, 7], GREEDY)
         history = s.trajectory().token_ids
         turn = asyncio.ensure_future(s.generate([8], long_turn))
-        await asyncio.sleep(0.3)
+        await until(lambda: srv.generation._running_samples == 1, "the turn generating")
         assert (await send_version(1, version_state(1))).__class__.__name__ == "VersionApplied"
         done = await turn
         assert [sp.version for sp in done.weight_version_spans] == [0, 1], done.weight_version_spans

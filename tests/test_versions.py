@@ -20,10 +20,10 @@ SP = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
 
 async def test_a_request_with_min_version_waits_until_that_version_is_live() -> None:
     ep = free_tcp_endpoint()
-    async with RolloutServer(ServerConfig(rollout_endpoint=ep)), RolloutClient(ep, timeout=60) as rc:
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc:
         waiting = asyncio.ensure_future(rc.generate([2, 4, 6], SamplingParams(max_new_tokens=6, temperature=0.0,
                                                                               ignore_eos=True), min_version=1))
-        await asyncio.sleep(0.3)
+        await until(lambda: len(srv.generation.in_flight) == 1, "the request admitted (and waiting)")
         assert not waiting.done()  # version 0 is live: it has not started
         await apply_version(1)
         out = await waiting
@@ -59,7 +59,7 @@ async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_ve
         plain = [asyncio.ensure_future(rc.generate([3, i, 9], long)) for i in range(4)]
         stream = rc.stream([3, 7, 7], long)
         await stream.__anext__()  # started under version 0
-        await asyncio.sleep(0.2)
+        await until(lambda: srv.generation._running_samples == 5, "all five requests generating")
         await apply_version(1)
         streamed = [m async for m in stream if isinstance(m, GenerateDone)]
         outs = [await p for p in plain]
@@ -99,7 +99,7 @@ async def test_a_request_aborted_while_waiting_for_min_version_ends_with_abort_a
     async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc:
         stream = rc.stream([2, 4, 6], SamplingParams(max_new_tokens=6), min_version=5)
         pending = asyncio.ensure_future(stream.__anext__())  # sends the request; it waits for version 5
-        await asyncio.sleep(0.2)
+        await until(lambda: len(srv.generation.in_flight) == 1, "the request admitted (and waiting)")
         await stream.abort()
         done = await pending
         assert isinstance(done, GenerateDone) and done.finish_reason == "abort" and done.output_ids == []

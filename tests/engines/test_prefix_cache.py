@@ -134,14 +134,16 @@ async def test_an_aborted_session_request_keeps_no_prefix(engine: HFEngine) -> N
     sp = SamplingParams(max_new_tokens=2000, temperature=0.0, ignore_eos=True)
     req = EngineRequest(rid="long", input_ids=list(range(10, 40)), params=sp, session_id="s")
     reasons = []
+    generating = asyncio.Event()
 
     async def consume() -> None:
         async for d in engine.generate(req):
+            generating.set()
             if d.finish_reason:
                 reasons.append(d.finish_reason)
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(generating.wait(), 60)  # aborted mid-generation, its prefix cached so far
     await engine.abort("long")
     await task
     assert reasons == ["abort"]
