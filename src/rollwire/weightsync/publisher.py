@@ -252,8 +252,13 @@ class TrainerPublisher:
         return sorted(futs)
 
     async def push_weights(self, version: int, tensors: NamedTensors, transport: str = "auto",
-                           step: int | None = None) -> PushReport:
-        """Push one weight version; returns once every joined receiver applied it."""
+                           step: int | None = None, require_all: bool = True) -> PushReport:
+        """Push one weight version to every joined receiver; returns once each applied it or failed.
+        ``require_all`` (default): any failure raises ``PushError`` naming each receiver and why.
+        Without it (a fleet, where each server applies on its own) the report names the failed ones
+        (``PushReport.failed``) and raises only if none applied. A receiver that did not answer within
+        ``timeout_s`` is no longer counted as joined: later pushes do not wait for it until it
+        acknowledges a beacon again."""
         if self._closed or self._pub is None:
             raise RuntimeError("TrainerPublisher is not started (use 'async with')")
         self._check_alive()
@@ -292,11 +297,15 @@ class TrainerPublisher:
             finally:
                 self._push = None
                 self._pack_buf = push.served.pack_buf
-            if failures:
+            for rid, why in failures.items():
+                if why.startswith("timed out") and rid in self.receivers:
+                    self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
+            if failures and (require_all or len(failures) == len(push.outcomes)):
                 sender.failed()
                 raise PushError(f"version {version}", failures)
-            report = PushReport(version, time.monotonic() - t0, push.total_bytes, sorted(push.outcomes), chosen,
-                                prepare_s)
+            applied = sorted(set(push.outcomes) - set(failures))
+            report = PushReport(version, time.monotonic() - t0, push.total_bytes, applied, chosen, prepare_s,
+                                failed=failures, bytes_sent=push.bytes_sent)
             log.info("weights_pushed", version=version, transport=chosen, bytes=push.total_bytes,
                      seconds=round(report.seconds, 4), prepare_s=round(prepare_s, 4),
                      before_prepare_s=round(t_prepare - t0, 4), receivers=len(receivers))
@@ -490,7 +499,8 @@ class TrainerPublisher:
             return
         async with push.credits(peer, self.credit_window):
             buf, digest = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
-            await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=digest), [buf])
+            if await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=digest), [buf]):
+                push.bytes_sent += memoryview(buf).nbytes
 
     async def _beacon_loop(self) -> None:
         assert self._pub is not None

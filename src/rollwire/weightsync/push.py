@@ -30,6 +30,8 @@ class PushReport:
     receivers: list[str]  # every receiver that applied it
     transport: str
     prepare_s: float = 0.0  # of ``seconds``: packing, checksums (gloo/nccl: the group's set-up), up to the announcement
+    failed: dict[str, str] = field(default_factory=dict)  # receiver -> why (only with require_all=False)
+    bytes_sent: int = 0  # bucket bytes this trainer sent over its sockets for the push (inline: per receiver)
 
 
 class PushError(Exception):
@@ -112,6 +114,7 @@ class Push:
         self.device: torch.device | None = None  # cuda_ipc/nccl: the GPU holding the tensors
         self.nccl_arena: torch.Tensor | None = None  # nccl: the packed CUDA arena, buckets at ``offsets``
         self._credits: dict[bytes, asyncio.Semaphore] = {}
+        self.bytes_sent = 0  # bucket bytes sent on the ROUTER (inline pulls)
         self.started = time.monotonic()
 
     # -- outcomes --------------------------------------------------------------------------------
