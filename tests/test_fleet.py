@@ -124,3 +124,29 @@ def test_power_of_two_choices_spreads_a_burst_and_the_prefix_policy_holds_only_u
     assert sticky.choose([5, 6, 7]) is not owner
     views[1].alive = False
     assert all(router.choose([1]) is not views[1] for _ in range(50))  # evicted: never chosen
+
+
+async def test_a_session_whose_server_dies_moves_by_replaying_its_history_and_its_trajectory_goes_on(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    eps, procs = servers
+    turn = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+
+    async def episode(fleet: RolloutFleet, kill: bool) -> tuple[list[int], list[int], list[float], int]:
+        async with fleet.session(max_tokens=1024) as s:
+            await s.generate([5, 6, 7], turn)
+            await s.append([9, 9])
+            await s.generate([], turn)
+            if kill:
+                procs[eps.index(s.endpoint)].send_signal(signal.SIGKILL)
+            await s.generate([4], turn)  # on another server after a replay, if its own died
+            t = s.trajectory()
+            return t.token_ids, t.loss_mask, t.logprobs, s.moves
+
+    async with RolloutFleet(eps, liveness_s=2.0, health_interval_s=0.5) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        want_ids, want_mask, want_lps, _ = await episode(fleet, kill=False)
+        ids, mask, lps, moves = await episode(fleet, kill=True)
+    assert moves == 1
+    assert ids == want_ids and mask == want_mask  # the same greedy turns, roles and mask as uninterrupted
+    assert len(ids) == 3 + 24 + 2 + 24 + 1 + 24 and sum(mask) == 72
+    assert all(abs(a - b) < 1e-3 for a, b in zip(lps, want_lps, strict=True))

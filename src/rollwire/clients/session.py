@@ -102,6 +102,21 @@ class Session:
         self.id = opened.session_id
         return opened
 
+    async def replay(self, record: Session) -> None:
+        """Open this session and give it ``record``'s whole history in one append, so the next turn
+        prefills it once; the trajectory then goes on from ``record``'s, roles and all. How a session
+        moves to another server when its own died (``rollwire.fleet``)."""
+        record._check_synced()
+        await self.open()
+        if record._ids:
+            done: Appended = await self._call(AppendTokens(session_id=self.id, token_ids=list(record._ids)))
+            if done.length != len(record._ids):
+                self._desynced = True
+                raise SessionDesynced(f"session {self.id}: replayed {len(record._ids)} tokens, the server "
+                                      f"holds {done.length}")
+        self._ids, self._mask, self._lps = list(record._ids), list(record._mask), list(record._lps)
+        self._turns = list(record._turns)
+
     async def append(self, token_ids: Sequence[int]) -> int:
         """An environment turn (loss_mask 0); returns the history length."""
 

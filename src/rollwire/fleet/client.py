@@ -301,9 +301,10 @@ class RolloutFleet:
         finally:
             server.in_flight -= n
 
-    def session(self, **kw: Any) -> Session:
-        """A session on one server (the least loaded now); it stays there."""
-        return self._choose([], 1, 0).client.session(**kw)
+    def session(self, **kw: Any) -> FleetSession:
+        """A session on one server (chosen when it opens); it stays there unless that server dies,
+        then it moves to another by replaying its history from this client's record."""
+        return FleetSession(self, kw)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {s.endpoint: {"alive": s.alive, "version": s.version, "in_flight": s.in_flight, "routed": s.routed,
@@ -311,3 +312,74 @@ class RolloutFleet:
                 for s in self.servers}
 
 
+
+
+class FleetSession:
+    """A ``Session`` that survives its server: ``open``, ``append``, ``generate``, ``trajectory``,
+    ``close`` as on ``Session``. When a call fails because the server is gone, the session opens on
+    another live server, replays the whole history there in one append (one prefill on the next
+    turn), and the call runs again; the trajectory, roles and loss mask included, goes on unbroken.
+    A call that the dead server may have half done (a turn's output) is lost with it: the turn runs
+    again on the new server."""
+
+    def __init__(self, fleet: RolloutFleet, kw: dict[str, Any]) -> None:
+        self._fleet = fleet
+        self._kw = kw
+        self._session: Session | None = None
+        self._server: ServerView | None = None
+        self.moves = 0  # servers it moved away from
+
+    async def __aenter__(self) -> FleetSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.__aexit__(*exc)
+
+    @property
+    def id(self) -> str:
+        return self._session.id if self._session is not None else ""
+
+    @property
+    def endpoint(self) -> str:
+        return self._server.endpoint if self._server is not None else ""
+
+    async def open(self) -> None:
+        self._server = self._fleet._choose([], 1, 0)
+        self._session = self._server.client.session(**self._kw)
+        await self._session.open()
+
+    async def append(self, token_ids: Sequence[int]) -> int:
+        return await self._moving(lambda s: s.append(token_ids))  # type: ignore[no-any-return]
+
+    async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
+                       **kw: Any) -> GenerateDone:
+        return await self._moving(lambda s: s.generate(input_ids, sampling_params, **kw))  # type: ignore[no-any-return]
+
+    def trajectory(self) -> Any:
+        assert self._session is not None, "session is not open"
+        return self._session.trajectory()
+
+    async def close(self) -> Any:
+        assert self._session is not None, "session is not open"
+        return await self._session.close()
+
+    async def _moving(self, call: Any) -> Any:
+        assert self._session is not None and self._server is not None, "session is not open"
+        tried = [self._server]
+        while True:
+            try:
+                return await call(self._session)
+            except RollwireError as e:
+                if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
+                    raise
+                self._fleet._evict(self._server, f"session call failed: {e.code.value}")
+                nxt = self._fleet._choose([], 1, 0, exclude=tried)
+                moved = nxt.client.session(**self._kw)
+                await moved.replay(self._session)
+                log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint,
+                            tokens=len(self._session.trajectory().token_ids))
+                self._session, self._server = moved, nxt
+                self.moves += 1
+                tried.append(nxt)
