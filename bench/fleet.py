@@ -1,0 +1,191 @@
+"""A fleet of `rollwire serve` processes (hf, tiny model) behind one RolloutFleet.
+
+1. aggregate: tokens/s of 1, 2 and 4 servers behind one client (closed loop, ``--per-server``
+   greedy requests in flight per server), against the sum of each server measured alone with the
+   same load (the floor in the same run); target >= 0.9. On a machine with fewer cores than
+   servers they share the cores, and the ratio says so.
+2. failover: with requests running, one server is SIGKILLed; the time from the kill until every
+   request it held runs on another server, against the client's heartbeat interval (1 s); target
+   <= 2 intervals. It is bounded by the fleet's liveness bound (``--liveness``).
+3. fan-out: a TrainerPublisher pushing the tiny model to 1 and to 4 servers on this host, shm and
+   inline: trainer bytes sent on its socket and time to all applied (medians of ``--pushes``).
+
+    python bench/fleet.py [--quick] [--repeats 3] [--out bench/out/fleet.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rollwire import RolloutClient, RolloutFleet, SamplingParams
+from rollwire.transports.sockets import free_tcp_endpoint
+
+SP = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+def serve(endpoint: str, trainer: str | None = None, rid: str = "") -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "error", "serve", "--engine", "hf", "--model", "tiny",
+           "--rollout-endpoint", endpoint]
+    if trainer:
+        cmd += ["--trainer-endpoint", trainer, "--receiver-id", rid]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def closed_loop(gen: Any, concurrency: int, seconds: float) -> float:
+    """Tokens/s with ``concurrency`` requests always in flight through ``gen``."""
+    tokens = 0
+    end = time.monotonic() + seconds
+
+    async def loop(i: int) -> None:
+        nonlocal tokens
+        k = 0
+        while time.monotonic() < end:
+            out = await gen([3 + i % 200, 7 + k % 50, 11])
+            tokens += len(out.output_ids)
+            k += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(loop(i) for i in range(concurrency)))
+    return tokens / (time.monotonic() - t0)
+
+
+async def aggregate(eps: list[str], per_server: int, seconds: float, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in (1, 2, 4):
+        fleet_tps, alone_sum = [], []
+        for _ in range(repeats):
+            alone = []
+            for ep in eps[:n]:
+                async with RolloutClient(ep) as rc:
+                    alone.append(await closed_loop(lambda p, rc=rc: rc.generate(p, SP), per_server, seconds))
+            async with RolloutFleet(eps[:n]) as fleet:
+                await fleet.wait_ready(servers=n, timeout=120)
+                fleet_tps.append(await closed_loop(lambda p, f=fleet: f.generate(p, SP), per_server * n, seconds))
+            alone_sum.append(sum(alone))
+        f, a = statistics.median(fleet_tps), statistics.median(alone_sum)
+        rows.append({"servers": n, "fleet_tokens_s": round(f, 1), "sum_alone_tokens_s": round(a, 1),
+                     "ratio": round(f / a, 3), "runs_fleet": [round(x, 1) for x in fleet_tps],
+                     "runs_sum_alone": [round(x, 1) for x in alone_sum]})
+    return rows
+
+
+async def failover(liveness_s: float, repeats: int) -> dict[str, Any]:
+    times, moved = [], []
+    for _ in range(repeats):
+        eps = [free_tcp_endpoint() for _ in range(3)]
+        procs = [serve(ep) for ep in eps]
+        try:
+            async with RolloutFleet(eps, liveness_s=liveness_s, health_interval_s=0.5) as fleet:
+                await fleet.wait_ready(servers=3, timeout=120)
+                long = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+                running = [asyncio.ensure_future(fleet.generate([5, i, 9], long)) for i in range(12)]
+                victim = fleet.servers[0]
+                deadline = time.monotonic() + 60
+                while victim.tokens < 10 * max(1, victim.in_flight) or victim.in_flight == 0:
+                    assert time.monotonic() < deadline, "no requests generating on the victim"
+                    await asyncio.sleep(0.01)
+                held = victim.in_flight
+                base = fleet.failovers
+                procs[0].send_signal(signal.SIGKILL)
+                t0 = time.monotonic()
+                while fleet.failovers - base < held:
+                    assert time.monotonic() < t0 + 60, "requests did not move"
+                    await asyncio.sleep(0.005)
+                times.append(time.monotonic() - t0)
+                moved.append(held)
+                await asyncio.gather(*running)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    med = statistics.median(times)
+    return {"liveness_s": liveness_s, "heartbeat_s": 1.0, "death_to_running_elsewhere_s": round(med, 3),
+            "in_heartbeats": round(med / 1.0, 2), "runs_s": [round(t, 3) for t in times], "requests_moved": moved}
+
+
+async def fanout(pushes: int) -> list[dict[str, Any]]:
+    from rollwire.models import tiny
+    from rollwire.weightsync.publisher import TrainerPublisher
+
+    rows = []
+    for n in (1, 4):
+        trainer = free_tcp_endpoint()
+        eps = [free_tcp_endpoint() for _ in range(n)]
+        procs = [serve(ep, trainer, f"s{i}") for i, ep in enumerate(eps)]
+        version = 0
+        try:
+            async with TrainerPublisher(trainer, min_receivers=n, timeout_s=120) as tp:
+                for transport in ("shm", "inline"):
+                    secs, sent = [], []
+                    for _ in range(pushes):
+                        version += 1
+                        state = tiny(seed=version)[0].state_dict()
+                        r = await tp.push_weights(version, state, transport=transport)
+                        secs.append(r.seconds)
+                        sent.append(r.bytes_sent)
+                    rows.append({"servers": n, "transport": transport, "version_bytes": r.bytes,
+                                 "trainer_bytes_sent": statistics.median(sent),
+                                 "push_to_all_applied_ms": round(statistics.median(secs) * 1000, 2)})
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    return rows
+
+
+async def main(a: argparse.Namespace) -> dict[str, Any]:
+    eps = [free_tcp_endpoint() for _ in range(4)]
+    procs = [serve(ep) for ep in eps]
+    try:
+        for ep in eps:
+            async with RolloutClient(ep) as rc:
+                await rc.wait_ready(timeout=120)
+        agg = await aggregate(eps, a.per_server, a.seconds, a.repeats)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return {"aggregate": agg, "failover": await failover(a.liveness, a.repeats), "fanout": await fanout(a.pushes)}
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9)"]
+    lines += [f"{r['servers']:>7}  {r['fleet_tokens_s']:>11}  {r['sum_alone_tokens_s']:>15}  {r['ratio']:>5}"
+              for r in res["aggregate"]]
+    f = res["failover"]
+    lines.append(f"failover: death -> running elsewhere {f['death_to_running_elsewhere_s']} s = "
+                 f"{f['in_heartbeats']} heartbeats (target <= 2; liveness bound {f['liveness_s']} s)")
+    lines.append("fan-out  servers  transport  trainer bytes sent  push to all applied (ms)")
+    lines += [f"         {r['servers']:>7}  {r['transport']:>9}  {r['trainer_bytes_sent']:>18}  "
+              f"{r['push_to_all_applied_ms']:>10}" for r in res["fanout"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 3 s per measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--per-server", type=int, default=8)
+    ap.add_argument("--liveness", type=float, default=2.0)
+    ap.add_argument("--pushes", type=int, default=5)
+    ap.add_argument("--out", default="bench/out/fleet.json")
+    a = ap.parse_args()
+    if a.quick:
+        a.repeats, a.seconds, a.pushes = 1, 3.0, 3
+    res = asyncio.run(main(a))
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "args": vars(a)}
+    print(table(res))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
