@@ -1,4 +1,4 @@
-"""Command line: ``rollwire serve | generate | status | keys | demo | bench``."""
+"""Command line: ``rollwire serve | gateway | generate | status | keys | demo | bench``."""
 
 from __future__ import annotations
 
@@ -179,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run a rollout server in the foreground (Ctrl-C stops it)")
     add_server_args(s)
 
+    gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP face in front of a rollout server")
+    from rollwire.gateway.server import add_gateway_args
+
+    add_gateway_args(gw)
+
     g = sub.add_parser("generate", help="send one request, print the output as JSON")
     g.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
     g.add_argument("--input-ids", required=True, help="comma-separated token ids, e.g. 1,5,9")
@@ -219,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     if a.cmd == "keys":
         return _keys(a)
+    if a.cmd == "gateway":
+        from rollwire.gateway.server import run_gateway
+
+        return run_gateway(a)
     if a.cmd == "generate":
         return int(run(_generate(a)))  # type: ignore[call-overload]
     if a.cmd == "status":

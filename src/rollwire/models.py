@@ -26,6 +26,26 @@ from transformers import (
 TINY_VOCAB = 512
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2; then one id per printable ASCII character
+# chat markers, added after the characters (ids 103-106): one token each, never split by the pre-tokenizer
+IM_START, IM_END, TOOL_CALL, TOOL_CALL_END = "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"
+CHAT_TOKENS = (IM_START, IM_END, TOOL_CALL, TOOL_CALL_END)
+# The tiny model's chat template: Qwen's shape (ChatML turns, tools listed in the system turn, Hermes
+# tool calls ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), kept short for CPU tests.
+TINY_CHAT_TEMPLATE = (
+    "{%- set sys = messages[0].content if messages and messages[0].role == 'system' else none %}"
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{% if sys %}{{- sys + '\\n' }}{% endif %}{{- 'Tools:' }}"
+    "{%- for t in tools %}{{- '\\n' }}{{- t | tojson }}{% endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif sys is not none %}{{- '<|im_start|>system\\n' + sys + '<|im_end|>\\n' }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and loop.first %}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' + (m.content or '') }}"
+    "{%- for c in m.tool_calls or [] %}{{- '<tool_call>{\"name\": \"' + c.function.name + '\", \"arguments\": ' }}"
+    "{%- if c.function.arguments is string %}{{- c.function.arguments }}{% else %}{{- c.function.arguments | tojson }}"
+    "{%- endif %}{{- '}</tool_call>' }}{% endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{% endif %}"
+)
 TINY_INIT_STD = 0.15  # wider than the usual 0.02: activations that carry the prompt through
 TINY_HEAD_STD = 0.5  # lm_head: logits of std ~4, so greedy picks have clear margins over float noise
 
@@ -48,8 +68,9 @@ def tiny_config() -> Qwen2Config:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, then printable ASCII."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """Character-level tokenizer: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, then printable ASCII, then
+    the chat markers (``CHAT_TOKENS``); ``chat_template`` is ``TINY_CHAT_TEMPLATE``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = sorted(set(string.printable))
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *chars))}
@@ -57,10 +78,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    # the turn markers are special (skipped when decoding); tool-call markers are text, as in Qwen's tokenizer
+    tok.add_tokens([AddedToken(t, special=t in (IM_START, IM_END), normalized=False) for t in CHAT_TOKENS])
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=PAD,
         clean_up_tokenization_spaces=False,
     )
+    out.chat_template = TINY_CHAT_TEMPLATE
+    return out
 
 
 def tiny(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

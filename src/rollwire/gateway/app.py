@@ -1,0 +1,628 @@
+"""The routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and the
+trajectory routes (GET/DELETE /v1/sessions/{id}[/trajectory]).
+
+Every request is validated before anything is sent (schemas.py); every failure leaves as an
+OpenAI-shaped error (errors.py), FastAPI's own 404/405/422 included. A plain request goes to the
+server as one token request (streamed when the caller streams or sent stop strings, so it can be
+cut at the first one); a request tagged with a session runs as that rollwire session's next turn
+(sessions.py). A stream's first reply is awaited before the HTTP response starts, so a refusal
+(overloaded, bad parameters) still has its 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rollwire.clients.rollout import RolloutClient
+from rollwire.clients.session import SessionDesynced
+from rollwire.gateway.chat import ChatFormat, canonical, tools_json
+from rollwire.gateway.choices import Choice
+from rollwire.gateway.errors import APIError, bad_request, from_rollwire
+from rollwire.gateway.metrics import GatewayMetrics
+from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling, parse
+from rollwire.gateway.sessions import ChatSession, SessionTable
+from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams, StatusReply
+from rollwire.runtime.logging import get_logger
+
+log = get_logger("rollwire.gateway")
+
+SESSION_HEADER = "x-session-id"
+
+
+@dataclass
+class GatewayConfig:
+    endpoints: list[str]  # rollout endpoints; one today (several arrive with the fleet client)
+    model: str = "tiny"  # tokenizer and chat template: tiny[:SEED] or a local checkpoint directory
+    served_model_name: str = ""  # the name clients pass as ``model`` (default: ``model``)
+    api_keys: list[str] = field(default_factory=list)  # empty: no auth, one owner for every session
+    max_body_bytes: int = 8 << 20
+    default_max_tokens: int = 1024  # a chat turn without max_tokens (capped by the server's limit)
+    session_max_tokens: int = 16384  # each rollwire session's token budget (history + a turn)
+    session_ttl_s: float = 600.0
+    max_sessions: int = 4096
+    request_timeout_s: float | None = 600.0
+
+
+class Gateway:
+    """What the routes share: the tokenizer, the server client, the session table, the counters."""
+
+    def __init__(self, cfg: GatewayConfig, chat: ChatFormat, client: RolloutClient | None = None) -> None:
+        if len(cfg.endpoints) != 1:
+            raise SystemExit("the gateway speaks to one rollout endpoint for now; several come with the fleet client")
+        self.cfg = cfg
+        self.chat = chat
+        self.name = cfg.served_model_name or cfg.model
+        self.client = client or RolloutClient(cfg.endpoints[0], timeout=cfg.request_timeout_s)
+        self.sessions = SessionTable(cfg.max_sessions, cfg.session_ttl_s)
+        self.metrics = GatewayMetrics()
+        self.in_flight = 0
+        self.max_new_tokens_limit = 4096
+        self.vocab_size = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.client.__aenter__()
+        await self.client.wait_ready(timeout=120.0)
+        st = await self.client.status()
+        self.max_new_tokens_limit, self.vocab_size = st.max_new_tokens_limit, st.vocab_size
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for s in list(self.sessions.sessions.values()):
+            with contextlib.suppress(Exception):
+                await s.session.close()
+        await self.client.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.cfg.session_ttl_s / 4))
+            for s in self.sessions.expired():
+                with contextlib.suppress(Exception):  # the server expires it on its own anyway
+                    await s.session.close()
+            self.metrics.set("sessions_open", len(self.sessions.sessions))
+
+    # -- helpers --------------------------------------------------------------------------
+    def owner(self, request: Request) -> str:
+        if not self.cfg.api_keys:
+            return ""
+        auth = request.headers.get("authorization", "")
+        key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not any(secrets.compare_digest(key, k) for k in self.cfg.api_keys):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+        return key
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"The model '{model}' does not exist (this gateway serves '{self.name}')",
+                           param="model", code="model_not_found")
+
+    def sampling(self, req: _Sampling, max_tokens: int, stops: list[str], *, chat: bool, n: int) -> SamplingParams:
+        if max_tokens > self.max_new_tokens_limit:
+            raise bad_request(f"max_tokens={max_tokens} exceeds the server's limit {self.max_new_tokens_limit}",
+                              "max_tokens")
+        stop_ids = list(req.stop_token_ids or [])
+        if chat and not req.ignore_eos:
+            stop_ids += self.chat.end_ids
+        for s in stops:  # a stop string that is one token stops in the engine, at once
+            ids = self.chat.encode(s)
+            if len(ids) == 1:
+                stop_ids.append(ids[0])
+        if self.vocab_size and any(i >= self.vocab_size for i in stop_ids):
+            raise bad_request(f"stop_token_ids must lie in [0, {self.vocab_size})", "stop_token_ids")
+        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, min_p=req.min_p, seed=req.seed, n=n,
+                              stop_token_ids=sorted(set(stop_ids)), ignore_eos=req.ignore_eos)
+
+
+# -- running samples ----------------------------------------------------------------------
+Event = tuple[int, list[dict[str, Any]], list[int], int]  # (choice index, deltas, tokens covered, first token pos)
+
+
+async def _plain_events(gw: Gateway, prompt: list[int], sp: SamplingParams, choices: list[Choice],
+                        streamed: bool) -> AsyncIterator[Event]:
+    """One token request for all n choices; streamed when asked (or to cut at stop strings)."""
+    if not streamed:
+        outs = await gw.client.generate(prompt, sp, return_logprob=True)
+        for done in outs if isinstance(outs, list) else [outs]:
+            c = choices[done.index]
+            deltas, taken = c.feed(done.output_ids, done.output_logprobs)
+            yield c.index, deltas + c.finish(done), taken, 0
+        return
+    stream = gw.client.stream(prompt, sp, return_logprob=True)
+    aborted = False
+    try:
+        async for msg in stream:
+            c = choices[msg.index]
+            if isinstance(msg, GenerateChunk):
+                start = len(c.ids)
+                deltas, taken = c.feed(msg.token_ids, msg.logprobs)
+                if deltas or taken:
+                    yield c.index, deltas, taken, start
+            elif isinstance(msg, GenerateDone):
+                yield c.index, c.finish(msg), [], len(c.ids)
+            if not aborted and all(ch.stopped or ch.done is not None for ch in choices) and \
+                    any(ch.done is None for ch in choices):
+                aborted = True  # every choice hit a stop string: stop the engine, wait for the Dones
+                await stream.abort()
+    finally:
+        if not all(ch.done is not None for ch in choices):  # the caller went away: free the engine
+            with contextlib.suppress(Exception):
+                await stream.abort()
+
+
+async def _session_events(gw: Gateway, cs: ChatSession, prompt: list[int], sp: SamplingParams,
+                          choice: Choice) -> AsyncIterator[Event]:
+    done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
+    deltas, taken = choice.feed(done.output_ids, done.output_logprobs)
+    yield choice.index, deltas + choice.finish(done), taken, 0
+
+
+async def _first(events: AsyncIterator[Event]) -> tuple[Event | None, AsyncIterator[Event]]:
+    """Await the first event (so refusals become HTTP errors), then hand back the rest."""
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        return None, events
+    except RollwireError as e:
+        raise from_rollwire(e) from None
+    return first, events
+
+
+def _usage(choices: Sequence[Choice], prompt_tokens: int) -> dict[str, Any]:
+    completion = sum(len(c.done.output_ids) if c.done is not None else len(c.ids) for c in choices)
+    cached = max((c.done.usage.cached_tokens for c in choices if c.done is not None), default=0)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _rollwire_info(choices: Sequence[Choice], session_id: str | None) -> dict[str, Any]:
+    done = [c.done for c in choices if c.done is not None]
+    return {"session_id": session_id,
+            "weight_version": max((d.weight_version for d in done), default=None),
+            "weight_version_spans": [[{"version": s.version, "start": s.start, "end": s.end}
+                                      for s in d.weight_version_spans] for d in done]}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error_event(e: BaseException) -> bytes:
+    err = from_rollwire(e) if isinstance(e, RollwireError) else \
+        e if isinstance(e, APIError) else APIError(500, f"internal error: {e!r}", type="internal_error")
+    return _sse(err.body())
+
+
+# -- the app ------------------------------------------------------------------------------
+def build_app(gw: Gateway) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        log.info("gateway_ready", endpoints=gw.cfg.endpoints, model=gw.name)
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="rollwire gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error_response(e: APIError) -> JSONResponse:
+        headers = {"retry-after": f"{max(1, round(e.retry_after_s))}"} if e.retry_after_s else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RollwireError)
+    async def _rollwire_error(request: Request, e: RollwireError) -> JSONResponse:
+        return error_response(from_rollwire(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                       type=kind, code=str(e.status_code)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(bad_request(f"invalid request: {e.errors()[:1]}"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("gateway_internal_error", path=request.url.path)
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", type="internal_error",
+                                       code="internal"))
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Response:
+        gw.in_flight += 1
+        gw.metrics.set("http_in_flight", gw.in_flight)
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            gw.in_flight -= 1
+            gw.metrics.set("http_in_flight", gw.in_flight)
+            route = request.url.path if request.url.path.startswith("/v1/") and "/sessions/" not in \
+                request.url.path else ("/v1/sessions" if "/sessions/" in request.url.path else request.url.path)
+            gw.metrics.inc("http_requests_total", route=route, status=str(status))
+            gw.metrics.inc("http_request_seconds_sum", time.perf_counter() - t0, route=route)
+
+    async def body_of(request: Request) -> Any:
+        limit = gw.cfg.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+        buf = bytearray()
+        async for piece in request.stream():
+            buf += piece
+            if len(buf) > limit:
+                raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(buf)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    # -- chat -------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        owner = gw.owner(request)
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await body_of(request))
+        gw.check_model(req.model)
+        sid = request.headers.get(SESSION_HEADER) or req.session_id
+        messages = [canonical(m) for m in req.messages]
+        tools = tools_json(req.tools) if req.tool_choice != "none" else None
+        stops = req.stops()
+        max_tokens = req.token_limit() or min(gw.cfg.default_max_tokens, gw.max_new_tokens_limit)
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        if sid is None:
+            prompt = gw.chat.encode(gw.chat.render(messages, tools, generation_prompt=True))
+            sp = gw.sampling(req, max_tokens, stops, chat=True, n=req.n)
+            choices = [Choice(gw.chat, i, stops=stops, tools=bool(tools), chat_mode=True) for i in range(req.n)]
+            events = _plain_events(gw, prompt, sp, choices, streamed=req.stream or any(
+                len(gw.chat.encode(s)) > 1 for s in stops))
+            cs = None
+            prompt_tokens = len(prompt)
+        else:
+            if req.n != 1:
+                raise bad_request("n must be 1 in a session (a session is one trajectory)", "n")
+            cs = await _session(gw, owner, sid, tools)
+            if cs.lock.locked():
+                raise APIError(409, f"session {sid} has a turn running", type="conflict_error",
+                               code="session_busy")
+            await cs.lock.acquire()
+            try:
+                prompt, prompt_text = cs.new_tokens(gw.chat, messages, tools)
+                sp = gw.sampling(req, max_tokens, stops, chat=True, n=1)
+                choices = [Choice(gw.chat, 0, stops=stops, tools=bool(tools), chat_mode=True)]
+                first, events = await _first(_session_events(gw, cs, prompt, sp, choices[0]))
+            except APIError as e:
+                if e.code in ("unknown_session", "session_expired", "session_closed"):
+                    gw.sessions.sessions.pop(cs.key, None)  # gone on the server: the id starts afresh next time
+                cs.lock.release()
+                raise
+            except SessionDesynced as e:  # a reply never came: the record is unknown, the session unusable
+                gw.sessions.sessions.pop(cs.key, None)
+                cs.lock.release()
+                raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
+                               code="session_desynced") from None
+            except BaseException:
+                cs.lock.release()
+                raise
+            cs.record(gw.chat, messages, choices[0].message(), prompt_text, list(choices[0].done.output_ids)
+                      if choices[0].done else [], prompt_turn=bool(prompt))
+            cs.lock.release()
+            gw.metrics.inc("session_turns_total")
+            prompt_tokens = choices[0].done.usage.prompt_tokens if choices[0].done else len(prompt)
+            events = _replay(first, events)
+        if not req.stream:
+            return await _chat_response(gw, req, choices, events, rid, created, prompt_tokens, sid, prompt)
+        first, events = await _first(events)
+        return StreamingResponse(_chat_stream(gw, req, choices, _replay(first, events), rid, created, prompt_tokens,
+                                              sid, prompt),
+                                 media_type="text/event-stream", headers=_session_headers(sid))
+
+    # -- completions -------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        gw.owner(request)
+        req: CompletionRequest = parse(CompletionRequest, await body_of(request))
+        gw.check_model(req.model)
+        if req.session_id is not None or request.headers.get(SESSION_HEADER):
+            raise unsupported_session()
+        stops = req.stops()
+        prompts = [gw.chat.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        if any(not p for p in prompts):
+            raise bad_request("a prompt is empty", "prompt")
+        if gw.vocab_size and any(t < 0 or t >= gw.vocab_size for p in prompts for t in p):
+            raise bad_request(f"prompt token ids must lie in [0, {gw.vocab_size})", "prompt")
+        sp = gw.sampling(req, req.max_tokens, stops, chat=False, n=req.n)
+        streamed = req.stream or any(len(gw.chat.encode(s)) > 1 for s in stops)
+        groups = [[Choice(gw.chat, k * req.n + i, stops=stops, tools=False, chat_mode=False) for i in range(req.n)]
+                  for k in range(len(prompts))]
+        merged = _merge([_plain_events(gw, p, sp, g, streamed) for p, g in zip(prompts, groups, strict=True)],
+                        [g[0].index for g in groups])
+        choices = [c for g in groups for c in g]
+        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        first, events = await _first(merged)
+        events = _replay(first, events)
+        prompt_tokens = sum(len(p) for p in prompts)
+        if not req.stream:
+            async for _ in events:
+                pass
+            gw.metrics.inc("completion_tokens_total", sum(len(c.ids) for c in choices))
+            gw.metrics.inc("prompt_tokens_total", prompt_tokens)
+            body = {"id": rid, "object": "text_completion", "created": created, "model": gw.name,
+                    "choices": [_completion_choice(c, req, prompts[c.index // req.n]) for c in choices],
+                    "usage": _usage(choices, prompt_tokens), "rollwire": _rollwire_info(choices, None)}
+            return JSONResponse(body)
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for index, deltas, taken, start in events:
+                    c = choices[index]
+                    text = "".join(d.get("text", "") for d in deltas)
+                    lp = _legacy_logprobs(c, taken, start) if req.logprobs is not None and taken else None
+                    if text or lp:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
+                                    "choices": [{"index": index, "text": text, "logprobs": lp,
+                                                 "finish_reason": None}]})
+                for c in choices:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
+                                "choices": [{"index": c.index, "text": "", "logprobs": None,
+                                             "finish_reason": c.finish_reason}]})
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
+                                "choices": [], "usage": _usage(choices, prompt_tokens)})
+                gw.metrics.inc("completion_tokens_total", sum(len(c.ids) for c in choices))
+                gw.metrics.inc("prompt_tokens_total", prompt_tokens)
+            except (RollwireError, APIError) as e:
+                yield _error_event(e)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # -- the rest ----------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        gw.owner(request)
+        return JSONResponse({"object": "list", "data": [{"id": gw.name, "object": "model", "created": 0,
+                                                         "owned_by": "rollwire", "max_model_len": None}]})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        servers = []
+        ok = True
+        for ep in gw.cfg.endpoints:
+            try:
+                h = await gw.client.health(timeout=2.0)
+                servers.append({"endpoint": ep, "weight_version": h.weight_version, "state": h.governor_state})
+            except RollwireError as e:
+                ok = False
+                servers.append({"endpoint": ep, "error": e.code.value})
+        return JSONResponse({"status": "ok" if ok else "unavailable", "servers": servers},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        statuses: dict[str, StatusReply | None] = {}
+        for ep in gw.cfg.endpoints:
+            try:
+                statuses[ep] = await gw.client.status(timeout=2.0)
+            except RollwireError:
+                statuses[ep] = None
+        gw.metrics.set("sessions_open", len(gw.sessions.sessions))
+        return PlainTextResponse(gw.metrics.render(statuses), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/sessions/{sid}/trajectory")
+    async def trajectory(sid: str, request: Request) -> JSONResponse:
+        cs = gw.sessions.get(gw.owner(request), sid)
+        if cs.lock.locked():
+            raise APIError(409, f"session {sid} has a turn running", type="conflict_error", code="session_busy")
+        return JSONResponse(_trajectory_body(cs))
+
+    @app.delete("/v1/sessions/{sid}")
+    async def close_session(sid: str, request: Request) -> JSONResponse:
+        """Close the session; the answer is its final trajectory."""
+        cs = gw.sessions.get(gw.owner(request), sid)
+        if cs.lock.locked():
+            raise APIError(409, f"session {sid} has a turn running", type="conflict_error", code="session_busy")
+        body = _trajectory_body(cs)
+        del gw.sessions.sessions[cs.key]
+        with contextlib.suppress(RollwireError):  # expired on the server already: nothing left to free
+            await cs.session.close()
+        return JSONResponse(body)
+
+    return app
+
+
+def unsupported_session() -> APIError:
+    return APIError(400, "sessions are for /v1/chat/completions (a completion has no turns)", param="session_id",
+                    code="unsupported_parameter")
+
+
+async def _replay(first: Event | None, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    if first is not None:
+        yield first
+    async for e in rest:
+        yield e
+
+
+async def _merge(streams: list[AsyncIterator[Event]], bases: list[int]) -> AsyncIterator[Event]:
+    """Several prompts' events as one stream (their choice indices are already global)."""
+    if len(streams) == 1:
+        async for e in streams[0]:
+            yield e
+        return
+    queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+
+    async def pump(s: AsyncIterator[Event]) -> None:
+        try:
+            async for e in s:
+                await queue.put(e)
+        except BaseException as e:
+            await queue.put(e)
+        else:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _session(gw: Gateway, owner: str, sid: str, tools: list[dict[str, Any]] | None) -> ChatSession:
+    cs = gw.sessions.sessions.get((owner, sid))
+    if cs is not None:
+        return cs
+    gw.sessions.check_room()
+    session = gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
+                                timeout=gw.cfg.request_timeout_s)
+    try:
+        await session.open()
+    except RollwireError as e:
+        raise from_rollwire(e) from None
+    if (owner, sid) in gw.sessions.sessions:  # another request opened it while we waited
+        with contextlib.suppress(RollwireError):
+            await session.close()
+        return gw.sessions.sessions[(owner, sid)]
+    cs = gw.sessions.sessions[(owner, sid)] = ChatSession((owner, sid), session, tools)
+    gw.metrics.inc("sessions_opened_total")
+    return cs
+
+
+def _session_headers(sid: str | None) -> dict[str, str] | None:
+    return {"X-Session-ID": sid} if sid is not None else None
+
+
+def _chat_message(c: Choice) -> dict[str, Any]:
+    m = c.message()
+    out: dict[str, Any] = {"role": "assistant", "content": m["content"] if m["content"] or not m.get("tool_calls")
+                           else None}
+    if m.get("tool_calls"):
+        out["tool_calls"] = m["tool_calls"]
+    if m.get("tool_call_errors"):
+        out["tool_call_errors"] = m["tool_call_errors"]
+    return out
+
+
+async def _chat_response(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice],
+                         events: AsyncIterator[Event], rid: str, created: int, prompt_tokens: int,
+                         sid: str | None, prompt: list[int]) -> JSONResponse:
+    try:
+        async for _ in events:
+            pass
+    except RollwireError as e:
+        raise from_rollwire(e) from None
+    body_choices = []
+    for c in choices:
+        ch: dict[str, Any] = {"index": c.index, "message": _chat_message(c), "finish_reason": c.finish_reason,
+                              "logprobs": {"content": c.logprob_entries(c.ids, 0)} if req.logprobs else None}
+        if req.return_token_ids:
+            ch["token_ids"] = list(c.ids)
+        body_choices.append(ch)
+        gw.metrics.inc("tool_calls_total", len(ch["message"].get("tool_calls") or []))
+        gw.metrics.inc("tool_call_errors_total", len(ch["message"].get("tool_call_errors") or []))
+    usage = _usage(choices, prompt_tokens)
+    gw.metrics.inc("completion_tokens_total", usage["completion_tokens"])
+    gw.metrics.inc("prompt_tokens_total", prompt_tokens)
+    body: dict[str, Any] = {"id": rid, "object": "chat.completion", "created": created, "model": gw.name,
+                            "choices": body_choices, "usage": usage, "rollwire": _rollwire_info(choices, sid)}
+    if req.return_token_ids:
+        body["prompt_token_ids"] = prompt
+    return JSONResponse(body, headers=_session_headers(sid))
+
+
+async def _chat_stream(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice], events: AsyncIterator[Event],
+                       rid: str, created: int, prompt_tokens: int, sid: str | None,
+                       prompt: list[int]) -> AsyncIterator[bytes]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
+              extra: dict[str, Any] | None = None) -> bytes:
+        return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.name,
+                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                                  **(extra or {})}]})
+
+    try:
+        for c in choices:
+            yield chunk(c.index, {"role": "assistant", "content": ""})
+        async for index, deltas, taken, start in events:
+            c = choices[index]
+            lp = {"content": c.logprob_entries(taken, start)} if req.logprobs and taken else None
+            extra = {"token_ids": taken} if req.return_token_ids and taken else {}
+            if not deltas and (lp or extra):
+                yield chunk(index, {}, logprobs=lp, extra=extra)
+            for k, d in enumerate(deltas):
+                yield chunk(index, d, logprobs=lp if k == 0 else None, extra=extra if k == 0 else None)
+        for c in choices:
+            m = c.message()
+            extra = {"tool_call_errors": m["tool_call_errors"]} if m.get("tool_call_errors") else {}
+            yield chunk(c.index, {}, c.finish_reason, extra=extra)
+        usage = _usage(choices, prompt_tokens)
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.name,
+                        "choices": [], "usage": usage, "rollwire": _rollwire_info(choices, sid)})
+        gw.metrics.inc("completion_tokens_total", usage["completion_tokens"])
+        gw.metrics.inc("prompt_tokens_total", prompt_tokens)
+    except (RollwireError, APIError) as e:
+        yield _error_event(e)
+    yield b"data: [DONE]\n\n"
+
+
+def _completion_choice(c: Choice, req: CompletionRequest, prompt: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                           "logprobs": _legacy_logprobs(c, c.ids, 0) if req.logprobs is not None else None}
+    if req.return_token_ids:
+        out["token_ids"] = list(c.ids)
+        out["prompt_token_ids"] = list(prompt)
+    return out
+
+
+def _legacy_logprobs(c: Choice, ids: Sequence[int], start: int) -> dict[str, Any]:
+    tokens = [c.chat.token_text(t) for t in ids]
+    return {"tokens": tokens, "token_logprobs": c.logprobs[start:start + len(ids)], "top_logprobs": None,
+            "text_offset": None}
+
+
+def _trajectory_body(cs: ChatSession) -> dict[str, Any]:
+    traj = cs.session.trajectory()
+    turns = []
+    for k, t in enumerate(traj.turns):
+        turns.append({"role": "model" if t.role == "model" else "env", "start": t.start, "end": t.end,
+                      "messages": cs.turn_messages[k] if k < len(cs.turn_messages) else [],
+                      "finish_reason": t.finish_reason, "weight_version": t.weight_version,
+                      "weight_version_spans": [[s.version, s.start, s.end] for s in t.weight_version_spans],
+                      "cached_tokens": t.cached_tokens})
+    return {"session_id": cs.key[1], "token_ids": traj.token_ids, "loss_mask": traj.loss_mask,
+            "logprobs": traj.logprobs, "weight_version_spans": [[s.version, s.start, s.end]
+                                                                for s in traj.weight_version_spans],
+            "turns": turns, "messages": [{k: v for k, v in m.items() if k != "tool_call_errors"}
+                                         for m in cs.messages],
+            "diverged_requests": cs.diverged}

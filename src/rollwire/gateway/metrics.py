@@ -1,0 +1,67 @@
+"""/metrics in Prometheus' text format: the gateway's own counters, and every counter each server
+already reports in its status (requests, tokens, in flight, live weight version, weight loads,
+load and pause seconds...), labelled by endpoint."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from rollwire.messages import StatusReply
+
+_BAD = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _name(raw: str) -> str:
+    return _BAD.sub("_", raw)
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in sorted(labels.items()))
+    return "{" + inner + "}"
+
+
+class GatewayMetrics:
+    """Counters (monotonic) and gauges of the gateway, each with optional labels."""
+
+    def __init__(self) -> None:
+        self.counters: defaultdict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.help: dict[str, str] = {}
+
+    def inc(self, name: str, by: float = 1.0, **labels: str) -> None:
+        self.counters[(name, tuple(sorted(labels.items())))] += by
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.gauges[(name, tuple(sorted(labels.items())))] = value
+
+    def render(self, servers: dict[str, StatusReply | None]) -> str:
+        lines: list[str] = []
+        for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
+            seen: set[str] = set()
+            for (name, labels), value in sorted(table.items()):
+                full = f"rollwire_gateway_{name}"
+                if full not in seen:
+                    seen.add(full)
+                    lines.append(f"# TYPE {full} {kind}")
+                lines.append(f"{full}{_labels(dict(labels))} {value:g}")
+        lines.append("# TYPE rollwire_server_up gauge")
+        for ep, st in servers.items():
+            lines.append(f"rollwire_server_up{_labels({'endpoint': ep})} {int(st is not None)}")
+        series: defaultdict[str, list[str]] = defaultdict(list)
+        for ep, st in servers.items():
+            if st is None:
+                continue
+            lab = _labels({"endpoint": ep})
+            series["rollwire_live_weight_version"].append(f"rollwire_live_weight_version{lab} {st.weight_version}")
+            series["rollwire_server_in_flight"].append(f"rollwire_server_in_flight{lab} {st.in_flight}")
+            for raw, value in sorted(st.counters.items()):
+                name = f"rollwire_server_{_name(raw)}"
+                series[name].append(f"{name}{lab} {value:g}")
+        for name, rows in sorted(series.items()):
+            lines.append(f"# TYPE {name} {'gauge' if name.endswith(('version', 'in_flight')) else 'untyped'}")
+            lines += rows
+        return "\n".join(lines) + "\n"

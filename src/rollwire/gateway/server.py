@@ -1,0 +1,55 @@
+"""``rollwire gateway``: the OpenAI face as its own process (uvicorn on one port)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+from rollwire.gateway.app import Gateway, GatewayConfig, build_app
+from rollwire.gateway.chat import ChatFormat, load_tokenizer
+
+
+def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--rollout-endpoint", action="append", default=[],
+                   help="a rollout server (rollwire serve); one for now (several come with the fleet client)")
+    p.add_argument("--model", default="tiny", help="tokenizer + chat template: 'tiny[:SEED]' or a local checkpoint dir")
+    p.add_argument("--served-model-name", default="", help="the name clients pass as model (default: --model)")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="accepted bearer keys (repeatable); each key owns its sessions. None: no auth")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--default-max-tokens", type=int, default=1024)
+    p.add_argument("--session-max-tokens", type=int, default=16384)
+    p.add_argument("--session-ttl", type=float, default=600.0)
+    p.add_argument("--max-sessions", type=int, default=4096)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+
+
+def gateway_config(a: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(endpoints=a.rollout_endpoint or ["tcp://127.0.0.1:7500"], model=a.model,
+                         served_model_name=a.served_model_name, api_keys=a.api_key, max_body_bytes=a.max_body_bytes,
+                         default_max_tokens=a.default_max_tokens, session_max_tokens=a.session_max_tokens,
+                         session_ttl_s=a.session_ttl, max_sessions=a.max_sessions,
+                         request_timeout_s=a.request_timeout)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_gateway(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    if not _loopback(a.host) and not a.api_key and not a.insecure:
+        raise SystemExit(f"--host {a.host} is not loopback: pass --api-key (or --insecure)")
+    cfg = gateway_config(a)
+    app = build_app(Gateway(cfg, ChatFormat(load_tokenizer(cfg.model))))
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    return 0
