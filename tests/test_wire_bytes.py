@@ -46,8 +46,8 @@ DOC_EXAMPLE = GenerateRequest(input_ids=[1, 5, 9], return_logprob=True, stream=T
 def test_the_worked_example_of_docs_protocol_md_is_what_the_codec_writes() -> None:
     reqs, reps = CODECS["RolloutRequest"], CODECS["RolloutReply"]
     assert reqs.encode(42, DOC_EXAMPLE) == [bytes.fromhex("92012a"), bytes.fromhex(
-        "99a867656e6572617465930105099b02cb0000000000000000cb3ff0000000000000ffcb00000000000000000790c201c0c0c3c300"
-        "c0c2a0")]
+        "9aa867656e6572617465930105099b02cb0000000000000000cb3ff0000000000000ffcb00000000000000000790c201c0c0c3c300"
+        "c0c2a001")]
     chunk = GenerateChunk(index=0, token_ids=[17], logprobs=[-0.5], weight_version=3)
     assert reps.encode(42, chunk)[1] == bytes.fromhex("95a56368756e6b00911191cbbfe000000000000003")
     done = GenerateDone(output_ids=[17, 4], output_logprobs=[-0.5, -1.25], finish_reason="length", weight_version=3,

@@ -240,6 +240,8 @@ class GenerationActor(GenerationControl, Actor):
                                 f"max_new_tokens={sp.max_new_tokens} above this server's limit {limit}")
         if not 1 <= sp.n <= MAX_N:
             raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n} must be in [1, {MAX_N}]")
+        if not 1 <= msg.chunk_tokens <= sp.max_new_tokens:
+            raise RollwireError(ErrorCode.BAD_FIELD, f"chunk_tokens={msg.chunk_tokens} must be in [1, max_new_tokens]")
         # a co-located actor's request counts for the client it names (none: exempt)
         client = (msg.client or None) if origin.internal else origin.client
         waits = msg.min_version > self.weight_version
@@ -389,12 +391,23 @@ class GenerationActor(GenerationControl, Actor):
             timings=Timings(queued_s=started - flight.arrived,
                             first_token_s=(out.first_token or now) - flight.arrived, total_s=now - flight.arrived)))
 
+    async def _send_chunk(self, flight: InFlight, index: int, out: SampleOutput, sent: int) -> int:
+        if not flight.closed:
+            lps = out.logprobs[sent:] if out.logprobs is not None else None
+            await self.reply(flight.origin, GenerateChunk(index=index, token_ids=out.ids[sent:], logprobs=lps,
+                                                          weight_version=out.version))
+        return len(out.ids)
+
     async def _collect(self, flight: InFlight, msg: GenerateRequest, index: int, deltas: AsyncIterator[EngineDelta],
                        out: SampleOutput) -> None:
-        """Gather one engine run's deltas into ``out`` (streaming each as a chunk if asked)."""
+        """Gather one engine run's deltas into ``out`` (streamed as chunks of at least
+        ``msg.chunk_tokens`` tokens of one version, if asked)."""
+        sent = len(out.ids)  # tokens of ``out`` already streamed
         try:
             async for d in deltas:
                 if d.token_ids:
+                    if msg.stream and sent < len(out.ids) and d.weight_version != out.version:
+                        sent = await self._send_chunk(flight, index, out, sent)  # a chunk has one version
                     if not out.first_token:
                         out.first_token = time.monotonic()
                     out.ids.extend(d.token_ids)
@@ -402,10 +415,8 @@ class GenerationActor(GenerationControl, Actor):
                         out.logprobs.extend(d.logprobs)
                     spans_add(out.spans, d.weight_version, len(d.token_ids))
                     out.version = d.weight_version
-                    if msg.stream and not flight.closed:
-                        await self.reply(flight.origin, GenerateChunk(index=index, token_ids=d.token_ids,
-                                                                      logprobs=d.logprobs,
-                                                                      weight_version=d.weight_version))
+                    if msg.stream and (len(out.ids) - sent >= msg.chunk_tokens or d.finish_reason is not None):
+                        sent = await self._send_chunk(flight, index, out, sent)
                 out.cached = max(out.cached, d.cached_tokens)
                 if d.finish_reason is not None:
                     out.finish = d.finish_reason

@@ -141,9 +141,10 @@ class RolloutClient:
         return self._session_rpc
 
     def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
-                 stream: bool, min_version: int) -> GenerateRequest:
+                 stream: bool, min_version: int, chunk_tokens: int = 1) -> GenerateRequest:
         return GenerateRequest(input_ids=list(input_ids), sampling_params=sampling_params or SamplingParams(),
-                               return_logprob=return_logprob, stream=stream, min_version=min_version)
+                               return_logprob=return_logprob, stream=stream, min_version=min_version,
+                               chunk_tokens=chunk_tokens)
 
     async def generate(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
                        return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
@@ -157,8 +158,10 @@ class RolloutClient:
 
     def stream(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
                return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
-               ) -> GenerationStream:
-        req = self._request(input_ids, sampling_params, return_logprob, True, min_version)
+               chunk_tokens: int = 1) -> GenerationStream:
+        """Chunks of new tokens as they come (``chunk_tokens``: at least this many per chunk), then
+        the GenerateDone(s)."""
+        req = self._request(input_ids, sampling_params, return_logprob, True, min_version, chunk_tokens)
         return GenerationStream(self, req, timeout if timeout is not None else self.timeout)
 
     async def _ask(self, msg: Any, what: str, timeout: float) -> Any:

@@ -87,13 +87,16 @@ class RolloutFleet:
     def __init__(self, endpoints: Sequence[str], *, policy: Policy = "least_loaded", timeout: float | None = None,
                  curve: CurveClient | None = None, liveness_s: float = DEFAULT_LIVENESS_S,
                  health_interval_s: float = 1.0, health_timeout_s: float = 2.0, max_failovers: int = 3,
-                 prefix_tokens: int = 32, load_factor: float = 1.25) -> None:
+                 prefix_tokens: int = 32, load_factor: float = 1.25, chunk_tokens: int = 16) -> None:
+        """``chunk_tokens``: how often a server reports a non-streamed request's progress; on a
+        failover up to ``chunk_tokens - 1`` tokens it made are generated again elsewhere."""
         if not endpoints:
             raise ValueError("a fleet needs at least one endpoint")
         self.timeout = timeout
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self.max_failovers = max_failovers
+        self.chunk_tokens = chunk_tokens
         self.servers = [ServerView(ep, RolloutClient(ep, curve=curve, liveness_s=liveness_s)) for ep in endpoints]
         self.router = Router(self.servers, policy, prefix_tokens=prefix_tokens, load_factor=load_factor)
         self.current_version = 0  # the highest version a live server reported
@@ -221,7 +224,8 @@ class RolloutFleet:
         base = [len(s.ids) for s in samples]
         ids = prompt + samples[0].ids if len(samples) == 1 else prompt
         stream: GenerationStream = server.client.stream(ids, sp, return_logprob=return_logprob,
-                                                        min_version=min_version, timeout=None)
+                                                        min_version=min_version, timeout=None,
+                                                        chunk_tokens=min(self.chunk_tokens, sp.max_new_tokens))
         try:
             async for msg in stream:
                 s = samples[msg.index] if len(samples) > 1 else samples[0]

@@ -46,6 +46,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate",
     # the public client a co-located actor (the SessionActor) forwards this request for: per-client
     # limits and batch-slot shares count it as that client's; ignored when a public peer sets it
     client: str = ""
+    # stream: send a chunk once this many new tokens are pending (or the version changes); 1 sends
+    # every engine step. A fleet client that streams only to know a request's tokens asks for more.
+    chunk_tokens: int = 1
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort", array_like=True, gc=False):
