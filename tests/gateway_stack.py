@@ -121,13 +121,14 @@ def scripted_model() -> torch.nn.Module:
     return model
 
 
-def model_logprobs(state: dict[str, torch.Tensor], token_ids: list[int]) -> torch.Tensor:
-    """log_softmax of the model with ``state`` over the whole sequence, [len, vocab] (float64)."""
+def model_logprobs(state: dict[str, torch.Tensor], token_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) of the model with ``state`` over the whole sequence, [len, vocab]
+    (float64): the engines' logprob definition (engines/hf/sampling.py; T = 1 when greedy)."""
     model, _ = tiny(0)
     model.load_state_dict(state)
     with torch.no_grad():
         logits = model(torch.tensor([token_ids])).logits[0]
-    return torch.log_softmax(logits.double(), dim=-1)
+    return torch.log_softmax(logits.double() / temperature, dim=-1)
 
 
 async def push(trainer_endpoint: str, versions: list[tuple[int, dict[str, torch.Tensor]]]) -> None:

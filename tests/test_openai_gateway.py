@@ -266,8 +266,9 @@ def test_a_four_turn_tool_episode_has_an_exact_trajectory(gw: Stack, client: ope
     assert [t.role for t in traj.turns] == ["env", "model"] * 4
     assert traj.loss_mask == [int(t.role == "model") for t in traj.turns for _ in range(t.start, t.end)]
     assert sum(traj.loss_mask) == sum(len(g) for g in generated)
-    logp = model_logprobs(scripted_state(), traj.token_ids)
-    for i, m in enumerate(traj.loss_mask):
+    greedy, hot = (model_logprobs(scripted_state(), traj.token_ids, t) for t in (1.0, 2.0))
+    for i, m in enumerate(traj.loss_mask):  # turn 4 ran at T=2: its logprobs are log_softmax(logits / 2)
+        logp = hot if i >= model_turns[3].start else greedy
         want = float(logp[i - 1, traj.token_ids[i]]) if m else 0.0
         assert abs(traj.logprobs[i] - want) < 1e-3, (i, traj.logprobs[i], want)
     assert [(s.version, s.start, s.end) for s in traj.weight_version_spans] == \

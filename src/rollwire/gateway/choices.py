@@ -62,6 +62,8 @@ class Choice:
         deltas = self._release(released)
         if self.stopped:
             deltas += self._close()
+            if self.parser is not None and self.parser.calls:
+                self.finish_reason = "tool_calls"
         return deltas, taken
 
     def finish(self, done: GenerateDone) -> list[dict[str, Any]]:
@@ -78,10 +80,9 @@ class Choice:
             self.stopped = True
         released, self._pending = self._pending, ""
         deltas = self._release(released) + self._close()
-        if self.stopped or done.finish_reason == "stop" or (self.parser is not None and self.parser.calls):
-            self.finish_reason = "stop"
-        else:
-            self.finish_reason = done.finish_reason
+        # a turn that ended by itself (or at a stop string) with calls in it: "tool_calls"; one cut
+        # at max_tokens stays "length" (its complete calls are still returned)
+        self.finish_reason = "stop" if self.stopped or done.finish_reason == "stop" else done.finish_reason
         if self.parser is not None and self.parser.calls and self.finish_reason == "stop":
             self.finish_reason = "tool_calls"
         return deltas

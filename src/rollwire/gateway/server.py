@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+from typing import TYPE_CHECKING
 
-from rollwire.gateway.app import Gateway, GatewayConfig, build_app
-from rollwire.gateway.chat import ChatFormat, load_tokenizer
+if TYPE_CHECKING:  # FastAPI is an extra: `rollwire serve` must run without it
+    from rollwire.gateway.app import GatewayConfig
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
 
 
 def gateway_config(a: argparse.Namespace) -> GatewayConfig:
+    from rollwire.gateway.app import GatewayConfig
+
     return GatewayConfig(endpoints=a.rollout_endpoint or ["tcp://127.0.0.1:7500"], model=a.model,
                          served_model_name=a.served_model_name, api_keys=a.api_key, max_body_bytes=a.max_body_bytes,
                          default_max_tokens=a.default_max_tokens, session_max_tokens=a.session_max_tokens,
@@ -45,8 +48,13 @@ def _loopback(host: str) -> bool:
 
 
 def run_gateway(a: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from rollwire.gateway.app import Gateway, build_app
+        from rollwire.gateway.chat import ChatFormat, load_tokenizer
+    except ImportError as e:
+        raise SystemExit(f"rollwire gateway needs the gateway extra: pip install 'rollwire[gateway]' ({e})") from None
     if not _loopback(a.host) and not a.api_key and not a.insecure:
         raise SystemExit(f"--host {a.host} is not loopback: pass --api-key (or --insecure)")
     cfg = gateway_config(a)
