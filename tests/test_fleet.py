@@ -169,3 +169,49 @@ async def test_a_stream_with_chunk_tokens_sends_chunks_of_that_many_tokens_and_r
             with pytest.raises(RolloutError) as err:
                 _ = [m async for m in rc.stream([3], sp, chunk_tokens=bad)]
             assert err.value.code.value == "bad_field"
+
+
+async def test_with_one_server_made_slow_the_others_take_the_load(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """The slow server is SIGSTOPped 80% of every 250 ms (alive: it answers within the liveness
+    bound). Power of two choices on the client's in-flight counts sends it less, and no server ever
+    holds more than twice its fair share (concurrency / servers) of the requests in flight."""
+    eps, procs = servers
+    concurrency, sp = 24, SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    async with RolloutFleet(eps, health_interval_s=0.5, health_timeout_s=5.0) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        slow, stop = fleet.servers[0], asyncio.Event()
+        peak = dict.fromkeys(eps, 0)
+
+        async def throttle() -> None:
+            while not stop.is_set():
+                procs[0].send_signal(signal.SIGSTOP)
+                await asyncio.sleep(0.2)
+                procs[0].send_signal(signal.SIGCONT)
+                await asyncio.sleep(0.05)
+
+        async def sample() -> None:
+            while not stop.is_set():
+                for s in fleet.servers:
+                    peak[s.endpoint] = max(peak[s.endpoint], s.in_flight)
+                await asyncio.sleep(0.01)
+
+        async def worker(i: int) -> int:
+            done = 0
+            while not stop.is_set():
+                await fleet.generate([3 + i, 5, 7 + done % 9], sp)
+                done += 1
+            return done
+
+        bg = [asyncio.ensure_future(throttle()), asyncio.ensure_future(sample())]
+        work = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
+        await until(lambda: sum(s.routed for s in fleet.servers) >= 400, "400 requests routed", timeout=240)
+        stop.set()
+        finished = sum(await asyncio.gather(*work))
+        await asyncio.gather(*bg)
+        procs[0].send_signal(signal.SIGCONT)
+    fast = [s.routed for s in fleet.servers[1:]]
+    print(f"slow server: {slow.routed} requests, fast ones {fast}; peak in flight {peak}; {finished} finished")
+    assert slow.alive and slow.evictions == 0  # slow, not dead
+    assert slow.routed < 0.5 * min(fast), (slow.routed, fast)
+    assert max(peak.values()) <= 2 * concurrency // len(eps), peak
