@@ -180,8 +180,10 @@ async def bench_size(n_layers: int, repeats: int, paths: Sequence[str] = PATHS) 
             if "shm" in paths:  # the floor, then the push's parts one by one: what remains is protocol
                 shm = await push_series(to_server, sd, "shm", v_srv, repeats, rc, floor=memcpy_floor(sd))
                 v_srv += repeats + 1
-                assert to_server._arena.created == 1, "the shm arena must be created once and reused"
-                parts = shm_parts(sd, to_server.bucket_bytes, repeats)
+                arena = to_server._senders["shm"].arena
+                assert arena.created == 1, "the shm arena must be created once and reused"
+                parts = await asyncio.get_running_loop().run_in_executor(None, shm_parts, sd, to_server.bucket_bytes,
+                                                                         repeats)
                 moved = parts["pack_s"] + parts["verify_s"] + parts["load_copy_s"]
                 row("shm -> server (hf engine)", shm, "2 warm memcpys (no checksum)", parts=parts,
                     remains_s=shm["median_s"] - moved, verify_s=parts["verify_s"],

@@ -179,20 +179,19 @@ def packed_chunks(sd: dict[str, torch.Tensor], bucket: int) -> list[memoryview]:
 # -- the shm push's parts, one at a time --------------------------------------------------------
 def shm_parts(sd: dict[str, torch.Tensor], bucket: int, repeats: int) -> dict[str, float]:
     """Median seconds of each part of an shm push that moves or reads the bytes, in this process:
-    ``pack_s`` (pack + checksum into an arena, the trainer's two threads), ``verify_s`` (the
+    ``pack_s`` (pack + checksum into an arena, as the trainer does), ``verify_s`` (the
     receiver's checksum pass over the arena), ``load_copy_s`` (arena views -> parameters, as the hf
     engine copies), and ``floor_s`` (two warm memcpys) in the same rounds."""
     from rollwire.weightsync import shm
     from rollwire.weightsync.layout import at_offsets, byte_view, plan_buckets, verify_buckets, view_at
-    from rollwire.weightsync.memcopy import copy_bytes
+    from rollwire.weightsync.memcopy import copy_bytes, copy_pool, copy_threads
 
     plans = plan_buckets(list(sd.items()), bucket)
     arena = shm.ShmArena()
     params = {k: torch.zeros_like(v) for k, v in sd.items()}
     floor = memcpy_floor(sd)
     runs: dict[str, list[float]] = {"pack_s": [], "verify_s": [], "load_copy_s": [], "floor_s": []}
-    threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-    with ThreadPoolExecutor(2) as workers, ThreadPoolExecutor(max(1, threads - 1)) as helpers:
+    with ThreadPoolExecutor(2) as workers:  # the publisher's two; packing and verify add copy_pool()
         for _ in range(repeats + 1):
             runs["floor_s"].append(floor())
             t0 = time.perf_counter()
@@ -201,12 +200,12 @@ def shm_parts(sd: dict[str, torch.Tensor], bucket: int, repeats: int) -> dict[st
             metas = [p.meta(s) for p, s in zip(plans, sums, strict=True)]
             bufs = [byte_view(arena.tensor[o:o + m.nbytes]) for m, o in zip(metas, offsets, strict=True)]
             t0 = time.perf_counter()
-            asyncio.run(verify_buckets(metas, bufs, workers))
+            asyncio.run(verify_buckets(metas, bufs, copy_pool()))
             runs["verify_s"].append(time.perf_counter() - t0)
             pairs = [(params[nt.name], view_at(arena.tensor, nt.ref.frame, nt.ref.dtype, nt.ref.shape))
                      for nt in at_offsets(metas, offsets)]
             t0 = time.perf_counter()
-            copy_bytes(pairs, helpers, threads)
+            copy_bytes(pairs, copy_pool(), copy_threads())
             runs["load_copy_s"].append(time.perf_counter() - t0)
             del bufs, pairs
     arena.close()

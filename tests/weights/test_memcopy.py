@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from rollwire.weightsync.memcopy import PIECE_BYTES, byte_copyable, copy_bytes
+from rollwire.weightsync.memcopy import PIECE_BYTES, byte_copyable, copy_bytes, copy_pool, copy_threads
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -41,3 +41,9 @@ def test_only_plain_cpu_byte_copies_are_byte_copyable() -> None:
     assert not byte_copyable(a, torch.ones(6, 4).t())  # strided source
     assert not byte_copyable(a, torch.ones(4, 6, dtype=torch.float64))
     assert not byte_copyable(a, torch.ones(4, 5))
+
+
+def test_the_copy_pool_is_made_once_with_at_least_two_threads() -> None:
+    assert copy_threads() >= 2
+    assert copy_pool() is copy_pool()
+    assert copy_pool()._max_workers == copy_threads()

@@ -8,17 +8,45 @@ in 1 MiB ``memmove`` pieces taken by two threads ran at 9-10 ms in the same serv
 
 Only plain byte copies go this way: both tensors on the CPU, contiguous, of one dtype and size.
 Anything else (a CUDA parameter, a strided view) is left to ``copy_``.
+
+``copy_threads`` and ``copy_pool``: how many threads a process copies and hashes weights with, as
+many as torch computes with (the floor a push is measured against copies on those), at most
+``MAX_THREADS``; the pool has that many threads (a copy's caller works too and takes one fewer
+helper; a checksum pass runs on the pool alone) and is made once per process. On the 2-core
+machine this changes nothing; on a 16-core host a 2-thread pack and verify cannot keep up with a
+16-thread memcpy.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 
 PIECE_BYTES = 1 << 20  # a unit of work: small enough to share evenly, large enough that calls cost nothing
+MAX_THREADS = 16  # memory bandwidth, not cores, bounds a copy well before this
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def copy_threads() -> int:
+    """Threads a weight copy or checksum pass uses in this process (the caller's included)."""
+    return max(2, min(torch.get_num_threads(), os.cpu_count() or 1, MAX_THREADS))
+
+
+def copy_pool() -> ThreadPoolExecutor:
+    """The process's threads for weight copies and checksums (``copy_threads()`` of them), made on
+    first use. Work on it never blocks on other work on it (callers take pieces themselves)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(copy_threads(), thread_name_prefix="rw-copy")
+        return _pool
 
 
 def byte_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:

@@ -56,6 +56,7 @@ from rollwire.weightsync.layout import (
     uint8_view,
     verify_buckets,
 )
+from rollwire.weightsync.memcopy import copy_pool, copy_threads
 
 SHM_DIR = "/dev/shm"
 _PREFIX = "rw-arena"
@@ -214,11 +215,13 @@ def detach_all() -> None:
 # -- trainer half -------------------------------------------------------------------------------
 async def prepare(arena: ShmArena, plans: Sequence[BucketPlan], workers: Executor) -> tuple[list[int], list[int]]:
     """Pack every bucket into the reused arena, each piece checksummed right after it is copied (on
-    two threads). Returns each bucket's checksum and its offset in the arena."""
+    a thread of ``workers`` and the process's copy helpers: as many threads as torch uses, see
+    ``memcopy.copy_threads``). Returns each bucket's checksum and its offset in the arena."""
     offsets = packed_offsets(plans)
     arena.reserve(offsets[-1] + plans[-1].nbytes if plans else 1)
     views = [arena.tensor[off:off + p.nbytes] for p, off in zip(plans, offsets, strict=True)]
-    sums = await asyncio.get_running_loop().run_in_executor(workers, pack_with_checksum, plans, views, workers)
+    sums = await asyncio.get_running_loop().run_in_executor(workers, pack_with_checksum, plans, views, copy_pool(),
+                                                            copy_threads())
     return sums, offsets
 
 
@@ -257,5 +260,5 @@ class ShmStager(Stager):
                 raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
                                                         f"{arena.size}-byte arena")
             bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
-        await verify_buckets(ready.buckets, bufs, pool)
+        await verify_buckets(ready.buckets, bufs, copy_pool())  # as many threads as the engine copies with
         return at_offsets(ready.buckets, payload.offsets), [], {"shm_name": payload.name}

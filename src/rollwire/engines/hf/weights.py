@@ -11,16 +11,14 @@ has been loaded again, a load that leaves one undefined is refused (``incomplete
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from rollwire.engines.base import EngineError
 from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
-from rollwire.weightsync.memcopy import byte_copyable, copy_bytes
+from rollwire.weightsync.memcopy import byte_copyable, copy_bytes, copy_pool, copy_threads
 
 
 class WeightStore:
@@ -31,9 +29,6 @@ class WeightStore:
         self._distinct = {id(p): (p, tuple(p.shape), p.dtype) for p in self.params.values()}
         self.released = False
         self._undefined: set[int] = set()  # ids of parameters restored but not loaded since
-        # CPU loads copy on as many threads as torch computes with (this one and these helpers)
-        self._copy_threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-        self._copy_pool: ThreadPoolExecutor | None = None
 
     def specs(self) -> list[ParamSpec]:
         """Every name, in the model's order; of names sharing one tensor only the first is required."""
@@ -78,9 +73,7 @@ class WeightStore:
         pairs = [(self.params[name].data, t) for name, t in items]
         plain = [(d, t) for d, t in pairs if byte_copyable(d, t)]
         if plain:  # CPU bytes: memmove pieces on several threads (weightsync/memcopy.py says why)
-            if self._copy_pool is None and self._copy_threads > 1:
-                self._copy_pool = ThreadPoolExecutor(self._copy_threads - 1, thread_name_prefix="rw-load")
-            copy_bytes(plain, self._copy_pool, self._copy_threads)
+            copy_bytes(plain, copy_pool(), copy_threads())
         with torch.no_grad():
             for d, t in pairs:
                 if not byte_copyable(d, t):
