@@ -108,6 +108,7 @@ class RpcClient(Generic[R]):
         self._last_rx = self._watch_from = time.monotonic()
         self._last_tx = float("-inf")  # the first liveness tick beats at once: the server learns we beat
         self._liveness_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None  # liveness on: the connection's drops
         self.server_deaths = 0  # times the liveness bound passed with calls pending
         self._rids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Reply[R]] | asyncio.Queue[Reply[R] | BaseException]] = {}
@@ -131,12 +132,13 @@ class RpcClient(Generic[R]):
             self._recv_task = loop.create_task(self._recv_loop(), name="rpc-recv")
             if self.heartbeat_s is not None and self._liveness_task is None:
                 self._liveness_task = loop.create_task(self._liveness_loop(), name="rpc-liveness")
+                self._watch_task = loop.create_task(self._watch_connection(self._sock), name="rpc-watch")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for task in (self._liveness_task, self._recv_task):
+        for task in (self._liveness_task, self._watch_task, self._recv_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -214,20 +216,40 @@ class RpcClient(Generic[R]):
                 await self._server_died(now - max(self._last_rx, self._watch_from))
             await asyncio.sleep(self.heartbeat_s / 2)
 
-    async def _server_died(self, silent_s: float) -> None:
+    async def _server_died(self, silent_s: float, why: str = "") -> None:
         """Fail every pending call, then start over on a fresh socket (nothing stale is replayed)."""
         self.server_deaths += 1
-        self._fail_all(ServerUnavailable(f"no reply or heartbeat from {self.endpoint} for {silent_s:.1f}s "
-                                         f"(liveness bound {self.liveness_s}s)"))
+        self._fail_all(ServerUnavailable(why or f"no reply or heartbeat from {self.endpoint} for {silent_s:.1f}s "
+                                                f"(liveness bound {self.liveness_s}s)"))
         # swap first, then retire the old pair: a send meanwhile goes to the fresh socket
-        old_task, old_sock = self._recv_task, self._sock
+        old_tasks, old_sock = (self._recv_task, self._watch_task), self._sock
         self._sock = self._new_socket()
         self._last_rx, self._last_tx = time.monotonic(), float("-inf")
-        self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="rpc-recv")
-        if old_task is not None:
-            old_task.cancel()
-            await asyncio.gather(old_task, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        self._recv_task = loop.create_task(self._recv_loop(), name="rpc-recv")
+        self._watch_task = loop.create_task(self._watch_connection(self._sock), name="rpc-watch")
+        this = asyncio.current_task()
+        for task in old_tasks:
+            if task is not None and task is not this:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         old_sock.close(linger=0)
+
+    async def _watch_connection(self, sock: Any) -> None:
+        """The server's connection dropped (its process died: TCP reset) while calls wait: they can
+        never be answered on it, so they fail now instead of at the liveness bound. A drop with
+        nothing pending costs nothing (ZeroMQ reconnects)."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                await monitor.recv_multipart()
+                if sock is self._sock and self._waiters and not self._closed:
+                    await self._server_died(0.0, f"connection to {self.endpoint} lost with calls pending")
+                    return
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
 
     async def _recv_loop(self) -> None:
         copy = not self._zero_copy
