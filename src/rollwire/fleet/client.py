@@ -282,14 +282,15 @@ class RolloutFleet:
 
     def stream(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
                return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
-               ) -> AsyncIterator[GenerateChunk | GenerateDone]:
-        """A streamed request on one server; if it dies, the stream ends with its typed error."""
+               chunk_tokens: int = 1) -> FleetStream:
+        """A streamed request on one server; if it dies, the stream ends with its typed error.
+        ``abort()`` on it asks that server to stop, as on ``GenerationStream``."""
         sp = sampling_params or SamplingParams()
         server = self._choose(input_ids, sp.n, min_version)
-        return self._stream(server, server.client.stream(input_ids, sp, return_logprob=return_logprob,
-                                                         min_version=min_version,
-                                                         timeout=timeout if timeout is not None else self.timeout),
-                            sp.n)
+        inner = server.client.stream(input_ids, sp, return_logprob=return_logprob, min_version=min_version,
+                                     timeout=timeout if timeout is not None else self.timeout,
+                                     chunk_tokens=chunk_tokens)
+        return FleetStream(server.endpoint, inner, self._stream(server, inner, sp.n))
 
     async def _stream(self, server: ServerView, stream: GenerationStream, n: int,
                       ) -> AsyncIterator[GenerateChunk | GenerateDone]:
@@ -318,13 +319,40 @@ class RolloutFleet:
 
 
 
+class FleetStream:
+    """``RolloutFleet.stream``'s answer: iterate it for the chunks and GenerateDone(s) of one server
+    (``endpoint``); ``abort()`` stops the request there (its Dones then come with "abort")."""
+
+    def __init__(self, endpoint: str, inner: GenerationStream,
+                 messages: AsyncIterator[GenerateChunk | GenerateDone]) -> None:
+        self.endpoint = endpoint
+        self._inner = inner
+        self._messages = messages
+
+    def __aiter__(self) -> FleetStream:
+        return self
+
+    async def __anext__(self) -> GenerateChunk | GenerateDone:
+        return await self._messages.__anext__()
+
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._messages, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class FleetSession:
     """A ``Session`` that survives its server: ``open``, ``append``, ``generate``, ``trajectory``,
     ``close`` as on ``Session``. When a call fails because the server is gone, the session opens on
     another live server, replays the whole history there in one append (one prefill on the next
     turn), and the call runs again; the trajectory, roles and loss mask included, goes on unbroken.
     A call that the dead server may have half done (a turn's output) is lost with it: the turn runs
-    again on the new server."""
+    again on the new server. A call made after the fleet has evicted the session's server (health
+    missed) moves first instead of waiting out the liveness bound there; the copy left on that
+    server, if it still lives, expires by its ttl."""
 
     def __init__(self, fleet: RolloutFleet, kw: dict[str, Any]) -> None:
         self._fleet = fleet
@@ -369,9 +397,18 @@ class FleetSession:
         assert self._session is not None, "session is not open"
         return await self._session.close()
 
+    @property
+    def server_alive(self) -> bool:
+        """Whether the fleet still counts this session's server as live (not evicted)."""
+        return self._server is not None and self._server.alive
+
     async def _moving(self, call: Any) -> Any:
         assert self._session is not None and self._server is not None, "session is not open"
         tried = [self._server]
+        if not self._server.alive and self._fleet.router.live(exclude=tried):
+            # the fleet already took its server for dead: move now rather than wait out the
+            # liveness bound on a call to it
+            await self._move(tried, f"server evicted ({self._server.why_out})")
         while True:
             try:
                 return await call(self._session)
@@ -379,11 +416,16 @@ class FleetSession:
                 if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(self._server, f"session call failed: {e.code.value}")
-                nxt = self._fleet._choose([], 1, 0, exclude=tried)
-                moved = nxt.client.session(**self._kw)
-                await moved.replay(self._session)
-                log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint,
-                            tokens=len(self._session.trajectory().token_ids))
-                self._session, self._server = moved, nxt
-                self.moves += 1
-                tried.append(nxt)
+                await self._move(tried, e.code.value)
+
+    async def _move(self, tried: list[ServerView], why: str) -> None:
+        """Reopen on another live server and replay the history there (one append)."""
+        assert self._session is not None and self._server is not None
+        nxt = self._fleet._choose([], 1, 0, exclude=tried)
+        moved = nxt.client.session(**self._kw)
+        await moved.replay(self._session)
+        log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint, why=why,
+                    tokens=len(self._session.trajectory().token_ids))
+        self._session, self._server = moved, nxt
+        self.moves += 1
+        tried.append(nxt)

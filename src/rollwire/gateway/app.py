@@ -7,6 +7,12 @@ server as one token request (streamed when the caller streams or sent stop strin
 cut at the first one); a request tagged with a session runs as that rollwire session's next turn
 (sessions.py). A stream's first reply is awaited before the HTTP response starts, so a refusal
 (overloaded, bad parameters) still has its 4xx status.
+
+With several ``--rollout-endpoint`` the gateway runs over a ``RolloutFleet``: plain requests are
+routed across the servers (a non-streamed one continues on another server if its own dies; a
+streamed one ends with ``server_unavailable``), and each session is a ``FleetSession``, which stays
+on its server and moves to another by replaying its history when that server dies, so the
+trajectory goes on unbroken. One endpoint: a plain ``RolloutClient``, as before.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rollwire.clients.rollout import RolloutClient
-from rollwire.clients.session import SessionDesynced
+from rollwire.clients.session import Session, SessionDesynced
+from rollwire.fleet.client import FleetSession, RolloutFleet
 from rollwire.gateway.chat import ChatFormat, canonical, tools_json
 from rollwire.gateway.choices import Choice
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
@@ -43,7 +50,7 @@ SESSION_HEADER = "x-session-id"
 
 @dataclass
 class GatewayConfig:
-    endpoints: list[str]  # rollout endpoints; one today (several arrive with the fleet client)
+    endpoints: list[str]  # rollout endpoints: one (a RolloutClient) or several (a RolloutFleet)
     model: str = "tiny"  # tokenizer and chat template: tiny[:SEED] or a local checkpoint directory
     served_model_name: str = ""  # the name clients pass as ``model`` (default: ``model``)
     api_keys: list[str] = field(default_factory=list)  # empty: no auth, one owner for every session
@@ -53,18 +60,26 @@ class GatewayConfig:
     session_ttl_s: float = 600.0
     max_sessions: int = 4096
     request_timeout_s: float | None = 600.0
+    fleet_health_interval_s: float = 1.0  # several endpoints: how often each server's health is asked
 
 
 class Gateway:
     """What the routes share: the tokenizer, the server client, the session table, the counters."""
 
-    def __init__(self, cfg: GatewayConfig, chat: ChatFormat, client: RolloutClient | None = None) -> None:
-        if len(cfg.endpoints) != 1:
-            raise SystemExit("the gateway speaks to one rollout endpoint for now; several come with the fleet client")
+    def __init__(self, cfg: GatewayConfig, chat: ChatFormat, client: RolloutClient | RolloutFleet | None = None,
+                 ) -> None:
+        if not cfg.endpoints:
+            raise SystemExit("the gateway needs at least one rollout endpoint")
+        if len(set(cfg.endpoints)) != len(cfg.endpoints):
+            raise SystemExit(f"a rollout endpoint is named twice: {cfg.endpoints}")
         self.cfg = cfg
         self.chat = chat
         self.name = cfg.served_model_name or cfg.model
-        self.client = client or RolloutClient(cfg.endpoints[0], timeout=cfg.request_timeout_s)
+        if client is None:
+            client = RolloutClient(cfg.endpoints[0], timeout=cfg.request_timeout_s) if len(cfg.endpoints) == 1 \
+                else RolloutFleet(cfg.endpoints, timeout=cfg.request_timeout_s,
+                                  health_interval_s=cfg.fleet_health_interval_s)
+        self.client: RolloutClient | RolloutFleet = client
         self.sessions = SessionTable(cfg.max_sessions, cfg.session_ttl_s)
         self.metrics = GatewayMetrics()
         self.in_flight = 0
@@ -72,27 +87,38 @@ class Gateway:
         self.vocab_size = 0
         self._sweeper: asyncio.Task[None] | None = None
 
+    @property
+    def fleet(self) -> RolloutFleet | None:
+        return self.client if isinstance(self.client, RolloutFleet) else None
+
+    def server_clients(self) -> dict[str, RolloutClient]:
+        """Each server's own client (health, status), by endpoint."""
+        if isinstance(self.client, RolloutFleet):
+            return {s.endpoint: s.client for s in self.client.servers}
+        return {self.cfg.endpoints[0]: self.client}
+
     async def start(self) -> None:
         await self.client.__aenter__()
-        await self.client.wait_ready(timeout=120.0)
-        st = await self.client.status()
+        if isinstance(self.client, RolloutFleet):  # serve once one server is admitted; the rest join as they come
+            first = (await self.client.wait_ready(servers=1, timeout=120.0))[0]
+            st = await self.server_clients()[first].status()
+        else:
+            await self.client.wait_ready(timeout=120.0)
+            st = await self.client.status()
         self.max_new_tokens_limit, self.vocab_size = st.max_new_tokens_limit, st.vocab_size
         self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for s in list(self.sessions.sessions.values()):
-            with contextlib.suppress(Exception):
-                await s.session.close()
+        await asyncio.gather(*(close_quietly(s.session) for s in list(self.sessions.sessions.values())))
         await self.client.close()
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(min(30.0, self.cfg.session_ttl_s / 4))
-            for s in self.sessions.expired():
-                with contextlib.suppress(Exception):  # the server expires it on its own anyway
-                    await s.session.close()
+            for s in self.sessions.expired():  # the server expires it on its own anyway
+                await close_quietly(s.session)
             self.metrics.set("sessions_open", len(self.sessions.sessions))
 
     # -- helpers --------------------------------------------------------------------------
@@ -126,6 +152,18 @@ class Gateway:
         return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, min_p=req.min_p, seed=req.seed, n=n,
                               stop_token_ids=sorted(set(stop_ids)), ignore_eos=req.ignore_eos)
+
+
+async def close_quietly(session: Session | FleetSession) -> None:
+    """Free a session on its server, if that server is still there to free it."""
+    if isinstance(session, FleetSession) and not session.server_alive:
+        return  # its server is gone (or evicted): nothing to free, and no liveness wait for it
+    with contextlib.suppress(Exception):
+        await session.close()
+
+
+def session_endpoint(gw: Gateway, session: Session | FleetSession) -> str:
+    return session.endpoint if isinstance(session, FleetSession) else gw.cfg.endpoints[0]
 
 
 # -- running samples ----------------------------------------------------------------------
@@ -166,7 +204,12 @@ async def _plain_events(gw: Gateway, prompt: list[int], sp: SamplingParams, choi
 
 async def _session_events(gw: Gateway, cs: ChatSession, prompt: list[int], sp: SamplingParams,
                           choice: Choice) -> AsyncIterator[Event]:
-    done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
+    moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
+    try:
+        done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
+    finally:
+        if isinstance(cs.session, FleetSession) and cs.session.moves > moves:
+            gw.metrics.inc("session_moves_total", cs.session.moves - moves)
     deltas, taken = choice.feed(done.output_ids, done.output_logprobs)
     yield choice.index, deltas + choice.finish(done), taken, 0
 
@@ -409,35 +452,56 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        servers = []
-        ok = True
-        for ep in gw.cfg.endpoints:
+        """Every server's health; with a fleet, also whether the fleet counts it live (admitted).
+        200 while some server can take requests ("ok": all can, "degraded": some), else 503."""
+        fleet = gw.fleet.stats() if gw.fleet is not None else {}
+
+        async def one(ep: str, rc: RolloutClient) -> dict[str, Any]:
             try:
-                h = await gw.client.health(timeout=2.0)
-                servers.append({"endpoint": ep, "weight_version": h.weight_version, "state": h.governor_state})
+                h = await rc.health(timeout=2.0)
+                row: dict[str, Any] = {"endpoint": ep, "weight_version": h.weight_version,
+                                       "state": h.governor_state}
             except RollwireError as e:
-                ok = False
-                servers.append({"endpoint": ep, "error": e.code.value})
-        return JSONResponse({"status": "ok" if ok else "unavailable", "servers": servers},
-                            status_code=200 if ok else 503)
+                row = {"endpoint": ep, "error": e.code.value}
+            if ep in fleet:
+                row["alive"] = fleet[ep]["alive"]
+                if not fleet[ep]["alive"]:
+                    row["why_out"] = fleet[ep]["why_out"]
+            return row
+
+        servers = await asyncio.gather(*(one(ep, rc) for ep, rc in gw.server_clients().items()))
+        up = [("error" not in r) and r.get("alive", True) for r in servers]
+        status = "ok" if all(up) else "degraded" if any(up) else "unavailable"
+        body: dict[str, Any] = {"status": status, "servers": servers}
+        if gw.fleet is not None:
+            body["sessions"] = {ep: sum(1 for cs in gw.sessions.sessions.values()
+                                        if session_endpoint(gw, cs.session) == ep) for ep in gw.cfg.endpoints}
+        return JSONResponse(body, status_code=200 if any(up) else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        statuses: dict[str, StatusReply | None] = {}
-        for ep in gw.cfg.endpoints:
+        async def one(rc: RolloutClient) -> StatusReply | None:
             try:
-                statuses[ep] = await gw.client.status(timeout=2.0)
+                return await rc.status(timeout=2.0)
             except RollwireError:
-                statuses[ep] = None
+                return None
+
+        clients = gw.server_clients()
+        replies = await asyncio.gather(*(one(rc) for rc in clients.values()))
+        statuses = dict(zip(clients, replies, strict=True))
         gw.metrics.set("sessions_open", len(gw.sessions.sessions))
-        return PlainTextResponse(gw.metrics.render(statuses), media_type="text/plain; version=0.0.4")
+        fleet = None
+        if gw.fleet is not None:
+            fleet = {"servers": gw.fleet.stats(), "failovers": gw.fleet.failovers,
+                     "tokens_carried": gw.fleet.tokens_carried, "current_version": gw.fleet.current_version}
+        return PlainTextResponse(gw.metrics.render(statuses, fleet), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/sessions/{sid}/trajectory")
     async def trajectory(sid: str, request: Request) -> JSONResponse:
         cs = gw.sessions.get(gw.owner(request), sid)
         if cs.lock.locked():
             raise APIError(409, f"session {sid} has a turn running", type="conflict_error", code="session_busy")
-        return JSONResponse(_trajectory_body(cs))
+        return JSONResponse(_trajectory_body(gw, cs))
 
     @app.delete("/v1/sessions/{sid}")
     async def close_session(sid: str, request: Request) -> JSONResponse:
@@ -445,10 +509,9 @@ def build_app(gw: Gateway) -> FastAPI:
         cs = gw.sessions.get(gw.owner(request), sid)
         if cs.lock.locked():
             raise APIError(409, f"session {sid} has a turn running", type="conflict_error", code="session_busy")
-        body = _trajectory_body(cs)
+        body = _trajectory_body(gw, cs)
         del gw.sessions.sessions[cs.key]
-        with contextlib.suppress(RollwireError):  # expired on the server already: nothing left to free
-            await cs.session.close()
+        await close_quietly(cs.session)  # expired on the server already, or its server gone: nothing to free
         return JSONResponse(body)
 
     return app
@@ -611,7 +674,7 @@ def _legacy_logprobs(c: Choice, ids: Sequence[int], start: int) -> dict[str, Any
             "text_offset": None}
 
 
-def _trajectory_body(cs: ChatSession) -> dict[str, Any]:
+def _trajectory_body(gw: Gateway, cs: ChatSession) -> dict[str, Any]:
     traj = cs.session.trajectory()
     turns = []
     for k, t in enumerate(traj.turns):
@@ -620,7 +683,9 @@ def _trajectory_body(cs: ChatSession) -> dict[str, Any]:
                       "finish_reason": t.finish_reason, "weight_version": t.weight_version,
                       "weight_version_spans": [[s.version, s.start, s.end] for s in t.weight_version_spans],
                       "cached_tokens": t.cached_tokens})
-    return {"session_id": cs.key[1], "token_ids": traj.token_ids, "loss_mask": traj.loss_mask,
+    moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
+    return {"session_id": cs.key[1], "server": session_endpoint(gw, cs.session), "moves": moves,
+            "token_ids": traj.token_ids, "loss_mask": traj.loss_mask,
             "logprobs": traj.logprobs, "weight_version_spans": [[s.version, s.start, s.end]
                                                                 for s in traj.weight_version_spans],
             "turns": turns, "messages": [{k: v for k, v in m.items() if k != "tool_call_errors"}

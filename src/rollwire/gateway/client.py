@@ -41,6 +41,8 @@ class ChatTrajectory:
     weight_version_spans: list[VersionSpan]  # over trajectory positions
     turns: list[ChatTurn]
     messages: list[dict[str, Any]]  # the conversation, the last assistant message included
+    server: str = ""  # the rollout endpoint the session lives on now
+    moves: int = 0  # servers it moved away from (over a fleet: its server died; the history was replayed)
 
 
 class GatewayError(Exception):
@@ -61,7 +63,8 @@ def trajectory_from_json(body: dict[str, Any]) -> ChatTrajectory:
              for t in body["turns"]]
     return ChatTrajectory(session_id=body["session_id"], token_ids=body["token_ids"], loss_mask=body["loss_mask"],
                           logprobs=body["logprobs"], weight_version_spans=_spans(body["weight_version_spans"]),
-                          turns=turns, messages=body["messages"])
+                          turns=turns, messages=body["messages"], server=body.get("server", ""),
+                          moves=body.get("moves", 0))
 
 
 def fetch_trajectory(base_url: str, session_id: str, *, api_key: str | None = None, close: bool = False,

@@ -1,11 +1,14 @@
 """/metrics in Prometheus' text format: the gateway's own counters, and every counter each server
 already reports in its status (requests, tokens, in flight, live weight version, weight loads,
-load and pause seconds...), labelled by endpoint."""
+load and pause seconds...), labelled by endpoint. Over a fleet, also the fleet client's own view of
+each server (admitted, samples in flight, requests routed, tokens, failures, evictions; labelled by
+endpoint) and its failover totals."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Any
 
 from rollwire.messages import StatusReply
 
@@ -38,7 +41,7 @@ class GatewayMetrics:
     def set(self, name: str, value: float, **labels: str) -> None:
         self.gauges[(name, tuple(sorted(labels.items())))] = value
 
-    def render(self, servers: dict[str, StatusReply | None]) -> str:
+    def render(self, servers: dict[str, StatusReply | None], fleet: dict[str, Any] | None = None) -> str:
         lines: list[str] = []
         for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
             seen: set[str] = set()
@@ -64,4 +67,24 @@ class GatewayMetrics:
         for name, rows in sorted(series.items()):
             lines.append(f"# TYPE {name} {'gauge' if name.endswith(('version', 'in_flight')) else 'untyped'}")
             lines += rows
+        if fleet is not None:
+            lines += _fleet_lines(fleet)
         return "\n".join(lines) + "\n"
+
+
+_FLEET_SERVER = (("alive", "gauge"), ("version", "gauge"), ("in_flight", "gauge"), ("routed", "counter"),
+                 ("tokens", "counter"), ("failures", "counter"), ("evictions", "counter"))
+
+
+def _fleet_lines(fleet: dict[str, Any]) -> list[str]:
+    """``fleet``: {"servers": RolloutFleet.stats(), "failovers", "tokens_carried", "current_version"}."""
+    lines: list[str] = []
+    for key, kind in _FLEET_SERVER:
+        name = f"rollwire_fleet_server_{key}"
+        lines.append(f"# TYPE {name} {kind}")
+        for ep, row in sorted(fleet["servers"].items()):
+            lines.append(f"{name}{_labels({'endpoint': ep})} {float(row[key]):g}")
+    for key, kind in (("failovers", "counter"), ("tokens_carried", "counter"), ("current_version", "gauge")):
+        name = f"rollwire_fleet_{key}"
+        lines += [f"# TYPE {name} {kind}", f"{name} {float(fleet[key]):g}"]
+    return lines

@@ -14,7 +14,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--rollout-endpoint", action="append", default=[],
-                   help="a rollout server (rollwire serve); one for now (several come with the fleet client)")
+                   help="a rollout server (rollwire serve); repeat it for several: they run as one RolloutFleet "
+                        "(routing, failover, sessions that move when their server dies)")
     p.add_argument("--model", default="tiny", help="tokenizer + chat template: 'tiny[:SEED]' or a local checkpoint dir")
     p.add_argument("--served-model-name", default="", help="the name clients pass as model (default: --model)")
     p.add_argument("--api-key", action="append", default=[],

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollwire.clients.session import Session
+from rollwire.fleet.client import FleetSession
 from rollwire.gateway.chat import Canonical, ChatFormat, same_message
 from rollwire.gateway.errors import APIError
 
@@ -34,7 +35,7 @@ from rollwire.gateway.errors import APIError
 @dataclass
 class ChatSession:
     key: tuple[str, str]  # (owner, agent's session id)
-    session: Session  # the rollwire session (its client-side mirror is the trajectory)
+    session: Session | FleetSession  # the rollwire session (its client-side mirror is the trajectory)
     tools: list[dict[str, Any]] | None
     messages: list[Canonical] = field(default_factory=list)  # consumed so far, the last assistant included
     rendered: str = ""  # the template's text of ``messages`` (no generation prompt)
