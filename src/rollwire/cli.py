@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run a rollout server in the foreground (Ctrl-C stops it)")
     add_server_args(s)
 
-    gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP face in front of a rollout server or a fleet of them")
+    gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP face in front of one or many rollout servers")
     from rollwire.gateway.server import add_gateway_args
 
     add_gateway_args(gw)
