@@ -14,7 +14,7 @@ import asyncio
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from rollwire.transports.pubsub import CONTROL_MAX_FRAME
 from rollwire.transports.rpc import ConnectionClosed, RpcClient
 from rollwire.transports.security import CurveClient
 from rollwire.transports.sockets import BUCKET_MAX_FRAME
-from rollwire.weightsync.checksum import checksum_of
+from rollwire.weightsync.checksum import Hasher
 from rollwire.weightsync.layout import (
     BucketPlan,
     Sender,
@@ -54,6 +54,7 @@ from rollwire.weightsync.layout import (
     raise_problems,
     tensor_bytes,
 )
+from rollwire.weightsync.memcopy import copy_pool, copy_threads
 
 
 def tensor_buffer(t: torch.Tensor) -> memoryview:
@@ -97,10 +98,18 @@ def decode_tensor(ref: TensorRef, payload: Sequence[Buffer]) -> torch.Tensor:
 
 
 # -- trainer half -------------------------------------------------------------------------------
+_PACK_LANE = ThreadPoolExecutor(1, thread_name_prefix="rw-inline-pack")  # one bucket at a time, in order
+
+
 class BucketServer:
     """The buckets of one inline push, each packed on its first pull (or ahead of it) into a reused
     buffer, its checksum computed as it is packed (still in cache), so no pass over the version
-    precedes the announcement; the checksum travels in the BucketData reply."""
+    precedes the announcement; the checksum travels in the BucketData reply.
+
+    Buckets are packed one at a time, in the order they are asked for, each on every copy thread
+    (``memcopy.copy_pool``): the first bucket is ready as early as it can be and the wire starts
+    sending it while the next is packed (one bucket per thread, as before, packed a lone 107 MB
+    bucket on one core while the other idled)."""
 
     def __init__(self, plans: Sequence[BucketPlan], pack_buf: torch.Tensor) -> None:
         self.plans = plans
@@ -123,7 +132,13 @@ class BucketServer:
         plan = self.plans[index]
         if _is_one_tensor(plan):  # a bucket of one tensor is that tensor: no packing, only the checksum
             view = tensor_bytes(plan.sources[0])
-            self._packed[index] = asyncio.wrap_future(packer.submit(lambda: (view, checksum_of([view]))))
+
+            def hashed() -> tuple[memoryview, int]:
+                h = Hasher(copy_pool())
+                h.update(view)
+                return view, h.result()
+
+            self._packed[index] = asyncio.wrap_future(_PACK_LANE.submit(hashed))
             return
         if not self._offsets:
             self._offsets = packed_offsets(self.plans)
@@ -133,10 +148,10 @@ class BucketServer:
         off, buf = self._offsets[index], self.pack_buf
 
         def pack() -> tuple[memoryview, int]:
-            dst = buf[off:off + plan.nbytes]  # buckets are packed in parallel already: one thread each
-            return byte_view(dst), pack_with_checksum([plan], [dst], packer, threads=1)[0]
+            dst = buf[off:off + plan.nbytes]
+            return byte_view(dst), pack_with_checksum([plan], [dst], copy_pool(), copy_threads())[0]
 
-        self._packed[index] = asyncio.wrap_future(packer.submit(pack))
+        self._packed[index] = asyncio.wrap_future(_PACK_LANE.submit(pack))
 
 
 class InlineSender(Sender):
