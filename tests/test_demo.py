@@ -25,3 +25,23 @@ def test_quick_demo_trains_the_tiny_model_and_writes_metrics_and_plots(tmp_path:
     assert last > first + 0.1, (first, last)  # chance is 1/16 per letter; the policy learns the word
     for image in ("reward.png", "timeline.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_demo_on_two_servers_goes_on_through_a_server_kill(tmp_path: Path) -> None:
+    """`--servers 2`: a fleet of two `rollwire serve` processes; server-1 is SIGKILLed halfway
+    (and restarted 3 steps later): every step still trains on fresh groups and the reward rises."""
+    out = tmp_path / "fleet-demo"
+    proc = subprocess.run([sys.executable, "-m", "rollwire.cli", "--log-level", "error", "demo", "--quick",
+                           "--servers", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "server-1 SIGKILLed" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["weight_version"] for r in rows] == list(range(1, 21))  # a push per step, none lost
+    assert [r["servers_applied"] for r in rows[:9]] == [2] * 9  # both served before the kill
+    assert 1 in [r["servers_applied"] for r in rows[10:]]  # after it, the one left took the versions
+    first = sum(r["reward_mean"] for r in rows[:4]) / 4
+    last = sum(r["reward_mean"] for r in rows[-4:]) / 4
+    assert last > first + 0.1, (first, last)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["servers"] == 2 and summary["events"][0] == "server-1 killed"
+    assert (out / "fleet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -38,6 +38,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--out", default=None, help="output folder (default: a new ./rollwire-demo-<time>)")
     p.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
+    p.add_argument("--servers", type=int, default=1,
+                   help="rollout servers; more than 1 runs a fleet (`rollwire serve` processes behind a "
+                        "RolloutFleet) and kills one halfway (it restarts 3 steps later)")
 
 
 def run_demo(a: argparse.Namespace) -> int:
@@ -54,6 +57,10 @@ async def _demo(a: argparse.Namespace) -> int:
     steps = a.steps or (20 if a.quick else 80)
     out = Path(a.out or f"rollwire-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
+    if a.servers > 1:
+        from rollwire.demo.fleet import fleet_demo
+
+        return await fleet_demo(a, steps, out)
     rollout_ep, trainer_ep, exp_ep = ipc_endpoint("roll"), ipc_endpoint("train"), ipc_endpoint("exp")
     cfg = ServerConfig(rollout_endpoint=rollout_ep, trainer_endpoint=trainer_ep, pause_policy=a.pause_policy,
                        max_batch_size=64, max_staleness=None)
@@ -68,7 +75,7 @@ async def _demo(a: argparse.Namespace) -> int:
                            transport=a.transport, seed=a.seed)
         procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
         procs += [ctx.Process(target=worker_main, name=f"worker-{i}", args=(
-            i, rollout_ep, exp_ep, a.group_size, 2, a.seed, a.temperature, stop)) for i in range(a.workers)]
+            i, [rollout_ep], exp_ep, a.group_size, 2, a.seed, a.temperature, stop)) for i in range(a.workers)]
         for p in procs:
             p.start()
         rows = await _follow(srv, metrics_q, view, activity, procs[0])
@@ -105,23 +112,46 @@ async def _follow(srv: RolloutServer, metrics_q: Any, view: View, activity: list
         view.update(row)
 
 
-def _finish(out: Path, rows: list[dict[str, Any]], timeline: list[tuple[float, str]],
-            activity: list[tuple[float, int, str]], view: View, trainer_exit: int | None) -> int:
-    from rollwire.demo.plots import plot_reward, plot_timeline
-
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     with (out / "metrics.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     if not rows:
+        return None
+    k = max(1, len(rows) // 5)
+    first = sum(r["reward_mean"] for r in rows[:k]) / k
+    last = sum(r["reward_mean"] for r in rows[-k:]) / k
+    return {"steps": len(rows), "reward_first": first, "reward_last": last,
+            "weight_version": rows[-1]["weight_version"], "out": str(out)}
+
+
+def _finish_fleet(out: Path, rows: list[dict[str, Any]], load: list[tuple[float, list[float]]],
+                  events: list[tuple[float, str]], eps: list[str], view: View, trainer_exit: int | None) -> int:
+    from rollwire.demo.plots import plot_fleet, plot_reward
+
+    summary = _write_rows(out, rows)
+    if summary is None:
+        print(f"demo failed: the trainer produced no steps (exit code {trainer_exit})")
+        return 1
+    plot_reward(rows, out / "reward.png")
+    plot_fleet(load, events, rows, len(eps), out / "fleet.png")
+    summary |= {"servers": len(eps), "events": [e for _, e in events],
+                "servers_applied": [r["servers_applied"] for r in rows]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    view.summary(summary, out)
+    return 0 if trainer_exit == 0 else 1
+
+
+def _finish(out: Path, rows: list[dict[str, Any]], timeline: list[tuple[float, str]],
+            activity: list[tuple[float, int, str]], view: View, trainer_exit: int | None) -> int:
+    from rollwire.demo.plots import plot_reward, plot_timeline
+
+    summary = _write_rows(out, rows)
+    if summary is None:
         print(f"demo failed: the trainer produced no steps (exit code {trainer_exit})")
         return 1
     plot_reward(rows, out / "reward.png")
     plot_timeline(timeline, activity, rows, out / "timeline.png")
-    k = max(1, len(rows) // 5)
-    first = sum(r["reward_mean"] for r in rows[:k]) / k
-    last = sum(r["reward_mean"] for r in rows[-k:]) / k
-    summary = {"steps": len(rows), "reward_first": first, "reward_last": last,
-               "weight_version": rows[-1]["weight_version"], "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     view.summary(summary, out)
     return 0 if trainer_exit == 0 else 1

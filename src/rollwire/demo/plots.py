@@ -61,3 +61,24 @@ def plot_timeline(timeline: list[tuple[float, str]], activity: list[tuple[float,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_fleet(load: list[tuple[float, list[float]]], events: list[tuple[float, str]], rows: list[dict[str, Any]],
+               servers: int, path: Path) -> None:
+    """Samples in flight on each server over the run; the kill and the restart marked."""
+    t0 = load[0][0] if load else 0.0
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for i in range(servers):
+        ax.plot([t - t0 for t, _ in load], [row[i] for _, row in load], lw=0.9, label=f"server-{i}")
+    for t, what in events:
+        ax.axvline(t - t0, color="#d62728", lw=1.0, ls="--")
+        ax.annotate(what, (t - t0, ax.get_ylim()[1] * 0.92), fontsize=7, rotation=90, ha="right")
+    for r in rows:
+        ax.axvline(r["time"] - t0, color="#1f77b4", lw=0.4, alpha=0.4)
+    ax.set_xlabel("seconds (blue: a weight version went live)")
+    ax.set_ylabel("samples in flight")
+    ax.set_title(f"rollwire demo on a fleet of {servers}: load per server through a kill and a restart")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

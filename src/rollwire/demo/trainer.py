@@ -36,6 +36,7 @@ class TrainConfig:
     max_staleness: int
     transport: str
     seed: int
+    servers: int = 1  # a fleet: wait for all to join once, then push to whoever is live
 
 
 def grpo_loss(model: Any, groups: list[SampleGroup], allowed: torch.Tensor, clip: float,
@@ -84,7 +85,9 @@ async def _train(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
 
     collector = asyncio.ensure_future(collect())
     version = 0
-    async with TrainerPublisher(cfg.trainer_endpoint) as tp:
+    # a fleet: a server silent for 3 s is dropped from the pushes (its requests already moved)
+    async with TrainerPublisher(cfg.trainer_endpoint, min_receivers=cfg.servers,
+                                lost_after_s=3.0 if cfg.servers > 1 else 10.0) as tp:
         for step in range(1, cfg.steps + 1):
             t0 = time.monotonic()
             used: list[SampleGroup] = []
@@ -112,13 +115,16 @@ async def _train(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
                 loss.backward()
                 opt.step()
             version += 1
-            await tp.publish_step(step=step, phase="train_end")
-            report = await tp.push_weights(version=version, tensors=dict(model.state_dict()), transport=cfg.transport)
+            await tp.publish_step(step=step, phase="train_end", require_all=cfg.servers == 1)
+            report = await tp.push_weights(version=version, tensors=dict(model.state_dict()), transport=cfg.transport,
+                                           require_all=cfg.servers == 1)
+            tp.min_receivers = 1  # a fleet's server may die: the others go on
             rewards = [s.reward for g in used for s in g.samples]
             metrics.put({
                 "step": step, "reward_mean": sum(rewards) / len(rewards), "weight_version": version,
                 "tokens_per_s": tokens / max(1e-9, time.monotonic() - t0), "loss": float(loss.detach()),
                 "push_s": report.seconds, "push_bytes": report.bytes, "rollout_wait_s": t_rollout,
+                "servers_applied": len(report.receivers), "push_failed": sorted(report.failed),
                 "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
                 "groups_dropped_stale": dropped, "groups_used": len(used), "time": time.time(),
                 "sample": Task(tok).text(used[0].samples[0].output_ids),

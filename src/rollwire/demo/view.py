@@ -13,8 +13,8 @@ from rich.table import Table
 
 COLUMNS = [("step", "{}"), ("reward_mean", "{:.3f}"), ("tokens_per_s", "{:.0f}"), ("weight_version", "v{}"),
            ("push_s", "{:.3f}"), ("pause_s", "{:.3f}"), ("staleness_mean", "{:.2f}"), ("groups_dropped_stale", "{}"),
-           ("sample", "{}")]
-HEADERS = ["step", "reward", "tok/s", "live", "push s", "pause s", "stale", "dropped", "a sample"]
+           ("servers_applied", "{}"), ("sample", "{}")]
+HEADERS = ["step", "reward", "tok/s", "live", "push s", "pause s", "stale", "dropped", "servers", "a sample"]
 
 
 class View:
@@ -56,4 +56,5 @@ class View:
     def summary(self, s: dict[str, Any], out: Path) -> None:
         print(f"reward: first steps {s['reward_first']:.3f} -> last steps {s['reward_last']:.3f} "
               f"over {s['steps']} steps (live weight version v{s['weight_version']})")
-        print(f"wrote {out / 'metrics.jsonl'}, {out / 'reward.png'}, {out / 'timeline.png'}", flush=True)
+        plots = ["reward.png", "fleet.png" if s.get("servers", 1) > 1 else "timeline.png"]
+        print(f"wrote {out / 'metrics.jsonl'}, " + ", ".join(str(out / p) for p in plots), flush=True)

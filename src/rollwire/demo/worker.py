@@ -12,12 +12,14 @@ from typing import Any
 
 from rollwire.clients.rollout import RolloutClient, RolloutError
 from rollwire.demo.task import Task
+from rollwire.fleet import RolloutFleet
 from rollwire.messages import Ack, ErrorReply, RollwireError, Sample, SampleGroup, SamplingParams
 from rollwire.models import tiny_tokenizer
 from rollwire.transports.rpc import RpcClient
 
 
-async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient, exp: RpcClient[Any], group_size: int,
+async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient | RolloutFleet, exp: RpcClient[Any],
+                group_size: int,
                 temperature: float, stop: Any) -> None:
     seed = 1_000_000 * idx + 10_000 * loop_id
     while not stop.is_set():
@@ -45,12 +47,17 @@ async def _loop(idx: int, loop_id: int, task: Task, rc: RolloutClient, exp: RpcC
             return
 
 
-async def _main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, concurrency: int, seed: int,
+async def _main(idx: int, rollout_eps: list[str], experience_ep: str, group_size: int, concurrency: int, seed: int,
                 temperature: float, stop: Any) -> None:
     task = Task(tiny_tokenizer(), seed=seed * 7919 + idx)
     exp: RpcClient[Any] = RpcClient(experience_ep, Ack | ErrorReply)
-    async with RolloutClient(rollout_ep) as rc:
-        await rc.wait_ready(timeout=120)
+    # one server: its client; several: a fleet (routing, and failover when one dies)
+    client = RolloutClient(rollout_eps[0]) if len(rollout_eps) == 1 else RolloutFleet(rollout_eps)
+    async with client as rc:
+        if isinstance(rc, RolloutFleet):
+            await rc.wait_ready(servers=len(rollout_eps), timeout=120)
+        else:
+            await rc.wait_ready(timeout=120)
         loops = [asyncio.ensure_future(_loop(idx, i, task, rc, exp, group_size, temperature, stop))
                  for i in range(concurrency)]
         while not stop.is_set() and not all(t.done() for t in loops):
@@ -61,11 +68,11 @@ async def _main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, 
     await exp.close()
 
 
-def worker_main(idx: int, rollout_ep: str, experience_ep: str, group_size: int, concurrency: int, seed: int,
+def worker_main(idx: int, rollout_eps: list[str], experience_ep: str, group_size: int, concurrency: int, seed: int,
                 temperature: float, stop: Any) -> None:
     import uvloop
 
     from rollwire.runtime.logging import configure_logging
 
     configure_logging()  # the parent's level ($ROLLWIRE_LOG_LEVEL)
-    uvloop.run(_main(idx, rollout_ep, experience_ep, group_size, concurrency, seed, temperature, stop))
+    uvloop.run(_main(idx, rollout_eps, experience_ep, group_size, concurrency, seed, temperature, stop))

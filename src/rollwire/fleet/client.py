@@ -190,29 +190,40 @@ class RolloutFleet:
     async def _run(self, prompt: list[int], sp: SamplingParams, samples: list[_Sample], return_logprob: bool,
                    min_version: int) -> list[GenerateDone]:
         server = self._choose(prompt, sp.n, min_version)
-        tried = [server]
+        failed_on = []  # servers this request died on: never chosen for it again
         failure = await self._attempt(server, prompt, sp, samples, return_logprob, min_version)
+        if failure is not None:
+            failed_on.append(server)
         moves = 0
         while failure is not None:
-            left = [s for s in samples if s.done is None]
             moves += 1
             if moves > self.max_failovers:
                 raise failure
             # each unfinished sample goes on by itself, from its prompt plus the tokens it has
-            conts = []
-            for s in left:
+            plan = []
+            for s in samples:
+                if s.done is not None:
+                    continue
                 remaining = sp.max_new_tokens - len(s.ids)
                 if remaining <= 0:
                     s.done = self._finish(s, prompt, None, "length")
                     continue
                 params = msgspec.structs.replace(sp, n=1, max_new_tokens=remaining,
                                                  seed=None if sp.seed is None else sp.seed + s.index)
-                nxt = self._choose(prompt, 1, min_version, exclude=tried)
-                self.failovers += 1
-                tried.append(nxt)
-                conts.append(self._attempt(nxt, prompt, params, [s], return_logprob, min_version))
-            results = await asyncio.gather(*conts)
-            failure = next((f for f in results if f is not None), None)
+                nxt = self._choose(prompt, 1, min_version, exclude=failed_on)
+                nxt.in_flight += 1  # counted now, so the samples that follow spread
+                plan.append((nxt, params, s))
+            for nxt, _, _ in plan:
+                nxt.in_flight -= 1
+            self.failovers += len(plan)
+            results = await asyncio.gather(*(self._attempt(nxt, prompt, params, [s], return_logprob, min_version)
+                                             for nxt, params, s in plan))
+            failure = None
+            for (nxt, _, _), f in zip(plan, results, strict=True):
+                if f is not None:
+                    failure = f
+                    if nxt not in failed_on:
+                        failed_on.append(nxt)
         return [s.done for s in samples]  # type: ignore[misc]
 
     async def _attempt(self, server: ServerView, prompt: list[int], sp: SamplingParams, samples: list[_Sample],
@@ -242,7 +253,7 @@ class RolloutFleet:
                 self._evict(server, f"request failed: {e.code.value}")
             server.failures += sum(s.done is None for s in samples)
             self.tokens_carried += sum(len(s.ids) for s in samples if s.done is None)
-            log.warning("request_moves", endpoint=server.endpoint, code=e.code.value,
+            log.info("request_moves", endpoint=server.endpoint, code=e.code.value,
                         samples=[(s.index, len(s.ids)) for s in samples if s.done is None])
             return e
         except BaseException:

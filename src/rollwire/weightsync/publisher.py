@@ -227,9 +227,12 @@ class TrainerPublisher:
         await self.close()
 
     # -- public API ------------------------------------------------------------------------------
-    async def publish_step(self, step: int, phase: StepPhase, *, wait: bool = True) -> list[str]:
+    async def publish_step(self, step: int, phase: StepPhase, *, wait: bool = True,
+                           require_all: bool = True) -> list[str]:
         """Publish StepMessage to the joined receivers (waiting for ``min_receivers`` to join). With
-        ``wait``, return once each server acted on it (colocated ``train_start``: memory released)."""
+        ``wait``, return once each server acted on it (colocated ``train_start``: memory released),
+        or failed: a failure raises ``PushError``, unless ``require_all`` is off and some acted; a
+        receiver lost meanwhile (no beacon acknowledged) fails at once. Returns those that acted."""
         self._check_alive()
         receivers = await self._wait_joined()
         futs = {}
@@ -247,9 +250,9 @@ class TrainerPublisher:
         finally:
             for rid in futs:
                 self._steps.pop((rid, step, phase), None)
-        if failures:
+        if failures and (require_all or len(failures) == len(futs)):
             raise PushError(f"step {step} {phase}", failures)
-        return sorted(futs)
+        return sorted(set(futs) - set(failures))
 
     async def push_weights(self, version: int, tensors: NamedTensors, transport: str = "auto",
                            step: int | None = None, require_all: bool = True) -> PushReport:
@@ -513,8 +516,12 @@ class TrainerPublisher:
                 if r.joined and now - r.last_seen > self.lost_after_s:
                     r.joined = False
                     log.warning("receiver_lost", receiver_id=r.receiver_id, silent_s=round(now - r.last_seen, 1))
+                    why = f"lost: no heartbeat for {now - r.last_seen:.1f}s"
                     if self._push is not None:
-                        self._push.fail(r.receiver_id, f"lost: no heartbeat for {now - r.last_seen:.1f}s")
+                        self._push.fail(r.receiver_id, why)
+                    for (rid, _, _), fut in self._steps.items():
+                        if rid == r.receiver_id and not fut.done():
+                            fut.set_exception(PushError("step", {rid: why}))
             pending = any(not r.joined for r in self.receivers.values())
             self._wake_beacon.clear()
             with contextlib.suppress(TimeoutError):
