@@ -43,6 +43,12 @@ class Choice:
             return [], []
         taken: list[int] = []
         released = ""
+        if not self.stops:  # no stop string to look for: decode the delta at once, not token by token
+            taken = list(ids)
+            self.ids += taken
+            self.logprobs += [float(x) for x in logprobs] if logprobs is not None else [float("nan")] * len(taken)
+            self._pending += self.detok.push(taken)
+            ids = ()
         for k, t in enumerate(ids):
             taken.append(t)
             self.ids.append(t)
