@@ -60,6 +60,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="disaggregated", choices=["colocated", "disaggregated"])
     p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
     p.add_argument("--drain-deadline", type=float, default=30.0, help="seconds drain waits before aborting")
+    p.add_argument("--barrier-timeout", type=float, default=60.0,
+                   help="a version loaded under a trainer's barrier resumes by itself after this long unreleased")
     p.add_argument("--coalesce", action="store_true", help="only the newest version waits behind a load")
     p.add_argument("--max-staleness", type=int, default=None,
                    help="requests started > K versions ago are aborted (retract policy: restarted from the prompt)")
@@ -127,7 +129,8 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         dtype=a.dtype, max_new_tokens_limit=a.max_new_tokens_limit,
                         max_batch_size=a.max_batch_size, engine_args=_all_engine_args(a),
                         trainer_endpoint=a.trainer_endpoint, mode=a.mode, pause_policy=a.pause_policy,
-                        drain_deadline_s=a.drain_deadline, coalesce=a.coalesce, max_staleness=a.max_staleness,
+                        drain_deadline_s=a.drain_deadline, barrier_timeout_s=a.barrier_timeout,
+                        coalesce=a.coalesce, max_staleness=a.max_staleness,
                         receiver_id=a.receiver_id, session_endpoint=a.session_endpoint,
                         max_sessions=a.max_sessions, max_session_tokens=a.max_session_tokens,
                         secret_key=a.secret_key, client_keys=a.client_keys, trainer_keys=a.trainer_keys,

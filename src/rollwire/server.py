@@ -44,6 +44,7 @@ class ServerConfig:
     mode: str = "disaggregated"  # colocated | disaggregated
     pause_policy: str = "retract"  # abort | retract | drain | in_place
     drain_deadline_s: float = 30.0
+    barrier_timeout_s: float = 60.0  # barrier pushes: resume on our own if the trainer never releases
     coalesce: bool = False  # keep only the newest version waiting behind a load
     max_staleness: int | None = None  # abort (retract policy: restart) requests started > K versions ago
     receiver_id: str = ""  # name this server registers under (default: host:pid)
@@ -163,7 +164,7 @@ class RolloutServer:
         )
         await self.system.spawn(lambda: MemoryGovernor(
             generation=GENERATION, mode=cfg.mode, pause_policy=cfg.pause_policy,  # type: ignore[arg-type]
-            drain_deadline_s=cfg.drain_deadline_s))
+            drain_deadline_s=cfg.drain_deadline_s, barrier_timeout_s=cfg.barrier_timeout_s))
         if cfg.trainer_endpoint:
             from rollwire.actors.weight_receiver import WeightReceiverActor
 

@@ -19,6 +19,7 @@ from rollwire.messages import (
     ErrorCode,
     ForgetSession,
     ReleaseForTraining,
+    ResumeGeneration,
     SwapWeights,
     VersionApplied,
 )
@@ -118,10 +119,16 @@ class GenerationControl:
         self.counters.inc("load_seconds", load_s)
         self._abort_stale(msg.version)
         self.notify_version_changed()
-        await self._resume()
+        if not msg.hold:  # barrier mode: paused until ResumeGeneration
+            await self._resume()
         pause_s = time.monotonic() - t0
         self.counters.inc("pause_seconds", pause_s)
         await self.reply(origin, VersionApplied(version=msg.version, load_s=load_s, pause_s=pause_s))
+
+    @handles(ResumeGeneration)
+    async def on_resume_generation(self, origin: Origin, msg: ResumeGeneration, payload: Sequence[Any]) -> None:
+        await self._resume()
+        await self.reply(origin, Ack())
 
     @handles(ReleaseForTraining)
     async def on_release_for_training(self, origin: Origin, msg: ReleaseForTraining, payload: Sequence[Any]) -> None:

@@ -353,7 +353,8 @@ class WeightReceiverActor(Actor):
             v.applying = True
             key = STAGED.put(StagedVersion(ready.version, resolve(tensors, payload, where), ready.total_bytes))
             try:
-                applied = await self._apply(LoadVersion(version=ready.version, step=ready.step, staged=key), stager)
+                applied = await self._apply(LoadVersion(version=ready.version, step=ready.step, staged=key,
+                                                        hold=ready.barrier), stager)
             finally:
                 STAGED.discard(key)  # the views (and the frames they hold) go once the governor answered
             await asyncio.get_running_loop().run_in_executor(self._verify_pool, stager.after_load)

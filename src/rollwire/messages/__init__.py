@@ -47,6 +47,7 @@ from rollwire.messages.weights import (
     LoadVersion,
     NamedTensor,
     ReleaseForTraining,
+    ResumeGeneration,
     StepMessage,
     SwapWeights,
     VersionApplied,
@@ -59,7 +60,7 @@ RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusR
 SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest | Heartbeat
 SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply | Heartbeat
 # GenerationActor's control port (inproc, from the MemoryGovernor and the SessionActor).
-GenerationControl = SwapWeights | ReleaseForTraining | ForgetSession
+GenerationControl = SwapWeights | ReleaseForTraining | ResumeGeneration | ForgetSession
 # MemoryGovernor's weights port (inproc, from the WeightReceiverActor; GovernorQuery from the GenerationActor).
 GovernorRequest = LoadVersion | StepMessage | GovernorQuery
 # Replies on both internal ports.
@@ -101,6 +102,7 @@ __all__ = [
     "ProtocolError",
     "ReleaseForTraining",
     "RemoteError",
+    "ResumeGeneration",
     "RolloutReply",
     "RolloutRequest",
     "RollwireError",

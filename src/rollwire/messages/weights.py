@@ -17,7 +17,8 @@ from rollwire.messages.envelope import TensorRef
 from rollwire.messages.errors import ErrorReply
 
 Transport = Literal["inline", "shm", "cuda_ipc", "nccl", "gloo"]
-StepPhase = Literal["train_start", "train_end", "rollout_start", "rollout_end"]
+# barrier_release: every server holding a version loaded under a barrier (WeightsReady.barrier) resumes
+StepPhase = Literal["train_start", "train_end", "rollout_start", "rollout_end", "barrier_release"]
 
 
 # -- trainer <-> receiver ---------------------------------------------------------------
@@ -127,6 +128,9 @@ class WeightsReady(msgspec.Struct, frozen=True, kw_only=True, tag="weights_ready
     total_bytes: int
     buckets: list[BucketMeta]
     payload: Payload  # the transport chosen for this push, and where its bytes are
+    # barrier mode: a server loads the version and stays paused until StepMessage(barrier_release)
+    # (or its own barrier timeout), so no server generates with it before every server has it
+    barrier: bool = False
 
     @property
     def transport(self) -> str:
@@ -224,6 +228,7 @@ class LoadVersion(msgspec.Struct, frozen=True, kw_only=True, tag="load_version",
     version: int
     step: int
     staged: str
+    hold: bool = False  # barrier mode: load, then stay paused until released
 
 
 class SwapWeights(msgspec.Struct, frozen=True, kw_only=True, tag="swap_weights", array_like=True):
@@ -237,6 +242,11 @@ class SwapWeights(msgspec.Struct, frozen=True, kw_only=True, tag="swap_weights",
     policy: PausePolicy
     drain_deadline_s: float = 30.0
     released: list[MemoryTag] = []
+    hold: bool = False  # barrier mode: stay paused after the load (ResumeGeneration ends it)
+
+
+class ResumeGeneration(msgspec.Struct, frozen=True, kw_only=True, tag="resume_generation", array_like=True):
+    """MemoryGovernor -> GenerationActor: the barrier is released; resume. The reply is ``Ack``."""
 
 
 class ReleaseForTraining(msgspec.Struct, frozen=True, kw_only=True, tag="release_for_training", array_like=True):

@@ -49,6 +49,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
 import torch
 import zmq
 
@@ -255,13 +256,15 @@ class TrainerPublisher:
         return sorted(set(futs) - set(failures))
 
     async def push_weights(self, version: int, tensors: NamedTensors, transport: str = "auto",
-                           step: int | None = None, require_all: bool = True) -> PushReport:
+                           step: int | None = None, require_all: bool = True, barrier: bool = False) -> PushReport:
         """Push one weight version to every joined receiver; returns once each applied it or failed.
         ``require_all`` (default): any failure raises ``PushError`` naming each receiver and why.
         Without it (a fleet, where each server applies on its own) the report names the failed ones
         (``PushReport.failed``) and raises only if none applied. A receiver that did not answer within
         ``timeout_s`` is no longer counted as joined: later pushes do not wait for it until it
-        acknowledges a beacon again."""
+        acknowledges a beacon again. ``barrier`` (strictly on-policy): every server loads the version
+        and stays paused until all have answered; then one ``barrier_release`` resumes them together
+        (sent whatever the outcome; a server never released resumes at its own barrier timeout)."""
         if self._closed or self._pub is None:
             raise RuntimeError("TrainerPublisher is not started (use 'async with')")
         self._check_alive()
@@ -290,6 +293,8 @@ class TrainerPublisher:
                 push.cuda_after, push.device = push_after, device
             t_prepare = time.monotonic()
             ready = await self._prepare(push, sender, step if step is not None else version, receivers)
+            if barrier:
+                ready = msgspec.structs.replace(ready, barrier=True)
             prepare_s = time.monotonic() - t_prepare
             self._push = push
             self._last_version = version  # announced: even a failed push uses it up (some may have applied it)
@@ -300,6 +305,12 @@ class TrainerPublisher:
             finally:
                 self._push = None
                 self._pack_buf = push.served.pack_buf
+                if barrier:  # every server has answered (or failed): all resume at once
+                    try:
+                        released = await self.publish_step(version, "barrier_release", require_all=False)
+                        log.info("barrier_released", version=version, receivers=len(released))
+                    except PushError as e:  # none acknowledged: each resumes at its barrier timeout
+                        log.warning("barrier_release_unacknowledged", version=version, error=str(e)[:300])
             for rid, why in failures.items():
                 if why.startswith("timed out") and rid in self.receivers:
                     self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
