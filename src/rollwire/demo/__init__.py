@@ -50,9 +50,8 @@ def run_demo(a: argparse.Namespace) -> int:
 
 
 async def _demo(a: argparse.Namespace) -> int:
-    from rollwire.demo.trainer import TrainConfig, trainer_main
+    from rollwire.demo.trainer import TrainConfig
     from rollwire.demo.view import View
-    from rollwire.demo.worker import worker_main
 
     steps = a.steps or (20 if a.quick else 80)
     out = Path(a.out or f"rollwire-demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -73,21 +72,35 @@ async def _demo(a: argparse.Namespace) -> int:
                            groups_per_step=a.groups_per_step, lr=a.lr, clip=0.2, updates_per_step=a.updates,
                            temperature=a.temperature, max_staleness=a.max_staleness,
                            transport=a.transport, seed=a.seed)
-        procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
-        procs += [ctx.Process(target=worker_main, name=f"worker-{i}", args=(
-            i, [rollout_ep], exp_ep, a.group_size, 2, a.seed, a.temperature, stop)) for i in range(a.workers)]
-        for p in procs:
-            p.start()
+        procs = start_processes(ctx, a, tcfg, [rollout_ep], exp_ep, metrics_q, stop)
         rows = await _follow(srv, metrics_q, view, activity, procs[0])
-        stop.set()
-        loop = asyncio.get_running_loop()
-        for p in procs:
-            await loop.run_in_executor(None, p.join, 30)
-            if p.is_alive():
-                p.terminate()
+        await stop_processes(procs, stop)
         timeline = list(srv.governor.timeline)
     view.close()
     return _finish(out, rows, timeline, activity, view, procs[0].exitcode)
+
+
+def start_processes(ctx: Any, a: argparse.Namespace, tcfg: Any, rollout_eps: list[str], exp_ep: str, metrics_q: Any,
+                    stop: Any) -> list[Any]:
+    """The trainer process (first) and the rollout-worker processes, started."""
+    from rollwire.demo.trainer import trainer_main
+    from rollwire.demo.worker import worker_main
+
+    procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
+    procs += [ctx.Process(target=worker_main, name=f"worker-{i}", args=(
+        i, rollout_eps, exp_ep, a.group_size, 2, a.seed, a.temperature, stop)) for i in range(a.workers)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+async def stop_processes(procs: list[Any], stop: Any) -> None:
+    stop.set()
+    loop = asyncio.get_running_loop()
+    for p in procs:
+        await loop.run_in_executor(None, p.join, 30)
+        if p.is_alive():
+            p.terminate()
 
 
 async def _follow(srv: RolloutServer, metrics_q: Any, view: View, activity: list[tuple[float, int, str]],

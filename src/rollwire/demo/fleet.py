@@ -33,10 +33,9 @@ def _serve(a: argparse.Namespace, endpoint: str, trainer_ep: str, i: int) -> sub
 
 
 async def fleet_demo(a: argparse.Namespace, steps: int, out: Path) -> int:
-    from rollwire.demo import _finish_fleet
-    from rollwire.demo.trainer import TrainConfig, trainer_main
+    from rollwire.demo import _finish_fleet, start_processes, stop_processes
+    from rollwire.demo.trainer import TrainConfig
     from rollwire.demo.view import View
-    from rollwire.demo.worker import worker_main
 
     eps = [ipc_endpoint(f"roll{i}") for i in range(a.servers)]
     trainer_ep, exp_ep = ipc_endpoint("train"), ipc_endpoint("exp")
@@ -56,20 +55,11 @@ async def fleet_demo(a: argparse.Namespace, steps: int, out: Path) -> int:
                            groups_per_step=a.groups_per_step, lr=a.lr, clip=0.2, updates_per_step=a.updates,
                            temperature=a.temperature, max_staleness=a.max_staleness, transport=a.transport,
                            seed=a.seed, servers=a.servers)
-        procs = [ctx.Process(target=trainer_main, args=(tcfg, metrics_q, stop), name="trainer")]
-        procs += [ctx.Process(target=worker_main, name=f"worker-{i}", args=(
-            i, eps, exp_ep, a.group_size, 2, a.seed, a.temperature, stop)) for i in range(a.workers)]
-        for p in procs:
-            p.start()
+        procs = start_processes(ctx, a, tcfg, eps, exp_ep, metrics_q, stop)
         sampler = asyncio.ensure_future(_sample_load(clients, load))
         rows = await _follow(a, steps, eps, trainer_ep, servers, metrics_q, view, events, procs[0])
         sampler.cancel()
-        stop.set()
-        loop = asyncio.get_running_loop()
-        for p in procs:
-            await loop.run_in_executor(None, p.join, 30)
-            if p.is_alive():
-                p.terminate()
+        await stop_processes(procs, stop)
     finally:
         for c in clients:
             await c.close()
