@@ -83,6 +83,10 @@ async def test_a_fleet_under_pushes_loses_nothing_when_a_server_dies_and_the_res
             assert last.receivers == ids, last
             await until(lambda: fleet.servers[0].alive and fleet.servers[0].version == PUSHES + 1,
                         "the fleet re-admitted server-0")
+            # the same fan-out as one broadcast group (trainer rank 0 + the 4 receivers; gloo here,
+            # nccl on GPUs through the same code)
+            group = await tp.push_weights(PUSHES + 2, version_state(PUSHES + 2), transport="gloo", require_all=False)
+            assert group.receivers == ids and not group.failed, group
             stop.set()
             outs = [await loop.run_in_executor(None, results.get, True, 240) for _ in workers]
     finally:
