@@ -240,7 +240,7 @@ class GenerationActor(GenerationControl, Actor):
                                 f"max_new_tokens={sp.max_new_tokens} above this server's limit {limit}")
         if not 1 <= sp.n <= MAX_N:
             raise RollwireError(ErrorCode.BAD_SAMPLING_PARAMS, f"n={sp.n} must be in [1, {MAX_N}]")
-        if not 1 <= msg.chunk_tokens <= sp.max_new_tokens:
+        if not 1 <= msg.chunk_tokens <= max(1, sp.max_new_tokens):  # a bad max_new_tokens: its own error
             raise RollwireError(ErrorCode.BAD_FIELD, f"chunk_tokens={msg.chunk_tokens} must be in [1, max_new_tokens]")
         # a co-located actor's request counts for the client it names (none: exempt)
         client = (msg.client or None) if origin.internal else origin.client
