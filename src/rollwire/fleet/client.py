@@ -35,8 +35,8 @@ from typing import Any
 import msgspec
 
 from rollwire.clients.rollout import GenerationStream, RolloutClient
-from rollwire.clients.session import Session
-from rollwire.fleet.routing import Policy, Router, ServerView
+from rollwire.fleet.routing import SERVER_GONE, Policy, Router, ServerView
+from rollwire.fleet.session import FleetSession
 from rollwire.messages import (
     ErrorCode,
     GenerateChunk,
@@ -53,7 +53,6 @@ from rollwire.transports.security import CurveClient
 
 log = get_logger("rollwire.fleet")
 
-SERVER_GONE = frozenset({ErrorCode.SERVER_UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.ENGINE_DEAD})
 TRY_ELSEWHERE = SERVER_GONE | {ErrorCode.ACTOR_RESTARTED, ErrorCode.OVERLOADED}
 
 
@@ -353,90 +352,3 @@ class FleetStream:
         aclose = getattr(self._messages, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-class FleetSession:
-    """A ``Session`` that survives its server: ``open``, ``append``, ``generate``, ``trajectory``,
-    ``close`` as on ``Session``. When a call fails because the server is gone, the session opens on
-    another live server, replays the whole history there in one append (one prefill on the next
-    turn), and the call runs again; the trajectory, roles and loss mask included, goes on unbroken.
-    A call that the dead server may have half done (a turn's output) is lost with it: the turn runs
-    again on the new server. A call made after the fleet has evicted the session's server (health
-    missed) moves first instead of waiting out the liveness bound there; the copy left on that
-    server, if it still lives, expires by its ttl."""
-
-    def __init__(self, fleet: RolloutFleet, kw: dict[str, Any]) -> None:
-        self._fleet = fleet
-        self._kw = kw
-        self._session: Session | None = None
-        self._server: ServerView | None = None
-        self.moves = 0  # servers it moved away from
-
-    async def __aenter__(self) -> FleetSession:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.__aexit__(*exc)
-
-    @property
-    def id(self) -> str:
-        return self._session.id if self._session is not None else ""
-
-    @property
-    def endpoint(self) -> str:
-        return self._server.endpoint if self._server is not None else ""
-
-    async def open(self) -> None:
-        self._server = self._fleet._choose([], 1, 0)
-        self._session = self._server.client.session(**self._kw)
-        await self._session.open()
-
-    async def append(self, token_ids: Sequence[int]) -> int:
-        return await self._moving(lambda s: s.append(token_ids))  # type: ignore[no-any-return]
-
-    async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
-                       **kw: Any) -> GenerateDone:
-        return await self._moving(lambda s: s.generate(input_ids, sampling_params, **kw))  # type: ignore[no-any-return]
-
-    def trajectory(self) -> Any:
-        assert self._session is not None, "session is not open"
-        return self._session.trajectory()
-
-    async def close(self) -> Any:
-        assert self._session is not None, "session is not open"
-        return await self._session.close()
-
-    @property
-    def server_alive(self) -> bool:
-        """Whether the fleet still counts this session's server as live (not evicted)."""
-        return self._server is not None and self._server.alive
-
-    async def _moving(self, call: Any) -> Any:
-        assert self._session is not None and self._server is not None, "session is not open"
-        tried = [self._server]
-        if not self._server.alive and self._fleet.router.live(exclude=tried):
-            # the fleet already took its server for dead: move now rather than wait out the
-            # liveness bound on a call to it
-            await self._move(tried, f"server evicted ({self._server.why_out})")
-        while True:
-            try:
-                return await call(self._session)
-            except RollwireError as e:
-                if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
-                    raise
-                self._fleet._evict(self._server, f"session call failed: {e.code.value}")
-                await self._move(tried, e.code.value)
-
-    async def _move(self, tried: list[ServerView], why: str) -> None:
-        """Reopen on another live server and replay the history there (one append)."""
-        assert self._session is not None and self._server is not None
-        nxt = self._fleet._choose([], 1, 0, exclude=tried)
-        moved = nxt.client.session(**self._kw)
-        await moved.replay(self._session)
-        log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint, why=why,
-                    tokens=len(self._session.trajectory().token_ids))
-        self._session, self._server = moved, nxt
-        self.moves += 1
-        tried.append(nxt)

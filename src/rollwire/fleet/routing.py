@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rollwire.clients.rollout import RolloutClient
+from rollwire.messages import ErrorCode
 
 Policy = Literal["least_loaded", "prefix"]
+# a call failed with one of these: its server is gone (the fleet evicts it; the work moves)
+SERVER_GONE = frozenset({ErrorCode.SERVER_UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.ENGINE_DEAD})
 
 
 @dataclass

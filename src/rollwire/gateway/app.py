@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rollwire.clients.rollout import RolloutClient
 from rollwire.clients.session import Session, SessionDesynced
-from rollwire.fleet.client import FleetSession, RolloutFleet
+from rollwire.fleet.client import RolloutFleet
+from rollwire.fleet.session import FleetSession
 from rollwire.gateway.chat import ChatFormat, canonical, tools_json
 from rollwire.gateway.choices import Choice
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollwire.clients.session import Session
-from rollwire.fleet.client import FleetSession
+from rollwire.fleet.session import FleetSession
 from rollwire.gateway.chat import Canonical, ChatFormat, same_message
 from rollwire.gateway.errors import APIError
 
