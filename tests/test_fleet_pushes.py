@@ -21,7 +21,7 @@ from rollwire.weightsync.publisher import TrainerPublisher
 from tests.fleet_workers import keep_in_flight
 from tests.versioned import check_spans, version_state
 
-SERVERS, WORKERS, CONCURRENCY, PUSHES, KILL_AFTER = 4, 4, 4, 8, 3
+SERVERS, WORKERS, CONCURRENCY, PUSHES, KILL_AFTER = 4, 4, 4, 6, 3
 
 
 def serve(endpoint: str, trainer: str, receiver_id: str) -> subprocess.Popen[bytes]:
