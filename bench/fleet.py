@@ -32,6 +32,7 @@ from rollwire import RolloutClient, RolloutFleet, SamplingParams
 from rollwire.transports.sockets import free_tcp_endpoint
 
 SP = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+THREADS = max(1, (os.cpu_count() or 1) // 4)  # torch threads per server
 
 
 def serve(endpoint: str, trainer: str | None = None, rid: str = "") -> subprocess.Popen[bytes]:
@@ -39,7 +40,10 @@ def serve(endpoint: str, trainer: str | None = None, rid: str = "") -> subproces
            "--rollout-endpoint", endpoint]
     if trainer:
         cmd += ["--trainer-endpoint", trainer, "--receiver-id", rid]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # every server gets the same share of the cores, alone or beside the others: torch's default
+    # (all cores each) would oversubscribe a machine running 4 of them and hide what routing does
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 async def closed_loop(gen: Any, concurrency: int, seconds: float) -> float:
@@ -145,30 +149,41 @@ async def fanout(pushes: int) -> list[dict[str, Any]]:
 
 
 async def main(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    if "aggregate" in a.parts:
+        res["aggregate"] = await run_aggregate(a)
+    if "failover" in a.parts:
+        res["failover"] = await failover(a.liveness, a.repeats)
+    if "fanout" in a.parts:
+        res["fanout"] = await fanout(a.pushes)
+    return res
+
+
+async def run_aggregate(a: argparse.Namespace) -> list[dict[str, Any]]:
     eps = [free_tcp_endpoint() for _ in range(4)]
     procs = [serve(ep) for ep in eps]
     try:
         for ep in eps:
             async with RolloutClient(ep) as rc:
                 await rc.wait_ready(timeout=120)
-        agg = await aggregate(eps, a.per_server, a.seconds, a.repeats)
+        return await aggregate(eps, a.per_server, a.seconds, a.repeats)
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    return {"aggregate": agg, "failover": await failover(a.liveness, a.repeats), "fanout": await fanout(a.pushes)}
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9)"]
+    lines = [f"servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9; {THREADS} torch threads per server)"]
     lines += [f"{r['servers']:>7}  {r['fleet_tokens_s']:>11}  {r['sum_alone_tokens_s']:>15}  {r['ratio']:>5}"
-              for r in res["aggregate"]]
-    f = res["failover"]
-    lines.append(f"failover: death -> running elsewhere {f['death_to_running_elsewhere_s']} s = "
-                 f"{f['in_heartbeats']} heartbeats (target <= 2; liveness bound {f['liveness_s']} s)")
+              for r in res.get("aggregate", [])]
+    if "failover" in res:
+        f = res["failover"]
+        lines.append(f"failover: death -> running elsewhere {f['death_to_running_elsewhere_s']} s = "
+                     f"{f['in_heartbeats']} heartbeats (target <= 2; liveness bound {f['liveness_s']} s)")
     lines.append("fan-out  servers  transport  trainer bytes sent  push to all applied (ms)")
     lines += [f"         {r['servers']:>7}  {r['transport']:>9}  {r['trainer_bytes_sent']:>18}  "
-              f"{r['push_to_all_applied_ms']:>10}" for r in res["fanout"]]
+              f"{r['push_to_all_applied_ms']:>10}" for r in res.get("fanout", [])]
     return "\n".join(lines)
 
 
@@ -181,11 +196,14 @@ if __name__ == "__main__":
     ap.add_argument("--liveness", type=float, default=2.0)
     ap.add_argument("--pushes", type=int, default=5)
     ap.add_argument("--out", default="bench/out/fleet.json")
+    ap.add_argument("--parts", nargs="+", default=["aggregate", "failover", "fanout"],
+                    choices=["aggregate", "failover", "fanout"])
     a = ap.parse_args()
     if a.quick:
         a.repeats, a.seconds, a.pushes = 1, 3.0, 3
     res = asyncio.run(main(a))
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "args": vars(a)}
+    res["machine"] = {"cpus": os.cpu_count(), "torch_threads_per_server": THREADS, "platform": platform.platform(),
+                      "load_average": os.getloadavg(), "args": vars(a)}
     print(table(res))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
