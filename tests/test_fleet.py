@@ -7,7 +7,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +14,8 @@ import pytest
 from rollwire import GenerateDone, RolloutClient, RolloutFleet, SamplingParams
 from rollwire.fleet.routing import Router, ServerView
 from rollwire.transports.sockets import free_tcp_endpoint
+
+from .conftest import until
 
 GREEDY = SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True)
 
@@ -52,13 +53,6 @@ def servers(fleet_servers: tuple[list[str], list[subprocess.Popen[bytes]]],
     return eps, procs
 
 
-async def until(what, why: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, f"timed out waiting for {why}"
-        await asyncio.sleep(0.02)
-
-
 def check_spans(out: GenerateDone) -> None:
     """Spans are contiguous from 0 and cover every token."""
     assert out.weight_version_spans and out.weight_version_spans[0].start == 0, out.weight_version_spans
@@ -79,7 +73,7 @@ async def test_requests_on_a_killed_server_continue_elsewhere_and_the_restarted_
         before = victim.tokens
         running = [asyncio.ensure_future(fleet.generate(p, GREEDY, return_logprob=True)) for p in prompts]
         await until(lambda: victim.in_flight >= 3 and victim.tokens - before >= 40 * victim.in_flight,
-                    "requests generating on the victim")
+                    "requests generating on the victim", timeout=120)
         on_victim = victim.in_flight
         procs[0].send_signal(signal.SIGKILL)
         outs = await asyncio.wait_for(asyncio.gather(*running), 240)
@@ -113,7 +107,7 @@ async def test_a_request_fails_typed_when_no_server_is_left() -> None:
             await fleet.wait_ready(timeout=180)
             running = asyncio.ensure_future(fleet.generate([1, 2, 3], SamplingParams(max_new_tokens=4000,
                                                                                   ignore_eos=True)))
-            await until(lambda: fleet.servers[0].in_flight == 1, "the request running")
+            await until(lambda: fleet.servers[0].in_flight == 1, "the request running", timeout=120)
             proc.send_signal(signal.SIGKILL)
             with pytest.raises(Exception) as err:
                 await asyncio.wait_for(running, 60)

@@ -13,13 +13,14 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 from rollwire import GenerateDone, RolloutFleet
 from rollwire.transports.sockets import free_tcp_endpoint
 from rollwire.weightsync.publisher import TrainerPublisher
 from tests.fleet_workers import keep_in_flight
 from tests.versioned import check_spans, version_state
+
+from .conftest import until
 
 SERVERS, WORKERS, CONCURRENCY, PUSHES, KILL_AFTER = 4, 4, 4, 6, 3
 
@@ -29,13 +30,6 @@ def serve(endpoint: str, trainer: str, receiver_id: str) -> subprocess.Popen[byt
                              "--model", "tiny", "--rollout-endpoint", endpoint, "--trainer-endpoint", trainer,
                              "--receiver-id", receiver_id, "--pause-policy", "retract"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def until(what, why: str, timeout: float = 180.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, f"timed out waiting for {why}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_fleet_under_pushes_loses_nothing_when_a_server_dies_and_the_restarted_one_rejoins() -> None:
@@ -56,7 +50,7 @@ async def test_a_fleet_under_pushes_loses_nothing_when_a_server_dies_and_the_res
                        for seed in range(WORKERS)]
             for w in workers:
                 w.start()
-            await until(lambda: len(tp.receivers) == SERVERS, "every server registered")
+            await until(lambda: len(tp.receivers) == SERVERS, "every server registered", timeout=180)
             reports = []
             for v in range(1, PUSHES + 1):
                 if v == KILL_AFTER + 1:
@@ -78,11 +72,12 @@ async def test_a_fleet_under_pushes_loses_nothing_when_a_server_dies_and_the_res
             # restarted: it registers, takes the next version, and the fleet admits it again
             procs[0] = serve(eps[0], trainer, ids[0])
             tp.min_receivers = SERVERS
-            await until(lambda: "server-0" in tp.receivers and tp.receivers["server-0"].joined, "server-0 back")
+            await until(lambda: "server-0" in tp.receivers and tp.receivers["server-0"].joined, "server-0 back",
+                        timeout=180)
             last = await tp.push_weights(PUSHES + 1, version_state(PUSHES + 1), transport="shm", require_all=False)
             assert last.receivers == ids, last
             await until(lambda: fleet.servers[0].alive and fleet.servers[0].version == PUSHES + 1,
-                        "the fleet re-admitted server-0")
+                        "the fleet re-admitted server-0", timeout=180)
             # the same fan-out as one broadcast group (trainer rank 0 + the 4 receivers; gloo here,
             # nccl on GPUs through the same code)
             group = await tp.push_weights(PUSHES + 2, version_state(PUSHES + 2), transport="gloo", require_all=False)
