@@ -25,6 +25,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def trainer_proc(endpoint: str, model: str, commands: Any, results: Any) -> None
                         _, version, kind = cmd
                         torch.cuda.synchronize()
                         rep = await tp.push_weights(version, weights[kind], transport=PUSH_TRANSPORT)
-                        results.put(("pushed", rep.version, rep.transport, rep.receivers, rep.seconds, rep.bytes))
+                        results.put(("pushed", rep.version, rep.transport, rep.receivers, rep.seconds, rep.bytes, rep.prepare_s))
                     else:
                         _, step, phase = cmd
                         t0 = time.perf_counter()
@@ -140,12 +141,16 @@ async def main(a: argparse.Namespace) -> int:
                       r2[0] == "pushed" and back == baseline, same=sum(x == y for x, y in zip(back, baseline,
                                                                                              strict=True)))
             # 3a. push_weights() -> applied, server serving (pause, load, resume), nothing in flight
-            timed = []
+            timed, prepared, first_timed = [], [], version + 1
             for _ in range(a.repeats):
                 r, _ = await push("original")
                 timed.append(r[4] if r[0] == "pushed" else float("nan"))
+                prepared.append(r[6] if r[0] == "pushed" else float("nan"))
             rep.figure("rollwire_push_s", {"runs_s": [round(x, 4) for x in timed],
-                                           "median_s": round(statistics.median(timed), 4), "bytes": model_bytes})
+                                           "median_s": round(statistics.median(timed), 4), "bytes": model_bytes,
+                                           "trainer_prepare_median_s": round(statistics.median(prepared), 4)})
+            log.flush()
+            rep.figure("server_split_median_s", server_split(log.name, range(first_timed, version + 1)))
             # 2. colocated cycles, the first ones under load
             worker = subprocess.Popen([sys.executable, os.path.join(HERE, "worker.py"), "load"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -207,6 +212,27 @@ async def main(a: argparse.Namespace) -> int:
         await eng.shutdown()
     rep.write({"device": device_info(), "model": a.model, "torch": torch.__version__})
     return 0 if all(c["ok"] for c in rep.checks) else 1
+
+
+def server_split(path: str, versions: range) -> dict[str, float]:
+    """Medians, over the timed pushes, of the serve log's timings: the receiver's (received to
+    applied, staging, pause, load), the governor's, and the SGLang adapter's (staged views vs
+    SGLang's own update)."""
+    keys = {"version_applied": ("seconds", "stage_s", "pause_s", "load_s"), "version_loaded": ("governor_s",),
+            "sglang_weights_loaded": ("staged_s", "sglang_s", "total_s")}
+    seen: dict[str, list[float]] = {}
+    for line in open(path, errors="replace"):
+        for event, fields in keys.items():
+            if event not in line:
+                continue
+            m = re.search(r"version[=:\"' ]+(\d+)", line)
+            if m is None or int(m.group(1)) not in versions:
+                continue
+            for f in fields:
+                v = re.search(rf"\b{f}[=:\"' ]+([0-9.]+)", line)
+                if v:
+                    seen.setdefault(f"{event}.{f}", []).append(float(v.group(1)))
+    return {k: round(statistics.median(v), 4) for k, v in seen.items()}
 
 
 async def floors(eng: Any, a: argparse.Namespace, rep: Report, cuda: list) -> None:
