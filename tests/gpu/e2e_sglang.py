@@ -62,7 +62,8 @@ def trainer_proc(endpoint: str, model: str, commands: Any, results: Any) -> None
                         _, version, kind = cmd
                         torch.cuda.synchronize()
                         rep = await tp.push_weights(version, weights[kind], transport=PUSH_TRANSPORT)
-                        results.put(("pushed", rep.version, rep.transport, rep.receivers, rep.seconds, rep.bytes, rep.prepare_s))
+                        results.put(("pushed", rep.version, rep.transport, rep.receivers, rep.seconds, rep.bytes,
+                                     rep.prepare_s))
                     else:
                         _, step, phase = cmd
                         t0 = time.perf_counter()
@@ -221,7 +222,9 @@ def server_split(path: str, versions: range) -> dict[str, float]:
     keys = {"version_applied": ("seconds", "stage_s", "pause_s", "load_s"), "version_loaded": ("governor_s",),
             "sglang_weights_loaded": ("staged_s", "sglang_s", "total_s")}
     seen: dict[str, list[float]] = {}
-    for line in open(path, errors="replace"):
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    for line in lines:
         for event, fields in keys.items():
             if event not in line:
                 continue
