@@ -63,6 +63,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--barrier-timeout", type=float, default=60.0,
                    help="a version loaded under a trainer's barrier resumes by itself after this long unreleased")
     p.add_argument("--coalesce", action="store_true", help="only the newest version waits behind a load")
+    p.add_argument("--shm-verify", default="while_loading", choices=["while_loading", "before_load"],
+                   help="shm buckets' checksums: hashed as the hf engine (CPU) copies them, one pass over the "
+                        "bytes (a bad one: requests wait for the next whole version), or in a pass before the "
+                        "pause (a bad one: the old version keeps serving)")
     p.add_argument("--max-staleness", type=int, default=None,
                    help="requests started > K versions ago are aborted (retract policy: restarted from the prompt)")
     p.add_argument("--receiver-id", default="")
@@ -130,7 +134,7 @@ def server_config(a: argparse.Namespace) -> ServerConfig:
                         max_batch_size=a.max_batch_size, engine_args=_all_engine_args(a),
                         trainer_endpoint=a.trainer_endpoint, mode=a.mode, pause_policy=a.pause_policy,
                         drain_deadline_s=a.drain_deadline, barrier_timeout_s=a.barrier_timeout,
-                        coalesce=a.coalesce, max_staleness=a.max_staleness,
+                        coalesce=a.coalesce, shm_verify=a.shm_verify, max_staleness=a.max_staleness,
                         receiver_id=a.receiver_id, session_endpoint=a.session_endpoint,
                         max_sessions=a.max_sessions, max_session_tokens=a.max_session_tokens,
                         secret_key=a.secret_key, client_keys=a.client_keys, trainer_keys=a.trainer_keys,

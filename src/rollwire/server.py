@@ -9,7 +9,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rollwire.actors.generation import GENERATION, GenerationActor
 from rollwire.actors.memory_governor import GOVERNOR, MemoryGovernor
@@ -27,6 +27,9 @@ from rollwire.transports.security import (
 )
 
 log = get_logger("rollwire.server")
+
+
+ShmVerify = Literal["while_loading", "before_load"]
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ServerConfig:
     max_staleness: int | None = None  # abort (retract policy: restart) requests started > K versions ago
     receiver_id: str = ""  # name this server registers under (default: host:pid)
     stall_timeout_s: float = 30.0  # a version not complete by then is discarded
+    # shm buckets: verified as the hf engine (on a CPU) copies them, one pass over the bytes; a bad one
+    # then leaves the engine holding requests until a whole version loads. "before_load": a separate
+    # pass before pausing, so a bad bucket leaves the old version serving (as with every other engine)
+    shm_verify: ShmVerify = "while_loading"
     # sessions (multi-turn); default endpoint: a free tcp port on the rollout host, or the rollout
     # ipc/inproc name + "-sessions". Clients learn it from the health reply.
     session_endpoint: str | None = None
@@ -66,6 +73,10 @@ class ServerConfig:
     max_client_waiting: int = 1024  # requests per client waiting for a min_version
     max_client_sessions: int | None = None  # None: half of max_sessions
     retry_after_s: float = 1.0  # what overloaded / client_limit tell the client
+
+    def __post_init__(self) -> None:
+        if self.shm_verify not in ("while_loading", "before_load"):
+            raise ValueError(f"shm_verify must be while_loading or before_load, not {self.shm_verify!r}")
 
     def curve_server(self) -> CurveServer | None:
         """The CURVE guard of the public sockets: rollout clients' and trainers' keys are let in."""
@@ -175,7 +186,9 @@ class RolloutServer:
             extra: dict[str, Any] = {"curve": receiver_curve} if receiver_curve is not None else {}
             await self.system.spawn(lambda: WeightReceiverActor(
                 trainer_endpoint, receiver_id=rid, apply_endpoint=address(GOVERNOR, "weights"),
-                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device, coalesce=cfg.coalesce, **extra))
+                stall_timeout_s=cfg.stall_timeout_s, engine_device=engine_device, coalesce=cfg.coalesce,
+                verify_on_load=cfg.shm_verify == "while_loading" and cfg.engine == "hf" and engine_device == "cpu",
+                **extra))
         log.info("server_ready", rollout_endpoint=cfg.rollout_endpoint, session_endpoint=session_endpoint,
                  engine=cfg.engine, model=cfg.model)
         return self

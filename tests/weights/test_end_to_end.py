@@ -12,10 +12,10 @@ import pytest
 
 from rollwire.clients.rollout import RolloutClient
 from rollwire.messages import SamplingParams
-from rollwire.server import RolloutServer, ServerConfig
+from rollwire.server import RolloutServer, ServerConfig, ShmVerify
 from rollwire.transports.security import CurveClient, KeyPair, create_keys
 from rollwire.transports.sockets import ipc_endpoint
-from tests.conftest import free_tcp_endpoint
+from tests.conftest import free_tcp_endpoint, until
 from tests.weights.procs import tiny_weights, trainer_main
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
@@ -99,19 +99,16 @@ async def test_greedy_output_follows_each_version_pushed_from_a_trainer_process_
 
 async def test_each_bad_version_from_a_trainer_process_is_refused_with_its_code_and_the_old_version_keeps_serving(
         served: tuple[RolloutServer, RolloutClient, str, dict[str, Any]]) -> None:
-    """Wrong shape, wrong dtype, an unknown name, a corrupted shm bucket, then (from a restarted
-    trainer) a version not above the live one: each is refused with its typed code, in the trainer
-    process's PushError, while the server keeps serving the old version."""
+    """Wrong shape, wrong dtype, an unknown name, then (from a restarted trainer) a version not above
+    the live one: each is refused with its typed code, in the trainer process's PushError, while the
+    server keeps serving the old version. (A corrupted shm bucket: the test below.)"""
     srv, rc, endpoint, kw = served
     original = await greedy(rc)
     trainer = await TrainerProcess(endpoint, **kw).start()
     try:
         for version, kind, transport, code in ((1, "bad_shape", "inline", "shape_mismatch"),
                                                (2, "bad_dtype", "shm", "dtype_mismatch"),
-                                               (3, "unknown", "inline", "unknown_tensor"),
-                                               (4, "perturbed", "shm", "bad_checksum")):
-            if code == "bad_checksum":
-                trainer.commands.put(("corrupt_next",))
+                                               (3, "unknown", "inline", "unknown_tensor")):
             failed = await trainer.push(version, kind, transport)
             assert failed[:3] == ("failed", version, transport), failed
             assert failed[3]["server-0"].startswith(f"{code}:"), failed
@@ -129,6 +126,43 @@ async def test_each_bad_version_from_a_trainer_process_is_refused_with_its_code_
     changed, live = await greedy(rc)
     assert live == 5 and changed != original[0]
     assert srv.system.actor("weight_receiver").counters.get("versions_applied") == 1
+
+
+@pytest.mark.parametrize("shm_verify", ["while_loading", "before_load"])
+async def test_a_corrupted_shm_bucket_is_bad_checksum_and_nothing_is_generated_on_its_bytes(
+        shm_verify: ShmVerify) -> None:
+    """The trainer process flips a byte of its shm arena after checksumming it. ``before_load``: the
+    receiver's hash pass finds it before the engine is paused, and the old version keeps serving.
+    ``while_loading`` (the default with the hf engine on a CPU): the engine finds it as it copies,
+    when its parameters already hold part of the version, so it holds requests: one sent then waits,
+    unanswered, and is answered by the next whole version, on that version, with that version's
+    output. The fate of each request is asserted."""
+    cfg = ServerConfig(rollout_endpoint=ipc_endpoint("e2e-shm"), trainer_endpoint=free_tcp_endpoint(),
+                       receiver_id="server-0", stall_timeout_s=1.5, max_new_tokens_limit=64, shm_verify=shm_verify)
+    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=60) as rc:
+        original = await greedy(rc)
+        trainer = await TrainerProcess(cfg.trainer_endpoint).start()
+        try:
+            trainer.commands.put(("corrupt_next",))
+            failed = await trainer.push(1, "perturbed", "shm")
+            assert failed[:3] == ("failed", 1, "shm") and failed[3]["server-0"].startswith("bad_checksum:"), failed
+            gen = srv.system.actor("generation")
+            if shm_verify == "before_load":
+                assert await greedy(rc) == original  # answered at once, on version 0, unharmed
+                assert gen.counters.get("load_failures") == 0  # never reached the engine
+            else:
+                assert gen.counters.get("load_failures") == 1
+                held = asyncio.ensure_future(greedy(rc))
+                await until(lambda: len(gen.in_flight) == 1, "the request reached the generation actor", 30)
+                assert not held.done()  # waiting: the parameters hold part of a version
+            assert await trainer.push(2, "perturbed", "shm") == ("ok", 2, "shm", ["server-0"])
+            now = await greedy(rc)
+            assert now[1] == 2 and now[0] != original[0]
+            if shm_verify == "while_loading":
+                assert await held == now  # the held request ran on version 2, whole
+        finally:
+            await trainer.stop()
+        assert trainer.proc.exitcode == 0
 
 
 async def test_a_trainer_sigkilled_mid_push_leaves_the_old_version_serving_and_a_restarted_trainer_pushes(

@@ -7,7 +7,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from rollwire.weightsync.memcopy import PIECE_BYTES, byte_copyable, copy_bytes, copy_pool, copy_threads
+from rollwire.weightsync.checksum import PIECE_BYTES as HASH_PIECE
+from rollwire.weightsync.checksum import checksum_of
+from rollwire.weightsync.memcopy import (
+    PIECE_BYTES,
+    ByteCheck,
+    byte_copyable,
+    copy_bytes,
+    copy_pool,
+    copy_threads,
+    copy_verified,
+)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -47,3 +57,47 @@ def test_the_copy_pool_is_made_once_with_at_least_two_threads() -> None:
     assert copy_threads() >= 2
     assert copy_pool() is copy_pool()
     assert copy_pool()._max_workers == copy_threads()
+
+
+def _buckets(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One arena holding buckets of ``sizes`` back to back (random bytes), and each bucket's view."""
+    g = torch.Generator().manual_seed(seed)
+    arena = torch.randint(0, 256, (sum(sizes),), dtype=torch.uint8, generator=g)
+    views, off = [], 0
+    for n in sizes:
+        views.append(arena[off:off + n])
+        off += n
+    return arena, views
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_copy_verified_copies_every_tensor_and_checks_each_bucket_like_checksum_of(threads: int) -> None:
+    """Tensors cut anywhere (across piece and bucket edges, a bucket's padding left uncopied), plus
+    a tensor outside every bucket: every byte is copied, and a bucket's bytes hash exactly as
+    ``checksum_of`` (the trainer's checksum) does; a flipped byte fails that bucket alone."""
+    sizes = [3 * HASH_PIECE + 12345, 17, 2 * HASH_PIECE]
+    arena, views = _buckets(sizes)
+    checks = [ByteCheck(i, v, checksum_of([v.numpy()])) for i, v in enumerate(views)]
+    cuts = [(0, 999), (999, HASH_PIECE + 5), (HASH_PIECE + 5, sizes[0]), (sizes[0], sizes[0] + 17),
+            (sizes[0] + 17, sizes[0] + 17 + 2 * HASH_PIECE - 64)]  # the last 64 bytes: padding
+    pairs = [(torch.zeros(b - a, dtype=torch.uint8), arena[a:b]) for a, b in cuts]
+    outside = torch.randn(1000)
+    pairs.append((torch.zeros_like(outside), outside))
+    with ThreadPoolExecutor(2) as pool:
+        assert copy_verified(pairs, checks, pool, threads) == []
+        assert all(torch.equal(d.view(torch.uint8), s.view(torch.uint8)) for d, s in pairs)
+        arena[sizes[0] + 3] ^= 1  # the middle bucket changes after its checksum was taken
+        for d, _ in pairs:
+            d.zero_()
+        assert copy_verified(pairs, checks, pool, threads) == [1]
+        assert all(torch.equal(d.view(torch.uint8), s.view(torch.uint8)) for d, s in pairs)  # copied anyway
+        assert copy_verified([], checks, pool, threads) == [1]  # a verification pass alone
+
+
+def test_copy_verified_over_a_tensor_that_straddles_two_buckets_still_copies_it_and_checks_both() -> None:
+    arena, views = _buckets([HASH_PIECE + 10, HASH_PIECE + 10], seed=1)
+    checks = [ByteCheck(i, v, checksum_of([v.numpy()])) for i, v in enumerate(views)]
+    straddling = arena[HASH_PIECE:HASH_PIECE + 40]
+    dst = torch.zeros_like(straddling)
+    assert copy_verified([(dst, straddling)], checks, None, 1) == []
+    assert torch.equal(dst, straddling)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from rollwire.engines.base import EngineError
+from rollwire.engines.base import EngineError, VerifyingLoader
 from rollwire.messages import (
     Ack,
     ErrorCode,
@@ -25,7 +25,8 @@ from rollwire.messages import (
 )
 from rollwire.messages.weights import PausePolicy
 from rollwire.runtime import Origin, RollwireError, handles
-from rollwire.weightsync.staged import STAGED
+from rollwire.weightsync.memcopy import copy_pool, copy_threads, copy_verified
+from rollwire.weightsync.staged import STAGED, StagedVersion
 
 if TYPE_CHECKING:
     import structlog
@@ -80,6 +81,21 @@ class GenerationControl:
         await self.engine.resume()
         self._admission.set()
 
+    async def _load(self, staged: StagedVersion, version: int) -> None:
+        """The engine loads the staged tensors; buckets the receiver left unverified are verified as
+        the engine copies them, or here first by an engine that cannot."""
+        if not staged.checks:
+            await self.engine.update_weights(staged.tensors, version)
+        elif isinstance(self.engine, VerifyingLoader):
+            await self.engine.update_weights_verified(staged.tensors, version, staged.checks)
+        else:
+            bad = await asyncio.get_running_loop().run_in_executor(None, copy_verified, [], staged.checks,
+                                                                   copy_pool(), copy_threads())
+            if bad:
+                raise RollwireError(ErrorCode.BAD_CHECKSUM, f"version {version}: bucket(s) {bad} do not match "
+                                                            "their announced checksums")
+            await self.engine.update_weights(staged.tensors, version)
+
     @handles(SwapWeights)
     async def on_swap_weights(self, origin: Origin, msg: SwapWeights, payload: Sequence[Any]) -> None:
         t0 = time.monotonic()
@@ -92,7 +108,7 @@ class GenerationControl:
                 await self.engine.resume_memory(["weights"])
             t_load = time.monotonic()
             try:
-                await self.engine.update_weights(staged.tensors, msg.version)
+                await self._load(staged, msg.version)
             except EngineError as e:
                 raise RollwireError(e.code, e.message) from None
             except ValueError as e:
@@ -105,7 +121,8 @@ class GenerationControl:
             # the engine validated before copying, so the old version is intact: serve it again,
             # unless its weights were released (colocated): give back the memory woken for this load,
             # the trainer may train again, and only a new push helps. (An engine whose load failed
-            # after reaching SGLang holds its requests itself until a complete version loads.)
+            # after copying part of it, into SGLang or on a checksum found bad as it copied, holds
+            # its requests itself until a complete version loads.)
             self.counters.inc("load_failures")
             if not released:
                 await self._resume()

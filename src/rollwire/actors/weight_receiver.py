@@ -108,6 +108,7 @@ class WeightReceiverActor(Actor):
                  transports: Sequence[str] = ("cuda_ipc", "shm", "inline", "gloo", "nccl"),
                  credit_window: int = 4, apply_timeout_s: float = 600.0, live_version: int = 0,
                  engine_device: str | None = None, coalesce: bool = False, name: str = WEIGHT_RECEIVER,
+                 verify_on_load: bool = False,
                  curve: CurveClient | None = None, register_timeout_s: float = REGISTER_TIMEOUT_S,
                  trainer_silence_s: float = TRAINER_SILENCE_S) -> None:
         """``curve``: this server's key pair and the trainer's public key (CURVE on every trainer
@@ -115,7 +116,9 @@ class WeightReceiverActor(Actor):
         ("cpu", "cuda:0"...); cuda_ipc is offered only if this process has CUDA and that is a CUDA
         device (None: any engine of a CUDA process, since every engine takes CUDA tensors).
         ``coalesce``: of the versions announced while one is being loaded, only the newest waits
-        (the others get SUPERSEDED); without it they all wait and load in order."""
+        (the others get SUPERSEDED); without it they all wait and load in order.
+        ``verify_on_load``: the engine copies shm bytes itself and verifies them as it copies (the
+        hf engine on a CPU), so shm buckets are not hashed here first (``ShmStager``)."""
         super().__init__(name)
         self.trainer_endpoint = trainer_endpoint
         self.receiver_id = receiver_id
@@ -138,7 +141,7 @@ class WeightReceiverActor(Actor):
         broadcast = BroadcastReceiver(receiver_id)
         stagers: dict[str, Stager] = {
             "inline": InlineStager(trainer_endpoint, curve=curve, window=credit_window, counters=self.counters),
-            "shm": ShmStager(), "cuda_ipc": CudaIpcStager(), "gloo": broadcast, "nccl": broadcast}
+            "shm": ShmStager(verify_on_load), "cuda_ipc": CudaIpcStager(), "gloo": broadcast, "nccl": broadcast}
         # the receiver half of every transport offered, by the payload type that announces it
         self._stagers = {PAYLOAD_TYPES[t]: stagers[t] for t in self.transports if t in PAYLOAD_TYPES}
         self._broadcast = broadcast
@@ -351,7 +354,8 @@ class WeightReceiverActor(Actor):
             tensors, payload, where = await self._stage(ready, stager)
             staged = time.monotonic()
             v.applying = True
-            key = STAGED.put(StagedVersion(ready.version, resolve(tensors, payload, where), ready.total_bytes))
+            key = STAGED.put(StagedVersion(ready.version, resolve(tensors, payload, where), ready.total_bytes,
+                                            stager.deferred_checks(ready)))
             try:
                 applied = await self._apply(LoadVersion(version=ready.version, step=ready.step, staged=key,
                                                         hold=ready.barrier), stager)

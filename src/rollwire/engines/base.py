@@ -18,6 +18,7 @@ from rollwire.messages.errors import ErrorCode, RollwireError
 from rollwire.messages.generate import FinishReason, SamplingParams
 from rollwire.messages.weights import ALL_MEMORY_TAGS as ALL_MEMORY_TAGS  # re-exported for the engines
 from rollwire.messages.weights import MemoryTag as MemoryTag
+from rollwire.weightsync.memcopy import ByteCheck
 
 PauseMode = Literal["abort", "retract", "in_place"]  # the engine's own; "drain" is the GenerationActor's
 
@@ -74,6 +75,20 @@ class DeathWatch(Protocol):
     the callback once with the reason, even when nothing was in flight."""
 
     def set_death_callback(self, callback: Callable[[str], None]) -> None: ...
+
+
+@runtime_checkable
+class VerifyingLoader(Protocol):
+    """Optional part of an engine that copies weight bytes itself (the hf engine): it verifies the
+    bytes of not-yet-verified buckets in the same pass as it copies them, instead of a separate
+    checksum pass before the load. Without it, the GenerationActor verifies them first."""
+
+    async def update_weights_verified(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                                      checks: Sequence[ByteCheck]) -> None:
+        """``update_weights`` whose tensors lie in the buckets ``checks`` (not verified yet). A bucket
+        that fails its check raises ``EngineError(bad_checksum)`` and the version is not live; if
+        bytes were already copied, the engine holds no complete version (it generates nothing,
+        requests wait) until a whole version loads."""
 
 
 @runtime_checkable

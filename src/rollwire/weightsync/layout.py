@@ -39,6 +39,7 @@ from rollwire.messages.weights import (
     WeightsReady,
 )
 from rollwire.weightsync.checksum import PIECE_BYTES, checksum_of, checksum_parallel, fold, piece_digests
+from rollwire.weightsync.memcopy import ByteCheck
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
 _ZEROS = bytes(ALIGN)
@@ -387,6 +388,10 @@ class Stager:
     async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
                     ) -> tuple[list[NamedTensor], list[Buffer], Where]:
         raise NotImplementedError
+
+    def deferred_checks(self, ready: WeightsReady) -> list[ByteCheck]:
+        """The buckets ``stage`` left unverified, for the engine to verify as it copies them."""
+        return []
 
     def after_load(self) -> None:
         """The engine loaded the version (blocking; on a worker thread): its reads of the staged

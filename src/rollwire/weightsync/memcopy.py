@@ -19,13 +19,18 @@ machine this changes nothing; on a 16-core host a 2-thread pack and verify canno
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+
+from rollwire.weightsync.checksum import PIECE_BYTES as HASH_PIECE_BYTES
+from rollwire.weightsync.checksum import fold, piece_digest
 
 PIECE_BYTES = 1 << 20  # a unit of work: small enough to share evenly, large enough that calls cost nothing
 MAX_THREADS = 16  # memory bandwidth, not cores, bounds a copy well before this
@@ -75,3 +80,64 @@ def copy_bytes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], pool: Executo
     for f in helpers:
         if not f.cancel():  # one still queued has nothing left to do
             f.result()
+
+
+# -- copying while verifying ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ByteCheck:
+    """Bytes still to verify: ``data`` (a flat uint8 CPU view of one announced bucket) must hash to
+    ``checksum`` (``checksum.py``). The view keeps the memory under it alive."""
+
+    index: int  # the bucket's index in its version, for the error message
+    data: torch.Tensor
+    checksum: int
+
+
+def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Sequence[ByteCheck],
+                  pool: Executor | None, threads: int) -> list[int]:
+    """Copy each ``src`` into its ``dst`` (``byte_copyable`` pairs) and hash every check's bytes in
+    the same pass: a piece of a checked bucket is hashed right after the copies that read it, while
+    it is still in cache (nearly free next to the copy, where a separate pass reads the bytes from
+    memory once more). Pairs whose source is not inside one checked bucket are copied afterwards.
+    Returns the indices of the checks whose bytes did not hash to their checksum; the copies are
+    made whatever the outcome (the caller decides what a failed check means for the destinations).
+    Blocks: run it on a worker thread. ``pairs=[]``: a plain verification pass."""
+    spans = sorted((c.data.data_ptr(), c.data.data_ptr() + c.data.numel(), i) for i, c in enumerate(checks))
+    inside: list[tuple[int, int, int]] = []  # (src start, src end, dst), each inside one span
+    rest = []
+    for dst, src in pairs:
+        s, n = src.data_ptr(), dst.numel() * dst.element_size()
+        k = bisect.bisect_right(spans, (s, float("inf"))) - 1
+        if k >= 0 and s + n <= spans[k][1] and dst.data_ptr() != s:
+            inside.append((s, s + n, dst.data_ptr()))
+        else:
+            rest.append((dst, src))
+    inside.sort()
+    jobs = []  # (check, piece index, piece start, piece end, [(dst, src, n)])
+    j, active = 0, []  # sweep: pairs whose source starts before the current piece ends
+    for start, end, ci in spans:
+        for k, p0 in enumerate(range(start, end, HASH_PIECE_BYTES)):
+            p1 = min(p0 + HASH_PIECE_BYTES, end)
+            while j < len(inside) and inside[j][0] < p1:
+                active.append(inside[j])
+                j += 1
+            active = [a for a in active if a[1] > p0]
+            ops = [(d + max(s, p0) - s, max(s, p0), min(e, p1) - max(s, p0)) for s, e, d in active if s < p1]
+            jobs.append((ci, k, p0, p1, ops))
+    digests: list[list[int]] = [[0] * -(-c.data.numel() // HASH_PIECE_BYTES) for c in checks]
+    todo = iter(jobs)  # shared: each thread takes the next piece (next() is atomic)
+
+    def work() -> None:
+        for ci, k, p0, p1, ops in todo:
+            for d, s, n in ops:
+                ctypes.memmove(d, s, n)
+            digests[ci][k] = piece_digest((ctypes.c_char * (p1 - p0)).from_address(p0))
+
+    helpers = [pool.submit(work) for _ in range(threads - 1)] if pool is not None and len(jobs) > 1 else []
+    work()
+    for f in helpers:
+        if not f.cancel():
+            f.result()
+    if rest:
+        copy_bytes(rest, pool, threads)
+    return [c.index for c, d in zip(checks, digests, strict=True) if fold(d) != c.checksum]

@@ -42,7 +42,7 @@ import torch
 
 from rollwire.messages.codec import Buffer
 from rollwire.messages.errors import ErrorCode
-from rollwire.messages.weights import NamedTensor, Payload, ShmPayload, WeightsReady
+from rollwire.messages.weights import INBAND, NamedTensor, Payload, ShmPayload, WeightsReady
 from rollwire.weightsync.layout import (
     BucketPlan,
     Sender,
@@ -53,10 +53,11 @@ from rollwire.weightsync.layout import (
     byte_view,
     pack_with_checksum,
     packed_offsets,
+    raise_problems,
     uint8_view,
     verify_buckets,
 )
-from rollwire.weightsync.memcopy import copy_pool, copy_threads
+from rollwire.weightsync.memcopy import ByteCheck, copy_pool, copy_threads
 
 SHM_DIR = "/dev/shm"
 _PREFIX = "rw-arena"
@@ -245,20 +246,46 @@ class ShmSender(Sender):
 
 # -- receiver half ------------------------------------------------------------------------------
 class ShmStager(Stager):
+    """``verify_on_load``: the engine copies the arena's bytes into its parameters itself (the hf
+    engine on a CPU) and verifies each piece as it copies it (``memcopy.copy_verified``), so staging
+    does not read the arena once more just to hash it. Otherwise every bucket is verified here,
+    before the engine is paused."""
+
+    def __init__(self, verify_on_load: bool = False) -> None:
+        self.verify_on_load = verify_on_load
+
     async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
                     ) -> tuple[list[NamedTensor], list[Buffer], Where]:
-        """Verify the buckets in the trainer's arena in place; tensors are byte offsets into it."""
+        """Check the buckets' place in the trainer's arena and verify them in place (unless the
+        engine verifies them as it loads); tensors are byte offsets into it."""
+        payload = ready.payload
+        assert isinstance(payload, ShmPayload)
+        views = self._buckets(ready)
+        if self.verify_on_load:
+            raise_problems([f"bucket {m.index}: no checksum announced" if m.checksum == INBAND else None
+                            for m in ready.buckets])
+        else:  # as many threads as the engine copies with
+            await verify_buckets(ready.buckets, [byte_view(v) for v in views], copy_pool())
+        return at_offsets(ready.buckets, payload.offsets), [], {"shm_name": payload.name}
+
+    def deferred_checks(self, ready: WeightsReady) -> list[ByteCheck]:
+        if not self.verify_on_load:
+            return []
+        return [ByteCheck(m.index, v, m.checksum) for m, v in zip(ready.buckets, self._buckets(ready), strict=True)]
+
+    @staticmethod
+    def _buckets(ready: WeightsReady) -> list[torch.Tensor]:
+        """Each bucket's bytes in the attached arena (flat uint8 views), bounds checked."""
         payload = ready.payload
         assert isinstance(payload, ShmPayload)
         try:
             arena = attach(payload.name)
         except (OSError, ValueError) as e:
             raise StagingError(ErrorCode.BAD_FIELD, f"cannot attach shm arena {payload.name!r}: {e}") from None
-        bufs = []
+        views = []
         for meta, off in zip(ready.buckets, payload.offsets, strict=True):
             if off < 0 or off + meta.nbytes > arena.size:
                 raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
                                                         f"{arena.size}-byte arena")
-            bufs.append(byte_view(arena.tensor[off:off + meta.nbytes]))
-        await verify_buckets(ready.buckets, bufs, copy_pool())  # as many threads as the engine copies with
-        return at_offsets(ready.buckets, payload.offsets), [], {"shm_name": payload.name}
+            views.append(arena.tensor[off:off + meta.nbytes])
+        return views

@@ -23,6 +23,7 @@ from rollwire.messages.weights import NamedTensor
 from rollwire.weightsync import cuda_ipc, shm
 from rollwire.weightsync.inline import decode_tensor
 from rollwire.weightsync.layout import Where, view_at
+from rollwire.weightsync.memcopy import ByteCheck
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -32,6 +33,8 @@ class StagedVersion:
     version: int
     tensors: NamedTensors
     nbytes: int
+    # buckets the receiver did not verify: the engine verifies them as it copies them (``ByteCheck``)
+    checks: Sequence[ByteCheck] = ()
 
 
 class StagedTable:

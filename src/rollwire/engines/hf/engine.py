@@ -56,6 +56,7 @@ from rollwire.engines.hf.weights import WeightStore
 from rollwire.engines.validation import check_request, check_tags
 from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
+from rollwire.weightsync.memcopy import ByteCheck
 
 
 class HFEngine:
@@ -178,12 +179,18 @@ class HFEngine:
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Validate every tensor, then copy all of them into the live parameters (storage kept)."""
+        await self.update_weights_verified(named_tensors, version, ())
+
+    async def update_weights_verified(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                                      checks: Sequence[ByteCheck]) -> None:
+        """``update_weights``, hashing the unverified buckets ``checks`` as their bytes are copied
+        (``VerifyingLoader``)."""
         if self._sched.dead is not None:
             raise EngineError(ENGINE_DEAD, self._sched.dead)
         if not self._sched.paused:
             raise EngineError(ErrorCode.NOT_PAUSED, "update_weights needs a paused engine")
         items = self._weights.check(named_tensors)
-        await self._sched.load(lambda: self._weights.copy(items), version)
+        await self._sched.load(lambda: self._weights.copy(items, checks), version)
 
     async def release_memory(self, tags: Sequence[MemoryTag]) -> None:
         """``weights``: parameter storage is freed (contents are lost, as in SGLang; nothing is

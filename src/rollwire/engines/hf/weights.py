@@ -11,14 +11,14 @@ has been loaded again, a load that leaves one undefined is refused (``incomplete
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from rollwire.engines.base import EngineError
 from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
-from rollwire.weightsync.memcopy import byte_copyable, copy_bytes, copy_pool, copy_threads
+from rollwire.weightsync.memcopy import ByteCheck, byte_copyable, copy_bytes, copy_pool, copy_threads, copy_verified
 
 
 class WeightStore:
@@ -68,11 +68,22 @@ class WeightStore:
         """Parameters whose storage was restored but not loaded since (their contents are garbage)."""
         return len(self._undefined)
 
-    def copy(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy checked tensors into the live parameters (any device; runs on the worker)."""
+    def copy(self, items: list[tuple[str, torch.Tensor]], checks: Sequence[ByteCheck] = ()) -> None:
+        """Copy checked tensors into the live parameters (any device; runs on the worker). ``checks``:
+        buckets holding the tensors' bytes, not verified yet: hashed in the same pass as the copy. A
+        failed check after bytes were copied leaves every parameter undefined (nothing is generated
+        until a whole version loads) and raises ``bad_checksum``."""
         pairs = [(self.params[name].data, t) for name, t in items]
         plain = [(d, t) for d, t in pairs if byte_copyable(d, t)]
-        if plain:  # CPU bytes: memmove pieces on several threads (weightsync/memcopy.py says why)
+        if checks:  # verified as copied; with nothing to copy here, verified before anything is copied
+            bad = copy_verified(plain, checks, copy_pool(), copy_threads())
+            if bad and plain:
+                self._undefined = set(self._distinct)
+            if bad:
+                raise EngineError(ErrorCode.BAD_CHECKSUM, f"bucket(s) {bad} do not match their announced checksums"
+                                  + ("; the parameters hold part of that version: nothing is generated until a "
+                                     "whole version loads" if plain else ""))
+        elif plain:  # CPU bytes: memmove pieces on several threads (weightsync/memcopy.py says why)
             copy_bytes(plain, copy_pool(), copy_threads())
         with torch.no_grad():
             for d, t in pairs:
