@@ -179,18 +179,21 @@ def packed_chunks(sd: dict[str, torch.Tensor], bucket: int) -> list[memoryview]:
 # -- the shm push's parts, one at a time --------------------------------------------------------
 def shm_parts(sd: dict[str, torch.Tensor], bucket: int, repeats: int) -> dict[str, float]:
     """Median seconds of each part of an shm push that moves or reads the bytes, in this process:
-    ``pack_s`` (pack + checksum into an arena, as the trainer does), ``verify_s`` (the
-    receiver's checksum pass over the arena), ``load_copy_s`` (arena views -> parameters, as the hf
-    engine copies), and ``floor_s`` (two warm memcpys) in the same rounds."""
+    ``pack_s`` (pack + checksum into an arena, as the trainer does), ``load_verified_s`` (arena
+    views -> parameters, each piece hashed as it is copied: what the hf engine does), and, for
+    comparison, ``verify_s`` (a separate checksum pass over the arena: ``--shm-verify before_load``
+    and engines that do not copy themselves) and ``load_copy_s`` (the copy without hashing), with
+    ``floor_s`` (two warm memcpys) in the same rounds."""
     from rollwire.weightsync import shm
     from rollwire.weightsync.layout import at_offsets, byte_view, plan_buckets, verify_buckets, view_at
-    from rollwire.weightsync.memcopy import copy_bytes, copy_pool, copy_threads
+    from rollwire.weightsync.memcopy import ByteCheck, copy_bytes, copy_pool, copy_threads, copy_verified
 
     plans = plan_buckets(list(sd.items()), bucket)
     arena = shm.ShmArena()
     params = {k: torch.zeros_like(v) for k, v in sd.items()}
     floor = memcpy_floor(sd)
-    runs: dict[str, list[float]] = {"pack_s": [], "verify_s": [], "load_copy_s": [], "floor_s": []}
+    runs: dict[str, list[float]] = {"pack_s": [], "load_verified_s": [], "verify_s": [], "load_copy_s": [],
+                                    "floor_s": []}
     with ThreadPoolExecutor(2) as workers:  # the publisher's two; packing and verify add copy_pool()
         for _ in range(repeats + 1):
             runs["floor_s"].append(floor())
@@ -204,10 +207,16 @@ def shm_parts(sd: dict[str, torch.Tensor], bucket: int, repeats: int) -> dict[st
             runs["verify_s"].append(time.perf_counter() - t0)
             pairs = [(params[nt.name], view_at(arena.tensor, nt.ref.frame, nt.ref.dtype, nt.ref.shape))
                      for nt in at_offsets(metas, offsets)]
+            checks = [ByteCheck(m.index, arena.tensor[o:o + m.nbytes], m.checksum)
+                      for m, o in zip(metas, offsets, strict=True)]
+            t0 = time.perf_counter()
+            bad = copy_verified(pairs, checks, copy_pool(), copy_threads())
+            runs["load_verified_s"].append(time.perf_counter() - t0)
+            assert not bad, bad
             t0 = time.perf_counter()
             copy_bytes(pairs, copy_pool(), copy_threads())
             runs["load_copy_s"].append(time.perf_counter() - t0)
-            del bufs, pairs
+            del bufs, pairs, checks
     arena.close()
     return {k: statistics.median(v[1:]) for k, v in runs.items()}
 
