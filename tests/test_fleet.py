@@ -144,9 +144,12 @@ async def test_a_session_whose_server_dies_moves_by_replaying_its_history_and_it
             await s.generate([5, 6, 7], turn)
             await s.append([9, 9])
             await s.generate([], turn)
-            if kill:
+            if kill:  # then the turn is streamed: it moves before its first chunk, like any call
                 procs[eps.index(s.endpoint)].send_signal(signal.SIGKILL)
-            await s.generate([4], turn)  # on another server after a replay, if its own died
+                items = [m async for m in s.stream([4], turn)]
+                assert [t for c in items[:-1] for t in c.token_ids] == list(items[-1].output_ids)
+            else:
+                await s.generate([4], turn)  # on another server after a replay, if its own died
             t = s.trajectory()
             return t.token_ids, t.loss_mask, t.logprobs, s.moves
 

@@ -295,6 +295,62 @@ def test_a_four_turn_tool_episode_has_an_exact_trajectory(gw: Stack, client: ope
     assert set(mismatched) <= {7}  # only the sampled turn can differ; the scripted ones re-tokenize exactly
 
 
+def test_a_streamed_session_episode_arrives_token_by_token_and_records_the_same_trajectory(
+        gw: Stack, client: openai.OpenAI) -> None:
+    """The tool episode's first three turns again, each streamed: the content and tool-call deltas
+    come one SSE chunk per token (``return_token_ids``: each chunk names its token), the usage counts
+    the whole history as the prompt, and the session's trajectory equals that of the same turns not
+    streamed, token for token, mask and logprobs included."""
+    plain_sid, streamed_sid = "episode-plain", "episode-streamed"
+    trajectories = []
+    for sid, stream in ((plain_sid, False), (streamed_sid, True)):
+        messages: list[dict[str, Any]] = user(TASK)
+        for _ in range(3):
+            if not stream:
+                msg = _turn(client, sid, messages).choices[0].message
+                messages.append(_as_message(msg))
+                calls = msg.tool_calls
+            else:
+                chunks = list(_turn(client, sid, messages, stream=True, stream_options={"include_usage": True}))
+                tokens = [c.choices[0].model_extra.get("token_ids") for c in chunks if c.choices]
+                per_chunk = [len(t) for t in tokens if t]
+                assert per_chunk and set(per_chunk) == {1}, per_chunk  # one token per chunk, as generated
+                usage = chunks[-1].usage
+                assert usage is not None and usage.prompt_tokens > usage.completion_tokens == sum(per_chunk)
+                calls = _calls_from_deltas(chunks)
+                messages.append({"role": "assistant", "content": None, "tool_calls": [
+                    {"id": c["id"], "type": "function", "function": c["function"]} for c in calls]})
+            assert calls
+            messages += [{"role": "tool", "tool_call_id": c.id if not stream else c["id"],
+                          "content": _run_tool(c if not stream else _Call(c))} for c in calls]
+        trajectories.append(fetch_trajectory(gw.base_url, sid, api_key=KEY))
+    plain, streamed = trajectories
+    assert streamed.token_ids == plain.token_ids and streamed.loss_mask == plain.loss_mask
+    assert [round(x, 5) for x in streamed.logprobs] == [round(x, 5) for x in plain.logprobs]
+    assert [t.role for t in streamed.turns] == ["env", "model"] * 3
+
+
+class _Call:
+    """A streamed tool call as the non-streamed one reads (``.function.name`` / ``.arguments``)."""
+
+    def __init__(self, c: dict[str, Any]) -> None:
+        self.id = c["id"]
+        self.function = type("F", (), c["function"])
+
+
+def _calls_from_deltas(chunks: list[Any]) -> list[dict[str, Any]]:
+    """Tool calls assembled from streamed deltas, as OpenAI clients do."""
+    calls: dict[int, dict[str, Any]] = {}
+    for ch in chunks:
+        for d in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            c = calls.setdefault(d.index, {"id": "", "function": {"name": "", "arguments": ""}})
+            c["id"] = d.id or c["id"]
+            if d.function is not None:
+                c["function"]["name"] += d.function.name or ""
+                c["function"]["arguments"] += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)]
+
+
 def test_an_edited_earlier_turn_is_refused_and_the_session_goes_on_unchanged(gw: Stack,
                                                                              client: openai.OpenAI) -> None:
     sid = "episode-edited"

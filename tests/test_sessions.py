@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rollwire import RolloutClient, RolloutError, SamplingParams
+from rollwire.clients.session import SessionDesynced
 from rollwire.messages import ErrorCode
 from rollwire.models import tiny
 from rollwire.server import RolloutServer, ServerConfig
@@ -45,6 +46,34 @@ async def test_turn_two_reuses_the_prefix_and_equals_a_full_recompute(server: Ro
         assert recomputed.usage.cached_tokens == 0
         assert t2.output_ids == recomputed.output_ids
         assert traj.token_ids == list(range(10, 60)) + t1.output_ids + [3, 4, 5] + t2.output_ids
+
+
+async def test_a_streamed_turn_yields_its_tokens_then_the_done_and_records_what_generate_would(
+        server: RolloutServer) -> None:
+    """Two sessions, the same turns: one by ``generate``, one by ``stream`` (one chunk per token, then
+    the GenerateDone). The chunks carry exactly the done's tokens and logprobs, the second turn
+    reuses the cached prefix as the first session's does, and both trajectories are identical. A
+    stream left before its end leaves the session unusable, with a clear error."""
+    ep = server.cfg.rollout_endpoint
+    async with RolloutClient(ep, timeout=60) as rc, rc.session() as a, rc.session() as b:
+        plain = [await a.generate(list(range(10, 40)), GREEDY), await a.generate([3, 4], GREEDY)]
+        streamed = []
+        for prompt in (list(range(10, 40)), [3, 4]):
+            items = [m async for m in b.stream(prompt, GREEDY)]
+            chunks, done = items[:-1], items[-1]
+            assert [len(c.token_ids) for c in chunks] == [1] * len(done.output_ids)
+            assert [t for c in chunks for t in c.token_ids] == list(done.output_ids)
+            assert [x for c in chunks for x in (c.logprobs or [])] == list(done.output_logprobs or [])
+            streamed.append(done)
+        assert [d.output_ids for d in streamed] == [d.output_ids for d in plain]
+        assert streamed[1].usage.cached_tokens == plain[1].usage.cached_tokens > 0
+        assert b.trajectory() == a.trajectory()
+        stream = b.stream([5], GREEDY)
+        async for _ in stream:  # the first chunk, then away
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        with pytest.raises(SessionDesynced, match="no longer known"):
+            await b.generate([6], GREEDY)
 
 
 async def test_the_default_session_endpoint_leaves_the_neighbouring_port_to_a_trainer() -> None:

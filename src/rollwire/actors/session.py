@@ -52,6 +52,7 @@ from rollwire.messages import (
     ErrorCode,
     ErrorReply,
     ForgetSession,
+    GenerateChunk,
     GenerateDone,
     GenerateRequest,
     OpenSession,
@@ -199,13 +200,17 @@ class SessionActor(Actor):
         queue = rpc.open_stream(turn.forward_rid)
         try:
             await rpc.send(turn.forward_rid, GenerateRequest(
-                input_ids=prompt, sampling_params=sp, return_logprob=msg.return_logprob, stream=False,
+                input_ids=prompt, sampling_params=sp, return_logprob=msg.return_logprob, stream=msg.stream,
                 min_version=msg.min_version, session_id=s.id, keep_stale_prefix=s.keep_stale_prefix,
-                client=origin.client))
+                client=origin.client, chunk_tokens=msg.chunk_tokens))
             if (origin.conn, origin.rid) in self._early_aborts:  # the worker's abort overtook the turn
                 del self._early_aborts[(origin.conn, origin.rid)]
                 await self._abort(turn)
             item = await queue.get()
+            while not isinstance(item, BaseException) and isinstance(item.msg, GenerateChunk):
+                if not turn.answered_elsewhere:  # streamed: each delta goes on as it comes
+                    await self.reply(origin, item.msg)
+                item = await queue.get()
         finally:
             rpc.close_stream(turn.forward_rid)
             s.turn = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +28,7 @@ from rollwire.messages import (
     AppendTokens,
     CloseSession,
     ErrorCode,
+    GenerateChunk,
     GenerateDone,
     OpenSession,
     RollwireError,
@@ -140,42 +141,78 @@ class Session:
                        ) -> GenerateDone:
         """A model turn on the whole history (``input_ids``, if any, is appended first as a prompt
         turn). A timeout aborts the turn, records its partial output, then raises RequestTimeout."""
+        done = None
+        async for item in self._turn(input_ids, sampling_params, return_logprob, min_version, timeout, None):
+            done = item
+        assert isinstance(done, GenerateDone)
+        return done
 
+    def stream(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None, *,
+               return_logprob: bool = True, min_version: int = 0, timeout: float | None = None,
+               chunk_tokens: int = 1) -> AsyncIterator[GenerateChunk | GenerateDone]:
+        """``generate``, streamed: ``GenerateChunk`` deltas as the tokens come (``chunk_tokens``: at
+        least this many per chunk), then the turn's ``GenerateDone``, which the history records.
+        ``timeout`` bounds the whole turn. Leaving the iteration before the ``GenerateDone`` aborts
+        the turn and, as a cancelled ``generate`` does, leaves the session unusable here (its
+        history on the server is no longer known): read the stream to its end."""
+        return self._turn(input_ids, sampling_params, return_logprob, min_version, timeout, chunk_tokens)
+
+    async def _turn(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
+                    min_version: int, timeout: float | None, chunk_tokens: int | None,
+                    ) -> AsyncIterator[GenerateChunk | GenerateDone]:
+        """One model turn; ``chunk_tokens`` None: not streamed (one GenerateDone)."""
         rpc = self._rpc_or_raise()
         self._check_synced()
         prompt = list(input_ids)
         msg = SessionGenerate(session_id=self.id, input_ids=prompt, sampling_params=sampling_params or SamplingParams(),
-                              return_logprob=return_logprob, min_version=min_version)
+                              return_logprob=return_logprob, min_version=min_version, stream=chunk_tokens is not None,
+                              chunk_tokens=chunk_tokens or 1)
         rid = rpc.next_rid()
         queue = rpc.open_stream(rid)
         timeout = timeout if timeout is not None else self.timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         timed_out = False
         try:
             await rpc.send(rid, msg)
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout)
-            except TimeoutError:
-                timed_out = True
-                await rpc.send(0, AbortRequest(target_rid=rid))
-                try:
-                    item = await asyncio.wait_for(queue.get(), ABORT_GRACE_S)
-                except TimeoutError:
-                    self._desynced = True
-                    raise SessionDesynced(f"session {self.id}: no reply to an aborted turn") from None
-        except asyncio.CancelledError:  # the turn goes on without us: stop it, and the mirror is unknown
+            while True:
+                if timed_out:  # aborted: its remaining chunks, then its terminal reply
+                    item = await self._after_abort(queue)
+                else:
+                    try:
+                        left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+                        item = await asyncio.wait_for(queue.get(), left)
+                    except TimeoutError:
+                        timed_out = True
+                        await rpc.send(0, AbortRequest(target_rid=rid))
+                        continue
+                reply = unwrap(item)
+                if isinstance(reply, GenerateChunk):
+                    if not timed_out:
+                        yield reply
+                    continue
+                done: GenerateDone = reply
+                break
+        except (asyncio.CancelledError, GeneratorExit):  # the turn goes on without us: stop it; the mirror is unknown
             self._desynced = True
             task = asyncio.ensure_future(rpc.send(0, AbortRequest(target_rid=rid)))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
             raise
         finally:
             rpc.close_stream(rid)
-        done: GenerateDone = unwrap(item)
         self._expect_length(done.usage.prompt_tokens - len(prompt), "turn")
         self._record(prompt, done)
         if timed_out:
             raise RequestTimeout(f"session {self.id}: turn took over {timeout}s; aborted after "
                                  f"{len(done.output_ids)} tokens (kept in the history)")
-        return done
+        yield done
+
+    async def _after_abort(self, queue: asyncio.Queue[Any]) -> Any:
+        """The next reply of an aborted turn (its chunks, then its terminal reply), or desync."""
+        try:
+            return await asyncio.wait_for(queue.get(), ABORT_GRACE_S)
+        except TimeoutError:
+            self._desynced = True
+            raise SessionDesynced(f"session {self.id}: no reply to an aborted turn") from None
 
     def trajectory(self) -> Trajectory:
         self._check_synced()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.clients.session import Session
 from rollwire.fleet.routing import SERVER_GONE, ServerView
-from rollwire.messages import GenerateDone, RollwireError, SamplingParams
+from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams
 from rollwire.runtime.logging import get_logger
 
 if TYPE_CHECKING:
@@ -60,6 +60,31 @@ class FleetSession:
     async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                        **kw: Any) -> GenerateDone:
         return await self._moving(lambda s: s.generate(input_ids, sampling_params, **kw))  # type: ignore[no-any-return]
+
+    async def stream(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
+                     **kw: Any) -> AsyncIterator[GenerateChunk | GenerateDone]:
+        """``Session.stream`` on the session's server. Before the first chunk it moves like any call
+        (server evicted, or gone when asked); a server that dies after chunks went out ends the
+        stream with its typed error (``server_unavailable``...): the turn is not recorded, and the
+        next call moves the session, history intact, to a live server."""
+        assert self._session is not None and self._server is not None, "session is not open"
+        tried = [self._server]
+        if not self._server.alive and self._fleet.router.live(exclude=tried):
+            await self._move(tried, f"server evicted ({self._server.why_out})")
+        while True:
+            streamed = False
+            try:
+                async for item in self._session.stream(input_ids, sampling_params, **kw):
+                    streamed = True
+                    yield item
+                return
+            except RollwireError as e:
+                if e.code not in SERVER_GONE:
+                    raise
+                self._fleet._evict(self._server, f"session stream failed: {e.code.value}")
+                if streamed or len(tried) > self._fleet.max_failovers:
+                    raise
+                await self._move(tried, e.code.value)
 
     def trajectory(self) -> Any:
         assert self._session is not None, "session is not open"

@@ -35,7 +35,7 @@ from rollwire.clients.rollout import RolloutClient
 from rollwire.clients.session import Session, SessionDesynced
 from rollwire.fleet.client import RolloutFleet
 from rollwire.fleet.session import FleetSession
-from rollwire.gateway.chat import ChatFormat, canonical, tools_json
+from rollwire.gateway.chat import Canonical, ChatFormat, canonical, tools_json
 from rollwire.gateway.choices import Choice
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.metrics import GatewayMetrics
@@ -203,16 +203,35 @@ async def _plain_events(gw: Gateway, prompt: list[int], sp: SamplingParams, choi
                 await stream.abort()
 
 
-async def _session_events(gw: Gateway, cs: ChatSession, prompt: list[int], sp: SamplingParams,
-                          choice: Choice) -> AsyncIterator[Event]:
+async def _session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical], prompt: list[int],
+                        prompt_text: str, sp: SamplingParams, choice: Choice, streamed: bool) -> AsyncIterator[Event]:
+    """One turn in the chat's session: token by token when ``streamed``. Once it has ended, the chat
+    record is extended; the session's lock (taken by the caller) is released however it ends (an
+    error, the HTTP client gone), and a turn that did not end is not recorded, here as in the
+    rollwire session under it."""
     moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
     try:
-        done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
+        if not streamed:
+            done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
+            deltas, taken = choice.feed(done.output_ids, done.output_logprobs)
+            yield choice.index, deltas + choice.finish(done), taken, 0
+        else:
+            async for msg in cs.session.stream(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s):
+                if isinstance(msg, GenerateChunk):
+                    start = len(choice.ids)
+                    deltas, taken = choice.feed(msg.token_ids, msg.logprobs)
+                    if deltas or taken:
+                        yield choice.index, deltas, taken, start
+                else:
+                    yield choice.index, choice.finish(msg), [], len(choice.ids)
+        assert choice.done is not None
+        cs.record(gw.chat, messages, choice.message(), prompt_text, list(choice.done.output_ids),
+                  prompt_turn=bool(prompt))
+        gw.metrics.inc("session_turns_total")
     finally:
+        cs.lock.release()
         if isinstance(cs.session, FleetSession) and cs.session.moves > moves:
             gw.metrics.inc("session_moves_total", cs.session.moves - moves)
-    deltas, taken = choice.feed(done.output_ids, done.output_logprobs)
-    yield choice.index, deltas + choice.finish(done), taken, 0
 
 
 async def _first(events: AsyncIterator[Event]) -> tuple[Event | None, AsyncIterator[Event]]:
@@ -226,7 +245,10 @@ async def _first(events: AsyncIterator[Event]) -> tuple[Event | None, AsyncItera
     return first, events
 
 
-def _usage(choices: Sequence[Choice], prompt_tokens: int) -> dict[str, Any]:
+def _usage(choices: Sequence[Choice], prompt_tokens: int, session: bool = False) -> dict[str, Any]:
+    """``session``: a session turn's prompt is its whole history, as its GenerateDone counts it."""
+    if session and choices and choices[0].done is not None:
+        prompt_tokens = choices[0].done.usage.prompt_tokens
     completion = sum(len(c.done.output_ids) if c.done is not None else len(c.ids) for c in choices)
     cached = max((c.done.usage.cached_tokens for c in choices if c.done is not None), default=0)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -352,30 +374,26 @@ def build_app(gw: Gateway) -> FastAPI:
             if cs.lock.locked():
                 raise APIError(409, f"session {sid} has a turn running", type="conflict_error",
                                code="session_busy")
-            await cs.lock.acquire()
+            await cs.lock.acquire()  # released when the turn's events end (_session_turn)
             try:
                 prompt, prompt_text = cs.new_tokens(gw.chat, messages, tools)
                 sp = gw.sampling(req, max_tokens, stops, chat=True, n=1)
-                choices = [Choice(gw.chat, 0, stops=stops, tools=bool(tools), chat_mode=True)]
-                first, events = await _first(_session_events(gw, cs, prompt, sp, choices[0]))
-            except APIError as e:
-                if e.code in ("unknown_session", "session_expired", "session_closed"):
-                    gw.sessions.sessions.pop(cs.key, None)  # gone on the server: the id starts afresh next time
-                cs.lock.release()
-                raise
-            except SessionDesynced as e:  # a reply never came: the record is unknown, the session unusable
-                gw.sessions.sessions.pop(cs.key, None)
-                cs.lock.release()
-                raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
-                               code="session_desynced") from None
             except BaseException:
                 cs.lock.release()
                 raise
-            cs.record(gw.chat, messages, choices[0].message(), prompt_text, list(choices[0].done.output_ids)
-                      if choices[0].done else [], prompt_turn=bool(prompt))
-            cs.lock.release()
-            gw.metrics.inc("session_turns_total")
-            prompt_tokens = choices[0].done.usage.prompt_tokens if choices[0].done else len(prompt)
+            choices = [Choice(gw.chat, 0, stops=stops, tools=bool(tools), chat_mode=True)]
+            try:
+                first, events = await _first(_session_turn(gw, cs, messages, prompt, prompt_text, sp, choices[0],
+                                                           streamed=req.stream))
+            except APIError as e:
+                if e.code in ("unknown_session", "session_expired", "session_closed"):
+                    gw.sessions.sessions.pop(cs.key, None)  # gone on the server: the id starts afresh next time
+                raise
+            except SessionDesynced as e:  # a reply never came: the record is unknown, the session unusable
+                gw.sessions.sessions.pop(cs.key, None)
+                raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
+                               code="session_desynced") from None
+            prompt_tokens = len(prompt)  # the whole history, once the turn's GenerateDone says it
             events = _replay(first, events)
         if not req.stream:
             return await _chat_response(gw, req, choices, events, rid, created, prompt_tokens, sid, prompt)
@@ -615,9 +633,9 @@ async def _chat_response(gw: Gateway, req: ChatCompletionRequest, choices: list[
         body_choices.append(ch)
         gw.metrics.inc("tool_calls_total", len(ch["message"].get("tool_calls") or []))
         gw.metrics.inc("tool_call_errors_total", len(ch["message"].get("tool_call_errors") or []))
-    usage = _usage(choices, prompt_tokens)
+    usage = _usage(choices, prompt_tokens, session=sid is not None)
     gw.metrics.inc("completion_tokens_total", usage["completion_tokens"])
-    gw.metrics.inc("prompt_tokens_total", prompt_tokens)
+    gw.metrics.inc("prompt_tokens_total", usage["prompt_tokens"])
     body: dict[str, Any] = {"id": rid, "object": "chat.completion", "created": created, "model": gw.name,
                             "choices": body_choices, "usage": usage, "rollwire": _rollwire_info(choices, sid)}
     if req.return_token_ids:
@@ -649,12 +667,12 @@ async def _chat_stream(gw: Gateway, req: ChatCompletionRequest, choices: list[Ch
             m = c.message()
             extra = {"tool_call_errors": m["tool_call_errors"]} if m.get("tool_call_errors") else {}
             yield chunk(c.index, {}, c.finish_reason, extra=extra)
-        usage = _usage(choices, prompt_tokens)
+        usage = _usage(choices, prompt_tokens, session=sid is not None)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.name,
                         "choices": [], "usage": usage, "rollwire": _rollwire_info(choices, sid)})
         gw.metrics.inc("completion_tokens_total", usage["completion_tokens"])
-        gw.metrics.inc("prompt_tokens_total", prompt_tokens)
+        gw.metrics.inc("prompt_tokens_total", usage["prompt_tokens"])
     except (RollwireError, APIError) as e:
         yield _error_event(e)
     yield b"data: [DONE]\n\n"

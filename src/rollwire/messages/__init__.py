@@ -58,7 +58,7 @@ RolloutRequest = GenerateRequest | AbortRequest | HealthRequest | StatusRequest 
 RolloutReply = GenerateChunk | GenerateDone | ErrorReply | HealthReply | StatusReply | ParamsReply | Heartbeat
 # The session socket: rollout workers (DEALER) -> SessionActor (ROUTER) and back.
 SessionRequest = OpenSession | AppendTokens | SessionGenerate | CloseSession | AbortRequest | Heartbeat
-SessionReply = SessionOpened | Appended | SessionClosed | GenerateDone | ErrorReply | Heartbeat
+SessionReply = SessionOpened | Appended | SessionClosed | GenerateChunk | GenerateDone | ErrorReply | Heartbeat
 # GenerationActor's control port (inproc, from the MemoryGovernor and the SessionActor).
 GenerationControl = SwapWeights | ReleaseForTraining | ResumeGeneration | ForgetSession
 # MemoryGovernor's weights port (inproc, from the WeightReceiverActor; GovernorQuery from the GenerationActor).

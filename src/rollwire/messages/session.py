@@ -40,13 +40,16 @@ class Appended(msgspec.Struct, frozen=True, kw_only=True, tag="appended", array_
 class SessionGenerate(msgspec.Struct, frozen=True, kw_only=True, tag="session_generate", array_like=True,
                       gc=False):
     """A model turn on the whole history; ``input_ids`` (a prompt turn, loss_mask 0) is appended
-    first. Answered with ``GenerateDone`` (``n`` must be 1: a session is one trajectory)."""
+    first. Answered with ``GenerateDone`` (``n`` must be 1: a session is one trajectory); with
+    ``stream``, ``GenerateChunk`` deltas come first, as for a streamed ``GenerateRequest``."""
 
     session_id: str
     input_ids: list[int] = []
     sampling_params: SamplingParams = SamplingParams()
     return_logprob: bool = True
     min_version: int = 0
+    stream: bool = False
+    chunk_tokens: int = 1  # stream: a chunk once this many new tokens are pending (GenerateRequest's)
 
 
 class CloseSession(msgspec.Struct, frozen=True, kw_only=True, tag="close_session", array_like=True):
