@@ -219,7 +219,8 @@ def server_split(path: str, versions: range) -> dict[str, float]:
     """Medians, over the timed pushes, of the serve log's timings: the receiver's (received to
     applied, staging, pause, load), the governor's, and the SGLang adapter's (staged views vs
     SGLang's own update)."""
-    keys = {"version_applied": ("seconds", "stage_s", "pause_s", "load_s"), "version_loaded": ("governor_s",),
+    keys = {"version_applied": ("seconds", "stage_s", "resolve_s", "apply_s", "after_load_s", "pause_s", "load_s"),
+            "version_loaded": ("governor_s",),
             "sglang_weights_loaded": ("staged_s", "sglang_s", "total_s")}
     seen: dict[str, list[float]] = {}
     with open(path, errors="replace") as f:

@@ -356,11 +356,13 @@ class WeightReceiverActor(Actor):
             v.applying = True
             key = STAGED.put(StagedVersion(ready.version, resolve(tensors, payload, where), ready.total_bytes,
                                             stager.deferred_checks(ready)))
+            t_apply = time.monotonic()
             try:
                 applied = await self._apply(LoadVersion(version=ready.version, step=ready.step, staged=key,
                                                         hold=ready.barrier), stager)
             finally:
                 STAGED.discard(key)  # the views (and the frames they hold) go once the governor answered
+            t_after = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(self._verify_pool, stager.after_load)
             self.live_version = ready.version
             seconds = time.monotonic() - v.received
@@ -368,7 +370,9 @@ class WeightReceiverActor(Actor):
             self.counters.set("live_version", ready.version)
             self.log.info("version_applied", version=ready.version, transport=ready.transport,
                           bytes=ready.total_bytes, seconds=round(seconds, 4), stage_s=round(staged - v.received, 4),
-                          pause_s=round(applied.pause_s, 4), load_s=round(applied.load_s, 4))
+                          resolve_s=round(t_apply - staged, 4), apply_s=round(t_after - t_apply, 4),
+                          after_load_s=round(time.monotonic() - t_after, 4), pause_s=round(applied.pause_s, 4),
+                          load_s=round(applied.load_s, 4))
             await self._report(ready, True, seconds=seconds)
         except StagingError as e:
             if stager is not None:
