@@ -363,7 +363,8 @@ class WeightReceiverActor(Actor):
             finally:
                 STAGED.discard(key)  # the views (and the frames they hold) go once the governor answered
             t_after = time.monotonic()
-            await asyncio.get_running_loop().run_in_executor(self._verify_pool, stager.after_load)
+            if type(stager).after_load is not Stager.after_load:  # a thread hop only where there is work
+                await asyncio.get_running_loop().run_in_executor(self._verify_pool, stager.after_load)
             self.live_version = ready.version
             seconds = time.monotonic() - v.received
             self.counters.inc("versions_applied")
