@@ -15,6 +15,7 @@ import pytest
 from rollwire import RolloutClient, SamplingParams
 from rollwire.cli import add_server_args, main, server_config
 from rollwire.runtime.logging import LEVEL_ENV
+from rollwire.server import ServerConfig
 
 from .conftest import free_tcp_endpoint
 
@@ -103,3 +104,14 @@ def test_tp_and_dp_become_sglang_engine_args() -> None:
     assert cfg.engine_args == {"mem_fraction_static": "0.6", "tp_size": "2", "dp_size": "2"}
     hf = server_config(parser.parse_args(["--tp", "1"]))  # one device is what hf runs on anyway
     assert (hf.engine, hf.engine_args) == ("hf", {})
+
+
+def test_shm_verify_defaults_to_while_loading_and_takes_only_its_two_values() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    assert server_config(parser.parse_args([])).shm_verify == "while_loading"
+    assert server_config(parser.parse_args(["--shm-verify", "before_load"])).shm_verify == "before_load"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--shm-verify", "never"])
+    with pytest.raises(ValueError, match="shm_verify"):
+        ServerConfig(shm_verify="never")  # type: ignore[arg-type]
