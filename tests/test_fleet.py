@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from rollwire import GenerateDone, RolloutClient, RolloutFleet, SamplingParams
-from rollwire.fleet.routing import Router, ServerView
+from rollwire.fleet.routing import SERVER_GONE, Router, ServerView
+from rollwire.messages import GenerateChunk, RollwireError
 from rollwire.transports.sockets import free_tcp_endpoint
 
 from .conftest import until
@@ -161,6 +162,35 @@ async def test_a_session_whose_server_dies_moves_by_replaying_its_history_and_it
     assert ids == want_ids and mask == want_mask  # the same greedy turns, roles and mask as uninterrupted
     assert len(ids) == 3 + 24 + 2 + 24 + 1 + 24 and sum(mask) == 72
     assert all(abs(a - b) < 1e-3 for a, b in zip(lps, want_lps, strict=True))
+
+
+async def test_a_streamed_session_turn_whose_server_stops_mid_stream_ends_typed_and_the_session_moves_intact(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """The session's server is SIGSTOPped once the turn's first chunk arrived: the stream ends with a
+    typed server-gone error within the liveness bound (the chunks already sent came first), the turn
+    is not recorded, and the next turn moves the session, its history replayed, to a live server."""
+    eps, procs = servers
+    turn = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=3000, temperature=0.0, ignore_eos=True)
+    async with RolloutFleet(eps, liveness_s=1.0, health_interval_s=0.25) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        async with fleet.session(max_tokens=4096) as s:
+            await s.generate([5, 6, 7], turn)
+            before = s.trajectory().token_ids
+            victim = procs[eps.index(s.endpoint)]
+            chunks = 0
+            with pytest.raises(RollwireError) as err:
+                async for m in s.stream([4], long, timeout=60):
+                    assert isinstance(m, GenerateChunk)  # never the Done: the server stops first
+                    chunks += 1
+                    if chunks == 1:
+                        victim.send_signal(signal.SIGSTOP)
+            assert err.value.code in SERVER_GONE, err.value
+            assert chunks >= 1 and s.trajectory().token_ids == before  # the cut turn is not recorded
+            done = await s.generate([4], turn)
+            assert s.moves == 1 and len(done.output_ids) == 24
+            assert s.trajectory().token_ids == [*before, 4, *done.output_ids]
+    victim.send_signal(signal.SIGCONT)
 
 
 async def test_a_stream_with_chunk_tokens_sends_chunks_of_that_many_tokens_and_refuses_a_bad_value() -> None:
