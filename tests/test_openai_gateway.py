@@ -5,6 +5,7 @@ pushed as weight version 1, so tool calls are the model's own output."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -328,6 +329,38 @@ def test_a_streamed_session_episode_arrives_token_by_token_and_records_the_same_
     assert streamed.token_ids == plain.token_ids and streamed.loss_mask == plain.loss_mask
     assert [round(x, 5) for x in streamed.logprobs] == [round(x, 5) for x in plain.logprobs]
     assert [t.role for t in streamed.turns] == ["env", "model"] * 3
+
+
+def test_a_session_turn_cut_off_mid_stream_drops_the_session_rather_than_keep_a_wrong_record(
+        gw: Stack, client: openai.OpenAI) -> None:
+    """The HTTP client closes a streamed session turn after two chunks: the turn's history on the
+    server is no longer known to the gateway, so the chat session is dropped (its trajectory route
+    says unknown_session) instead of building later turns on a wrong record; the id then starts a
+    fresh session whose trajectory holds exactly its own turn."""
+    sid = "episode-cut"
+    stream = client.chat.completions.create(model="tiny", messages=user(PLAIN_TASK), temperature=0, max_tokens=3000,
+                                            stream=True, extra_headers={"X-Session-ID": sid},
+                                            extra_body={"ignore_eos": True})
+    for got, _ in enumerate(stream, 1):
+        if got == 2:
+            break
+    stream.close()
+
+    def dropped() -> bool:
+        try:
+            fetch_trajectory(gw.base_url, sid, api_key=KEY)
+        except GatewayError as e:
+            return e.status == 404
+        return False
+
+    deadline = time.monotonic() + 60
+    while not dropped():
+        assert time.monotonic() < deadline, "the cut-off session was not dropped"
+        time.sleep(0.05)
+    r = _turn(client, sid, user(PLAIN_TASK), max_tokens=8)
+    traj = fetch_trajectory(gw.base_url, sid, api_key=KEY)
+    assert [t.role for t in traj.turns] == ["env", "model"]
+    assert traj.token_ids[traj.turns[1].start:] == r.choices[0].model_extra["token_ids"]
 
 
 class _Call:

@@ -205,16 +205,31 @@ async def _plain_events(gw: Gateway, prompt: list[int], sp: SamplingParams, choi
 
 async def _session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical], prompt: list[int],
                         prompt_text: str, sp: SamplingParams, choice: Choice, streamed: bool) -> AsyncIterator[Event]:
-    """One turn in the chat's session: token by token when ``streamed``. Once it has ended, the chat
-    record is extended; the session's lock (taken by the caller) is released however it ends (an
-    error, the HTTP client gone), and a turn that did not end is not recorded, here as in the
-    rollwire session under it."""
+    """One turn in the chat's session: token by token when ``streamed``. The chat record is extended
+    as soon as the turn's GenerateDone is in, before its last event goes out; the session's lock
+    (taken by the caller) is released however the turn ends. A turn that changed the rollwire
+    session's history without reaching this record (a timeout keeps its partial output there; a
+    cut-off stream leaves it unknown) drops the chat session: its record no longer matches the
+    server's, and the id starts afresh, rather than building a trajectory on a wrong history."""
     moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
+    before = _history_length(cs)
+    recorded = False
+
+    def record() -> None:
+        nonlocal recorded
+        assert choice.done is not None
+        cs.record(gw.chat, messages, choice.message(), prompt_text, list(choice.done.output_ids),
+                  prompt_turn=bool(prompt))
+        recorded = True
+        gw.metrics.inc("session_turns_total")
+
     try:
         if not streamed:
             done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
             deltas, taken = choice.feed(done.output_ids, done.output_logprobs)
-            yield choice.index, deltas + choice.finish(done), taken, 0
+            last = deltas + choice.finish(done)
+            record()
+            yield choice.index, last, taken, 0
         else:
             async for msg in cs.session.stream(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s):
                 if isinstance(msg, GenerateChunk):
@@ -223,15 +238,26 @@ async def _session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical],
                     if deltas or taken:
                         yield choice.index, deltas, taken, start
                 else:
-                    yield choice.index, choice.finish(msg), [], len(choice.ids)
-        assert choice.done is not None
-        cs.record(gw.chat, messages, choice.message(), prompt_text, list(choice.done.output_ids),
-                  prompt_turn=bool(prompt))
-        gw.metrics.inc("session_turns_total")
+                    last = choice.finish(msg)
+                    record()
+                    yield choice.index, last, [], len(choice.ids)
+    except BaseException:
+        if not recorded and _history_length(cs) != before:
+            gw.sessions.sessions.pop(cs.key, None)
+            gw.metrics.inc("sessions_dropped_total")
+        raise
     finally:
         cs.lock.release()
         if isinstance(cs.session, FleetSession) and cs.session.moves > moves:
             gw.metrics.inc("session_moves_total", cs.session.moves - moves)
+
+
+def _history_length(cs: ChatSession) -> int | None:
+    """Tokens in the rollwire session's history as this client knows it; None once unknown."""
+    try:
+        return len(cs.session.trajectory().token_ids)
+    except SessionDesynced:
+        return None
 
 
 async def _first(events: AsyncIterator[Event]) -> tuple[Event | None, AsyncIterator[Event]]:
