@@ -115,6 +115,25 @@ async def test_a_timed_out_turn_is_aborted_its_partial_output_kept_and_the_sessi
     assert nxt.finish_reason == "length" and nxt.usage.prompt_tokens == turn.end
 
 
+async def test_a_timed_out_streamed_turn_keeps_what_it_streamed_and_the_session_continues(
+        rc: RolloutClient) -> None:
+    """``timeout`` bounds the whole streamed turn: the chunks before it came through, then the turn
+    is aborted, its partial output (at least what was streamed) recorded, and RequestTimeout raised."""
+    from rollwire import RequestTimeout
+
+    s = rc.session(max_tokens=4096)
+    await s.open()
+    streamed: list[int] = []
+    with pytest.raises(RequestTimeout):
+        async for m in s.stream([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True), timeout=0.5):
+            streamed += m.token_ids  # type: ignore[union-attr]  (chunks only: the Done never comes)
+    turn = s.trajectory().turns[-1]
+    assert turn.role == "model" and turn.finish_reason == "abort" and 0 < turn.end - turn.start < 3000
+    assert s.trajectory().token_ids[turn.start:turn.start + len(streamed)] == streamed
+    nxt = await s.generate(sampling_params=SP)
+    assert nxt.finish_reason == "length" and nxt.usage.prompt_tokens == turn.end
+
+
 async def test_a_cancelled_turn_is_aborted_on_the_server_and_the_trajectory_refuses_to_lie(
         rc: RolloutClient) -> None:
     from rollwire.clients.session import SessionDesynced

@@ -172,17 +172,19 @@ class Session:
         timeout = timeout if timeout is not None else self.timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         timed_out = False
+        abort_deadline = 0.0
         try:
             await rpc.send(rid, msg)
             while True:
-                if timed_out:  # aborted: its remaining chunks, then its terminal reply
-                    item = await self._after_abort(queue)
+                if timed_out:  # aborted: its remaining chunks, then its terminal reply, within the grace
+                    item = await self._after_abort(queue, abort_deadline)
                 else:
                     try:
                         left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
                         item = await asyncio.wait_for(queue.get(), left)
                     except TimeoutError:
                         timed_out = True
+                        abort_deadline = asyncio.get_running_loop().time() + ABORT_GRACE_S
                         await rpc.send(0, AbortRequest(target_rid=rid))
                         continue
                 reply = unwrap(item)
@@ -206,10 +208,11 @@ class Session:
                                  f"{len(done.output_ids)} tokens (kept in the history)")
         yield done
 
-    async def _after_abort(self, queue: asyncio.Queue[Any]) -> Any:
-        """The next reply of an aborted turn (its chunks, then its terminal reply), or desync."""
+    async def _after_abort(self, queue: asyncio.Queue[Any], deadline: float) -> Any:
+        """The next reply of an aborted turn (its chunks, then its terminal reply, all by
+        ``deadline``), or desync."""
         try:
-            return await asyncio.wait_for(queue.get(), ABORT_GRACE_S)
+            return await asyncio.wait_for(queue.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
         except TimeoutError:
             self._desynced = True
             raise SessionDesynced(f"session {self.id}: no reply to an aborted turn") from None
