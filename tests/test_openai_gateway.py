@@ -363,6 +363,39 @@ def test_a_session_turn_cut_off_mid_stream_drops_the_session_rather_than_keep_a_
     assert traj.token_ids[traj.turns[1].start:] == r.choices[0].model_extra["token_ids"]
 
 
+def _server_metric(gw: Stack, name: str) -> float:
+    with urllib.request.urlopen(gw.root + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("session", [False, True])
+def test_a_stream_the_client_closes_is_aborted_on_the_server_at_once(gw: Stack, client: openai.OpenAI,
+                                                                      session: bool) -> None:
+    """A client that closes a 3000-token stream after two chunks: the gateway closes every layer of
+    the stream as the HTTP response ends (Starlette leaves the body generator to the garbage
+    collector), so the server's request is aborted and nothing stays in flight there long before
+    the generation could have finished; the gateway goes on serving."""
+    aborts = _server_metric(gw, "rollwire_server_abort_requests")
+    headers = {"X-Session-ID": "episode-closed"} if session else {}
+    stream = client.chat.completions.create(model="tiny", messages=user(PLAIN_TASK), temperature=0, max_tokens=3000,
+                                            stream=True, extra_headers=headers, extra_body={"ignore_eos": True})
+    for got, _ in enumerate(stream, 1):
+        if got == 2:
+            break
+    stream.close()
+    closed = time.monotonic()
+    while not (_server_metric(gw, "rollwire_server_abort_requests") > aborts
+               and _server_metric(gw, "rollwire_server_in_flight") == 0):
+        assert time.monotonic() - closed < 60, "the closed stream's request was not aborted"
+        time.sleep(0.02)
+    # the one request: aborted on the server, not left to run its 3000 tokens
+    r = client.chat.completions.create(model="tiny", messages=user(PLAIN_TASK), temperature=0, max_tokens=4)
+    assert r.choices[0].finish_reason == "length"
+
+
 class _Call:
     """A streamed tool call as the non-streamed one reads (``.function.name`` / ``.arguments``)."""
 

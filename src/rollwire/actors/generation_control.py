@@ -136,7 +136,9 @@ class GenerationControl:
         self.counters.inc("load_seconds", load_s)
         self._abort_stale(msg.version)
         self.notify_version_changed()
-        if not msg.hold:  # barrier mode: paused until ResumeGeneration
+        if msg.hold:  # barrier mode: paused until ResumeGeneration
+            self.counters.inc("barrier_holds")
+        else:
             await self._resume()
         pause_s = time.monotonic() - t0
         self.counters.inc("pause_seconds", pause_s)

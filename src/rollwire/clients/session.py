@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -149,7 +149,7 @@ class Session:
 
     def stream(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None, *,
                return_logprob: bool = True, min_version: int = 0, timeout: float | None = None,
-               chunk_tokens: int = 1) -> AsyncIterator[GenerateChunk | GenerateDone]:
+               chunk_tokens: int = 1) -> AsyncGenerator[GenerateChunk | GenerateDone, None]:
         """``generate``, streamed: ``GenerateChunk`` deltas as the tokens come (``chunk_tokens``: at
         least this many per chunk), then the turn's ``GenerateDone``, which the history records.
         ``timeout`` bounds the whole turn. Leaving the iteration before the ``GenerateDone`` aborts
@@ -159,7 +159,7 @@ class Session:
 
     async def _turn(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
                     min_version: int, timeout: float | None, chunk_tokens: int | None,
-                    ) -> AsyncIterator[GenerateChunk | GenerateDone]:
+                    ) -> AsyncGenerator[GenerateChunk | GenerateDone, None]:
         """One model turn; ``chunk_tokens`` None: not streamed (one GenerateDone)."""
         rpc = self._rpc_or_raise()
         self._check_synced()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.clients.session import Session
@@ -62,7 +63,7 @@ class FleetSession:
         return await self._moving(lambda s: s.generate(input_ids, sampling_params, **kw))  # type: ignore[no-any-return]
 
     async def stream(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
-                     **kw: Any) -> AsyncIterator[GenerateChunk | GenerateDone]:
+                     **kw: Any) -> AsyncGenerator[GenerateChunk | GenerateDone, None]:
         """``Session.stream`` on the session's server. Before the first chunk it moves like any call
         (server evicted, or gone when asked); a server that dies after chunks went out ends the
         stream with its typed error (``server_unavailable``...): the turn is not recorded, and the
@@ -74,9 +75,11 @@ class FleetSession:
         while True:
             streamed = False
             try:
-                async for item in self._session.stream(input_ids, sampling_params, **kw):
-                    streamed = True
-                    yield item
+                turn = self._session.stream(input_ids, sampling_params, **kw)
+                async with contextlib.aclosing(turn):  # left early: the turn is aborted there too
+                    async for item in turn:
+                        streamed = True
+                        yield item
                 return
             except RollwireError as e:
                 if e.code not in SERVER_GONE:

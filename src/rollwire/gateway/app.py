@@ -22,26 +22,35 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rollwire.clients.rollout import RolloutClient
 from rollwire.clients.session import Session, SessionDesynced
 from rollwire.fleet.client import RolloutFleet
 from rollwire.fleet.session import FleetSession
-from rollwire.gateway.chat import Canonical, ChatFormat, canonical, tools_json
+from rollwire.gateway.chat import ChatFormat, canonical, tools_json
 from rollwire.gateway.choices import Choice
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
+from rollwire.gateway.events import (
+    ClosingStreamingResponse,
+    Events,
+    first_event,
+    merge,
+    plain_events,
+    replay,
+    session_turn,
+)
 from rollwire.gateway.metrics import GatewayMetrics
 from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling, parse
 from rollwire.gateway.sessions import ChatSession, SessionTable
-from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams, StatusReply
+from rollwire.messages import RollwireError, SamplingParams, StatusReply
 from rollwire.runtime.logging import get_logger
 
 log = get_logger("rollwire.gateway")
@@ -167,109 +176,6 @@ def session_endpoint(gw: Gateway, session: Session | FleetSession) -> str:
     return session.endpoint if isinstance(session, FleetSession) else gw.cfg.endpoints[0]
 
 
-# -- running samples ----------------------------------------------------------------------
-Event = tuple[int, list[dict[str, Any]], list[int], int]  # (choice index, deltas, tokens covered, first token pos)
-
-
-async def _plain_events(gw: Gateway, prompt: list[int], sp: SamplingParams, choices: list[Choice],
-                        streamed: bool) -> AsyncIterator[Event]:
-    """One token request for all n choices; streamed when asked (or to cut at stop strings)."""
-    if not streamed:
-        outs = await gw.client.generate(prompt, sp, return_logprob=True)
-        for done in outs if isinstance(outs, list) else [outs]:
-            c = choices[done.index]
-            deltas, taken = c.feed(done.output_ids, done.output_logprobs)
-            yield c.index, deltas + c.finish(done), taken, 0
-        return
-    stream = gw.client.stream(prompt, sp, return_logprob=True)
-    aborted = False
-    try:
-        async for msg in stream:
-            c = choices[msg.index]
-            if isinstance(msg, GenerateChunk):
-                start = len(c.ids)
-                deltas, taken = c.feed(msg.token_ids, msg.logprobs)
-                if deltas or taken:
-                    yield c.index, deltas, taken, start
-            elif isinstance(msg, GenerateDone):
-                yield c.index, c.finish(msg), [], len(c.ids)
-            if not aborted and all(ch.stopped or ch.done is not None for ch in choices) and \
-                    any(ch.done is None for ch in choices):
-                aborted = True  # every choice hit a stop string: stop the engine, wait for the Dones
-                await stream.abort()
-    finally:
-        if not all(ch.done is not None for ch in choices):  # the caller went away: free the engine
-            with contextlib.suppress(Exception):
-                await stream.abort()
-
-
-async def _session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical], prompt: list[int],
-                        prompt_text: str, sp: SamplingParams, choice: Choice, streamed: bool) -> AsyncIterator[Event]:
-    """One turn in the chat's session: token by token when ``streamed``. The chat record is extended
-    as soon as the turn's GenerateDone is in, before its last event goes out; the session's lock
-    (taken by the caller) is released however the turn ends. A turn that changed the rollwire
-    session's history without reaching this record (a timeout keeps its partial output there; a
-    cut-off stream leaves it unknown) drops the chat session: its record no longer matches the
-    server's, and the id starts afresh, rather than building a trajectory on a wrong history."""
-    moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
-    before = _history_length(cs)
-    recorded = False
-
-    def record() -> None:
-        nonlocal recorded
-        assert choice.done is not None
-        cs.record(gw.chat, messages, choice.message(), prompt_text, list(choice.done.output_ids),
-                  prompt_turn=bool(prompt))
-        recorded = True
-        gw.metrics.inc("session_turns_total")
-
-    try:
-        if not streamed:
-            done = await cs.session.generate(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s)
-            deltas, taken = choice.feed(done.output_ids, done.output_logprobs)
-            last = deltas + choice.finish(done)
-            record()
-            yield choice.index, last, taken, 0
-        else:
-            async for msg in cs.session.stream(prompt, sp, return_logprob=True, timeout=gw.cfg.request_timeout_s):
-                if isinstance(msg, GenerateChunk):
-                    start = len(choice.ids)
-                    deltas, taken = choice.feed(msg.token_ids, msg.logprobs)
-                    if deltas or taken:
-                        yield choice.index, deltas, taken, start
-                else:
-                    last = choice.finish(msg)
-                    record()
-                    yield choice.index, last, [], len(choice.ids)
-    except BaseException:
-        if not recorded and _history_length(cs) != before:
-            gw.sessions.sessions.pop(cs.key, None)
-            gw.metrics.inc("sessions_dropped_total")
-        raise
-    finally:
-        cs.lock.release()
-        if isinstance(cs.session, FleetSession) and cs.session.moves > moves:
-            gw.metrics.inc("session_moves_total", cs.session.moves - moves)
-
-
-def _history_length(cs: ChatSession) -> int | None:
-    """Tokens in the rollwire session's history as this client knows it; None once unknown."""
-    try:
-        return len(cs.session.trajectory().token_ids)
-    except SessionDesynced:
-        return None
-
-
-async def _first(events: AsyncIterator[Event]) -> tuple[Event | None, AsyncIterator[Event]]:
-    """Await the first event (so refusals become HTTP errors), then hand back the rest."""
-    try:
-        first = await events.__anext__()
-    except StopAsyncIteration:
-        return None, events
-    except RollwireError as e:
-        raise from_rollwire(e) from None
-    return first, events
-
 
 def _usage(choices: Sequence[Choice], prompt_tokens: int, session: bool = False) -> dict[str, Any]:
     """``session``: a session turn's prompt is its whole history, as its GenerateDone counts it."""
@@ -389,7 +295,7 @@ def build_app(gw: Gateway) -> FastAPI:
             prompt = gw.chat.encode(gw.chat.render(messages, tools, generation_prompt=True))
             sp = gw.sampling(req, max_tokens, stops, chat=True, n=req.n)
             choices = [Choice(gw.chat, i, stops=stops, tools=bool(tools), chat_mode=True) for i in range(req.n)]
-            events = _plain_events(gw, prompt, sp, choices, streamed=req.stream or any(
+            events = plain_events(gw, prompt, sp, choices, streamed=req.stream or any(
                 len(gw.chat.encode(s)) > 1 for s in stops))
             cs = None
             prompt_tokens = len(prompt)
@@ -409,7 +315,7 @@ def build_app(gw: Gateway) -> FastAPI:
                 raise
             choices = [Choice(gw.chat, 0, stops=stops, tools=bool(tools), chat_mode=True)]
             try:
-                first, events = await _first(_session_turn(gw, cs, messages, prompt, prompt_text, sp, choices[0],
+                first, events = await first_event(session_turn(gw, cs, messages, prompt, prompt_text, sp, choices[0],
                                                            streamed=req.stream))
             except APIError as e:
                 if e.code in ("unknown_session", "session_expired", "session_closed"):
@@ -420,13 +326,12 @@ def build_app(gw: Gateway) -> FastAPI:
                 raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
                                code="session_desynced") from None
             prompt_tokens = len(prompt)  # the whole history, once the turn's GenerateDone says it
-            events = _replay(first, events)
+            events = replay(first, events)
         if not req.stream:
             return await _chat_response(gw, req, choices, events, rid, created, prompt_tokens, sid, prompt)
-        first, events = await _first(events)
-        return StreamingResponse(_chat_stream(gw, req, choices, _replay(first, events), rid, created, prompt_tokens,
-                                              sid, prompt),
-                                 media_type="text/event-stream", headers=_session_headers(sid))
+        first, events = await first_event(events)
+        body = _chat_stream(gw, req, choices, replay(first, events), rid, created, prompt_tokens, sid, prompt)
+        return ClosingStreamingResponse(body, media_type="text/event-stream", headers=_session_headers(sid))
 
     # -- completions -------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -446,12 +351,12 @@ def build_app(gw: Gateway) -> FastAPI:
         streamed = req.stream or any(len(gw.chat.encode(s)) > 1 for s in stops)
         groups = [[Choice(gw.chat, k * req.n + i, stops=stops, tools=False, chat_mode=False) for i in range(req.n)]
                   for k in range(len(prompts))]
-        merged = _merge([_plain_events(gw, p, sp, g, streamed) for p, g in zip(prompts, groups, strict=True)],
+        merged = merge([plain_events(gw, p, sp, g, streamed) for p, g in zip(prompts, groups, strict=True)],
                         [g[0].index for g in groups])
         choices = [c for g in groups for c in g]
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        first, events = await _first(merged)
-        events = _replay(first, events)
+        first, events = await first_event(merged)
+        events = replay(first, events)
         prompt_tokens = sum(len(p) for p in prompts)
         if not req.stream:
             async for _ in events:
@@ -463,16 +368,17 @@ def build_app(gw: Gateway) -> FastAPI:
                     "usage": _usage(choices, prompt_tokens), "rollwire": _rollwire_info(choices, None)}
             return JSONResponse(body)
 
-        async def stream() -> AsyncIterator[bytes]:
+        async def stream() -> AsyncGenerator[bytes, None]:
             try:
-                async for index, deltas, taken, start in events:
-                    c = choices[index]
-                    text = "".join(d.get("text", "") for d in deltas)
-                    lp = _legacy_logprobs(c, taken, start) if req.logprobs is not None and taken else None
-                    if text or lp:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
-                                    "choices": [{"index": index, "text": text, "logprobs": lp,
-                                                 "finish_reason": None}]})
+                async with contextlib.aclosing(events):
+                    async for index, deltas, taken, start in events:
+                        c = choices[index]
+                        text = "".join(d.get("text", "") for d in deltas)
+                        lp = _legacy_logprobs(c, taken, start) if req.logprobs is not None and taken else None
+                        if text or lp:
+                            yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                        "model": gw.name, "choices": [{"index": index, "text": text, "logprobs": lp,
+                                                                       "finish_reason": None}]})
                 for c in choices:
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
                                 "choices": [{"index": c.index, "text": "", "logprobs": None,
@@ -486,7 +392,7 @@ def build_app(gw: Gateway) -> FastAPI:
                 yield _error_event(e)
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return ClosingStreamingResponse(stream(), media_type="text/event-stream")
 
     # -- the rest ----------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -567,45 +473,6 @@ def unsupported_session() -> APIError:
                     code="unsupported_parameter")
 
 
-async def _replay(first: Event | None, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    if first is not None:
-        yield first
-    async for e in rest:
-        yield e
-
-
-async def _merge(streams: list[AsyncIterator[Event]], bases: list[int]) -> AsyncIterator[Event]:
-    """Several prompts' events as one stream (their choice indices are already global)."""
-    if len(streams) == 1:
-        async for e in streams[0]:
-            yield e
-        return
-    queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
-
-    async def pump(s: AsyncIterator[Event]) -> None:
-        try:
-            async for e in s:
-                await queue.put(e)
-        except BaseException as e:
-            await queue.put(e)
-        else:
-            await queue.put(None)
-
-    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-
 
 async def _session(gw: Gateway, owner: str, sid: str, tools: list[dict[str, Any]] | None) -> ChatSession:
     cs = gw.sessions.sessions.get((owner, sid))
@@ -643,7 +510,7 @@ def _chat_message(c: Choice) -> dict[str, Any]:
 
 
 async def _chat_response(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice],
-                         events: AsyncIterator[Event], rid: str, created: int, prompt_tokens: int,
+                         events: Events, rid: str, created: int, prompt_tokens: int,
                          sid: str | None, prompt: list[int]) -> JSONResponse:
     try:
         async for _ in events:
@@ -669,9 +536,9 @@ async def _chat_response(gw: Gateway, req: ChatCompletionRequest, choices: list[
     return JSONResponse(body, headers=_session_headers(sid))
 
 
-async def _chat_stream(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice], events: AsyncIterator[Event],
+async def _chat_stream(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice], events: Events,
                        rid: str, created: int, prompt_tokens: int, sid: str | None,
-                       prompt: list[int]) -> AsyncIterator[bytes]:
+                       prompt: list[int]) -> AsyncGenerator[bytes, None]:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
               extra: dict[str, Any] | None = None) -> bytes:
         return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.name,
@@ -681,14 +548,15 @@ async def _chat_stream(gw: Gateway, req: ChatCompletionRequest, choices: list[Ch
     try:
         for c in choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
-        async for index, deltas, taken, start in events:
-            c = choices[index]
-            lp = {"content": c.logprob_entries(taken, start)} if req.logprobs and taken else None
-            extra = {"token_ids": taken} if req.return_token_ids and taken else {}
-            if not deltas and (lp or extra):
-                yield chunk(index, {}, logprobs=lp, extra=extra)
-            for k, d in enumerate(deltas):
-                yield chunk(index, d, logprobs=lp if k == 0 else None, extra=extra if k == 0 else None)
+        async with contextlib.aclosing(events):
+            async for index, deltas, taken, start in events:
+                c = choices[index]
+                lp = {"content": c.logprob_entries(taken, start)} if req.logprobs and taken else None
+                extra = {"token_ids": taken} if req.return_token_ids and taken else {}
+                if not deltas and (lp or extra):
+                    yield chunk(index, {}, logprobs=lp, extra=extra)
+                for k, d in enumerate(deltas):
+                    yield chunk(index, d, logprobs=lp if k == 0 else None, extra=extra if k == 0 else None)
         for c in choices:
             m = c.message()
             extra = {"tool_call_errors": m["tool_call_errors"]} if m.get("tool_call_errors") else {}
