@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from rollwire.clients.rollout import RolloutClient
+from rollwire.fleet.client import RolloutFleet
 from rollwire.messages import SamplingParams
 from rollwire.server import RolloutServer, ServerConfig, ShmVerify
 from rollwire.transports.security import CurveClient, KeyPair, create_keys
@@ -139,8 +140,10 @@ async def test_a_corrupted_shm_bucket_is_bad_checksum_and_nothing_is_generated_o
     output. The fate of each request is asserted."""
     cfg = ServerConfig(rollout_endpoint=ipc_endpoint("e2e-shm"), trainer_endpoint=free_tcp_endpoint(),
                        receiver_id="server-0", stall_timeout_s=1.5, max_new_tokens_limit=64, shm_verify=shm_verify)
-    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=60) as rc:
+    async with RolloutServer(cfg) as srv, RolloutClient(cfg.rollout_endpoint, timeout=60) as rc, \
+            RolloutFleet([cfg.rollout_endpoint], health_interval_s=0.05) as fleet:
         original = await greedy(rc)
+        await fleet.wait_ready(timeout=30)
         trainer = await TrainerProcess(cfg.trainer_endpoint).start()
         try:
             trainer.commands.put(("corrupt_next",))
@@ -150,14 +153,20 @@ async def test_a_corrupted_shm_bucket_is_bad_checksum_and_nothing_is_generated_o
             if shm_verify == "before_load":
                 assert await greedy(rc) == original  # answered at once, on version 0, unharmed
                 assert gen.counters.get("load_failures") == 0  # never reached the engine
+                assert (await rc.health()).governor_state == "SERVING"
             else:
                 assert gen.counters.get("load_failures") == 1
+                assert (await rc.health()).governor_state == "INCOMPLETE"  # health says requests wait
+                server = fleet.servers[0]  # and a fleet stops routing there until a whole version loads
+                await until(lambda: not server.alive, "the fleet took the incomplete server out", 30)
                 held = asyncio.ensure_future(greedy(rc))
                 await until(lambda: len(gen.in_flight) == 1, "the request reached the generation actor", 30)
                 assert not held.done()  # waiting: the parameters hold part of a version
             assert await trainer.push(2, "perturbed", "shm") == ("ok", 2, "shm", ["server-0"])
             now = await greedy(rc)
             assert now[1] == 2 and now[0] != original[0]
+            assert (await rc.health()).governor_state == "SERVING"
+            await until(lambda: fleet.servers[0].alive and fleet.servers[0].version == 2, "re-admitted at v2", 30)
             if shm_verify == "while_loading":
                 assert await held == now  # the held request ran on version 2, whole
         finally:

@@ -185,7 +185,10 @@ class GenerationActor(GenerationControl, Actor):
                                                                                timeout=GOVERNOR_QUERY_TIMEOUT_S)
         except (TimeoutError, RollwireError):
             return "UNKNOWN"
-        return reply.msg.state if isinstance(reply.msg, GovernorStatus) else "UNKNOWN"
+        state = reply.msg.state if isinstance(reply.msg, GovernorStatus) else "UNKNOWN"
+        if state == "SERVING" and not self.engine.info().weights_complete:
+            return "INCOMPLETE"  # a load failed part-way: requests wait for a whole version
+        return state
 
     @handles(HealthRequest)
     async def on_health(self, origin: Origin, msg: HealthRequest, payload: Sequence[Any]) -> None:

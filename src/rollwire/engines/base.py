@@ -65,6 +65,9 @@ class EngineInfo:
     device: str
     dtype: str
     extra: dict[str, object] = field(default_factory=dict)
+    # False once a load failed after part of it was copied (or after a weights release) until a
+    # whole version loads: the engine holds its requests meanwhile
+    weights_complete: bool = True
 
 
 @runtime_checkable

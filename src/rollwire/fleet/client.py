@@ -10,7 +10,9 @@ Health. Every ``health_interval_s`` each server is asked for health (version, go
 server that does not answer within ``health_timeout_s``, or whose calls fail with
 ``server_unavailable`` (the client's liveness bound: nothing heard for ``liveness_s``), is evicted.
 It is re-admitted once it answers again *and* serves the fleet's current version (the highest any
-live server reported), so a restarted server does not serve stale weights to the fleet.
+live server reported), so a restarted server does not serve stale weights to the fleet. A server
+whose health says ``INCOMPLETE`` (a weight load failed part-way: it holds requests until a whole
+version loads) is taken out the same way until its next version.
 
 Failover. A non-streamed request runs as a stream inside this client, so it knows every token it
 has. When its server dies (``server_unavailable``, ``shutting_down``, ``engine_dead``,
@@ -147,7 +149,9 @@ class RolloutFleet:
             self._evict(s, f"health: {e.code.value}")
             return
         s.version, s.last_ok = h.weight_version, time.monotonic()
-        if s.alive:
+        if h.governor_state == "INCOMPLETE":  # a load failed part-way: it holds requests until a whole version
+            self._evict(s, "a weight load failed part-way; requests wait there for a whole version")
+        elif s.alive:
             self.current_version = max(self.current_version, h.weight_version)
         elif h.weight_version >= self.current_version:
             s.alive, s.why_out = True, ""

@@ -11,7 +11,7 @@ class HealthRequest(msgspec.Struct, frozen=True, kw_only=True, tag="health", arr
 
 class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_ok", array_like=True):
     weight_version: int
-    governor_state: str  # SERVING, PAUSING, ... (see MemoryGovernor)
+    governor_state: str  # SERVING, LOADING, ... (see MemoryGovernor); INCOMPLETE: see docs/protocol.md
     protocol: int
     session_endpoint: str = ""  # where the SessionActor listens ("": no sessions on this server)
 

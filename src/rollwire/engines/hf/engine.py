@@ -111,6 +111,7 @@ class HFEngine:
             name=self.name, vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
             max_model_len=self.max_model_len, weight_version=sched.version, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
+            weights_complete=not (self._weights.undefined or self._weights.released),
             extra={
                 "weights_bytes": weights, "kv_bytes": sched.batch.nbytes() if sched.batch else 0,
                 "running": sum(not s.done for s in sched.running), "waiting": len(sched.waiting),

@@ -193,6 +193,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         return EngineInfo(
             name=self.name, vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
             max_model_len=self.max_model_len, weight_version=self._version, device=device, dtype=self._dtype,
+            weights_complete=self._weights_sent and not self._released,
             extra={
                 "weights_bytes": 0 if "weights" in self._released else self._ckpt.nbytes,
                 "live": len(self._live), "waiting": held,
