@@ -8,8 +8,9 @@ exact token history, so a trainer gets the tokens the model produced, never a re
 
 Modules: ``schemas`` (the request bodies), ``errors`` (OpenAI-shaped errors), ``chat`` (template,
 tokenizer, detokenizer), ``tools`` (Hermes tool-call parsing), ``sessions`` (exact trajectories),
-``metrics`` (Prometheus text), ``app`` (the routes), ``server`` (the process), ``client`` (a
-trainer's trajectory fetch).
+``metrics`` (Prometheus text), ``core`` (the gateway's state and sampling mapping), ``events``
+(running a request's samples as events), ``render`` (OpenAI response shapes), ``app`` (the
+routes), ``server`` (the process), ``client`` (a trainer's trajectory fetch).
 """
 
 from rollwire.gateway.client import ChatTrajectory, ChatTurn, fetch_trajectory

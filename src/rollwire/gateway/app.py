@@ -22,8 +22,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,177 +31,34 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rollwire.clients.rollout import RolloutClient
-from rollwire.clients.session import Session, SessionDesynced
-from rollwire.fleet.client import RolloutFleet
-from rollwire.fleet.session import FleetSession
-from rollwire.gateway.chat import ChatFormat, canonical, tools_json
+from rollwire.clients.session import SessionDesynced
+from rollwire.gateway.chat import canonical, tools_json
 from rollwire.gateway.choices import Choice
+from rollwire.gateway.core import SESSION_HEADER, Gateway, close_quietly, log, session_endpoint
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.events import (
     ClosingStreamingResponse,
-    Events,
     first_event,
     merge,
     plain_events,
     replay,
     session_turn,
 )
-from rollwire.gateway.metrics import GatewayMetrics
-from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling, parse
-from rollwire.gateway.sessions import ChatSession, SessionTable
-from rollwire.messages import RollwireError, SamplingParams, StatusReply
-from rollwire.runtime.logging import get_logger
-
-log = get_logger("rollwire.gateway")
-
-SESSION_HEADER = "x-session-id"
-
-
-@dataclass
-class GatewayConfig:
-    endpoints: list[str]  # rollout endpoints: one (a RolloutClient) or several (a RolloutFleet)
-    model: str = "tiny"  # tokenizer and chat template: tiny[:SEED] or a local checkpoint directory
-    served_model_name: str = ""  # the name clients pass as ``model`` (default: ``model``)
-    api_keys: list[str] = field(default_factory=list)  # empty: no auth, one owner for every session
-    max_body_bytes: int = 8 << 20
-    default_max_tokens: int = 1024  # a chat turn without max_tokens (capped by the server's limit)
-    session_max_tokens: int = 16384  # each rollwire session's token budget (history + a turn)
-    session_ttl_s: float = 600.0
-    max_sessions: int = 4096
-    request_timeout_s: float | None = 600.0
-    fleet_health_interval_s: float = 1.0  # several endpoints: how often each server's health is asked
-
-
-class Gateway:
-    """What the routes share: the tokenizer, the server client, the session table, the counters."""
-
-    def __init__(self, cfg: GatewayConfig, chat: ChatFormat, client: RolloutClient | RolloutFleet | None = None,
-                 ) -> None:
-        if not cfg.endpoints:
-            raise SystemExit("the gateway needs at least one rollout endpoint")
-        if len(set(cfg.endpoints)) != len(cfg.endpoints):
-            raise SystemExit(f"a rollout endpoint is named twice: {cfg.endpoints}")
-        self.cfg = cfg
-        self.chat = chat
-        self.name = cfg.served_model_name or cfg.model
-        if client is None:
-            client = RolloutClient(cfg.endpoints[0], timeout=cfg.request_timeout_s) if len(cfg.endpoints) == 1 \
-                else RolloutFleet(cfg.endpoints, timeout=cfg.request_timeout_s,
-                                  health_interval_s=cfg.fleet_health_interval_s)
-        self.client: RolloutClient | RolloutFleet = client
-        self.sessions = SessionTable(cfg.max_sessions, cfg.session_ttl_s)
-        self.metrics = GatewayMetrics()
-        self.in_flight = 0
-        self.max_new_tokens_limit = 4096
-        self.vocab_size = 0
-        self._sweeper: asyncio.Task[None] | None = None
-
-    @property
-    def fleet(self) -> RolloutFleet | None:
-        return self.client if isinstance(self.client, RolloutFleet) else None
-
-    def server_clients(self) -> dict[str, RolloutClient]:
-        """Each server's own client (health, status), by endpoint."""
-        if isinstance(self.client, RolloutFleet):
-            return {s.endpoint: s.client for s in self.client.servers}
-        return {self.cfg.endpoints[0]: self.client}
-
-    async def start(self) -> None:
-        await self.client.__aenter__()
-        if isinstance(self.client, RolloutFleet):  # serve once one server is admitted; the rest join as they come
-            first = (await self.client.wait_ready(servers=1, timeout=120.0))[0]
-            st = await self.server_clients()[first].status()
-        else:
-            await self.client.wait_ready(timeout=120.0)
-            st = await self.client.status()
-        self.max_new_tokens_limit, self.vocab_size = st.max_new_tokens_limit, st.vocab_size
-        self._sweeper = asyncio.ensure_future(self._sweep())
-
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        await asyncio.gather(*(close_quietly(s.session) for s in list(self.sessions.sessions.values())))
-        await self.client.close()
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(min(30.0, self.cfg.session_ttl_s / 4))
-            for s in self.sessions.expired():  # the server expires it on its own anyway
-                await close_quietly(s.session)
-            self.metrics.set("sessions_open", len(self.sessions.sessions))
-
-    # -- helpers --------------------------------------------------------------------------
-    def owner(self, request: Request) -> str:
-        if not self.cfg.api_keys:
-            return ""
-        auth = request.headers.get("authorization", "")
-        key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
-        if not any(secrets.compare_digest(key, k) for k in self.cfg.api_keys):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-        return key
-
-    def check_model(self, model: str) -> None:
-        if model != self.name:
-            raise APIError(404, f"The model '{model}' does not exist (this gateway serves '{self.name}')",
-                           param="model", code="model_not_found")
-
-    def sampling(self, req: _Sampling, max_tokens: int, stops: list[str], *, chat: bool, n: int) -> SamplingParams:
-        if max_tokens > self.max_new_tokens_limit:
-            raise bad_request(f"max_tokens={max_tokens} exceeds the server's limit {self.max_new_tokens_limit}",
-                              "max_tokens")
-        stop_ids = list(req.stop_token_ids or [])
-        if chat and not req.ignore_eos:
-            stop_ids += self.chat.end_ids
-        for s in stops:  # a stop string that is one token stops in the engine, at once
-            ids = self.chat.encode(s)
-            if len(ids) == 1:
-                stop_ids.append(ids[0])
-        if self.vocab_size and any(i >= self.vocab_size for i in stop_ids):
-            raise bad_request(f"stop_token_ids must lie in [0, {self.vocab_size})", "stop_token_ids")
-        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, min_p=req.min_p, seed=req.seed, n=n,
-                              stop_token_ids=sorted(set(stop_ids)), ignore_eos=req.ignore_eos)
-
-
-async def close_quietly(session: Session | FleetSession) -> None:
-    """Free a session on its server, if that server is still there to free it."""
-    if isinstance(session, FleetSession) and not session.server_alive:
-        return  # its server is gone (or evicted): nothing to free, and no liveness wait for it
-    with contextlib.suppress(Exception):
-        await session.close()
-
-
-def session_endpoint(gw: Gateway, session: Session | FleetSession) -> str:
-    return session.endpoint if isinstance(session, FleetSession) else gw.cfg.endpoints[0]
-
-
-
-def _usage(choices: Sequence[Choice], prompt_tokens: int, session: bool = False) -> dict[str, Any]:
-    """``session``: a session turn's prompt is its whole history, as its GenerateDone counts it."""
-    if session and choices and choices[0].done is not None:
-        prompt_tokens = choices[0].done.usage.prompt_tokens
-    completion = sum(len(c.done.output_ids) if c.done is not None else len(c.ids) for c in choices)
-    cached = max((c.done.usage.cached_tokens for c in choices if c.done is not None), default=0)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _rollwire_info(choices: Sequence[Choice], session_id: str | None) -> dict[str, Any]:
-    done = [c.done for c in choices if c.done is not None]
-    return {"session_id": session_id,
-            "weight_version": max((d.weight_version for d in done), default=None),
-            "weight_version_spans": [[{"version": s.version, "start": s.start, "end": s.end}
-                                      for s in d.weight_version_spans] for d in done]}
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _error_event(e: BaseException) -> bytes:
-    err = from_rollwire(e) if isinstance(e, RollwireError) else \
-        e if isinstance(e, APIError) else APIError(500, f"internal error: {e!r}", type="internal_error")
-    return _sse(err.body())
+from rollwire.gateway.render import (
+    chat_response,
+    chat_stream,
+    completion_choice,
+    error_event,
+    legacy_logprobs,
+    rollwire_info,
+    session_headers,
+    sse,
+    trajectory_body,
+    usage_body,
+)
+from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, parse
+from rollwire.gateway.sessions import ChatSession
+from rollwire.messages import RollwireError, StatusReply
 
 
 # -- the app ------------------------------------------------------------------------------
@@ -328,10 +184,10 @@ def build_app(gw: Gateway) -> FastAPI:
             prompt_tokens = len(prompt)  # the whole history, once the turn's GenerateDone says it
             events = replay(first, events)
         if not req.stream:
-            return await _chat_response(gw, req, choices, events, rid, created, prompt_tokens, sid, prompt)
+            return await chat_response(gw, req, choices, events, rid, created, prompt_tokens, sid, prompt)
         first, events = await first_event(events)
-        body = _chat_stream(gw, req, choices, replay(first, events), rid, created, prompt_tokens, sid, prompt)
-        return ClosingStreamingResponse(body, media_type="text/event-stream", headers=_session_headers(sid))
+        body = chat_stream(gw, req, choices, replay(first, events), rid, created, prompt_tokens, sid, prompt)
+        return ClosingStreamingResponse(body, media_type="text/event-stream", headers=session_headers(sid))
 
     # -- completions -------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -364,8 +220,8 @@ def build_app(gw: Gateway) -> FastAPI:
             gw.metrics.inc("completion_tokens_total", sum(len(c.ids) for c in choices))
             gw.metrics.inc("prompt_tokens_total", prompt_tokens)
             body = {"id": rid, "object": "text_completion", "created": created, "model": gw.name,
-                    "choices": [_completion_choice(c, req, prompts[c.index // req.n]) for c in choices],
-                    "usage": _usage(choices, prompt_tokens), "rollwire": _rollwire_info(choices, None)}
+                    "choices": [completion_choice(c, req, prompts[c.index // req.n]) for c in choices],
+                    "usage": usage_body(choices, prompt_tokens), "rollwire": rollwire_info(choices, None)}
             return JSONResponse(body)
 
         async def stream() -> AsyncGenerator[bytes, None]:
@@ -374,22 +230,22 @@ def build_app(gw: Gateway) -> FastAPI:
                     async for index, deltas, taken, start in events:
                         c = choices[index]
                         text = "".join(d.get("text", "") for d in deltas)
-                        lp = _legacy_logprobs(c, taken, start) if req.logprobs is not None and taken else None
+                        lp = legacy_logprobs(c, taken, start) if req.logprobs is not None and taken else None
                         if text or lp:
-                            yield _sse({"id": rid, "object": "text_completion", "created": created,
+                            yield sse({"id": rid, "object": "text_completion", "created": created,
                                         "model": gw.name, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                                        "finish_reason": None}]})
                 for c in choices:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
                                 "choices": [{"index": c.index, "text": "", "logprobs": None,
                                              "finish_reason": c.finish_reason}]})
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
-                                "choices": [], "usage": _usage(choices, prompt_tokens)})
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": gw.name,
+                                "choices": [], "usage": usage_body(choices, prompt_tokens)})
                 gw.metrics.inc("completion_tokens_total", sum(len(c.ids) for c in choices))
                 gw.metrics.inc("prompt_tokens_total", prompt_tokens)
             except (RollwireError, APIError) as e:
-                yield _error_event(e)
+                yield error_event(e)
             yield b"data: [DONE]\n\n"
 
         return ClosingStreamingResponse(stream(), media_type="text/event-stream")
@@ -452,7 +308,7 @@ def build_app(gw: Gateway) -> FastAPI:
         cs = gw.sessions.get(gw.owner(request), sid)
         if cs.lock.locked():
             raise APIError(409, f"session {sid} has a turn running", type="conflict_error", code="session_busy")
-        return JSONResponse(_trajectory_body(gw, cs))
+        return JSONResponse(trajectory_body(gw, cs))
 
     @app.delete("/v1/sessions/{sid}")
     async def close_session(sid: str, request: Request) -> JSONResponse:
@@ -460,7 +316,7 @@ def build_app(gw: Gateway) -> FastAPI:
         cs = gw.sessions.get(gw.owner(request), sid)
         if cs.lock.locked():
             raise APIError(409, f"session {sid} has a turn running", type="conflict_error", code="session_busy")
-        body = _trajectory_body(gw, cs)
+        body = trajectory_body(gw, cs)
         del gw.sessions.sessions[cs.key]
         await close_quietly(cs.session)  # expired on the server already, or its server gone: nothing to free
         return JSONResponse(body)
@@ -493,114 +349,3 @@ async def _session(gw: Gateway, owner: str, sid: str, tools: list[dict[str, Any]
     gw.metrics.inc("sessions_opened_total")
     return cs
 
-
-def _session_headers(sid: str | None) -> dict[str, str] | None:
-    return {"X-Session-ID": sid} if sid is not None else None
-
-
-def _chat_message(c: Choice) -> dict[str, Any]:
-    m = c.message()
-    out: dict[str, Any] = {"role": "assistant", "content": m["content"] if m["content"] or not m.get("tool_calls")
-                           else None}
-    if m.get("tool_calls"):
-        out["tool_calls"] = m["tool_calls"]
-    if m.get("tool_call_errors"):
-        out["tool_call_errors"] = m["tool_call_errors"]
-    return out
-
-
-async def _chat_response(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice],
-                         events: Events, rid: str, created: int, prompt_tokens: int,
-                         sid: str | None, prompt: list[int]) -> JSONResponse:
-    try:
-        async for _ in events:
-            pass
-    except RollwireError as e:
-        raise from_rollwire(e) from None
-    body_choices = []
-    for c in choices:
-        ch: dict[str, Any] = {"index": c.index, "message": _chat_message(c), "finish_reason": c.finish_reason,
-                              "logprobs": {"content": c.logprob_entries(c.ids, 0)} if req.logprobs else None}
-        if req.return_token_ids:
-            ch["token_ids"] = list(c.ids)
-        body_choices.append(ch)
-        gw.metrics.inc("tool_calls_total", len(ch["message"].get("tool_calls") or []))
-        gw.metrics.inc("tool_call_errors_total", len(ch["message"].get("tool_call_errors") or []))
-    usage = _usage(choices, prompt_tokens, session=sid is not None)
-    gw.metrics.inc("completion_tokens_total", usage["completion_tokens"])
-    gw.metrics.inc("prompt_tokens_total", usage["prompt_tokens"])
-    body: dict[str, Any] = {"id": rid, "object": "chat.completion", "created": created, "model": gw.name,
-                            "choices": body_choices, "usage": usage, "rollwire": _rollwire_info(choices, sid)}
-    if req.return_token_ids:
-        body["prompt_token_ids"] = prompt
-    return JSONResponse(body, headers=_session_headers(sid))
-
-
-async def _chat_stream(gw: Gateway, req: ChatCompletionRequest, choices: list[Choice], events: Events,
-                       rid: str, created: int, prompt_tokens: int, sid: str | None,
-                       prompt: list[int]) -> AsyncGenerator[bytes, None]:
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
-              extra: dict[str, Any] | None = None) -> bytes:
-        return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.name,
-                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
-                                  **(extra or {})}]})
-
-    try:
-        for c in choices:
-            yield chunk(c.index, {"role": "assistant", "content": ""})
-        async with contextlib.aclosing(events):
-            async for index, deltas, taken, start in events:
-                c = choices[index]
-                lp = {"content": c.logprob_entries(taken, start)} if req.logprobs and taken else None
-                extra = {"token_ids": taken} if req.return_token_ids and taken else {}
-                if not deltas and (lp or extra):
-                    yield chunk(index, {}, logprobs=lp, extra=extra)
-                for k, d in enumerate(deltas):
-                    yield chunk(index, d, logprobs=lp if k == 0 else None, extra=extra if k == 0 else None)
-        for c in choices:
-            m = c.message()
-            extra = {"tool_call_errors": m["tool_call_errors"]} if m.get("tool_call_errors") else {}
-            yield chunk(c.index, {}, c.finish_reason, extra=extra)
-        usage = _usage(choices, prompt_tokens, session=sid is not None)
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.name,
-                        "choices": [], "usage": usage, "rollwire": _rollwire_info(choices, sid)})
-        gw.metrics.inc("completion_tokens_total", usage["completion_tokens"])
-        gw.metrics.inc("prompt_tokens_total", usage["prompt_tokens"])
-    except (RollwireError, APIError) as e:
-        yield _error_event(e)
-    yield b"data: [DONE]\n\n"
-
-
-def _completion_choice(c: Choice, req: CompletionRequest, prompt: list[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                           "logprobs": _legacy_logprobs(c, c.ids, 0) if req.logprobs is not None else None}
-    if req.return_token_ids:
-        out["token_ids"] = list(c.ids)
-        out["prompt_token_ids"] = list(prompt)
-    return out
-
-
-def _legacy_logprobs(c: Choice, ids: Sequence[int], start: int) -> dict[str, Any]:
-    tokens = [c.chat.token_text(t) for t in ids]
-    return {"tokens": tokens, "token_logprobs": c.logprobs[start:start + len(ids)], "top_logprobs": None,
-            "text_offset": None}
-
-
-def _trajectory_body(gw: Gateway, cs: ChatSession) -> dict[str, Any]:
-    traj = cs.session.trajectory()
-    turns = []
-    for k, t in enumerate(traj.turns):
-        turns.append({"role": "model" if t.role == "model" else "env", "start": t.start, "end": t.end,
-                      "messages": cs.turn_messages[k] if k < len(cs.turn_messages) else [],
-                      "finish_reason": t.finish_reason, "weight_version": t.weight_version,
-                      "weight_version_spans": [[s.version, s.start, s.end] for s in t.weight_version_spans],
-                      "cached_tokens": t.cached_tokens})
-    moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
-    return {"session_id": cs.key[1], "server": session_endpoint(gw, cs.session), "moves": moves,
-            "token_ids": traj.token_ids, "loss_mask": traj.loss_mask,
-            "logprobs": traj.logprobs, "weight_version_spans": [[s.version, s.start, s.end]
-                                                                for s in traj.weight_version_spans],
-            "turns": turns, "messages": [{k: v for k, v in m.items() if k != "tool_call_errors"}
-                                         for m in cs.messages],
-            "diverged_requests": cs.diverged}

@@ -25,7 +25,7 @@ from rollwire.gateway.sessions import ChatSession
 from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams
 
 if TYPE_CHECKING:
-    from rollwire.gateway.app import Gateway
+    from rollwire.gateway.core import Gateway
 
 Event = tuple[int, list[dict[str, Any]], list[int], int]  # (choice index, deltas, tokens covered, first token pos)
 Events = AsyncGenerator[Event, None]  # closed by whoever stops reading early (aclosing)

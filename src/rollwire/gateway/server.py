@@ -7,7 +7,7 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # FastAPI is an extra: `rollwire serve` must run without it
-    from rollwire.gateway.app import GatewayConfig
+    from rollwire.gateway.core import GatewayConfig
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
 
 
 def gateway_config(a: argparse.Namespace) -> GatewayConfig:
-    from rollwire.gateway.app import GatewayConfig
+    from rollwire.gateway.core import GatewayConfig
 
     return GatewayConfig(endpoints=a.rollout_endpoint or ["tcp://127.0.0.1:7500"], model=a.model,
                          served_model_name=a.served_model_name, api_keys=a.api_key, max_body_bytes=a.max_body_bytes,
@@ -52,8 +52,9 @@ def run_gateway(a: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from rollwire.gateway.app import Gateway, build_app
+        from rollwire.gateway.app import build_app
         from rollwire.gateway.chat import ChatFormat, load_tokenizer
+        from rollwire.gateway.core import Gateway
     except ImportError as e:
         raise SystemExit(f"rollwire gateway needs the gateway extra: pip install 'rollwire[gateway]' ({e})") from None
     if not _loopback(a.host) and not a.api_key and not a.insecure:

@@ -1,0 +1,149 @@
+"""The gateway's state: its configuration, its clients (one ``RolloutClient``, or a ``RolloutFleet``
+over several servers), the chat format, the session table and the metrics; and how an OpenAI
+request's sampling fields become rollwire ``SamplingParams``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from rollwire.clients.rollout import RolloutClient
+from rollwire.clients.session import Session
+from rollwire.fleet.client import RolloutFleet
+from rollwire.fleet.session import FleetSession
+from rollwire.gateway.chat import ChatFormat
+from rollwire.gateway.errors import APIError, bad_request
+from rollwire.gateway.metrics import GatewayMetrics
+from rollwire.gateway.schemas import _Sampling
+from rollwire.gateway.sessions import SessionTable
+from rollwire.messages import SamplingParams
+from rollwire.runtime.logging import get_logger
+
+log = get_logger("rollwire.gateway")
+
+SESSION_HEADER = "x-session-id"
+
+
+@dataclass
+class GatewayConfig:
+    endpoints: list[str]  # rollout endpoints: one (a RolloutClient) or several (a RolloutFleet)
+    model: str = "tiny"  # tokenizer and chat template: tiny[:SEED] or a local checkpoint directory
+    served_model_name: str = ""  # the name clients pass as ``model`` (default: ``model``)
+    api_keys: list[str] = field(default_factory=list)  # empty: no auth, one owner for every session
+    max_body_bytes: int = 8 << 20
+    default_max_tokens: int = 1024  # a chat turn without max_tokens (capped by the server's limit)
+    session_max_tokens: int = 16384  # each rollwire session's token budget (history + a turn)
+    session_ttl_s: float = 600.0
+    max_sessions: int = 4096
+    request_timeout_s: float | None = 600.0
+    fleet_health_interval_s: float = 1.0  # several endpoints: how often each server's health is asked
+
+
+class Gateway:
+    """What the routes share: the tokenizer, the server client, the session table, the counters."""
+
+    def __init__(self, cfg: GatewayConfig, chat: ChatFormat, client: RolloutClient | RolloutFleet | None = None,
+                 ) -> None:
+        if not cfg.endpoints:
+            raise SystemExit("the gateway needs at least one rollout endpoint")
+        if len(set(cfg.endpoints)) != len(cfg.endpoints):
+            raise SystemExit(f"a rollout endpoint is named twice: {cfg.endpoints}")
+        self.cfg = cfg
+        self.chat = chat
+        self.name = cfg.served_model_name or cfg.model
+        if client is None:
+            client = RolloutClient(cfg.endpoints[0], timeout=cfg.request_timeout_s) if len(cfg.endpoints) == 1 \
+                else RolloutFleet(cfg.endpoints, timeout=cfg.request_timeout_s,
+                                  health_interval_s=cfg.fleet_health_interval_s)
+        self.client: RolloutClient | RolloutFleet = client
+        self.sessions = SessionTable(cfg.max_sessions, cfg.session_ttl_s)
+        self.metrics = GatewayMetrics()
+        self.in_flight = 0
+        self.max_new_tokens_limit = 4096
+        self.vocab_size = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def fleet(self) -> RolloutFleet | None:
+        return self.client if isinstance(self.client, RolloutFleet) else None
+
+    def server_clients(self) -> dict[str, RolloutClient]:
+        """Each server's own client (health, status), by endpoint."""
+        if isinstance(self.client, RolloutFleet):
+            return {s.endpoint: s.client for s in self.client.servers}
+        return {self.cfg.endpoints[0]: self.client}
+
+    async def start(self) -> None:
+        await self.client.__aenter__()
+        if isinstance(self.client, RolloutFleet):  # serve once one server is admitted; the rest join as they come
+            first = (await self.client.wait_ready(servers=1, timeout=120.0))[0]
+            st = await self.server_clients()[first].status()
+        else:
+            await self.client.wait_ready(timeout=120.0)
+            st = await self.client.status()
+        self.max_new_tokens_limit, self.vocab_size = st.max_new_tokens_limit, st.vocab_size
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.gather(*(close_quietly(s.session) for s in list(self.sessions.sessions.values())))
+        await self.client.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.cfg.session_ttl_s / 4))
+            for s in self.sessions.expired():  # the server expires it on its own anyway
+                await close_quietly(s.session)
+            self.metrics.set("sessions_open", len(self.sessions.sessions))
+
+    # -- helpers --------------------------------------------------------------------------
+    def owner(self, request: Request) -> str:
+        if not self.cfg.api_keys:
+            return ""
+        auth = request.headers.get("authorization", "")
+        key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not any(secrets.compare_digest(key, k) for k in self.cfg.api_keys):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+        return key
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"The model '{model}' does not exist (this gateway serves '{self.name}')",
+                           param="model", code="model_not_found")
+
+    def sampling(self, req: _Sampling, max_tokens: int, stops: list[str], *, chat: bool, n: int) -> SamplingParams:
+        if max_tokens > self.max_new_tokens_limit:
+            raise bad_request(f"max_tokens={max_tokens} exceeds the server's limit {self.max_new_tokens_limit}",
+                              "max_tokens")
+        stop_ids = list(req.stop_token_ids or [])
+        if chat and not req.ignore_eos:
+            stop_ids += self.chat.end_ids
+        for s in stops:  # a stop string that is one token stops in the engine, at once
+            ids = self.chat.encode(s)
+            if len(ids) == 1:
+                stop_ids.append(ids[0])
+        if self.vocab_size and any(i >= self.vocab_size for i in stop_ids):
+            raise bad_request(f"stop_token_ids must lie in [0, {self.vocab_size})", "stop_token_ids")
+        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, min_p=req.min_p, seed=req.seed, n=n,
+                              stop_token_ids=sorted(set(stop_ids)), ignore_eos=req.ignore_eos)
+
+
+async def close_quietly(session: Session | FleetSession) -> None:
+    """Free a session on its server, if that server is still there to free it."""
+    if isinstance(session, FleetSession) and not session.server_alive:
+        return  # its server is gone (or evicted): nothing to free, and no liveness wait for it
+    with contextlib.suppress(Exception):
+        await session.close()
+
+
+def session_endpoint(gw: Gateway, session: Session | FleetSession) -> str:
+    return session.endpoint if isinstance(session, FleetSession) else gw.cfg.endpoints[0]
+
+
+
