@@ -71,7 +71,7 @@ async def test_heartbeats_keep_a_generation_longer_than_the_liveness_bound_alive
     ep = free_tcp_endpoint()
     proc = serve(ep)
     try:
-        async with RolloutClient(ep, heartbeat_s=0.05, liveness_s=0.25) as rc:
+        async with RolloutClient(ep, heartbeat_s=0.2, liveness_s=1.0) as rc:
             await rc.wait_ready(timeout=120)
             deaths_while_starting = rc._rpc.server_deaths  # health calls made before the server was up
             out = await rc.generate([1, 2, 3], SamplingParams(max_new_tokens=3000, temperature=0.0, ignore_eos=True))

@@ -15,7 +15,8 @@ import torch
 
 from rollwire import RolloutClient
 from rollwire.gateway.client import afetch_trajectory
-from tests.gateway_stack import TASK, TOOLS, Stack, model_logprobs, push, scripted_state, stack
+from rollwire.weightsync.publisher import TrainerPublisher
+from tests.gateway_stack import TASK, TOOLS, Stack, model_logprobs, scripted_state, stack
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ async def test_a_push_during_an_episode_gives_each_model_token_its_versions_span
     v2 = perturbed(scripted_state(), 2)
     sid = "pushed-episode"
     async with openai.AsyncOpenAI(base_url=gw.base_url, api_key="none", max_retries=0, timeout=300) as client, \
-            RolloutClient(gw.rollout, timeout=60) as rc:
+            RolloutClient(gw.rollout, timeout=60) as rc, TrainerPublisher(gw.trainer) as tp:
         async def turn(messages: list[dict[str, Any]], **kw: Any) -> Any:
             return await client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS,
                                                         extra_headers={"X-Session-ID": sid}, **kw)
@@ -43,6 +44,11 @@ async def test_a_push_during_an_episode_gives_each_model_token_its_versions_span
         call = r1.choices[0].message.tool_calls[0]
         messages += [r1.choices[0].message.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": call.id, "content": "5"}]
+        # the server's receiver joins this trainer before the turn starts, so the push lands mid-turn
+        deadline = asyncio.get_running_loop().time() + 120
+        while not any(r.joined for r in tp.receivers.values()):
+            assert asyncio.get_running_loop().time() < deadline, "the server never joined the trainer"
+            await asyncio.sleep(0.01)
         # a long sampled turn (not ended by <|im_end|>); version 2 arrives while it generates
         long_turn = asyncio.ensure_future(turn(messages, temperature=1.0, seed=3, max_tokens=1500,
                                                extra_body={"ignore_eos": True}))
@@ -50,7 +56,7 @@ async def test_a_push_during_an_episode_gives_each_model_token_its_versions_span
         while (await rc.status()).in_flight == 0:  # the turn is generating on the server
             assert asyncio.get_running_loop().time() < deadline and not long_turn.done()
             await asyncio.sleep(0.01)
-        await push(gw.trainer, [(2, v2)])
+        await tp.push_weights(version=2, tensors=v2, transport="inline")
         r2 = await long_turn
         assert r2.usage.completion_tokens == 1500 and r2.choices[0].finish_reason == "length"
         spans = r2.model_extra["rollwire"]["weight_version_spans"][0]

@@ -161,7 +161,7 @@ async def test_close_and_ttl_expiry_free_the_engine_kv_they_held() -> None:
     cfg = ServerConfig(rollout_endpoint=ep)
     async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
         srv.sessions.sweep_interval_s = 0.1
-        closing, expiring = rc.session(), rc.session(ttl_s=0.5)
+        closing, expiring = rc.session(), rc.session(ttl_s=3600)  # shortened below, when its expiry is due
         await closing.open()
         await expiring.open()
         for s in (closing, expiring):
@@ -173,6 +173,7 @@ async def test_close_and_ttl_expiry_free_the_engine_kv_they_held() -> None:
         assert closed.turns == 1 and closed.length == 100
         await wait_for(lambda: _prefix_sessions(rc, 1))
         assert (await engine_counters(rc))["prefix_cache_bytes"] == held / 2
+        srv.sessions.sessions[expiring.id].ttl_s = 0.5  # (a slow machine must not expire it earlier)
         await wait_for(lambda: _prefix_sessions(rc, 0))  # expiry: idle 0.5 s, swept every 0.1 s
         assert (await engine_counters(rc))["prefix_cache_bytes"] == 0
         for s, code in ((closing, ErrorCode.SESSION_CLOSED), (expiring, ErrorCode.SESSION_EXPIRED)):
