@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -26,9 +27,15 @@ async def server(endpoint: str) -> AsyncIterator[RolloutServer]:
         yield srv
 
 
-async def until(what: Callable[[], bool], why: str = "the server state", timeout: float = 60.0) -> None:
-    """Poll ``what`` (state of an in-process server) every 10 ms until it holds, or fail."""
+async def until(what: Callable[[], bool | Awaitable[bool]], why: str = "the server state",
+                timeout: float = 60.0) -> None:
+    """Poll ``what`` (state of an in-process server, or an awaitable ask of a server's state) every
+    10 ms until it holds, or fail."""
     deadline = time.monotonic() + timeout
-    while not what():
+    while not await _holds(what()):
         assert time.monotonic() < deadline, f"timed out waiting for {why}"
         await asyncio.sleep(0.01)
+
+
+async def _holds(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else result

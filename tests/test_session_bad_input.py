@@ -23,6 +23,7 @@ from rollwire.messages import (
 from rollwire.server import RolloutServer, ServerConfig
 from rollwire.transports.rpc import RpcClient
 from rollwire.transports.sockets import ipc_endpoint
+from tests.conftest import until
 
 SP = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -43,13 +44,8 @@ async def rc() -> Any:
         yield client
 
 
-async def _turn_running(rc: RolloutClient) -> None:
-    """Until the one request is at the generation actor (its session turn is running)."""
-    for _ in range(3000):
-        if (await rc.status()).in_flight == 1:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the turn never reached the generation actor")
+async def _one_in_flight(rc: RolloutClient) -> bool:
+    return (await rc.status()).in_flight == 1
 
 
 async def test_each_bad_request_gets_its_typed_error_and_the_good_session_is_unaffected(rc: RolloutClient) -> None:
@@ -91,7 +87,7 @@ async def test_a_second_generate_or_append_while_a_turn_runs_is_busy_and_the_tur
     s = rc.session(max_tokens=4096)
     await s.open()
     long_turn = asyncio.ensure_future(s.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
-    await _turn_running(rc)
+    await until(lambda: _one_in_flight(rc), "the turn at the generation actor")
     rpc = await rc._sessions()
     for msg in (SessionGenerate(session_id=s.id, input_ids=[7], sampling_params=SP),
                 AppendTokens(session_id=s.id, token_ids=[7])):
