@@ -19,9 +19,9 @@ for s in $STEPS; do
                --out "$OUT/weights_h100host.json" > "$OUT/weights.log" 2>&1 ;;
     rpc) timeout "${RPC_S:-90}" python3 bench/rpc_echo.py --configs raw_async rollwire --repeats 5 --calls 3000 \
            --messages 20000 --out "$OUT/rpc_h100host.json" > "$OUT/rpc.log" 2>&1 ;;
-    fleet) timeout "${FLEET_S:-130}" python3 bench/fleet.py --parts aggregate --repeats 2 --seconds 4 \
+    fleet) timeout "${FLEET_S:-200}" python3 bench/fleet.py --parts aggregate --repeats "${FLEET_REPEATS:-3}" --seconds 4 \
              --out "$OUT/fleet_h100host.json" > "$OUT/fleet.log" 2>&1 ;;
-    gateway) timeout "${GATEWAY_S:-90}" python3 bench/gateway.py --concurrency 8 64 --repeats 2 \
+    gateway) timeout "${GATEWAY_S:-240}" python3 bench/gateway.py --concurrency ${GATEWAY_CONC:-1 8 64} --repeats "${GATEWAY_REPEATS:-3}" \
                --out "$OUT/gateway_h100host.json" > "$OUT/gateway.log" 2>&1 ;;
   esac
   echo "=== $s rc=$? in $(( $(date +%s) - t ))s"; quiet "$OUT/$s.log" 22
