@@ -129,8 +129,8 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 40
 def median_rows(reps: list[dict[str, Any]], arms: list[str], base: str) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for arm in arms:
-        row[arm] = {"tokens_s": round(statistics.median(r[arm]["tokens_s"] for r in reps), 1),
-                    "p50_ms": round(statistics.median(r[arm]["p50_ms"] for r in reps), 2)}
+        row[arm] = {key: round(statistics.median(r[arm][key] for r in reps), 2)
+                    for key in ("tokens_s", "p50_ms") if key in reps[0][arm]}
         if arm != base:
             row[arm]["ratio_to_" + base] = round(statistics.median(
                 r[arm]["tokens_s"] / r[base]["tokens_s"] for r in reps), 3)
@@ -276,6 +276,33 @@ async def fleet_part(a: argparse.Namespace, model: str, a_endpoint: str, procs: 
     return {"start": start, "rows": rows, "two_fleet_stats": stats}
 
 
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    gw = result.get("gateway", {})
+    if "rows" in gw:
+        lines.append("conc | floor tok/s | gateway tok/s (x floor, x sglang_http) | sglang_http tok/s (x floor) | "
+                     "gateway_stream (x floor, x sglang stream) | sglang_http_stream (x floor) | p50 ms floor/gw/sgl")
+        for r in gw["rows"]:
+            f, g, s, gs, ss = (r[k] for k in ("floor", "gateway", "sglang_http", "gateway_stream",
+                                              "sglang_http_stream"))
+            lines.append(f"{r['concurrency']:>4} | {f['tokens_s']:>11} | {g['tokens_s']:>8} ({g['ratio_to_floor']}, "
+                         f"{g['ratio_to_sglang_http']}) | {s['tokens_s']:>8} ({s['ratio_to_floor']}) | "
+                         f"{gs['tokens_s']:>8} ({gs['ratio_to_floor']}, {gs['ratio_to_sglang_http_stream']}) | "
+                         f"{ss['tokens_s']:>8} ({ss['ratio_to_floor']}) | {f['p50_ms']}/{g['p50_ms']}/{s['p50_ms']}")
+    fl = result.get("fleet", {})
+    if "rows" in fl:
+        lines.append("conc | one server (0.2 of memory) tok/s | same via RolloutFleet (x) | two servers (0.1 each) "
+                     "via RolloutFleet (x)")
+        for r in fl["rows"]:
+            lines.append(f"{r['concurrency']:>4} | {r['one']['tokens_s']:>10} | {r['one_fleet']['tokens_s']:>10} "
+                         f"({r['one_fleet']['ratio_to_one']}) | {r['two_fleet']['tokens_s']:>10} "
+                         f"({r['two_fleet']['ratio_to_one']})")
+    for part in ("gateway", "fleet"):
+        if "error" in result.get(part, {}):
+            lines.append(f"{part}: {result[part]['error']}")
+    return "\n".join(lines)
+
+
 async def main(a: argparse.Namespace) -> int:
     model = write_chat_model(a.model)
     procs: list[Any] = []
@@ -302,7 +329,7 @@ async def main(a: argparse.Namespace) -> int:
     finally:
         for proc in reversed(procs):
             stop_process(proc, timeout=30)
-    print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=1, default=str)[:20000])
+    print(table(result))
     print(f"wrote {path}")
     return 1 if failed else 0
 
