@@ -18,6 +18,7 @@ from rollwire.messages import (
     RolloutReply,
 )
 from rollwire.server import RolloutServer
+from tests.conftest import until
 
 replies: Codec = Codec(RolloutReply)
 enc = msgspec.msgpack.Encoder()
@@ -92,7 +93,7 @@ async def test_a_bad_request_does_not_disturb_requests_in_flight(server: Rollout
         import asyncio
 
         task = asyncio.ensure_future(long)
-        await asyncio.sleep(0.05)
+        await until(lambda: server.generation.counters.get("requests") >= 1, "the long request in flight", 30)
         _, msg = await _raw_exchange(endpoint, [enc.encode(Header(1, 3)), b"\xc1"])
         assert isinstance(msg, ErrorReply) and msg.code == ErrorCode.BAD_FRAME
         out = await task

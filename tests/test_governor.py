@@ -16,7 +16,7 @@ from rollwire.messages import ErrorCode, GenerateDone, RemoteError, VersionAppli
 from rollwire.server import RolloutServer, ServerConfig
 from tests.versioned import check_spans, send_version, version_state
 
-from .conftest import free_tcp_endpoint
+from .conftest import free_tcp_endpoint, until
 
 PROMPTS = [[3 + i, 7, 11 + i] for i in range(6)]
 LONG = SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
@@ -37,7 +37,8 @@ async def _push_under_load(policy: str, drain_deadline_s: float = 60.0,
         firsts = [await s.__anext__() for s in streams]  # every request has produced a token
         assert all(f.token_ids for f in firsts)  # type: ignore[union-attr]
         applied = asyncio.ensure_future(apply_version(1))
-        await asyncio.sleep(0.05)
+        await until(lambda: srv.generation.counters.get(f"pauses_{policy}") >= 1,
+                    "the generation actor paused for the load (new requests wait)", 60)
         late = asyncio.ensure_future(rc.generate([5, 5, 5], LONG))  # arrives during the pause
         outs = []
         for s in streams:

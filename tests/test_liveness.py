@@ -16,7 +16,7 @@ from rollwire import RolloutClient, SamplingParams
 from rollwire.clients.rollout import RolloutError
 from rollwire.messages import ErrorCode
 
-from .conftest import free_tcp_endpoint
+from .conftest import free_tcp_endpoint, until
 
 LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
 
@@ -25,13 +25,6 @@ def serve(endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
                              "--rollout-endpoint", endpoint, "--max-new-tokens-limit", "4000", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def wait_for(predicate, what: str, within_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within_s
-    while not await predicate():
-        assert time.monotonic() < deadline, f"not reached within {within_s}s: {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_default_client_fails_all_32_pending_calls_when_the_server_is_killed_and_works_after_restart() -> None:
@@ -46,7 +39,7 @@ async def test_a_default_client_fails_all_32_pending_calls_when_the_server_is_ki
             async def all_running() -> bool:
                 return (await rc.status()).in_flight == 32
 
-            await wait_for(all_running, "32 requests in flight")
+            await until(all_running, "32 requests in flight", 60)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             killed_at = time.monotonic()

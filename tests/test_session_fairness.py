@@ -17,8 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -38,7 +37,7 @@ from rollwire.messages import (
     StatusReply,
 )
 
-from .conftest import free_tcp_endpoint
+from .conftest import free_tcp_endpoint, until
 from .test_engine_faults import stop
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
@@ -53,15 +52,6 @@ def serve_sessions(endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
               f"'--max-new-tokens-limit', '4000', *{list(extra)!r}]))\n")
     return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, within_s: float = 60.0) -> None:
-    """Poll ``check`` until it holds (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + within_s
-    while not await check():
-        last = getattr(_engine, "last", None)  # the last engine counter read, if any
-        assert time.monotonic() < deadline, f"not reached within {within_s}s: {what} (last read: {last})"
-        await asyncio.sleep(0.05)
 
 
 async def expect(code: ErrorCode, call: Awaitable[Any]) -> RolloutError:
@@ -227,7 +217,6 @@ async def test_a_sigkilled_workers_sessions_are_closed_its_turn_aborted_and_its_
 
 async def _engine(rc: RolloutClient, key: str, value: float) -> bool:
     st: StatusReply = await rc.status()
-    _engine.last = st.counters.get(f"engine.{key}")  # type: ignore[attr-defined]
     return st.counters.get(f"engine.{key}") == value
 
 

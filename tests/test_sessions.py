@@ -25,13 +25,6 @@ async def engine_counters(rc: RolloutClient) -> dict[str, float]:
     return {k.removeprefix("engine."): v for k, v in (await rc.status()).counters.items() if "prefix" in k}
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_turn_two_reuses_the_prefix_and_equals_a_full_recompute(server: RolloutServer) -> None:
     ep = server.cfg.rollout_endpoint
     async with RolloutClient(ep, timeout=60) as rc, rc.session(max_tokens=1024) as s:
@@ -166,15 +159,15 @@ async def test_close_and_ttl_expiry_free_the_engine_kv_they_held() -> None:
         await expiring.open()
         for s in (closing, expiring):
             await s.generate(list(range(10, 100)), GREEDY)
-        await wait_for(lambda: _prefix_sessions(rc, 2))
+        await until(lambda: _prefix_sessions(rc, 2), "both sessions hold cached KV", 10)
         held = (await engine_counters(rc))["prefix_cache_bytes"]
         assert held > 0
         closed = await closing.close()
         assert closed.turns == 1 and closed.length == 100
-        await wait_for(lambda: _prefix_sessions(rc, 1))
+        await until(lambda: _prefix_sessions(rc, 1), "the closed session's KV freed", 10)
         assert (await engine_counters(rc))["prefix_cache_bytes"] == held / 2
         srv.sessions.sessions[expiring.id].ttl_s = 0.5  # (a slow machine must not expire it earlier)
-        await wait_for(lambda: _prefix_sessions(rc, 0))  # expiry: idle 0.5 s, swept every 0.1 s
+        await until(lambda: _prefix_sessions(rc, 0), "expiry: idle 0.5 s, swept every 0.1 s", 10)
         assert (await engine_counters(rc))["prefix_cache_bytes"] == 0
         for s, code in ((closing, ErrorCode.SESSION_CLOSED), (expiring, ErrorCode.SESSION_EXPIRED)):
             try:

@@ -18,7 +18,7 @@ from rollwire.weightsync.publisher import TrainerPublisher
 from tests.session_workers import run_sessions
 from tests.versioned import check_spans, version_state
 
-from .conftest import free_tcp_endpoint
+from .conftest import free_tcp_endpoint, until
 
 WORKERS, SESSIONS_PER_WORKER, TURNS, PUSHES = 4, 25, 5, 5
 
@@ -51,22 +51,28 @@ async def test_100_sessions_x_5_turns_from_4_processes_across_5_pushes_lose_noth
             p.start()
         for ev in started:
             assert await loop.run_in_executor(None, ev.wait, 120)
-        await asyncio.sleep(0.5)  # sessions under way
+        sessions_total = WORKERS * SESSIONS_PER_WORKER
+        before_last_push = sessions_total * (TURNS - 1)  # the turns that may run before the last push
+        counters = srv.sessions.counters
+        await until(lambda: counters.get("sessions_opened") >= sessions_total and counters.get("turns") >= 1,
+                    "every session open and a turn done on version 0", 120)
         for v in range(1, PUSHES + 1):
             report = await tp.push_weights(version=v, tensors=states[v], transport="inline")
             assert report.version == v and report.receivers
-            await asyncio.sleep(0.3)
+            turns_at_push = counters.get("turns")  # a turn ends on version v before the next push (if any is left)
+            await until(lambda t=turns_at_push: counters.get("turns") > t or counters.get("turns") >= before_last_push,
+                        f"a turn done after push {v}", 120)
         last_push.set()
         outs = dict([await loop.run_in_executor(None, results.get, True, 300) for _ in procs])
         for p in procs:
             await loop.run_in_executor(None, p.join, 30)
-        counters = srv.sessions.counters.snapshot()
+        snapshot = counters.snapshot()
     assert sorted(outs) == list(range(WORKERS))
     sessions = [s for w in outs.values() for s in w]
     assert len(sessions) == WORKERS * SESSIONS_PER_WORKER
     assert len({s["session"] for s in sessions}) == len(sessions)  # no session mixed up with another
-    assert counters["turns"] == len(sessions) * TURNS
-    assert counters["sessions_closed"] == len(sessions)
+    assert snapshot["turns"] == len(sessions) * TURNS
+    assert snapshot["sessions_closed"] == len(sessions)
     seen_versions: set[int] = set()
     checked = reused = later_turns = 0
     for s in sessions:

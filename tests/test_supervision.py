@@ -6,8 +6,6 @@ Uses FaultyEngine (fault injection only): a prompt starting with 99 makes the en
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -15,15 +13,7 @@ from rollwire import ErrorCode, RolloutClient, RolloutError, SamplingParams
 from rollwire.server import RolloutServer, ServerConfig
 from tests.fakes import FaultyEngine
 
-from .conftest import free_tcp_endpoint
-
-
-async def until(what: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``what`` (state of the in-process server) every 10 ms until it holds, or fail."""
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, "timed out waiting for the server state"
-        await asyncio.sleep(0.01)
+from .conftest import free_tcp_endpoint, until
 
 
 async def test_a_crashing_generation_actor_is_restarted_and_its_held_requests_get_actor_restarted() -> None:
@@ -31,7 +21,7 @@ async def test_a_crashing_generation_actor_is_restarted_and_its_held_requests_ge
     cfg = ServerConfig(rollout_endpoint=ep)
     async with RolloutServer(cfg, engine_factory=lambda: FaultyEngine()) as srv, RolloutClient(ep, timeout=30) as rc:
         held = [asyncio.ensure_future(rc.generate([3], SamplingParams(max_new_tokens=500))) for _ in range(3)]
-        await until(lambda: len(srv.generation.in_flight) == 3)  # all three held by the actor
+        await until(lambda: len(srv.generation.in_flight) == 3, "all three held by the actor", 30)
         with pytest.raises(RolloutError) as crash:
             await rc.generate([99], SamplingParams(max_new_tokens=5))
         assert crash.value.code == ErrorCode.INTERNAL
@@ -54,7 +44,7 @@ async def test_a_generation_crash_fails_the_running_session_turns_and_the_sessio
             RolloutClient(ep, timeout=30) as rc, rc.session() as victim, rc.session() as culprit:
         await victim.generate([3], sp)
         held = asyncio.ensure_future(victim.generate([10], SamplingParams(max_new_tokens=500)))
-        await until(lambda: len(srv.generation.in_flight) == 1)  # the turn reached the GenerationActor
+        await until(lambda: len(srv.generation.in_flight) == 1, "the turn reached the GenerationActor", 30)
         with pytest.raises(RolloutError) as crash:
             await culprit.generate([99], sp)  # the fault: its prompt crashes the engine
         assert crash.value.code == ErrorCode.INTERNAL
@@ -80,7 +70,7 @@ async def test_a_crashing_session_actor_stops_its_orphaned_turns_and_frees_their
             await s.open()
         await idle.generate(list(range(10, 60)), SamplingParams(max_new_tokens=4, temperature=0.0))
         held = asyncio.ensure_future(victim.generate([5, 6], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
-        await until(lambda: srv.generation.engine.info().extra["running"] == 1)  # the turn runs in the engine
+        await until(lambda: srv.generation.engine.info().extra["running"] == 1, "the turn runs in the engine", 30)
 
         def bug(*args: object) -> None:
             raise RuntimeError("injected session-actor bug")

@@ -22,6 +22,7 @@ import torch
 
 from rollwire.engines.base import EngineError, EngineRequest
 from rollwire.messages.generate import SamplingParams
+from tests.conftest import until
 
 from .conftest import forget_shared_sglang, make_engine, run_request, shared_sglang, tiny_checkpoint
 from .contract import LOGPROB_ATOL, PROMPTS, forward_logprobs, start, wait_for_tokens
@@ -33,12 +34,13 @@ async def test_greedy_output_is_identical_alone_and_inside_a_batch_of_eight_mixe
     lengths = [24, 40, 8, 33, 40, 16, 29, 40]
     alone = [await run_request(engine, f"a{i}", p, max_new_tokens=n, temperature=0.0, ignore_eos=True)
              for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))]
-    tasks = []
+    tasks, results = [], []
     for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True)):  # half join a batch that is already running
-        tasks.append(asyncio.create_task(run_request(engine, f"b{i}", p, max_new_tokens=n, temperature=0.0,
-                                                     ignore_eos=True)))
+        res, task = start(engine, f"b{i}", p, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        results.append(res)
+        tasks.append(task)
         if i == 3:
-            await asyncio.sleep(0.02)
+            await until(lambda: all(r.tokens or r.finish_reason for r in results), "the first four generating", 60)
     batched = await asyncio.gather(*tasks)
     for a, b, n in zip(alone, batched, lengths, strict=True):
         assert len(a.tokens) == n and a.finish_reason == "length"

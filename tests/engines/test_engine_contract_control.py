@@ -24,7 +24,7 @@ async def test_pause_abort_finishes_running_requests_and_holds_new_ones_until_re
     await ta
     assert a.finish_reason == "abort" and 3 <= len(a.tokens) < 200  # partial output kept
     b, tb = start(engine, "b", PROMPTS[3], max_new_tokens=8, temperature=0.0)
-    for _ in range(20):
+    for _ in range(20):  # negative check: a window in which nothing may run
         await asyncio.sleep(0.005)
     assert b.tokens == [] and engine.info().extra["waiting"] == 1  # queued, not started, while paused
     await engine.resume()
@@ -42,7 +42,7 @@ async def test_pause_and_resume_continue_running_requests_seamlessly(engine, mod
     await engine.pause(mode)
     seen = [len(r.tokens) for r, _ in started]
     assert all(0 < n < 60 for n in seen)  # every request is mid-stream
-    for _ in range(10):
+    for _ in range(10):  # negative check: a window in which nothing may run
         await asyncio.sleep(0.005)
     assert [len(r.tokens) for r, _ in started] == seen  # nothing generated while paused
     extra = engine.info().extra
@@ -137,7 +137,7 @@ async def test_released_weights_free_memory_hold_requests_and_come_back_when_res
         assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
     await engine.resume()  # unpaused, but without weights nothing may run
     res, task = start(engine, "r", PROMPTS[1], max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    for _ in range(20):
+    for _ in range(20):  # negative check: a window in which nothing may run
         await asyncio.sleep(0.005)
     assert res.tokens == []
     await engine.pause("in_place")

@@ -226,7 +226,7 @@ async def test_colocated_after_train_start_a_dead_trainer_and_a_partial_version_
         try:
             failed = await restarted.push(1, "partial", "shm")
             assert failed[:3] == ("failed", 1, "shm") and failed[3]["server-0"].startswith("incomplete_version:")
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # negative check (state settled at the push reply): nothing may run in it
             assert not held.done() and srv.governor.state.startswith("RELEASED")  # held, nothing generated
             assert srv.generation.engine.info().extra["weights_bytes"] == 0  # woken for the load, released again
             assert await restarted.push(2, "original", "shm") == ("ok", 2, "shm", ["server-0"])

@@ -22,6 +22,7 @@ from rollwire.transports.sockets import free_tcp_endpoint
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from rollwire.weightsync.layout import checksum_sources, pack_bucket, plan_buckets
 from rollwire.weightsync.publisher import PushError, TrainerPublisher
+from tests.conftest import until
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.test_layout import awkward_tensors
@@ -156,9 +157,10 @@ async def test_a_newer_announcement_supersedes_a_version_still_being_pulled(rig:
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
-        tr.serve = lambda i, b: None
+        pulled: list[int] = []
+        tr.serve = lambda i, b: pulled.append(i)  # the pull is recorded, its bucket withheld
         first = await tr.announce(1, plans)
-        await asyncio.sleep(0.2)
+        await until(lambda: bool(pulled), "the receiver pulling version 1", 10)
         tr.serve = lambda i, b: [b]
         second = await tr.announce(2, plans)
         assert (await outcome_of(first)).error_code == "superseded"
@@ -296,7 +298,8 @@ async def test_a_receiver_does_not_join_a_trainer_whose_buckets_carry_another_ch
             while not tr.registers:
                 await asyncio.sleep(0.02)
         assert tr.registers[0].checksums == [CHECKSUM_NAME]
-        await asyncio.sleep(0.5)
+        # it asks again only after it has turned down the first answer (its pause: register_timeout_s)
+        await until(lambda: len(tr.registers) >= 2, "the receiver registering again", 20)
         assert not tr.joined and rig.receiver.counters.get("registrations") == 0
         tr.welcome_checksum = CHECKSUM_NAME
         await tr.wait_joined()
