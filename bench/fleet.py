@@ -1,8 +1,9 @@
 """A fleet of `rollwire serve` processes (hf, tiny model) behind one RolloutFleet.
 
 1. aggregate: tokens/s of 1, 2 and 4 servers behind one client (closed loop, ``--per-server``
-   greedy requests in flight per server), against the sum of each server measured alone with the
-   same load (the floor in the same run); target >= 0.9. On a machine with fewer cores than
+   greedy requests in flight per server, new tokens per request from bench/workload.py:
+   ``--lengths mixed`` or ``fixed``), against the sum of each server measured alone with the same
+   load (the floor in the same run); target >= 0.9. On a machine with fewer cores than
    servers they share the cores, and the ratio says so.
 2. failover: with requests running, one server is SIGKILLed; the time from the kill until every
    request it held runs on another server, against the client's heartbeat interval (1 s); target
@@ -28,10 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workload import LENGTHS, token_counts  # bench/workload.py (this script's folder is on the path)
+
 from rollwire import RolloutClient, RolloutFleet, SamplingParams
 from rollwire.transports.sockets import free_tcp_endpoint
 
-SP = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+MAX_TOKENS = 64
 THREADS = max(1, (os.cpu_count() or 1) // 4)  # torch threads per server
 
 
@@ -46,8 +49,11 @@ def serve(endpoint: str, trainer: str | None = None, rid: str = "") -> subproces
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-async def closed_loop(gen: Any, concurrency: int, seconds: float) -> float:
-    """Tokens/s with ``concurrency`` requests always in flight through ``gen``."""
+async def closed_loop(gen: Any, concurrency: int, seconds: float, lengths: str) -> float:
+    """Tokens/s with ``concurrency`` requests always in flight through ``gen(prompt, sampling)``;
+    new tokens per request as bench/workload.py gives them for ``lengths``."""
+    sps = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+           for n in token_counts(MAX_TOKENS, lengths, 256)]
     tokens = 0
     end = time.monotonic() + seconds
 
@@ -55,7 +61,7 @@ async def closed_loop(gen: Any, concurrency: int, seconds: float) -> float:
         nonlocal tokens
         k = 0
         while time.monotonic() < end:
-            out = await gen([3 + i % 200, 7 + k % 50, 11])
+            out = await gen([3 + i % 200, 7 + k % 50, 11], sps[(i * 31 + k) % len(sps)])
             tokens += len(out.output_ids)
             k += 1
 
@@ -64,7 +70,8 @@ async def closed_loop(gen: Any, concurrency: int, seconds: float) -> float:
     return tokens / (time.monotonic() - t0)
 
 
-async def aggregate(eps: list[str], per_server: int, seconds: float, repeats: int) -> list[dict[str, Any]]:
+async def aggregate(eps: list[str], per_server: int, seconds: float, repeats: int,
+                    lengths: str) -> list[dict[str, Any]]:
     rows = []
     for n in (1, 2, 4):
         fleet_tps, alone_sum = [], []
@@ -72,10 +79,10 @@ async def aggregate(eps: list[str], per_server: int, seconds: float, repeats: in
             alone = []
             for ep in eps[:n]:
                 async with RolloutClient(ep) as rc:
-                    alone.append(await closed_loop(lambda p, rc=rc: rc.generate(p, SP), per_server, seconds))
+                    alone.append(await closed_loop(rc.generate, per_server, seconds, lengths))
             async with RolloutFleet(eps[:n]) as fleet:
                 await fleet.wait_ready(servers=n, timeout=120)
-                fleet_tps.append(await closed_loop(lambda p, f=fleet: f.generate(p, SP), per_server * n, seconds))
+                fleet_tps.append(await closed_loop(fleet.generate, per_server * n, seconds, lengths))
             alone_sum.append(sum(alone))
         f, a = statistics.median(fleet_tps), statistics.median(alone_sum)
         rows.append({"servers": n, "fleet_tokens_s": round(f, 1), "sum_alone_tokens_s": round(a, 1),
@@ -166,7 +173,7 @@ async def run_aggregate(a: argparse.Namespace) -> list[dict[str, Any]]:
         for ep in eps:
             async with RolloutClient(ep) as rc:
                 await rc.wait_ready(timeout=120)
-        return await aggregate(eps, a.per_server, a.seconds, a.repeats)
+        return await aggregate(eps, a.per_server, a.seconds, a.repeats, a.lengths)
     finally:
         for p in procs:
             p.kill()
@@ -174,7 +181,8 @@ async def run_aggregate(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = [f"servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9; {THREADS} torch threads per server)"]
+    lines = [f"servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9; {THREADS} torch threads per server; "
+             f"lengths {res['machine']['args']['lengths']})"]
     lines += [f"{r['servers']:>7}  {r['fleet_tokens_s']:>11}  {r['sum_alone_tokens_s']:>15}  {r['ratio']:>5}"
               for r in res.get("aggregate", [])]
     if "failover" in res:
@@ -193,6 +201,8 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--per-server", type=int, default=8)
+    ap.add_argument("--lengths", choices=LENGTHS, default="mixed",
+                    help="new tokens per request: spread around 64 (mixed) or all 64 (fixed); bench/workload.py")
     ap.add_argument("--liveness", type=float, default=2.0)
     ap.add_argument("--pushes", type=int, default=5)
     ap.add_argument("--out", default="bench/out/fleet.json")

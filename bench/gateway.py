@@ -10,15 +10,20 @@ rotates from repeat to repeat):
 - ``gateway``: ``AsyncOpenAI().chat.completions.create(messages=...)``, not streamed;
 - ``gateway_stream``: the same, ``stream=True`` (server-sent events, one chunk per token).
 
-Every request is greedy, ``max_tokens`` new tokens with ``ignore_eos`` (so every arm makes the same
-number of tokens); ``--requests-per-client`` requests per concurrent client (closed loop: each of
-the N clients sends its next request when its last one ends). Per arm and concurrency: tokens/s
+Every request is greedy with ``ignore_eos``, so every arm makes the same number of tokens. Request
+``i`` asks for ``token_counts(...)[i]`` new tokens (bench/workload.py): with ``--lengths mixed`` (the
+default) between half and one and a half times ``--max-tokens`` (a fixed spread by request index,
+mean ``--max-tokens``), as rollouts differ in length; with ``--lengths fixed`` all ``--max-tokens``,
+which puts the closed loop in lock-step (workload.py says why that measures the engine's prefill
+scheduling as much as the face). ``--requests-per-client`` requests per concurrent client (closed
+loop: each of the N clients sends its next request when its last one ends). Per arm and concurrency: tokens/s
 (completion tokens / wall time) and p50 request latency; the figures are medians over
 ``--repeats``, the ratios medians of each repeat's ratio. Machine load: the load average, and the
 share of the machine's CPU time that went to processes other than this bench's three during the
 measurements (from /proc), since other jobs share the cores.
 
-    python bench/gateway.py [--quick] [--concurrency 1 8 64] [--repeats 3] [--out bench/out/gateway.json]
+    python bench/gateway.py [--quick] [--concurrency 1 8 64] [--repeats 3] [--lengths mixed|fixed]
+                            [--out bench/out/gateway.json]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from workload import LENGTHS, token_counts  # bench/workload.py (this script's folder is on the path)
 
 from rollwire import RolloutClient, SamplingParams
 from rollwire.gateway.chat import ChatFormat, canonical, load_tokenizer
@@ -127,8 +133,9 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     gateway = subprocess.Popen([*cli, "gateway", "--host", "127.0.0.1", "--port", str(port), "--model", a.model,
                                 "--rollout-endpoint", endpoint], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    sp = SamplingParams(max_new_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
-    body: dict[str, Any] = {"model": a.model, "temperature": 0, "max_tokens": a.max_tokens}
+    counts = token_counts(a.max_tokens, a.lengths)
+    sps = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
+    body: dict[str, Any] = {"model": a.model, "temperature": 0}
     extra = {"ignore_eos": True}
     try:
         deadline = time.monotonic() + 180
@@ -147,19 +154,20 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
             await rc.wait_ready(timeout=60)
 
             async def floor(i: int) -> int:
-                out = await rc.generate(prompts[i % n_prompts], sp, return_logprob=True)
+                out = await rc.generate(prompts[i % n_prompts], sps[i % len(sps)], return_logprob=True)
                 assert not isinstance(out, list)
                 return len(out.output_ids)
 
             async def gw(i: int) -> int:
                 r = await oc.chat.completions.create(messages=messages(i % n_prompts), extra_body=extra,
-                                                     **body)
+                                                     max_tokens=counts[i % len(counts)], **body)
                 assert r.usage is not None
                 return r.usage.completion_tokens
 
             async def gw_stream(i: int) -> int:
                 r = await oc.chat.completions.create(messages=messages(i % n_prompts), extra_body=extra,
-                                                     stream=True, stream_options={"include_usage": True}, **body)
+                                                     max_tokens=counts[i % len(counts)], stream=True,
+                                                     stream_options={"include_usage": True}, **body)
                 usage = 0
                 async for ch in r:
                     if ch.usage is not None:
@@ -168,10 +176,10 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
 
             calls = {"floor": floor, "gateway": gw, "gateway_stream": gw_stream}
             # warm-up, and a check that both paths run the same prompt to the same tokens
-            direct = await rc.generate(prompts[0], sp)
+            direct = await rc.generate(prompts[0], sps[0])
             assert not isinstance(direct, list)
             via = await oc.chat.completions.create(messages=messages(0), extra_body={**extra, "return_token_ids": True},
-                                                   **body)
+                                                   max_tokens=counts[0], **body)
             same = list(direct.output_ids) == (via.choices[0].model_extra or {}).get("token_ids")
             for arm in ARMS:
                 await run_arm(calls[arm], 4, 2)
@@ -231,7 +239,8 @@ def table(res: dict[str, Any]) -> str:
             f"{arm} {r[arm]['bench_client_cores']}/{r[arm]['gateway_cores']}/{r[arm]['server_cores']}/"
             f"{r[arm]['others_cores']}" for arm in ARMS))
     lines.append(f"load average {lb[0]:.2f} before, {la[0]:.2f} after, on {res['machine']['cpus']} CPUs; "
-                 f"greedy tokens gateway == floor: {res['same_tokens_gateway_vs_floor']}")
+                 f"greedy tokens gateway == floor: {res['same_tokens_gateway_vs_floor']}; "
+                 f"lengths {res['machine']['args']['lengths']}")
     return "\n".join(lines)
 
 
@@ -241,6 +250,8 @@ if __name__ == "__main__":
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--lengths", choices=LENGTHS, default="mixed",
+                    help="new tokens per request: spread around --max-tokens (mixed) or all --max-tokens (fixed)")
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--min-requests", type=int, default=32, help="at least this many requests per measurement")
     ap.add_argument("--model", default="tiny")

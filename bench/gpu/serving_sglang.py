@@ -12,7 +12,8 @@ Parts (each writes its JSON as soon as it ends, so a later failure keeps the ear
   interleaved in each repeat: ``floor`` (RolloutClient.generate on A with the chat template's ids,
   logprobs on), ``gateway`` and ``gateway_stream`` (the `openai` client through the gateway),
   ``sglang_http`` and ``sglang_http_stream`` (the same client, the same requests, SGLang's server).
-  Greedy, ``--max-tokens`` with ``ignore_eos``; tokens/s and p50 latency at each concurrency.
+  Greedy with ``ignore_eos``, new tokens per request as in bench/gateway.py (``--lengths``); tokens/s
+  and p50 latency at each concurrency.
 - ``fleet`` (issue 16): two more servers, B1 and B2, with 0.1 of the GPU's memory each (half of A's),
   behind one RolloutFleet, against A alone through a RolloutClient and through a RolloutFleet of one;
   a closed loop of ``--fleet-concurrency`` requests, arms alternated in each repeat.
@@ -37,9 +38,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: bench/, tests/
-from bench.gateway import messages, run_arm
-from tests.gpu.common import (
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # the repository root (bench/, tests/) and bench/ (workload)
+from bench.gateway import messages, run_arm  # noqa: E402
+from bench.workload import LENGTHS, token_counts  # noqa: E402
+from tests.gpu.common import (  # noqa: E402
     KIT_ENGINE_ARGS,
     QWEN05B,
     device_info,
@@ -163,9 +166,9 @@ async def gateway_part(a: argparse.Namespace, model: str, a_endpoint: str, procs
     chat = ChatFormat(load_tokenizer(model))
     prompts = [chat.encode(chat.render([canonical(Message.model_validate(m)) for m in messages(i)], None,
                                        generation_prompt=True)) for i in range(64)]
-    sp = SamplingParams(max_new_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
-    body: dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": a.max_tokens,
-                            "extra_body": {"ignore_eos": True}}
+    counts = token_counts(a.max_tokens, a.lengths)
+    sps = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
+    body: dict[str, Any] = {"model": model, "temperature": 0, "extra_body": {"ignore_eos": True}}
     arms = ["floor", "gateway", "gateway_stream", "sglang_http", "sglang_http_stream"]
     async with RolloutClient(a_endpoint) as rc, \
             openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="x", max_retries=0,
@@ -173,21 +176,22 @@ async def gateway_part(a: argparse.Namespace, model: str, a_endpoint: str, procs
             openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{sg_port}/v1", api_key="x", max_retries=0,
                                timeout=600) as sg:
         async def floor(i: int) -> int:
-            out = await rc.generate(prompts[i % 64], sp, return_logprob=True)
+            out = await rc.generate(prompts[i % 64], sps[i % len(sps)], return_logprob=True)
             assert not isinstance(out, list)
             return len(out.output_ids)
 
         def chat_call(client: openai.AsyncOpenAI):  # type: ignore[no-untyped-def]
             async def call(i: int) -> int:
-                r = await client.chat.completions.create(messages=messages(i % 64), **body)
+                r = await client.chat.completions.create(messages=messages(i % 64), max_tokens=counts[i % len(counts)],
+                                                         **body)
                 assert r.usage is not None
                 return r.usage.completion_tokens
             return call
 
         def stream_call(client: openai.AsyncOpenAI):  # type: ignore[no-untyped-def]
             async def call(i: int) -> int:
-                r = await client.chat.completions.create(messages=messages(i % 64), stream=True,
-                                                         stream_options={"include_usage": True}, **body)
+                r = await client.chat.completions.create(messages=messages(i % 64), max_tokens=counts[i % len(counts)],
+                                                         stream=True, stream_options={"include_usage": True}, **body)
                 n = 0
                 async for ch in r:
                     if ch.usage is not None:
@@ -198,8 +202,8 @@ async def gateway_part(a: argparse.Namespace, model: str, a_endpoint: str, procs
         calls = {"floor": floor, "gateway": chat_call(gw), "gateway_stream": stream_call(gw),
                  "sglang_http": chat_call(sg), "sglang_http_stream": stream_call(sg)}
         # the same chat to the same tokens on both faces (greedy, random weights: compared as text)
-        g0 = await gw.chat.completions.create(messages=messages(0), **body)
-        s0 = await sg.chat.completions.create(messages=messages(0), **body)
+        g0 = await gw.chat.completions.create(messages=messages(0), max_tokens=counts[0], **body)
+        s0 = await sg.chat.completions.create(messages=messages(0), max_tokens=counts[0], **body)
         same_text = g0.choices[0].message.content == s0.choices[0].message.content
         for arm in arms:
             await run_arm(calls[arm], 8, 2)  # warm-up (CUDA graphs, JIT)
@@ -341,6 +345,7 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--lengths", choices=LENGTHS, default="mixed", help="bench/workload.py")
     ap.add_argument("--min-requests", type=int, default=16)
     ap.add_argument("--fleet-concurrency", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--fleet-tokens", type=int, default=128)
