@@ -12,7 +12,8 @@ connection; the server serves everyone else, and the sender after it reconnects.
 
 Afterwards a session opened before the fuzz still holds its history (the SessionActor was never
 restarted: a restart empties the table), a plain request and a session turn are served, the
-status counters show no restart and the fuzz's counted drops, and the process never exited.
+status counters show no restart and the fuzz's counted drops, the process never exited, and a
+good weight push from a trainer applies: the next request is generated on its version.
 """
 
 from __future__ import annotations
@@ -45,15 +46,19 @@ from rollwire.messages import (
     SessionRequest,
     StatusRequest,
 )
+from rollwire.weightsync.publisher import TrainerPublisher
 
 from .conftest import free_tcp_endpoint
 from .test_engine_faults import stop
 from .test_session_fairness import serve_sessions
+from .versioned import version_state
 
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 LIMIT = 64 << 20  # sockets.REQUEST_MAX_FRAME: the rollout and session sockets' frame limit
 enc = msgspec.msgpack.Encoder()
 fence_rids = itertools.count(1 << 40)
+versions = itertools.count(1)  # each check after a fuzz pushes the next version
+RECEIVER_ID = "fuzzed"
 
 SOCKETS: dict[str, tuple[Any, Any, list[Any]]] = {  # name -> (request union, reply union, good messages)
     "rollout": (RolloutRequest, RolloutReply, [
@@ -168,11 +173,11 @@ class Peers:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Any, dict[str, str]]]:
-    ep = free_tcp_endpoint()
-    proc = serve_sessions(ep)
+    ep, trainer = free_tcp_endpoint(), free_tcp_endpoint()
+    proc = serve_sessions(ep, "--trainer-endpoint", trainer, "--receiver-id", RECEIVER_ID)
     try:
         session_ep = asyncio.run(_session_endpoint(ep))
-        yield proc, {"rollout": ep, "sessions": session_ep}
+        yield proc, {"rollout": ep, "sessions": session_ep, "trainer": trainer}
     finally:
         stop(proc)
 
@@ -209,7 +214,7 @@ def test_hostile_messages_on_a_public_socket_get_typed_errors_and_the_server_ser
     finally:
         peers.close()
     assert proc.poll() is None, "the server exited"
-    counters = asyncio.run(_still_serving(endpoints["rollout"], *before))
+    counters = asyncio.run(_still_serving(endpoints, *before))
     if name == "rollout":
         assert counters["bad_messages"] > 0  # the drawn messages reached the GenerationActor, counted as drops
 
@@ -234,7 +239,7 @@ def test_frames_above_the_limit_drop_only_their_sender_who_is_served_after_recon
     finally:
         peers.close()
     assert proc.poll() is None, "the server exited"
-    asyncio.run(_still_serving(endpoints["rollout"], *before))
+    asyncio.run(_still_serving(endpoints, *before))
 
 
 async def _open_a_session(ep: str) -> tuple[str, list[int]]:
@@ -247,11 +252,12 @@ async def _open_a_session(ep: str) -> tuple[str, list[int]]:
         return s.id, [*s.trajectory().token_ids, rpc.identity]  # type: ignore[list-item]
 
 
-async def _still_serving(ep: str, session_id: str, history_and_identity: list[Any]) -> dict[str, float]:
+async def _still_serving(endpoints: dict[str, str], session_id: str, history_and_identity: list[Any],
+                         ) -> dict[str, float]:
     *history, identity = history_and_identity
     from rollwire.transports.rpc import RpcClient
 
-    async with RolloutClient(ep, timeout=120) as rc:
+    async with RolloutClient(endpoints["rollout"], timeout=120) as rc:
         out = await rc.generate([1, 2, 3], GREEDY)
         assert out.finish_reason == "length" and len(out.output_ids) == 4  # type: ignore[union-attr]
         async with rc.session() as s:
@@ -267,6 +273,13 @@ async def _still_serving(ep: str, session_id: str, history_and_identity: list[An
             await owner.close()
         assert not isinstance(reply, ErrorReply), reply
         assert reply.usage.prompt_tokens == len(history) and reply.usage.cached_tokens == len(history) - 1
+        # a good push applies (after the session check: a new version drops the session's cached KV)
+        version = next(versions)
+        async with TrainerPublisher(endpoints["trainer"], min_receivers=1, timeout_s=120) as tp:
+            report = await tp.push_weights(version, version_state(version), transport="inline")
+        assert report.receivers == [RECEIVER_ID] and not report.failed, report
+        after = await rc.generate([1, 2, 3], GREEDY)
+        assert [span.version for span in after.weight_version_spans] == [version], after  # type: ignore[union-attr]
         return st.counters
 
 
