@@ -6,10 +6,13 @@ Uses FaultyEngine (fault injection only): a prompt starting with 99 makes the en
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from rollwire import ErrorCode, RolloutClient, RolloutError, SamplingParams
+from rollwire.runtime import Actor, ActorSystem
+from rollwire.runtime.system import SupervisionGaveUp
 from rollwire.server import RolloutServer, ServerConfig
 from tests.fakes import FaultyEngine
 
@@ -95,3 +98,59 @@ async def test_a_crashing_session_actor_stops_its_orphaned_turns_and_frees_their
         assert gone.value.code == ErrorCode.UNKNOWN_SESSION
         async with rc.session() as fresh:
             assert (await fresh.generate([5], SamplingParams(max_new_tokens=3))).finish_reason == "length"
+
+
+class _CrashLoop(Actor):
+    """Crashes as soon as it runs, every incarnation: a crash loop. Each one records in the shared
+    ``starts`` its supervisor-set ``restarts`` counter and when it started, and in ``crashed_at``
+    when it raised (monotonic clock, as the supervisor's)."""
+
+    def __init__(self, starts: list[tuple[float, float]], crashed_at: list[float]) -> None:
+        super().__init__("crash-loop")
+        self.starts, self.crashed_at = starts, crashed_at
+
+    async def on_start(self) -> None:
+        self.starts.append((self.counters.get("restarts"), time.monotonic()))
+
+    async def _run(self) -> BaseException:
+        # spawned before the base _run creates the crash future; it runs once _run awaits it, so
+        # the crash is never lost and no wait is needed
+        self.spawn(self._boom())
+        return await super()._run()
+
+    async def _boom(self) -> None:
+        self.crashed_at.append(time.monotonic())
+        raise RuntimeError(f"crash {len(self.crashed_at)}")
+
+
+async def test_restarts_back_off_doubling_and_a_crash_loop_gives_up_with_its_reason() -> None:
+    """Each restart waits at least its back-off after the crash before it (base, doubling per crash
+    in the window, capped): a back-off is a minimum wait, so only lower bounds are asserted. The
+    crash after ``max_restarts`` restarts stops supervision, and ``failed`` carries the reason."""
+    base, cap, max_restarts = 0.02, 0.05, 4
+    system = ActorSystem(max_restarts=max_restarts, restart_window_s=60.0, restart_backoff_s=base,
+                         max_backoff_s=cap)
+    starts: list[tuple[float, float]] = []
+    crashed_at: list[float] = []
+    try:
+        await system.spawn(lambda: _CrashLoop(starts, crashed_at))
+        await until(lambda: system.failed is not None and system.failed.done(), "supervision gave up", 30)
+        assert system.failed is not None
+        gave_up = system.failed.result()
+        assert isinstance(gave_up, SupervisionGaveUp)
+        why = str(gave_up)
+        assert why.startswith("crash-loop crashed 5 times within 60s"), why
+        assert f"(max_restarts={max_restarts})" in why and "last error: RuntimeError('crash 5')" in why, why
+
+        # the first instance plus max_restarts restarts, each numbered by the supervisor; no restart
+        # after the give-up
+        assert [int(n) for n, _ in starts] == list(range(max_restarts + 1))
+        assert len(crashed_at) == max_restarts + 1
+        assert system.actor("crash-loop").counters.get("restarts") == max_restarts
+        tick = 1e-3  # an event-loop timer may fire up to a clock tick early
+        for k in range(1, max_restarts + 1):  # restart k follows crash k
+            backoff = min(cap, base * 2 ** (k - 1))  # 0.02, 0.04, then capped: 0.05, 0.05
+            waited = starts[k][1] - crashed_at[k - 1]
+            assert waited >= backoff - tick, (k, waited, backoff)
+    finally:
+        await system.stop()
