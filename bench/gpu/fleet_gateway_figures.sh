@@ -11,6 +11,7 @@ T0=$(date +%s)
 OUT=$OUT FLEET_REPEATS=${FLEET_REPEATS:-1} FLEET_S=${FLEET_S:-90} GATEWAY_REPEATS=${GATEWAY_REPEATS:-2} \
   GATEWAY_S=${GATEWAY_S:-110} bash bench/gpu/cpu_figures.sh fleet gateway
 echo "=== cpu figures done at +$(( $(date +%s) - T0 ))s"
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD  # cpu_figures.sh installed the kit's wheels there
 timeout "${SERVING_S:-380}" python3 bench/gpu/serving_sglang.py --device-info --concurrency ${SERVING_CONC:-8 64} \
   --fleet-concurrency ${SERVING_FLEET_CONC:-128} --repeats 2 --seconds 5 > "$OUT/serving.log" 2>&1
 echo "=== serving_sglang rc=$? at +$(( $(date +%s) - T0 ))s"
