@@ -77,10 +77,15 @@ def fraction_for(share: float) -> str:
     return f"{min(0.95, share * total / free):.4f}"
 
 
-def free_port() -> int:
+def free_port(below: int = 55000) -> int:
+    """A free port under ``below`` (SGLang's server derives a gRPC port 10000 above its HTTP port)."""
     from rollwire.transports.sockets import free_tcp_endpoint
 
-    return int(free_tcp_endpoint(span=1).rpartition(":")[2])
+    for _ in range(200):
+        port = int(free_tcp_endpoint(span=1).rpartition(":")[2])
+        if port < below:
+            return port
+    raise RuntimeError(f"no free port under {below}")
 
 
 def log_file(name: str) -> Any:
