@@ -1,10 +1,14 @@
 """CURVE on the trainer link (Ironhouse), with real key files: the receiver only hears the trainer
 whose public key it was given, the trainer only lets in the servers it lists, a receiver id belongs
-to the key that registered it, and outcomes count only from the receiver's own connection."""
+to the key that registered it, and outcomes count only from the receiver's own connection. A key
+that is valid in another role (a rollout client's, allow-listed on the server's public sockets) is
+a stranger on the trainer link, in either direction."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,19 +17,23 @@ import torch
 import zmq
 import zmq.asyncio
 
+from rollwire import RolloutClient, SamplingParams
 from rollwire.messages import ErrorCode, ErrorReply
 from rollwire.messages.weights import PullBucket, Register, StepMessage, TrainerReply, VersionOutcome
 from rollwire.runtime import ActorSystem
 from rollwire.transports.security import RECEIVERS_DOMAIN, CurveClient, CurveServer, KeyPair, create_keys
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from rollwire.weightsync.publisher import TrainerPublisher
-from tests.conftest import free_tcp_endpoint
+from tests.conftest import free_tcp_endpoint, until
+from tests.versioned import greedy, version_state
 from tests.weights.conftest import Rig, make_rig
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.hostile import HandshakeWatch, call
 from tests.weights.test_hostile_trainer_link import TENSORS, ReceiverProcess
 
 STRANGER_TENSORS = {k: -t for k, t in TENSORS.items()}
+PROMPT = [3, 17, 42]
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def sums(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -35,7 +43,7 @@ def sums(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
     """(public .key, .key_secret) per name, written as `rollwire keys` writes them."""
-    return {name: create_keys(tmp_path, name) for name in ("trainer", "server", "other", "stranger")}
+    return {name: create_keys(tmp_path, name) for name in ("trainer", "server", "other", "stranger", "worker")}
 
 
 def pair(keys: dict[str, tuple[Path, Path]], name: str) -> KeyPair:
@@ -52,10 +60,39 @@ def watched_dealer(endpoint: str, curve: CurveClient | None) -> tuple[zmq.asynci
     return sock, watch
 
 
-def trainer(keys: dict[str, tuple[Path, Path]], endpoint: str, pub: str | None = None) -> TrainerPublisher:
+def trainer(keys: dict[str, tuple[Path, Path]], endpoint: str, pub: str | None = None, *,
+            receivers: tuple[str, ...] = ("server", "other")) -> TrainerPublisher:
     return TrainerPublisher(endpoint, pub_endpoint=pub, bucket_bytes=4 << 10, timeout_s=60,
-                            keys=pair(keys, "trainer"), receiver_keys={pair(keys, "server").public,
-                                                                       pair(keys, "other").public})
+                            keys=pair(keys, "trainer"), receiver_keys={pair(keys, r).public for r in receivers})
+
+
+def serve(keys: dict[str, tuple[Path, Path]], rollout: str, trainer_endpoint: str,
+          *extra: str) -> subprocess.Popen[bytes]:
+    """A real `rollwire serve` under CURVE, as a deployment runs it: "server"'s key pair, "worker" on
+    its rollout clients' allow-list, "trainer" as the trainer it pulls from, registering as server-0."""
+    return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
+                             "--rollout-endpoint", rollout, "--trainer-endpoint", trainer_endpoint,
+                             "--receiver-id", "server-0", "--secret-key", str(keys["server"][1]),
+                             "--client-keys", str(keys["worker"][0]), "--trainer-keys", str(keys["trainer"][0]),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, as tests/test_trust.py stops its CURVE server: with --secret-key, `rollwire serve`
+    does not exit on SIGTERM yet (its context's term() waits on the ZAP authenticator's socket)."""
+    server.kill()
+    server.wait(60)
+
+
+def worker_client(keys: dict[str, tuple[Path, Path]], rollout: str) -> RolloutClient:
+    """The rollout client whose key the wrong-role tests use: valid on the server's public sockets."""
+    return RolloutClient(rollout, curve=CurveClient(pair(keys, "worker"), pair(keys, "server").public))
+
+
+async def generates_with(worker: RolloutClient, version: int) -> None:
+    """The server generates with version ``version``'s weights (the tiny model of that seed), and says so."""
+    done = await worker.generate(PROMPT, GREEDY)
+    assert (done.weight_version, done.output_ids) == (version, greedy(version, PROMPT, 8)), done  # type: ignore[union-attr]
 
 
 async def test_a_stranger_at_the_trainer_endpoints_is_never_heard_and_the_real_trainer_then_pushes(
@@ -94,6 +131,56 @@ async def test_a_stranger_at_the_trainer_endpoints_is_never_heard_and_the_real_t
         assert report["restarts"] == 0
     finally:
         assert await receiver.stop() == 0
+
+
+async def test_a_rollout_clients_key_at_the_trainer_endpoints_is_never_heard_and_the_real_trainer_then_pushes(
+        keys: dict[str, tuple[Path, Path]]) -> None:
+    """A real colocated `rollwire serve` took version 1 from the real trainer, which went away.
+    "worker" (a valid key: the server serves it as a rollout client) binds a TrainerPublisher at
+    both trainer endpoints with its own key pair and the server on its allow-list, publishes
+    train_start and pushes a "newer" version 5 (inline, over the PUB and the ROUTER): the server's
+    DEALER and SUB refuse its key in every handshake, so no Register reaches it, its step and its
+    announcement go to no one, and the server still serves version 1 with its memory in place. The
+    real trainer comes back; its train_start releases the server's memory and its version 2 applies
+    (not refused as older than 5), and only its weights are served."""
+    rollout, endpoint, pub = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
+    server = serve(keys, rollout, endpoint, "--mode", "colocated")
+    try:
+        async with worker_client(keys, rollout) as worker:
+            await worker.wait_ready(timeout=120)
+            async with trainer(keys, endpoint, pub) as tp:
+                assert (await tp.push_weights(1, version_state(1), transport="inline")).receivers == ["server-0"]
+            await generates_with(worker, 1)  # the worker's key is served where it belongs
+            impostor = TrainerPublisher(endpoint, pub_endpoint=pub, bucket_bytes=4 << 10, timeout_s=60,
+                                        min_receivers=0,  # announce to whoever is there: no one
+                                        keys=pair(keys, "worker"), receiver_keys={pair(keys, "server").public})
+            async with impostor:
+                router_watch, pub_watch = HandshakeWatch(impostor._router), HandshakeWatch(impostor._pub._sock)
+                try:
+                    await router_watch.wait(2)  # the server's DEALER tried, and refused the worker's key
+                    await pub_watch.wait(2)  # so did its SUB
+                    assert await impostor.publish_step(4, "train_start", wait=False) == []
+                    pushed = await impostor.push_weights(5, version_state(5), transport="inline")
+                    await router_watch.wait(1)
+                    await pub_watch.wait(1)  # handshakes after the announcement failed too
+                    assert pushed.receivers == [] and pushed.failed == {}, pushed
+                    assert impostor.receivers == {} and not impostor.counters  # nothing came from the server
+                finally:
+                    router_watch.close()
+                    pub_watch.close()
+                status = await worker.status()
+                assert (status.weight_version, status.governor_state) == (1, "SERVING"), status
+                await generates_with(worker, 1)  # not version 5's weights, and nothing held
+            async with trainer(keys, endpoint, pub) as tp:
+                assert await tp.publish_step(6, "train_start") == ["server-0"]
+                assert (await worker.status()).governor_state == "RELEASED"  # the real trainer's step is acted on
+                assert (await tp.push_weights(2, version_state(2), transport="inline")).receivers == ["server-0"]
+            status = await worker.status()
+            assert (status.weight_version, status.governor_state) == (2, "SERVING"), status
+            await generates_with(worker, 2)
+        assert server.poll() is None  # still serving: nothing it was sent stopped it
+    finally:
+        stop(server)
 
 
 @pytest.fixture
@@ -144,6 +231,70 @@ async def test_strangers_on_the_trainers_router_and_pub_never_complete_a_handsha
             sock.close(linger=0)
         sub_watch.close()
         sub.close(linger=0)
+
+
+async def test_a_rollout_clients_key_as_a_receiver_never_completes_a_handshake_and_the_server_gets_the_version(
+        keys: dict[str, tuple[Path, Path]]) -> None:
+    """A real `rollwire serve` registered with a trainer that lists only the server's key. "worker"
+    (a valid key: the server serves it as a rollout client) tries the receiver's role: a real
+    WeightReceiverActor process with the worker's key pair (and the trainer's public key right), a
+    raw DEALER with that key sending Register (its own id, and server-0's), PullBucket and a forged
+    VersionOutcome for server-0, and a SUB on the PUB. Every handshake is refused: the trainer
+    receives none of it (no receiver, no refusal or drop counted), the step and the version reach
+    only server-0, which applies it; the worker's receiver process registered nowhere, applied
+    nothing and heard no step, and the raw peers got no reply and no announcement."""
+    rollout, endpoint, pub = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
+    server = serve(keys, rollout, endpoint)
+    worker_as_receiver = CurveClient(pair(keys, "worker"), pair(keys, "trainer").public)
+    wrong: ReceiverProcess | None = None
+    try:
+        async with trainer(keys, endpoint, pub, receivers=("server",)) as tp, worker_client(keys, rollout) as worker:
+            await worker.wait_ready(timeout=120)
+            await generates_with(worker, 0)  # the worker's key is served where it belongs
+            await until(lambda: "server-0" in tp.receivers and tp.receivers["server-0"].joined, "server-0 joined",
+                        timeout=120)
+            router_watch = HandshakeWatch(tp._router)  # after server-0's handshake: counts only the worker's
+            dealer, dealer_watch = watched_dealer(endpoint, worker_as_receiver)
+            sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+            sub_watch = HandshakeWatch(sub)
+            worker_as_receiver.apply(sub)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(pub)
+            try:
+                for msg in (Register(receiver_id=rid, host_id="x", transports=["inline"], live_version=0,
+                                     checksums=[CHECKSUM_NAME]) for rid in ("w2", "server-0")):
+                    await dealer.send_multipart(tp._codec.encode(1, msg))
+                await dealer.send_multipart(tp._codec.encode(2, PullBucket(version=1, index=0)))
+                await dealer.send_multipart(tp._codec.encode(0, VersionOutcome(
+                    receiver_id="server-0", version=1, ok=False, error_code="bad_checksum", trainer_id=tp.trainer_id)))
+                await dealer_watch.wait(1)
+                await sub_watch.wait(1)
+                wrong = await ReceiverProcess(endpoint, "w1", curve_files=(str(keys["worker"][1]),
+                                                                           str(keys["trainer"][0]))).start()
+                await router_watch.wait(2)  # the raw DEALER's refusal, then the receiver process's
+                assert await tp.publish_step(1, "train_start") == ["server-0"]
+                report = await tp.push_weights(1, version_state(1), transport="inline")
+                assert report.receivers == ["server-0"] and report.failed == {}, report
+                assert sorted(tp.receivers) == ["server-0"] and not tp.counters  # nothing from them, not even a drop
+                assert await dealer.poll(0) == 0 and await sub.poll(0) == 0  # no reply, no announcement
+                got = await wrong.report()
+                assert (got["applied"], got["steps"], got["restarts"]) == ({}, [], 0), got
+                assert not got["counters"].get("registrations"), got["counters"]  # never welcomed
+            finally:
+                router_watch.close()
+                dealer_watch.close()
+                dealer.close(linger=0)
+                sub_watch.close()
+                sub.close(linger=0)
+            status = await worker.status()
+            assert status.weight_version == 1, status
+            await generates_with(worker, 1)
+        assert server.poll() is None  # still serving: nothing it was sent stopped it
+    finally:
+        if wrong is not None:  # SIGKILL: a receiver still retrying a refused handshake may not stop when asked
+            wrong.proc.kill()
+            wrong.proc.join(30)
+        stop(server)
 
 
 async def test_another_allowed_server_cannot_take_a_receiver_id_pull_or_forge_its_outcome(
