@@ -113,10 +113,14 @@ def allow(ctx: zmq.Context, domain: str, keys: Iterable[bytes]) -> None:
 
 
 def stop_authenticator(ctx: zmq.Context) -> None:
+    """Stop the authenticator of ``ctx`` (any Python object over the same libzmq context): a running
+    one keeps ``ctx.destroy()`` waiting forever on its ZAP socket, so a CURVE server never exited."""
     with _auth_lock:
-        entry = _authenticators.pop(id(ctx), None)
-    if entry is not None:
-        entry[0].stop()
+        ours = [k for k, (auth, _) in _authenticators.items()
+                if auth.context.underlying == ctx.underlying]
+        entries = [_authenticators.pop(k) for k in ours]
+    for auth, _ in entries:
+        auth.stop()
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
-from rollwire.transports.security import CurveClient, CurveServer
+from rollwire.transports.security import CurveClient, CurveServer, stop_authenticator
 
 T = TypeVar("T")
 
@@ -62,6 +62,7 @@ def end_context(linger_ms: int = DEFAULT_LINGER_MS) -> None:
     queued in ZeroMQ's I/O thread: the last error reply before a server gives up among them."""
     global _context
     if _context is not None and not _context.closed:
+        stop_authenticator(_context)  # its ZAP socket would hold destroy() forever
         _context.destroy(linger=linger_ms)
     _context = None
 
