@@ -255,7 +255,7 @@ class GenerationActor(GenerationControl, Actor):
             params = sp if sp.n == 1 else msgspec.structs.replace(
                 sp, n=1, seed=None if sp.seed is None else sp.seed + i)
             reqs.append(EngineRequest(f"{origin.conn.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
-                                      msg.return_logprob, stream=msg.stream,
+                                      msg.return_logprob, stream=msg.stream, chunk_tokens=msg.chunk_tokens,
                                       session_id=session_key(origin.conn, msg.session_id) if sp.n == 1 else None,
                                       keep_stale_prefix=msg.keep_stale_prefix, client=client or origin.client))
         self.engine.validate(reqs[0])  # the first and the last sample (the highest seed) cover every

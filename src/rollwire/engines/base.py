@@ -38,6 +38,9 @@ class EngineRequest:
     params: SamplingParams  # n is handled above the engine: an engine request is one sample
     return_logprob: bool = False
     stream: bool = True  # False: the engine may hold tokens back and deliver them with the finish
+    # stream: the consumer forwards tokens in chunks of at least this many (GenerateRequest.chunk_tokens),
+    # so the engine may hold them back until a chunk is full (or the version changes, or the finish)
+    chunk_tokens: int = 1
     # sessions: the engine may keep this request's KV under ``session_id`` when it finishes and
     # reuse it for the session's next request whose input_ids extend it (see close_session)
     session_id: str | None = None

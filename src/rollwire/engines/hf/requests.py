@@ -2,7 +2,9 @@
 
 ``deliver`` hands a step's tokens to the request's queue. A non-streamed request (``stream=False``)
 gets them held back and delivered with the finish (or when the weight version changes, so one
-delta never mixes versions): one wake-up of the consumer per request instead of per token.
+delta never mixes versions): one wake-up of the consumer per request instead of per token. A
+streamed one whose consumer forwards chunks (``chunk_tokens`` > 1, as the fleet client asks for
+its progress reports) gets them held back until a chunk is full: one wake-up per chunk.
 ``next_delta`` merges deltas that queued up behind a slow consumer.
 """
 
@@ -30,7 +32,7 @@ class Seq:
     output: list[int] = field(default_factory=list)
     done: bool = False
     abort_requested: bool = False
-    # stream=False: tokens held back until the finish (or a version change), one wake-up per request
+    # tokens held back until the finish, a version change, or (streamed) a full chunk
     held_toks: list[int] = field(default_factory=list)
     held_lps: list[float] | None = None
     held_version: int = -1
@@ -44,22 +46,21 @@ class Seq:
 def deliver(s: Seq, toks: list[int], lps: list[float | None] | None, version: int, reason: FinishReason | None) -> None:
     """Queue (or hold back) a step's tokens of ``s``; with ``reason`` the request is done."""
     logprobs = [x for x in lps if x is not None] if lps is not None else None
-    if not s.req.stream:
-        if s.held_toks and s.held_version != version:  # spans must not mix versions
-            s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=s.held_toks, logprobs=s.held_lps,
-                                           weight_version=s.held_version, cached_tokens=s.cached))
-            s.held_toks, s.held_lps = [], None
-        if reason is None:
-            if not s.held_toks:
-                s.held_version, s.held_lps = version, [] if logprobs is not None else None
-            s.held_toks += toks
-            if s.held_lps is not None and logprobs is not None:
-                s.held_lps += logprobs
-            return
-        if s.held_toks:
-            toks = s.held_toks + toks
-            logprobs = s.held_lps + logprobs if s.held_lps is not None and logprobs is not None else logprobs
-            s.held_toks, s.held_lps = [], None
+    if s.held_toks and s.held_version != version:  # spans must not mix versions
+        s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=s.held_toks, logprobs=s.held_lps,
+                                       weight_version=s.held_version, cached_tokens=s.cached))
+        s.held_toks, s.held_lps = [], None
+    if reason is None and (not s.req.stream or len(s.held_toks) + len(toks) < s.req.chunk_tokens):
+        if not s.held_toks:
+            s.held_version, s.held_lps = version, [] if logprobs is not None else None
+        s.held_toks += toks
+        if s.held_lps is not None and logprobs is not None:
+            s.held_lps += logprobs
+        return
+    if s.held_toks:
+        toks = s.held_toks + toks
+        logprobs = s.held_lps + logprobs if s.held_lps is not None and logprobs is not None else logprobs
+        s.held_toks, s.held_lps = [], None
     s.queue.put_nowait(EngineDelta(rid=s.req.rid, token_ids=toks, logprobs=logprobs,
                                    weight_version=version, finish_reason=reason, cached_tokens=s.cached))
     if reason is not None:
