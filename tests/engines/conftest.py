@@ -129,6 +129,18 @@ def _shut_shared_engines() -> Iterator[None]:
 
 
 @pytest.fixture
+async def tiny_hf() -> AsyncIterator[Any]:
+    """A started hf engine on the tiny model (seed 0), for the hf-only tests."""
+    from rollwire.engines.hf import HFEngine
+    from rollwire.models import tiny
+
+    eng = HFEngine(tiny(0)[0], max_batch_size=8)
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+@pytest.fixture
 async def engine(engine_kind: str, reference_model: torch.nn.Module) -> AsyncIterator[Engine]:
     if engine_kind != "sglang":
         eng = make_engine(engine_kind)

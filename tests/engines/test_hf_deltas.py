@@ -4,22 +4,9 @@ streamed; the tokens and logprobs are the same every way."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from rollwire.engines.base import EngineDelta, EngineRequest
 from rollwire.engines.hf import HFEngine
 from rollwire.messages import SamplingParams
-from rollwire.models import tiny
-
-
-@pytest.fixture
-async def engine() -> AsyncIterator[HFEngine]:
-    eng = HFEngine(tiny(0)[0], max_batch_size=8)
-    await eng.start()
-    yield eng
-    await eng.shutdown()
 
 
 async def deltas(eng: HFEngine, rid: str, *, stream: bool, chunk_tokens: int = 1) -> list[EngineDelta]:
@@ -29,7 +16,8 @@ async def deltas(eng: HFEngine, rid: str, *, stream: bool, chunk_tokens: int = 1
     return [d async for d in eng.generate(req)]
 
 
-async def test_a_chunked_stream_gets_whole_chunks_and_the_same_tokens_as_every_other_way(engine: HFEngine) -> None:
+async def test_a_chunked_stream_gets_whole_chunks_and_the_same_tokens_as_every_other_way(tiny_hf: HFEngine) -> None:
+    engine = tiny_hf
     per_token = await deltas(engine, "a", stream=True)
     chunked = await deltas(engine, "b", stream=True, chunk_tokens=5)
     whole = await deltas(engine, "c", stream=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,11 +17,8 @@ _rids = itertools.count()
 
 
 @pytest.fixture
-async def engine() -> AsyncIterator[HFEngine]:
-    eng = HFEngine(tiny(0)[0], max_batch_size=8)
-    await eng.start()
-    yield eng
-    await eng.shutdown()
+def engine(tiny_hf: HFEngine) -> HFEngine:
+    return tiny_hf
 
 
 async def run(eng: HFEngine, ids: list[int], session: str | None = None, n: int = 12, temperature: float = 0.0,
