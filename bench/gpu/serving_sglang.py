@@ -22,6 +22,13 @@ Each server's share is set from the memory free when it starts (SGLang sizes its
 of the free memory it finds), and they start one after another.
 
     python3 bench/gpu/serving_sglang.py [--parts gateway fleet] [--repeats 3]
+
+SGLang's HTTP server needs more than the kit's trimmed wheels: ``jsonschema`` and ``soundfile`` (with
+their dependencies) are imported at its start. Add them to ``.whl`` before the device call:
+``pip download jsonschema requests soundfile cffi pycparser --python-version 3.12 --only-binary=:all:
+--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl`` (then remove the numpy
+wheel it pulls in: the image's numpy must stay). ``xgrammar`` is not there either, hence
+``--grammar-backend none`` (no structured output is asked for).
 """
 
 from __future__ import annotations
@@ -161,6 +168,7 @@ async def gateway_part(a: argparse.Namespace, model: str, a_endpoint: str, procs
               "--port", str(sg_port), "--attention-backend", ENGINE["attention_backend"],
               "--sampling-backend", ENGINE["sampling_backend"], "--cuda-graph-max-bs-decode",
               ENGINE["cuda_graph_max_bs_decode"], "--random-seed", "0", "--log-level", "warning",
+              "--grammar-backend", "none",
               "--mem-fraction-static", fraction_for(0.2)]
     sglang_http = subprocess.Popen(sg_cmd, stdout=log_file("sglang_http"), stderr=subprocess.STDOUT)
     procs.append(sglang_http)
