@@ -55,6 +55,7 @@ from tests.gpu.common import (  # noqa: E402
     device_info,
     out_dir,
     stop_process,
+    wait_serving,
     write_qwen2,
 )
 
@@ -109,20 +110,13 @@ def start_rollwire(model: str, name: str, share: float) -> tuple[subprocess.Pope
 
 
 async def wait_rollwire(endpoint: str, proc: subprocess.Popen[bytes], timeout: float = 400) -> float:
+    """Seconds until `rollwire serve` at ``endpoint`` answers status (tests/gpu/common.wait_serving)."""
     from rollwire import RolloutClient
 
     t0 = time.monotonic()
     async with RolloutClient(endpoint) as rc:
-        while True:
-            try:
-                await rc.status(timeout=2.0)
-                return time.monotonic() - t0
-            except Exception:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"rollwire serve exited with {proc.returncode}") from None
-                if time.monotonic() - t0 > timeout:
-                    raise
-                await asyncio.sleep(1.0)
+        await wait_serving(rc, proc, timeout)
+    return time.monotonic() - t0
 
 
 async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 400) -> float:
