@@ -93,7 +93,7 @@ class _AllowLists:
             return key in self._allowed.get(domain, frozenset())
 
 
-_authenticators: dict[int, tuple[ThreadAuthenticator, _AllowLists]] = {}
+_authenticators: dict[int, tuple[ThreadAuthenticator, _AllowLists]] = {}  # by libzmq context address
 _auth_lock = threading.Lock()
 
 
@@ -101,13 +101,13 @@ def allow(ctx: zmq.Context, domain: str, keys: Iterable[bytes]) -> None:
     """Start ``ctx``'s authenticator if needed and set ``domain``'s allow-list. Call it before a
     CURVE server socket binds (STYLE.md: a handshake before it would not be checked)."""
     with _auth_lock:
-        entry = _authenticators.get(id(ctx))
+        entry = _authenticators.get(ctx.underlying)
         if entry is None:
             lists = _AllowLists()
             auth = ThreadAuthenticator(zmq.Context.shadow(ctx.underlying))
             auth.start()
             auth.configure_curve_callback("*", credentials_provider=lists)  # type: ignore[no-untyped-call]
-            entry = _authenticators[id(ctx)] = (auth, lists)
+            entry = _authenticators[ctx.underlying] = (auth, lists)
         entry[1].set(domain, keys)
         entry[0].configure_curve_callback(domain, credentials_provider=entry[1])  # type: ignore[no-untyped-call]
 
@@ -116,11 +116,9 @@ def stop_authenticator(ctx: zmq.Context) -> None:
     """Stop the authenticator of ``ctx`` (any Python object over the same libzmq context): a running
     one keeps ``ctx.destroy()`` waiting forever on its ZAP socket, so a CURVE server never exited."""
     with _auth_lock:
-        ours = [k for k, (auth, _) in _authenticators.items()
-                if auth.context.underlying == ctx.underlying]
-        entries = [_authenticators.pop(k) for k in ours]
-    for auth, _ in entries:
-        auth.stop()
+        entry = _authenticators.pop(ctx.underlying, None)
+    if entry is not None:
+        entry[0].stop()
 
 
 @dataclass(frozen=True)
