@@ -64,10 +64,13 @@ async def rounds(e: object, n: int = 10) -> None:
 G = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True)
 
 
-async def run_batch(e: object, rid: str, prompt: list[int], **params: object) -> dict:
-    """A non-streamed request (EngineRequest.stream=False): every delta it yields, as a list."""
-    deltas = [d async for d in e.generate(EngineRequest(rid, prompt, SamplingParams(**params),  # type: ignore[attr-defined]
-                                                          return_logprob=True, stream=False))]
+async def run_batch(e: object, rid: str, prompt: list[int], chunk_tokens: int | None = None,
+                    **params: object) -> dict:
+    """A non-streamed request (EngineRequest.stream=False), or with ``chunk_tokens`` a stream whose
+    consumer forwards chunks of that many: every delta it yields, as a list."""
+    req = EngineRequest(rid, prompt, SamplingParams(**params), return_logprob=True, stream=chunk_tokens is not None,
+                        chunk_tokens=chunk_tokens or 1)
+    deltas = [d async for d in e.generate(req)]  # type: ignore[attr-defined]
     return {"deltas": deltas, "tokens": [t for d in deltas for t in d.token_ids],
             "versions": [d.weight_version for d in deltas for _ in d.token_ids],
             "lps": [x for d in deltas for x in d.logprobs or []],

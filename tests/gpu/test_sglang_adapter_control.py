@@ -112,10 +112,14 @@ async def test_flush_is_refused_while_running_and_evicts_when_paused(eng) -> Non
     assert out["finish"] == "abort" and out["finals"] == 1
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 8], ids=["non_streamed", "chunked_stream"])
 @pytest.mark.parametrize("mode", ["retract", "in_place"])
-async def test_non_streamed_requests_across_a_version_switch_get_exact_spans(eng, sglang_module, mode) -> None:
+async def test_non_streamed_and_chunked_requests_across_a_version_switch_get_exact_spans(eng, sglang_module, mode,
+                                                                                        chunk_tokens) -> None:
+    """SGLang holds back tokens of both (until the finish / every stream_interval): the switch
+    evicts them, so each token's version is still exact."""
     _, ckpt = sglang_module
-    tasks = [asyncio.ensure_future(run_batch(eng, f"n{i}", [i + 3, 4], **G)) for i in range(4)]
+    tasks = [asyncio.ensure_future(run_batch(eng, f"n{i}", [i + 3, 4], chunk_tokens, **G)) for i in range(4)]
     for _ in range(200):  # some tokens produced (inside the stand-in scheduler)
         await asyncio.sleep(0.002)
         running = eng._tm._running  # type: ignore[attr-defined]

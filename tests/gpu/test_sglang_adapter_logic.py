@@ -95,6 +95,15 @@ async def test_a_non_streamed_request_is_one_delta_with_every_token_and_the_same
     assert batch["tokens"] == streamed["tokens"] and batch["lps"] == streamed["lps"]
 
 
+async def test_a_chunked_stream_is_handed_over_every_chunk_tokens_with_the_same_output(eng) -> None:
+    chunked = await run_batch(eng, "k", [5, 6, 7], 8, **G)
+    streamed = await run(eng, "s", [5, 6, 7], **G)
+    assert chunked["tokens"] == streamed["tokens"] and chunked["lps"] == streamed["lps"]
+    # SGLang's stream_interval: the first token at once, then every 8 (the rest with the finish)
+    assert [len(d.token_ids) for d in chunked["deltas"]] == [1, 8, 8, 8, 8, 7]
+    assert chunked["finals"] == 1 and chunked["finish"] == "length"
+
+
 async def test_cached_tokens_are_reported_once_on_the_first_delta(eng) -> None:
     first = await run_batch(eng, "a", [7, 8, 9, 10], **G)
     again = await run_batch(eng, "b", [7, 8, 9, 10] + first["tokens"] + [11], **G)

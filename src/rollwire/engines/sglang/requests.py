@@ -5,12 +5,14 @@ remaining token budget. A segment ends when SGLang finishes the request or when 
 evicts it (to release memory, to flush, or to make its token count exact at a version switch);
 an evicted request is re-submitted once the engine runs again.
 
-Streamed segments (``EngineRequest.stream``) read every new token as SGLang hands it over.
+Streamed segments (``EngineRequest.stream``) read every new token as SGLang hands it over; one
+whose consumer forwards chunks (``chunk_tokens`` > 1) asks SGLang for a per-request
+``stream_interval`` of that size, so it costs one wake-up per chunk.
 Non-streamed segments are one SGLang request without ``stream``: SGLang sends the output when it
 finishes (and every ``SGLANG_FORCE_STREAM_INTERVAL`` tokens to the TokenizerManager, which the
 adapter does not wait for), so a request costs one wake-up instead of one per token. Their
-weight-version spans stay exact because a version switch evicts every non-streamed segment
-first (see ``SGLangEngine._prepare_switch``): what SGLang had produced by then is what the
+weight-version spans stay exact because a version switch evicts every segment not handed over
+token by token first (see ``SGLangEngine._prepare_switch``): what SGLang had produced by then is what the
 adapter has, tagged with the old version; the rest is generated under the new one.
 """
 
@@ -39,6 +41,7 @@ class Live:
     state: Any = None  # SGLang's ReqState of the current segment (read through compat)
     seg_base: int = 0  # len(output) when the current segment was submitted
     streamed: bool = True  # the current segment is a streamed SGLang request
+    per_token: bool = True  # ... that SGLang hands over at every token (no stream_interval)
     abort_requested: bool = False
     evicting: bool = False  # aborted inside SGLang to be re-submitted later, not finished
     killed: bool = False  # shutdown stopped waiting for SGLang's answer
@@ -119,6 +122,12 @@ class RequestsMixin:
         # needs every token as it comes
         local_stops = frozenset(req.params.stop_token_ids) if req.params.ignore_eos else frozenset()
         s.streamed = bool(req.stream or local_stops)
+        s.per_token = s.streamed and (bool(local_stops) or req.chunk_tokens <= 1)
+        if s.streamed and not s.per_token:
+            # the consumer forwards chunks (the fleet's failover streams): SGLang then hands the
+            # request over at its first token and every chunk_tokens after, one wake-up per chunk
+            # instead of per token; a version switch evicts it like a non-streamed segment
+            sp["stream_interval"] = int(req.chunk_tokens)
         s.srid = f"{self._rid_prefix}{next(self._rids):012x}"
         s.seg_base = len(s.output)
         s.evicting = False

@@ -223,12 +223,13 @@ class WeightsMixin:
           under the new version's cache key. Left in SGLang's waiting queue, a retracted request
           re-prefills by matching its own KV in the radix cache, computed by the old weights
           (seen on an H100: its continuation then differs from the new version's).
-        * ``in_place`` keeps the KV by design. Non-streamed segments are evicted still: their tokens
-          reach the adapter only at the end. SGLang's overlap scheduler keeps one step in flight,
-          and an ``in_place`` pause leaves it there: its token (computed with the old weights)
-          would come out after the switch. Re-pausing with ``retract`` makes the scheduler process
-          that step first; the requests then re-prefill, reusing their cached KV. With
-          ``disable_overlap_schedule`` an ``in_place`` pause is exact as it is.
+        * ``in_place`` keeps the KV by design. Segments not handed over token by token are evicted
+          still: their tokens reach the adapter only at the end or every ``stream_interval``.
+          SGLang's overlap scheduler keeps one step in flight, and an ``in_place`` pause leaves it
+          there: its token (computed with the old weights) would come out after the switch.
+          Re-pausing with ``retract`` makes the scheduler process that step first; the requests
+          then re-prefill, reusing their cached KV. With ``disable_overlap_schedule`` an
+          ``in_place`` pause is exact as it is.
         """
         inside = [s for s in self._live.values() if s.submitted and not s.done]
         if not inside:
@@ -236,15 +237,15 @@ class WeightsMixin:
         if self._sched_paused != "in_place":
             await self._evict()
             return
-        unstreamed = [s for s in inside if not s.streamed]
-        if unstreamed or (self._sched_paused == "in_place" and self._overlap):
+        lagging = [s for s in inside if not s.per_token]  # SGLang holds tokens of these back
+        if lagging or (self._sched_paused == "in_place" and self._overlap):
             await self._pause_scheduler("retract")
-        for s in unstreamed:
+        for s in lagging:
             s.evicting = True
             self._tm.abort_request(s.srid)
-        if unstreamed:
-            await self._wait_states_finished(unstreamed, EVICT_TIMEOUT_S)
-        await self._settle([s for s in inside if s.streamed])
+        if lagging:
+            await self._wait_states_finished(lagging, EVICT_TIMEOUT_S)
+        await self._settle([s for s in inside if s.per_token])
 
     def _go_live(self, version: int) -> None:
         for s in self._live.values():

@@ -342,7 +342,9 @@ class TokenizerManager:
             elif len(r.out) >= sp.get("max_new_tokens", 128):
                 fin = {"type": "length", "length": len(r.out)}
             r.lps.append(lp)
-            if r.stream or fin is not None or len(r.out) % FORCE_INTERVAL == 0:
+            every = int(sp.get("stream_interval") or 1)  # as SGLang: the first token, then every `every`
+            streamed_now = r.stream and (len(r.out) % every == 1 if every > 1 else True)
+            if streamed_now or fin is not None or (not r.stream and len(r.out) % FORCE_INTERVAL == 0):
                 self._out(self._handle_output, r.rid, r.out[r.sent:], r.lps[r.sent:], fin, r.cached)
                 r.sent = len(r.out)
             if fin is not None:
