@@ -58,6 +58,9 @@ class ActorSystem:
     def actor(self, name: str) -> Actor:
         return self._slots[name].actor
 
+    def names(self) -> list[str]:
+        return list(self._slots)
+
     async def spawn(self, factory: Callable[[], Actor], *, public: dict[str, Sequence[str]] | None = None,
                     curve: CurveServer | None = None) -> Actor:
         """Create the actor, bind each port to its inproc address (its internal socket) and to the
