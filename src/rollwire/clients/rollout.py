@@ -82,7 +82,8 @@ class GenerationStream:
             self._client._rpc.close_stream(self.rid)
             raise StopAsyncIteration
         try:
-            item = await asyncio.wait_for(self._queue.get(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                item = await self._queue.get()
         except TimeoutError:
             await self.abort()
             self._client._rpc.close_stream(self.rid)

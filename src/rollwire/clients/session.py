@@ -181,7 +181,8 @@ class Session:
                 else:
                     try:
                         left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
-                        item = await asyncio.wait_for(queue.get(), left)
+                        async with asyncio.timeout(left):
+                            item = await queue.get()
                     except TimeoutError:
                         timed_out = True
                         abort_deadline = asyncio.get_running_loop().time() + ABORT_GRACE_S
@@ -212,7 +213,8 @@ class Session:
         """The next reply of an aborted turn (its chunks, then its terminal reply, all by
         ``deadline``), or desync."""
         try:
-            return await asyncio.wait_for(queue.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            async with asyncio.timeout_at(deadline):
+                return await queue.get()
         except TimeoutError:
             self._desynced = True
             raise SessionDesynced(f"session {self.id}: no reply to an aborted turn") from None

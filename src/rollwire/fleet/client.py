@@ -185,7 +185,8 @@ class RolloutFleet:
         samples = [_Sample(i) for i in range(sp.n)]
         run = self._run(list(input_ids), sp, samples, return_logprob, min_version)
         try:
-            outs = await (asyncio.wait_for(run, limit) if limit is not None else run)
+            async with asyncio.timeout(limit):
+                outs = await run
         except TimeoutError:
             raise RequestTimeout(f"no result within {limit}s") from None
         return outs[0] if sp.n == 1 else outs

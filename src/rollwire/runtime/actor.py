@@ -210,7 +210,8 @@ class Actor:
 
     async def _finish_send(self, pending: asyncio.Future[Any]) -> None:
         try:
-            await asyncio.wait_for(pending, sockets.SEND_TIMEOUT_S)
+            async with asyncio.timeout(sockets.SEND_TIMEOUT_S):
+                await pending
         except (TimeoutError, zmq.ZMQError):
             self.counters.inc("replies_undeliverable")
 

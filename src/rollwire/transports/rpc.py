@@ -161,7 +161,9 @@ class RpcClient(Generic[R]):
                 if fut.done():  # the liveness check failed the call while its send waited
                     return _checked(fut.result())  # raises that typed error (and marks it retrieved)
                 raise
-            return _checked(await (asyncio.wait_for(fut, timeout) if timeout is not None else fut))
+            async with asyncio.timeout(timeout):
+                reply = await fut
+            return _checked(reply)
         finally:
             self._waiters.pop(rid, None)
 

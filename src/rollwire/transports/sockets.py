@@ -245,7 +245,8 @@ async def send(sock: zmq.asyncio.Socket, frames: Sequence[Any], *, copy: bool = 
     try:
         fut: Any = sock.send_multipart(frames, copy=copy)
         if not fut.done():
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         else:
             fut.result()
         return True

@@ -205,7 +205,8 @@ async def _pull(trainer: RpcClient[Any], rid: int, replies: asyncio.Queue[Any], 
     while len(got) < n:
         left = progress + stall_timeout_s - time.monotonic()
         try:
-            item = await asyncio.wait_for(replies.get(), max(left, 0.0))
+            async with asyncio.timeout(max(left, 0.0)):
+                item = await replies.get()
         except TimeoutError:
             raise StagingError(ErrorCode.TIMEOUT, f"stalled: no bucket for {stall_timeout_s}s "
                                                   f"({len(got)}/{n} received)") from None

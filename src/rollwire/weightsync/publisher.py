@@ -347,7 +347,8 @@ class TrainerPublisher:
                                               f"need {self.min_receivers} (registered: {sorted(self.receivers)})"})
             self._joined_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._joined_changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._joined_changed.wait()
 
     # -- sockets ---------------------------------------------------------------------------------
     async def _reply(self, peer: bytes, rid: int, msg: Any, payload: Sequence[Any] = ()) -> bool:
@@ -536,4 +537,5 @@ class TrainerPublisher:
             pending = any(not r.joined for r in self.receivers.values())
             self._wake_beacon.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_beacon.wait(), FAST_BEACON_S if pending else self.heartbeat_s)
+                async with asyncio.timeout(FAST_BEACON_S if pending else self.heartbeat_s):
+                    await self._wake_beacon.wait()
