@@ -212,3 +212,44 @@ async def test_an_sglang_outside_the_tested_range_is_refused_before_an_engine_is
     with pytest.raises(mod.compat.UnsupportedSGLangVersion, match=r"sglang 0\.6\.0 is not supported"):
         await e.start()
     assert e._eng is None
+
+
+async def test_while_sglangs_batch_is_full_each_freed_slot_goes_to_the_client_with_fewest_inside(
+        sglang_module) -> None:
+    """SGLang's max_running_requests (2 here, read from its scheduler's internal state): client A
+    fills the batch and queues two more, then B sends two. FIFO would run a0 a1 a2 a3 b0 b1; each
+    freed slot goes to the waiting client holding fewer, so B's requests do not wait behind all of
+    A's. A request aborted while it waits for a slot ends at once, with no tokens."""
+    from tests.conftest import until as until_state
+
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt, engine_args={"fake_step_s": "0.002", "max_running_requests": "2"})
+    await e.start()
+    entered: list[str] = []
+
+    async def collect(rid: str, client: str) -> list[EngineDelta]:
+        deltas = []
+        req = EngineRequest(rid, [3, 4], SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+                            client=client)
+        async for d in e.generate(req):
+            if d.token_ids and rid not in entered:
+                entered.append(rid)  # its first token: the step after it entered SGLang
+            deltas.append(d)
+        return deltas
+
+    try:
+        assert e.info().extra["max_running_requests"] == 2
+        a = [asyncio.ensure_future(collect(f"a{i}", "A")) for i in range(4)]
+        await until_state(lambda: e.info().extra["waiting_for_a_slot"] == 2, "a2, a3 waiting for a slot", 30)
+        b = [asyncio.ensure_future(collect(f"b{i}", "B")) for i in range(2)]
+        late = asyncio.ensure_future(collect("a-late", "A"))
+        await until_state(lambda: e.info().extra["waiting_for_a_slot"] == 5, "b0, b1, a-late waiting", 30)
+        await e.abort("a-late")
+        aborted = await late
+        assert [(d.token_ids, d.finish_reason) for d in aborted] == [([], "abort")]
+        outs = await asyncio.gather(*a, *b)
+        assert all(sum(len(d.token_ids) for d in o) == 12 and o[-1].finish_reason == "length" for o in outs)
+        assert entered == ["a0", "a1", "b0", "a2", "b1", "a3"], entered
+        assert e.info().extra["waiting_for_a_slot"] == 0 and e._admission.total == 0
+    finally:
+        await e.shutdown()

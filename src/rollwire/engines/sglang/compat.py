@@ -20,6 +20,7 @@ as arguments.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -159,6 +160,20 @@ def engine_facts(tm: Any) -> dict[str, Any]:
     if sa is not None and hasattr(sa, "disable_overlap_schedule"):
         facts["disable_overlap_schedule"] = bool(sa.disable_overlap_schedule)
     return facts
+
+
+async def max_running_requests(tm: Any) -> int | None:
+    """SGLang's running-batch limit (its scheduler sizes it from memory at start), from the
+    scheduler's internal state; None if this SGLang does not say."""
+    try:
+        async with asyncio.timeout(30):
+            states = await tm.get_internal_state()
+    except Exception as e:  # an SGLang without it: no fair admission (see admission.py)
+        log.warning("sglang: no max_running_requests from get_internal_state (%r): no fair admission", e)
+        return None
+    state = states[0] if isinstance(states, list) and states else states
+    value = state.get("effective_max_running_requests_per_dp") if isinstance(state, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def cancel_background_tasks(tm: Any) -> None:

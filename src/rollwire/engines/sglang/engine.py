@@ -105,6 +105,7 @@ from rollwire.engines.base import (
 )
 from rollwire.engines.sglang import args as sglang_args
 from rollwire.engines.sglang import compat
+from rollwire.engines.sglang.admission import FairAdmission
 from rollwire.engines.sglang.args import (
     DEFAULT_ARGS,
     FORCED_ARGS,
@@ -177,6 +178,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._session_keys: dict[str, str] = {}  # session id -> radix-cache key of its history
         self._leaving: set[str] = set()  # SGLang rids we aborted and forgot; SGLang may still run them
         self._groups: set[str] = set()  # NCCL weight groups joined
+        self._admission = FairAdmission(None)  # its capacity is SGLang's max_running_requests, from start()
         self.startup_s = 0.0
         self.loop_is_engine_loop: bool | None = None
 
@@ -203,6 +205,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 "loop_is_engine_loop": self.loop_is_engine_loop, "deterministic": self.deterministic,
                 "overlap_schedule": self._overlap, "sessions": len(self._session_keys),
                 "weight_groups": sorted(self._groups), "dead": self._dead is not None,
+                "max_running_requests": self._admission.capacity, "waiting_for_a_slot": self._admission.waiting(),
+                "held_for_a_slot": self._admission.held_back,
             },
         )
 
@@ -255,6 +259,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self.max_model_len = facts.get("context_len", self.max_model_len)
         if "disable_overlap_schedule" in facts:  # SGLang may switch it off itself
             self._overlap = not facts["disable_overlap_schedule"]
+        self._admission.capacity = await compat.max_running_requests(self._tm)
         log.info("sglang engine started in %.1fs (loop kept: %s, overlap scheduler: %s)", self.startup_s,
                  self.loop_is_engine_loop, self._overlap)
 
@@ -320,11 +325,16 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 if s.abort_requested or self._closed:
                     yield self._final(s, "abort")
                     return
-                async with contextlib.aclosing(self._run_segment(s)) as segment:
-                    async for d in segment:
-                        yield d
-                        if d.finish_reason is not None:
-                            return
+                if not await self._admitted(s):
+                    continue  # paused or aborted while it waited for a slot: look again
+                try:
+                    async with contextlib.aclosing(self._run_segment(s)) as segment:
+                        async for d in segment:
+                            yield d
+                            if d.finish_reason is not None:
+                                return
+                finally:
+                    self._admission.leave(req.client)
                 # the segment ended without finishing: evicted; wait, then submit the rest
         finally:
             if s.submitted and not s.done:  # the consumer went away: stop spending steps on it
@@ -336,6 +346,26 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 s.pending.cancel()
             if self._live.get(req.rid) is s:
                 del self._live[req.rid]
+
+    async def _admitted(self, s: Live) -> bool:
+        """Wait for a slot inside SGLang (``admission``: fair among clients while its batch is full).
+        False, with the slot handed on, if the engine stopped running or ``s`` was aborted meanwhile."""
+        client = s.req.client
+        grant = self._admission.request(client)
+        try:
+            while not grant.done():
+                changed = asyncio.ensure_future(self._changed.wait())
+                try:
+                    await asyncio.wait([grant, changed], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if not self._runnable() or s.abort_requested or self._closed or self._dead is not None:
+                    self._admission.withdraw(client, grant)
+                    return False
+        except BaseException:  # the consumer went away while it waited
+            self._admission.withdraw(client, grant)
+            raise
+        return True
 
     async def abort(self, rid: str) -> None:
         s = self._live.get(rid)

@@ -24,4 +24,5 @@ class ServerArgs:
     weight_version: A[str, ""] = "default"
     json_model_override_args: A[str, ""] = "{}"
     disable_radix_cache: A[bool, ""] = False
+    max_running_requests: A[int | None, ""] = None
     fake_step_s: A[float, "seconds per decode step of the fake scheduler"] = 0.002

@@ -269,8 +269,9 @@ class TokenizerManager:
                     self._running = []
             elif kind == "continue":
                 self._paused = ""
-            elif kind == "state":
-                self._reply(fut, {})
+            elif kind == "state":  # as SGLang: one dict per DP rank, with the limit it computed from memory
+                limit = self.server_args.max_running_requests or 4096
+                self._reply(fut, [{"effective_max_running_requests_per_dp": limit}])
             elif kind == "nccl":
                 obj = m[1]
                 self._salt = hash((tuple(obj.names), obj.weight_version)) % 100003

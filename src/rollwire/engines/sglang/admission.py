@@ -1,0 +1,79 @@
+"""Fair admission into SGLang: which request enters its running batch next once the batch is full.
+
+SGLang schedules the requests it holds by its own policy, with no notion of rollwire's clients:
+one client that sends more than SGLang's ``max_running_requests`` fills the batch, and everyone
+else's requests queue behind all of its own. So the adapter keeps at most that many requests inside
+SGLang and, while it is full, holds the rest itself; each freed slot goes to the waiting client
+with the fewest requests inside (ties: round robin), as the hf engine's batch share does. There is
+no preemption: a client above its share keeps the requests it has inside until they end, and the
+shares even out as requests finish (SGLang's turnover is a few seconds at most).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter, deque
+
+
+class FairAdmission:
+    def __init__(self, capacity: int | None) -> None:
+        """``capacity``: SGLang's max_running_requests (None: unknown, no gating)."""
+        self.capacity = capacity
+        self.inside: Counter[str] = Counter()  # client -> slots held (granted, inside SGLang or about to be)
+        self.total = 0
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # client -> waiters, in arrival order
+        self.held_back = 0  # requests that had to wait for a slot (a counter for info())
+
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def request(self, client: str) -> asyncio.Future[None]:
+        """A future done once ``client`` holds a slot; ``withdraw`` it if it is no longer wanted."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.capacity is None or (self.total < self.capacity and not self._waiting):
+            self._take(client)
+            fut.set_result(None)
+            return fut
+        self.held_back += 1
+        self._waiting.setdefault(client, deque()).append(fut)
+        return fut
+
+    def withdraw(self, client: str, fut: asyncio.Future[None]) -> None:
+        """Give up a request: a slot it was granted goes to the next waiter."""
+        if fut.done() and not fut.cancelled():
+            self.leave(client)
+            return
+        fut.cancel()
+        q = self._waiting.get(client)
+        if q is not None:
+            with contextlib.suppress(ValueError):  # granted and cancelled at once: no longer queued
+                q.remove(fut)
+            if not q:
+                del self._waiting[client]
+
+    def leave(self, client: str) -> None:
+        """A slot held by ``client`` is free again."""
+        self.inside[client] -= 1
+        if self.inside[client] <= 0:
+            del self.inside[client]
+        self.total -= 1
+        self._grant()
+
+    def _take(self, client: str) -> None:
+        self.inside[client] += 1
+        self.total += 1
+
+    def _grant(self) -> None:
+        while self._waiting and (self.capacity is None or self.total < self.capacity):
+            # fewest slots held first; among equals the first in the dict, which is the one served
+            # longest ago (a client served goes to the back)
+            client = min(self._waiting, key=lambda c: self.inside[c])
+            q = self._waiting.pop(client)
+            fut = q.popleft()
+            if q:
+                self._waiting[client] = q
+            if fut.cancelled():
+                continue
+            self._take(client)
+            fut.set_result(None)
