@@ -354,7 +354,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         grant = self._admission.request(client)
         try:
             while not grant.done():
-                changed = asyncio.ensure_future(self._changed.wait())
+                changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
                 try:
                     await asyncio.wait([grant, changed], return_when=asyncio.FIRST_COMPLETED)
                 finally:
