@@ -26,13 +26,14 @@ from common import CHECK_ENGINE_ARGS, Report, device_info, gib_free  # noqa: E40
 
 
 async def run(eng: Any, rid: str, prompt: list[int], *, logprob: bool = False, res: dict | None = None,
-              stream: bool = True, **params: Any) -> dict[str, Any]:
+              stream: bool = True, chunk_tokens: int = 1, **params: Any) -> dict[str, Any]:
     from rollwire.engines.base import EngineRequest
     from rollwire.messages.generate import SamplingParams
 
     out = res if res is not None else {}
     out.update(tokens=[], logprobs=[], versions=[], finish=None, finals=0, deltas=0)
-    async for d in eng.generate(EngineRequest(rid, list(prompt), SamplingParams(**params), logprob, stream=stream)):
+    req = EngineRequest(rid, list(prompt), SamplingParams(**params), logprob, stream=stream, chunk_tokens=chunk_tokens)
+    async for d in eng.generate(req):
         out["deltas"] += 1
         out["tokens"] += d.token_ids
         out["logprobs"] += d.logprobs or []
@@ -82,6 +83,9 @@ async def main(model: str, ref_path: str) -> int:
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     rep.check("info", eng.info().vocab_size == vocab,
               info=vars(eng.info()))
+    cap = eng.info().extra.get("max_running_requests")
+    rep.check("SGLang's max_running_requests read from its scheduler (fair admission on)",
+              isinstance(cap, int) and cap > 0, max_running_requests=cap)
 
     sd = load_file(f"{model}/model.safetensors")
     cpu = list(sd.items())
@@ -111,6 +115,11 @@ async def main(model: str, ref_path: str) -> int:
         rep.check("logprobs == direct sglang's", err < 1e-3 and all(len(a["logprobs"]) == n_new for a in alone),
                   max_abs_diff=err)
         rep.check("one terminal delta per request", all(a["finals"] == 1 and a["finish"] == "length" for a in alone))
+        chunked = [(await run(eng, f"k{i}", p, logprob=True, chunk_tokens=8, **G)) for i, p in enumerate(ps)]
+        rep.check("a chunked stream (stream_interval 8) == direct, one delta per chunk",
+                  all(c["tokens"] == r and c["finals"] == 1 for c, r in zip(chunked, refs, strict=True))
+                  and all(c["deltas"] <= 2 + n_new // 8 for c in chunked),
+                  deltas=[c["deltas"] for c in chunked], per_token=[a["deltas"] for a in alone])
     await step("parity", parity())
 
     # -- sampling parameters -----------------------------------------------------------------------
