@@ -7,8 +7,9 @@ scripted one of ``harness.py``, told what to send."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing as mp
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -110,6 +111,31 @@ def draw_cases(strategy: Any, n: int) -> list[Any]:
     return cases
 
 
+async def play(trainer: ScriptedTrainer, where: str, messages: list[list[bytes]], receiver_id: str,
+               push: Callable[[], Awaitable[Any]]) -> Any:
+    """One fuzz case: hostile replies to Register, unasked messages on the PUB or the control link
+    (after which the receiver still acknowledges beacons), or hostile bucket replies to the version
+    ``push`` announces: returns its outcome (ok, or refused with a typed code); otherwise None."""
+    if where == "register":
+        await register_again(trainer, messages)
+    elif where in ("pub", "control"):
+        for frames in messages:
+            if where == "pub":
+                await trainer.publish_raw(frames)
+            else:
+                await trainer.send_raw(trainer.peers[receiver_id], 0, frames)
+        await trainer.wait_beacon_acks(1)
+    else:
+        trainer.pull_script = list(messages)
+        try:
+            outcome = await push()
+        finally:
+            trainer.pull_script = []
+        assert outcome.ok or outcome.error_code in CODES, outcome
+        return outcome
+    return None
+
+
 CASE = st.tuples(st.sampled_from(["register", "pub", "control", "bucket"]),
                  st.lists(hostile_frames(oversize=CONTROL_MAX_FRAME), min_size=1, max_size=3))
 
@@ -124,23 +150,12 @@ async def test_a_fuzzed_trainer_never_stops_a_receiver_process_and_its_next_good
     version = 0
     outcomes: dict[str, int] = {}
     for where, messages in draw_cases(CASE, 50):
-        if where == "register":
-            await register_again(trainer, messages)
-        elif where in ("pub", "control"):
-            for frames in messages:
-                if where == "pub":
-                    await trainer.publish_raw(frames)
-                else:
-                    await trainer.send_raw(trainer.peers["r1"], 0, frames)
-            await trainer.wait_beacon_acks(1)
-        else:
-            trainer.pull_script = list(messages)
+        if where == "bucket":
             version += 1
-            outcome = await good_push(trainer, version)
-            assert outcome.ok or outcome.error_code in CODES, outcome
+        outcome = await play(trainer, where, messages, "r1", functools.partial(good_push, trainer, version))
+        if outcome is not None:
             key = "ok" if outcome.ok else outcome.error_code
             outcomes[key] = outcomes.get(key, 0) + 1
-            trainer.pull_script = []
     report = await assert_unharmed(trainer, receiver, version + 1)
     counters = report["counters"]
     assert counters.get("bad_replies", 0) + counters.get("link_failures", 0) > 0, counters

@@ -7,6 +7,7 @@ fuzzing against a receiver alone, in its own process.)"""
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from rollwire.clients.rollout import RolloutClient
@@ -16,10 +17,15 @@ from rollwire.transports.sockets import ipc_endpoint
 from tests.conftest import free_tcp_endpoint
 from tests.weights.harness import ScriptedTrainer
 from tests.weights.procs import tiny_weights
-from tests.weights.test_hostile_trainer_link import CASE, CODES, draw_cases, register_again
+from tests.weights.test_hostile_trainer_link import CASE, draw_cases, play
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPT = [1, 40, 41, 42, 43]
+
+
+async def push(trainer: ScriptedTrainer, version: int, weights: str) -> Any:
+    plans = trainer.plan(tiny_weights(weights), bucket_bytes=64 << 10)
+    return await asyncio.wait_for(await trainer.announce(version, plans), 60)
 
 
 async def _keep_generating(rc: RolloutClient, stop: asyncio.Event, outs: list[Any]) -> None:
@@ -36,29 +42,18 @@ async def test_a_fuzzed_trainer_link_leaves_the_server_serving_and_its_next_good
         await trainer.wait_joined(timeout=60)
         before = await rc.generate(PROMPT, GREEDY)
         assert isinstance(before, GenerateDone) and before.weight_version == 0
-        stop, outs = asyncio.Event(), []
+        stop, outs = asyncio.Event(), list[Any]()
         worker = asyncio.ensure_future(_keep_generating(rc, stop, outs))
-        fuzzed_versions, outcomes = 0, {}
+        fuzzed_versions, outcomes = 0, dict[str, int]()
         cases = draw_cases(CASE, 24)
         for where, messages in cases:
-            if where == "register":
-                await register_again(trainer, messages)
-            elif where in ("pub", "control"):
-                for frames in messages:
-                    if where == "pub":
-                        await trainer.publish_raw(frames)
-                    else:
-                        await trainer.send_raw(trainer.peers["srv"], 0, frames)
-                await trainer.wait_beacon_acks(1)
-            else:  # a version of the server's own weights whose bucket replies are hostile
-                trainer.pull_script = list(messages)
+            if where == "bucket":  # a version of the server's own weights whose bucket replies are hostile
                 fuzzed_versions += 1
-                plans = trainer.plan(tiny_weights("original"), bucket_bytes=64 << 10)
-                outcome = await asyncio.wait_for(await trainer.announce(fuzzed_versions, plans), 60)
-                assert outcome.ok or outcome.error_code in CODES, outcome
+            outcome = await play(trainer, where, messages, "srv",
+                                 functools.partial(push, trainer, fuzzed_versions, "original"))
+            if outcome is not None:
                 key = "ok" if outcome.ok else outcome.error_code
                 outcomes[key] = outcomes.get(key, 0) + 1
-                trainer.pull_script = []
         stop.set()
         await worker
         # every request sent while the link was fuzzed completed, on the original weights' tokens
@@ -66,8 +61,7 @@ async def test_a_fuzzed_trainer_link_leaves_the_server_serving_and_its_next_good
                             and o.output_ids == before.output_ids for o in outs), outs[:3]
 
         good = fuzzed_versions + 1
-        plans = trainer.plan(tiny_weights("perturbed"), bucket_bytes=64 << 10)
-        outcome = await asyncio.wait_for(await trainer.announce(good, plans), 60)
+        outcome = await push(trainer, good, "perturbed")
         assert outcome.ok, outcome
         after = await rc.generate(PROMPT, GREEDY)
         assert isinstance(after, GenerateDone) and after.weight_version == good
