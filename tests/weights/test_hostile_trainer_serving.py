@@ -1,8 +1,9 @@
 """A hostile trainer against a whole serving RolloutServer (hf engine, tiny model): after fuzzed
-replies on every part of the trainer link, and while a rollout worker keeps generating, the next
-good version applies, later generations report it and follow its weights, no actor was restarted,
-and every request sent during the fuzzing completed. (test_hostile_trainer_link.py runs the same
-fuzzing against a receiver alone, in its own process.)"""
+messages on the trainer's PUB, its control link and as bucket replies, and while a rollout worker
+keeps generating, the next good version applies, later generations report it and follow its
+weights, no actor was restarted, and every request sent during the fuzzing completed.
+(test_hostile_trainer_link.py runs the same fuzzing, replies to Register included, against a
+receiver alone, in its own process.)"""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ async def test_a_fuzzed_trainer_link_leaves_the_server_serving_and_its_next_good
         stop, outs = asyncio.Event(), list[Any]()
         worker = asyncio.ensure_future(_keep_generating(rc, stop, outs))
         fuzzed_versions, outcomes = 0, dict[str, int]()
-        cases = draw_cases(CASE, 24)
+        # hostile replies to Register are left to test_hostile_trainer_link.py, whose receiver waits
+        # 0.2 s for a Welcome: a server's receiver waits 2 s, doubling, per dropped reply
+        cases = [c for c in draw_cases(CASE, 32) if c[0] != "register"]
         for where, messages in cases:
             if where == "bucket":  # a version of the server's own weights whose bucket replies are hostile
                 fuzzed_versions += 1
