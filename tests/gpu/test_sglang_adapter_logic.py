@@ -253,3 +253,32 @@ async def test_while_sglangs_batch_is_full_each_freed_slot_goes_to_the_client_wi
         assert e.info().extra["waiting_for_a_slot"] == 0 and e._admission.total == 0
     finally:
         await e.shutdown()
+
+
+async def test_a_slot_is_free_once_sglang_ended_the_request_not_once_its_consumer_reads_on(sglang_module) -> None:
+    """One slot (max_running_requests 1): A's consumer takes its final delta and then stops reading
+    (a slow client) without closing the generator; B still gets the slot and finishes."""
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt, engine_args={"fake_step_s": "0.002", "max_running_requests": "1"})
+    await e.start()
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    try:
+        slow = e.generate(EngineRequest("a", [3, 4], sp, client="A"))
+        a = [d async for d in _until_final(slow)]
+        assert a[-1].finish_reason == "length"
+        async with asyncio.timeout(60):  # a hang guard: B would wait for A's consumer forever
+            b = [d async for d in e.generate(EngineRequest("b", [5, 6], sp, client="B"))]
+        assert sum(len(d.token_ids) for d in b) == 6 and b[-1].finish_reason == "length"
+        await slow.aclose()
+        assert e._admission.total == 0
+    finally:
+        await e.shutdown()
+
+
+async def _until_final(gen):  # type: ignore[no-untyped-def]
+    """The deltas of ``gen`` up to its final one, leaving ``gen`` suspended there (not closed)."""
+    while True:
+        d = await gen.__anext__()
+        yield d
+        if d.finish_reason is not None:
+            return

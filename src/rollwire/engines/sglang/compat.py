@@ -163,17 +163,23 @@ def engine_facts(tm: Any) -> dict[str, Any]:
 
 
 async def max_running_requests(tm: Any) -> int | None:
-    """SGLang's running-batch limit (its scheduler sizes it from memory at start), from the
-    scheduler's internal state; None if this SGLang does not say."""
+    """SGLang's running-batch limit (its scheduler sizes it from memory at start), summed over its
+    data-parallel ranks, from the schedulers' internal state; None if this SGLang does not say."""
+    # shielded: a cancelled get_internal_state leaves SGLang's communicator marked busy, and every
+    # later one (each pause's scheduler round trip) would wait forever
+    call = asyncio.ensure_future(tm.get_internal_state())
     try:
         async with asyncio.timeout(30):
-            states = await tm.get_internal_state()
+            states = await asyncio.shield(call)
     except Exception as e:  # an SGLang without it: no fair admission (see admission.py)
         log.warning("sglang: no max_running_requests from get_internal_state (%r): no fair admission", e)
         return None
-    state = states[0] if isinstance(states, list) and states else states
-    value = state.get("effective_max_running_requests_per_dp") if isinstance(state, dict) else None
-    return int(value) if isinstance(value, int) and value > 0 else None
+    key = "effective_max_running_requests_per_dp"
+    ranks = states if isinstance(states, list) else [states]
+    limits = [s.get(key) if isinstance(s, dict) else None for s in ranks]
+    if not limits or not all(isinstance(v, int) and v > 0 for v in limits):
+        return None
+    return sum(limits)  # type: ignore[arg-type]
 
 
 def cancel_background_tasks(tm: Any) -> None:

@@ -327,14 +327,19 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                     return
                 if not await self._admitted(s):
                     continue  # paused or aborted while it waited for a slot: look again
+                holds_slot = True
                 try:
                     async with contextlib.aclosing(self._run_segment(s)) as segment:
                         async for d in segment:
+                            if holds_slot and not s.submitted:  # SGLang ended it: the slot is free now,
+                                holds_slot = False  # not once a slow consumer has taken this delta
+                                self._admission.leave(req.client)
                             yield d
                             if d.finish_reason is not None:
                                 return
                 finally:
-                    self._admission.leave(req.client)
+                    if holds_slot:
+                        self._admission.leave(req.client)
                 # the segment ended without finishing: evicted; wait, then submit the rest
         finally:
             if s.submitted and not s.done:  # the consumer went away: stop spending steps on it

@@ -123,11 +123,12 @@ class RequestsMixin:
         local_stops = frozenset(req.params.stop_token_ids) if req.params.ignore_eos else frozenset()
         s.streamed = bool(req.stream or local_stops)
         s.per_token = s.streamed and (bool(local_stops) or req.chunk_tokens <= 1)
-        if s.streamed and not s.per_token:
-            # the consumer forwards chunks (the fleet's failover streams): SGLang then hands the
-            # request over at its first token and every chunk_tokens after, one wake-up per chunk
-            # instead of per token; a version switch evicts it like a non-streamed segment
-            sp["stream_interval"] = int(req.chunk_tokens)
+        if s.streamed:
+            # a consumer that forwards chunks (the fleet's failover streams): SGLang hands the request
+            # over at its first token and every chunk_tokens after, one wake-up per chunk instead of
+            # per token, and a version switch evicts it like a non-streamed segment. Otherwise 1,
+            # whatever the server's own stream_interval: the switch relies on every token being here
+            sp["stream_interval"] = 1 if s.per_token else int(req.chunk_tokens)
         s.srid = f"{self._rid_prefix}{next(self._rids):012x}"
         s.seg_base = len(s.output)
         s.evicting = False
