@@ -284,7 +284,11 @@ async def fleet_part(a: argparse.Namespace, model: str, a_endpoint: str, procs: 
                     f"{arm} {got[arm]['tokens_s']:.0f} tok/s" for arm in arms), flush=True)
             rows.append({"concurrency": conc, **median_rows(reps, arms, "one")})
         stats = f2.stats()
-    return {"start": start, "rows": rows, "two_fleet_stats": stats}
+        # the adapter's fair admission on A: SGLang's limit as read at start, requests held for a slot
+        counters = (await rc.status()).counters
+        admission = {k: counters.get(f"engine.{k}") for k in ("max_running_requests", "held_for_a_slot")}
+        print(f"fleet part: server A admission {admission}", flush=True)
+    return {"start": start, "rows": rows, "two_fleet_stats": stats, "a_admission": admission}
 
 
 def table(result: dict[str, Any]) -> str:
