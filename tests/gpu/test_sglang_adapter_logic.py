@@ -219,7 +219,8 @@ async def test_while_sglangs_batch_is_full_each_freed_slot_goes_to_the_client_wi
     """SGLang's max_running_requests (2 here, read from its scheduler's internal state): client A
     fills the batch and queues two more, then B sends two. FIFO would run a0 a1 a2 a3 b0 b1; each
     freed slot goes to the waiting client holding fewer, so B's requests do not wait behind all of
-    A's. A request aborted while it waits for a slot ends at once, with no tokens."""
+    A's; a pause and resume meanwhile changes none of it. A request aborted while it waits for a slot
+    ends at once, with no tokens."""
     from tests.conftest import until as until_state
 
     mod, ckpt = sglang_module
@@ -244,6 +245,9 @@ async def test_while_sglangs_batch_is_full_each_freed_slot_goes_to_the_client_wi
         b = [asyncio.ensure_future(collect(f"b{i}", "B")) for i in range(2)]
         late = asyncio.ensure_future(collect("a-late", "A"))
         await until_state(lambda: e.info().extra["waiting_for_a_slot"] == 5, "b0, b1, a-late waiting", 30)
+        await e.pause("retract")  # a weight push's pause: the waiters keep their places
+        await e.resume()
+        assert e.info().extra["waiting_for_a_slot"] == 5
         await e.abort("a-late")
         aborted = await late
         assert [(d.token_ids, d.finish_reason) for d in aborted] == [([], "abort")]

@@ -318,17 +318,17 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._live[req.rid] = s
         try:
             while True:
-                while not self._runnable() and not s.abort_requested and not self._closed and self._dead is None:
-                    await self._changed.wait()
-                if self._dead is not None:
-                    raise EngineError(ENGINE_DEAD, self._dead)
-                if s.abort_requested or self._closed:
-                    yield self._final(s, "abort")
-                    return
-                if not await self._admitted(s):
-                    continue  # paused or aborted while it waited for a slot: look again
-                holds_slot = True
+                # a slot first, then the engine running: a slot is kept through a pause (what runs
+                # inside SGLang is paused too), so a weight push does not reshuffle the queue
+                holds_slot = await self._admitted(s)
                 try:
+                    while not self._runnable() and not s.abort_requested and not self._closed and self._dead is None:
+                        await self._changed.wait()
+                    if self._dead is not None:
+                        raise EngineError(ENGINE_DEAD, self._dead)
+                    if s.abort_requested or self._closed:
+                        yield self._final(s, "abort")
+                        return
                     async with contextlib.aclosing(self._run_segment(s)) as segment:
                         async for d in segment:
                             if holds_slot and not s.submitted:  # SGLang ended it: the slot is free now,
@@ -354,7 +354,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
 
     async def _admitted(self, s: Live) -> bool:
         """Wait for a slot inside SGLang (``admission``: fair among clients while its batch is full).
-        False, with the slot handed on, if the engine stopped running or ``s`` was aborted meanwhile."""
+        False, with nothing held, if ``s`` was aborted or the engine closed or died meanwhile."""
         client = s.req.client
         grant = self._admission.request(client)
         try:
@@ -364,7 +364,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                     await asyncio.wait([grant, changed], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     changed.cancel()
-                if not self._runnable() or s.abort_requested or self._closed or self._dead is not None:
+                if s.abort_requested or self._closed or self._dead is not None:
                     self._admission.withdraw(client, grant)
                     return False
         except BaseException:  # the consumer went away while it waited
