@@ -19,6 +19,7 @@ import torch
 
 from rollwire.engines.base import EngineDelta, EngineError, EngineRequest
 from rollwire.messages.generate import SamplingParams
+from tests.conftest import until as until_state
 from tests.gpu.fake_engine import G, run, run_batch, start, until, weights
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is not None,
@@ -221,8 +222,6 @@ async def test_while_sglangs_batch_is_full_each_freed_slot_goes_to_the_client_wi
     freed slot goes to the waiting client holding fewer, so B's requests do not wait behind all of
     A's; a pause and resume meanwhile changes none of it. A request aborted while it waits for a slot
     ends at once, with no tokens."""
-    from tests.conftest import until as until_state
-
     mod, ckpt = sglang_module
     e = mod.SGLangEngine(ckpt, engine_args={"fake_step_s": "0.002", "max_running_requests": "2"})
     await e.start()
@@ -286,3 +285,37 @@ async def _until_final(gen):  # type: ignore[no-untyped-def]
         yield d
         if d.finish_reason is not None:
             return
+
+
+async def test_a_client_below_its_share_gets_a_slot_by_evicting_the_newest_request_of_the_one_above(
+        sglang_module) -> None:
+    """Two slots, both held by A's long requests: B's request does not wait for them to end. A's
+    newest is evicted (tokens so far kept), B runs and finishes first, and the evicted request
+    continues to the same tokens it makes when it runs alone."""
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt, engine_args={"fake_step_s": "0.002", "max_running_requests": "2"})
+    await e.start()
+    long = SamplingParams(max_new_tokens=150, temperature=0.0, ignore_eos=True)
+    finished: list[str] = []
+
+    async def collect(rid: str, client: str, prompt: list[int], sp: SamplingParams) -> list[int]:
+        toks: list[int] = []
+        async for d in e.generate(EngineRequest(rid, prompt, sp, client=client)):
+            toks += d.token_ids
+            if d.finish_reason is not None:
+                assert d.finish_reason == "length"
+                finished.append(rid)
+        return toks
+
+    try:
+        alone = [await collect(f"alone{i}", "X", [i + 3, 4], long) for i in range(2)]
+        finished.clear()
+        a = [asyncio.ensure_future(collect(f"a{i}", "A", [i + 3, 4], long)) for i in range(2)]
+        await until_state(lambda: e.info().extra["in_sglang"] == 2, "a0, a1 inside SGLang", 30)
+        b = await collect("b", "B", [9, 9, 9], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+        assert len(b) == 6 and finished == ["b"]  # before either of A's
+        assert e.info().extra["preempted"] == 1
+        assert [await t for t in a] == alone  # the evicted one went on from where it was
+        assert e._admission.total == 0
+    finally:
+        await e.shutdown()

@@ -4,9 +4,11 @@ SGLang schedules the requests it holds by its own policy, with no notion of roll
 one client that sends more than SGLang's ``max_running_requests`` fills the batch, and everyone
 else's requests queue behind all of its own. So the adapter keeps at most that many requests inside
 SGLang and, while it is full, holds the rest itself; each freed slot goes to the waiting client
-with the fewest requests inside (ties: round robin), as the hf engine's batch share does. There is
-no preemption: a client above its share keeps the requests it has inside until they end, and the
-shares even out as requests finish (SGLang's turnover is a few seconds at most).
+with the fewest requests inside (ties: round robin), as the hf engine's batch share does. And as
+there, a waiting client below its share (capacity // clients holding or waiting for slots) gets a
+slot by preemption: the engine evicts the newest request of the client most above its share (its
+tokens so far are kept; it queues for a slot again and continues from prompt + output), one
+eviction at a time (``SGLangEngine._rebalance``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,23 @@ class FairAdmission:
         self.total = 0
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # client -> waiters, in arrival order
         self.held_back = 0  # requests that had to wait for a slot (a counter for info())
+        self.preempted = 0  # requests evicted to give a slot to a client below its share
+
+    def neediest(self) -> str | None:
+        """The waiting client holding fewest slots (the next a freed slot goes to), or None."""
+        return min(self._waiting, key=lambda c: self.inside[c]) if self._waiting else None
+
+    def over_share(self, client: str) -> str | None:
+        """Whom to take a slot from for ``client``: the client holding the most slots above the fair
+        share (capacity // clients holding or waiting for slots); None if ``client`` holds its share
+        already or nobody holds more than theirs."""
+        if self.capacity is None:
+            return None
+        share = max(1, self.capacity // max(1, len(set(self.inside) | set(self._waiting))))
+        if self.inside[client] >= share or not self.inside:
+            return None
+        top = max(self.inside, key=lambda c: self.inside[c])
+        return top if self.inside[top] > share else None
 
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())

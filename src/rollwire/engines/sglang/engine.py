@@ -179,6 +179,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._leaving: set[str] = set()  # SGLang rids we aborted and forgot; SGLang may still run them
         self._groups: set[str] = set()  # NCCL weight groups joined
         self._admission = FairAdmission(None)  # its capacity is SGLang's max_running_requests, from start()
+        self._preempting: Live | None = None  # the request evicted for a client below its share, until it is out
         self.startup_s = 0.0
         self.loop_is_engine_loop: bool | None = None
 
@@ -206,7 +207,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 "overlap_schedule": self._overlap, "sessions": len(self._session_keys),
                 "weight_groups": sorted(self._groups), "dead": self._dead is not None,
                 "max_running_requests": self._admission.capacity, "waiting_for_a_slot": self._admission.waiting(),
-                "held_for_a_slot": self._admission.held_back,
+                "held_for_a_slot": self._admission.held_back, "preempted": self._admission.preempted,
             },
         )
 
@@ -334,12 +335,14 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                             if holds_slot and not s.submitted:  # SGLang ended it: the slot is free now,
                                 holds_slot = False  # not once a slow consumer has taken this delta
                                 self._admission.leave(req.client)
+                                self._rebalance()
                             yield d
                             if d.finish_reason is not None:
                                 return
                 finally:
                     if holds_slot:
                         self._admission.leave(req.client)
+                        self._rebalance()
                 # the segment ended without finishing: evicted; wait, then submit the rest
         finally:
             if s.submitted and not s.done:  # the consumer went away: stop spending steps on it
@@ -357,6 +360,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         False, with nothing held, if ``s`` was aborted or the engine closed or died meanwhile."""
         client = s.req.client
         grant = self._admission.request(client)
+        if not grant.done():
+            self._rebalance()
         try:
             while not grant.done():
                 changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
@@ -371,6 +376,26 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
             self._admission.withdraw(client, grant)
             raise
         return True
+
+    def _rebalance(self) -> None:
+        """While SGLang's batch is full and a client waits below its share, evict the newest request
+        of the client most above its share (``admission``); one eviction at a time."""
+        p = self._preempting
+        if p is not None and p.submitted and not p.done:
+            return  # the last one is still on its way out
+        self._preempting = None
+        waiting = self._admission.neediest()
+        top = self._admission.over_share(waiting) if waiting is not None and self._runnable() else None
+        if top is None:
+            return
+        victim = next((v for v in reversed(self._live.values()) if v.req.client == top and v.submitted
+                       and not v.done and not v.evicting and not v.abort_requested), None)
+        if victim is None:
+            return
+        victim.evicting = True  # its segment ends with its tokens so far; it queues for a slot again
+        self._tm.abort_request(victim.srid)
+        self._preempting = victim
+        self._admission.preempted += 1
 
     async def abort(self, rid: str) -> None:
         s = self._live.get(rid)
