@@ -319,3 +319,61 @@ async def test_a_client_below_its_share_gets_a_slot_by_evicting_the_newest_reque
         assert e._admission.total == 0
     finally:
         await e.shutdown()
+
+
+async def test_a_preemption_chosen_as_a_request_is_being_submitted_still_frees_a_slot(sglang_module) -> None:
+    """B's request arrives in the very tick a2's segment is submitted (registered with SGLang's
+    TokenizerManager only a tick later, so an abort sent now would be lost): B still gets a slot at
+    once and finishes before A's two long requests."""
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt, engine_args={"fake_step_s": "0.002", "max_running_requests": "2"})
+    await e.start()
+    finished: list[str] = []
+
+    async def collect(rid: str, client: str, n: int) -> None:
+        req = EngineRequest(rid, [5, 6, len(rid)], SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True),
+                            client=client)
+        toks = [t async for d in e.generate(req) for t in d.token_ids]
+        assert len(toks) == n
+        finished.append(rid)
+
+    submit, b = e._tm.generate_request, []
+
+    def submit_then_b(obj, request=None):  # type: ignore[no-untyped-def]
+        if "a2" in e._live and obj.rid == e._live["a2"].srid and not b:  # fault injection: B in the same tick
+            b.append(asyncio.ensure_future(collect("b", "B", 6)))
+        return submit(obj, request)
+
+    e._tm.generate_request = submit_then_b
+    try:
+        a = [asyncio.ensure_future(collect("a0", "A", 300)), asyncio.ensure_future(collect("a1", "A", 5))]
+        await until_state(lambda: "a1" in finished, "a1 done", 30)
+        a.append(asyncio.ensure_future(collect("a2", "A", 300)))  # takes a1's slot
+        await until_state(lambda: bool(b), "b sent as a2 is submitted", 30)
+        await asyncio.gather(*a, *b)
+        assert finished.index("b") < finished.index("a0") and finished.index("b") < finished.index("a2"), finished
+        assert e._admission.total == 0
+    finally:
+        await e.shutdown()
+
+
+def test_an_evicted_requests_last_step_may_have_ended_it(sglang_module) -> None:
+    """SGLang runs the step an abort lands in and reports the abort before its EOS / stop / length
+    checks: those tokens end the request instead of being continued."""
+    from rollwire.engines.sglang.requests import Live
+
+    mod, ckpt = sglang_module
+    e = mod.SGLangEngine(ckpt)
+
+    def live(**params: object) -> Live:
+        s = Live(EngineRequest("r", [1, 2], SamplingParams(**params)))  # type: ignore[arg-type]
+        s.output = [11, 12, 13]
+        return s
+
+    eos = e.eos_token_ids[0]
+    assert e._finished_within(live(max_new_tokens=10, stop_token_ids=[7]), [20, 7, 21]) == (2, "stop")
+    assert e._finished_within(live(max_new_tokens=10), [20, eos]) == (2, "stop")
+    # with ignore_eos the stop ids are watched on the streamed path instead
+    assert e._finished_within(live(max_new_tokens=10, ignore_eos=True), [20, eos]) is None
+    assert e._finished_within(live(max_new_tokens=4, ignore_eos=True), [20, 21]) == (1, "length")
+    assert e._finished_within(live(max_new_tokens=10), [20, 21]) is None

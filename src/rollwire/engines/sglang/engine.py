@@ -128,6 +128,7 @@ log = logging.getLogger(__name__)
 # CUDA bucket this process opened from the trainer is copied once (a bucket of transient memory)
 WEIGHT_BUCKET_BYTES = 1 << 30
 WATCH_CHILDREN_S = 0.5  # how often the processes sglang.Engine started are checked for life
+PREEMPT_RETRY_S = 0.05  # a preemption's abort is sent again this often until its request is out
 
 
 class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
@@ -179,7 +180,9 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._leaving: set[str] = set()  # SGLang rids we aborted and forgot; SGLang may still run them
         self._groups: set[str] = set()  # NCCL weight groups joined
         self._admission = FairAdmission(None)  # its capacity is SGLang's max_running_requests, from start()
-        self._preempting: Live | None = None  # the request evicted for a client below its share, until it is out
+        # the request evicted for a client below its share and its SGLang rid then, until it is out
+        self._preempting: tuple[Live, str] | None = None
+        self._preempt_retry: asyncio.TimerHandle | None = None
         self.startup_s = 0.0
         self.loop_is_engine_loop: bool | None = None
 
@@ -271,6 +274,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._pulse()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._preempt_retry is not None:
+            self._preempt_retry.cancel()
         if self._eng is None:
             return
         submitted = [s for s in self._live.values() if s.submitted and not s.done]
@@ -354,6 +359,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 s.pending.cancel()
             if self._live.get(req.rid) is s:
                 del self._live[req.rid]
+            if self._preempting is not None and self._preempting[0] is s:
+                self._rebalance()  # the victim is gone: the next preemption may start
 
     async def _admitted(self, s: Live) -> bool:
         """Wait for a slot inside SGLang (``admission``: fair among clients while its batch is full).
@@ -380,22 +387,37 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
     def _rebalance(self) -> None:
         """While SGLang's batch is full and a client waits below its share, evict the newest request
         of the client most above its share (``admission``); one eviction at a time."""
-        p = self._preempting
-        if p is not None and p.submitted and not p.done:
-            return  # the last one is still on its way out
-        self._preempting = None
+        if self._preempting is not None:
+            victim, srid = self._preempting
+            if victim.srid == srid and not victim.done:
+                # still inside: SGLang registers a request before it sends it to its scheduler, and an
+                # abort that arrives before it is lost, so the abort is sent again until it is out
+                self._tm.abort_request(srid)
+                self._retry_rebalance()
+                return
+            self._preempting = None
         waiting = self._admission.neediest()
         top = self._admission.over_share(waiting) if waiting is not None and self._runnable() else None
         if top is None:
             return
-        victim = next((v for v in reversed(self._live.values()) if v.req.client == top and v.submitted
+        chosen = next((v for v in reversed(self._live.values()) if v.req.client == top and v.state is not None
                        and not v.done and not v.evicting and not v.abort_requested), None)
-        if victim is None:
+        if chosen is None:
             return
-        victim.evicting = True  # its segment ends with its tokens so far; it queues for a slot again
-        self._tm.abort_request(victim.srid)
-        self._preempting = victim
+        chosen.evicting = True  # its segment ends with its tokens so far; it queues for a slot again
+        self._tm.abort_request(chosen.srid)
+        self._preempting = (chosen, chosen.srid)
         self._admission.preempted += 1
+        self._retry_rebalance()
+
+    def _retry_rebalance(self) -> None:
+        if self._preempt_retry is None and not self._closed and self._loop is not None:
+            self._preempt_retry = self._loop.call_later(PREEMPT_RETRY_S, self._rebalance_again)
+
+    def _rebalance_again(self) -> None:
+        self._preempt_retry = None
+        if not self._closed:
+            self._rebalance()
 
     async def abort(self, rid: str) -> None:
         s = self._live.get(rid)
@@ -420,9 +442,12 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         return not (self._paused or self._released or self._closed or not self._weights_sent)
 
     def _pulse(self) -> None:
-        """Wake every generate() waiting for the engine to run (or for its abort)."""
+        """Wake every generate() waiting for the engine to run (or for its abort); the engine may run
+        again, so look at the shares too."""
         self._changed.set()
         self._changed = asyncio.Event()
+        if self._admission.capacity is not None:
+            self._rebalance()
 
     def set_death_callback(self, callback: Callable[[str], None]) -> None:
         """``callback(reason)`` runs once, on the loop, when SGLang's scheduler dies (see ``_die``)."""

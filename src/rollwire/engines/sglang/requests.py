@@ -74,6 +74,7 @@ class RequestsMixin:
     _rid_prefix: str
     _rids: Any
     _session_keys: dict[str, str]
+    eos_token_ids: list[int]
 
     def _sampling_params(self, s: Live) -> dict[str, Any]:
         p = s.req.params
@@ -177,9 +178,16 @@ class RequestsMixin:
                 if kind == "abort" and fr.get("status_code") not in (None, 200) and not s.abort_requested:
                     raise EngineError(ErrorCode.INTERNAL, f"sglang: {fr.get('message', fr)}")
                 if kind == "abort" and s.evicting and not s.abort_requested and not self._closed:
-                    for d in self._deltas(s, new_ids, new_lps, None, cached):
+                    ended = self._finished_within(s, new_ids)
+                    if ended is None:
+                        for d in self._deltas(s, new_ids, new_lps, None, cached):
+                            yield d
+                        return  # evicted: generate() re-submits the rest later
+                    cut, reason_ = ended  # the step that took the abort had finished it anyway
+                    for d in self._deltas(s, new_ids[:cut], new_lps[:cut] if new_lps is not None else None,
+                                          reason_, cached):
                         yield d
-                    return  # evicted: generate() re-submits the rest later
+                    return
                 reason: FinishReason = "abort" if kind == "abort" else "length" if kind == "length" else "stop"
                 for d in self._deltas(s, new_ids, new_lps, reason, cached):
                     yield d
@@ -187,6 +195,19 @@ class RequestsMixin:
         finally:
             with contextlib.suppress(Exception):
                 await agen.aclose()
+
+    def _finished_within(self, s: Live, new_ids: list[int]) -> tuple[int, FinishReason] | None:
+        """An evicted request's last tokens may include its end: SGLang runs the step in which an
+        abort of a running request lands, appends its token, and reports the abort before any EOS,
+        stop id or length check. (Where the first of ``new_ids`` that ends it, and how) or None."""
+        p = s.req.params
+        stops = set() if p.ignore_eos else {*self.eos_token_ids, *(p.stop_token_ids or ())}
+        for i, tok in enumerate(new_ids):
+            if tok in stops:
+                return i + 1, "stop"
+            if len(s.output) + i + 1 >= p.max_new_tokens:
+                return i + 1, "length"
+        return None
 
     def _take_new(self, s: Live) -> tuple[list[int], list[float] | None]:
         st = s.state

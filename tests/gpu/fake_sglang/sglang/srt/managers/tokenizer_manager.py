@@ -331,7 +331,10 @@ class TokenizerManager:
         self._waiting = []
         keep = []
         for r in self._running:
-            if r.to_finish:
+            if r.to_finish:  # as SGLang: the step runs, its token is appended, then the abort applies
+                tok, lp = self._token(r)
+                r.out.append(tok)
+                r.lps.append(lp)
                 self._out(self._handle_output, r.rid, r.out[r.sent:], r.lps[r.sent:], {"type": "abort"})
                 continue
             tok, lp = self._token(r)
