@@ -253,7 +253,7 @@ async def test_while_sglangs_batch_is_full_each_freed_slot_goes_to_the_client_wi
         outs = await asyncio.gather(*a, *b)
         assert all(sum(len(d.token_ids) for d in o) == 12 and o[-1].finish_reason == "length" for o in outs)
         assert entered == ["a0", "a1", "b0", "a2", "b1", "a3"], entered
-        assert e.info().extra["waiting_for_a_slot"] == 0 and e._admission.total == 0
+        assert e.info().extra["waiting_for_a_slot"] == 0 and e._slots.fair.total == 0
     finally:
         await e.shutdown()
 
@@ -273,7 +273,7 @@ async def test_a_slot_is_free_once_sglang_ended_the_request_not_once_its_consume
             b = [d async for d in e.generate(EngineRequest("b", [5, 6], sp, client="B"))]
         assert sum(len(d.token_ids) for d in b) == 6 and b[-1].finish_reason == "length"
         await slow.aclose()
-        assert e._admission.total == 0
+        assert e._slots.fair.total == 0
     finally:
         await e.shutdown()
 
@@ -316,7 +316,7 @@ async def test_a_client_below_its_share_gets_a_slot_by_evicting_the_newest_reque
         assert len(b) == 6 and finished == ["b"]  # before either of A's
         assert e.info().extra["preempted"] == 1
         assert [await t for t in a] == alone  # the evicted one went on from where it was
-        assert e._admission.total == 0
+        assert e._slots.fair.total == 0
     finally:
         await e.shutdown()
 
@@ -352,7 +352,7 @@ async def test_a_preemption_chosen_as_a_request_is_being_submitted_still_frees_a
         await until_state(lambda: bool(b), "b sent as a2 is submitted", 30)
         await asyncio.gather(*a, *b)
         assert finished.index("b") < finished.index("a0") and finished.index("b") < finished.index("a2"), finished
-        assert e._admission.total == 0
+        assert e._slots.fair.total == 0
     finally:
         await e.shutdown()
 

@@ -8,7 +8,7 @@ with the fewest requests inside (ties: round robin), as the hf engine's batch sh
 there, a waiting client below its share (capacity // clients holding or waiting for slots) gets a
 slot by preemption: the engine evicts the newest request of the client most above its share (its
 tokens so far are kept; it queues for a slot again and continues from prompt + output), one
-eviction at a time (``SGLangEngine._rebalance``).
+eviction at a time (``Slots.rebalance``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from rollwire.engines.sglang.requests import Live
+
+PREEMPT_RETRY_S = 0.05  # a preemption's abort is sent again this often until its request is out
 
 
 class FairAdmission:
@@ -96,3 +102,94 @@ class FairAdmission:
                 continue
             self._take(client)
             fut.set_result(None)
+
+
+class Slots:
+    """Fair admission as the SGLang engine uses it: a slot per request inside SGLang (``acquire``,
+    ``release``), and preemption for a client below its share (``rebalance``). ``live`` is the
+    engine's table of requests, ``abort(srid)`` SGLang's abort, ``runnable()`` whether the engine
+    runs (nothing is preempted while it is paused)."""
+
+    def __init__(self, live: dict[str, Live], abort: Callable[[str], None], runnable: Callable[[], bool]) -> None:
+        self.fair = FairAdmission(None)  # its capacity: SGLang's max_running_requests, set at start
+        self._live, self._abort, self._runnable = live, abort, runnable
+        self._preempting: tuple[Live, str] | None = None  # the victim and its SGLang rid then, until it is out
+        self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def info(self) -> dict[str, Any]:
+        fair = self.fair
+        return {"max_running_requests": fair.capacity, "waiting_for_a_slot": fair.waiting(),
+                "held_for_a_slot": fair.held_back, "preempted": fair.preempted}
+
+    async def acquire(self, s: Live, changed: Callable[[], asyncio.Event], gone: Callable[[], bool]) -> bool:
+        """Wait for a slot for ``s``. False, with nothing held, once ``gone()`` (aborted, the engine
+        closed or dead); ``changed()`` is the event the engine sets when such things change."""
+        client = s.req.client
+        grant = self.fair.request(client)
+        if not grant.done():
+            self.rebalance()
+        try:
+            while not grant.done():
+                event: asyncio.Future[Any] = asyncio.ensure_future(changed().wait())
+                try:
+                    await asyncio.wait([grant, event], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    event.cancel()
+                if gone():
+                    self.fair.withdraw(client, grant)
+                    return False
+        except BaseException:  # the consumer went away while it waited
+            self.fair.withdraw(client, grant)
+            raise
+        return True
+
+    def release(self, s: Live) -> None:
+        self.fair.leave(s.req.client)
+        self.rebalance()
+
+    def ended(self, s: Live) -> None:
+        """``s`` is over: if it was the request being evicted, the next preemption may start."""
+        if self._preempting is not None and self._preempting[0] is s:
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        """While SGLang's batch is full and a client waits below its share, evict the newest request
+        of the client most above its share; one eviction at a time."""
+        if self._closed or self.fair.capacity is None:
+            return
+        if self._preempting is not None:
+            victim, srid = self._preempting
+            if victim.srid == srid and not victim.done:
+                # still inside: SGLang registers a request before it sends it to its scheduler, and an
+                # abort that arrives in between is lost, so the abort is sent again until it is out
+                self._abort(srid)
+                self._retry_later()
+                return
+            self._preempting = None
+        waiting = self.fair.neediest()
+        top = self.fair.over_share(waiting) if waiting is not None and self._runnable() else None
+        if top is None:
+            return
+        chosen = next((v for v in reversed(self._live.values()) if v.req.client == top and v.state is not None
+                       and not v.done and not v.evicting and not v.abort_requested), None)
+        if chosen is None:
+            return
+        chosen.evicting = True  # its segment ends with its tokens so far; it queues for a slot again
+        self._abort(chosen.srid)
+        self._preempting = (chosen, chosen.srid)
+        self.fair.preempted += 1
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(PREEMPT_RETRY_S, self._again)
+
+    def _again(self) -> None:
+        self._retry = None
+        self.rebalance()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()

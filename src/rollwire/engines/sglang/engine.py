@@ -105,7 +105,7 @@ from rollwire.engines.base import (
 )
 from rollwire.engines.sglang import args as sglang_args
 from rollwire.engines.sglang import compat
-from rollwire.engines.sglang.admission import FairAdmission
+from rollwire.engines.sglang.admission import Slots
 from rollwire.engines.sglang.args import (
     DEFAULT_ARGS,
     FORCED_ARGS,
@@ -128,7 +128,6 @@ log = logging.getLogger(__name__)
 # CUDA bucket this process opened from the trainer is copied once (a bucket of transient memory)
 WEIGHT_BUCKET_BYTES = 1 << 30
 WATCH_CHILDREN_S = 0.5  # how often the processes sglang.Engine started are checked for life
-PREEMPT_RETRY_S = 0.05  # a preemption's abort is sent again this often until its request is out
 
 
 class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
@@ -179,10 +178,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._session_keys: dict[str, str] = {}  # session id -> radix-cache key of its history
         self._leaving: set[str] = set()  # SGLang rids we aborted and forgot; SGLang may still run them
         self._groups: set[str] = set()  # NCCL weight groups joined
-        self._admission = FairAdmission(None)  # its capacity is SGLang's max_running_requests, from start()
-        # the request evicted for a client below its share and its SGLang rid then, until it is out
-        self._preempting: tuple[Live, str] | None = None
-        self._preempt_retry: asyncio.TimerHandle | None = None
+        self._slots = Slots(self._live, lambda srid: self._tm.abort_request(srid), self._runnable)  # fair share
         self.startup_s = 0.0
         self.loop_is_engine_loop: bool | None = None
 
@@ -209,8 +205,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 "loop_is_engine_loop": self.loop_is_engine_loop, "deterministic": self.deterministic,
                 "overlap_schedule": self._overlap, "sessions": len(self._session_keys),
                 "weight_groups": sorted(self._groups), "dead": self._dead is not None,
-                "max_running_requests": self._admission.capacity, "waiting_for_a_slot": self._admission.waiting(),
-                "held_for_a_slot": self._admission.held_back, "preempted": self._admission.preempted,
+                **self._slots.info(),
             },
         )
 
@@ -263,7 +258,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self.max_model_len = facts.get("context_len", self.max_model_len)
         if "disable_overlap_schedule" in facts:  # SGLang may switch it off itself
             self._overlap = not facts["disable_overlap_schedule"]
-        self._admission.capacity = await compat.max_running_requests(self._tm)
+        self._slots.fair.capacity = await compat.max_running_requests(self._tm)
         log.info("sglang engine started in %.1fs (loop kept: %s, overlap scheduler: %s)", self.startup_s,
                  self.loop_is_engine_loop, self._overlap)
 
@@ -274,8 +269,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._pulse()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._preempt_retry is not None:
-            self._preempt_retry.cancel()
+        self._slots.close()
         if self._eng is None:
             return
         submitted = [s for s in self._live.values() if s.submitted and not s.done]
@@ -326,7 +320,8 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
             while True:
                 # a slot first, then the engine running: a slot is kept through a pause (what runs
                 # inside SGLang is paused too), so a weight push does not reshuffle the queue
-                holds_slot = await self._admitted(s)
+                holds_slot = await self._slots.acquire(
+                    s, lambda: self._changed, lambda: s.abort_requested or self._closed or self._dead is not None)
                 try:
                     while not self._runnable() and not s.abort_requested and not self._closed and self._dead is None:
                         await self._changed.wait()
@@ -339,15 +334,13 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                         async for d in segment:
                             if holds_slot and not s.submitted:  # SGLang ended it: the slot is free now,
                                 holds_slot = False  # not once a slow consumer has taken this delta
-                                self._admission.leave(req.client)
-                                self._rebalance()
+                                self._slots.release(s)
                             yield d
                             if d.finish_reason is not None:
                                 return
                 finally:
                     if holds_slot:
-                        self._admission.leave(req.client)
-                        self._rebalance()
+                        self._slots.release(s)
                 # the segment ended without finishing: evicted; wait, then submit the rest
         finally:
             if s.submitted and not s.done:  # the consumer went away: stop spending steps on it
@@ -359,65 +352,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 s.pending.cancel()
             if self._live.get(req.rid) is s:
                 del self._live[req.rid]
-            if self._preempting is not None and self._preempting[0] is s:
-                self._rebalance()  # the victim is gone: the next preemption may start
-
-    async def _admitted(self, s: Live) -> bool:
-        """Wait for a slot inside SGLang (``admission``: fair among clients while its batch is full).
-        False, with nothing held, if ``s`` was aborted or the engine closed or died meanwhile."""
-        client = s.req.client
-        grant = self._admission.request(client)
-        if not grant.done():
-            self._rebalance()
-        try:
-            while not grant.done():
-                changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
-                try:
-                    await asyncio.wait([grant, changed], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    changed.cancel()
-                if s.abort_requested or self._closed or self._dead is not None:
-                    self._admission.withdraw(client, grant)
-                    return False
-        except BaseException:  # the consumer went away while it waited
-            self._admission.withdraw(client, grant)
-            raise
-        return True
-
-    def _rebalance(self) -> None:
-        """While SGLang's batch is full and a client waits below its share, evict the newest request
-        of the client most above its share (``admission``); one eviction at a time."""
-        if self._preempting is not None:
-            victim, srid = self._preempting
-            if victim.srid == srid and not victim.done:
-                # still inside: SGLang registers a request before it sends it to its scheduler, and an
-                # abort that arrives before it is lost, so the abort is sent again until it is out
-                self._tm.abort_request(srid)
-                self._retry_rebalance()
-                return
-            self._preempting = None
-        waiting = self._admission.neediest()
-        top = self._admission.over_share(waiting) if waiting is not None and self._runnable() else None
-        if top is None:
-            return
-        chosen = next((v for v in reversed(self._live.values()) if v.req.client == top and v.state is not None
-                       and not v.done and not v.evicting and not v.abort_requested), None)
-        if chosen is None:
-            return
-        chosen.evicting = True  # its segment ends with its tokens so far; it queues for a slot again
-        self._tm.abort_request(chosen.srid)
-        self._preempting = (chosen, chosen.srid)
-        self._admission.preempted += 1
-        self._retry_rebalance()
-
-    def _retry_rebalance(self) -> None:
-        if self._preempt_retry is None and not self._closed and self._loop is not None:
-            self._preempt_retry = self._loop.call_later(PREEMPT_RETRY_S, self._rebalance_again)
-
-    def _rebalance_again(self) -> None:
-        self._preempt_retry = None
-        if not self._closed:
-            self._rebalance()
+            self._slots.ended(s)
 
     async def abort(self, rid: str) -> None:
         s = self._live.get(rid)
@@ -446,8 +381,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         again, so look at the shares too."""
         self._changed.set()
         self._changed = asyncio.Event()
-        if self._admission.capacity is not None:
-            self._rebalance()
+        self._slots.rebalance()
 
     def set_death_callback(self, callback: Callable[[str], None]) -> None:
         """``callback(reason)`` runs once, on the loop, when SGLang's scheduler dies (see ``_die``)."""
