@@ -248,3 +248,28 @@ async def test_a_load_failing_after_its_first_bucket_holds_requests_until_a_comp
         out = await asyncio.wait_for(task, 10)
         assert out["finals"] == 1 and out["finish"] == "length" and len(out["tokens"]) == 40
         assert out["versions"] == [0] * k + [2] * (40 - k)
+
+
+async def test_a_pause_in_the_tick_a_request_is_submitted_still_lets_release_evict_it(eng) -> None:
+    """The pause comes as SGLang's TokenizerManager registers a request, before it sends it to the
+    scheduler (fault injection: the pause starts from inside the submission). The request still
+    reaches the scheduler, so release_memory evicts it (it used to wait 60 s for an abort that went
+    nowhere, then fail), and it finishes whole after resume."""
+    submit, paused = eng._tm.generate_request, []  # type: ignore[attr-defined]
+
+    def submit_then_pause(obj, request=None):  # type: ignore[no-untyped-def]
+        if not paused:
+            paused.append(asyncio.ensure_future(eng.pause("retract")))
+        return submit(obj, request)
+
+    eng._tm.generate_request = submit_then_pause  # type: ignore[attr-defined]
+    _, task = start(eng, "r", [5, 6], **G)
+    async with asyncio.timeout(60):  # hang guards
+        while not paused:
+            await asyncio.sleep(0.001)
+        await paused[0]
+        await eng.release_memory(["kv_cache"])
+    await eng.resume_memory(["kv_cache"])
+    await eng.resume()
+    out = await task
+    assert out["finals"] == 1 and out["finish"] == "length" and len(out["tokens"]) == 40

@@ -46,6 +46,10 @@ class ControlMixin:
         async with self._lock:
             self._paused = True
             self._pulse()
+            # a segment submitted in this very tick is not inside SGLang's scheduler yet (its
+            # TokenizerManager registers it, then waits on its pause condition before sending): let
+            # it get there, or it would sit behind the pause where no abort or eviction reaches it
+            await asyncio.sleep(0)
             if mode == "abort":
                 for s in self._live.values():
                     s.abort_requested = True
