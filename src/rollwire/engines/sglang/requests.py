@@ -41,7 +41,7 @@ class Live:
     state: Any = None  # SGLang's ReqState of the current segment (read through compat)
     seg_base: int = 0  # len(output) when the current segment was submitted
     streamed: bool = True  # the current segment is a streamed SGLang request
-    per_token: bool = True  # ... that SGLang hands over at every token (no stream_interval)
+    per_token: bool = True  # ... that SGLang hands over at every token (stream_interval 1)
     abort_requested: bool = False
     evicting: bool = False  # aborted inside SGLang to be re-submitted later, not finished
     killed: bool = False  # shutdown stopped waiting for SGLang's answer
@@ -183,11 +183,9 @@ class RequestsMixin:
                         for d in self._deltas(s, new_ids, new_lps, None, cached):
                             yield d
                         return  # evicted: generate() re-submits the rest later
-                    cut, reason_ = ended  # the step that took the abort had finished it anyway
-                    for d in self._deltas(s, new_ids[:cut], new_lps[:cut] if new_lps is not None else None,
-                                          reason_, cached):
-                        yield d
-                    return
+                    cut, kind = ended  # the step that took the abort had finished it anyway
+                    new_ids = new_ids[:cut]
+                    new_lps = new_lps[:cut] if new_lps is not None else None
                 reason: FinishReason = "abort" if kind == "abort" else "length" if kind == "length" else "stop"
                 for d in self._deltas(s, new_ids, new_lps, reason, cached):
                     yield d
