@@ -197,6 +197,48 @@ async def main(model: str, ref_path: str) -> int:
         rep.check("nothing left inside sglang", eng.info().extra["in_sglang"] == 0, info=eng.info().extra)
     await step("aborts", aborts())
 
+    # -- fair share: a client below its share takes a slot from the one above it -------------------
+    async def fair_share() -> None:
+        """SGLang's limit is far above what this check runs, so the adapter's capacity is set to 2
+        for it (the admission logic is the same at any capacity): A's two long requests hold both
+        slots, B's short one preempts A's newest (a real SGLang abort of a running request), B ends
+        first, and the evicted request continues to the tokens it makes alone."""
+        from rollwire.engines.base import EngineRequest
+        from rollwire.messages.generate import SamplingParams
+
+        long = SamplingParams(max_new_tokens=600, temperature=0.0, ignore_eos=True)
+        order: list[str] = []
+
+        async def collect(rid: str, client: str, prompt: list[int], sp: SamplingParams) -> list[int]:
+            toks: list[int] = []
+            async for d in eng.generate(EngineRequest(rid, prompt, sp, client=client)):
+                toks += d.token_ids
+                if d.finish_reason is not None:
+                    order.append(f"{rid}:{d.finish_reason}")
+            return toks
+
+        alone = [await collect(f"fa{i}", "X", ps[i], long) for i in range(2)]
+        order.clear()
+        fair = eng._slots.fair
+        saved, before = fair.capacity, fair.preempted
+        fair.capacity = 2
+        try:
+            a = [asyncio.ensure_future(collect(f"fb{i}", "A", ps[i], long)) for i in range(2)]
+            t0 = time.monotonic()
+            while eng.info().extra["in_sglang"] < 2 and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.002)
+            b = await collect("fc", "B", ps[3], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+            outs = [await t for t in a]
+        finally:
+            fair.capacity = saved
+        rep.check("fair share on SGLang: B's request preempts A's newest, ends first; A's continue exactly",
+                  len(b) == 6 and order[0] == "fc:length" and fair.preempted - before >= 1
+                  and outs == alone and sorted(order[1:]) == ["fb0:length", "fb1:length"] and fair.total == 0,
+                  order=order, preempted=fair.preempted - before,
+                  same=[o == x for o, x in zip(outs, alone, strict=True)],
+                  first_difference=[first_diff(o, x) for o, x in zip(outs, alone, strict=True)])
+    await step("fair_share", fair_share())
+
     # -- weight updates ---------------------------------------------------------------------------------
     async def weights() -> None:
         try:
