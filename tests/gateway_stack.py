@@ -179,7 +179,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def stack(*, gateway_args: tuple[str, ...] = (), versions: list[tuple[int, dict[str, torch.Tensor]]] | None = None,
-          ) -> Iterator[Stack]:
+          serve_args: tuple[str, ...] = ()) -> Iterator[Stack]:
     """``rollwire serve`` (hf engine, tiny model, a trainer link) and ``rollwire gateway`` on free
     127.0.0.1 ports; ``versions`` are pushed before the stack is handed out."""
     rollout, trainer = free_tcp_endpoint(), free_tcp_endpoint()
@@ -187,7 +187,7 @@ def stack(*, gateway_args: tuple[str, ...] = (), versions: list[tuple[int, dict[
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = tempfile.TemporaryFile()  # noqa: SIM115 (both processes' output, shown if the stack fails; closed below)
     serve = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
-                              "--rollout-endpoint", rollout, "--trainer-endpoint", trainer],
+                              "--rollout-endpoint", rollout, "--trainer-endpoint", trainer, *serve_args],
                              env=env, stdout=logs, stderr=subprocess.STDOUT)
     gateway = None
     try:  # the gateway starts beside the server (it waits for it); the versions go in meanwhile

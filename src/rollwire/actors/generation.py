@@ -211,7 +211,8 @@ class GenerationActor(GenerationControl, Actor):
         await self.reply(origin, StatusReply(
             engine=info.name, model=self.model_name, weight_version=info.weight_version,
             governor_state=state, in_flight=len(self.in_flight),
-            max_new_tokens_limit=self.max_new_tokens_limit, vocab_size=info.vocab_size, counters=counters))
+            max_new_tokens_limit=self.max_new_tokens_limit, vocab_size=info.vocab_size, counters=counters,
+            max_model_len=info.max_model_len))
 
     @handles(AbortRequest)
     def on_abort(self, origin: Origin, msg: AbortRequest, payload: Sequence[Any]) -> None:

@@ -71,6 +71,7 @@ SESSIONS = "sessions"
 MAX_TOMBSTONES = 65536  # closed/expired ids remembered, so late users get the precise error
 MAX_EARLY_ABORTS = 4096  # aborts that overtook their turn's registration, kept until it registers
 MAX_ABORT_WAIT_S = 30.0  # close() waits this long for an aborted turn to end
+MAX_TTL_S = 86400.0  # a day: an idle session lives at most this long (ttl_s=inf would pin its slot forever)
 
 
 @dataclass(eq=False)
@@ -151,8 +152,8 @@ class SessionActor(Actor):
         if not 0 < msg.max_tokens <= self.max_session_tokens:
             raise RollwireError(ErrorCode.BAD_FIELD,
                                 f"max_tokens={msg.max_tokens} must be in [1, {self.max_session_tokens}]")
-        if not msg.ttl_s > 0:
-            raise RollwireError(ErrorCode.BAD_FIELD, f"ttl_s={msg.ttl_s} must be > 0")
+        if not 0 < msg.ttl_s <= MAX_TTL_S:  # bounded: a session nobody closes must expire some day
+            raise RollwireError(ErrorCode.BAD_FIELD, f"ttl_s={msg.ttl_s} must be in (0, {MAX_TTL_S:g}]")
         if self._client_sessions[origin.client] >= self.max_client_sessions:
             self._refuse(origin, ErrorCode.CLIENT_LIMIT,
                          f"this client has {self.max_client_sessions} sessions open (its limit)")

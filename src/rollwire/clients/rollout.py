@@ -11,8 +11,9 @@ public key) authenticates both ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from rollwire.clients.session import Session
 from rollwire.messages import (
@@ -25,6 +26,7 @@ from rollwire.messages import (
     HealthRequest,
     ParamsReply,
     ParamsRequest,
+    ProtocolError,
     RolloutReply,
     RollwireError,
     SamplingParams,
@@ -42,6 +44,7 @@ from rollwire.transports.rpc import (
 )
 from rollwire.transports.security import CurveClient
 
+T = TypeVar("T")
 GenerateOutput = GenerateDone  # the terminal reply is the output: output_ids, logprobs, spans...
 
 
@@ -52,20 +55,41 @@ class GenerationStream:
     """Async iterator over one streamed request: GenerateChunk deltas, then the GenerateDone(s).
 
     Chunks carry only new tokens; each GenerateDone carries the whole output of its sample.
+    ``timeout`` bounds the whole request, from its send to its last GenerateDone (then it is
+    aborted on the server). A reply that cannot belong to this request (another kind of message, a
+    sample index outside ``[0, n)``, a second GenerateDone for one sample) is counted in
+    ``RpcClient.bad_replies`` and dropped: each sample ends exactly once. Left early (``aclose``,
+    a cancelled ``generate``), the request is aborted on the server.
     """
 
     def __init__(self, client: RolloutClient, request: GenerateRequest, timeout: float | None) -> None:
         self._client = client
         self._request = request
         self._timeout = timeout
+        self._deadline: float | None = None
         self.rid = client._rpc.next_rid()
         self._queue = client._rpc.open_stream(self.rid)
-        self._remaining = request.sampling_params.n
+        self._n = request.sampling_params.n
+        self._done: set[int] = set()
         self._sent = False
+        self._ended = False
 
     async def abort(self) -> None:
         """Ask the server to stop; the stream then ends with finish_reason "abort"."""
         await self._client._rpc.send(0, AbortRequest(target_rid=self.rid))
+
+    def _end(self) -> None:
+        self._ended = True
+        self._client._rpc.close_stream(self.rid)
+
+    async def aclose(self) -> None:
+        """Stop reading: a request still running is aborted on the server (best effort)."""
+        if self._ended:
+            return
+        self._end()
+        if self._sent and len(self._done) < self._n:
+            with contextlib.suppress(RollwireError):
+                await self.abort()
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -73,29 +97,36 @@ class GenerationStream:
     async def __anext__(self) -> GenerateChunk | GenerateDone:
         if not self._sent:
             self._sent = True
+            if self._timeout is not None:
+                self._deadline = asyncio.get_running_loop().time() + self._timeout
             try:
                 await self._client._rpc.send(self.rid, self._request)
             except ConnectionClosed:
-                self._client._rpc.close_stream(self.rid)
+                self._end()
                 raise
-        if self._remaining == 0:
-            self._client._rpc.close_stream(self.rid)
-            raise StopAsyncIteration
-        try:
-            async with asyncio.timeout(self._timeout):
-                item = await self._queue.get()
-        except TimeoutError:
-            await self.abort()
-            self._client._rpc.close_stream(self.rid)
-            raise RequestTimeout(f"no reply to request {self.rid} within {self._timeout}s; aborted it") from None
-        try:
-            msg = unwrap(item)
-        except BaseException:
-            self._client._rpc.close_stream(self.rid)
-            raise
-        if isinstance(msg, GenerateDone):
-            self._remaining -= 1
-        return msg  # type: ignore[no-any-return]
+        while True:
+            if len(self._done) == self._n:
+                self._end()
+                raise StopAsyncIteration
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    item = await self._queue.get()
+            except TimeoutError:
+                self._end()
+                with contextlib.suppress(RollwireError):
+                    await self.abort()
+                raise RequestTimeout(f"request {self.rid} not complete within {self._timeout}s; aborted it") from None
+            try:
+                msg = unwrap(item)
+            except BaseException:
+                self._end()
+                raise
+            if isinstance(msg, (GenerateChunk, GenerateDone)) and 0 <= msg.index < self._n \
+                    and msg.index not in self._done:
+                if isinstance(msg, GenerateDone):
+                    self._done.add(msg.index)
+                return msg
+            self._client._rpc.bad_replies += 1  # not a reply this request can have: dropped
 
 
 class RolloutClient:
@@ -153,7 +184,10 @@ class RolloutClient:
         """One output, or a list of ``n`` outputs (ordered by index) when sampling_params.n > 1."""
         req = self._request(input_ids, sampling_params, return_logprob, False, min_version)
         stream = GenerationStream(self, req, timeout if timeout is not None else self.timeout)
-        outs: list[GenerateDone] = [m async for m in stream if isinstance(m, GenerateDone)]
+        try:
+            outs: list[GenerateDone] = [m async for m in stream if isinstance(m, GenerateDone)]
+        finally:
+            await asyncio.shield(stream.aclose())  # cancelled: the samples still running are aborted
         outs.sort(key=lambda o: o.index)
         return outs[0] if req.sampling_params.n == 1 else outs
 
@@ -165,23 +199,30 @@ class RolloutClient:
         req = self._request(input_ids, sampling_params, return_logprob, True, min_version, chunk_tokens)
         return GenerationStream(self, req, timeout if timeout is not None else self.timeout)
 
-    async def _ask(self, msg: Any, what: str, timeout: float) -> Any:
-        """One cheap request (health, status, params) under the caller's deadline."""
+    async def _ask(self, msg: Any, want: type[T], timeout: float) -> T:
+        """One cheap request (health, status, params) under the caller's deadline; a reply of
+        another kind is a typed ``bad_frame`` error, never handed on as if it were the answer."""
+        what = type(msg).__struct_config__.tag
         try:
             reply = await self._rpc.call(msg, timeout=timeout)
         except TimeoutError:
             raise RequestTimeout(f"no {what} reply from {self.endpoint} within {timeout}s") from None
-        return unwrap(reply)
+        out = unwrap(reply)
+        if not isinstance(out, want):
+            self._rpc.bad_replies += 1
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"{self.endpoint} answered {what} with "
+                                                     f"{type(out).__struct_config__.tag!r}")
+        return out
 
     async def health(self, timeout: float = 5.0) -> HealthReply:
-        return await self._ask(HealthRequest(), "health", timeout)  # type: ignore[no-any-return]
+        return await self._ask(HealthRequest(), HealthReply, timeout)
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
-        return await self._ask(StatusRequest(), "status", timeout)  # type: ignore[no-any-return]
+        return await self._ask(StatusRequest(), StatusReply, timeout)
 
     async def params(self, timeout: float = 30.0) -> ParamsReply:
         """The server's parameters: what a version may name, and what a complete one must."""
-        return await self._ask(ParamsRequest(), "params", timeout)  # type: ignore[no-any-return]
+        return await self._ask(ParamsRequest(), ParamsReply, timeout)
 
     async def wait_ready(self, timeout: float = 60.0) -> HealthReply:
         """Poll health until the server answers (the READY handshake for a new connection)."""

@@ -138,15 +138,19 @@ class RolloutFleet:
 
     # -- health ----------------------------------------------------------------------------------
     async def _health_loop(self) -> None:
-        while True:
-            await asyncio.gather(*(self._check(s) for s in self.servers))
+        while True:  # one server's odd answer costs that server its place, never this loop
+            await asyncio.gather(*(self._check(s) for s in self.servers), return_exceptions=True)
             await asyncio.sleep(self.health_interval_s)
 
     async def _check(self, s: ServerView) -> None:
         try:
             h = await s.client.health(timeout=self.health_timeout_s)
-        except RollwireError as e:
+        except RollwireError as e:  # a reply of the wrong kind included (bad_frame)
             self._evict(s, f"health: {e.code.value}")
+            return
+        except Exception as e:  # whatever else its answer did: that server is out
+            log.warning("health_check_failed", endpoint=s.endpoint, error=repr(e)[:200])
+            self._evict(s, f"health: {type(e).__name__}")
             return
         s.version, s.last_ok = h.weight_version, time.monotonic()
         if h.governor_state == "INCOMPLETE":  # a load failed part-way: it holds requests until a whole version
@@ -262,7 +266,7 @@ class RolloutFleet:
             return e
         except BaseException:
             with contextlib.suppress(Exception):
-                await stream.abort()  # cancelled (the caller's timeout): stop the work there
+                await stream.aclose()  # cancelled (the caller's timeout): stop the work there
             raise
         finally:
             server.in_flight -= len(samples)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -32,13 +33,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rollwire.clients.rollout import RolloutClient
 from rollwire.clients.session import SessionDesynced
-from rollwire.gateway.chat import canonical, tools_json
+from rollwire.gateway.chat import tools_json
 from rollwire.gateway.choices import Choice
-from rollwire.gateway.core import SESSION_HEADER, Gateway, close_quietly, log, session_endpoint
+from rollwire.gateway.core import OFF_LOOP_BYTES, SESSION_HEADER, Gateway, close_quietly, log, session_endpoint
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.events import (
     ClosingStreamingResponse,
     first_event,
+    history_length,
     merge,
     plain_events,
     replay,
@@ -56,7 +58,7 @@ from rollwire.gateway.render import (
     trajectory_body,
     usage_body,
 )
-from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, parse
+from rollwire.gateway.schemas import SESSION_ID_PATTERN, ChatCompletionRequest, CompletionRequest, parse
 from rollwire.gateway.sessions import ChatSession
 from rollwire.messages import RollwireError, StatusReply
 
@@ -104,7 +106,7 @@ def build_app(gw: Gateway) -> FastAPI:
 
     app.add_middleware(_Counting, gw=gw)
 
-    async def body_of(request: Request) -> Any:
+    async def body_of(request: Request) -> tuple[Any, int]:
         limit = gw.cfg.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -114,25 +116,24 @@ def build_app(gw: Gateway) -> FastAPI:
             buf += piece
             if len(buf) > limit:
                 raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
-        try:
-            return json.loads(buf)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return await gw.text_work(len(buf) > OFF_LOOP_BYTES, decode_json, buf), len(buf)
 
     # -- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         owner = gw.owner(request)
-        req: ChatCompletionRequest = parse(ChatCompletionRequest, await body_of(request))
+        body, size = await body_of(request)
+        big = size > OFF_LOOP_BYTES
+        req: ChatCompletionRequest = await gw.text_work(big, parse, ChatCompletionRequest, body)
         gw.check_model(req.model)
-        sid = request.headers.get(SESSION_HEADER) or req.session_id
-        messages = [canonical(m) for m in req.messages]
+        sid = session_id_of(request, req.session_id)
         tools = tools_json(req.tools) if req.tool_choice != "none" else None
+        messages = await gw.text_work(big, gw.chat.conversation, req.messages, tools, gw.max_model_len)
         stops = req.stops()
-        max_tokens = req.token_limit() or min(gw.cfg.default_max_tokens, gw.max_new_tokens_limit)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if sid is None:
-            prompt = gw.chat.encode(gw.chat.render(messages, tools, generation_prompt=True))
+            prompt = await gw.text_work(big, gw.chat.prompt_ids, messages, tools)
+            max_tokens = req.token_limit() or gw.default_max_tokens(len(prompt))
             sp = gw.sampling(req, max_tokens, stops, chat=True, n=req.n)
             choices = [Choice(gw.chat, i, stops=stops, tools=bool(tools), chat_mode=True) for i in range(req.n)]
             events = plain_events(gw, prompt, sp, choices, streamed=req.stream or any(
@@ -148,10 +149,12 @@ def build_app(gw: Gateway) -> FastAPI:
                                code="session_busy")
             await cs.lock.acquire()  # released when the turn's events end (_session_turn)
             try:
-                prompt, prompt_text = cs.new_tokens(gw.chat, messages, tools)
+                prompt, prompt_text = await gw.text_work(big, cs.new_tokens, gw.chat, messages, tools)
+                max_tokens = req.token_limit() or gw.default_max_tokens((history_length(cs) or 0) + len(prompt))
                 sp = gw.sampling(req, max_tokens, stops, chat=True, n=1)
             except BaseException:
                 cs.lock.release()
+                drop_if_unused(gw, cs)
                 raise
             choices = [Choice(gw.chat, 0, stops=stops, tools=bool(tools), chat_mode=True)]
             try:
@@ -160,9 +163,11 @@ def build_app(gw: Gateway) -> FastAPI:
             except APIError as e:
                 if e.code in ("unknown_session", "session_expired", "session_closed"):
                     gw.sessions.sessions.pop(cs.key, None)  # gone on the server: the id starts afresh next time
+                else:
+                    drop_if_unused(gw, cs)
                 raise
             except SessionDesynced as e:  # a reply never came: the record is unknown, the session unusable
-                gw.sessions.sessions.pop(cs.key, None)
+                gw.drop_session(cs)
                 raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
                                code="session_desynced") from None
             prompt_tokens = len(prompt)  # the whole history, once the turn's GenerateDone says it
@@ -177,12 +182,17 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         gw.owner(request)
-        req: CompletionRequest = parse(CompletionRequest, await body_of(request))
+        body, size = await body_of(request)
+        big = size > OFF_LOOP_BYTES
+        req: CompletionRequest = await gw.text_work(big, parse, CompletionRequest, body)
         gw.check_model(req.model)
         if req.session_id is not None or request.headers.get(SESSION_HEADER):
             raise unsupported_session()
         stops = req.stops()
-        prompts = [gw.chat.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        texts = [p for p in req.prompts() if isinstance(p, str)]
+        gw.chat.check_fits(max((len(p) for p in texts), default=0), gw.max_model_len, "prompt")
+        prompts = await gw.text_work(big, lambda: [gw.chat.encode(p) if isinstance(p, str) else p
+                                                   for p in req.prompts()])
         if any(not p for p in prompts):
             raise bad_request("a prompt is empty", "prompt")
         if gw.vocab_size and any(t < 0 or t >= gw.vocab_size for p in prompts for t in p):
@@ -345,6 +355,32 @@ class _Counting:
             route = path if path in _ROUTES else ("/v1/sessions" if path.startswith("/v1/sessions/") else "other")
             gw.metrics.inc("http_requests_total", route=route, status=str(status))
             gw.metrics.inc("http_request_seconds_sum", time.perf_counter() - t0, route=route)
+
+
+def decode_json(buf: bytes | bytearray) -> Any:
+    try:
+        return json.loads(buf)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+
+
+def session_id_of(request: Request, in_body: str | None) -> str | None:
+    """The request's session id (header or body; both: the same), checked like the body field: it
+    goes back out in a header and in the trajectory routes' paths."""
+    header = request.headers.get(SESSION_HEADER)
+    if header is None:
+        return in_body
+    if not re.fullmatch(SESSION_ID_PATTERN, header):
+        raise bad_request(f"{SESSION_HEADER}: 1 to 256 characters of A-Z a-z 0-9 . _ ~ : @ + = -", "session_id")
+    if in_body is not None and in_body != header:
+        raise bad_request(f"the {SESSION_HEADER} header and session_id disagree: send one", "session_id")
+    return header
+
+
+def drop_if_unused(gw: Gateway, cs: ChatSession) -> None:
+    """A session whose first turn failed holds nothing worth keeping: it is not left open."""
+    if not cs.messages and not cs.lock.locked():
+        gw.drop_session(cs)
 
 
 def unsupported_session() -> APIError:

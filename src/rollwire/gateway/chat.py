@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rollwire.gateway.errors import bad_request
+from rollwire.gateway.errors import APIError, bad_request
 from rollwire.gateway.schemas import Message, Tool
 
 Canonical = dict[str, Any]  # {"role", "content": str, "name"?, "tool_calls"?, "tool_call_id"?}
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # chat templates' turn markers
+MIN_CHARS_PER_TOKEN_BOUND = 64  # see ChatFormat.chars_per_token_bound
 
 
 def load_tokenizer(model: str) -> Any:
@@ -84,6 +85,33 @@ class ChatFormat:
         ids = {vocab[t] for t in self.end_markers} | ({eos} if isinstance(eos, int) else set())
         self.end_ids = sorted(ids)  # a chat turn stops at any of these
         self.stop_texts = [tokenizer.convert_ids_to_tokens(i) for i in self.end_ids]
+        # no token of this vocabulary stands for more characters than this (4x its longest entry's
+        # UTF-8 bytes, for normalizers that fold several characters into one): a text longer than
+        # the context times this cannot fit, and is refused before a second is spent tokenizing it
+        longest = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1)
+        self.chars_per_token_bound = max(MIN_CHARS_PER_TOKEN_BOUND, 4 * longest)
+
+    def check_fits(self, chars: int, max_model_len: int, param: str) -> None:
+        """A 400 ``too_long`` for text that cannot fit ``max_model_len`` tokens (0: unknown)."""
+        if max_model_len and chars > max_model_len * self.chars_per_token_bound:
+            raise APIError(400, f"{param} has {chars} characters: more than {max_model_len} tokens of context can "
+                                f"hold (a token stands for at most {self.chars_per_token_bound} here)",
+                           param=param, code="too_long")
+
+    def conversation(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None,
+                     max_model_len: int) -> list[Canonical]:
+        """The canonical messages, once they are known to be able to fit the context."""
+        out = [canonical(m) for m in messages]
+        chars = len(json.dumps(tools)) if tools else 0
+        for m in out:  # every message renders to at least its role and its text
+            chars += len(m["role"]) + len(m["content"]) + len(m.get("name") or "")
+            calls = m.get("tool_calls") or []
+            chars += sum(len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in calls)
+        self.check_fits(chars, max_model_len, "messages")
+        return out
+
+    def prompt_ids(self, messages: Sequence[Canonical], tools: list[dict[str, Any]] | None) -> list[int]:
+        return self.encode(self.render(messages, tools, generation_prompt=True))
 
     def render(self, messages: Sequence[Canonical], tools: list[dict[str, Any]] | None, *,
                generation_prompt: bool) -> str:
@@ -95,6 +123,10 @@ class ChatFormat:
         return str(text)
 
     def encode(self, text: str) -> list[int]:
+        try:  # a lone surrogate (JSON allows "\ud800") is no text a tokenizer can take
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(f"text is not valid Unicode: {e.reason} at position {e.start}") from None
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -19,13 +22,15 @@ from rollwire.gateway.chat import ChatFormat
 from rollwire.gateway.errors import APIError, bad_request
 from rollwire.gateway.metrics import GatewayMetrics
 from rollwire.gateway.schemas import _Sampling
-from rollwire.gateway.sessions import SessionTable
+from rollwire.gateway.sessions import ChatSession, SessionTable
 from rollwire.messages import SamplingParams
 from rollwire.runtime.logging import get_logger
 
 log = get_logger("rollwire.gateway")
 
 SESSION_HEADER = "x-session-id"
+OFF_LOOP_BYTES = 256 << 10  # a body this large is parsed, rendered and tokenized on a worker thread
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,7 +70,13 @@ class Gateway:
         self.in_flight = 0
         self.max_new_tokens_limit = 4096
         self.vocab_size = 0
+        self.max_model_len = 0  # the server's context (0: not reported)
         self._sweeper: asyncio.Task[None] | None = None
+        # a large request's text work (JSON, pydantic, template, tokenizer) runs here, not on the
+        # event loop: seconds of tokenizing there would starve every other request and the
+        # heartbeats that keep the servers counted alive
+        self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-gw-text")
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def fleet(self) -> RolloutFleet | None:
@@ -86,13 +97,16 @@ class Gateway:
             await self.client.wait_ready(timeout=120.0)
             st = await self.client.status()
         self.max_new_tokens_limit, self.vocab_size = st.max_new_tokens_limit, st.vocab_size
+        self.max_model_len = st.max_model_len
         self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.gather(*(close_quietly(s.session) for s in list(self.sessions.sessions.values())))
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.client.close()
+        self._text_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _sweep(self) -> None:
         while True:
@@ -102,12 +116,40 @@ class Gateway:
             self.metrics.set("sessions_open", len(self.sessions.sessions))
 
     # -- helpers --------------------------------------------------------------------------
+    async def text_work(self, big: bool, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: on a worker thread for a large request, else here (a thread hop costs
+        more than a small request's whole text work)."""
+        if not big:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._text_pool, fn, *args)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` to its end in the background (cleanup a closing request must not wait for)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def drop_session(self, cs: ChatSession) -> None:
+        """Forget a chat session and free its rollwire session on the server (in the background)."""
+        if self.sessions.sessions.get(cs.key) is cs:
+            del self.sessions.sessions[cs.key]
+            self.metrics.inc("sessions_dropped_total")
+        self.spawn(close_quietly(cs.session))
+
+    def default_max_tokens(self, used: int) -> int:
+        """A chat turn without max_tokens: the configured default, within the server's limit and
+        the context left after ``used`` prompt tokens (as OpenAI-style servers fill the context)."""
+        limit = min(self.cfg.default_max_tokens, self.max_new_tokens_limit)
+        room = self.max_model_len - used
+        return min(limit, room) if self.max_model_len and room >= 1 else limit
+
     def owner(self, request: Request) -> str:
         if not self.cfg.api_keys:
             return ""
         auth = request.headers.get("authorization", "")
         key = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
-        if not any(secrets.compare_digest(key, k) for k in self.cfg.api_keys):
+        # bytes: a header's non-ASCII characters would make compare_digest raise (a 500, not a 401)
+        if not any(secrets.compare_digest(key.encode(), k.encode()) for k in self.cfg.api_keys):
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
         return key
 

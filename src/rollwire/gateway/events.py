@@ -106,8 +106,7 @@ async def session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical], 
                         yield choice.index, last, [], len(choice.ids)
     except BaseException:
         if not recorded and history_length(cs) != before:
-            gw.sessions.sessions.pop(cs.key, None)
-            gw.metrics.inc("sessions_dropped_total")
+            gw.drop_session(cs)  # and freed on the server: nobody can use it any more
         raise
     finally:
         cs.lock.release()

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from rollwire.engines.validation import MAX_N, MAX_SEED
 from rollwire.gateway.errors import APIError, bad_request, unsupported
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_TOP_K = (1 << 31) - 1
+# a session id travels back in a header and in the trajectory routes' paths: URL-safe ASCII only
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._~:@+=-]{1,256}$"
 _TYPE_ERRORS = ("_type", "_parsing", "is_instance_of", "union_tag_invalid")  # pydantic: the wrong kind of value
 
 
@@ -80,22 +83,22 @@ class _Sampling(_Strict):
     model: str
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1  # strict: "2" is a client's bug, not 2
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED - MAX_N)] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # rollwire's own (extra_body)
-    top_k: Annotated[int, Field(ge=-1)] = -1
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] = -1
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     return_token_ids: bool = False
-    session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    session_id: Annotated[str, Field(pattern=SESSION_ID_PATTERN)] | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -113,6 +116,8 @@ class _Sampling(_Strict):
             raise unsupported("logit_bias", "not supported by rollwire's engines")
         if self.top_k == 0:
             raise bad_request("top_k must be -1 (all) or >= 1", "top_k")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
 
 class ChatCompletionRequest(_Sampling):

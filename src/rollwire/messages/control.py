@@ -29,6 +29,7 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="status_ok", ar
     max_new_tokens_limit: int
     vocab_size: int
     counters: dict[str, float]
+    max_model_len: int = 0  # prompt + new tokens of one sequence (0: not reported by an older server)
 
 
 class ParamsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="params", array_like=True):

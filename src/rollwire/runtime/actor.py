@@ -100,6 +100,8 @@ class Actor:
         self._peers: dict[str, RpcClient[Any]] = {}
         self._authenticated: set[str] = set()  # socket keys that run CURVE
         self._last_seen: dict[tuple[str, bytes], tuple[float, str]] = {}  # public (sock, peer) -> (time, client)
+        # public peers that spoke but never beat -> (when last heard or probed, client): see _sweep_clients
+        self._unbeaten: dict[tuple[str, bytes], tuple[float, str]] = {}
         self._crash: asyncio.Future[BaseException] | None = None
         self._serving: list[asyncio.Task[None]] = []
         self._dispatch = {t: getattr(self, attr) for t, attr in self._handlers.items()}
@@ -146,7 +148,7 @@ class Actor:
     def _adopt(self, old: Actor) -> None:
         """Take over a crashed predecessor's sockets: messages queued in them are not lost."""
         self._codecs, self._socks, self._sock_port = old._codecs, old._socks, old._sock_port
-        self._authenticated, self._last_seen = old._authenticated, old._last_seen
+        self._authenticated, self._last_seen, self._unbeaten = old._authenticated, old._last_seen, old._unbeaten
 
     async def _run(self) -> BaseException:
         """Serve every port until cancelled; returns the exception that crashed the actor."""
@@ -256,8 +258,11 @@ class Actor:
             peer = frames[0]
             if not client:
                 client = f"internal:{peer.hex()}" if key == port else f"peer:{peer.hex()}"
-        if key != port and (key, peer) in self._last_seen:
-            self._last_seen[(key, peer)] = (time.monotonic(), client)
+        if key != port:
+            if (key, peer) in self._last_seen:
+                self._last_seen[(key, peer)] = (time.monotonic(), client)
+            else:
+                self._unbeaten[(key, peer)] = (time.monotonic(), client)
         try:
             rid, msg, payload = codec.decode(frames[1:])
         except Exception as e:  # a decoder bug must cost one message, never the port
@@ -270,25 +275,47 @@ class Actor:
         if type(msg) is Heartbeat:  # the peer speaks liveness: from now on, silence means it is gone
             if key != port:
                 self._last_seen[(key, peer)] = (time.monotonic(), client)
+                self._unbeaten.pop((key, peer), None)
             self.reply_nowait(origin, _HEARTBEAT)
             return
         self._handle(origin, msg, payload)
 
     async def _sweep_clients(self) -> None:
-        """Liveness of public peers that beat (RolloutClient does, every second while connected):
-        one silent for ``client_timeout_s`` is gone and ``on_client_gone`` frees what it held. A peer
-        that never sent a Heartbeat (a raw pyzmq client) is not judged by silence: its requests run
-        to their end; ZMTP heartbeats still close its connection if its host vanishes."""
+        """Liveness of public peers. One that beats (RolloutClient does, every second while
+        connected) is gone once silent for ``client_timeout_s``. One that never sent a Heartbeat (a
+        raw pyzmq client) is not judged by silence, but by its connection: silent that long, it is
+        probed with a Heartbeat (rid 0), and a probe ROUTER_MANDATORY cannot deliver (the peer's
+        connection is closed, or ZMTP heartbeats timed it out) makes it gone. Either way
+        ``on_client_gone`` frees what it held; a connected raw peer keeps its requests to their end."""
         period = max(0.05, self.client_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
-            cutoff = time.monotonic() - self.client_timeout_s
+            now = time.monotonic()
+            cutoff = now - self.client_timeout_s
             gone = [(k, v[1]) for k, v in self._last_seen.items() if v[0] < cutoff]
-            for k, client in gone:
+            for k, _ in gone:
                 del self._last_seen[k]
+            for k, (heard, client) in list(self._unbeaten.items()):
+                if heard < cutoff:
+                    if self._probe(*k):
+                        self._unbeaten[k] = (now, client)
+                    else:
+                        del self._unbeaten[k]
+                        gone.append((k, client))
+            for k, client in gone:
                 self.counters.inc("clients_gone")
                 self.log.info("client_gone", client=client, silent_s=self.client_timeout_s)
                 self.on_client_gone(k[0], k[1], client)
+
+    def _probe(self, key: str, peer: bytes) -> bool:
+        """Whether a Heartbeat can be handed to ``peer``'s connection (False: it is closed)."""
+        try:
+            pending = sockets.send_nowait(self._socks[key], [peer, *self._reply_codec.encode(0, _HEARTBEAT)])
+        except zmq.ZMQError:  # EHOSTUNREACH: no connection with that routing id any more
+            return False
+        if pending is not None:  # its queue is full: connected, but not reading; not a reason to drop it
+            pending.cancel()
+        return True
 
     def _handle(self, origin: Origin, msg: Any, payload: Sequence[Buffer]) -> None:
         handler = self._dispatch.get(type(msg))

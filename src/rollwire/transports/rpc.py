@@ -98,10 +98,11 @@ class RpcClient(Generic[R]):
         self._curve = curve
         self._max_frame = max_frame_bytes
         self._zmtp_heartbeat = zmtp_heartbeat
-        # one identity for the client's life: a fresh socket after a false "server dead" keeps its
-        # sessions (without CURVE a session belongs to the connection's identity); public ROUTERs
-        # let the new connection take the identity over (ROUTER_HANDOVER)
-        self._fixed_identity = identity or uuid.uuid4().bytes
+        # without CURVE, one identity for the client's life: a fresh socket after a false "server
+        # dead" keeps its sessions (a session belongs to the connection's identity) and public
+        # ROUTERs let the new connection take the identity over (ROUTER_HANDOVER). Under CURVE the
+        # client is its key: each socket takes a fresh routing id (servers hand none over)
+        self._fixed_identity = identity or (None if curve is not None else uuid.uuid4().bytes)
         self._sock = self._new_socket()
         self.heartbeat_s = heartbeat_s  # None: no heartbeats (internal links: the peer shares our process)
         self.liveness_s = liveness_s

@@ -155,9 +155,12 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
             curve.apply(sock)
         if zmtp_heartbeat and any(not ep.startswith("inproc://") for ep in binds):
             zmtp_heartbeats(sock)
-            # a client that reconnects on a fresh socket keeps its (random, 128-bit) identity: the
-            # new connection takes it over instead of being refused while the old one lingers
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if curve is None:
+                # a client that reconnects on a fresh socket keeps its (random, 128-bit) identity:
+                # the new connection takes it over instead of being refused while the old one
+                # lingers. Not under CURVE: there a client is its key, its fresh socket takes a fresh
+                # routing id, and a taken one is refused, so no key can take over another's replies
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         for ep in binds:
             check_ipc_private(ep)
             sock.bind(ep)

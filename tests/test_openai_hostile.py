@@ -1,0 +1,197 @@
+"""The OpenAI face against careless and hostile callers (`rollwire serve` and `rollwire gateway` as
+processes, the real `openai` client and raw HTTP): huge inputs are refused before they are
+tokenized on the event loop, a refused batch leaves nothing running, sessions whose turns fail or
+are cut are freed on the server, odd text, ids, keys and JSON get 4xx, never a 500. Each test says
+what became of the requests in flight beside it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.gateway_stack import Stack, stack
+
+KEY = "key-a"
+MAX_CLIENT_SESSIONS = 4
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Stack]:
+    with stack(gateway_args=("--api-key", KEY), serve_args=("--max-client-sessions", str(MAX_CLIENT_SESSIONS))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(gw: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gw.base_url, api_key=KEY, max_retries=0, timeout=120) as c:
+        yield c
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def post(gw: Stack, path: str, body: bytes, headers: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """A raw POST (header values may be bytes, sent as they are); the status and the decoded body."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(gw.root.rpartition(":")[2]), timeout=120)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                     "Content-Length": str(len(body)), **(headers or {})}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def chat_body(messages: list[dict[str, Any]], **kw: Any) -> bytes:
+    return json.dumps({"model": "tiny", "messages": messages, **kw}).encode()
+
+
+def server_metric(gw: Stack, name: str) -> float:
+    with urllib.request.urlopen(gw.root + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for(what: Any, why: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"timed out waiting for {why}"
+        time.sleep(0.02)
+
+
+def test_huge_inputs_are_refused_at_once_and_the_streams_beside_them_go_on(gw: Stack, client: openai.OpenAI) -> None:
+    """Two 200-token streams run while four oversized requests arrive: a 7 MB message, 200 000
+    messages, a 7 MB completion prompt (each refused too_long by the size bound, untokenized) and a
+    250 000-character message (tokenized on a worker thread, refused too_long by the server). Before,
+    tokenizing the 7 MB text held the event loop for ~19 s, the server link missed its heartbeats,
+    and every request in flight failed 503. Now both streams end with all their tokens."""
+    results: list[Any] = [None, None]
+
+    def stream(i: int) -> None:
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=user(f"stream {i}"), max_tokens=200, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        results[i] = (chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    huge = [
+        ("/v1/chat/completions", chat_body(user("a" * (7 << 20)))),
+        ("/v1/chat/completions", chat_body([{"role": "user", "content": "a"}] * 200_000)),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": "a" * (7 << 20)}).encode()),
+        ("/v1/chat/completions", chat_body(user("a" * 250_000))),
+    ]
+    for path, body in huge:
+        status, err = post(gw, path, body)
+        assert (status, err["error"]["code"]) == (400, "too_long"), (path, len(body), err)
+    for t in threads:
+        t.join(timeout=300)
+    assert results == [("length", 200), ("length", 200)]
+
+
+def test_a_refused_batch_leaves_none_of_its_samples_running(gw: Stack, client: openai.OpenAI) -> None:
+    """40 prompts x n=64 is over the gateway's per-client cap on the server (2048 samples): the
+    request gets 429, and the samples admitted before the refusal are aborted (before, they ran to
+    their 4000 tokens, holding the gateway's whole share for minutes)."""
+    aborts = server_metric(gw, "rollwire_server_finish_abort")
+    with pytest.raises(openai.RateLimitError) as err:
+        client.completions.create(model="tiny", prompt=[f"p{i}" for i in range(40)], n=64, max_tokens=4000,
+                                  extra_body={"ignore_eos": True})
+    assert err.value.code == "client_limit"
+    wait_for(lambda: server_metric(gw, "rollwire_server_in_flight") == 0, "the admitted samples aborted")
+    assert server_metric(gw, "rollwire_server_finish_abort") > aborts  # ended by abort, not by running out
+    r = client.completions.create(model="tiny", prompt="after", max_tokens=3)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_session_turns_that_fail_or_are_cut_leave_no_session_open_on_the_server(client: openai.OpenAI) -> None:
+    """The server allows the gateway 4 sessions. Five first turns refused (max_tokens over the
+    server's limit) and five first turns whose stream the client cuts: before, each left a session
+    open on the server until its TTL, and the sixth session was refused client_limit. Now a new
+    session still gets its turn."""
+    for i in range(5):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=10**5,
+                                           extra_headers={"X-Session-ID": f"refused-{i}"})
+        s = client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3000, stream=True,
+                                           extra_headers={"X-Session-ID": f"cut-{i}"}, extra_body={"ignore_eos": True})
+        for got, _ in enumerate(s, 1):
+            if got == 2:
+                break
+        s.close()
+    deadline = time.monotonic() + 60
+    while True:  # the cut sessions are closed in the background: a new one gets a slot once they are
+        try:
+            r = client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3,
+                                               extra_headers={"X-Session-ID": "after"})
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the failed sessions still hold the server's slots"
+            time.sleep(0.05)
+    assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(("headers", "body_sid"), [
+    ({"X-Session-ID": "a b"}, None),
+    ({"X-Session-ID": "会话-7".encode()}, None),
+    ({}, "run-1/episode-3"),
+    ({"X-Session-ID": "one"}, "two"),
+])
+def test_session_ids_are_url_safe_and_header_and_body_agree(gw: Stack, headers: dict[str, Any],
+                                                            body_sid: str | None) -> None:
+    """Refused before any turn runs (before: a 500 after the turn had run, as the id went back out
+    in a header, or a trajectory route that could never find it)."""
+    extra = {"session_id": body_sid} if body_sid is not None else {}
+    status, err = post(gw, "/v1/chat/completions", chat_body(user("hi"), max_tokens=2, **extra), headers)
+    assert (status, err["error"]["param"]) == (400, "session_id"), err
+
+
+@pytest.mark.parametrize(("path", "body", "code"), [
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "invalid_value"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', "invalid_value"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "ab", "stop": ["\\udfff"]}', "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "invalid_json"),
+    ("/v1/chat/completions", chat_body(user("hi"), top_k=10**30), "invalid_value"),
+    ("/v1/chat/completions", chat_body(user("hi"), n="2"), "invalid_type"),
+    ("/v1/chat/completions", chat_body(user("hi"), stream="yes"), "invalid_type"),
+    ("/v1/chat/completions", chat_body(user("hi"), stream_options={"include_usage": True}), "invalid_value"),
+])
+def test_odd_text_deep_json_and_loose_types_get_400_not_500(gw: Stack, path: str, body: bytes, code: str) -> None:
+    status, err = post(gw, path, body)
+    assert (status, err["error"]["code"]) == (400, code), err
+
+
+def test_a_non_ascii_api_key_is_a_401(gw: Stack) -> None:
+    status, err = post(gw, "/v1/chat/completions", chat_body(user("hi")),
+                       {"Authorization": "Bearer clé".encode("latin-1")})
+    assert (status, err["error"]["code"]) == (401, "invalid_api_key")
+
+
+def test_a_chat_without_max_tokens_gets_the_context_that_is_left(client: openai.OpenAI) -> None:
+    """A 3500-token prompt without max_tokens: the turn fills the 4096-token context (before: 400
+    too_long, 3500 + the default 1024 being over it)."""
+    r = client.chat.completions.create(model="tiny", messages=user("a" * 3500), extra_body={"ignore_eos": True})
+    assert r.usage is not None and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 4096
+
+
+def test_the_gateway_kept_serving(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3)
+    assert r.choices[0].finish_reason == "length"
