@@ -257,3 +257,85 @@ async def test_with_one_server_made_slow_the_others_take_the_load(
     assert slow.alive and slow.evictions == 0  # slow, not dead
     assert slow.routed < 0.5 * min(fast), (slow.routed, fast)
     assert max(peak.values()) <= 2 * concurrency // len(eps), peak
+
+
+async def test_sessions_work_again_on_a_server_restarted_at_its_endpoint(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """A restarted server binds a fresh session port. Before, clients kept the old port for ever:
+    plain requests worked again but every session failed server_unavailable, and a fleet kept
+    choosing the server for sessions. Now a plain client's next session opens on the new port, and
+    once the fleet re-admits the server, sessions opened there work."""
+    eps, procs = servers
+    turn = SamplingParams(max_new_tokens=4, temperature=0.0)
+    async with RolloutClient(eps[0], liveness_s=1.0) as rc, \
+            RolloutFleet([eps[0]], liveness_s=1.0, health_interval_s=0.2) as fleet:
+        await fleet.wait_ready(servers=1, timeout=180)
+        for open_session in (rc.session, fleet.session):  # each learns the session port
+            async with open_session() as s:
+                assert (await s.generate([1, 2], turn)).finish_reason == "length"
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        procs[0] = serve(eps[0])
+        await rc.wait_ready(timeout=120)
+        async with rc.session() as s:
+            assert (await s.generate([1, 2], turn)).finish_reason == "length"
+        restarted = fleet.servers[0]
+        await until(lambda: restarted.alive, "the restarted server re-admitted", 120)
+        for _ in range(3):
+            async with fleet.session() as fs:
+                assert (await fs.generate([3, 4], turn)).finish_reason == "length"
+
+
+async def test_a_session_opened_on_a_server_just_killed_opens_on_another(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """The fleet has not noticed the kill yet (health every 30 s): an open that lands on the dead
+    server evicts it and opens on a live one (before, it failed server_unavailable)."""
+    eps, procs = servers
+    turn = SamplingParams(max_new_tokens=4, temperature=0.0)
+    async with RolloutFleet(eps, liveness_s=1.0, health_interval_s=30.0) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        procs[1].send_signal(signal.SIGKILL)
+        dead = next(v for v in fleet.servers if v.endpoint == eps[1])
+        for _ in range(20):  # until an open has tried the dead server (two choices: soon)
+            async with fleet.session() as fs:
+                assert fs.endpoint != eps[1]
+                assert (await fs.generate([3, 4], turn)).finish_reason == "length"
+            if not dead.alive:
+                break
+        assert not dead.alive and "session open failed" in dead.why_out
+
+
+async def test_a_move_whose_target_is_stopped_goes_on_to_the_next_server(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """The session's server is killed and one of the two others stopped (SIGSTOP), both unnoticed
+    by health: the turn moves, and if the replay lands on the stopped server, that server is
+    evicted and the move goes on to the third (before, the turn failed server_unavailable)."""
+    eps, procs = servers
+    turn = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    async with RolloutFleet(eps, liveness_s=1.0, health_interval_s=30.0) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        async with fleet.session(max_tokens=1024) as s:
+            await s.generate([5, 6, 7], turn)
+            home = eps.index(s.endpoint)
+            stopped = (home + 1) % 3
+            procs[home].send_signal(signal.SIGKILL)
+            procs[stopped].send_signal(signal.SIGSTOP)
+            try:
+                done = await s.generate([8], turn)
+            finally:
+                procs[stopped].send_signal(signal.SIGCONT)
+            assert done.finish_reason == "length" and s.endpoint == eps[(home + 2) % 3]
+            t = s.trajectory()
+            assert len(t.token_ids) == 3 + 8 + 1 + 8 and sum(t.loss_mask) == 16
+
+
+async def test_the_bodys_own_error_comes_out_of_a_session_whose_server_died(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    eps, procs = servers
+    async with RolloutFleet(eps, liveness_s=1.0, health_interval_s=0.2) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        with pytest.raises(ValueError, match="the agent's own bug"):
+            async with fleet.session() as s:
+                await s.generate([1, 2], SamplingParams(max_new_tokens=2))
+                procs[eps.index(s.endpoint)].send_signal(signal.SIGKILL)
+                raise ValueError("the agent's own bug")

@@ -139,6 +139,7 @@ class RolloutClient:
         self._link = {"curve": curve, "heartbeat_s": heartbeat_s, "liveness_s": liveness_s}
         self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, **self._link)  # type: ignore[arg-type]
         self._session_rpc: RpcClient[Any] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # old session links being closed
 
     async def __aenter__(self) -> RolloutClient:
         self._rpc.start()
@@ -151,6 +152,7 @@ class RolloutClient:
         await self._rpc.close()
         if self._session_rpc is not None:
             await self._session_rpc.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def session(self, *, max_tokens: int = 8192, ttl_s: float = 600.0, keep_stale_prefix: bool = False,
                 timeout: float | None = None) -> Session:
@@ -158,8 +160,11 @@ class RolloutClient:
         return Session(self, max_tokens=max_tokens, ttl_s=ttl_s, keep_stale_prefix=keep_stale_prefix,
                        timeout=timeout if timeout is not None else self.timeout)
 
-    async def _sessions(self) -> RpcClient[Any]:
-        """The DEALER to the server's SessionActor (its endpoint comes from the health reply)."""
+    async def _sessions(self, refresh: bool = False) -> RpcClient[Any]:
+        """The DEALER to the server's SessionActor (its endpoint comes from the health reply).
+        ``refresh``: ask health again first (the server may have restarted on another session port)."""
+        if refresh and self.session_endpoint is None:
+            await self.health()  # swaps the session link if the advertised endpoint changed
         if self._session_rpc is None:
             endpoint = self.session_endpoint
             if endpoint is None:
@@ -171,6 +176,19 @@ class RolloutClient:
                 self._session_rpc = RpcClient(endpoint, SessionReply, **self._link)  # type: ignore[arg-type]
                 self._session_rpc.start()
         return self._session_rpc
+
+    def _advertised(self, session_endpoint: str) -> None:
+        """A health reply named the session endpoint: a server restarted at our rollout endpoint
+        binds a fresh session port, so a link to the old one is retired (its sessions are gone
+        with the old process) and the next session call connects to the new one."""
+        old = self._session_rpc
+        if old is None or self.session_endpoint is not None or not session_endpoint:
+            return
+        if _reachable(session_endpoint, self.endpoint) != old.endpoint:
+            self._session_rpc = None
+            task = asyncio.ensure_future(old.close())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
                  stream: bool, min_version: int, chunk_tokens: int = 1) -> GenerateRequest:
@@ -215,7 +233,9 @@ class RolloutClient:
         return out
 
     async def health(self, timeout: float = 5.0) -> HealthReply:
-        return await self._ask(HealthRequest(), HealthReply, timeout)
+        reply = await self._ask(HealthRequest(), HealthReply, timeout)
+        self._advertised(reply.session_endpoint)
+        return reply
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
         return await self._ask(StatusRequest(), StatusReply, timeout)

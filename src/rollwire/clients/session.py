@@ -99,7 +99,21 @@ class Session:
 
     async def open(self) -> SessionOpened:
         self._rpc = await self._client._sessions()
-        opened: SessionOpened = await self._call(self._open)
+        try:
+            opened: SessionOpened = await self._call(self._open)
+        except RollwireError as e:
+            if e.code != ErrorCode.SERVER_UNAVAILABLE:
+                raise
+            # the session port did not answer: a server restarted at the same rollout endpoint
+            # listens on a fresh one. Ask again, and open there if it moved
+            try:
+                fresh = await self._client._sessions(refresh=True)
+            except RollwireError:
+                raise e from None
+            if fresh is self._rpc:  # the same port: the server is gone
+                raise
+            self._rpc = fresh
+            opened = await self._call(self._open)
         self.id = opened.session_id
         return opened
 

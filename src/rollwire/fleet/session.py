@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from rollwire.clients.session import Session
 from rollwire.fleet.routing import SERVER_GONE, ServerView
 from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams
 from rollwire.runtime.logging import get_logger
+from rollwire.transports.rpc import RequestTimeout
 
 if TYPE_CHECKING:
     from rollwire.fleet.client import RolloutFleet
@@ -39,8 +41,14 @@ class FleetSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.__aexit__(*exc)
+        if self._session is None:
+            return
+        if exc[0] is not None or not self.server_alive:
+            # the body's own error goes out as it is; a gone server has nothing left to free
+            with contextlib.suppress(RollwireError):
+                await self._session.__aexit__(*exc)
+            return
+        await self._session.__aexit__(*exc)
 
     @property
     def id(self) -> str:
@@ -51,16 +59,46 @@ class FleetSession:
         return self._server.endpoint if self._server is not None else ""
 
     async def open(self) -> None:
-        self._server = self._fleet._choose([], 1, 0)
-        self._session = self._server.client.session(**self._kw)
-        await self._session.open()
+        """Open on a live server; one that is gone when asked is evicted and the next is tried
+        (at most ``max_failovers`` times)."""
+        tried: list[ServerView] = []
+        while True:
+            server = self._fleet._choose([], 1, 0, exclude=tried)
+            session = server.client.session(**self._kw)
+            try:
+                await session.open()
+            except RollwireError as e:
+                if e.code not in SERVER_GONE or len(tried) >= self._fleet.max_failovers:
+                    raise
+                self._fleet._evict(server, f"session open failed: {e.code.value}")
+                tried.append(server)
+                continue
+            self._server, self._session = server, session
+            return
 
     async def append(self, token_ids: Sequence[int]) -> int:
         return await self._moving(lambda s: s.append(token_ids))  # type: ignore[no-any-return]
 
     async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                        **kw: Any) -> GenerateDone:
-        return await self._moving(lambda s: s.generate(input_ids, sampling_params, **kw))  # type: ignore[no-any-return]
+        """``Session.generate``; its ``timeout`` bounds the whole call, moves included."""
+        timeout = kw.pop("timeout", None)
+        if timeout is None:
+            timeout = self._kw.get("timeout")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def attempt(s: Session) -> Any:
+            left = None if deadline is None else max(0.001, deadline - loop.time())
+            return s.generate(input_ids, sampling_params, timeout=left, **kw)
+
+        if deadline is None:
+            return await self._moving(attempt)  # type: ignore[no-any-return]
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._moving(attempt)  # type: ignore[no-any-return]
+        except TimeoutError:  # a move (its replay) outlived the bound
+            raise RequestTimeout(f"session turn not complete within {timeout}s") from None
 
     async def stream(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                      **kw: Any) -> AsyncGenerator[GenerateChunk | GenerateDone, None]:
@@ -119,13 +157,22 @@ class FleetSession:
                 await self._move(tried, e.code.value)
 
     async def _move(self, tried: list[ServerView], why: str) -> None:
-        """Reopen on another live server and replay the history there (one append)."""
+        """Reopen on another live server and replay the history there (one append). A target that
+        is gone when asked is evicted and the next one tried, within ``max_failovers`` servers."""
         assert self._session is not None and self._server is not None
-        nxt = self._fleet._choose([], 1, 0, exclude=tried)
-        moved = nxt.client.session(**self._kw)
-        await moved.replay(self._session)
+        while True:
+            nxt = self._fleet._choose([], 1, 0, exclude=tried)
+            tried.append(nxt)
+            moved = nxt.client.session(**self._kw)
+            try:
+                await moved.replay(self._session)
+            except RollwireError as e:
+                if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
+                    raise
+                self._fleet._evict(nxt, f"session replay failed: {e.code.value}")
+                continue
+            break
         log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint, why=why,
                     tokens=len(self._session.trajectory().token_ids))
         self._session, self._server = moved, nxt
         self.moves += 1
-        tried.append(nxt)
