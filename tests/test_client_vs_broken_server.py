@@ -179,3 +179,25 @@ async def test_a_health_reply_of_the_wrong_kind_is_a_typed_error_and_the_fleet_e
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_an_abort_before_the_first_read_goes_out_right_behind_its_request() -> None:
+    """``stream.abort()`` before iterating: the request is sent with its abort right behind it, so
+    the server ends it (before, the abort named a request not sent yet, was dropped there, and the
+    request then ran to its end, or hung while the server held requests)."""
+    async with BrokenServer(health_ok) as srv, RolloutClient(srv.endpoint) as rc:
+        await rc.wait_ready(timeout=30)
+        stream = rc.stream([1, 2], SamplingParams(max_new_tokens=64))
+        await stream.abort()
+        reading = asyncio.ensure_future(_all(stream))
+        await until(lambda: stream.rid in srv.aborted(), "the abort at the server", 30)
+        peer = srv.received[-1][0]
+        await srv.send(peer, stream.rid, done(0, []))  # the server's answer to an abort: the done
+        items = await asyncio.wait_for(reading, 30)  # a hang guard only
+        assert [type(m) for m in items] == [GenerateDone]
+        kinds = [(type(m).__name__, getattr(m, "target_rid", rid)) for _, rid, m in srv.received[-2:]]
+        assert kinds == [("GenerateRequest", stream.rid), ("AbortRequest", stream.rid)]
+
+
+async def _all(stream: Any) -> list[Any]:
+    return [m async for m in stream]

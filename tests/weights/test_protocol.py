@@ -402,3 +402,79 @@ async def test_a_gloo_version_whose_in_band_checksum_does_not_match_is_bad_check
         await tp.push_weights(2, tensors, transport="gloo")
     assert sorted(rig.sink.applied) == [2]
     assert_applied(rig, 2, tensors)
+
+
+async def test_a_cancelled_push_leaves_its_arena_to_the_receiver_still_reading_it(rig: Rig) -> None:
+    """The caller gives up on push 1 (cancelled) while the receiver is loading it: push 2 packs into
+    a fresh arena, and version 1 loads with its own bytes (before, push 2 overwrote the arena under
+    that load, which then took version 2's bytes as version 1's)."""
+    v1, v2 = {"w": torch.full((1000,), 1.0)}, {"w": torch.full((1000,), 2.0)}
+    rig.sink.gate = asyncio.Event()
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        push = asyncio.ensure_future(tp.push_weights(1, v1, transport="shm"))
+        await asyncio.wait_for(rig.sink.loading.wait(), 20)
+        push.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await push
+        second = asyncio.ensure_future(tp.push_weights(2, v2, transport="shm"))
+        await until(lambda: tp._senders["shm"].arena.created == 2, "push 2 packed into a fresh arena", 20)  # type: ignore[attr-defined]
+        rig.sink.gate.set()
+        await asyncio.wait_for(second, 20)
+    assert torch.equal(rig.sink.applied[1]["w"], v1["w"]) and torch.equal(rig.sink.applied[2]["w"], v2["w"])
+
+
+async def test_versions_steps_and_phases_of_the_wrong_kind_are_refused_before_anything_is_announced(
+        rig: Rig) -> None:
+    """Before, each was announced, dropped by every server, and timed out blaming them; 2**64 used
+    the version number up (every later push was "not above" it)."""
+    w = {"w": torch.ones(3)}
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        for version, step in ((2.5, None), (2**64, None), (True, None), (3, 1.5), (-1, None)):
+            with pytest.raises(TypeError):
+                await tp.push_weights(version, w, step=step)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="phase"):
+            await tp.publish_step(7, "training_start")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await tp.publish_step("7", "train_start")  # type: ignore[arg-type]
+        await tp.push_weights(3, w)  # no number was used up
+    assert sorted(rig.sink.applied) == [3] and rig.receiver.counters.get("announcements") == 1
+
+
+async def test_a_second_trainer_cannot_take_over_a_live_trainers_ipc_endpoints() -> None:
+    """ZeroMQ would unlink a listening ipc socket's file and bind anew (the first trainer's
+    receivers then reach the second); the bind is refused EADDRINUSE, as over tcp. A file left by a
+    trainer that closed is rebound."""
+    ep, pub = sockets.ipc_endpoint("tr"), sockets.ipc_endpoint("trpub")
+    async with TrainerPublisher(ep, pub_endpoint=pub):
+        for other in ((ep, sockets.ipc_endpoint("x")), (sockets.ipc_endpoint("y"), pub)):
+            with pytest.raises(zmq.ZMQError) as err:
+                async with TrainerPublisher(other[0], pub_endpoint=other[1]):
+                    pass
+            assert err.value.errno == errno.EADDRINUSE
+    async with TrainerPublisher(ep, pub_endpoint=pub) as tp:
+        assert tp.pub_endpoint == pub
+
+
+async def test_an_arena_truncated_after_it_was_mapped_is_refused_not_read(rig: Rig) -> None:
+    """A trainer shrinks its arena file after the receiver mapped it: reading the lost pages would
+    kill the server with SIGBUS. The version is refused bad_field and the next one applies."""
+    import os
+
+    async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
+        await tr.wait_joined()
+        plans = tr.plan({"a": torch.randn(300_000)}, bucket_bytes=4 << 20)
+        for version in (1, 2):
+            if version == 2:
+                os.truncate(os.path.join("/dev/shm", tr.arena.name), 4096)
+            else:
+                tr.arena.reserve(plans[0].nbytes)
+                pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
+            out = await outcome_of(await tr.announce(version, plans, checksums=[checksum_sources(plans[0])],
+                                                     payload=ShmPayload(name=tr.arena.name, offsets=[0])))
+            assert out.ok == (version == 1) and (version == 1 or "shrank" in out.message), out
+        tr.arena.retire()
+        tr.arena.reserve(plans[0].nbytes)
+        pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
+        out = await outcome_of(await tr.announce(3, plans, checksums=[checksum_sources(plans[0])],
+                                                 payload=ShmPayload(name=tr.arena.name, offsets=[0])))
+        assert out.ok and torch.equal(rig.sink.applied[3]["a"], plans[0].sources[0])

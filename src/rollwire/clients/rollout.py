@@ -73,9 +73,14 @@ class GenerationStream:
         self._done: set[int] = set()
         self._sent = False
         self._ended = False
+        self._abort_first = False  # abort() came before the request was sent
 
     async def abort(self) -> None:
-        """Ask the server to stop; the stream then ends with finish_reason "abort"."""
+        """Ask the server to stop; the stream then ends with finish_reason "abort" (before the
+        first read: the request goes out with its abort right behind it)."""
+        if not self._sent:
+            self._abort_first = True
+            return
         await self._client._rpc.send(0, AbortRequest(target_rid=self.rid))
 
     def _end(self) -> None:
@@ -101,6 +106,8 @@ class GenerationStream:
                 self._deadline = asyncio.get_running_loop().time() + self._timeout
             try:
                 await self._client._rpc.send(self.rid, self._request)
+                if self._abort_first:
+                    await self.abort()
             except ConnectionClosed:
                 self._end()
                 raise

@@ -79,15 +79,26 @@ def private_ipc_dir() -> str:
     return d
 
 
-def check_ipc_private(endpoint: str) -> None:
-    """Refuse to bind an ipc socket in a directory that other users may enter."""
+def check_ipc_bind(endpoint: str) -> None:
+    """Refuse to bind an ipc socket in a directory that other users may enter, or on a path where
+    a socket still listens: ZeroMQ would unlink that file and take its address over silently (a
+    second trainer on the first one's endpoint; over tcp the same bind fails EADDRINUSE)."""
     if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):  # @: abstract, no file
         return
-    parent = os.path.dirname(os.path.abspath(endpoint.removeprefix("ipc://")))
+    path = os.path.abspath(endpoint.removeprefix("ipc://"))
+    parent = os.path.dirname(path)
     st = os.stat(parent)
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise PermissionError(f"ipc endpoint {endpoint}: its directory {parent} may be entered by other users "
                               f"(mode {st.st_mode & 0o777:o}); use a directory of mode 0700 (e.g. {private_ipc_dir()})")
+    if os.path.exists(path):
+        with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except OSError:
+                return  # a stale file (its owner is gone): ZeroMQ replaces it
+        raise zmq.ZMQError(errno.EADDRINUSE, f"{endpoint}: a socket already listens there")
 
 
 def ipc_endpoint(name: str = "") -> str:
@@ -162,7 +173,7 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
                 # routing id, and a taken one is refused, so no key can take over another's replies
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         for ep in binds:
-            check_ipc_private(ep)
+            check_ipc_bind(ep)
             sock.bind(ep)
             bound.append(bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode())
     except zmq.ZMQError:

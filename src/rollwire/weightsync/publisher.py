@@ -47,7 +47,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import torch
@@ -94,6 +94,13 @@ log = get_logger("rollwire.trainer")
 FAST_BEACON_S = 0.05  # while a registered receiver has not joined yet
 REREGISTER_RETRY_S = 1.0  # told to a Register refused because its id is held by a live connection
 MAX_PULLS_PER_PEER = 64  # pull requests one connection may have waiting for credits
+
+
+def _check_number(what: str, value: object) -> None:
+    """Versions and steps travel as msgpack integers: anything else would be announced, dropped by
+    every server, and time out blaming them."""
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise TypeError(f"{what} must be an int in [0, 2**64), got {value!r} ({type(value).__name__})")
 
 
 def default_pub_endpoint(endpoint: str) -> str:
@@ -234,6 +241,11 @@ class TrainerPublisher:
         ``wait``, return once each server acted on it (colocated ``train_start``: memory released),
         or failed: a failure raises ``PushError``, unless ``require_all`` is off and some acted; a
         receiver lost meanwhile (no beacon acknowledged) fails at once. Returns those that acted."""
+        if self._closed or self._pub is None:
+            raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        _check_number("step", step)
+        if phase not in get_args(StepPhase):
+            raise ValueError(f"phase {phase!r} is not one of {get_args(StepPhase)}")
         self._check_alive()
         receivers = await self._wait_joined()
         futs = {}
@@ -267,6 +279,9 @@ class TrainerPublisher:
         (sent whatever the outcome; a server never released resumes at its own barrier timeout)."""
         if self._closed or self._pub is None:
             raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        _check_number("version", version)
+        if step is not None:
+            _check_number("step", step)
         self._check_alive()
         async with self._push_lock:
             if self._last_version is not None and version <= self._last_version:
@@ -297,25 +312,28 @@ class TrainerPublisher:
                 ready = msgspec.structs.replace(ready, barrier=True)
             prepare_s = time.monotonic() - t_prepare
             self._push = push
-            self._last_version = version  # announced: even a failed push uses it up (some may have applied it)
+            answered = False  # every receiver reported: the transport's bytes may be reused
             try:
                 await self._pub.publish(ready)
+                self._last_version = version  # announced: even a failed push uses it up (some may apply it)
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
+                answered = not failures
+                for rid, why in failures.items():
+                    if why.startswith("timed out") and rid in self.receivers:
+                        self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
             finally:
                 self._push = None
                 self._pack_buf = push.served.pack_buf
+                if not answered:  # failed, or cancelled: a receiver may still read the arena
+                    sender.failed()
                 if barrier:  # every server has answered (or failed): all resume at once
                     try:
                         released = await self.publish_step(version, "barrier_release", require_all=False)
                         log.info("barrier_released", version=version, receivers=len(released))
                     except PushError as e:  # none acknowledged: each resumes at its barrier timeout
                         log.warning("barrier_release_unacknowledged", version=version, error=str(e)[:300])
-            for rid, why in failures.items():
-                if why.startswith("timed out") and rid in self.receivers:
-                    self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
             if failures and (require_all or len(failures) == len(push.outcomes)):
-                sender.failed()
                 raise PushError(f"version {version}", failures)
             applied = sorted(set(push.outcomes) - set(failures))
             report = PushReport(version, time.monotonic() - t0, push.total_bytes, applied, chosen, prepare_s,

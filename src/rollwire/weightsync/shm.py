@@ -213,6 +213,21 @@ def detach_all() -> None:
     _attached.clear()
 
 
+def detach(name: str) -> None:
+    _attached.pop(name, None)
+
+
+def _current_size(name: str) -> int | None:
+    """The arena file's size now (None: unlinked, and a mapping of an unlinked file cannot shrink
+    by name). A trainer that truncates its arena after announcing it would make every read of the
+    lost pages a SIGBUS in the receiver: checked at each staging (a truncation racing the copy itself
+    is not caught; the trainer owns the file, mode 0600)."""
+    try:
+        return os.stat(os.path.join(SHM_DIR, name)).st_size
+    except FileNotFoundError:
+        return None
+
+
 # -- trainer half -------------------------------------------------------------------------------
 async def prepare(arena: ShmArena, plans: Sequence[BucketPlan], workers: Executor) -> tuple[list[int], list[int]]:
     """Pack every bucket into the reused arena, each piece checksummed right after it is copied (on
@@ -280,8 +295,13 @@ class ShmStager(Stager):
         assert isinstance(payload, ShmPayload)
         try:
             arena = attach(payload.name)
+            current = _current_size(payload.name)
         except (OSError, ValueError) as e:
             raise StagingError(ErrorCode.BAD_FIELD, f"cannot attach shm arena {payload.name!r}: {e}") from None
+        if current is not None and current < arena.size:  # reading the lost pages would be SIGBUS
+            detach(payload.name)
+            raise StagingError(ErrorCode.BAD_FIELD, f"shm arena {payload.name!r} shrank from {arena.size} to "
+                                                    f"{current} bytes after it was mapped")
         views = []
         for meta, off in zip(ready.buckets, payload.offsets, strict=True):
             if off < 0 or off + meta.nbytes > arena.size:
