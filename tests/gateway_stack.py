@@ -41,6 +41,10 @@ PLAIN_TASK = "Say hi."
 PLAIN_ANSWER = "Hi there, friend."
 
 
+def user(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
 def call(name: str, a: int, b: int) -> dict[str, Any]:
     return {"role": "assistant", "content": None, "tool_calls": [
         {"id": f"call_{name}_{a}_{b}", "type": "function",

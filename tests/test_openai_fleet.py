@@ -30,7 +30,7 @@ import pytest
 from rollwire.gateway.client import fetch_trajectory
 from rollwire.transports.sockets import free_tcp_endpoint
 from rollwire.weightsync.publisher import TrainerPublisher
-from tests.gateway_stack import PLAIN_ANSWER, PLAIN_TASK, TASK, TOOLS, _stop, model_logprobs, scripted_state
+from tests.gateway_stack import PLAIN_ANSWER, PLAIN_TASK, TASK, TOOLS, _stop, model_logprobs, scripted_state, user
 
 SERVERS = 2
 
@@ -115,10 +115,6 @@ def fleet() -> Iterator[FleetStack]:
 def client(fleet: FleetStack) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=fleet.base_url, api_key="unused", max_retries=0, timeout=120) as c:
         yield c
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
 
 
 def _plain_burst(fleet: FleetStack, n: int) -> list[str]:

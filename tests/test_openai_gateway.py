@@ -26,6 +26,7 @@ from tests.gateway_stack import (
     model_logprobs,
     scripted_state,
     stack,
+    user,
 )
 
 KEY, OTHER_KEY = "key-a", "key-b"
@@ -42,10 +43,6 @@ def gw() -> Iterator[Stack]:
 def client(gw: Stack) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=gw.base_url, api_key=KEY, max_retries=0, timeout=120) as c:
         yield c
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
 
 
 def test_models_lists_the_served_model_and_a_plain_chat_answers_with_the_models_text(client: openai.OpenAI) -> None:

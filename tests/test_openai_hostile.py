@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.gateway_stack import Stack, stack
+from tests.gateway_stack import Stack, stack, user
 
 KEY = "key-a"
 MAX_CLIENT_SESSIONS = 4
@@ -33,10 +33,6 @@ def gw() -> Iterator[Stack]:
 def client(gw: Stack) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=gw.base_url, api_key=KEY, max_retries=0, timeout=120) as c:
         yield c
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
 
 
 def post(gw: Stack, path: str, body: bytes, headers: dict[str, Any] | None = None) -> tuple[int, Any]:
