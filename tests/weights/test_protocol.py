@@ -478,3 +478,22 @@ async def test_an_arena_truncated_after_it_was_mapped_is_refused_not_read(rig: R
         out = await outcome_of(await tr.announce(3, plans, checksums=[checksum_sources(plans[0])],
                                                  payload=ShmPayload(name=tr.arena.name, offsets=[0])))
         assert out.ok and torch.equal(rig.sink.applied[3]["a"], plans[0].sources[0])
+
+
+async def test_auto_falls_back_to_inline_when_shared_memory_is_full(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: /dev/shm has no room (ENOSPC when the arena is made). ``auto`` pushes
+    inline instead (before, the push raised OSError); an explicit ``shm`` still fails, typed."""
+    from rollwire.weightsync import shm
+
+    def full(self: object, nbytes: int) -> bool:
+        raise OSError(errno.ENOSPC, "cannot allocate in /dev/shm (injected)")
+
+    monkeypatch.setattr(shm.ShmArena, "reserve", full)
+    w = {"w": torch.arange(10.0)}
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        report = await tp.push_weights(1, w)
+        assert report.transport == "inline"
+        with pytest.raises(OSError):
+            await tp.push_weights(2, w, transport="shm")
+        await tp.push_weights(3, w)
+    assert sorted(rig.sink.applied) == [1, 3] and torch.equal(rig.sink.applied[3]["w"], w["w"])

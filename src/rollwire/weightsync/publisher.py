@@ -307,7 +307,16 @@ class TrainerPublisher:
             if sender.on_gpu:
                 push.cuda_after, push.device = push_after, device
             t_prepare = time.monotonic()
-            ready = await self._prepare(push, sender, step if step is not None else version, receivers)
+            try:
+                ready = await self._prepare(push, sender, step if step is not None else version, receivers)
+            except OSError as e:  # /dev/shm too small (ENOSPC): "auto" means any transport that works
+                if transport != "auto" or chosen != "shm":
+                    raise
+                log.warning("shm_unavailable_push_goes_inline", version=version, error=str(e)[:300])
+                chosen, sender = "inline", self._senders["inline"]
+                push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
+                                                      for r in receivers}, self._pack_buf)
+                ready = await self._prepare(push, sender, step if step is not None else version, receivers)
             if barrier:
                 ready = msgspec.structs.replace(ready, barrier=True)
             prepare_s = time.monotonic() - t_prepare
