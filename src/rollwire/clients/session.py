@@ -102,8 +102,8 @@ class Session:
         try:
             opened: SessionOpened = await self._call(self._open)
         except RollwireError as e:
-            if e.code != ErrorCode.SERVER_UNAVAILABLE:
-                raise
+            if e.code not in (ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN):
+                raise  # (shutting_down: the link was retired for a new session port meanwhile)
             # the session port did not answer: a server restarted at the same rollout endpoint
             # listens on a fresh one. Ask again, and open there if it moved
             try:

@@ -358,6 +358,8 @@ class FleetStream:
         await self._inner.abort()
 
     async def aclose(self) -> None:
+        """Stop reading: the request still running on its server is aborted there."""
         aclose = getattr(self._messages, "aclose", None)
         if aclose is not None:
             await aclose()
+        await self._inner.aclose()

@@ -35,6 +35,7 @@ class FleetSession:
         self._session: Session | None = None
         self._server: ServerView | None = None
         self.moves = 0  # servers it moved away from
+        self._closing: set[asyncio.Task[None]] = set()  # half-made sessions being closed (_discard)
 
     async def __aenter__(self) -> FleetSession:
         await self.open()
@@ -81,7 +82,8 @@ class FleetSession:
 
     async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                        **kw: Any) -> GenerateDone:
-        """``Session.generate``; its ``timeout`` bounds the whole call, moves included."""
+        """``Session.generate``; its ``timeout`` bounds the whole call, moves included (each turn
+        gets what is left, and times out as ``Session.generate`` does: aborted, partial output kept)."""
         timeout = kw.pop("timeout", None)
         if timeout is None:
             timeout = self._kw.get("timeout")
@@ -92,13 +94,7 @@ class FleetSession:
             left = None if deadline is None else max(0.001, deadline - loop.time())
             return s.generate(input_ids, sampling_params, timeout=left, **kw)
 
-        if deadline is None:
-            return await self._moving(attempt)  # type: ignore[no-any-return]
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._moving(attempt)  # type: ignore[no-any-return]
-        except TimeoutError:  # a move (its replay) outlived the bound
-            raise RequestTimeout(f"session turn not complete within {timeout}s") from None
+        return await self._moving(attempt, deadline)  # type: ignore[no-any-return]
 
     async def stream(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                      **kw: Any) -> AsyncGenerator[GenerateChunk | GenerateDone, None]:
@@ -140,13 +136,13 @@ class FleetSession:
         """Whether the fleet still counts this session's server as live (not evicted)."""
         return self._server is not None and self._server.alive
 
-    async def _moving(self, call: Any) -> Any:
+    async def _moving(self, call: Any, deadline: float | None = None) -> Any:
         assert self._session is not None and self._server is not None, "session is not open"
         tried = [self._server]
         if not self._server.alive and self._fleet.router.live(exclude=tried):
             # the fleet already took its server for dead: move now rather than wait out the
             # liveness bound on a call to it
-            await self._move(tried, f"server evicted ({self._server.why_out})")
+            await self._move(tried, f"server evicted ({self._server.why_out})", deadline)
         while True:
             try:
                 return await call(self._session)
@@ -154,25 +150,47 @@ class FleetSession:
                 if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(self._server, f"session call failed: {e.code.value}")
-                await self._move(tried, e.code.value)
+                await self._move(tried, e.code.value, deadline)
 
-    async def _move(self, tried: list[ServerView], why: str) -> None:
-        """Reopen on another live server and replay the history there (one append). A target that
-        is gone when asked is evicted and the next one tried, within ``max_failovers`` servers."""
+    async def _move(self, tried: list[ServerView], why: str, deadline: float | None = None) -> None:
+        """Reopen on another live server and replay the history there (one append), by ``deadline``
+        (loop time). A target that is gone when asked is evicted and the next one tried, within
+        ``max_failovers`` servers; a session left half-made on a target is closed there."""
         assert self._session is not None and self._server is not None
         while True:
             nxt = self._fleet._choose([], 1, 0, exclude=tried)
             tried.append(nxt)
             moved = nxt.client.session(**self._kw)
             try:
-                await moved.replay(self._session)
+                async with asyncio.timeout_at(deadline):
+                    await moved.replay(self._session)
+            except TimeoutError:
+                self._discard(moved)
+                raise RequestTimeout(f"moving the session to {nxt.endpoint} outlived the call's timeout") from None
             except RollwireError as e:
+                self._discard(moved)
                 if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(nxt, f"session replay failed: {e.code.value}")
                 continue
+            except BaseException:
+                self._discard(moved)
+                raise
             break
         log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint, why=why,
                     tokens=len(self._session.trajectory().token_ids))
         self._session, self._server = moved, nxt
         self.moves += 1
+
+    def _discard(self, session: Session) -> None:
+        """Close, in the background, a session opened on a server but not taken into use."""
+        if not session.id:
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await session.close()
+
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

@@ -150,7 +150,8 @@ def build_app(gw: Gateway) -> FastAPI:
             await cs.lock.acquire()  # released when the turn's events end (_session_turn)
             try:
                 prompt, prompt_text = await gw.text_work(big, cs.new_tokens, gw.chat, messages, tools)
-                max_tokens = req.token_limit() or gw.default_max_tokens((history_length(cs) or 0) + len(prompt))
+                max_tokens = req.token_limit() or gw.default_max_tokens((history_length(cs) or 0) + len(prompt),
+                                                                        session=True)
                 sp = gw.sampling(req, max_tokens, stops, chat=True, n=1)
             except BaseException:
                 cs.lock.release()
@@ -367,7 +368,7 @@ def decode_json(buf: bytes | bytearray) -> Any:
 def session_id_of(request: Request, in_body: str | None) -> str | None:
     """The request's session id (header or body; both: the same), checked like the body field: it
     goes back out in a header and in the trajectory routes' paths."""
-    header = request.headers.get(SESSION_HEADER)
+    header = request.headers.get(SESSION_HEADER) or None  # an empty header: no session, as before
     if header is None:
         return in_body
     if not re.fullmatch(SESSION_ID_PATTERN, header):

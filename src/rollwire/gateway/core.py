@@ -131,17 +131,19 @@ class Gateway:
 
     def drop_session(self, cs: ChatSession) -> None:
         """Forget a chat session and free its rollwire session on the server (in the background)."""
-        if self.sessions.sessions.get(cs.key) is cs:
+        if self.sessions.sessions.get(cs.key) is cs:  # once: whoever drops it first closes it
             del self.sessions.sessions[cs.key]
             self.metrics.inc("sessions_dropped_total")
-        self.spawn(close_quietly(cs.session))
+            self.spawn(close_quietly(cs.session))
 
-    def default_max_tokens(self, used: int) -> int:
+    def default_max_tokens(self, used: int, *, session: bool = False) -> int:
         """A chat turn without max_tokens: the configured default, within the server's limit and
-        the context left after ``used`` prompt tokens (as OpenAI-style servers fill the context)."""
+        the room left after ``used`` tokens (the context; a session's token budget too), as
+        OpenAI-style servers fill the context."""
         limit = min(self.cfg.default_max_tokens, self.max_new_tokens_limit)
-        room = self.max_model_len - used
-        return min(limit, room) if self.max_model_len and room >= 1 else limit
+        caps = [c for c in (self.max_model_len, self.cfg.session_max_tokens if session else 0) if c]
+        room = min(caps) - used if caps else 0
+        return min(limit, room) if caps and room >= 1 else limit
 
     def owner(self, request: Request) -> str:
         if not self.cfg.api_keys:

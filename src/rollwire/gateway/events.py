@@ -60,7 +60,7 @@ async def plain_events(gw: Gateway, prompt: list[int], sp: SamplingParams, choic
     finally:
         if not all(ch.done is not None for ch in choices):  # the caller went away: free the engine
             with contextlib.suppress(Exception):
-                await stream.abort()
+                await stream.aclose()  # aborts what still runs, once
 
 
 async def session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical], prompt: list[int],

@@ -20,6 +20,7 @@ from rollwire.engines.validation import MAX_N, MAX_SEED
 from rollwire.gateway.errors import APIError, bad_request, unsupported
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 1024  # per stop sequence: they are tokenized on the event loop (a longer one stops nothing real)
 MAX_TOP_K = (1 << 31) - 1
 # a session id travels back in a header and in the trajectory routes' paths: URL-safe ASCII only
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._~:@+=-]{1,256}$"
@@ -106,6 +107,8 @@ class _Sampling(_Strict):
             raise bad_request(f"stop: at most {MAX_STOP} sequences", "stop")
         if any(not s for s in stops):
             raise bad_request("stop: a stop sequence may not be empty", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise bad_request(f"stop: a stop sequence may have at most {MAX_STOP_CHARS} characters", "stop")
         return stops
 
     def check_neutral(self) -> None:

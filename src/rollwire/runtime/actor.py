@@ -118,8 +118,9 @@ class Actor:
         ``client_timeout_s``: abort its requests, free its waiting requests and sessions."""
 
     def has_live_connection(self, client: str) -> bool:
-        """Whether any beating public connection of ``client`` is still being heard from."""
-        return any(seen[1] == client for seen in self._last_seen.values())
+        """Whether any public connection of ``client`` is still there: a beating one still heard
+        from, or a raw one not yet found closed."""
+        return any(seen[1] == client for seen in (*self._last_seen.values(), *self._unbeaten.values()))
 
     def take_held_requests(self) -> list[Origin]:
         """Requests the actor is answering right now, which it must no longer answer: on a crash

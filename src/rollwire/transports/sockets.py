@@ -176,7 +176,7 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
             check_ipc_bind(ep)
             sock.bind(ep)
             bound.append(bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode())
-    except zmq.ZMQError:
+    except (zmq.ZMQError, OSError):  # OSError: an ipc directory others may enter (check_ipc_bind)
         sock.close(linger=0)
         raise
     _bound[sock] = bound

@@ -321,20 +321,21 @@ class TrainerPublisher:
                 ready = msgspec.structs.replace(ready, barrier=True)
             prepare_s = time.monotonic() - t_prepare
             self._push = push
-            answered = False  # every receiver reported: the transport's bytes may be reused
+            answered = False  # the wait ended (not cancelled); with no failures the bytes may be reused
+            failures: dict[str, str] = {}
             try:
                 await self._pub.publish(ready)
                 self._last_version = version  # announced: even a failed push uses it up (some may apply it)
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
-                answered = not failures
+                answered = True
                 for rid, why in failures.items():
                     if why.startswith("timed out") and rid in self.receivers:
                         self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
             finally:
                 self._push = None
                 self._pack_buf = push.served.pack_buf
-                if not answered:  # failed, or cancelled: a receiver may still read the arena
+                if not answered or failures:  # a receiver may still read the arena, or a group is broken
                     sender.failed()
                 if barrier:  # every server has answered (or failed): all resume at once
                     try:
