@@ -339,3 +339,22 @@ async def test_the_bodys_own_error_comes_out_of_a_session_whose_server_died(
                 await s.generate([1, 2], SamplingParams(max_new_tokens=2))
                 procs[eps.index(s.endpoint)].send_signal(signal.SIGKILL)
                 raise ValueError("the agent's own bug")
+
+
+async def test_a_fleet_session_turn_that_times_out_keeps_its_partial_output_like_a_plain_session(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """``timeout`` on a FleetSession turn: the turn is aborted and its partial output kept in the
+    history, as on a plain Session (an outer timer once cancelled it first and left the session
+    desynced), and the session goes on."""
+    eps, _ = servers
+    async with RolloutFleet(eps, liveness_s=2.0, health_interval_s=0.5) as fleet:
+        await fleet.wait_ready(servers=1, timeout=180)
+        async with fleet.session(max_tokens=4096) as s:
+            with pytest.raises(RollwireError) as err:
+                await s.generate([1, 2, 3], SamplingParams(max_new_tokens=3000, temperature=0.0, ignore_eos=True),
+                                 timeout=1.0)
+            assert err.value.code.value == "timeout"
+            kept = len(s.trajectory().token_ids)  # readable: the record is in sync
+            assert 3 < kept < 3 + 3000
+            done = await s.generate([4], SamplingParams(max_new_tokens=2, temperature=0.0))
+            assert done.finish_reason == "length" and len(s.trajectory().token_ids) == kept + 1 + 2

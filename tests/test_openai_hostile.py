@@ -168,6 +168,7 @@ def test_session_ids_are_url_safe_and_header_and_body_agree(gw: Stack, headers: 
     ("/v1/chat/completions", chat_body(user("hi"), n="2"), "invalid_type"),
     ("/v1/chat/completions", chat_body(user("hi"), stream="yes"), "invalid_type"),
     ("/v1/chat/completions", chat_body(user("hi"), stream_options={"include_usage": True}), "invalid_value"),
+    ("/v1/chat/completions", chat_body(user("hi"), stop=["x" * 2_000_000]), "invalid_value"),
 ])
 def test_odd_text_deep_json_and_loose_types_get_400_not_500(gw: Stack, path: str, body: bytes, code: str) -> None:
     status, err = post(gw, path, body)
