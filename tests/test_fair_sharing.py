@@ -117,7 +117,8 @@ async def test_per_client_caps_on_samples_in_flight_and_version_waiters_leave_ot
         await w.until(lambda: w.terminal[3] == 1, "one refusal")
         assert w.last(3).code == ErrorCode.CLIENT_LIMIT and "waiting" in w.last(3).message, w.last(3)
         # another client is served meanwhile
-        await b.send(1, GenerateRequest(input_ids=[9, 9], sampling_params=SamplingParams(max_new_tokens=5)))
+        await b.send(1, GenerateRequest(input_ids=[9, 9],
+                                        sampling_params=SamplingParams(max_new_tokens=5, ignore_eos=True)))
         await b.until(lambda: b.terminal[1] == 1, "b served")
         assert isinstance(b.last(1), GenerateDone) and b.last(1).finish_reason == "length"
         st = await b.status(100)
