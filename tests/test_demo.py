@@ -45,3 +45,52 @@ def test_quick_demo_on_two_servers_goes_on_through_a_server_kill(tmp_path: Path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["servers"] == 2 and summary["events"][0] == "server-1 killed"
     assert (out / "fleet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_demo_and_its_processes(tmp_path: Path) -> None:
+    """SIGTERM (what CI's timeout and a container stop send) once the first step is out: the demo
+    exits 143 and its trainer and workers are gone (before, it died at once and left them running)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "error", "demo", "--quick",
+                             "--plain", "--out", str(tmp_path / "d")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded: the demo prints a line per step, and ends
+            if line.startswith("step=1 "):
+                break
+        kids = _children(proc.pid)
+        assert len(kids) >= 4  # the trainer and three workers (and multiprocessing's helper)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_running(k) for k in kids):
+            assert time.monotonic() < deadline, f"children left running: {kids}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -182,3 +182,42 @@ async def test_closing_a_session_during_a_turn_aborts_the_turn_and_counts_it(rc:
     assert isinstance(first, GenerateChunk) and isinstance(done, GenerateDone)
     assert done.finish_reason == "abort" and 0 < len(done.output_ids) < 3000
     assert closed.turns == 1 and closed.length == 2 + len(done.output_ids)
+
+
+async def test_a_late_abort_is_dropped_not_kept_for_a_later_turn_that_reuses_its_rid(rc: RolloutClient) -> None:
+    """Over one raw session connection: turn rid 5 ends, then an abort for rid 5 arrives (late),
+    then a new turn with rid 5. The new turn runs to its end (before, the late abort was kept as an
+    "early" one and killed it at once with no output)."""
+    import uuid
+
+    import zmq
+    import zmq.asyncio
+
+    from rollwire.messages import AbortRequest, OpenSession
+
+    endpoint = (await rc._sessions()).endpoint
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    codec: Codec[Any] = Codec(SessionReply)
+
+    async def ask(rid: int, msg: Any) -> Any:
+        await sock.send_multipart(codec.encode(rid, msg, ()))
+        while True:
+            got_rid, reply, _ = codec.decode(await asyncio.wait_for(sock.recv_multipart(), 30))
+            if got_rid == rid and not isinstance(reply, GenerateChunk):
+                return reply
+
+    try:
+        sid = (await ask(1, OpenSession(max_tokens=256))).session_id
+        turn = SessionGenerate(session_id=sid, input_ids=[5, 6], sampling_params=SP)
+        first = await ask(5, turn)
+        assert isinstance(first, GenerateDone) and first.finish_reason == "length"
+        await sock.send_multipart(codec.encode(0, AbortRequest(target_rid=5), ()))
+        second = await ask(5, turn)
+        assert isinstance(second, GenerateDone) and second.finish_reason == "length" and len(second.output_ids) == 8
+    finally:
+        sock.close(linger=0)
+        ctx.term()

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import msgspec
+import zmq
 
 from rollwire.runtime.logging import LEVEL_ENV, configure_logging
 from rollwire.server import RolloutServer, ServerConfig, run
@@ -30,7 +31,32 @@ def as_builtins(obj: object) -> object:
 
 
 def _ids(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--input-ids expects comma-separated integers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a limit of 0 would refuse or break every request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _engine_args(items: Sequence[str]) -> dict[str, str]:
@@ -50,8 +76,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-endpoint", default=DEFAULT_ROLLOUT)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--max-new-tokens-limit", type=int, default=4096)
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens-limit", type=positive_int, default=4096)
+    p.add_argument("--max-batch-size", type=positive_int, default=64)
     p.add_argument("--engine-arg", action="append", default=[],
                    help="key=value, an sglang ServerArgs field passed through (e.g. mem_fraction_static=0.6)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (sglang's tp_size)")
@@ -59,8 +85,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-endpoint", default=None, help="TrainerPublisher endpoint to take weights from")
     p.add_argument("--mode", default="disaggregated", choices=["colocated", "disaggregated"])
     p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
-    p.add_argument("--drain-deadline", type=float, default=30.0, help="seconds drain waits before aborting")
-    p.add_argument("--barrier-timeout", type=float, default=60.0,
+    p.add_argument("--drain-deadline", type=seconds, default=30.0, help="seconds drain waits before aborting")
+    p.add_argument("--barrier-timeout", type=seconds, default=60.0,
                    help="a version loaded under a trainer's barrier resumes by itself after this long unreleased")
     p.add_argument("--coalesce", action="store_true", help="only the newest version waits behind a load")
     p.add_argument("--shm-verify", default="while_loading", choices=["while_loading", "before_load"],
@@ -72,8 +98,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--receiver-id", default="")
     p.add_argument("--session-endpoint", default=None,
                    help="SessionActor endpoint (default: a free tcp port on the rollout host, or <ipc path>-sessions)")
-    p.add_argument("--max-sessions", type=int, default=4096)
-    p.add_argument("--max-session-tokens", type=int, default=32768, help="upper bound of a session's max_tokens")
+    p.add_argument("--max-sessions", type=positive_int, default=4096)
+    p.add_argument("--max-session-tokens", type=positive_int, default=32768,
+                   help="upper bound of a session's max_tokens")
     sec = p.add_argument_group("trust and liveness")
     sec.add_argument("--secret-key", default=None,
                      help="this server's .key_secret (from `rollwire keys`): turns CURVE on for every public socket")
@@ -83,16 +110,18 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                      help="trainers' .key files; the first is the trainer this server pulls weights from")
     sec.add_argument("--insecure", action="store_true",
                      help="allow binding a non-loopback tcp address without keys")
-    sec.add_argument("--client-timeout", type=float, default=15.0,
+    sec.add_argument("--client-timeout", type=seconds, default=15.0,
                      help="seconds of silence after which a client is gone and its requests and sessions are freed "
                           "(rollwire clients beat every second, so keep it above ~3; 0: never)")
     fair = p.add_argument_group("fair sharing (per client: its CURVE key, else its connection)")
-    fair.add_argument("--max-in-flight", type=int, default=4096, help="samples in flight in the server (overloaded)")
-    fair.add_argument("--max-client-in-flight", type=int, default=2048, help="samples in flight per client")
-    fair.add_argument("--max-client-waiting", type=int, default=1024,
+    fair.add_argument("--max-in-flight", type=positive_int, default=4096,
+                      help="samples in flight in the server (overloaded)")
+    fair.add_argument("--max-client-in-flight", type=positive_int, default=2048, help="samples in flight per client")
+    fair.add_argument("--max-client-waiting", type=positive_int, default=1024,
                       help="requests per client waiting for a min_version")
-    fair.add_argument("--max-client-sessions", type=int, default=None, help="sessions per client (default: half)")
-    fair.add_argument("--retry-after", type=float, default=1.0, help="seconds overloaded/client_limit tell clients")
+    fair.add_argument("--max-client-sessions", type=positive_int, default=None,
+                      help="sessions per client (default: half)")
+    fair.add_argument("--retry-after", type=seconds, default=1.0, help="seconds overloaded/client_limit tell clients")
 
 
 def add_client_key_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +207,19 @@ def _keys(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Errors in what the user gave (an endpoint ZeroMQ refuses, a port in use, a missing file or
+    directory, a bad value) end in one line on stderr and exit status 2; ``--log-level debug``
+    shows their traceback."""
+    try:
+        return _main(argv)
+    except (zmq.ZMQError, OSError, ValueError) as e:
+        if os.environ.get(LEVEL_ENV) == "debug":
+            raise
+        print(f"rollwire: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="rollwire", description=__doc__)
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     parser.add_argument("--log-level", default=None, help="default: info (demo: warning, its view shows progress)")
@@ -194,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = sub.add_parser("generate", help="send one request, print the output as JSON")
     g.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
     g.add_argument("--input-ids", required=True, help="comma-separated token ids, e.g. 1,5,9")
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=positive_int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--logprobs", action="store_true")

@@ -38,7 +38,7 @@ import asyncio
 import collections
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +120,7 @@ class SessionActor(Actor):
         self._gone: OrderedDict[str, tuple[ErrorCode, str]] = OrderedDict()  # closed / expired id -> (code, owner)
         self._turns: dict[tuple[bytes, int], _Turn] = {}  # (worker, its rid) -> running turn
         self._early_aborts: OrderedDict[tuple[bytes, int], None] = OrderedDict()
+        self._arriving: Counter[tuple[bytes, int]] = Counter()  # turns received, not yet ended
         self._orphans: list[_Turn] = []  # turns the supervisor answered: on_stop aborts them
         self._vocab_size = 0
 
@@ -181,7 +182,24 @@ class SessionActor(Actor):
         await self.reply(origin, Appended(session_id=s.id, length=len(s.history)))
 
     @handles(SessionGenerate)
-    async def on_generate(self, origin: Origin, msg: SessionGenerate, payload: Sequence[Any]) -> None:
+    def on_generate(self, origin: Origin, msg: SessionGenerate, payload: Sequence[Any]) -> Any:
+        # counted as it arrives, before its checks run: an abort that overtakes them is kept for it,
+        # and one for a turn not arriving (over, or never sent) is dropped, never kept for a later
+        # turn that reuses the rid
+        key = (origin.conn, origin.rid)
+        self._arriving[key] += 1
+        return self._turn_of(origin, msg, key)
+
+    async def _turn_of(self, origin: Origin, msg: SessionGenerate, key: tuple[bytes, int]) -> None:
+        try:
+            await self._run_turn(origin, msg)
+        finally:
+            self._arriving[key] -= 1
+            if self._arriving[key] <= 0:
+                del self._arriving[key]
+                self._early_aborts.pop(key, None)
+
+    async def _run_turn(self, origin: Origin, msg: SessionGenerate) -> None:
         self._idle_session(origin, msg.session_id)
         sp = msg.sampling_params
         if sp.n != 1:
@@ -240,7 +258,9 @@ class SessionActor(Actor):
         if turn is not None:
             self.spawn(self._abort(turn))
             return
-        # not registered yet (still being checked) or already over: remember it briefly
+        if (origin.conn, msg.target_rid) not in self._arriving:
+            return  # over already (its terminal reply is on the way or delivered), or never sent
+        # arrived, still being checked before it registers: kept until it does
         self._early_aborts[(origin.conn, msg.target_rid)] = None
         while len(self._early_aborts) > MAX_EARLY_ABORTS:
             self._early_aborts.popitem(last=False)

@@ -10,6 +10,10 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,23 +26,25 @@ if TYPE_CHECKING:
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
+    from rollwire.cli import positive_int
+
     p.add_argument("--quick", action="store_true", help="a short run (CI): fewer steps")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 80, quick 20)")
-    p.add_argument("--workers", type=int, default=3, help="rollout-worker processes")
-    p.add_argument("--group-size", type=int, default=8, help="samples per prompt (GRPO group)")
-    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 80, quick 20)")
+    p.add_argument("--workers", type=positive_int, default=3, help="rollout-worker processes")
+    p.add_argument("--group-size", type=positive_int, default=8, help="samples per prompt (GRPO group)")
+    p.add_argument("--groups-per-step", type=positive_int, default=8)
     p.add_argument("--pause-policy", default="retract", choices=["abort", "retract", "drain", "in_place"])
     p.add_argument("--transport", default="shm", choices=["shm", "inline", "auto"])
     p.add_argument("--max-staleness", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--updates", type=int, default=2, help="optimizer steps per batch (PPO epochs)")
+    p.add_argument("--updates", type=positive_int, default=2, help="optimizer steps per batch (PPO epochs)")
     p.add_argument("--seed", type=int, default=0)
     # the tiny model's random logits have a std of ~4 (clear greedy margins for the tests); sampling
     # at T=4 gives the policy enough entropy to explore. Trainer and server use the same T.
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--out", default=None, help="output folder (default: a new ./rollwire-demo-<time>)")
     p.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
-    p.add_argument("--servers", type=int, default=1,
+    p.add_argument("--servers", type=positive_int, default=1,
                    help="rollout servers; more than 1 runs a fleet (`rollwire serve` processes behind a "
                         "RolloutFleet) and kills one halfway (it restarts 3 steps later)")
 
@@ -46,7 +52,41 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 def run_demo(a: argparse.Namespace) -> int:
     import uvloop
 
-    return uvloop.run(_demo(a))
+    return uvloop.run(_until_signal(a))
+
+
+async def _until_signal(a: argparse.Namespace) -> int:
+    """The demo; SIGTERM or Ctrl-C stop it and its processes (exit status 128 + the signal)."""
+    loop, task, got = asyncio.get_running_loop(), asyncio.current_task(), []
+
+    def on_signal(sig: int) -> None:
+        got.append(sig)
+        if task is not None:
+            task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _demo(a)
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        print(f"rollwire demo: stopped by {signal.Signals(got[0]).name}", file=sys.stderr)
+        return 128 + got[0]
+
+
+def child_setup() -> None:
+    """In each demo process: Ctrl-C goes to the parent alone (it stops the children), and a child
+    whose parent died (SIGKILL) exits instead of running on as an orphan."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-guard", daemon=True).start()
 
 
 async def _demo(a: argparse.Namespace) -> int:
@@ -73,8 +113,10 @@ async def _demo(a: argparse.Namespace) -> int:
                            temperature=a.temperature, max_staleness=a.max_staleness,
                            transport=a.transport, seed=a.seed)
         procs = start_processes(ctx, a, tcfg, [rollout_ep], exp_ep, metrics_q, stop)
-        rows = await _follow(srv, metrics_q, view, activity, procs[0])
-        await stop_processes(procs, stop)
+        try:
+            rows = await _follow(srv, metrics_q, view, activity, procs[0])
+        finally:  # a signal cancels the demo here: its processes stop with it
+            await stop_processes(procs, stop)
         timeline = list(srv.governor.timeline)
     view.close()
     return _finish(out, rows, timeline, activity, view, procs[0].exitcode)
@@ -98,9 +140,10 @@ async def stop_processes(procs: list[Any], stop: Any) -> None:
     stop.set()
     loop = asyncio.get_running_loop()
     for p in procs:
-        await loop.run_in_executor(None, p.join, 30)
+        await loop.run_in_executor(None, p.join, 10)
         if p.is_alive():
             p.terminate()
+            await loop.run_in_executor(None, p.join, 5)
 
 
 async def _follow(srv: RolloutServer, metrics_q: Any, view: View, activity: list[tuple[float, int, str]],

@@ -57,9 +57,11 @@ async def fleet_demo(a: argparse.Namespace, steps: int, out: Path) -> int:
                            seed=a.seed, servers=a.servers)
         procs = start_processes(ctx, a, tcfg, eps, exp_ep, metrics_q, stop)
         sampler = asyncio.ensure_future(_sample_load(clients, load))
-        rows = await _follow(a, steps, eps, trainer_ep, servers, metrics_q, view, events, procs[0])
-        sampler.cancel()
-        await stop_processes(procs, stop)
+        try:
+            rows = await _follow(a, steps, eps, trainer_ep, servers, metrics_q, view, events, procs[0])
+        finally:  # a signal cancels the demo here: its processes stop with it
+            sampler.cancel()
+            await stop_processes(procs, stop)
     finally:
         for c in clients:
             await c.close()

@@ -136,6 +136,10 @@ async def _train(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
 def trainer_main(cfg: TrainConfig, metrics: Any, stop: Any) -> None:
     import uvloop
 
+    from rollwire.demo import child_setup
+
+    child_setup()
+
     from rollwire.runtime.logging import configure_logging
 
     configure_logging()  # the parent's level ($ROLLWIRE_LOG_LEVEL)

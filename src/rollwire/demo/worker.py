@@ -72,6 +72,10 @@ def worker_main(idx: int, rollout_eps: list[str], experience_ep: str, group_size
                 temperature: float, stop: Any) -> None:
     import uvloop
 
+    from rollwire.demo import child_setup
+
+    child_setup()
+
     from rollwire.runtime.logging import configure_logging
 
     configure_logging()  # the parent's level ($ROLLWIRE_LOG_LEVEL)

@@ -21,6 +21,7 @@ the public key, ``NAME.key_secret`` both. The secret file is written mode 0600.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,9 +58,17 @@ class KeyPair:
 
 
 def create_keys(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
-    """Write ``name.key`` and ``name.key_secret`` (0600) in ``directory`` (made 0700 if new)."""
+    """Write ``name.key`` and ``name.key_secret`` (0600) in ``directory`` (made 0700 if new). An
+    existing pair is never overwritten (servers and trainers may already trust it); ``name`` is a
+    plain file name (letters, digits, ``._-``; no path)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-' (no path, not starting with '.')")
     d = Path(directory)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for existing in (d / f"{name}.key", d / f"{name}.key_secret"):
+        if existing.exists():
+            raise FileExistsError(f"{existing} exists: remove it first to make a new pair (whoever trusts the "
+                                  "old public key must then be given the new one)")
     public_file, secret_file = zmq.auth.create_certificates(os.fspath(d), name)
     os.chmod(secret_file, 0o600)
     return Path(public_file), Path(secret_file)
