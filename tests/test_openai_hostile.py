@@ -192,3 +192,29 @@ def test_a_chat_without_max_tokens_gets_the_context_that_is_left(client: openai.
 def test_the_gateway_kept_serving(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3)
     assert r.choices[0].finish_reason == "length"
+
+
+def test_sigterm_stops_a_gateway_still_waiting_for_its_server() -> None:
+    """No rollout server answers: SIGTERM ends the gateway at once (before, uvicorn's startup waited
+    out the 120 s bound first, then printed a traceback)."""
+    import signal
+    import subprocess
+    import sys
+
+    from rollwire.transports.sockets import free_tcp_endpoint
+
+    port = free_tcp_endpoint(span=1).rpartition(":")[2]
+    proc = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "info", "gateway", "--port", port,
+                             "--rollout-endpoint", free_tcp_endpoint()], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded: the gateway logs this line, then waits
+            if "gateway_waiting_for_servers" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0  # a hang guard; stopped by the signal, not served
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

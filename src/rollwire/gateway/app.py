@@ -35,7 +35,15 @@ from rollwire.clients.rollout import RolloutClient
 from rollwire.clients.session import SessionDesynced
 from rollwire.gateway.chat import tools_json
 from rollwire.gateway.choices import Choice
-from rollwire.gateway.core import OFF_LOOP_BYTES, SESSION_HEADER, Gateway, close_quietly, log, session_endpoint
+from rollwire.gateway.core import (
+    OFF_LOOP_BYTES,
+    SESSION_HEADER,
+    Gateway,
+    StopBeforeReady,
+    close_quietly,
+    log,
+    session_endpoint,
+)
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.events import (
     ClosingStreamingResponse,
@@ -67,8 +75,11 @@ from rollwire.messages import RollwireError, StatusReply
 def build_app(gw: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gw.start()
-        log.info("gateway_ready", endpoints=gw.cfg.endpoints, model=gw.name)
+        try:
+            await gw.start()
+            log.info("gateway_ready", endpoints=gw.cfg.endpoints, model=gw.name)
+        except StopBeforeReady as e:  # a signal while waiting: uvicorn exits right after startup
+            log.warning("gateway_stopped_before_ready", reason=str(e))
         try:
             yield
         finally:

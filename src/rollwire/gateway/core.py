@@ -23,14 +23,19 @@ from rollwire.gateway.errors import APIError, bad_request
 from rollwire.gateway.metrics import GatewayMetrics
 from rollwire.gateway.schemas import _Sampling
 from rollwire.gateway.sessions import ChatSession, SessionTable
-from rollwire.messages import SamplingParams
+from rollwire.messages import RollwireError, SamplingParams
 from rollwire.runtime.logging import get_logger
 
 log = get_logger("rollwire.gateway")
 
 SESSION_HEADER = "x-session-id"
+START_TIMEOUT_S = 120.0  # how long the gateway waits for a rollout server at start
 OFF_LOOP_BYTES = 256 << 10  # a body this large is parsed, rendered and tokenized on a worker thread
 T = TypeVar("T")
+
+
+class StopBeforeReady(Exception):
+    """The process was asked to stop while the gateway still waited for its servers."""
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Gateway:
         # heartbeats that keep the servers counted alive
         self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-gw-text")
         self._background: set[asyncio.Task[Any]] = set()
+        self.should_stop: Callable[[], bool] = lambda: False  # set by whoever runs the HTTP server
 
     @property
     def fleet(self) -> RolloutFleet | None:
@@ -89,13 +95,27 @@ class Gateway:
         return {self.cfg.endpoints[0]: self.client}
 
     async def start(self) -> None:
+        """Until a server answers (a fleet: one is admitted; the rest join as they come), at most
+        ``START_TIMEOUT_S``, checking each second whether the process was asked to stop meanwhile
+        (``should_stop``: uvicorn's flag; a signal does not interrupt its startup otherwise)."""
         await self.client.__aenter__()
-        if isinstance(self.client, RolloutFleet):  # serve once one server is admitted; the rest join as they come
-            first = (await self.client.wait_ready(servers=1, timeout=120.0))[0]
-            st = await self.server_clients()[first].status()
-        else:
-            await self.client.wait_ready(timeout=120.0)
-            st = await self.client.status()
+        log.info("gateway_waiting_for_servers", endpoints=self.cfg.endpoints)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while True:
+            try:
+                if isinstance(self.client, RolloutFleet):
+                    first = (await self.client.wait_ready(servers=1, timeout=1.0))[0]
+                    st = await self.server_clients()[first].status()
+                else:
+                    await self.client.wait_ready(timeout=1.0)
+                    st = await self.client.status()
+                break
+            except (TimeoutError, RollwireError):
+                if self.should_stop():
+                    raise StopBeforeReady("asked to stop before a rollout server answered") from None
+                if loop.time() >= deadline:
+                    raise
         self.max_new_tokens_limit, self.vocab_size = st.max_new_tokens_limit, st.vocab_size
         self.max_model_len = st.max_model_len
         self._sweeper = asyncio.ensure_future(self._sweep())

@@ -60,6 +60,9 @@ def run_gateway(a: argparse.Namespace) -> int:
     if not _loopback(a.host) and not a.api_key and not a.insecure:
         raise SystemExit(f"--host {a.host} is not loopback: pass --api-key (or --insecure)")
     cfg = gateway_config(a)
-    app = build_app(Gateway(cfg, ChatFormat(load_tokenizer(cfg.model))))
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    return 0
+    gw = Gateway(cfg, ChatFormat(load_tokenizer(cfg.model)))
+    server = uvicorn.Server(uvicorn.Config(build_app(gw), host=a.host, port=a.port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    gw.should_stop = lambda: server.should_exit  # SIGTERM / Ctrl-C while it waits for a server at start
+    server.run()
+    return 0 if server.started else 3
