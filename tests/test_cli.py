@@ -115,3 +115,22 @@ def test_shm_verify_defaults_to_while_loading_and_takes_only_its_two_values() ->
         parser.parse_args(["--shm-verify", "never"])
     with pytest.raises(ValueError, match="shm_verify"):
         ServerConfig(shm_verify="never")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["serve", "--max-batch-size", "0"], "--max-batch-size: must be at least 1"),
+    (["serve", "--client-timeout", "nan"], "--client-timeout: must be a finite number"),
+    (["serve", "--max-in-flight", "-3"], "--max-in-flight: must be at least 1"),
+    (["demo", "--steps", "0"], "--steps: must be at least 1"),
+    (["serve", "--rollout-endpoint", "foo://bar"], "rollwire: error: Protocol not supported"),
+    (["keys", "--dir", "KEYS", "../evil"], "key name '../evil'"),
+    (["keys", "--dir", "KEYS", "server"], "exists: remove it first"),  # made once below, so a second time
+])
+def test_bad_values_end_in_one_line_and_exit_2_without_a_traceback(tmp_path, argv: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
+    """Before, --max-batch-size 0 crashed the engine at the first request, nonsense limits were
+    accepted, and a refused endpoint or key file printed a traceback; keys overwrote a pair."""
+    argv = [str(tmp_path / "k") if a == "KEYS" else a for a in argv]
+    if argv[-1] == "server":
+        subprocess.run([sys.executable, "-m", "rollwire.cli", *argv], check=True, capture_output=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "rollwire.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
