@@ -123,6 +123,7 @@ def test_shm_verify_defaults_to_while_loading_and_takes_only_its_two_values() ->
     (["serve", "--max-in-flight", "-3"], "--max-in-flight: must be at least 1"),
     (["demo", "--steps", "0"], "--steps: must be at least 1"),
     (["serve", "--rollout-endpoint", "foo://bar"], "rollwire: error: Protocol not supported"),
+    (["serve", "--rollout-endpoint", "tcp://127.0.0.1:99999"], "port 99999 is above 65535"),
     (["keys", "--dir", "KEYS", "../evil"], "key name '../evil'"),
     (["keys", "--dir", "KEYS", "server"], "exists: remove it first"),  # made once below, so a second time
 ])

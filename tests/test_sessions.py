@@ -180,3 +180,17 @@ async def test_close_and_ttl_expiry_free_the_engine_kv_they_held() -> None:
 
 async def _prefix_sessions(rc: RolloutClient, n: int) -> bool:
     return (await engine_counters(rc))["prefix_sessions"] == n
+
+
+async def test_an_ipc_rollout_path_near_the_length_limit_gets_a_session_endpoint_that_fits() -> None:
+    """A rollout path of 100 bytes fits a unix socket (107 at most), "-sessions" after it would
+    not: the default session endpoint is then a short name beside it, and sessions work."""
+    from rollwire.transports.sockets import private_ipc_dir
+
+    base = f"{private_ipc_dir()}/"
+    ep = "ipc://" + base + "r" * (100 - len(base))
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc:
+        assert len(srv.sessions.bound_endpoint("sessions").removeprefix("ipc://")) <= 107
+        async with rc.session() as s:
+            done = await s.generate([1, 2], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+            assert done.finish_reason == "length"

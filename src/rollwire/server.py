@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -106,13 +107,21 @@ class ServerConfig:
         return CurveClient(KeyPair.load(self.secret_key), trainer[0])
 
 
+MAX_IPC_PATH = 107  # bytes of a unix socket path (sun_path, less its terminating zero)
+
+
 def session_endpoint_for(rollout_endpoint: str) -> str:
     """The default session endpoint: any free tcp port on the rollout host (not port + 1, which
     a trainer endpoint often takes), or the ipc/inproc name + "-sessions"."""
     if rollout_endpoint.startswith("tcp://"):
         host, _, _ = rollout_endpoint.rpartition(":")
         return f"{host}:*"
-    return f"{rollout_endpoint}-sessions"
+    ep = f"{rollout_endpoint}-sessions"
+    if rollout_endpoint.startswith("ipc://") and len(ep.removeprefix("ipc://").encode()) > MAX_IPC_PATH:
+        # the suffix would take a path that fits over the limit: a short name beside it instead
+        digest = hashlib.sha1(rollout_endpoint.encode()).hexdigest()[:10]
+        ep = f"ipc://{os.path.dirname(rollout_endpoint.removeprefix('ipc://'))}/s-{digest}"
+    return ep
 
 
 def make_engine_factory(cfg: ServerConfig) -> Callable[[], Engine]:

@@ -34,7 +34,7 @@ class Publisher:
         try:
             if curve is not None:
                 curve.apply(self._sock)  # before bind (STYLE.md)
-            sockets.check_ipc_bind(endpoint)
+            sockets.check_bind(endpoint)
             self._sock.bind(endpoint)
         except (zmq.ZMQError, OSError, ValueError):
             self._sock.close(linger=0)

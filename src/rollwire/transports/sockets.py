@@ -79,6 +79,16 @@ def private_ipc_dir() -> str:
     return d
 
 
+def check_bind(endpoint: str) -> None:
+    """What a bind must pass before ZeroMQ sees it: a tcp port in range (libzmq wraps a port above
+    65535 into another one, silently), and ``check_ipc_bind``."""
+    if endpoint.startswith("tcp://"):
+        port = endpoint.rpartition(":")[2]
+        if port.isdigit() and int(port) > 65535:
+            raise ValueError(f"{endpoint}: port {port} is above 65535")
+    check_ipc_bind(endpoint)
+
+
 def check_ipc_bind(endpoint: str) -> None:
     """Refuse to bind an ipc socket in a directory that other users may enter, or on a path where
     a socket still listens: ZeroMQ would unlink that file and take its address over silently (a
@@ -173,10 +183,10 @@ def router(binds: Sequence[str], *, hwm: int = DEFAULT_HWM, ctx: zmq.asyncio.Con
                 # routing id, and a taken one is refused, so no key can take over another's replies
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         for ep in binds:
-            check_ipc_bind(ep)
+            check_bind(ep)
             sock.bind(ep)
             bound.append(bytes(sock.getsockopt(zmq.LAST_ENDPOINT)).decode())
-    except (zmq.ZMQError, OSError):  # OSError: an ipc directory others may enter (check_ipc_bind)
+    except (zmq.ZMQError, OSError, ValueError):  # refused by check_bind: the socket goes too
         sock.close(linger=0)
         raise
     _bound[sock] = bound
