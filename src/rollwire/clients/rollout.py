@@ -34,6 +34,7 @@ from rollwire.messages import (
     StatusReply,
     StatusRequest,
 )
+from rollwire.runtime.tasks import BackgroundTasks
 from rollwire.transports.rpc import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_LIVENESS_S,
@@ -146,7 +147,7 @@ class RolloutClient:
         self._link = {"curve": curve, "heartbeat_s": heartbeat_s, "liveness_s": liveness_s}
         self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, **self._link)  # type: ignore[arg-type]
         self._session_rpc: RpcClient[Any] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()  # old session links being closed
+        self._retiring = BackgroundTasks()  # old session links being closed
 
     async def __aenter__(self) -> RolloutClient:
         self._rpc.start()
@@ -159,7 +160,7 @@ class RolloutClient:
         await self._rpc.close()
         if self._session_rpc is not None:
             await self._session_rpc.close()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self._retiring.drain()
 
     def session(self, *, max_tokens: int = 8192, ttl_s: float = 600.0, keep_stale_prefix: bool = False,
                 timeout: float | None = None) -> Session:
@@ -193,9 +194,7 @@ class RolloutClient:
             return
         if _reachable(session_endpoint, self.endpoint) != old.endpoint:
             self._session_rpc = None
-            task = asyncio.ensure_future(old.close())
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retiring.spawn(old.close())
 
     def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
                  stream: bool, min_version: int, chunk_tokens: int = 1) -> GenerateRequest:

@@ -11,6 +11,7 @@ from rollwire.clients.session import Session
 from rollwire.fleet.routing import SERVER_GONE, ServerView
 from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams
 from rollwire.runtime.logging import get_logger
+from rollwire.runtime.tasks import BackgroundTasks
 from rollwire.transports.rpc import RequestTimeout
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class FleetSession:
         self._session: Session | None = None
         self._server: ServerView | None = None
         self.moves = 0  # servers it moved away from
-        self._closing: set[asyncio.Task[None]] = set()  # half-made sessions being closed (_discard)
+        self._closing = BackgroundTasks()  # half-made sessions being closed (_discard)
 
     async def __aenter__(self) -> FleetSession:
         await self.open()
@@ -191,6 +192,4 @@ class FleetSession:
             with contextlib.suppress(Exception):
                 await session.close()
 
-        task = asyncio.ensure_future(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(close())

@@ -25,6 +25,7 @@ from rollwire.gateway.schemas import _Sampling
 from rollwire.gateway.sessions import ChatSession, SessionTable
 from rollwire.messages import RollwireError, SamplingParams
 from rollwire.runtime.logging import get_logger
+from rollwire.runtime.tasks import BackgroundTasks
 
 log = get_logger("rollwire.gateway")
 
@@ -81,7 +82,7 @@ class Gateway:
         # event loop: seconds of tokenizing there would starve every other request and the
         # heartbeats that keep the servers counted alive
         self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-gw-text")
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
         self.should_stop: Callable[[], bool] = lambda: False  # set by whoever runs the HTTP server
 
     @property
@@ -124,7 +125,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.gather(*(close_quietly(s.session) for s in list(self.sessions.sessions.values())))
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.drain()
         await self.client.close()
         self._text_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -145,9 +146,7 @@ class Gateway:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` to its end in the background (cleanup a closing request must not wait for)."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro)
 
     def drop_session(self, cs: ChatSession) -> None:
         """Forget a chat session and free its rollwire session on the server (in the background)."""

@@ -32,6 +32,7 @@ from rollwire.runtime.dispatch import handler_table
 from rollwire.runtime.errors import RollwireError
 from rollwire.runtime.logging import get_logger
 from rollwire.runtime.metrics import Counters
+from rollwire.runtime.tasks import BackgroundTasks
 from rollwire.transports import sockets
 from rollwire.transports.receive import receive_loop
 from rollwire.transports.rpc import RpcClient
@@ -96,7 +97,7 @@ class Actor:
         self._codecs: dict[str, Codec[Any]] = {}
         self._reply_codec: Codec[Any] = Codec(ErrorReply)  # encoding only: any struct encodes
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._replies: set[asyncio.Task[Any]] = set()  # error replies: flushed, not cancelled, on close
+        self._replies = BackgroundTasks()  # replies waiting at the high-water mark: flushed, not cancelled, on close
         self._peers: dict[str, RpcClient[Any]] = {}
         self._authenticated: set[str] = set()  # socket keys that run CURVE
         self._last_seen: dict[tuple[str, bytes], tuple[float, str]] = {}  # public (sock, peer) -> (time, client)
@@ -170,8 +171,7 @@ class Actor:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._replies:
-            await asyncio.wait(self._replies, timeout=1.0)
+        await self._replies.drain(timeout=1.0)
         for peer in self._peers.values():
             await peer.close()
         if close_sockets:
@@ -206,9 +206,7 @@ class Actor:
             self.counters.inc("replies_undeliverable")
             return False
         if pending is not None:
-            task = asyncio.get_running_loop().create_task(self._finish_send(pending))
-            self._replies.add(task)
-            task.add_done_callback(self._replies.discard)
+            self._replies.spawn(self._finish_send(pending))
         return True
 
     async def _finish_send(self, pending: asyncio.Future[Any]) -> None:

@@ -72,6 +72,7 @@ from rollwire.messages.weights import (
 )
 from rollwire.runtime.dispatch import handler_table, handles
 from rollwire.runtime.logging import get_logger
+from rollwire.runtime.tasks import BackgroundTasks
 from rollwire.transports import sockets
 from rollwire.transports.pubsub import CONTROL_MAX_FRAME, Publisher
 from rollwire.transports.receive import receive_loop
@@ -156,7 +157,7 @@ class TrainerPublisher:
         self._router: Any = None
         self._pub: Publisher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._serving: set[asyncio.Task[Any]] = set()  # handlers running (pulls waiting for credits, replies)
+        self._serving = BackgroundTasks()  # handlers running (pulls waiting for credits, replies)
         self._dispatch = {t: getattr(self, attr) for t, attr in handler_table(type(self)).items()}
         self._joined_changed = asyncio.Event()
         self._wake_beacon = asyncio.Event()
@@ -193,9 +194,10 @@ class TrainerPublisher:
         if self._closed:
             return
         self._closed = True
-        for t in [*self._tasks, *self._serving]:
+        for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, *self._serving, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._serving.cancel()
         if self._push is not None:
             self._push.fail_all("trainer closed")
         for fut in self._steps.values():
@@ -427,10 +429,7 @@ class TrainerPublisher:
             self._handler_failed(peer, rid, msg, task.exception())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._serving.add(task)
-        task.add_done_callback(self._serving.discard)
-        return task
+        return self._serving.spawn(coro)
 
     def _handler_failed(self, peer: bytes, rid: int, msg: Any, e: BaseException | None) -> None:
         self.counters["handler_errors"] += 1
