@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.clients.session import Session
@@ -45,12 +45,10 @@ class FleetSession:
     async def __aexit__(self, *exc: object) -> None:
         if self._session is None:
             return
-        if exc[0] is not None or not self.server_alive:
-            # the body's own error goes out as it is; a gone server has nothing left to free
-            with contextlib.suppress(RollwireError):
-                await self._session.__aexit__(*exc)
-            return
-        await self._session.__aexit__(*exc)
+        # the body's own error goes out as it is; a gone server has nothing left to free
+        quiet = exc[0] is not None or not self.server_alive
+        with contextlib.suppress(*((RollwireError,) if quiet else ())):
+            await self._session.__aexit__(*exc)
 
     @property
     def id(self) -> str:
@@ -63,20 +61,7 @@ class FleetSession:
     async def open(self) -> None:
         """Open on a live server; one that is gone when asked is evicted and the next is tried
         (at most ``max_failovers`` times)."""
-        tried: list[ServerView] = []
-        while True:
-            server = self._fleet._choose([], 1, 0, exclude=tried)
-            session = server.client.session(**self._kw)
-            try:
-                await session.open()
-            except RollwireError as e:
-                if e.code not in SERVER_GONE or len(tried) >= self._fleet.max_failovers:
-                    raise
-                self._fleet._evict(server, f"session open failed: {e.code.value}")
-                tried.append(server)
-                continue
-            self._server, self._session = server, session
-            return
+        self._server, self._session = await self._place([], lambda s: s.open(), "open")
 
     async def append(self, token_ids: Sequence[int]) -> int:
         return await self._moving(lambda s: s.append(token_ids))  # type: ignore[no-any-return]
@@ -155,33 +140,40 @@ class FleetSession:
 
     async def _move(self, tried: list[ServerView], why: str, deadline: float | None = None) -> None:
         """Reopen on another live server and replay the history there (one append), by ``deadline``
-        (loop time). A target that is gone when asked is evicted and the next one tried, within
-        ``max_failovers`` servers; a session left half-made on a target is closed there."""
+        (loop time)."""
         assert self._session is not None and self._server is not None
+        old = self._session
+        server, moved = await self._place(tried, lambda s: s.replay(old), "replay", deadline)
+        log.warning("session_moved", frm=self._server.endpoint, to=server.endpoint, why=why,
+                    tokens=len(old.trajectory().token_ids))
+        self._session, self._server = moved, server
+        self.moves += 1
+
+    async def _place(self, tried: list[ServerView], start: Callable[[Session], Awaitable[Any]], what: str,
+                     deadline: float | None = None) -> tuple[ServerView, Session]:
+        """A session on a live server not in ``tried``, ``start`` run on it by ``deadline`` (loop
+        time). A server that is gone when asked is evicted and the next one tried; after
+        ``max_failovers`` servers in ``tried`` the error goes out. A session left half-made on a
+        server is closed there."""
         while True:
-            nxt = self._fleet._choose([], 1, 0, exclude=tried)
-            tried.append(nxt)
-            moved = nxt.client.session(**self._kw)
+            server = self._fleet._choose([], 1, 0, exclude=tried)
+            tried.append(server)
+            session = server.client.session(**self._kw)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await moved.replay(self._session)
+                    await start(session)
+                return server, session
             except TimeoutError:
-                self._discard(moved)
-                raise RequestTimeout(f"moving the session to {nxt.endpoint} outlived the call's timeout") from None
+                self._discard(session)
+                raise RequestTimeout(f"session {what} on {server.endpoint} outlived the call's timeout") from None
             except RollwireError as e:
-                self._discard(moved)
+                self._discard(session)
                 if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
                     raise
-                self._fleet._evict(nxt, f"session replay failed: {e.code.value}")
-                continue
+                self._fleet._evict(server, f"session {what} failed: {e.code.value}")
             except BaseException:
-                self._discard(moved)
+                self._discard(session)
                 raise
-            break
-        log.warning("session_moved", frm=self._server.endpoint, to=nxt.endpoint, why=why,
-                    tokens=len(self._session.trajectory().token_ids))
-        self._session, self._server = moved, nxt
-        self.moves += 1
 
     def _discard(self, session: Session) -> None:
         """Close, in the background, a session opened on a server but not taken into use."""
