@@ -155,7 +155,7 @@ async def test_a_rollout_clients_key_at_the_trainer_endpoints_is_never_heard_and
                                         min_receivers=0,  # announce to whoever is there: no one
                                         keys=pair(keys, "worker"), receiver_keys={pair(keys, "server").public})
             async with impostor:
-                router_watch, pub_watch = HandshakeWatch(impostor._router), HandshakeWatch(impostor._pub._sock)
+                router_watch, pub_watch = HandshakeWatch(impostor._peers.router), HandshakeWatch(impostor._pub._sock)
                 try:
                     await router_watch.wait(2)  # the server's DEALER tried, and refused the worker's key
                     await pub_watch.wait(2)  # so did its SUB
@@ -217,7 +217,7 @@ async def test_strangers_on_the_trainers_router_and_pub_never_complete_a_handsha
                         PullBucket(version=1, index=0),
                         VersionOutcome(receiver_id="r1", version=1, ok=False, error_code="bad_checksum",
                                        trainer_id=tp.trainer_id)):
-                await sock.send_multipart(tp._codec.encode(1, msg))
+                await sock.send_multipart(tp._peers.codec.encode(1, msg))
         for _, watch in socks:
             await watch.wait(1)
         await sub_watch.wait(1)
@@ -253,7 +253,7 @@ async def test_a_rollout_clients_key_as_a_receiver_never_completes_a_handshake_a
             await generates_with(worker, 0)  # the worker's key is served where it belongs
             await until(lambda: "server-0" in tp.receivers and tp.receivers["server-0"].joined, "server-0 joined",
                         timeout=120)
-            router_watch = HandshakeWatch(tp._router)  # after server-0's handshake: counts only the worker's
+            router_watch = HandshakeWatch(tp._peers.router)  # after server-0's handshake: counts only the worker's
             dealer, dealer_watch = watched_dealer(endpoint, worker_as_receiver)
             sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
             sub_watch = HandshakeWatch(sub)
@@ -263,9 +263,9 @@ async def test_a_rollout_clients_key_as_a_receiver_never_completes_a_handshake_a
             try:
                 for msg in (Register(receiver_id=rid, host_id="x", transports=["inline"], live_version=0,
                                      checksums=[CHECKSUM_NAME]) for rid in ("w2", "server-0")):
-                    await dealer.send_multipart(tp._codec.encode(1, msg))
-                await dealer.send_multipart(tp._codec.encode(2, PullBucket(version=1, index=0)))
-                await dealer.send_multipart(tp._codec.encode(0, VersionOutcome(
+                    await dealer.send_multipart(tp._peers.codec.encode(1, msg))
+                await dealer.send_multipart(tp._peers.codec.encode(2, PullBucket(version=1, index=0)))
+                await dealer.send_multipart(tp._peers.codec.encode(0, VersionOutcome(
                     receiver_id="server-0", version=1, ok=False, error_code="bad_checksum", trainer_id=tp.trainer_id)))
                 await dealer_watch.wait(1)
                 await sub_watch.wait(1)
@@ -322,7 +322,7 @@ async def test_another_allowed_server_cannot_take_a_receiver_id_pull_or_forge_it
         assert isinstance(squat, ErrorReply) and squat.code == ErrorCode.UNAUTHORIZED, squat
         pulled = await call(other, PullBucket(version=1, index=0), TrainerReply, 2)
         assert isinstance(pulled, ErrorReply) and pulled.code == ErrorCode.UNAUTHORIZED, pulled
-        await other.send_multipart(tp._codec.encode(0, VersionOutcome(
+        await other.send_multipart(tp._peers.codec.encode(0, VersionOutcome(
             receiver_id="r1", version=1, ok=False, error_code="bad_checksum", message="forged",
             trainer_id=tp.trainer_id)))
         await call(other, PullBucket(version=1, index=0), TrainerReply, 3)  # answered after the outcome

@@ -155,7 +155,7 @@ async def test_a_trainer_whose_receiving_task_dies_fails_the_pending_push_and_ev
     rig.sink.gate = asyncio.Event()  # the receiver's load waits: the push stays in flight
     push = asyncio.ensure_future(tp.push_weights(1, TENSORS))
     await asyncio.wait_for(rig.sink.loading.wait(), 30)
-    tp._router.close(linger=0)  # the ROUTER goes away under the receiving task
+    tp._peers.router.close(linger=0)  # the ROUTER goes away under the receiving task
     async with asyncio.timeout(20):  # (timeout_s is 60: the old code would still be waiting)
         with pytest.raises(PushError, match="trainer broken"):
             await push
@@ -201,7 +201,7 @@ async def test_an_outcome_from_a_connection_that_did_not_register_its_receiver_i
     await asyncio.wait_for(rig.sink.loading.wait(), 30)
     sock = dealer(tp.endpoint)
     try:
-        await sock.send_multipart(tp._codec.encode(0, VersionOutcome(
+        await sock.send_multipart(tp._peers.codec.encode(0, VersionOutcome(
             receiver_id="r1", version=1, ok=False, error_code="bad_checksum", message="forged",
             trainer_id=tp.trainer_id)))
         await call(sock, PullBucket(version=10**9, index=0), TrainerReply, 2)  # answered after the outcome

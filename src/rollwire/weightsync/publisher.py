@@ -5,10 +5,9 @@
         report = await tp.push_weights(version=13, tensors=model.state_dict())
 
 Sockets: a ROUTER at ``endpoint`` (receivers register, pull buckets, report outcomes) and a PUB at
-``pub_endpoint`` (beacons, WeightsReady, StepMessage). A receiver counts as *joined*, and so is
-waited for, only once it acknowledged a beacon it received on the PUB: a SUB that has not joined
-yet would silently miss an announcement. Beacons double as heartbeats; a receiver silent for
-``lost_after_s`` is no longer counted (a push waiting on it fails at once, naming it).
+``pub_endpoint`` (beacons, WeightsReady, StepMessage). Pushes wait for the *joined* receivers
+(``weightsync/roster.py``). Beacons double as heartbeats; a receiver silent for ``lost_after_s``
+is no longer counted (a push waiting on it fails at once, naming it).
 
 A push: tensors are planned into buckets (``weightsync/layout.py``), announced, then moved by the
 transport (``shm``: packed into a reused shared-memory arena and checksummed piece by piece before
@@ -20,18 +19,12 @@ buckets' checksums broadcast after the data), and the push returns when every jo
 reported the version applied, or raises ``PushError``. Source tensors must not change until
 ``push_weights`` returns (they are read while being served).
 
-Trust (issue 14). With ``keys`` and ``receiver_keys`` the ROUTER and the PUB are CURVE servers in
+Trust (issue 14): with ``keys`` and ``receiver_keys`` the ROUTER and the PUB are CURVE servers in
 the ``receivers`` domain (Ironhouse): only the listed servers complete a handshake, so strangers
 can neither register, pull buckets, report outcomes nor hear announcements; receivers check this
-trainer's public key, so a stranger bound at this endpoint cannot pass as the trainer. A receiver id
-belongs to the key that first registered it: another key claiming it is refused (UNAUTHORIZED)
-for this trainer's lifetime; the same key registering again is that server restarted. Without
-keys, a Register for a known id from a new connection is a restart only if the old connection is
-gone (a send to it fails) or lost (no beacon acknowledged for ``lost_after_s``); while the old one
-is alive it is refused (UNAUTHORIZED, retry_after_s), so a squatter cannot take a live receiver's
-place silently. Outcomes, step acknowledgements and beacon acknowledgements count only from the
-connection that registered the receiver id they name (others are counted in ``counters`` and
-dropped). Under CURVE only registered keys may pull.
+trainer's public key, so a stranger bound at this endpoint cannot pass as the trainer. Who may
+speak for which receiver id, with keys and without: ``weightsync/roster.py``. Under CURVE only
+registered keys may pull.
 
 Nothing a peer sends stops this trainer: an undecodable or unexpected message is a typed error to
 its sender or a counted drop (``counters``). If the receiving task or the beacon task dies anyway,
@@ -51,12 +44,9 @@ from typing import Any, get_args
 
 import msgspec
 import torch
-import zmq
 
-from rollwire.messages.codec import Codec, ProtocolError
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
-    Ack,
     Beacon,
     BeaconSeen,
     BucketData,
@@ -65,18 +55,16 @@ from rollwire.messages.weights import (
     StepDone,
     StepMessage,
     StepPhase,
-    TrainerRequest,
     VersionOutcome,
     WeightsReady,
     Welcome,
 )
 from rollwire.runtime.dispatch import handler_table, handles
 from rollwire.runtime.logging import get_logger
-from rollwire.runtime.tasks import BackgroundTasks
 from rollwire.transports import sockets
 from rollwire.transports.pubsub import CONTROL_MAX_FRAME, Publisher
 from rollwire.transports.receive import receive_loop
-from rollwire.transports.security import RECEIVERS_DOMAIN, CurveServer, KeyPair, client_of
+from rollwire.transports.security import RECEIVERS_DOMAIN, CurveServer, KeyPair
 from rollwire.weightsync import broadcast, checksum, cuda_ipc, shm
 from rollwire.weightsync.inline import InlineSender
 from rollwire.weightsync.layout import NamedTensors, Sender, as_named_list, on_cpu, plan_buckets
@@ -88,6 +76,8 @@ from rollwire.weightsync.push import (
     choose_transport,
     collect,
 )
+from rollwire.weightsync.roster import ReceiverRoster
+from rollwire.weightsync.trainer_link import TrainerLink
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 
@@ -152,14 +142,11 @@ class TrainerPublisher:
         if broadcast.available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
             self._senders["nccl"] = broadcast.NcclSender(self._broadcast_host, timeout_s)
         self.transports = list(self._senders)
-        self.receivers: dict[str, Registered] = {}
-        self._codec: Codec[Any] = Codec(TrainerRequest)
-        self._router: Any = None
+        self.roster = ReceiverRoster(curve=keys is not None, lost_after_s=lost_after_s, counters=self.counters)
+        self._link: TrainerLink | None = None  # the ROUTER, once started
         self._pub: Publisher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._serving = BackgroundTasks()  # handlers running (pulls waiting for credits, replies)
         self._dispatch = {t: getattr(self, attr) for t, attr in handler_table(type(self)).items()}
-        self._joined_changed = asyncio.Event()
         self._wake_beacon = asyncio.Event()
         self._push: Push | None = None
         self._push_lock = asyncio.Lock()
@@ -173,17 +160,18 @@ class TrainerPublisher:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> TrainerPublisher:
-        self._router = await sockets.bind_when_free(
+        router = await sockets.bind_when_free(
             lambda: sockets.router([self.endpoint], curve=self._curve, max_frame_bytes=CONTROL_MAX_FRAME,
                            zmtp_heartbeat=False))  # it sends buckets; beacons give liveness
         try:
             self._pub = await sockets.bind_when_free(lambda: Publisher(self.pub_endpoint, curve=self._curve))
         except Exception:
-            sockets.close_router(self._router, linger_ms=0)
+            sockets.close_router(router, linger_ms=0)
             raise
+        self._link = TrainerLink(router, self._dispatch, self.counters, curve=self._curve is not None)
         self.pub_endpoint = self._pub.endpoint
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(receive_loop(self._router, self._on_frames, copy=False), name="trainer-recv"),
+        self._tasks = [loop.create_task(receive_loop(router, self._link.on_frames, copy=False), name="trainer-recv"),
                        loop.create_task(self._beacon_loop(), name="trainer-beacon")]
         for task in self._tasks:
             task.add_done_callback(self._task_died)
@@ -197,7 +185,8 @@ class TrainerPublisher:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._serving.cancel()
+        if self._link is not None:
+            await self._link.close()
         if self._push is not None:
             self._push.fail_all("trainer closed")
         for fut in self._steps.values():
@@ -207,8 +196,6 @@ class TrainerPublisher:
             sender.close()
         if self._pub is not None:
             self._pub.close()
-        if self._router is not None:
-            self._router.close(linger=sockets.DEFAULT_LINGER_MS)
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     def _task_died(self, task: asyncio.Task[Any]) -> None:
@@ -224,7 +211,7 @@ class TrainerPublisher:
         for fut in self._steps.values():
             if not fut.done():
                 fut.set_exception(PushError("step", {"*": f"trainer broken: {self._dead}"}))
-        self._joined_changed.set()  # a push waiting for receivers to join fails now
+        self.roster.changed.set()  # a push waiting for receivers to join fails now
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -235,6 +222,16 @@ class TrainerPublisher:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def _peers(self) -> TrainerLink:  # handlers run only once started, called by the link
+        assert self._link is not None
+        return self._link
+
+    @property
+    def receivers(self) -> dict[str, Registered]:
+        """The registered receivers by id (``Registered.joined``: counted by pushes)."""
+        return self.roster.receivers
 
     # -- public API ------------------------------------------------------------------------------
     async def publish_step(self, step: int, phase: StepPhase, *, wait: bool = True,
@@ -365,86 +362,18 @@ class TrainerPublisher:
                             total_bytes=push.total_bytes, buckets=push.metas, payload=payload)
 
     async def _wait_joined(self) -> list[Registered]:
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            self._check_alive()
-            joined = [r for r in self.receivers.values() if r.joined]
-            if len(joined) >= self.min_receivers:
-                return sorted(joined, key=lambda r: r.receiver_id)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PushError("join", {"*": f"{len(joined)} receiver(s) joined within {self.timeout_s}s, "
-                                              f"need {self.min_receivers} (registered: {sorted(self.receivers)})"})
-            self._joined_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._joined_changed.wait()
+        return await self.roster.wait_joined(self.min_receivers, self.timeout_s, self._check_alive)
 
-    # -- sockets ---------------------------------------------------------------------------------
-    async def _reply(self, peer: bytes, rid: int, msg: Any, payload: Sequence[Any] = ()) -> bool:
-        try:
-            return await sockets.send(self._router, [peer, *self._codec.encode(rid, msg, payload)], copy=not payload)
-        except zmq.ZMQError as e:
-            self.counters["replies_undeliverable"] += 1
-            log.warning("reply_failed", error=str(e))
-            return False
-
-    async def _refuse(self, peer: bytes, rid: int, code: ErrorCode, why: str, retry_after_s: float = 0.0) -> None:
-        await self._reply(peer, rid, ErrorReply(code=code, message=why, origin="trainer", retry_after_s=retry_after_s))
-
-    def _on_frames(self, frames: list[Any]) -> None:
-        """The ROUTER's receive loop hands each message here: one bad message costs that message
-        (a typed error to its sender or a counted drop), never the loop."""
-        if len(frames) < 2:
-            self.counters["bad_messages"] += 1
-            return
-        peer = frames[0].bytes
-        key = (client_of(frames[-1]) or "") if self._curve is not None else ""
-        try:
-            rid, msg, _ = self._codec.decode([f.buffer for f in frames[1:]])
-        except ProtocolError as e:
-            self.counters["bad_messages"] += 1
-            self._spawn(self._refuse(peer, e.rid, e.code, e.message))
-            return
-        except Exception as e:  # a decoder that raised something else (deep nesting: RecursionError)
-            self.counters["bad_messages"] += 1
-            self._spawn(self._refuse(peer, 0, ErrorCode.BAD_FRAME, f"undecodable: {type(e).__name__}"))
-            return
-        handler = self._dispatch.get(type(msg))
-        if handler is None:  # a reply type the codec knows, sent to us as a request
-            self.counters["bad_messages"] += 1
-            why = f"the trainer does not take {type(msg).__name__}"
-            self._spawn(self._refuse(peer, rid, ErrorCode.UNKNOWN_KIND, why))
-            return
-        try:
-            result = handler(peer, key, rid, msg)
-        except Exception as e:
-            self._handler_failed(peer, rid, msg, e)
-            return
-        if result is not None:
-            self._spawn(result).add_done_callback(lambda t: self._handler_done(peer, rid, msg, t))
-
-    def _handler_done(self, peer: bytes, rid: int, msg: Any, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._handler_failed(peer, rid, msg, task.exception())
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        return self._serving.spawn(coro)
-
-    def _handler_failed(self, peer: bytes, rid: int, msg: Any, e: BaseException | None) -> None:
-        self.counters["handler_errors"] += 1
-        log.error("trainer_message_failed", kind=type(msg).__name__, error=repr(e)[:300], exc_info=e)
-        self._spawn(self._refuse(peer, rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}"))
-
+    # -- what receivers send (TrainerLink hands each message here) ---------------------------
     @handles(PullBucket)
     async def _on_pull(self, peer: bytes, key: str, rid: int, msg: PullBucket) -> None:
         if self._curve is not None and not any(r.key == key for r in self.receivers.values()):
             self.counters["pulls_refused"] += 1
-            await self._refuse(peer, rid, ErrorCode.UNAUTHORIZED, "pull from a key no receiver registered")
+            await self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, "pull from a key no receiver registered")
             return
         if self._pulls_waiting[peer] >= MAX_PULLS_PER_PEER:
             self.counters["pulls_refused"] += 1
-            await self._refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls "
+            await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls "
                                                                 "outstanding on this connection")
             return
         self._pulls_waiting[peer] += 1
@@ -457,38 +386,14 @@ class TrainerPublisher:
 
     @handles(VersionOutcome)
     def _on_outcome(self, peer: bytes, key: str, rid: int, msg: VersionOutcome) -> None:
-        if self._from_registered(peer, msg.receiver_id, "outcomes") and self._push is not None:
+        if self.roster.speaks_for(peer, msg.receiver_id, "outcomes") and self._push is not None:
             self._push.outcome(msg, self.trainer_id)
 
     @handles(StepDone)
     def _on_step_done(self, peer: bytes, key: str, rid: int, msg: StepDone) -> None:
         fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
-        if self._from_registered(peer, msg.receiver_id, "step_acks") and fut is not None and not fut.done():
+        if self.roster.speaks_for(peer, msg.receiver_id, "step_acks") and fut is not None and not fut.done():
             fut.set_result(msg)
-
-    def _from_registered(self, peer: bytes, receiver_id: str, what: str) -> bool:
-        """Only the connection that registered ``receiver_id`` speaks for it."""
-        r = self.receivers.get(receiver_id)
-        if r is not None and r.peer == peer:
-            return True
-        self.counters[f"{what}_dropped"] += 1
-        log.warning("message_not_from_registered_receiver", kind=what, receiver_id=receiver_id[:100])
-        return False
-
-    def _claim_refused(self, old: Registered, peer: bytes, key: str) -> str | None:
-        """Why a Register for ``old``'s id from another connection must not replace it (None: it
-        is ``old`` restarted, or ``old`` is gone)."""
-        if self._curve is not None:
-            return None if key == old.key else f"receiver id {old.receiver_id!r} belongs to another server's key"
-        if not old.joined and time.monotonic() - old.last_seen > self.lost_after_s:
-            return None  # lost: no beacon acknowledged for lost_after_s
-        try:  # still connected? (ROUTER_MANDATORY: a send to a connection that is gone fails at once)
-            pending = sockets.send_nowait(self._router, [old.peer, *self._codec.encode(0, Ack())])
-        except zmq.ZMQError:
-            return None
-        if pending is not None:
-            pending.cancel()
-        return f"receiver id {old.receiver_id!r} is held by a live connection"
 
     @handles(Register)
     async def _on_register(self, peer: bytes, key: str, rid: int, msg: Register) -> None:
@@ -496,18 +401,18 @@ class TrainerPublisher:
             why = (f"receiver {msg.receiver_id!r} verifies {', '.join(msg.checksums) or 'crc32'} bucket checksums, "
                    f"this trainer sends {checksum.NAME!r}: run the same rollwire on both ends")
             log.error("receiver_incompatible", receiver_id=msg.receiver_id, reason=why)
-            await self._reply(peer, rid, ErrorReply(code=ErrorCode.UNSUPPORTED_PROTOCOL, message=why, origin="trainer"))
+            await self._peers.refuse(peer, rid, ErrorCode.UNSUPPORTED_PROTOCOL, why)
             return
         old = self.receivers.get(msg.receiver_id)
         welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint, checksum=checksum.NAME)
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
-            await self._reply(peer, rid, welcome)
+            await self._peers.reply(peer, rid, welcome)
             return
-        refused = self._claim_refused(old, peer, key) if old is not None else None
+        refused = self.roster.claim_refused(old, key, self._peers.connected) if old is not None else None
         if refused is not None:
             self.counters["registrations_refused"] += 1
             log.warning("register_refused", receiver_id=msg.receiver_id[:100], reason=refused)
-            await self._refuse(peer, rid, ErrorCode.UNAUTHORIZED, refused,
+            await self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, refused,
                                retry_after_s=0.0 if self._curve is not None else REREGISTER_RETRY_S)
             return
         if old is not None:  # the receiver restarted: whatever it was staging is gone
@@ -520,28 +425,23 @@ class TrainerPublisher:
         log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,
                  transports=msg.transports)
         self._wake_beacon.set()
-        await self._reply(peer, rid, welcome)
+        await self._peers.reply(peer, rid, welcome)
 
     @handles(BeaconSeen)
     def _on_beacon_seen(self, peer: bytes, key: str, rid: int, msg: BeaconSeen) -> None:
-        r = self.receivers.get(msg.receiver_id)
-        if r is None or r.peer != peer or msg.trainer_id != self.trainer_id:
-            return  # a stale connection or a previous trainer's beacon
-        r.last_seen = time.monotonic()
-        if not r.joined:
-            r.joined = True
-            log.info("receiver_joined", receiver_id=r.receiver_id)
-            self._joined_changed.set()
+        if msg.trainer_id == self.trainer_id:  # not a previous trainer's beacon
+            self.roster.beacon_seen(peer, msg.receiver_id)
 
     async def _serve_pull(self, peer: bytes, rid: int, msg: PullBucket) -> None:
         push = self._push
         if push is None or push.version != msg.version or not 0 <= msg.index < len(push.plans):
             why = f"bucket {msg.index} of version {msg.version} is not being pushed"
-            await self._reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
+            await self._peers.reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
             return
         async with push.credits(peer, self.credit_window):
             buf, digest = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
-            if await self._reply(peer, rid, BucketData(version=msg.version, index=msg.index, checksum=digest), [buf]):
+            data = BucketData(version=msg.version, index=msg.index, checksum=digest)
+            if await self._peers.reply(peer, rid, data, [buf]):
                 push.bytes_sent += memoryview(buf).nbytes
 
     async def _beacon_loop(self) -> None:
@@ -550,19 +450,13 @@ class TrainerPublisher:
         while True:
             seq += 1
             await self._pub.publish(Beacon(trainer_id=self.trainer_id, seq=seq))
-            now = time.monotonic()
-            for r in self.receivers.values():
-                if r.joined and now - r.last_seen > self.lost_after_s:
-                    r.joined = False
-                    log.warning("receiver_lost", receiver_id=r.receiver_id, silent_s=round(now - r.last_seen, 1))
-                    why = f"lost: no heartbeat for {now - r.last_seen:.1f}s"
-                    if self._push is not None:
-                        self._push.fail(r.receiver_id, why)
-                    for (rid, _, _), fut in self._steps.items():
-                        if rid == r.receiver_id and not fut.done():
-                            fut.set_exception(PushError("step", {rid: why}))
-            pending = any(not r.joined for r in self.receivers.values())
+            for lost, why in self.roster.newly_lost():
+                if self._push is not None:
+                    self._push.fail(lost, why)
+                for (rid, _, _), fut in self._steps.items():
+                    if rid == lost and not fut.done():
+                        fut.set_exception(PushError("step", {rid: why}))
             self._wake_beacon.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FAST_BEACON_S if pending else self.heartbeat_s):
+                async with asyncio.timeout(FAST_BEACON_S if self.roster.any_pending else self.heartbeat_s):
                     await self._wake_beacon.wait()

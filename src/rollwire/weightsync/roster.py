@@ -1,0 +1,103 @@
+"""ReceiverRoster: the rollout servers a trainer knows, which of them speak for which receiver id,
+and which are joined (counted, and so waited for, by pushes and step messages).
+
+Trust (issue 14). Under CURVE only the servers whose keys the trainer lists complete a handshake,
+and a receiver id belongs to the key that first registered it: another key claiming it is refused
+(UNAUTHORIZED) for the trainer's lifetime; the same key registering again is that server restarted.
+Without keys, a Register for a known id from a new connection is a restart only if the old
+connection is gone (a send to it fails) or lost (no beacon acknowledged for ``lost_after_s``);
+while the old one is alive it is refused (UNAUTHORIZED, retry_after_s), so a squatter cannot take a
+live receiver's place silently. Outcomes, step acknowledgements and beacon acknowledgements count
+only from the connection that registered the receiver id they name (others are counted and
+dropped).
+
+Joining: a receiver counts as joined only once it acknowledged a beacon it received on the
+trainer's PUB (a SUB that has not joined yet would silently miss an announcement); one silent for
+``lost_after_s`` is lost, and joins again with its next acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from rollwire.runtime.logging import get_logger
+from rollwire.weightsync.push import PushError, Registered
+
+log = get_logger("rollwire.trainer")
+
+
+class ReceiverRoster:
+    def __init__(self, *, curve: bool, lost_after_s: float, counters: Counter[str]) -> None:
+        self.receivers: dict[str, Registered] = {}
+        self.curve, self.lost_after_s, self.counters = curve, lost_after_s, counters
+        self.changed = asyncio.Event()  # a receiver joined (or the trainer broke: waiters look again)
+
+    def claim_refused(self, old: Registered, key: str, connected: Callable[[bytes], bool]) -> str | None:
+        """Why a Register for ``old``'s id from another connection (CURVE key ``key``) must not
+        replace it; None: it is ``old`` restarted, or ``old`` is gone. ``connected(peer)``: whether a
+        connection still takes sends."""
+        if self.curve:
+            return None if key == old.key else f"receiver id {old.receiver_id!r} belongs to another server's key"
+        if not old.joined and time.monotonic() - old.last_seen > self.lost_after_s:
+            return None  # lost: no beacon acknowledged for lost_after_s
+        if not connected(old.peer):
+            return None
+        return f"receiver id {old.receiver_id!r} is held by a live connection"
+
+    def speaks_for(self, peer: bytes, receiver_id: str, what: str) -> bool:
+        """Only the connection that registered ``receiver_id`` speaks for it; others' ``what`` is
+        counted and dropped."""
+        r = self.receivers.get(receiver_id)
+        if r is not None and r.peer == peer:
+            return True
+        self.counters[f"{what}_dropped"] += 1
+        log.warning("message_not_from_registered_receiver", kind=what, receiver_id=receiver_id[:100])
+        return False
+
+    def beacon_seen(self, peer: bytes, receiver_id: str) -> None:
+        r = self.receivers.get(receiver_id)
+        if r is None or r.peer != peer:
+            return  # a stale connection
+        r.last_seen = time.monotonic()
+        if not r.joined:
+            r.joined = True
+            log.info("receiver_joined", receiver_id=r.receiver_id)
+            self.changed.set()
+
+    def newly_lost(self) -> list[tuple[str, str]]:
+        """Joined receivers silent for ``lost_after_s``, now no longer joined: (receiver id, why)."""
+        now = time.monotonic()
+        lost = []
+        for r in self.receivers.values():
+            if r.joined and now - r.last_seen > self.lost_after_s:
+                r.joined = False
+                log.warning("receiver_lost", receiver_id=r.receiver_id, silent_s=round(now - r.last_seen, 1))
+                lost.append((r.receiver_id, f"lost: no heartbeat for {now - r.last_seen:.1f}s"))
+        return lost
+
+    @property
+    def any_pending(self) -> bool:
+        """Some registered receiver has not joined yet (beacons go out faster until it does)."""
+        return any(not r.joined for r in self.receivers.values())
+
+    async def wait_joined(self, at_least: int, timeout_s: float, check_alive: Callable[[], None]) -> list[Registered]:
+        """The joined receivers (sorted by id) once ``at_least`` joined, within ``timeout_s``;
+        ``check_alive`` raises if the trainer broke meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            check_alive()
+            joined = [r for r in self.receivers.values() if r.joined]
+            if len(joined) >= at_least:
+                return sorted(joined, key=lambda r: r.receiver_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PushError("join", {"*": f"{len(joined)} receiver(s) joined within {timeout_s}s, "
+                                              f"need {at_least} (registered: {sorted(self.receivers)})"})
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.changed.wait()
