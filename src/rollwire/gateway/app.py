@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -54,6 +52,7 @@ from rollwire.gateway.events import (
     replay,
     session_turn,
 )
+from rollwire.gateway.metrics import CountingMiddleware
 from rollwire.gateway.render import (
     chat_response,
     chat_stream,
@@ -66,8 +65,8 @@ from rollwire.gateway.render import (
     trajectory_body,
     usage_body,
 )
-from rollwire.gateway.schemas import SESSION_ID_PATTERN, ChatCompletionRequest, CompletionRequest, parse
-from rollwire.gateway.sessions import ChatSession
+from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_json, parse
+from rollwire.gateway.session_lookup import drop_if_unused, open_chat_session, session_id_of, unsupported_session
 from rollwire.messages import RollwireError, StatusReply
 
 
@@ -115,7 +114,7 @@ def build_app(gw: Gateway) -> FastAPI:
         return error_response(APIError(500, f"internal error: {type(e).__name__}", type="internal_error",
                                        code="internal"))
 
-    app.add_middleware(_Counting, gw=gw)
+    app.add_middleware(CountingMiddleware, gw=gw)
 
     async def body_of(request: Request) -> tuple[Any, int]:
         limit = gw.cfg.max_body_bytes
@@ -154,7 +153,7 @@ def build_app(gw: Gateway) -> FastAPI:
         else:
             if req.n != 1:
                 raise bad_request("n must be 1 in a session (a session is one trajectory)", "n")
-            cs = await _session(gw, owner, sid, tools)
+            cs = await open_chat_session(gw, owner, sid, tools)
             if cs.lock.locked():
                 raise APIError(409, f"session {sid} has a turn running", type="conflict_error",
                                code="session_busy")
@@ -328,95 +327,3 @@ def build_app(gw: Gateway) -> FastAPI:
         return JSONResponse(body)
 
     return app
-
-
-_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
-
-
-class _Counting:
-    """Requests in flight, by route and status, and their seconds (a stream's until its last
-    byte). Plain ASGI: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) costs a task group
-    and a body stream per request, a third of the gateway's time per request at concurrency 64."""
-
-    def __init__(self, app: Any, gw: Gateway) -> None:
-        self.app, self.gw = app, gw
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        gw = self.gw
-        gw.in_flight += 1
-        gw.metrics.set("http_in_flight", gw.in_flight)
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_counted(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        finally:
-            gw.in_flight -= 1
-            gw.metrics.set("http_in_flight", gw.in_flight)
-            path: str = scope["path"]
-            # a fixed label set: a stranger's made-up paths must not grow the metrics without bound
-            route = path if path in _ROUTES else ("/v1/sessions" if path.startswith("/v1/sessions/") else "other")
-            gw.metrics.inc("http_requests_total", route=route, status=str(status))
-            gw.metrics.inc("http_request_seconds_sum", time.perf_counter() - t0, route=route)
-
-
-def decode_json(buf: bytes | bytearray) -> Any:
-    try:
-        return json.loads(buf)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
-        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
-
-
-def session_id_of(request: Request, in_body: str | None) -> str | None:
-    """The request's session id (header or body; both: the same), checked like the body field: it
-    goes back out in a header and in the trajectory routes' paths."""
-    header = request.headers.get(SESSION_HEADER) or None  # an empty header: no session, as before
-    if header is None:
-        return in_body
-    if not re.fullmatch(SESSION_ID_PATTERN, header):
-        raise bad_request(f"{SESSION_HEADER}: 1 to 256 characters of A-Z a-z 0-9 . _ ~ : @ + = -", "session_id")
-    if in_body is not None and in_body != header:
-        raise bad_request(f"the {SESSION_HEADER} header and session_id disagree: send one", "session_id")
-    return header
-
-
-def drop_if_unused(gw: Gateway, cs: ChatSession) -> None:
-    """A session whose first turn failed holds nothing worth keeping: it is not left open."""
-    if not cs.messages and not cs.lock.locked():
-        gw.drop_session(cs)
-
-
-def unsupported_session() -> APIError:
-    return APIError(400, "sessions are for /v1/chat/completions (a completion has no turns)", param="session_id",
-                    code="unsupported_parameter")
-
-
-
-async def _session(gw: Gateway, owner: str, sid: str, tools: list[dict[str, Any]] | None) -> ChatSession:
-    cs = gw.sessions.sessions.get((owner, sid))
-    if cs is not None:
-        return cs
-    gw.sessions.check_room()
-    session = gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
-                                timeout=gw.cfg.request_timeout_s)
-    try:
-        await session.open()
-    except RollwireError as e:
-        raise from_rollwire(e) from None
-    if (owner, sid) in gw.sessions.sessions:  # another request opened it while we waited
-        with contextlib.suppress(RollwireError):
-            await session.close()
-        return gw.sessions.sessions[(owner, sid)]
-    cs = gw.sessions.sessions[(owner, sid)] = ChatSession((owner, sid), session, tools)
-    gw.metrics.inc("sessions_opened_total")
-    return cs
-

@@ -7,10 +7,14 @@ endpoint) and its failover totals."""
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollwire.messages import StatusReply
+
+if TYPE_CHECKING:
+    from rollwire.gateway.core import Gateway
 
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -88,3 +92,42 @@ def _fleet_lines(fleet: dict[str, Any]) -> list[str]:
         name = f"rollwire_fleet_{key}"
         lines += [f"# TYPE {name} {kind}", f"{name} {float(fleet[key]):g}"]
     return lines
+
+
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+
+
+class CountingMiddleware:
+    """Requests in flight, by route and status, and their seconds (a stream's until its last
+    byte). Plain ASGI: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) costs a task group
+    and a body stream per request, a third of the gateway's time per request at concurrency 64."""
+
+    def __init__(self, app: Any, gw: Gateway) -> None:
+        self.app, self.gw = app, gw
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gw = self.gw
+        gw.in_flight += 1
+        gw.metrics.set("http_in_flight", gw.in_flight)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_counted(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            gw.in_flight -= 1
+            gw.metrics.set("http_in_flight", gw.in_flight)
+            path: str = scope["path"]
+            # a fixed label set: a stranger's made-up paths must not grow the metrics without bound
+            route = path if path in ROUTES else ("/v1/sessions" if path.startswith("/v1/sessions/") else "other")
+            gw.metrics.inc("http_requests_total", route=route, status=str(status))
+            gw.metrics.inc("http_request_seconds_sum", time.perf_counter() - t0, route=route)

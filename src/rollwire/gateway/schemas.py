@@ -12,6 +12,7 @@ at the end-of-turn token), ``stop_token_ids``, ``return_token_ids`` (token ids i
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -205,3 +206,10 @@ def parse(model: type[_Sampling], body: Any) -> Any:
                        code="invalid_type" if err["type"].endswith(_TYPE_ERRORS) else "invalid_value") from None
     req.check()  # type: ignore[attr-defined]
     return req
+
+
+def decode_json(buf: bytes | bytearray) -> Any:
+    try:
+        return json.loads(buf)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None

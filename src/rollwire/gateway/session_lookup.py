@@ -1,0 +1,61 @@
+"""Which rollwire session a chat request belongs to: its id (header or body), the session opened
+on first use, and the cleanup of one whose first turn failed."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+from fastapi import Request
+
+from rollwire.gateway.core import SESSION_HEADER, Gateway
+from rollwire.gateway.errors import APIError, bad_request, from_rollwire
+from rollwire.gateway.schemas import SESSION_ID_PATTERN
+from rollwire.gateway.sessions import ChatSession
+from rollwire.messages import RollwireError
+
+
+def session_id_of(request: Request, in_body: str | None) -> str | None:
+    """The request's session id (header or body; both: the same), checked like the body field: it
+    goes back out in a header and in the trajectory routes' paths."""
+    header = request.headers.get(SESSION_HEADER) or None  # an empty header: no session, as before
+    if header is None:
+        return in_body
+    if not re.fullmatch(SESSION_ID_PATTERN, header):
+        raise bad_request(f"{SESSION_HEADER}: 1 to 256 characters of A-Z a-z 0-9 . _ ~ : @ + = -", "session_id")
+    if in_body is not None and in_body != header:
+        raise bad_request(f"the {SESSION_HEADER} header and session_id disagree: send one", "session_id")
+    return header
+
+
+def drop_if_unused(gw: Gateway, cs: ChatSession) -> None:
+    """A session whose first turn failed holds nothing worth keeping: it is not left open."""
+    if not cs.messages and not cs.lock.locked():
+        gw.drop_session(cs)
+
+
+def unsupported_session() -> APIError:
+    return APIError(400, "sessions are for /v1/chat/completions (a completion has no turns)", param="session_id",
+                    code="unsupported_parameter")
+
+
+
+async def open_chat_session(gw: Gateway, owner: str, sid: str, tools: list[dict[str, Any]] | None) -> ChatSession:
+    cs = gw.sessions.sessions.get((owner, sid))
+    if cs is not None:
+        return cs
+    gw.sessions.check_room()
+    session = gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
+                                timeout=gw.cfg.request_timeout_s)
+    try:
+        await session.open()
+    except RollwireError as e:
+        raise from_rollwire(e) from None
+    if (owner, sid) in gw.sessions.sessions:  # another request opened it while we waited
+        with contextlib.suppress(RollwireError):
+            await session.close()
+        return gw.sessions.sessions[(owner, sid)]
+    cs = gw.sessions.sessions[(owner, sid)] = ChatSession((owner, sid), session, tools)
+    gw.metrics.inc("sessions_opened_total")
+    return cs
