@@ -23,6 +23,7 @@ from rollwire.messages.weights import (
     BeaconSeen,
     BucketData,
     InlinePayload,
+    Leaving,
     PullBucket,
     Register,
     StepDone,
@@ -39,6 +40,7 @@ HONEST: list[msgspec.Struct] = [
     PullBucket(version=1, index=0),
     VersionOutcome(receiver_id="r1", version=1, ok=True),
     StepDone(receiver_id="r1", step=1, phase="train_start", ok=True),
+    Leaving(receiver_id="r1"),
     Welcome(trainer_id="t", pub_endpoint="tcp://127.0.0.1:1", checksum="xxh3-64/1MiB"),
     BucketData(version=1, index=0, checksum=5),
     Beacon(trainer_id="t", seq=1),
@@ -46,7 +48,7 @@ HONEST: list[msgspec.Struct] = [
     WeightsReady(trainer_id="t", version=1, step=1, n_buckets=0, total_bytes=0, buckets=[],
                  payload=InlinePayload()),
 ]
-TAGS = ["register", "beacon_seen", "pull", "outcome", "step_done", "welcome", "bucket", "beacon", "step",
+TAGS = ["register", "beacon_seen", "pull", "outcome", "step_done", "leaving", "welcome", "bucket", "beacon", "step",
         "weights_ready", "error", "ack"]
 
 

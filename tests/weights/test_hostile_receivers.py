@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rollwire.messages import ErrorCode, ErrorReply
-from rollwire.messages.weights import PullBucket, Register, TrainerReply, VersionOutcome
+from rollwire.messages.weights import Leaving, PullBucket, Register, TrainerReply, VersionOutcome
 from rollwire.runtime import ActorSystem
 from rollwire.transports import pubsub
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
@@ -192,9 +192,10 @@ async def test_a_register_for_a_live_receivers_id_from_another_connection_is_ref
     assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [1]
 
 
-async def test_an_outcome_from_a_connection_that_did_not_register_its_receiver_is_dropped(
+async def test_an_outcome_or_goodbye_from_a_connection_that_did_not_register_its_receiver_is_dropped(
         trainer_and_rig: tuple[TrainerPublisher, Rig]) -> None:
-    """Regression (without CURVE): a stranger's VersionOutcome for "r1" used to decide the push."""
+    """Regression (without CURVE): a stranger's VersionOutcome for "r1" used to decide the push; a
+    stranger's Leaving for "r1" must not count it out either."""
     tp, rig = trainer_and_rig
     rig.sink.gate = asyncio.Event()
     push = asyncio.ensure_future(tp.push_weights(1, TENSORS))
@@ -204,11 +205,39 @@ async def test_an_outcome_from_a_connection_that_did_not_register_its_receiver_i
         await sock.send_multipart(tp._peers.codec.encode(0, VersionOutcome(
             receiver_id="r1", version=1, ok=False, error_code="bad_checksum", message="forged",
             trainer_id=tp.trainer_id)))
-        await call(sock, PullBucket(version=10**9, index=0), TrainerReply, 2)  # answered after the outcome
+        await sock.send_multipart(tp._peers.codec.encode(0, Leaving(receiver_id="r1")))  # a forged goodbye
+        await call(sock, PullBucket(version=10**9, index=0), TrainerReply, 2)  # answered after both
     finally:
         sock.close(linger=0)
-    assert not push.done()
-    assert tp.counters["outcomes_dropped"] == 1
+    assert not push.done() and "r1" in tp.receivers
+    assert tp.counters["outcomes_dropped"] == 1 and tp.counters["leaves_dropped"] == 1
     rig.sink.gate.set()
     report = await asyncio.wait_for(push, 30)  # the in-flight push: decided by r1 itself, applied
     assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [1]
+
+
+async def test_a_receiver_stopping_mid_push_is_counted_out_at_once_and_its_successor_gets_the_next_push() -> None:
+    """A server that stops (SIGTERM, shutdown, an actor restart) says so: the push waiting on it
+    fails for it at once with the reason, long before the trainer's timeout or its liveness bound
+    (both 600 s here), and its id is free for the next process, which takes the next push."""
+    endpoint = free_tcp_endpoint()
+    async with TrainerPublisher(endpoint, timeout_s=600, lost_after_s=600, bucket_bytes=4 << 10) as tp:
+        system = ActorSystem()
+        try:
+            rig = await make_rig(system, endpoint=endpoint, receiver_id="r1")
+            rig.sink.gate = asyncio.Event()  # version 1 stays loading until the receiver has stopped
+            push = asyncio.ensure_future(tp.push_weights(1, TENSORS))
+            await asyncio.wait_for(rig.sink.loading.wait(), 30)
+        finally:
+            await system.stop()  # the receiver stops first (reverse spawn order) and says it leaves
+        with pytest.raises(PushError) as failed:
+            await asyncio.wait_for(push, 30)
+        assert failed.value.failures == {"r1": "left: its server is stopping"}, failed.value.failures
+        assert "r1" not in tp.receivers and not tp.counters
+        system = ActorSystem()
+        try:
+            rig = await make_rig(system, endpoint=endpoint, receiver_id="r1")  # the same id, a new connection
+            report = await asyncio.wait_for(tp.push_weights(2, TENSORS), 60)
+            assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [2], report
+        finally:
+            await system.stop()

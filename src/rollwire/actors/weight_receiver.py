@@ -39,6 +39,7 @@ reach the governor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from rollwire.messages.weights import (
     PAYLOAD_TYPES,
     Beacon,
     BeaconSeen,
+    Leaving,
     LoadVersion,
     Register,
     StepDone,
@@ -78,6 +80,7 @@ WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0
 MAX_REGISTER_WAIT_S = 30.0
 LINK_RETRY_S = 0.5  # after the trainer link failed, before it is rebuilt
+LEAVING_SEND_S = 1.0  # stopping: how long the goodbye to the trainer may wait at the high-water mark
 TRAINER_SILENCE_S = 15.0  # no beacon for this long (trainers beat every second): register again
 
 
@@ -161,6 +164,9 @@ class WeightReceiverActor(Actor):
     async def on_stop(self) -> None:
         self._stopping = True  # a version cancelled now must not start the queued one
         if self._trainer is not None:
+            if self.trainer_id:  # registered: the trainer stops counting on us now, not after silence
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._trainer.send(0, Leaving(receiver_id=self.receiver_id)), LEAVING_SEND_S)
             await self._trainer.close()
         if self._sub is not None:
             self._sub.close()

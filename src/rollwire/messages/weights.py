@@ -155,6 +155,13 @@ class BeaconSeen(msgspec.Struct, frozen=True, kw_only=True, tag="beacon_seen", a
     seq: int
 
 
+class Leaving(msgspec.Struct, frozen=True, kw_only=True, tag="leaving", array_like=True):
+    """Receiver -> trainer, as its server stops (SIGTERM, shutdown): count it out now, rather than
+    after ``lost_after_s`` of silence; a push waiting on it fails for it at once. No reply."""
+
+    receiver_id: str
+
+
 class StepDone(msgspec.Struct, frozen=True, kw_only=True, tag="step_done", array_like=True):
     """Receiver -> trainer: the server acted on StepMessage ``step``/``phase`` (e.g. released
     memory on train_start), or failed to. No reply."""
@@ -202,7 +209,7 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack", array_like=True)
 
 
 # The trainer's ROUTER (receivers' DEALERs send these) and what it answers.
-TrainerRequest = Register | BeaconSeen | PullBucket | VersionOutcome | StepDone
+TrainerRequest = Register | BeaconSeen | PullBucket | VersionOutcome | StepDone | Leaving
 TrainerReply = Welcome | BucketData | Ack | ErrorReply
 # The trainer's PUB.
 TrainerAnnouncement = Beacon | WeightsReady | StepMessage

@@ -50,6 +50,7 @@ from rollwire.messages.weights import (
     Beacon,
     BeaconSeen,
     BucketData,
+    Leaving,
     PullBucket,
     Register,
     StepDone,
@@ -427,6 +428,22 @@ class TrainerPublisher:
         self._wake_beacon.set()
         await self._peers.reply(peer, rid, welcome)
 
+    @handles(Leaving)
+    def _on_leaving(self, peer: bytes, key: str, rid: int, msg: Leaving) -> None:
+        if not self.roster.leave(peer, msg.receiver_id):
+            return
+        self._count_out(msg.receiver_id, "left: its server is stopping")
+        for sender in self._senders.values():
+            sender.forget(msg.receiver_id)
+
+    def _count_out(self, receiver_id: str, why: str) -> None:
+        """A receiver no longer answers: the push and the step calls waiting on it fail for it now."""
+        if self._push is not None:
+            self._push.fail(receiver_id, why)
+        for (rid, _, _), fut in self._steps.items():
+            if rid == receiver_id and not fut.done():
+                fut.set_exception(PushError("step", {rid: why}))
+
     @handles(BeaconSeen)
     def _on_beacon_seen(self, peer: bytes, key: str, rid: int, msg: BeaconSeen) -> None:
         if msg.trainer_id == self.trainer_id:  # not a previous trainer's beacon
@@ -451,11 +468,7 @@ class TrainerPublisher:
             seq += 1
             await self._pub.publish(Beacon(trainer_id=self.trainer_id, seq=seq))
             for lost, why in self.roster.newly_lost():
-                if self._push is not None:
-                    self._push.fail(lost, why)
-                for (rid, _, _), fut in self._steps.items():
-                    if rid == lost and not fut.done():
-                        fut.set_exception(PushError("step", {rid: why}))
+                self._count_out(lost, why)
             self._wake_beacon.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FAST_BEACON_S if self.roster.any_pending else self.heartbeat_s):

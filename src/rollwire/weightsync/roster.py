@@ -13,7 +13,8 @@ dropped).
 
 Joining: a receiver counts as joined only once it acknowledged a beacon it received on the
 trainer's PUB (a SUB that has not joined yet would silently miss an announcement); one silent for
-``lost_after_s`` is lost, and joins again with its next acknowledgement.
+``lost_after_s`` is lost, and joins again with its next acknowledgement. One that says it is
+leaving (its server stops) is forgotten at once.
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ class ReceiverRoster:
             r.joined = True
             log.info("receiver_joined", receiver_id=r.receiver_id)
             self.changed.set()
+
+    def leave(self, peer: bytes, receiver_id: str) -> bool:
+        """The receiver said it is stopping: forgotten now (its id is free for its successor).
+        False if ``peer`` does not speak for it (counted, dropped)."""
+        if not self.speaks_for(peer, receiver_id, "leaves"):
+            return False
+        del self.receivers[receiver_id]
+        log.info("receiver_left", receiver_id=receiver_id)
+        return True
 
     def newly_lost(self) -> list[tuple[str, str]]:
         """Joined receivers silent for ``lost_after_s``, now no longer joined: (receiver id, why)."""
