@@ -66,19 +66,25 @@ class FleetSession:
     async def append(self, token_ids: Sequence[int]) -> int:
         return await self._moving(lambda s: s.append(token_ids))  # type: ignore[no-any-return]
 
+    def _deadline(self, kw: dict[str, Any]) -> float | None:
+        """The call's ``timeout`` (or the session's) as a deadline on the loop's clock."""
+        timeout = kw.pop("timeout", None)
+        if timeout is None:
+            timeout = self._kw.get("timeout")
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.001, deadline - asyncio.get_running_loop().time())
+
     async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                        **kw: Any) -> GenerateDone:
         """``Session.generate``; its ``timeout`` bounds the whole call, moves included (each turn
         gets what is left, and times out as ``Session.generate`` does: aborted, partial output kept)."""
-        timeout = kw.pop("timeout", None)
-        if timeout is None:
-            timeout = self._kw.get("timeout")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = self._deadline(kw)
 
         def attempt(s: Session) -> Any:
-            left = None if deadline is None else max(0.001, deadline - loop.time())
-            return s.generate(input_ids, sampling_params, timeout=left, **kw)
+            return s.generate(input_ids, sampling_params, timeout=self._left(deadline), **kw)
 
         return await self._moving(attempt, deadline)  # type: ignore[no-any-return]
 
@@ -87,15 +93,17 @@ class FleetSession:
         """``Session.stream`` on the session's server. Before the first chunk it moves like any call
         (server evicted, or gone when asked); a server that dies after chunks went out ends the
         stream with its typed error (``server_unavailable``...): the turn is not recorded, and the
-        next call moves the session, history intact, to a live server."""
+        next call moves the session, history intact, to a live server. ``timeout`` bounds the whole
+        call, moves included, as for ``generate``."""
         assert self._session is not None and self._server is not None, "session is not open"
+        deadline = self._deadline(kw)
         tried = [self._server]
         if not self._server.alive and self._fleet.router.live(exclude=tried):
-            await self._move(tried, f"server evicted ({self._server.why_out})")
+            await self._move(tried, f"server evicted ({self._server.why_out})", deadline)
         while True:
             streamed = False
             try:
-                turn = self._session.stream(input_ids, sampling_params, **kw)
+                turn = self._session.stream(input_ids, sampling_params, timeout=self._left(deadline), **kw)
                 async with contextlib.aclosing(turn):  # left early: the turn is aborted there too
                     async for item in turn:
                         streamed = True
@@ -107,7 +115,7 @@ class FleetSession:
                 self._fleet._evict(self._server, f"session stream failed: {e.code.value}")
                 if streamed or len(tried) > self._fleet.max_failovers:
                     raise
-                await self._move(tried, e.code.value)
+                await self._move(tried, e.code.value, deadline)
 
     def trajectory(self) -> Any:
         assert self._session is not None, "session is not open"
