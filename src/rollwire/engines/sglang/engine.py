@@ -89,6 +89,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -128,6 +129,27 @@ log = logging.getLogger(__name__)
 # CUDA bucket this process opened from the trainer is copied once (a bucket of transient memory)
 WEIGHT_BUCKET_BYTES = 1 << 30
 WATCH_CHILDREN_S = 0.5  # how often the processes sglang.Engine started are checked for life
+
+
+_STARTING: dict[int, weakref.ref[SGLangEngine]] = {}  # engines by SigquitWhileStarting key, this process
+
+
+class SigquitWhileStarting:
+    """ServerArgs.custom_sigquit_handler. SGLang pickles ServerArgs into its scheduler processes,
+    so the handler carries only a key to the engine (a bound method would carry the engine, its
+    sockets and callbacks, which do not pickle); in this process the key finds the engine."""
+
+    def __init__(self, engine: SGLangEngine) -> None:
+        self.key = id(engine)
+        _STARTING[self.key] = weakref.ref(engine)
+
+    def __call__(self, signum: Any = None, frame: Any = None) -> None:
+        ref = _STARTING.get(self.key)
+        engine = ref() if ref is not None else None
+        if engine is not None:
+            engine._sigquit_while_starting(signum, frame)
+        else:
+            log.error("sglang: a scheduler process died (SIGQUIT) and its engine is gone")
 
 
 class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
@@ -226,7 +248,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         before = set(multiprocessing.active_children())
         kwargs = dict(self.server_kwargs)
         if "custom_sigquit_handler" in sglang_args.server_arg_types():  # a dead scheduler must not kill us
-            kwargs["custom_sigquit_handler"] = self._sigquit_while_starting
+            kwargs["custom_sigquit_handler"] = SigquitWhileStarting(self)
         self._eng = sglang.Engine(**kwargs)
         self.startup_s = time.monotonic() - t0
         self.loop_is_engine_loop = self._eng.loop is loop

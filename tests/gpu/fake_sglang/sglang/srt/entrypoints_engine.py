@@ -1,4 +1,5 @@
 import asyncio
+import pickle
 
 from sglang.srt.managers.tokenizer_manager import TokenizerManager
 from sglang.srt.server_args import ServerArgs
@@ -7,6 +8,10 @@ from sglang.srt.server_args import ServerArgs
 class Engine:
     def __init__(self, **kwargs):
         self.server_args = ServerArgs(**kwargs)
+        # SGLang hands ServerArgs to its scheduler processes (spawn): all of it must pickle, the
+        # custom_sigquit_handler included (2026-12-07 on an H200: a handler bound to the adapter,
+        # which held a lambda, failed every engine start there)
+        pickle.dumps(self.server_args)
         try:
             self.loop = asyncio.get_running_loop()
         except RuntimeError:

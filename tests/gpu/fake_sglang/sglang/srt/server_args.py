@@ -25,4 +25,5 @@ class ServerArgs:
     json_model_override_args: A[str, ""] = "{}"
     disable_radix_cache: A[bool, ""] = False
     max_running_requests: A[int | None, ""] = None
+    custom_sigquit_handler: A[object | None, "installed for SIGQUIT in the engine's process"] = None
     fake_step_s: A[float, "seconds per decode step of the fake scheduler"] = 0.002
