@@ -78,7 +78,7 @@ async def test_a_server_held_at_a_barrier_nobody_releases_resumes_at_its_barrier
     try:
         async with TrainerPublisher(trainer, timeout_s=60) as tp, RolloutClient(ep, timeout=120) as rc:
             await rc.wait_ready(timeout=180)
-            tp.publish_step = _never  # type: ignore[method-assign]  # fault injection: the release is lost
+            tp._release_barrier = _never  # type: ignore[method-assign,assignment]  # fault injection: the release is lost
             await tp.push_weights(1, version_state(1), transport="shm", barrier=True)
             pushed = time.monotonic()
             assert (await rc.health()).governor_state == "HELD"

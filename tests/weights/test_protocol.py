@@ -350,6 +350,7 @@ async def test_a_receiver_that_goes_silent_mid_push_is_named_as_lost_long_before
                                 lost_after_s=0.5) as tp:
         push = asyncio.ensure_future(tp.push_weights(1, {"w": torch.ones(3)}))
         await asyncio.wait_for(rig.sink.loading.wait(), 20)
+        rig.receiver.trainer_id = ""  # fault injection: it goes without its goodbye (as if SIGKILLed)
         await system.stop()  # the whole server goes away while loading
         t0 = asyncio.get_running_loop().time()
         with pytest.raises(PushError) as err:

@@ -147,7 +147,8 @@ class RolloutClient:
         self._link = {"curve": curve, "heartbeat_s": heartbeat_s, "liveness_s": liveness_s}
         self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, **self._link)  # type: ignore[arg-type]
         self._session_rpc: RpcClient[Any] | None = None
-        self._retiring = BackgroundTasks()  # old session links being closed
+        # old session links being closed; sessions a server opened after their opener stopped waiting
+        self._background = BackgroundTasks()
 
     async def __aenter__(self) -> RolloutClient:
         self._rpc.start()
@@ -160,7 +161,7 @@ class RolloutClient:
         await self._rpc.close()
         if self._session_rpc is not None:
             await self._session_rpc.close()
-        await self._retiring.drain()
+        await self._background.drain()
 
     def session(self, *, max_tokens: int = 8192, ttl_s: float = 600.0, keep_stale_prefix: bool = False,
                 timeout: float | None = None) -> Session:
@@ -194,7 +195,7 @@ class RolloutClient:
             return
         if _reachable(session_endpoint, self.endpoint) != old.endpoint:
             self._session_rpc = None
-            self._retiring.spawn(old.close())
+            self._background.spawn(old.close())
 
     def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
                  stream: bool, min_version: int, chunk_tokens: int = 1) -> GenerateRequest:

@@ -17,6 +17,7 @@ unknown_session; a RolloutClient silent past the server's ``--client-timeout`` l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from rollwire.messages import (
     SessionOpened,
     VersionSpan,
 )
-from rollwire.transports.rpc import RequestTimeout, unwrap
+from rollwire.transports.rpc import RequestTimeout, RpcClient, unwrap
 
 if TYPE_CHECKING:
     from rollwire.clients.rollout import RolloutClient
@@ -100,7 +101,7 @@ class Session:
     async def open(self) -> SessionOpened:
         self._rpc = await self._client._sessions()
         try:
-            opened: SessionOpened = await self._call(self._open)
+            opened = await self._open_once()
         except RollwireError as e:
             if e.code not in (ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN):
                 raise  # (shutting_down: the link was retired for a new session port meanwhile)
@@ -113,8 +114,27 @@ class Session:
             if fresh is self._rpc:  # the same port: the server is gone
                 raise
             self._rpc = fresh
-            opened = await self._call(self._open)
+            opened = await self._open_once()
         self.id = opened.session_id
+        return opened
+
+    async def _open_once(self) -> SessionOpened:
+        """One OpenSession. If this call stops waiting (its timeout, or the caller cancelled) the
+        request is still answered in the background, and a session the server opened anyway is
+        closed there rather than left to hold a slot until its ttl."""
+        assert self._rpc is not None
+        rpc = self._rpc
+        late = None if self.timeout is None else self.timeout + ABORT_GRACE_S  # how long a late reply may come
+        attempt = asyncio.ensure_future(rpc.call(self._open, timeout=late))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(attempt), self.timeout)
+        except BaseException as e:
+            if not attempt.done():
+                self._client._background.spawn(_close_when_opened(attempt, rpc))
+            if isinstance(e, TimeoutError):
+                raise RequestTimeout(f"no reply to OpenSession within {self.timeout}s") from None
+            raise
+        opened: SessionOpened = unwrap(reply)
         return opened
 
     async def replay(self, record: Session) -> None:
@@ -290,3 +310,14 @@ class Session:
         turn.cached_tokens = done.usage.cached_tokens
         turn.weight_version_spans = [VersionSpan(version=s.version, start=turn.start + s.start, end=turn.start + s.end)
                                      for s in done.weight_version_spans]
+
+
+async def _close_when_opened(attempt: asyncio.Future[Any], rpc: RpcClient[Any]) -> None:
+    """An OpenSession nobody waits for any more: close the session if the server opened it."""
+    try:
+        opened = unwrap(await attempt)
+    except Exception:  # refused, or the link failed: nothing was opened for us
+        return
+    if isinstance(opened, SessionOpened):
+        with contextlib.suppress(Exception):
+            await rpc.call(CloseSession(session_id=opened.session_id), timeout=ABORT_GRACE_S)

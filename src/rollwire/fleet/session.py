@@ -98,7 +98,7 @@ class FleetSession:
         assert self._session is not None and self._server is not None, "session is not open"
         deadline = self._deadline(kw)
         tried = [self._server]
-        if not self._server.alive and self._fleet.router.live(exclude=tried):
+        if not self._server.alive and self._fleet.max_failovers > 0 and self._fleet.router.live(exclude=tried):
             await self._move(tried, f"server evicted ({self._server.why_out})", deadline)
         while True:
             streamed = False
@@ -133,7 +133,7 @@ class FleetSession:
     async def _moving(self, call: Any, deadline: float | None = None) -> Any:
         assert self._session is not None and self._server is not None, "session is not open"
         tried = [self._server]
-        if not self._server.alive and self._fleet.router.live(exclude=tried):
+        if not self._server.alive and self._fleet.max_failovers > 0 and self._fleet.router.live(exclude=tried):
             # the fleet already took its server for dead: move now rather than wait out the
             # liveness bound on a call to it
             await self._move(tried, f"server evicted ({self._server.why_out})", deadline)

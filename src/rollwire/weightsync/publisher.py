@@ -44,6 +44,7 @@ from typing import Any, get_args
 
 import msgspec
 import torch
+import zmq
 
 from rollwire.messages.errors import ErrorCode, ErrorReply
 from rollwire.messages.weights import (
@@ -78,6 +79,7 @@ from rollwire.weightsync.push import (
     collect,
 )
 from rollwire.weightsync.roster import ReceiverRoster
+from rollwire.weightsync.steps import StepWaits
 from rollwire.weightsync.trainer_link import TrainerLink
 
 __all__ = ["PushError", "PushReport", "TrainerPublisher"]
@@ -149,9 +151,10 @@ class TrainerPublisher:
         self._tasks: list[asyncio.Task[Any]] = []
         self._dispatch = {t: getattr(self, attr) for t, attr in handler_table(type(self)).items()}
         self._wake_beacon = asyncio.Event()
-        self._push: Push | None = None
+        self._push: Push | None = None  # announced, until its outcomes are in
+        self._pending: Push | None = None  # the push under way, from planning to its outcomes
         self._push_lock = asyncio.Lock()
-        self._steps: dict[tuple[str, int, str], asyncio.Future[StepDone]] = {}
+        self._steps = StepWaits()
         self._last_version: int | None = None
         self._pack_buf = torch.empty(0, dtype=torch.uint8)  # inline: reused, so warm after the first push
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="rw-trainer")
@@ -188,11 +191,10 @@ class TrainerPublisher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._link is not None:
             await self._link.close()
-        if self._push is not None:
-            self._push.fail_all("trainer closed")
-        for fut in self._steps.values():
-            if not fut.done():
-                fut.set_exception(PushError("step", {"*": "trainer closed"}))
+        if self._pending is not None:
+            self._pending.fail_all("trainer closed")
+        self._steps.fail("trainer closed")
+        self.roster.changed.set()  # a call waiting for receivers to join ends now
         for sender in self._senders.values():
             sender.close()
         if self._pub is not None:
@@ -207,16 +209,26 @@ class TrainerPublisher:
         exc = None if task.cancelled() else task.exception()
         self._dead = f"{task.get_name()} stopped: {exc!r}" if exc is not None else f"{task.get_name()} stopped"
         log.error("trainer_task_died", task=task.get_name(), error=repr(exc), exc_info=exc)
-        if self._push is not None:
-            self._push.fail_all(f"trainer broken: {self._dead}")
-        for fut in self._steps.values():
-            if not fut.done():
-                fut.set_exception(PushError("step", {"*": f"trainer broken: {self._dead}"}))
+        if self._pending is not None:
+            self._pending.fail_all(f"trainer broken: {self._dead}")
+        self._steps.fail(f"trainer broken: {self._dead}")
         self.roster.changed.set()  # a push waiting for receivers to join fails now
 
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise PushError("trainer", {"*": f"trainer broken: {self._dead}"})
+        if self._closed:
+            raise PushError("trainer", {"*": "trainer closed"})
+
+    async def _publish(self, msg: Any) -> None:
+        """On the PUB, unless the trainer closed or broke meanwhile (then ``PushError``)."""
+        self._check_alive()
+        assert self._pub is not None
+        try:
+            await self._pub.publish(msg)
+        except zmq.ZMQError:
+            self._check_alive()  # closed under the send: say so
+            raise
 
     async def __aenter__(self) -> TrainerPublisher:
         return await self.start()
@@ -247,22 +259,20 @@ class TrainerPublisher:
         if phase not in get_args(StepPhase):
             raise ValueError(f"phase {phase!r} is not one of {get_args(StepPhase)}")
         self._check_alive()
-        receivers = await self._wait_joined()
-        futs = {}
-        if wait:
-            loop = asyncio.get_running_loop()
-            futs = {r.receiver_id: loop.create_future() for r in receivers}
-            for rid, fut in futs.items():
-                self._steps[(rid, step, phase)] = fut
-        assert self._pub is not None
-        await self._pub.publish(StepMessage(step=step, phase=phase))
+        receivers = [r.receiver_id for r in await self._wait_joined()]
         if not wait:
-            return [r.receiver_id for r in receivers]
+            await self._publish(StepMessage(step=step, phase=phase))
+            return receivers
+        return await self._step(step, phase, receivers, require_all)
+
+    async def _step(self, step: int, phase: StepPhase, receiver_ids: list[str], require_all: bool) -> list[str]:
+        """Publish the step and wait (``timeout_s``) for each of ``receiver_ids`` to act on it."""
+        futs = self._steps.expect(receiver_ids, step, phase)
         try:
+            await self._publish(StepMessage(step=step, phase=phase))
             failures = await collect(futs, self.timeout_s)
         finally:
-            for rid in futs:
-                self._steps.pop((rid, step, phase), None)
+            self._steps.forget(futs, step, phase)
         if failures and (require_all or len(failures) == len(futs)):
             raise PushError(f"step {step} {phase}", failures)
         return sorted(set(futs) - set(failures))
@@ -307,16 +317,21 @@ class TrainerPublisher:
             if sender.on_gpu:
                 push.cuda_after, push.device = push_after, device
             t_prepare = time.monotonic()
+            self._pending = push  # a receiver lost or leaving while it is prepared fails for it at once
             try:
-                ready = await self._prepare(push, sender, step if step is not None else version, receivers)
-            except OSError as e:  # /dev/shm too small (ENOSPC): "auto" means any transport that works
-                if transport != "auto" or chosen != "shm":
-                    raise
-                log.warning("shm_unavailable_push_goes_inline", version=version, error=str(e)[:300])
-                chosen, sender = "inline", self._senders["inline"]
-                push = Push(version, plans, chosen, {r.receiver_id: asyncio.get_running_loop().create_future()
-                                                      for r in receivers}, self._pack_buf)
-                ready = await self._prepare(push, sender, step if step is not None else version, receivers)
+                try:
+                    ready = await self._prepare(push, sender, step if step is not None else version, receivers)
+                except OSError as e:  # /dev/shm too small (ENOSPC): "auto" means any transport that works
+                    if transport != "auto" or chosen != "shm":
+                        raise
+                    log.warning("shm_unavailable_push_goes_inline", version=version, error=str(e)[:300])
+                    chosen, sender = "inline", self._senders["inline"]
+                    push = self._pending = Push(version, plans, chosen, push.outcomes, self._pack_buf)
+                    ready = await self._prepare(push, sender, step if step is not None else version, receivers)
+            except BaseException:
+                self._pending = None
+                push.abandon()
+                raise
             if barrier:
                 ready = msgspec.structs.replace(ready, barrier=True)
             prepare_s = time.monotonic() - t_prepare
@@ -324,7 +339,7 @@ class TrainerPublisher:
             answered = False  # the wait ended (not cancelled); with no failures the bytes may be reused
             failures: dict[str, str] = {}
             try:
-                await self._pub.publish(ready)
+                await self._publish(ready)
                 self._last_version = version  # announced: even a failed push uses it up (some may apply it)
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
@@ -333,16 +348,14 @@ class TrainerPublisher:
                     if why.startswith("timed out") and rid in self.receivers:
                         self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
             finally:
-                self._push = None
+                self._push = self._pending = None
                 self._pack_buf = push.served.pack_buf
+                if not answered:
+                    push.abandon()
                 if not answered or failures:  # a receiver may still read the arena, or a group is broken
                     sender.failed()
-                if barrier:  # every server has answered (or failed): all resume at once
-                    try:
-                        released = await self.publish_step(version, "barrier_release", require_all=False)
-                        log.info("barrier_released", version=version, receivers=len(released))
-                    except PushError as e:  # none acknowledged: each resumes at its barrier timeout
-                        log.warning("barrier_release_unacknowledged", version=version, error=str(e)[:300])
+                if barrier:  # every server has answered (or failed, or the push was cancelled): all resume
+                    await self._release_barrier(version, sorted(set(push.outcomes) - set(failures)) if answered else [])
             if failures and (require_all or len(failures) == len(push.outcomes)):
                 raise PushError(f"version {version}", failures)
             applied = sorted(set(push.outcomes) - set(failures))
@@ -354,6 +367,19 @@ class TrainerPublisher:
             return report
 
     # -- push internals --------------------------------------------------------------------------
+    async def _release_barrier(self, version: int, applied: list[str]) -> None:
+        """One ``barrier_release`` resumes the servers that hold the version. Acknowledgements are
+        awaited only from those that applied it (none after a cancelled push: its caller is not
+        kept); a server never released resumes at its own barrier timeout."""
+        try:
+            if applied:
+                released = await self._step(version, "barrier_release", applied, require_all=False)
+                log.info("barrier_released", version=version, receivers=len(released))
+            else:
+                await self._publish(StepMessage(step=version, phase="barrier_release"))
+        except PushError as e:  # none acknowledged (or the trainer closed): each resumes at its timeout
+            log.warning("barrier_release_unacknowledged", version=version, error=str(e)[:300])
+
     async def _prepare(self, push: Push, sender: Sender, step: int, receivers: Sequence[Registered]) -> WeightsReady:
         """Checksums and the payload (packing, an arena, a group) by the transport's trainer half, on
         worker threads, off the event loop."""
@@ -392,9 +418,8 @@ class TrainerPublisher:
 
     @handles(StepDone)
     def _on_step_done(self, peer: bytes, key: str, rid: int, msg: StepDone) -> None:
-        fut = self._steps.get((msg.receiver_id, msg.step, msg.phase))
-        if self.roster.speaks_for(peer, msg.receiver_id, "step_acks") and fut is not None and not fut.done():
-            fut.set_result(msg)
+        if self.roster.speaks_for(peer, msg.receiver_id, "step_acks"):
+            self._steps.acknowledged(msg)
 
     @handles(Register)
     async def _on_register(self, peer: bytes, key: str, rid: int, msg: Register) -> None:
@@ -416,9 +441,8 @@ class TrainerPublisher:
             await self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, refused,
                                retry_after_s=0.0 if self._curve is not None else REREGISTER_RETRY_S)
             return
-        if old is not None:  # the receiver restarted: whatever it was staging is gone
-            if self._push is not None:
-                self._push.fail(msg.receiver_id, "receiver re-registered (restarted) during the push")
+        if old is not None:  # the receiver restarted: whatever it was staging or acting on is gone
+            self._count_out(msg.receiver_id, "receiver re-registered (restarted) while it was waited for")
             for sender in self._senders.values():
                 sender.forget(msg.receiver_id)
         self.receivers[msg.receiver_id] = Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports),
@@ -438,16 +462,16 @@ class TrainerPublisher:
 
     def _count_out(self, receiver_id: str, why: str) -> None:
         """A receiver no longer answers: the push and the step calls waiting on it fail for it now."""
-        if self._push is not None:
-            self._push.fail(receiver_id, why)
-        for (rid, _, _), fut in self._steps.items():
-            if rid == receiver_id and not fut.done():
-                fut.set_exception(PushError("step", {rid: why}))
+        if self._pending is not None:
+            self._pending.fail(receiver_id, why)
+        self._steps.fail(why, receiver_id)
 
     @handles(BeaconSeen)
     def _on_beacon_seen(self, peer: bytes, key: str, rid: int, msg: BeaconSeen) -> None:
-        if msg.trainer_id == self.trainer_id:  # not a previous trainer's beacon
-            self.roster.beacon_seen(peer, msg.receiver_id)
+        if msg.trainer_id != self.trainer_id:  # not our beacon (a previous trainer's, or made up)
+            self.counters["beacon_acks_dropped"] += 1
+            return
+        self.roster.beacon_seen(peer, msg.receiver_id)
 
     async def _serve_pull(self, peer: bytes, rid: int, msg: PullBucket) -> None:
         push = self._push

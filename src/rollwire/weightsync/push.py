@@ -132,6 +132,15 @@ class Push:
         for rid in self.outcomes:
             self.fail(rid, why)
 
+    def abandon(self) -> None:
+        """The push ended before its outcomes were collected: nothing will read them."""
+        for fut in self.outcomes.values():
+            if fut.done():
+                if not fut.cancelled():
+                    fut.exception()  # read: asyncio would report it as never retrieved
+            else:
+                fut.cancel()
+
     def broadcast_failed(self, why: str) -> None:
         asyncio.get_running_loop().call_later(BROADCAST_FAILURE_GRACE_S, self.fail_all, why)
 

@@ -61,8 +61,9 @@ class ReceiverRoster:
 
     def beacon_seen(self, peer: bytes, receiver_id: str) -> None:
         r = self.receivers.get(receiver_id)
-        if r is None or r.peer != peer:
-            return  # a stale connection
+        if r is None or r.peer != peer:  # a stale connection, or one that does not speak for the id
+            self.counters["beacon_acks_dropped"] += 1
+            return
         r.last_seen = time.monotonic()
         if not r.joined:
             r.joined = True

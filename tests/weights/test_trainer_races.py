@@ -1,0 +1,87 @@
+"""TrainerPublisher calls racing close(), each other and cancellation (found by an adversarial try;
+each failed on the code before the fix: a 60 s hang, a step answered but reported timed out, a
+cancelled barrier push kept running for timeout_s)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from rollwire.messages.weights import BeaconSeen
+from rollwire.runtime import ActorSystem
+from rollwire.weightsync.publisher import PushError, TrainerPublisher
+from tests.conftest import free_tcp_endpoint
+from tests.weights.conftest import make_rig
+from tests.weights.hostile import dealer
+
+TENSORS = {"w": torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32), "b": torch.ones(64)}
+
+
+async def test_close_ends_a_push_and_a_step_waiting_for_receivers_to_join_at_once() -> None:
+    tp = await TrainerPublisher(free_tcp_endpoint(), timeout_s=600).start()  # nobody will join
+    push = asyncio.ensure_future(tp.push_weights(1, TENSORS))
+    step = asyncio.ensure_future(tp.publish_step(1, "train_start"))
+    await asyncio.sleep(0)  # both are waiting now
+    await tp.close()
+    for call in (push, step):
+        with pytest.raises(PushError, match="trainer closed"):
+            await asyncio.wait_for(call, 10)  # hang guard: they used to wait out timeout_s
+
+
+async def test_two_step_calls_for_the_same_step_are_both_answered_by_one_acknowledgement() -> None:
+    system = ActorSystem()
+    endpoint = free_tcp_endpoint()
+    try:
+        async with TrainerPublisher(endpoint, timeout_s=60) as tp:
+            await make_rig(system, endpoint=endpoint, receiver_id="r1")
+            both = await asyncio.wait_for(asyncio.gather(tp.publish_step(7, "train_end"),
+                                                         tp.publish_step(7, "train_end")), 60)
+            assert both == [["r1"], ["r1"]]
+    finally:
+        await system.stop()
+
+
+async def test_a_cancelled_barrier_push_ends_at_once_and_the_server_is_released() -> None:
+    system = ActorSystem()
+    endpoint = free_tcp_endpoint()
+    try:
+        async with TrainerPublisher(endpoint, timeout_s=600) as tp:
+            rig = await make_rig(system, endpoint=endpoint, receiver_id="r1")
+            rig.sink.gate = asyncio.Event()  # version 1 stays loading
+            push = asyncio.ensure_future(tp.push_weights(1, TENSORS, barrier=True))
+            await asyncio.wait_for(rig.sink.loading.wait(), 30)
+            push.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(push, 10)  # hang guard: it used to wait timeout_s for acknowledgements
+            async with asyncio.timeout(20):  # the release went out all the same
+                while not any(m.step == 1 and m.phase == "barrier_release" for m in rig.sink.steps):
+                    await asyncio.sleep(0.02)
+            rig.sink.gate.set()
+            report = await asyncio.wait_for(tp.push_weights(2, TENSORS, barrier=True), 60)  # the next one as usual
+            assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [1, 2], report
+    finally:
+        await system.stop()
+
+
+async def test_a_beacon_acknowledgement_from_a_connection_that_did_not_register_its_receiver_is_counted() -> None:
+    system = ActorSystem()
+    endpoint = free_tcp_endpoint()
+    try:
+        async with TrainerPublisher(endpoint, timeout_s=60) as tp:
+            await make_rig(system, endpoint=endpoint, receiver_id="r1")
+            await asyncio.wait_for(tp.publish_step(1, "train_end"), 60)  # r1 joined
+            sock = dealer(tp.endpoint)
+            try:
+                for trainer_id in (tp.trainer_id, "another trainer"):
+                    await sock.send_multipart(tp._peers.codec.encode(0, BeaconSeen(
+                        receiver_id="r1", trainer_id=trainer_id, seq=1)))
+                async with asyncio.timeout(20):
+                    while tp.counters["beacon_acks_dropped"] < 2:
+                        await asyncio.sleep(0.02)
+            finally:
+                sock.close(linger=0)
+            assert tp.counters["beacon_acks_dropped"] == 2 and tp.receivers["r1"].joined
+    finally:
+        await system.stop()
