@@ -13,7 +13,8 @@
 # e2e:    tests/gpu/e2e_sglang.py (rollwire serve colocated + trainer process pushing cuda_ipc + worker
 #         process; push vs direct update_weights_from_tensor; release/resume per tag), then
 #         bench/gpu/throughput_paired.py (server vs direct sglang.Engine, alternated, same run)
-# recheck: REF=<direct_ref.json of the same GPU kind> adapter checks, then tests/gpu/engine_death.py (sigkill)
+# recheck: adapter checks against REF (a direct_ref.json of the same GPU kind; none: direct_sglang makes one),
+#          then tests/gpu/engine_death.py (sigkill)
 # issue15: after the weight-path and engine-package moves: SGLang output traces recorded for the CPU
 #         replay (tests/gpu/traces/), direct reference + adapter checks, the engine contract suite on
 #         sglang; then (E2E=1) tests/gpu/e2e_sglang.py with CYCLES cycles (the cuda_ipc push figure)
@@ -82,9 +83,13 @@ elif [ "$WHAT" = issue5b ]; then  # contract suite alone, checks against a kept 
     ${SPY:+--py-spy $SPY --py-spy-out $OUT/serve.speedscope.json}
   cp "$OUT/serve.speedscope.json" "$OUT/throughput_server.json" "$FINAL/" 2>/dev/null
   cat "$OUT/throughput_server.json"
-elif [ "$WHAT" = recheck ]; then  # adapter checks against a kept direct reference (REF=...), then engine death
+elif [ "$WHAT" = recheck ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); from common import *; write_qwen2('$TINY', TINY, std=TINY_STD, head_std=TINY_HEAD_STD)"
-  step adapter_checks "${CHECKS_S:-300}" python3 tests/gpu/adapter_checks.py "$TINY" "${REF:?REF=direct_ref.json of the same GPU kind}"
+  if [ -z "${REF:-}" ]; then  # no kept reference for this GPU kind: make one first
+    step direct_sglang 200 python3 tests/gpu/direct_sglang.py "$TINY"
+    REF=$OUT/direct_ref.json
+  fi
+  step adapter_checks "${CHECKS_S:-300}" python3 tests/gpu/adapter_checks.py "$TINY" "$REF"
   step engine_death "${DEATH_S:-170}" python3 tests/gpu/engine_death.py "$TINY" --how sigkill
   cp "$OUT"/engine_death*.json "$FINAL/" 2>/dev/null
 elif [ "$WHAT" = issue15 ]; then
