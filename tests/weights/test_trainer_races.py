@@ -9,12 +9,14 @@ import asyncio
 import pytest
 import torch
 
-from rollwire.messages.weights import BeaconSeen
+from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.messages.weights import BeaconSeen, Register, TrainerReply, Welcome
 from rollwire.runtime import ActorSystem
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from rollwire.weightsync.publisher import PushError, TrainerPublisher
 from tests.conftest import free_tcp_endpoint
 from tests.weights.conftest import make_rig
-from tests.weights.hostile import dealer
+from tests.weights.hostile import call, dealer
 
 TENSORS = {"w": torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32), "b": torch.ones(64)}
 
@@ -25,9 +27,9 @@ async def test_close_ends_a_push_and_a_step_waiting_for_receivers_to_join_at_onc
     step = asyncio.ensure_future(tp.publish_step(1, "train_start"))
     await asyncio.sleep(0)  # both are waiting now
     await tp.close()
-    for call in (push, step):
+    for waiting in (push, step):
         with pytest.raises(PushError, match="trainer closed"):
-            await asyncio.wait_for(call, 10)  # hang guard: they used to wait out timeout_s
+            await asyncio.wait_for(waiting, 10)  # hang guard: they used to wait out timeout_s
 
 
 async def test_two_step_calls_for_the_same_step_are_both_answered_by_one_acknowledgement() -> None:
@@ -85,3 +87,24 @@ async def test_a_beacon_acknowledgement_from_a_connection_that_did_not_register_
             assert tp.counters["beacon_acks_dropped"] == 2 and tp.receivers["r1"].joined
     finally:
         await system.stop()
+
+
+async def test_registrations_beyond_max_receivers_or_with_an_oversize_id_are_refused_with_a_typed_error() -> None:
+    """Without CURVE anyone may register: a flood of made-up ids must not grow the roster without bound."""
+    async with TrainerPublisher(free_tcp_endpoint(), timeout_s=60, max_receivers=2) as tp:
+        def register(receiver_id: str) -> Register:
+            return Register(receiver_id=receiver_id, host_id="h", transports=["inline"], live_version=0,
+                            checksums=[CHECKSUM_NAME])
+
+        socks = [dealer(tp.endpoint) for _ in range(4)]
+        try:
+            replies = [await call(sock, register(rid), TrainerReply, 1)
+                       for sock, rid in zip(socks, ["a", "b", "c", "x" * 513], strict=True)]
+            again = await call(socks[0], register("a"), TrainerReply, 2)  # the same connection: still welcome
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+        assert [type(r).__name__ for r in replies[:2]] == ["Welcome", "Welcome"] and isinstance(again, Welcome)
+        assert isinstance(replies[2], ErrorReply) and replies[2].code == ErrorCode.OVERLOADED, replies[2]
+        assert isinstance(replies[3], ErrorReply) and replies[3].code == ErrorCode.BAD_FIELD, replies[3]
+        assert sorted(tp.receivers) == ["a", "b"] and tp.counters["registrations_refused"] == 2

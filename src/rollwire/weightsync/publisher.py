@@ -88,6 +88,7 @@ log = get_logger("rollwire.trainer")
 FAST_BEACON_S = 0.05  # while a registered receiver has not joined yet
 REREGISTER_RETRY_S = 1.0  # told to a Register refused because its id is held by a live connection
 MAX_PULLS_PER_PEER = 64  # pull requests one connection may have waiting for credits
+MAX_RECEIVER_ID = 512  # characters: ids are kept, logged and reported (a server's default: host:pid)
 
 
 def _check_number(what: str, value: object) -> None:
@@ -111,9 +112,11 @@ class TrainerPublisher:
     def __init__(self, endpoint: str, *, pub_endpoint: str | None = None, bucket_bytes: int = 512 << 20,
                  credit_window: int = 4, timeout_s: float = 60.0, min_receivers: int = 1,
                  heartbeat_s: float = 1.0, lost_after_s: float = 10.0, broadcast_host: str | None = None,
-                 keys: KeyPair | None = None, receiver_keys: Iterable[bytes] = ()) -> None:
+                 keys: KeyPair | None = None, receiver_keys: Iterable[bytes] = (), max_receivers: int = 1024) -> None:
         """``keys``: this trainer's CURVE key pair; ``receiver_keys``: the public keys (z85) of the
-        servers allowed to receive from it. Both or neither (see the module docstring)."""
+        servers allowed to receive from it. Both or neither (see the module docstring).
+        ``max_receivers``: registered receiver ids kept at most (more are refused ``overloaded``: a
+        stranger's flood of Registers must not grow the roster without bound)."""
         if bucket_bytes <= 0 or credit_window <= 0:
             raise ValueError("bucket_bytes and credit_window must be positive")
         allowed = frozenset(receiver_keys)
@@ -127,7 +130,7 @@ class TrainerPublisher:
         self.endpoint = endpoint
         self.pub_endpoint = pub_endpoint or default_pub_endpoint(endpoint)
         self.bucket_bytes, self.credit_window = bucket_bytes, credit_window
-        self.timeout_s, self.min_receivers = timeout_s, min_receivers
+        self.timeout_s, self.min_receivers, self.max_receivers = timeout_s, min_receivers, max_receivers
         self.heartbeat_s, self.lost_after_s = heartbeat_s, lost_after_s
         self.trainer_id = uuid.uuid4().hex  # new on every start: receivers notice and re-register
         self.host_id = shm.host_id()
@@ -429,7 +432,16 @@ class TrainerPublisher:
             log.error("receiver_incompatible", receiver_id=msg.receiver_id, reason=why)
             await self._peers.refuse(peer, rid, ErrorCode.UNSUPPORTED_PROTOCOL, why)
             return
+        if not 0 < len(msg.receiver_id) <= MAX_RECEIVER_ID:
+            self.counters["registrations_refused"] += 1
+            await self._peers.refuse(peer, rid, ErrorCode.BAD_FIELD, f"receiver_id: 1 to {MAX_RECEIVER_ID} characters")
+            return
         old = self.receivers.get(msg.receiver_id)
+        if old is None and len(self.receivers) >= self.max_receivers:
+            self.counters["registrations_refused"] += 1
+            await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"{len(self.receivers)} receivers are "
+                                     f"registered (max_receivers)", retry_after_s=REREGISTER_RETRY_S)
+            return
         welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint, checksum=checksum.NAME)
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
             await self._peers.reply(peer, rid, welcome)
