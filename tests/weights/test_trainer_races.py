@@ -1,6 +1,7 @@
-"""TrainerPublisher calls racing close(), each other and cancellation (found by an adversarial try;
-each failed on the code before the fix: a 60 s hang, a step answered but reported timed out, a
-cancelled barrier push kept running for timeout_s)."""
+"""TrainerPublisher calls racing close(), each other and cancellation, and a flood of registrations
+(found by an adversarial try and a review; each failed on the code before the fix: a 60 s hang, a
+step answered but reported timed out, a cancelled barrier push kept running for timeout_s, an
+uncounted forged acknowledgement, a roster without bound)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from rollwire.messages.errors import ErrorCode, ErrorReply
-from rollwire.messages.weights import BeaconSeen, Register, TrainerReply, Welcome
+from rollwire.messages.weights import BeaconSeen, Register, StepDone, TrainerReply, Welcome
 from rollwire.runtime import ActorSystem
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from rollwire.weightsync.publisher import PushError, TrainerPublisher
@@ -51,6 +52,15 @@ async def test_a_cancelled_barrier_push_ends_at_once_and_the_server_is_released(
     try:
         async with TrainerPublisher(endpoint, timeout_s=600) as tp:
             rig = await make_rig(system, endpoint=endpoint, receiver_id="r1")
+            await asyncio.wait_for(tp.publish_step(1, "train_end"), 60)  # r1 joined
+            receiver = rig.receiver
+            send = receiver._send
+
+            async def no_step_acks(msg: object) -> None:  # fault injection: the release is never acknowledged
+                if not isinstance(msg, StepDone):
+                    await send(msg)
+
+            receiver._send = no_step_acks  # type: ignore[method-assign]
             rig.sink.gate = asyncio.Event()  # version 1 stays loading
             push = asyncio.ensure_future(tp.push_weights(1, TENSORS, barrier=True))
             await asyncio.wait_for(rig.sink.loading.wait(), 30)
@@ -60,6 +70,7 @@ async def test_a_cancelled_barrier_push_ends_at_once_and_the_server_is_released(
             async with asyncio.timeout(20):  # the release went out all the same
                 while not any(m.step == 1 and m.phase == "barrier_release" for m in rig.sink.steps):
                     await asyncio.sleep(0.02)
+            receiver._send = send  # type: ignore[method-assign]
             rig.sink.gate.set()
             report = await asyncio.wait_for(tp.push_weights(2, TENSORS, barrier=True), 60)  # the next one as usual
             assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [1, 2], report
@@ -108,3 +119,26 @@ async def test_registrations_beyond_max_receivers_or_with_an_oversize_id_are_ref
         assert isinstance(replies[2], ErrorReply) and replies[2].code == ErrorCode.OVERLOADED, replies[2]
         assert isinstance(replies[3], ErrorReply) and replies[3].code == ErrorCode.BAD_FIELD, replies[3]
         assert sorted(tp.receivers) == ["a", "b"] and tp.counters["registrations_refused"] == 2
+
+
+async def test_at_max_receivers_a_new_registration_takes_the_place_of_one_silent_and_not_joined() -> None:
+    """Dead servers (SIGKILLed, each with a fresh host:pid id) and made-up ids must not lock new
+    servers out: a registration that never joined and stayed silent for lost_after_s gives way."""
+    async with TrainerPublisher(free_tcp_endpoint(), timeout_s=60, max_receivers=2, lost_after_s=0.3) as tp:
+        socks = [dealer(tp.endpoint) for _ in range(3)]
+        try:
+            for sock, rid in zip(socks[:2], ["a", "b"], strict=True):  # raw sockets: they never join
+                assert isinstance(await call(sock, Register(receiver_id=rid, host_id="h", transports=["inline"],
+                                                            live_version=0, checksums=[CHECKSUM_NAME]),
+                                             TrainerReply, 1), Welcome)
+            replies = []
+            async with asyncio.timeout(20):
+                while not replies or not isinstance(replies[-1], Welcome):  # overloaded until a and b are stale
+                    replies.append(await call(socks[2], Register(receiver_id="c", host_id="h", transports=["inline"],
+                                                                 live_version=0, checksums=[CHECKSUM_NAME]),
+                                              TrainerReply, len(replies) + 1))
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+        assert all(isinstance(r, ErrorReply) and r.code == ErrorCode.OVERLOADED for r in replies[:-1]), replies
+        assert len(tp.receivers) == 2 and "c" in tp.receivers

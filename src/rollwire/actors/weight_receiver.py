@@ -149,6 +149,7 @@ class WeightReceiverActor(Actor):
         self._stagers = {PAYLOAD_TYPES[t]: stagers[t] for t in self.transports if t in PAYLOAD_TYPES}
         self._broadcast = broadcast
         self._stopping = False
+        self._said_goodbye = False  # Leaving sent: the trainer forgot us, send nothing more
         self.curve = curve
         self.register_timeout_s = register_timeout_s  # first wait for a Welcome, and first pause after a refusal
         self.trainer_silence_s = trainer_silence_s  # the PUB silent this long: the trainer (or its Welcome) was wrong
@@ -165,6 +166,7 @@ class WeightReceiverActor(Actor):
         self._stopping = True  # a version cancelled now must not start the queued one
         if self._trainer is not None:
             if self.trainer_id:  # registered: the trainer stops counting on us now, not after silence
+                self._said_goodbye = True  # nothing from the listening task may follow the goodbye
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._trainer.send(0, Leaving(receiver_id=self.receiver_id)), LEAVING_SEND_S)
             await self._trainer.close()
@@ -235,6 +237,8 @@ class WeightReceiverActor(Actor):
     async def _send(self, msg: Any) -> None:
         """A message to the trainer that has no reply; a dead link is replaced, never raised."""
         assert self._trainer is not None
+        if self._said_goodbye:
+            return
         try:
             await self._trainer.send(0, msg)
         except ConnectionClosed as e:

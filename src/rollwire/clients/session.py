@@ -43,7 +43,6 @@ from rollwire.transports.rpc import RequestTimeout, RpcClient, unwrap
 
 if TYPE_CHECKING:
     from rollwire.clients.rollout import RolloutClient
-    from rollwire.transports.rpc import RpcClient
 
 ABORT_GRACE_S = 30.0  # after a timeout: how long to wait for the aborted turn's terminal reply
 
@@ -128,9 +127,8 @@ class Session:
         attempt = asyncio.ensure_future(rpc.call(self._open, timeout=late))
         try:
             reply = await asyncio.wait_for(asyncio.shield(attempt), self.timeout)
-        except BaseException as e:
-            if not attempt.done():
-                self._client._background.spawn(_close_when_opened(attempt, rpc))
+        except BaseException as e:  # (a reply landing with the deadline is dropped by wait_for: closed too)
+            self._client._background.spawn(_close_when_opened(attempt, rpc))
             if isinstance(e, TimeoutError):
                 raise RequestTimeout(f"no reply to OpenSession within {self.timeout}s") from None
             raise
@@ -231,8 +229,7 @@ class Session:
                 break
         except (asyncio.CancelledError, GeneratorExit):  # the turn goes on without us: stop it; the mirror is unknown
             self._desynced = True
-            task = asyncio.ensure_future(rpc.send(0, AbortRequest(target_rid=rid)))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
+            self._client._background.spawn(_send_quietly(rpc, AbortRequest(target_rid=rid)))  # best effort
             raise
         finally:
             rpc.close_stream(rid)
@@ -321,3 +318,8 @@ async def _close_when_opened(attempt: asyncio.Future[Any], rpc: RpcClient[Any]) 
     if isinstance(opened, SessionOpened):
         with contextlib.suppress(Exception):
             await rpc.call(CloseSession(session_id=opened.session_id), timeout=ABORT_GRACE_S)
+
+
+async def _send_quietly(rpc: RpcClient[Any], msg: Any) -> None:
+    with contextlib.suppress(Exception):
+        await rpc.send(0, msg)

@@ -40,8 +40,9 @@ def unsupported_session() -> APIError:
                     code="unsupported_parameter")
 
 
-
 async def open_chat_session(gw: Gateway, owner: str, sid: str, tools: list[dict[str, Any]] | None) -> ChatSession:
+    """The caller's chat session ``sid``, opened on the server on first use (within the gateway's
+    session limit); another request that opened it meanwhile wins, and ours is closed."""
     cs = gw.sessions.sessions.get((owner, sid))
     if cs is not None:
         return cs

@@ -115,8 +115,10 @@ class TrainerPublisher:
                  keys: KeyPair | None = None, receiver_keys: Iterable[bytes] = (), max_receivers: int = 1024) -> None:
         """``keys``: this trainer's CURVE key pair; ``receiver_keys``: the public keys (z85) of the
         servers allowed to receive from it. Both or neither (see the module docstring).
-        ``max_receivers``: registered receiver ids kept at most (more are refused ``overloaded``: a
-        stranger's flood of Registers must not grow the roster without bound)."""
+        ``max_receivers``: registered receiver ids kept at most; beyond it a new one takes the place
+        of the longest-silent registration that is not joined (silent for ``lost_after_s``), or is
+        refused ``overloaded`` if all are live (a stranger's flood of Registers must not grow the
+        roster without bound, nor lock servers out)."""
         if bucket_bytes <= 0 or credit_window <= 0:
             raise ValueError("bucket_bytes and credit_window must be positive")
         allowed = frozenset(receiver_keys)
@@ -437,16 +439,17 @@ class TrainerPublisher:
             await self._peers.refuse(peer, rid, ErrorCode.BAD_FIELD, f"receiver_id: 1 to {MAX_RECEIVER_ID} characters")
             return
         old = self.receivers.get(msg.receiver_id)
-        if old is None and len(self.receivers) >= self.max_receivers:
+        if old is None and not self.roster.make_room(self.max_receivers):
             self.counters["registrations_refused"] += 1
             await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"{len(self.receivers)} receivers are "
-                                     f"registered (max_receivers)", retry_after_s=REREGISTER_RETRY_S)
+                                     f"registered and live (max_receivers)", retry_after_s=REREGISTER_RETRY_S)
             return
         welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint, checksum=checksum.NAME)
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
             await self._peers.reply(peer, rid, welcome)
             return
-        refused = self.roster.claim_refused(old, key, self._peers.connected) if old is not None else None
+        refused = (self.roster.claim_refused(old, key, self._peers.connected) if old is not None
+                   else self.roster.key_refused(msg.receiver_id, key))
         if refused is not None:
             self.counters["registrations_refused"] += 1
             log.warning("register_refused", receiver_id=msg.receiver_id[:100], reason=refused)

@@ -34,6 +34,7 @@ log = get_logger("rollwire.trainer")
 class ReceiverRoster:
     def __init__(self, *, curve: bool, lost_after_s: float, counters: Counter[str]) -> None:
         self.receivers: dict[str, Registered] = {}
+        self.owners: dict[str, str] = {}  # CURVE: receiver id -> the key that registered it first (kept)
         self.curve, self.lost_after_s, self.counters = curve, lost_after_s, counters
         self.changed = asyncio.Event()  # a receiver joined (or the trainer broke: waiters look again)
 
@@ -42,12 +43,33 @@ class ReceiverRoster:
         replace it; None: it is ``old`` restarted, or ``old`` is gone. ``connected(peer)``: whether a
         connection still takes sends."""
         if self.curve:
-            return None if key == old.key else f"receiver id {old.receiver_id!r} belongs to another server's key"
+            return self.key_refused(old.receiver_id, key)
         if not old.joined and time.monotonic() - old.last_seen > self.lost_after_s:
             return None  # lost: no beacon acknowledged for lost_after_s
         if not connected(old.peer):
             return None
         return f"receiver id {old.receiver_id!r} is held by a live connection"
+
+    def key_refused(self, receiver_id: str, key: str) -> str | None:
+        """CURVE: why ``key`` may not register ``receiver_id`` (another key did first), or None."""
+        if self.curve and self.owners.setdefault(receiver_id, key) != key:
+            return f"receiver id {receiver_id!r} belongs to another server's key"
+        return None
+
+    def make_room(self, at_most: int) -> bool:
+        """Below ``at_most`` registrations, forgetting the longest-silent one that is not joined and
+        has been silent for ``lost_after_s`` if needed (a lost or never-joined server, or a stranger's
+        made-up id); False if every registration is live."""
+        if len(self.receivers) < at_most:
+            return True
+        now = time.monotonic()
+        stale = [r for r in self.receivers.values() if not r.joined and now - r.last_seen > self.lost_after_s]
+        if not stale:
+            return False
+        gone = min(stale, key=lambda r: r.last_seen)
+        del self.receivers[gone.receiver_id]
+        log.info("receiver_forgotten", receiver_id=gone.receiver_id[:100], reason="room for a new registration")
+        return True
 
     def speaks_for(self, peer: bytes, receiver_id: str, what: str) -> bool:
         """Only the connection that registered ``receiver_id`` speaks for it; others' ``what`` is

@@ -29,6 +29,11 @@ class StepWaits:
 
     def forget(self, futs: dict[str, asyncio.Future[StepDone]], step: int, phase: str) -> None:
         for rid, fut in futs.items():
+            if fut.done():
+                if not fut.cancelled():
+                    fut.exception()  # read: a failure nobody collected (the call was cancelled)
+            else:
+                fut.cancel()
             waiting = self._waiting.get((rid, step, phase), [])
             if fut in waiting:
                 waiting.remove(fut)

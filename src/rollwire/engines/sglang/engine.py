@@ -132,6 +132,7 @@ WATCH_CHILDREN_S = 0.5  # how often the processes sglang.Engine started are chec
 
 
 _STARTING: dict[int, weakref.ref[SGLangEngine]] = {}  # engines by SigquitWhileStarting key, this process
+_KEYS = itertools.count(1)
 
 
 class SigquitWhileStarting:
@@ -140,8 +141,9 @@ class SigquitWhileStarting:
     sockets and callbacks, which do not pickle); in this process the key finds the engine."""
 
     def __init__(self, engine: SGLangEngine) -> None:
-        self.key = id(engine)
+        self.key = next(_KEYS)
         _STARTING[self.key] = weakref.ref(engine)
+        weakref.finalize(engine, _STARTING.pop, self.key, None)
 
     def __call__(self, signum: Any = None, frame: Any = None) -> None:
         ref = _STARTING.get(self.key)
