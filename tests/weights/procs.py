@@ -61,10 +61,10 @@ def _dying_trainer_class(die_at: int) -> Any:
     class DyingTrainer(TrainerPublisher):
         """Fault injection: SIGKILLs its own process when asked for bucket ``die_at`` (mid-push)."""
 
-        async def _serve_pull(self, peer: bytes, rid: int, msg: Any) -> None:
+        async def _on_pull(self, peer: bytes, key: str, rid: int, msg: Any) -> None:
             if msg.index == die_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            await super()._serve_pull(peer, rid, msg)
+            await super()._on_pull(peer, key, rid, msg)
 
     return DyingTrainer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -55,6 +56,7 @@ from rollwire.weightsync.layout import (
     tensor_bytes,
 )
 from rollwire.weightsync.memcopy import copy_pool, copy_threads
+from rollwire.weightsync.trainer_link import TrainerLink
 
 
 def tensor_buffer(t: torch.Tensor) -> memoryview:
@@ -100,6 +102,8 @@ def decode_tensor(ref: TensorRef, payload: Sequence[Buffer]) -> torch.Tensor:
 # -- trainer half -------------------------------------------------------------------------------
 _PACK_LANE = ThreadPoolExecutor(1, thread_name_prefix="rw-inline-pack")  # one bucket at a time, in order
 
+
+MAX_PULLS_PER_PEER = 64  # pull requests one connection may have waiting for credits (trainer side)
 
 class BucketServer:
     """The buckets of one inline push, each packed on its first pull (or ahead of it) into a reused
@@ -155,6 +159,38 @@ class BucketServer:
 
 
 class InlineSender(Sender):
+    """The trainer half: buckets are served to each receiver's pulls (on the trainer's ROUTER),
+    packed on first pull into a reused buffer, ``window`` ahead, each with its checksum."""
+
+    def __init__(self) -> None:
+        self._waiting: Counter[bytes] = Counter()  # pulls waiting for credits, per connection
+
+    async def serve_pull(self, push: Any, peer: bytes, rid: int, msg: PullBucket, link: TrainerLink,
+                         workers: Executor, window: int) -> None:
+        """Answer ``peer``'s pull of one bucket of ``push`` (the version announced now, or None)
+        once it has a credit: the bucket's bytes, zero-copy, and its checksum. A connection may have
+        at most MAX_PULLS_PER_PEER pulls waiting (more are refused ``overloaded``)."""
+        if self._waiting[peer] >= MAX_PULLS_PER_PEER:
+            link.counters["pulls_refused"] += 1
+            await link.refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls outstanding "
+                                                              "on this connection")
+            return
+        if push is None or push.version != msg.version or not 0 <= msg.index < len(push.plans):
+            await link.refuse(peer, rid, ErrorCode.BAD_VERSION, f"bucket {msg.index} of version {msg.version} "
+                                                               "is not being pushed")
+            return
+        self._waiting[peer] += 1
+        try:
+            async with push.credits(peer, window):
+                buf, digest = await push.bucket_bytes(msg.index, workers, ahead=window)
+                data = BucketData(version=msg.version, index=msg.index, checksum=digest)
+                if await link.reply(peer, rid, data, [buf]):
+                    push.bytes_sent += memoryview(buf).nbytes
+        finally:
+            self._waiting[peer] -= 1
+            if self._waiting[peer] <= 0:
+                del self._waiting[peer]
+
     async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
         return [INBAND] * len(push.plans), InlinePayload()  # each checksum comes with its BucketData
 

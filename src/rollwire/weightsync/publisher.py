@@ -46,11 +46,10 @@ import msgspec
 import torch
 import zmq
 
-from rollwire.messages.errors import ErrorCode, ErrorReply
+from rollwire.messages.errors import ErrorCode
 from rollwire.messages.weights import (
     Beacon,
     BeaconSeen,
-    BucketData,
     Leaving,
     PullBucket,
     Register,
@@ -87,7 +86,6 @@ __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 log = get_logger("rollwire.trainer")
 FAST_BEACON_S = 0.05  # while a registered receiver has not joined yet
 REREGISTER_RETRY_S = 1.0  # told to a Register refused because its id is held by a live connection
-MAX_PULLS_PER_PEER = 64  # pull requests one connection may have waiting for credits
 MAX_RECEIVER_ID = 512  # characters: ids are kept, logged and reported (a server's default: host:pid)
 
 
@@ -144,7 +142,7 @@ class TrainerPublisher:
             self._senders["cuda_ipc"] = cuda_ipc.CudaIpcSender()
         if shm.available():
             self._senders["shm"] = shm.ShmSender()
-        self._senders["inline"] = InlineSender()
+        self._inline = self._senders["inline"] = InlineSender()
         if broadcast.available("gloo"):
             self._senders["gloo"] = broadcast.GlooSender(self._broadcast_host, timeout_s)
         if broadcast.available("nccl"):  # only when asked for; not run across two GPUs yet (issue 8)
@@ -165,7 +163,6 @@ class TrainerPublisher:
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="rw-trainer")
         self._closed = False
         self._dead: str | None = None  # why a background task died: every push and step fails with it
-        self._pulls_waiting: Counter[bytes] = Counter()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> TrainerPublisher:
@@ -403,18 +400,7 @@ class TrainerPublisher:
             self.counters["pulls_refused"] += 1
             await self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, "pull from a key no receiver registered")
             return
-        if self._pulls_waiting[peer] >= MAX_PULLS_PER_PEER:
-            self.counters["pulls_refused"] += 1
-            await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"more than {MAX_PULLS_PER_PEER} pulls "
-                                                                "outstanding on this connection")
-            return
-        self._pulls_waiting[peer] += 1
-        try:
-            await self._serve_pull(peer, rid, msg)
-        finally:
-            self._pulls_waiting[peer] -= 1
-            if self._pulls_waiting[peer] <= 0:
-                del self._pulls_waiting[peer]
+        await self._inline.serve_pull(self._push, peer, rid, msg, self._peers, self._workers, self.credit_window)
 
     @handles(VersionOutcome)
     def _on_outcome(self, peer: bytes, key: str, rid: int, msg: VersionOutcome) -> None:
@@ -487,18 +473,6 @@ class TrainerPublisher:
             self.counters["beacon_acks_dropped"] += 1
             return
         self.roster.beacon_seen(peer, msg.receiver_id)
-
-    async def _serve_pull(self, peer: bytes, rid: int, msg: PullBucket) -> None:
-        push = self._push
-        if push is None or push.version != msg.version or not 0 <= msg.index < len(push.plans):
-            why = f"bucket {msg.index} of version {msg.version} is not being pushed"
-            await self._peers.reply(peer, rid, ErrorReply(code=ErrorCode.BAD_VERSION, message=why, origin="trainer"))
-            return
-        async with push.credits(peer, self.credit_window):
-            buf, digest = await push.bucket_bytes(msg.index, self._workers, ahead=self.credit_window)
-            data = BucketData(version=msg.version, index=msg.index, checksum=digest)
-            if await self._peers.reply(peer, rid, data, [buf]):
-                push.bytes_sent += memoryview(buf).nbytes
 
     async def _beacon_loop(self) -> None:
         assert self._pub is not None
