@@ -98,35 +98,44 @@ class Session:
                 raise
 
     async def open(self) -> SessionOpened:
+        """Open the session on the server, within the session's ``timeout`` in all (the retry on
+        a restarted server's new session port included)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.001, deadline - loop.time())
+
         self._rpc = await self._client._sessions()
         try:
-            opened = await self._open_once()
+            opened = await self._open_once(left())
         except RollwireError as e:
             if e.code not in (ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN):
                 raise  # (shutting_down: the link was retired for a new session port meanwhile)
             # the session port did not answer: a server restarted at the same rollout endpoint
             # listens on a fresh one. Ask again, and open there if it moved
             try:
-                fresh = await self._client._sessions(refresh=True)
-            except RollwireError:
+                async with asyncio.timeout_at(deadline):
+                    fresh = await self._client._sessions(refresh=True)
+            except (RollwireError, TimeoutError):
                 raise e from None
             if fresh is self._rpc:  # the same port: the server is gone
                 raise
             self._rpc = fresh
-            opened = await self._open_once()
+            opened = await self._open_once(left())
         self.id = opened.session_id
         return opened
 
-    async def _open_once(self) -> SessionOpened:
-        """One OpenSession. If this call stops waiting (its timeout, or the caller cancelled) the
+    async def _open_once(self, timeout: float | None) -> SessionOpened:
+        """One OpenSession. If this call stops waiting (``timeout``, or the caller cancelled) the
         request is still answered in the background, and a session the server opened anyway is
         closed there rather than left to hold a slot until its ttl."""
         assert self._rpc is not None
         rpc = self._rpc
-        late = None if self.timeout is None else self.timeout + ABORT_GRACE_S  # how long a late reply may come
+        late = None if timeout is None else timeout + ABORT_GRACE_S  # how long a late reply may come
         attempt = asyncio.ensure_future(rpc.call(self._open, timeout=late))
         try:
-            reply = await asyncio.wait_for(asyncio.shield(attempt), self.timeout)
+            reply = await asyncio.wait_for(asyncio.shield(attempt), timeout)
         except BaseException as e:  # (a reply landing with the deadline is dropped by wait_for: closed too)
             self._client._background.spawn(_close_when_opened(attempt, rpc))
             if isinstance(e, TimeoutError):
