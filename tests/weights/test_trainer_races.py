@@ -142,3 +142,42 @@ async def test_at_max_receivers_a_new_registration_takes_the_place_of_one_silent
                 sock.close(linger=0)
         assert all(isinstance(r, ErrorReply) and r.code == ErrorCode.OVERLOADED for r in replies[:-1]), replies
         assert len(tp.receivers) == 2 and "c" in tp.receivers
+
+
+async def test_a_receiver_forgotten_to_make_room_is_told_at_its_next_beacon_and_registers_again() -> None:
+    system = ActorSystem()
+    endpoint = free_tcp_endpoint()
+    try:
+        async with TrainerPublisher(endpoint, timeout_s=60, max_receivers=1, lost_after_s=0.3,
+                                    heartbeat_s=0.1) as tp:
+            rig = await make_rig(system, endpoint=endpoint, receiver_id="r1")
+            await asyncio.wait_for(tp.publish_step(1, "train_end"), 60)  # r1 joined
+            receiver = rig.receiver
+            send = receiver._send
+
+            async def silent(msg: object) -> None:  # fault injection: r1 stops acknowledging beacons
+                if not isinstance(msg, BeaconSeen):
+                    await send(msg)
+
+            receiver._send = silent  # type: ignore[method-assign]
+            async with asyncio.timeout(20):
+                while tp.receivers["r1"].joined:
+                    await asyncio.sleep(0.02)
+                sock = dealer(tp.endpoint)  # a new id at the cap: takes the silent one's place
+                try:
+                    while not isinstance(await call(sock, Register(
+                            receiver_id="someone", host_id="h", transports=["inline"], live_version=0,
+                            checksums=[CHECKSUM_NAME]), TrainerReply, 1), Welcome):
+                        await asyncio.sleep(0.05)
+                finally:
+                    sock.close(linger=0)
+            assert sorted(tp.receivers) == ["someone"]
+            receiver._send = send  # type: ignore[method-assign]
+            async with asyncio.timeout(30):  # told at its next acknowledgement, it registers and joins again
+                while "r1" not in tp.receivers or not tp.receivers["r1"].joined:
+                    await asyncio.sleep(0.02)
+            assert receiver.counters.get("forgotten_by_trainer") >= 1
+            report = await asyncio.wait_for(tp.push_weights(1, TENSORS), 60)
+            assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [1], report
+    finally:
+        await system.stop()

@@ -47,7 +47,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from rollwire.messages import ControlReply, ErrorCode, ProtocolError, RemoteError, RollwireError, VersionApplied
+from rollwire.messages import (
+    ControlReply,
+    ErrorCode,
+    ErrorReply,
+    ProtocolError,
+    RemoteError,
+    RollwireError,
+    VersionApplied,
+)
 from rollwire.messages.weights import (
     PAYLOAD_TYPES,
     Beacon,
@@ -150,12 +158,27 @@ class WeightReceiverActor(Actor):
         self._broadcast = broadcast
         self._stopping = False
         self._said_goodbye = False  # Leaving sent: the trainer forgot us, send nothing more
+        self._forgotten = False  # the trainer said it does not count us: register again
         self.curve = curve
         self.register_timeout_s = register_timeout_s  # first wait for a Welcome, and first pause after a refusal
         self.trainer_silence_s = trainer_silence_s  # the PUB silent this long: the trainer (or its Welcome) was wrong
 
     def _control_link(self) -> RpcClient[Any]:
-        return RpcClient(self.trainer_endpoint, TrainerReply, curve=self.curve, max_frame_bytes=CONTROL_MAX_FRAME)
+        link: RpcClient[Any] = RpcClient(self.trainer_endpoint, TrainerReply, curve=self.curve,
+                                         max_frame_bytes=CONTROL_MAX_FRAME)
+        link.unsolicited = self._trainer_notice
+        return link
+
+    def _trainer_notice(self, msg: Any) -> None:
+        """The trainer answered a beacon acknowledgement: it no longer counts us (forgotten to make
+        room, or our id taken over while we were silent). Register again at the next beacon."""
+        if isinstance(msg, ErrorReply) and msg.code == ErrorCode.UNAUTHORIZED:
+            if not self._forgotten:
+                self.log.warning("trainer_forgot_us", reason=msg.message[:300])
+            self._forgotten = True
+            self.counters.inc("forgotten_by_trainer")
+        else:
+            self.counters.inc("bad_replies")
 
     async def on_start(self) -> None:
         self._trainer = self._control_link()
@@ -271,6 +294,9 @@ class WeightReceiverActor(Actor):
             case Beacon():
                 if msg.trainer_id != self.trainer_id:
                     self.log.info("trainer_changed", old=self.trainer_id, new=msg.trainer_id)
+                    await self._register()
+                elif self._forgotten:
+                    self._forgotten = False
                     await self._register()
                 if msg.trainer_id == self.trainer_id:
                     await self._send(BeaconSeen(receiver_id=self.receiver_id, trainer_id=self.trainer_id,

@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -118,6 +118,8 @@ class RpcClient(Generic[R]):
         self._zero_copy = copy_threshold is not None
         self.dropped_replies = 0
         self.bad_replies = 0
+        # rid 0 messages that are not heartbeats (a peer's notice about no request of ours) go here
+        self.unsolicited: Callable[[Any], None] | None = None
 
     @property
     def identity(self) -> bytes:
@@ -295,7 +297,9 @@ class RpcClient(Generic[R]):
     def _deliver(self, rid: int, msg: Any, payload: Sequence[Buffer]) -> None:
         waiter = self._waiters.get(rid)
         if waiter is None:
-            if rid != 0 or type(msg) is not Heartbeat:
+            if rid == 0 and self.unsolicited is not None and type(msg) is not Heartbeat:
+                self.unsolicited(msg)
+            elif rid != 0 or type(msg) is not Heartbeat:
                 self.dropped_replies += 1
             return
         reply = Reply(msg, payload)

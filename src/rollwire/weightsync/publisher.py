@@ -38,7 +38,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, get_args
 
@@ -114,9 +114,11 @@ class TrainerPublisher:
         """``keys``: this trainer's CURVE key pair; ``receiver_keys``: the public keys (z85) of the
         servers allowed to receive from it. Both or neither (see the module docstring).
         ``max_receivers``: registered receiver ids kept at most; beyond it a new one takes the place
-        of the longest-silent registration that is not joined (silent for ``lost_after_s``), or is
-        refused ``overloaded`` if all are live (a stranger's flood of Registers must not grow the
-        roster without bound, nor lock servers out)."""
+        of the longest-silent registration that is not joined (silent for ``lost_after_s``; that
+        receiver is told so at its next beacon acknowledgement and registers again), or is refused
+        ``overloaded`` if all are live. Dead servers do not fill the roster for good, and a
+        stranger's flood does not grow it without bound; without CURVE a stranger can still hold
+        its slots (register and acknowledge beacons): only keys keep strangers out."""
         if bucket_bytes <= 0 or credit_window <= 0:
             raise ValueError("bucket_bytes and credit_window must be positive")
         allowed = frozenset(receiver_keys)
@@ -425,11 +427,6 @@ class TrainerPublisher:
             await self._peers.refuse(peer, rid, ErrorCode.BAD_FIELD, f"receiver_id: 1 to {MAX_RECEIVER_ID} characters")
             return
         old = self.receivers.get(msg.receiver_id)
-        if old is None and not self.roster.make_room(self.max_receivers):
-            self.counters["registrations_refused"] += 1
-            await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"{len(self.receivers)} receivers are "
-                                     f"registered and live (max_receivers)", retry_after_s=REREGISTER_RETRY_S)
-            return
         welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint, checksum=checksum.NAME)
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
             await self._peers.reply(peer, rid, welcome)
@@ -441,6 +438,11 @@ class TrainerPublisher:
             log.warning("register_refused", receiver_id=msg.receiver_id[:100], reason=refused)
             await self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, refused,
                                retry_after_s=0.0 if self._curve is not None else REREGISTER_RETRY_S)
+            return
+        if old is None and not self.roster.make_room(self.max_receivers):  # after the checks: a refused one evicts none
+            self.counters["registrations_refused"] += 1
+            await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"{len(self.receivers)} receivers are "
+                                     f"registered and live (max_receivers)", retry_after_s=REREGISTER_RETRY_S)
             return
         if old is not None:  # the receiver restarted: whatever it was staging or acting on is gone
             self._count_out(msg.receiver_id, "receiver re-registered (restarted) while it was waited for")
@@ -468,11 +470,16 @@ class TrainerPublisher:
         self._steps.fail(why, receiver_id)
 
     @handles(BeaconSeen)
-    def _on_beacon_seen(self, peer: bytes, key: str, rid: int, msg: BeaconSeen) -> None:
+    def _on_beacon_seen(self, peer: bytes, key: str, rid: int, msg: BeaconSeen) -> Coroutine[Any, Any, None] | None:
         if msg.trainer_id != self.trainer_id:  # not our beacon (a previous trainer's, or made up)
             self.counters["beacon_acks_dropped"] += 1
-            return
-        self.roster.beacon_seen(peer, msg.receiver_id)
+            return None
+        if self.roster.beacon_seen(peer, msg.receiver_id):
+            return None
+        # forgotten (room made for another, or the id taken over while it was silent), or never
+        # ours: say so, and a real receiver registers again (the link runs it as a task)
+        return self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, f"receiver id {msg.receiver_id[:100]!r} is "
+                                  "not registered on this connection: register again")
 
     async def _beacon_loop(self) -> None:
         assert self._pub is not None

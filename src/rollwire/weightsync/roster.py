@@ -78,19 +78,23 @@ class ReceiverRoster:
         if r is not None and r.peer == peer:
             return True
         self.counters[f"{what}_dropped"] += 1
-        log.warning("message_not_from_registered_receiver", kind=what, receiver_id=receiver_id[:100])
+        # the first of each kind is a warning; a flood of forged ones must not flood the log too
+        (log.debug if self.counters[f"{what}_dropped"] > 1 else log.warning)(
+            "message_not_from_registered_receiver", kind=what, receiver_id=receiver_id[:100])
         return False
 
-    def beacon_seen(self, peer: bytes, receiver_id: str) -> None:
+    def beacon_seen(self, peer: bytes, receiver_id: str) -> bool:
+        """False if ``peer`` does not speak for ``receiver_id`` (counted, dropped)."""
         r = self.receivers.get(receiver_id)
         if r is None or r.peer != peer:  # a stale connection, or one that does not speak for the id
             self.counters["beacon_acks_dropped"] += 1
-            return
+            return False
         r.last_seen = time.monotonic()
         if not r.joined:
             r.joined = True
             log.info("receiver_joined", receiver_id=r.receiver_id)
             self.changed.set()
+        return True
 
     def leave(self, peer: bytes, receiver_id: str) -> bool:
         """The receiver said it is stopping: forgotten now (its id is free for its successor).
