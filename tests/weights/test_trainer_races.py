@@ -31,6 +31,8 @@ async def test_close_ends_a_push_and_a_step_waiting_for_receivers_to_join_at_onc
     for waiting in (push, step):
         with pytest.raises(PushError, match="trainer closed"):
             await asyncio.wait_for(waiting, 10)  # hang guard: they used to wait out timeout_s
+    with pytest.raises(PushError, match="trainer closed"):  # and a call after close says so too
+        await tp.publish_step(2, "train_start")
 
 
 async def test_two_step_calls_for_the_same_step_are_both_answered_by_one_acknowledgement() -> None:

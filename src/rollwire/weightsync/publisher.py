@@ -218,6 +218,11 @@ class TrainerPublisher:
         self._steps.fail(f"trainer broken: {self._dead}")
         self.roster.changed.set()  # a push waiting for receivers to join fails now
 
+    def _check_started(self) -> None:
+        if self._pub is None:
+            raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        self._check_alive()  # closed (PushError, as for a call that was waiting when it closed)
+
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise PushError("trainer", {"*": f"trainer broken: {self._dead}"})
@@ -257,8 +262,7 @@ class TrainerPublisher:
         ``wait``, return once each server acted on it (colocated ``train_start``: memory released),
         or failed: a failure raises ``PushError``, unless ``require_all`` is off and some acted; a
         receiver lost meanwhile (no beacon acknowledged) fails at once. Returns those that acted."""
-        if self._closed or self._pub is None:
-            raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        self._check_started()
         _check_number("step", step)
         if phase not in get_args(StepPhase):
             raise ValueError(f"phase {phase!r} is not one of {get_args(StepPhase)}")
@@ -291,8 +295,7 @@ class TrainerPublisher:
         acknowledges a beacon again. ``barrier`` (strictly on-policy): every server loads the version
         and stays paused until all have answered; then one ``barrier_release`` resumes them together
         (sent whatever the outcome; a server never released resumes at its own barrier timeout)."""
-        if self._closed or self._pub is None:
-            raise RuntimeError("TrainerPublisher is not started (use 'async with')")
+        self._check_started()
         _check_number("version", version)
         if step is not None:
             _check_number("step", step)
