@@ -84,11 +84,11 @@ class ReceiverRoster:
         return False
 
     def beacon_seen(self, peer: bytes, receiver_id: str) -> bool:
-        """False if ``peer`` does not speak for ``receiver_id`` (counted, dropped)."""
-        r = self.receivers.get(receiver_id)
-        if r is None or r.peer != peer:  # a stale connection, or one that does not speak for the id
-            self.counters["beacon_acks_dropped"] += 1
+        """False if ``peer`` does not speak for ``receiver_id`` (a stale connection, or a stranger:
+        counted, dropped)."""
+        if not self.speaks_for(peer, receiver_id, "beacon_acks"):
             return False
+        r = self.receivers[receiver_id]
         r.last_seen = time.monotonic()
         if not r.joined:
             r.joined = True
