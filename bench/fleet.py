@@ -205,12 +205,15 @@ if __name__ == "__main__":
                     help="new tokens per request: spread around 64 (mixed) or all 64 (fixed); bench/workload.py")
     ap.add_argument("--liveness", type=float, default=2.0)
     ap.add_argument("--pushes", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch threads per server (default: a quarter of the cores, so 4 servers fill them)")
     ap.add_argument("--out", default="bench/out/fleet.json")
     ap.add_argument("--parts", nargs="+", default=["aggregate", "failover", "fanout"],
                     choices=["aggregate", "failover", "fanout"])
     a = ap.parse_args()
     if a.quick:
         a.repeats, a.seconds, a.pushes = 1, 3.0, 3
+    THREADS = a.threads
     res = asyncio.run(main(a))
     res["machine"] = {"cpus": os.cpu_count(), "torch_threads_per_server": THREADS, "platform": platform.platform(),
                       "load_average": os.getloadavg(), "args": vars(a)}
