@@ -8,7 +8,6 @@ its sender or a counted drop (``counters``), and a handler that raises answers i
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,13 +95,17 @@ class TrainerLink:
             self._failed(peer, rid, msg, e)
             return
         if result is not None:
-            self._running.spawn(result).add_done_callback(lambda t: self._done(peer, rid, msg, t))
+            self._running.spawn(self._answering(peer, rid, msg, result))
 
-    def _done(self, peer: bytes, rid: int, msg: Any, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._failed(peer, rid, msg, task.exception())
+    async def _answering(self, peer: bytes, rid: int, msg: Any, handling: Any) -> None:
+        """Run a handler's coroutine; its failure is answered here (logged once, not again as a
+        failed background task)."""
+        try:
+            await handling
+        except Exception as e:
+            self._failed(peer, rid, msg, e)
 
-    def _failed(self, peer: bytes, rid: int, msg: Any, e: BaseException | None) -> None:
+    def _failed(self, peer: bytes, rid: int, msg: Any, e: BaseException) -> None:
         self.counters["handler_errors"] += 1
         log.error("trainer_message_failed", kind=type(msg).__name__, error=repr(e)[:300], exc_info=e)
         self._running.spawn(self.refuse(peer, rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}"))
