@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from rollwire import RolloutClient, SamplingParams
 from rollwire.messages import ErrorCode, ErrorReply
-from rollwire.messages.weights import PullBucket, Register, StepMessage, TrainerReply, VersionOutcome
+from rollwire.messages.weights import Leaving, PullBucket, Register, StepMessage, TrainerReply, VersionOutcome
 from rollwire.runtime import ActorSystem
 from rollwire.transports.security import RECEIVERS_DOMAIN, CurveClient, CurveServer, KeyPair, create_keys
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
@@ -333,6 +333,42 @@ async def test_another_allowed_server_cannot_take_a_receiver_id_pull_or_forge_it
         assert report.receivers == ["r1"] and sorted(rig.sink.applied) == [1]
     finally:
         other.close(linger=0)
+
+
+async def test_an_id_stays_its_keys_after_it_leaves_and_what_is_kept_of_left_ids_is_bounded(
+        keys: dict[str, tuple[Path, Path]]) -> None:
+    """Under CURVE "other" registers ten made-up ids and leaves each (max_receivers=2): at each
+    registration the trainer keeps the owner of at most 2 ids no longer registered, the newest;
+    "server" may not take the newest (UNAUTHORIZED), but may take the oldest, whose owner was let go."""
+    async with TrainerPublisher(free_tcp_endpoint(), timeout_s=60, max_receivers=2, keys=pair(keys, "trainer"),
+                                receiver_keys={pair(keys, "server").public, pair(keys, "other").public}) as tp:
+        socks = {}
+        for name in ("other", "server"):
+            socks[name] = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            socks[name].setsockopt(zmq.LINGER, 0)
+            CurveClient(pair(keys, name), pair(keys, "trainer").public).apply(socks[name])
+            socks[name].connect(tp.endpoint)
+        try:
+            def register(rid: str) -> Register:
+                return Register(receiver_id=rid, host_id="h", transports=["inline"], live_version=0,
+                                checksums=[CHECKSUM_NAME])
+            codec = tp._peers.codec
+            for i in range(10):
+                welcome = await call(socks["other"], register(f"x{i}"), TrainerReply, i + 1)
+                assert not isinstance(welcome, ErrorReply), welcome
+                await socks["other"].send_multipart(codec.encode(0, Leaving(receiver_id=f"x{i}")))
+                await until(lambda i=i: f"x{i}" not in tp.receivers, "the trainer forgets the id that left")
+            # pruned as each registers: x9 was registered at its own, so 2 left ones besides it
+            assert list(tp.roster.owners) == ["x7", "x8", "x9"]
+            newest = await call(socks["server"], register("x9"), TrainerReply, 100)
+            assert isinstance(newest, ErrorReply) and newest.code == ErrorCode.UNAUTHORIZED, newest
+            oldest = await call(socks["server"], register("x0"), TrainerReply, 101)
+            assert not isinstance(oldest, ErrorReply), oldest
+            assert tp.receivers["x0"].key == pair(keys, "server").public.decode()
+            assert list(tp.roster.owners) == ["x8", "x9", "x0"]
+        finally:
+            for sock in socks.values():
+                sock.close(linger=0)
 
 
 async def test_a_bucket_above_the_control_frame_limit_crosses_curve_to_a_receiver_process(

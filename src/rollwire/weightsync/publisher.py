@@ -451,8 +451,8 @@ class TrainerPublisher:
             self._count_out(msg.receiver_id, "receiver re-registered (restarted) while it was waited for")
             for sender in self._senders.values():
                 sender.forget(msg.receiver_id)
-        self.receivers[msg.receiver_id] = Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports),
-                                                    msg.live_version, list(msg.cuda_devices), key=key)
+        self.roster.add(Registered(msg.receiver_id, peer, msg.host_id, list(msg.transports), msg.live_version,
+                                   list(msg.cuda_devices), key=key), self.max_receivers)
         log.info("receiver_registered", receiver_id=msg.receiver_id, live_version=msg.live_version,
                  transports=msg.transports)
         self._wake_beacon.set()

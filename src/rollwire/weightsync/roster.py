@@ -3,7 +3,8 @@ and which are joined (counted, and so waited for, by pushes and step messages).
 
 Trust (issue 14). Under CURVE only the servers whose keys the trainer lists complete a handshake,
 and a receiver id belongs to the key that first registered it: another key claiming it is refused
-(UNAUTHORIZED) for the trainer's lifetime; the same key registering again is that server restarted.
+(UNAUTHORIZED), also after it left (for the newest ``max_receivers`` ids no longer registered); the
+same key registering again is that server restarted.
 Without keys, a Register for a known id from a new connection is a restart only if the old
 connection is gone (a send to it fails) or lost (no beacon acknowledged for ``lost_after_s``);
 while the old one is alive it is refused (UNAUTHORIZED, retry_after_s), so a squatter cannot take a
@@ -34,7 +35,8 @@ log = get_logger("rollwire.trainer")
 class ReceiverRoster:
     def __init__(self, *, curve: bool, lost_after_s: float, counters: Counter[str]) -> None:
         self.receivers: dict[str, Registered] = {}
-        self.owners: dict[str, str] = {}  # CURVE: receiver id -> the key that registered it first (kept)
+        # CURVE: receiver id -> the key that registered it (kept after it leaves, see ``add``)
+        self.owners: dict[str, str] = {}
         self.curve, self.lost_after_s, self.counters = curve, lost_after_s, counters
         self.changed = asyncio.Event()  # a receiver joined (or the trainer broke: waiters look again)
 
@@ -52,9 +54,24 @@ class ReceiverRoster:
 
     def key_refused(self, receiver_id: str, key: str) -> str | None:
         """CURVE: why ``key`` may not register ``receiver_id`` (another key did first), or None."""
-        if self.curve and self.owners.setdefault(receiver_id, key) != key:
+        if self.curve and self.owners.get(receiver_id, key) != key:
             return f"receiver id {receiver_id!r} belongs to another server's key"
         return None
+
+    def add(self, registered: Registered, at_most: int) -> None:
+        """An accepted registration. Under CURVE its key owns the id from now on, also after it
+        leaves or is forgotten, for up to ``at_most`` such ids beyond the registered ones (the
+        longest unregistered go first: a listed key churning made-up ids cannot grow this without
+        bound)."""
+        rid = registered.receiver_id
+        self.receivers[rid] = registered
+        if not self.curve:
+            return
+        self.owners.pop(rid, None)
+        self.owners[rid] = registered.key  # insertion order: the most recently registered last
+        excess = len(self.owners) - len(self.receivers) - at_most
+        for old in [r for r in self.owners if r not in self.receivers][:max(0, excess)]:
+            del self.owners[old]
 
     def make_room(self, at_most: int) -> bool:
         """Below ``at_most`` registrations, forgetting the longest-silent one that is not joined and
