@@ -39,6 +39,7 @@ from rollwire.messages import (
     SessionOpened,
     VersionSpan,
 )
+from rollwire.runtime.deadlines import deadline_in, time_left
 from rollwire.transports.rpc import RequestTimeout, RpcClient, unwrap
 
 if TYPE_CHECKING:
@@ -100,15 +101,10 @@ class Session:
     async def open(self) -> SessionOpened:
         """Open the session on the server, within the session's ``timeout`` in all (the retry on
         a restarted server's new session port included)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if self.timeout is None else loop.time() + self.timeout
-
-        def left() -> float | None:
-            return None if deadline is None else max(0.001, deadline - loop.time())
-
+        deadline = deadline_in(self.timeout)
         self._rpc = await self._client._sessions()
         try:
-            opened = await self._open_once(left())
+            opened = await self._open_once(time_left(deadline))
         except RollwireError as e:
             if e.code not in (ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN):
                 raise  # (shutting_down: the link was retired for a new session port meanwhile)
@@ -122,7 +118,7 @@ class Session:
             if fresh is self._rpc:  # the same port: the server is gone
                 raise
             self._rpc = fresh
-            opened = await self._open_once(left())
+            opened = await self._open_once(time_left(deadline))
         self.id = opened.session_id
         return opened
 
@@ -211,7 +207,7 @@ class Session:
         rid = rpc.next_rid()
         queue = rpc.open_stream(rid)
         timeout = timeout if timeout is not None else self.timeout
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        deadline = deadline_in(timeout)
         timed_out = False
         abort_deadline = 0.0
         try:
@@ -221,8 +217,7 @@ class Session:
                     item = await self._after_abort(queue, abort_deadline)
                 else:
                     try:
-                        left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
-                        async with asyncio.timeout(left):
+                        async with asyncio.timeout(time_left(deadline, at_least=0.0)):
                             item = await queue.get()
                     except TimeoutError:
                         timed_out = True

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rollwire.clients.session import Session
 from rollwire.fleet.routing import SERVER_GONE, ServerView
 from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams
+from rollwire.runtime.deadlines import deadline_in, time_left
 from rollwire.runtime.logging import get_logger
 from rollwire.runtime.tasks import BackgroundTasks
 from rollwire.transports.rpc import RequestTimeout
@@ -71,11 +72,7 @@ class FleetSession:
         timeout = kw.pop("timeout", None)
         if timeout is None:
             timeout = self._kw.get("timeout")
-        return None if timeout is None else asyncio.get_running_loop().time() + timeout
-
-    @staticmethod
-    def _left(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.001, deadline - asyncio.get_running_loop().time())
+        return deadline_in(timeout)
 
     async def generate(self, input_ids: Sequence[int] = (), sampling_params: SamplingParams | None = None,
                        **kw: Any) -> GenerateDone:
@@ -84,7 +81,7 @@ class FleetSession:
         deadline = self._deadline(kw)
 
         def attempt(s: Session) -> Any:
-            return s.generate(input_ids, sampling_params, timeout=self._left(deadline), **kw)
+            return s.generate(input_ids, sampling_params, timeout=time_left(deadline), **kw)
 
         return await self._moving(attempt, deadline)  # type: ignore[no-any-return]
 
@@ -103,7 +100,7 @@ class FleetSession:
         while True:
             streamed = False
             try:
-                turn = self._session.stream(input_ids, sampling_params, timeout=self._left(deadline), **kw)
+                turn = self._session.stream(input_ids, sampling_params, timeout=time_left(deadline), **kw)
                 async with contextlib.aclosing(turn):  # left early: the turn is aborted there too
                     async for item in turn:
                         streamed = True
