@@ -63,7 +63,7 @@ def trainer_proc(endpoint: str, model: str, commands: Any, results: Any) -> None
                         torch.cuda.synchronize()
                         rep = await tp.push_weights(version, weights[kind], transport=PUSH_TRANSPORT)
                         results.put(("pushed", rep.version, rep.transport, rep.receivers, rep.seconds, rep.bytes,
-                                     rep.prepare_s))
+                                     rep.prepare_s, rep.wait_s))
                     else:
                         _, step, phase = cmd
                         t0 = time.perf_counter()
@@ -142,14 +142,17 @@ async def main(a: argparse.Namespace) -> int:
                       r2[0] == "pushed" and back == baseline, same=sum(x == y for x, y in zip(back, baseline,
                                                                                              strict=True)))
             # 3a. push_weights() -> applied, server serving (pause, load, resume), nothing in flight
-            timed, prepared, first_timed = [], [], version + 1
+            timed, prepared, waited, first_timed = [], [], [], version + 1
             for _ in range(a.repeats):
                 r, _ = await push("original")
                 timed.append(r[4] if r[0] == "pushed" else float("nan"))
                 prepared.append(r[6] if r[0] == "pushed" else float("nan"))
+                waited.append(r[7] if r[0] == "pushed" else float("nan"))
             rep.figure("rollwire_push_s", {"runs_s": [round(x, 4) for x in timed],
                                            "median_s": round(statistics.median(timed), 4), "bytes": model_bytes,
-                                           "trainer_prepare_median_s": round(statistics.median(prepared), 4)})
+                                           "trainer_prepare_median_s": round(statistics.median(prepared), 4),
+                                           # the announcement to the last outcome, as the trainer saw it
+                                           "trainer_wait_median_s": round(statistics.median(waited), 4)})
             log.flush()
             rep.figure("server_split_median_s", server_split(log.name, range(first_timed, version + 1)))
             # 2. colocated cycles, the first ones under load

@@ -345,11 +345,13 @@ class TrainerPublisher:
             self._push = push
             answered = False  # the wait ended (not cancelled); with no failures the bytes may be reused
             failures: dict[str, str] = {}
+            t_announce = time.monotonic()
             try:
                 await self._publish(ready)
                 self._last_version = version  # announced: even a failed push uses it up (some may apply it)
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
+                wait_s = time.monotonic() - t_announce
                 answered = True
                 for rid, why in failures.items():
                     if why.startswith("timed out") and rid in self.receivers:
@@ -367,10 +369,10 @@ class TrainerPublisher:
                 raise PushError(f"version {version}", failures)
             applied = sorted(set(push.outcomes) - set(failures))
             report = PushReport(version, time.monotonic() - t0, push.total_bytes, applied, chosen, prepare_s,
-                                failed=failures, bytes_sent=push.bytes_sent)
+                                failed=failures, bytes_sent=push.bytes_sent, wait_s=wait_s)
             log.info("weights_pushed", version=version, transport=chosen, bytes=push.total_bytes,
                      seconds=round(report.seconds, 4), prepare_s=round(prepare_s, 4),
-                     before_prepare_s=round(t_prepare - t0, 4), receivers=len(receivers))
+                     before_prepare_s=round(t_prepare - t0, 4), wait_s=round(wait_s, 4), receivers=len(receivers))
             return report
 
     # -- push internals --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class PushReport:
     prepare_s: float = 0.0  # of ``seconds``: packing, checksums (gloo/nccl: the group's set-up), up to the announcement
     failed: dict[str, str] = field(default_factory=dict)  # receiver -> why (only with require_all=False)
     bytes_sent: int = 0  # bucket bytes this trainer sent over its sockets for the push (inline: per receiver)
+    wait_s: float = 0.0  # of ``seconds``: the announcement to the last receiver's outcome
 
 
 class PushError(Exception):
