@@ -214,7 +214,7 @@ async def test_a_step_failing_for_one_request_fails_only_that_request_and_its_ba
             assert c.last(100 + rid).output_ids == c.last(rid).output_ids
         st = await c.status(500)
         assert st.counters["engine.requests_failed_alone"] == 1
-        assert st.counters.get("restarts", 0) == 0 and st.counters["engine.dead"] == 0
+        assert st.counters.get("restarts", 0) == 0 and st.counters["engine_dead"] == 0
     finally:
         c.close()
         stop(proc)

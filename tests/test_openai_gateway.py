@@ -218,9 +218,11 @@ def test_metrics_export_the_gateways_and_the_servers_counters(gw: Stack, client:
                  "rollwire_server_pause_seconds", "rollwire_server_in_flight",
                  "rollwire_gateway_completion_tokens_total"):
         assert f"\n{name}" in text, name
-    for line in text.splitlines():  # every sample line is `name{labels} number`
-        if not line.startswith("#"):
-            float(line.rsplit(" ", 1)[1])
+    samples = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
+    for _, value in samples:  # every sample line is `name{labels} number`
+        float(value)
+    series = [key for key, _ in samples]  # each series once (the format forbids repeats; engine.dead beside
+    assert len(series) == len(set(series)), sorted(k for k in series if series.count(k) > 1)  # engine_dead was one)
 
 
 def _run_tool(call: Any) -> str:

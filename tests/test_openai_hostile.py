@@ -21,11 +21,13 @@ from tests.gateway_stack import Stack, stack, user
 
 KEY = "key-a"
 MAX_CLIENT_SESSIONS = 4
+MAX_CLIENT_IN_FLIGHT = 200  # samples the server lets the gateway run at once
 
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Stack]:
-    with stack(gateway_args=("--api-key", KEY), serve_args=("--max-client-sessions", str(MAX_CLIENT_SESSIONS))) as s:
+    with stack(gateway_args=("--api-key", KEY), serve_args=("--max-client-sessions", str(MAX_CLIENT_SESSIONS),
+                                                          "--max-client-in-flight", str(MAX_CLIENT_IN_FLIGHT))) as s:
         yield s
 
 
@@ -101,12 +103,12 @@ def test_huge_inputs_are_refused_at_once_and_the_streams_beside_them_go_on(gw: S
 
 
 def test_a_refused_batch_leaves_none_of_its_samples_running(gw: Stack, client: openai.OpenAI) -> None:
-    """40 prompts x n=64 is over the gateway's per-client cap on the server (2048 samples): the
-    request gets 429, and the samples admitted before the refusal are aborted (before, they ran to
-    their 4000 tokens, holding the gateway's whole share for minutes)."""
+    """4 prompts x n=64 (256 choices, the gateway's bound) is over the gateway's per-client cap on the
+    server (200 samples): the request gets 429, and the samples admitted before the refusal are
+    aborted (before, they ran to their 4000 tokens, holding the gateway's whole share for minutes)."""
     aborts = server_metric(gw, "rollwire_server_finish_abort")
     with pytest.raises(openai.RateLimitError) as err:
-        client.completions.create(model="tiny", prompt=[f"p{i}" for i in range(40)], n=64, max_tokens=4000,
+        client.completions.create(model="tiny", prompt=[f"p{i}" for i in range(4)], n=64, max_tokens=4000,
                                   extra_body={"ignore_eos": True})
     assert err.value.code == "client_limit"
     wait_for(lambda: server_metric(gw, "rollwire_server_in_flight") == 0, "the admitted samples aborted")
@@ -169,10 +171,47 @@ def test_session_ids_are_url_safe_and_header_and_body_agree(gw: Stack, headers: 
     ("/v1/chat/completions", chat_body(user("hi"), stream="yes"), "invalid_type"),
     ("/v1/chat/completions", chat_body(user("hi"), stream_options={"include_usage": True}), "invalid_value"),
     ("/v1/chat/completions", chat_body(user("hi"), stop=["x" * 2_000_000]), "invalid_value"),
+    # a JSON value of the wrong kind is refused, not coerced
+    ("/v1/chat/completions", chat_body(user("hi"), max_tokens="4"), "invalid_type"),
+    ("/v1/chat/completions", chat_body(user("hi"), max_tokens=True), "invalid_type"),
+    ("/v1/chat/completions", chat_body(user("hi"), logprobs="yes"), "invalid_type"),
+    ("/v1/chat/completions", chat_body(user("hi"), top_logprobs="0"), "invalid_type"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": [true, false]}', "invalid_type"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": [1.0, 2.0]}', "invalid_type"),
 ])
 def test_odd_text_deep_json_and_loose_types_get_400_not_500(gw: Stack, path: str, body: bytes, code: str) -> None:
     status, err = post(gw, path, body)
     assert (status, err["error"]["code"]) == (400, code), err
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (chat_body(user("hi"), stream="yes"), "stream"),
+    (chat_body(user("hi"), stream=True, stream_options={"include_usage": "x"}), "stream_options.include_usage"),
+    (chat_body(user("hi"), tools=[{"type": "function", "function": {"name": "f", "strict": "x"}}]),
+     "tools.0.function.strict"),
+])
+def test_a_400_names_the_field_even_where_its_name_starts_like_a_type(gw: Stack, body: bytes, param: str) -> None:
+    """(before: "stream" and "strict" were cut as if they named a branch of a union, like "str")"""
+    status, err = post(gw, "/v1/chat/completions", body)
+    assert (status, err["error"]["param"]) == (400, param), err
+    assert f"'{param}'" in err["error"]["message"]
+
+
+def test_a_completion_asking_for_200000_choices_is_refused_before_any_is_made(gw: Stack, client: openai.OpenAI) -> None:
+    """200,000 one-token prompts (a 1.4 MB body, under the size limit) would be 200,000 requests and
+    tasks built on the gateway's event loop (it stalled for a minute and grew by 2.6 GB, missed its
+    heartbeats, and the server dropped its sessions): refused at once, nothing reaches the server,
+    and the gateway answers the next request."""
+    served = server_metric(gw, "rollwire_server_requests")
+    body = json.dumps({"model": "tiny", "prompt": [[5]] * 200_000, "max_tokens": 1}).encode()
+    status, err = post(gw, "/v1/completions", body)
+    assert (status, err["error"]["code"], err["error"]["param"]) == (400, "invalid_value", "prompt"), err
+    assert "at most 256" in err["error"]["message"]
+    status, err = post(gw, "/v1/completions", json.dumps({"model": "tiny", "prompt": ["a"] * 5, "n": 64}).encode())
+    assert (status, err["error"]["param"]) == (400, "prompt"), err  # prompts x n counts
+    assert server_metric(gw, "rollwire_server_requests") == served  # none of those reached the server
+    r = client.completions.create(model="tiny", prompt=["a"] * 4, max_tokens=1, n=2)
+    assert len(r.choices) == 8  # within the bound: served
 
 
 def test_a_non_ascii_api_key_is_a_401(gw: Stack) -> None:

@@ -65,8 +65,12 @@ class GatewayMetrics:
             lab = _labels({"endpoint": ep})
             series["rollwire_live_weight_version"].append(f"rollwire_live_weight_version{lab} {st.weight_version}")
             series["rollwire_server_in_flight"].append(f"rollwire_server_in_flight{lab} {st.in_flight}")
+            named: dict[str, float] = {}
             for raw, value in sorted(st.counters.items()):
-                name = f"rollwire_server_{_name(raw)}"
+                # names that differ only in characters Prometheus does not take ("engine.x" beside
+                # "engine_x") would be one series twice, which the text format forbids: the first stays
+                named.setdefault(f"rollwire_server_{_name(raw)}", value)
+            for name, value in named.items():
                 series[name].append(f"{name}{lab} {value:g}")
         for name, rows in sorted(series.items()):
             lines.append(f"# TYPE {name} {'gauge' if name.endswith(('version', 'in_flight')) else 'untyped'}")

@@ -7,12 +7,14 @@ silently ignored): ``presence_penalty``/``frequency_penalty`` 0, ``logit_bias`` 
 sampled token's logprob only), ``echo`` false, ``best_of`` 1, ``suffix`` none. rollwire's own
 sampling fields come as extra body fields: ``top_k``, ``min_p``, ``ignore_eos`` (also: do not end
 at the end-of-turn token), ``stop_token_ids``, ``return_token_ids`` (token ids in the response),
-``session_id`` (as the ``X-Session-ID`` header).
+``session_id`` (as the ``X-Session-ID`` header). A completions request asks for at most
+``MAX_CHOICES`` choices (prompts x n).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -21,6 +23,9 @@ from rollwire.engines.validation import MAX_N, MAX_SEED
 from rollwire.gateway.errors import APIError, bad_request, unsupported
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+# choices one completions request may ask for (prompts x n): each is a request to a server and a
+# task here, made on the event loop, so a 1 MB body of 200,000 tiny prompts must not stall the gateway
+MAX_CHOICES = 256
 MAX_STOP_CHARS = 1024  # per stop sequence: they are tokenized on the event loop (a longer one stops nothing real)
 MAX_TOP_K = (1 << 31) - 1
 # a session id travels back in a header and in the trajectory routes' paths: URL-safe ASCII only
@@ -29,23 +34,25 @@ _TYPE_ERRORS = ("_type", "_parsing", "is_instance_of", "union_tag_invalid")  # p
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value of the wrong kind is a 400, never coerced ("4" or true is not 4; 1.0 or
+    # true is not a token id); a JSON integer still fills a float field
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     name: str
     arguments: str | dict[str, Any]
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -55,7 +62,7 @@ class Message(BaseModel):
     """One chat message. Fields OpenAI's own responses carry (refusal, annotations, audio...) are
     ignored, so an agent may send back the message object it received."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -64,7 +71,7 @@ class Message(BaseModel):
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -72,7 +79,7 @@ class FunctionDef(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["function"]
     function: FunctionDef
 
@@ -169,6 +176,9 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         self.check_neutral()
+        if (choices := self.n * self.prompt_count()) > MAX_CHOICES:
+            raise bad_request(f"prompt: {self.prompt_count()} prompts x n={self.n} ask for {choices} choices, "
+                              f"at most {MAX_CHOICES} per request", "prompt")
         if self.logprobs:
             raise unsupported("logprobs", "the engine reports only the sampled token's logprob: use logprobs=0")
         if self.echo:
@@ -177,6 +187,10 @@ class CompletionRequest(_Sampling):
             raise unsupported("best_of", "only best_of = n")
         if self.suffix:
             raise unsupported("suffix", "insertion is not supported")
+
+    def prompt_count(self) -> int:
+        p = self.prompt
+        return 1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -187,6 +201,16 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
+_FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "bytes", "dict", "list"})
+
+
+def _names_a_field(part: Any) -> bool:
+    """A part of a pydantic error location that the caller wrote (a field name or a list index),
+    not one naming a branch of a union ("str", "list[int]", "function-after[...]", "TextPart")."""
+    return isinstance(part, int) or (bool(_FIELD.match(part)) and part not in _TYPE_NAMES)
+
+
 def parse(model: type[_Sampling], body: Any) -> Any:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its parameter."""
     if not isinstance(body, dict):
@@ -195,7 +219,7 @@ def parse(model: type[_Sampling], body: Any) -> Any:
         req = model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "str", "list[", "int")))
+        param = ".".join(str(x) for x in err["loc"] if _names_a_field(x))
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                            code="unknown_parameter") from None

@@ -117,7 +117,7 @@ class HFEngine:
                 "running": sum(not s.done for s in sched.running), "waiting": len(sched.waiting),
                 "paused": sched.paused, "weights_released": self._weights.released,
                 "weights_undefined": self._weights.undefined,
-                "max_batch_size": self.max_batch_size, "dead": sched.dead is not None,
+                "max_batch_size": self.max_batch_size,
                 "requests_failed_alone": sched.isolated,
                 "rows_preempted": sched.preempted, "prefix_cache_bytes": self._prefixes.nbytes,
                 "prefix_sessions": len(self._prefixes), "prefix_hits": self._prefixes.hits,

@@ -228,7 +228,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
                 "weights_sent": self._weights_sent, "startup_s": round(self.startup_s, 2),
                 "loop_is_engine_loop": self.loop_is_engine_loop, "deterministic": self.deterministic,
                 "overlap_schedule": self._overlap, "sessions": len(self._session_keys),
-                "weight_groups": sorted(self._groups), "dead": self._dead is not None,
+                "weight_groups": sorted(self._groups),
                 **self._slots.info(),
             },
         )
