@@ -101,6 +101,31 @@ async def test_requests_on_a_killed_server_continue_elsewhere_and_the_restarted_
         assert again.output_ids == ref[0].output_ids  # type: ignore[union-attr]
 
 
+async def test_requests_on_a_server_stopped_by_sigterm_continue_elsewhere(
+        servers: tuple[list[str], list[subprocess.Popen[bytes]]]) -> None:
+    """A clean stop (SIGTERM, as the Ray launcher stops a server) cuts its requests with
+    shutting_down, so the fleet continues them elsewhere (before: they came back as Dones with
+    "abort" and a part of their tokens, and the fleet passed them on as results)."""
+    eps, procs = servers
+    prompts = [[5 + i, 9, 2] for i in range(6)]
+    async with RolloutFleet(eps, liveness_s=2.0, health_interval_s=0.5, health_timeout_s=10.0) as fleet:
+        await fleet.wait_ready(servers=3, timeout=180)
+        ref = await asyncio.gather(*(fleet.generate(p, GREEDY) for p in prompts))
+        victim = fleet.servers[1]
+        before = victim.tokens
+        running = [asyncio.ensure_future(fleet.generate(p, GREEDY)) for p in prompts]
+        await until(lambda: victim.in_flight >= 1 and victim.tokens - before >= 20 * victim.in_flight,
+                    "requests generating on the victim", timeout=120)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = await asyncio.wait_for(asyncio.gather(*running), 240)
+        for out, want in zip(outs, ref, strict=True):  # each: one complete result, the uninterrupted tokens
+            assert isinstance(out, GenerateDone) and out.finish_reason == "length", out
+            assert out.output_ids == want.output_ids  # type: ignore[union-attr]
+            check_spans(out)
+        assert not victim.alive and victim.failures >= 1 and fleet.tokens_carried > 0, fleet.stats()
+        assert procs[1].wait(timeout=60) == 0  # it stopped cleanly
+
+
 async def test_a_request_fails_typed_when_no_server_is_left() -> None:
     ep = free_tcp_endpoint()
     proc = serve(ep)

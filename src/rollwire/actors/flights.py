@@ -19,6 +19,7 @@ class InFlight:
     start_version: int = 0  # live version when the request was admitted
     streamed: bool = False
     aborted: bool = False
+    stopping: bool = False  # aborted because the server stops: a cut sample ends with shutting_down
     restarts: int = 0  # --max-staleness under the retract policy: times it was sent back to its prompt
     closed: bool = False  # answered by someone else (supervisor): send nothing more
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)

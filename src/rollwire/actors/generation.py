@@ -131,10 +131,12 @@ class GenerationActor(GenerationControl, Actor):
         self.log.info("engine_started", **{k: v for k, v in vars(self.engine.info()).items() if k != "extra"})
 
     async def on_stop(self) -> None:
-        """Abort everything in flight and let each request send its terminal reply."""
+        """Abort everything in flight and let each request send its terminal reply: a sample the
+        stop cut short ends its request with ``shutting_down`` (not a Done with "abort", which
+        would read as the caller's own abort: a fleet client continues such work elsewhere)."""
         tasks = [t for f in self.in_flight.values() for t in f.tasks]
         for f in list(self.in_flight.values()):
-            f.aborted = True
+            f.aborted = f.stopping = True
             for erid in f.engine_rids:
                 await self.engine.abort(erid)
         if tasks:
@@ -383,6 +385,12 @@ class GenerationActor(GenerationControl, Actor):
             self._running_samples -= 1
             self._sample_finished.set()
         if flight.closed:
+            return
+        if flight.stopping and out.finish == "abort":
+            flight.closed = True  # the request's one terminal reply (its other samples send nothing more)
+            self.counters.inc("cut_by_stop")
+            await self.reply_error(origin, ErrorCode.SHUTTING_DOWN, f"the server is stopping: sample {index} was cut "
+                                                                    f"after {len(out.ids)} tokens")
             return
         now = time.monotonic()
         self.counters.inc("completion_tokens", len(out.ids))
