@@ -50,12 +50,13 @@ from rollwire.messages import (
     VersionSpan,
 )
 from rollwire.runtime.logging import get_logger
-from rollwire.transports.rpc import DEFAULT_LIVENESS_S, RequestTimeout
+from rollwire.transports.rpc import DEFAULT_LIVENESS_S, ConnectionClosed, RequestTimeout
 from rollwire.transports.security import CurveClient
 
 log = get_logger("rollwire.fleet")
 
-TRY_ELSEWHERE = SERVER_GONE | {ErrorCode.ACTOR_RESTARTED, ErrorCode.OVERLOADED}
+BUSY = frozenset({ErrorCode.OVERLOADED, ErrorCode.CLIENT_LIMIT})  # that server is full (for us): try another
+TRY_ELSEWHERE = SERVER_GONE | BUSY | {ErrorCode.ACTOR_RESTARTED}
 
 
 class NoLiveServer(RollwireError):
@@ -105,6 +106,8 @@ class RolloutFleet:
         self.tokens_carried = 0  # tokens those samples had when their server died
         self._health_task: asyncio.Task[None] | None = None
         self._admitted = asyncio.Event()
+        self._closing = False  # requests then end with their error here, none moves to another server
+        self._running: set[GenerationStream] = set()  # requests running on a server, to abort on close
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> RolloutFleet:
@@ -122,9 +125,15 @@ class RolloutFleet:
         return self
 
     async def close(self) -> None:
+        """Requests still running are aborted on their servers and end here (a Done with "abort",
+        or shutting_down once the clients close); none moves to another server."""
+        self._closing = True
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        for stream in list(self._running):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.abort(), 1.0)
         for s in self.servers:
             await s.client.close()
 
@@ -173,9 +182,16 @@ class RolloutFleet:
 
     # -- requests --------------------------------------------------------------------------------
     def _choose(self, input_ids: Sequence[int], samples: int, min_version: int,
-                exclude: Sequence[ServerView] = ()) -> ServerView:
+                exclude: Sequence[ServerView] = (), failure: RollwireError | None = None) -> ServerView:
+        """The server for a request. None left: ``failure`` (what the last one said) if that server
+        was only full (overloaded, client_limit: its retry hint is the caller's best advice), else
+        NoLiveServer."""
+        if self._closing:
+            raise ConnectionClosed("the fleet client is closed")
         s = self.router.choose(input_ids, samples, min_version, exclude)
         if s is None:
+            if failure is not None and failure.code in BUSY:
+                raise failure
             out = {v.endpoint: v.why_out for v in self.servers}
             raise NoLiveServer(f"no live server to run on ({out})")
         return s
@@ -218,14 +234,21 @@ class RolloutFleet:
                     continue
                 params = msgspec.structs.replace(sp, n=1, max_new_tokens=remaining,
                                                  seed=None if sp.seed is None else sp.seed + s.index)
-                nxt = self._choose(prompt, 1, min_version, exclude=failed_on)
+                nxt = self._choose(prompt, 1, min_version, exclude=failed_on, failure=failure)
                 nxt.in_flight += 1  # counted now, so the samples that follow spread
                 plan.append((nxt, params, s))
             for nxt, _, _ in plan:
                 nxt.in_flight -= 1
             self.failovers += len(plan)
-            results = await asyncio.gather(*(self._attempt(nxt, prompt, params, [s], return_logprob, min_version)
-                                             for nxt, params, s in plan))
+            attempts = [asyncio.ensure_future(self._attempt(nxt, prompt, params, [s], return_logprob, min_version))
+                        for nxt, params, s in plan]
+            try:
+                results = await asyncio.gather(*attempts)
+            except BaseException:  # one sample's own error is the request's: its other samples stop too
+                for a in attempts:
+                    a.cancel()
+                await asyncio.gather(*attempts, return_exceptions=True)
+                raise
             failure = None
             for (nxt, _, _), f in zip(plan, results, strict=True):
                 if f is not None:
@@ -245,6 +268,7 @@ class RolloutFleet:
         stream: GenerationStream = server.client.stream(ids, sp, return_logprob=return_logprob,
                                                         min_version=min_version, timeout=None,
                                                         chunk_tokens=min(self.chunk_tokens, sp.max_new_tokens))
+        self._running.add(stream)
         try:
             async for msg in stream:
                 s = samples[msg.index] if len(samples) > 1 else samples[0]
@@ -255,7 +279,7 @@ class RolloutFleet:
                     s.done = self._finish(s, prompt, msg, msg.finish_reason, base[samples.index(s)])
             return None
         except RollwireError as e:
-            if e.code not in TRY_ELSEWHERE:
+            if e.code not in TRY_ELSEWHERE or self._closing:
                 raise
             if e.code in SERVER_GONE:
                 self._evict(server, f"request failed: {e.code.value}")
@@ -269,6 +293,7 @@ class RolloutFleet:
                 await stream.aclose()  # cancelled (the caller's timeout): stop the work there
             raise
         finally:
+            self._running.discard(stream)
             server.in_flight -= len(samples)
 
     @staticmethod
@@ -315,14 +340,16 @@ class RolloutFleet:
                       ) -> AsyncIterator[GenerateChunk | GenerateDone]:
         server.in_flight += n
         server.routed += 1
+        self._running.add(stream)
         try:
             async for msg in stream:
                 yield msg
         except RollwireError as e:
-            if e.code in SERVER_GONE:
+            if e.code in SERVER_GONE and not self._closing:
                 self._evict(server, f"stream failed: {e.code.value}")
             raise
         finally:
+            self._running.discard(stream)
             server.in_flight -= n
 
     def session(self, **kw: Any) -> FleetSession:

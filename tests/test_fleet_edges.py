@@ -1,0 +1,122 @@
+"""RolloutFleet at its edges, against real `rollwire serve` processes: every server full, one
+sample of a moved request refused, and the fleet closed with requests running. Each test says what
+became of every request it started, on the client and on the servers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from rollwire import GenerateDone, RolloutClient, RolloutFleet, SamplingParams
+from rollwire.messages import ErrorCode, RollwireError
+from rollwire.transports.sockets import free_tcp_endpoint
+
+from .conftest import until
+
+LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
+
+
+def serve(endpoint: str, *flags: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve", "--engine", "hf",
+                             "--model", "tiny", "--rollout-endpoint", endpoint, *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def two_servers(request: pytest.FixtureRequest) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
+    """Two servers; ``request.param``: each one's extra flags."""
+    eps = [free_tcp_endpoint() for _ in range(2)]
+    procs = [serve(ep, *flags) for ep, flags in zip(eps, request.param, strict=True)]
+    try:
+        yield eps, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+async def samples_running(endpoint: str) -> float:
+    async with RolloutClient(endpoint, timeout=30) as rc:
+        return (await rc.status()).counters.get("samples_in_flight", 0)
+
+
+@pytest.mark.parametrize("two_servers", [(("--max-in-flight", "2", "--retry-after", "0.7"),) * 2], indirect=True)
+async def test_with_every_server_full_a_request_gets_overloaded_and_its_retry_hint(two_servers) -> None:  # type: ignore[no-untyped-def]
+    """4 long requests fill both servers (2 each): a fifth is refused overloaded by one, then by the
+    other, and its caller gets that (with the servers' retry hint), not "no live server" (both are
+    alive). The 4 are then aborted and each ends with "abort"."""
+    eps, _ = two_servers
+    async with RolloutFleet(eps, health_interval_s=0.3) as fleet:
+        await fleet.wait_ready(servers=2, timeout=180)
+        running = [fleet.stream([7, i, 3], LONG) for i in range(4)]
+        firsts = [await s.__anext__() for s in running]  # each is generating (a first chunk came)
+        assert all(not isinstance(f, GenerateDone) for f in firsts)
+        with pytest.raises(RollwireError) as err:
+            await fleet.generate([9, 9, 9], SamplingParams(max_new_tokens=4))
+        assert err.value.code == ErrorCode.OVERLOADED and err.value.retry_after_s == pytest.approx(0.7), err.value
+        assert all(s.alive for s in fleet.servers), fleet.stats()  # full is not gone
+        for s in running:
+            await s.abort()
+        reasons = []
+        for s in running:
+            reasons.append([m.finish_reason async for m in s if isinstance(m, GenerateDone)])
+        assert reasons == [["abort"]] * 4
+
+
+@pytest.mark.parametrize("two_servers", [((), ("--max-client-in-flight", "2"))], indirect=True)
+async def test_when_one_sample_of_a_moved_request_is_refused_its_other_samples_stop_too(two_servers) -> None:  # type: ignore[no-untyped-def]
+    """n=3 on the first server, which is then SIGKILLed: the 3 samples move to the second, which
+    takes 2 from this client and refuses the third (client_limit). No server is left for it, so the
+    request ends with client_limit, and the 2 samples admitted are aborted there (before, they ran
+    on as orphans for their 4000 tokens)."""
+    eps, procs = two_servers
+    async with RolloutFleet(eps, liveness_s=2.0, health_interval_s=0.3) as fleet:
+        await fleet.wait_ready(servers=2, timeout=180)
+        first, second = fleet.servers
+        second.alive = False  # the request must start on the first server (the health loop re-admits the second)
+        request = asyncio.ensure_future(fleet.generate([5, 6, 7], msgspec_n(3)))
+        await until(lambda: first.in_flight == 3 and first.tokens >= 3, "the 3 samples generating on the first")
+        await until(lambda: second.alive, "the second server admitted again")
+        procs[0].send_signal(signal.SIGKILL)
+        with pytest.raises(RollwireError) as err:
+            await asyncio.wait_for(request, 120)
+        assert err.value.code == ErrorCode.CLIENT_LIMIT, err.value
+        assert second.in_flight == 0
+        async with asyncio.timeout(60):  # the 2 admitted samples were aborted on the second server
+            while await samples_running(eps[1]) > 0:
+                await asyncio.sleep(0.05)
+
+
+def msgspec_n(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=4000, temperature=1.0, ignore_eos=True, n=n)
+
+
+@pytest.mark.parametrize("two_servers", [((), ())], indirect=True)
+async def test_closing_the_fleet_with_requests_running_moves_none_and_aborts_them_on_their_servers(two_servers) -> None:  # type: ignore[no-untyped-def]
+    """Before: close() marked the servers gone one by one, so running requests failed over to the
+    server not yet closed and kept running there, and callers got "no live server"."""
+    eps, _ = two_servers
+    fleet = RolloutFleet(eps, health_interval_s=0.3)
+    await fleet.start()
+    try:
+        await fleet.wait_ready(servers=2, timeout=180)
+        running = [asyncio.ensure_future(fleet.generate([4, i, 8], LONG)) for i in range(4)]
+        await until(lambda: all(s.in_flight >= 1 and s.tokens >= 4 for s in fleet.servers), "both servers generating")
+    finally:
+        await fleet.close()
+    ends = await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 60)
+    for e in ends:  # each ended here: aborted, or shutting_down as its client closed; none moved
+        ok = (isinstance(e, GenerateDone) and e.finish_reason == "abort") or (
+            isinstance(e, RollwireError) and e.code == ErrorCode.SHUTTING_DOWN)
+        assert ok, ends
+    assert fleet.failovers == 0 and all(s.failures == 0 for s in fleet.servers), fleet.stats()
+    for ep in eps:
+        async with asyncio.timeout(60):  # nothing of them runs on the servers
+            while await samples_running(ep) > 0:
+                await asyncio.sleep(0.05)
