@@ -4,7 +4,9 @@
    greedy requests in flight per server, new tokens per request from bench/workload.py:
    ``--lengths mixed`` or ``fixed``), against the sum of each server measured alone with the same
    load (the floor in the same run); target >= 0.9. On a machine with fewer cores than
-   servers they share the cores, and the ratio says so.
+   servers they share the cores, and the ratio says so. A second floor for 2 and 4 servers:
+   all of them busy at once, each driven by its own RolloutClient (no fleet), which tells the
+   fleet's own cost from what servers sharing a machine (cores, memory bandwidth, clock) cost.
 2. failover: with requests running, one server is SIGKILLed; the time from the kill until every
    request it held runs on another server, against the client's heartbeat interval (1 s); target
    <= 2 intervals. It is bounded by the fleet's liveness bound (``--liveness``).
@@ -74,7 +76,7 @@ async def aggregate(eps: list[str], per_server: int, seconds: float, repeats: in
                     lengths: str) -> list[dict[str, Any]]:
     rows = []
     for n in (1, 2, 4):
-        fleet_tps, alone_sum = [], []
+        fleet_tps, alone_sum, together_sum = [], [], []
         for _ in range(repeats):
             alone = []
             for ep in eps[:n]:
@@ -84,10 +86,25 @@ async def aggregate(eps: list[str], per_server: int, seconds: float, repeats: in
                 await fleet.wait_ready(servers=n, timeout=120)
                 fleet_tps.append(await closed_loop(fleet.generate, per_server * n, seconds, lengths))
             alone_sum.append(sum(alone))
+            if n > 1:  # a second floor: the same servers all busy at once, each driven by its own client
+                clients = [RolloutClient(ep) for ep in eps[:n]]
+                for rc in clients:
+                    await rc.__aenter__()
+                try:
+                    together_sum.append(sum(await asyncio.gather(
+                        *(closed_loop(rc.generate, per_server, seconds, lengths) for rc in clients))))
+                finally:
+                    for rc in clients:
+                        await rc.close()
         f, a = statistics.median(fleet_tps), statistics.median(alone_sum)
-        rows.append({"servers": n, "fleet_tokens_s": round(f, 1), "sum_alone_tokens_s": round(a, 1),
-                     "ratio": round(f / a, 3), "runs_fleet": [round(x, 1) for x in fleet_tps],
-                     "runs_sum_alone": [round(x, 1) for x in alone_sum]})
+        row = {"servers": n, "fleet_tokens_s": round(f, 1), "sum_alone_tokens_s": round(a, 1),
+               "ratio": round(f / a, 3), "runs_fleet": [round(x, 1) for x in fleet_tps],
+               "runs_sum_alone": [round(x, 1) for x in alone_sum]}
+        if together_sum:
+            t = statistics.median(together_sum)
+            row.update(together_tokens_s=round(t, 1), ratio_to_together=round(f / t, 3),
+                       runs_together=[round(x, 1) for x in together_sum])
+        rows.append(row)
     return rows
 
 
@@ -183,8 +200,10 @@ async def run_aggregate(a: argparse.Namespace) -> list[dict[str, Any]]:
 def table(res: dict[str, Any]) -> str:
     lines = [f"servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9; {THREADS} torch threads per server; "
              f"lengths {res['machine']['args']['lengths']})"]
+    lines[0] += "; together: the servers busy at once, a client each, no fleet"
     lines += [f"{r['servers']:>7}  {r['fleet_tokens_s']:>11}  {r['sum_alone_tokens_s']:>15}  {r['ratio']:>5}"
-              for r in res.get("aggregate", [])]
+              + (f"  together {r['together_tokens_s']} (fleet / together {r['ratio_to_together']})"
+                 if "together_tokens_s" in r else "") for r in res.get("aggregate", [])]
     if "failover" in res:
         f = res["failover"]
         lines.append(f"failover: death -> running elsewhere {f['death_to_running_elsewhere_s']} s = "
