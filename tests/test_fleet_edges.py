@@ -15,6 +15,8 @@ import pytest
 from rollwire import GenerateDone, RolloutClient, RolloutFleet, SamplingParams
 from rollwire.messages import ErrorCode, RollwireError
 from rollwire.transports.sockets import free_tcp_endpoint
+from rollwire.weightsync.publisher import TrainerPublisher
+from tests.versioned import version_state
 
 from .conftest import until
 
@@ -121,3 +123,34 @@ async def test_closing_the_fleet_with_requests_running_moves_none_and_aborts_the
         async with asyncio.timeout(60):  # nothing of them runs on the servers
             while await samples_running(ep) > 0:
                 await asyncio.sleep(0.05)
+
+
+async def test_a_server_behind_the_fleets_version_is_kept_out_and_one_left_behind_is_evicted() -> None:
+    """Server "a" gets no pushes; "b" is pushed version 1 (the tiny model's seed-1 weights). A
+    fleet made then never admits "a" (five fresh fleets: before, "a" could be admitted when its first
+    health answer came before "b"'s, and served version 0 to half the requests). A fleet made
+    before the push admits both; once "b" is at version 1, "a" is evicted after ``max_lag_s``, and
+    every request after that runs on version 1."""
+    trainer = free_tcp_endpoint()
+    a, b = free_tcp_endpoint(), free_tcp_endpoint()
+    procs = [serve(a), serve(b, "--trainer-endpoint", trainer, "--receiver-id", "b")]
+    try:
+        async with TrainerPublisher(trainer, timeout_s=120) as tp:
+            async with RolloutFleet([a, b], health_interval_s=0.2, max_lag_s=1.0) as early:
+                await early.wait_ready(servers=2, timeout=180)
+                await until(lambda: "b" in tp.receivers and tp.receivers["b"].joined, "b joined the trainer")
+                await tp.push_weights(1, version_state(1))
+                await until(lambda: not early.servers[0].alive, "a, left behind, evicted", timeout=30)
+                assert "the fleet has been at 1" in early.servers[0].why_out, early.stats()
+                outs = await asyncio.gather(*(early.generate([3, i, 5], SamplingParams(max_new_tokens=4))
+                                              for i in range(8)))
+                assert all(o.weight_version == 1 for o in outs)  # type: ignore[union-attr]
+            for _ in range(5):
+                async with RolloutFleet([a, b], health_interval_s=0.2) as fresh:
+                    await fresh.wait_ready(servers=1, timeout=60)
+                    await until(lambda f=fresh: "the fleet is at 1" in f.servers[0].why_out, "a judged", timeout=30)
+                    assert [s.alive for s in fresh.servers] == [False, True], fresh.stats()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

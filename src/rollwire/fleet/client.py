@@ -10,7 +10,10 @@ Health. Every ``health_interval_s`` each server is asked for health (version, go
 server that does not answer within ``health_timeout_s``, or whose calls fail with
 ``server_unavailable`` (the client's liveness bound: nothing heard for ``liveness_s``), is evicted.
 It is re-admitted once it answers again *and* serves the fleet's current version (the highest any
-live server reported), so a restarted server does not serve stale weights to the fleet. A server
+server reported; each round's answers raise it before any server is judged), so a restarted server
+does not serve stale weights to the fleet. An admitted server whose version goes down (it restarted
+between two checks) is evicted at once; one left behind the current version for ``max_lag_s`` (a
+push that never reaches it) is evicted until it catches up. A server
 whose health says ``INCOMPLETE`` (a weight load failed part-way: it holds requests until a whole
 version loads) is taken out the same way until its next version.
 
@@ -89,15 +92,19 @@ class RolloutFleet:
     def __init__(self, endpoints: Sequence[str], *, policy: Policy = "least_loaded", timeout: float | None = None,
                  curve: CurveClient | None = None, liveness_s: float = DEFAULT_LIVENESS_S,
                  health_interval_s: float = 1.0, health_timeout_s: float = 2.0, max_failovers: int = 3,
-                 prefix_tokens: int = 32, load_factor: float = 1.25, chunk_tokens: int = 16) -> None:
+                 prefix_tokens: int = 32, load_factor: float = 1.25, chunk_tokens: int = 16,
+                 max_lag_s: float = 10.0) -> None:
         """``chunk_tokens``: how often a server reports a non-streamed request's progress; on a
-        failover up to ``chunk_tokens - 1`` tokens it made are generated again elsewhere."""
+        failover up to ``chunk_tokens - 1`` tokens it made are generated again elsewhere.
+        ``max_lag_s``: an admitted server behind the fleet's current version for longer than this
+        (no push reaches it) is evicted until it catches up."""
         if not endpoints:
             raise ValueError("a fleet needs at least one endpoint")
         self.timeout = timeout
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self.max_failovers = max_failovers
+        self.max_lag_s = max_lag_s
         self.chunk_tokens = chunk_tokens
         self.servers = [ServerView(ep, RolloutClient(ep, curve=curve, liveness_s=liveness_s)) for ep in endpoints]
         self.router = Router(self.servers, policy, prefix_tokens=prefix_tokens, load_factor=load_factor)
@@ -148,27 +155,46 @@ class RolloutFleet:
     # -- health ----------------------------------------------------------------------------------
     async def _health_loop(self) -> None:
         while True:  # one server's odd answer costs that server its place, never this loop
-            await asyncio.gather(*(self._check(s) for s in self.servers), return_exceptions=True)
+            answers = await asyncio.gather(*(self._ask(s) for s in self.servers))
+            # the round's versions first: a server answering first at an old version is not admitted
+            # before the one at the current version has answered
+            for h in answers:
+                if h is not None and h.governor_state != "INCOMPLETE":
+                    self.current_version = max(self.current_version, h.weight_version)
+            for s, h in zip(self.servers, answers, strict=True):
+                if h is not None:
+                    self._judge(s, h)
             await asyncio.sleep(self.health_interval_s)
 
-    async def _check(self, s: ServerView) -> None:
+    async def _ask(self, s: ServerView) -> Any:
+        """Its health reply; None (and it is evicted) if it did not give one."""
         try:
-            h = await s.client.health(timeout=self.health_timeout_s)
+            return await s.client.health(timeout=self.health_timeout_s)
         except RollwireError as e:  # a reply of the wrong kind included (bad_frame)
             self._evict(s, f"health: {e.code.value}")
-            return
         except Exception as e:  # whatever else its answer did: that server is out
             log.warning("health_check_failed", endpoint=s.endpoint, error=repr(e)[:200])
             self._evict(s, f"health: {type(e).__name__}")
-            return
-        s.version, s.last_ok = h.weight_version, time.monotonic()
+        return None
+
+    def _judge(self, s: ServerView, h: Any) -> None:
+        previous, now = s.version, time.monotonic()
+        s.version, s.last_ok = h.weight_version, now
+        if h.weight_version >= self.current_version:
+            s.behind_since = None
+        elif s.behind_since is None:
+            s.behind_since = now
         if h.governor_state == "INCOMPLETE":  # a load failed part-way: it holds requests until a whole version
             self._evict(s, "a weight load failed part-way; requests wait there for a whole version")
+        elif s.alive and h.weight_version < previous:
+            self._evict(s, f"restarted: serves version {h.weight_version}, it served {previous}")
+        elif s.alive and s.behind_since is not None and now - s.behind_since > self.max_lag_s:
+            self._evict(s, f"serves version {h.weight_version}, the fleet has been at {self.current_version} "
+                           f"for over {self.max_lag_s}s")
         elif s.alive:
-            self.current_version = max(self.current_version, h.weight_version)
+            pass  # behind for less than max_lag_s: a push still on its way there (each applies on its own)
         elif h.weight_version >= self.current_version:
             s.alive, s.why_out = True, ""
-            self.current_version = h.weight_version
             log.info("server_admitted", endpoint=s.endpoint, version=h.weight_version)
             self._admitted.set()
         else:

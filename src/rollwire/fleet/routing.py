@@ -39,6 +39,7 @@ class ServerView:
     failures: int = 0  # requests that died with it and went elsewhere
     evictions: int = 0
     last_ok: float = field(default_factory=time.monotonic)
+    behind_since: float | None = None  # since when it serves a version below the fleet's current one
     why_out: str = "not checked yet"
 
 
