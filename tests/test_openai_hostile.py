@@ -214,6 +214,36 @@ def test_a_completion_asking_for_200000_choices_is_refused_before_any_is_made(gw
     assert len(r.choices) == 8  # within the bound: served
 
 
+def gateway_metric(gw: Stack, name: str) -> float:
+    with urllib.request.urlopen(gw.root + "/metrics", timeout=30) as r:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", chat_body(user("hang up"), max_tokens=4000, ignore_eos=True)),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": ["hang", "up"], "max_tokens": 4000, "n": 2,
+                                    "ignore_eos": True}).encode()),
+])
+def test_a_caller_that_hangs_up_on_a_non_streamed_request_has_its_generation_aborted(
+        gw: Stack, path: str, body: bytes) -> None:
+    """Before: the request ran on to its 4000 tokens for nobody (a stream cut the same way was
+    already aborted). Now every sample of it ends with abort on the server within the hang guard."""
+    aborts = server_metric(gw, "rollwire_server_finish_abort")
+    gone = gateway_metric(gw, "rollwire_gateway_client_disconnects_total")
+    conn = http.client.HTTPConnection("127.0.0.1", int(gw.root.rpartition(":")[2]), timeout=120)
+    conn.putrequest("POST", path)
+    for k, v in {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                 "Content-Length": str(len(body))}.items():
+        conn.putheader(k, v)
+    conn.endheaders(body)
+    wait_for(lambda: server_metric(gw, "rollwire_server_in_flight") >= 1, "the request generating")
+    conn.close()  # hang up without reading the answer
+    wait_for(lambda: server_metric(gw, "rollwire_server_in_flight") == 0, "its samples aborted", timeout=15)
+    assert server_metric(gw, "rollwire_server_finish_abort") >= aborts + (1 if "chat" in path else 4)
+    assert gateway_metric(gw, "rollwire_gateway_client_disconnects_total") == gone + 1
+
+
 def test_a_non_ascii_api_key_is_a_401(gw: Stack) -> None:
     status, err = post(gw, "/v1/chat/completions", chat_body(user("hi")),
                        {"Authorization": "Bearer clé".encode("latin-1")})

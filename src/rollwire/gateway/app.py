@@ -129,10 +129,37 @@ def build_app(gw: Gateway) -> FastAPI:
         return await gw.text_work(len(buf) > OFF_LOOP_BYTES, decode_json, buf), len(buf)
 
     # -- chat -------------------------------------------------------------------------------
+    async def unless_gone(request: Request, work: Any) -> Response:
+        """``work`` (the rest of a request, its body read), cancelled if the caller hangs up first:
+        its generation is then aborted on the servers, as a cut stream's is (a non-streamed request
+        ran on to its max_tokens for nobody). A streamed response is returned at once: its body
+        watches for the hang-up itself."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(hung_up(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            gw.metrics.inc("client_disconnects_total")
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        return task.result()  # type: ignore[no-any-return]
+
+    async def hung_up(request: Request) -> None:
+        """Returns once the caller has hung up (its body was read: what comes next is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         owner = gw.owner(request)
         body, size = await body_of(request)
+        return await unless_gone(request, chat_turn(request, owner, body, size))
+
+    async def chat_turn(request: Request, owner: str, body: Any, size: int) -> Response:
         big = size > OFF_LOOP_BYTES
         req: ChatCompletionRequest = await gw.text_work(big, parse, ChatCompletionRequest, body)
         gw.check_model(req.model)
@@ -194,10 +221,13 @@ def build_app(gw: Gateway) -> FastAPI:
     async def completions(request: Request) -> Response:
         gw.owner(request)
         body, size = await body_of(request)
+        return await unless_gone(request, completion(body, size, bool(request.headers.get(SESSION_HEADER))))
+
+    async def completion(body: Any, size: int, session_header: bool) -> Response:
         big = size > OFF_LOOP_BYTES
         req: CompletionRequest = await gw.text_work(big, parse, CompletionRequest, body)
         gw.check_model(req.model)
-        if req.session_id is not None or request.headers.get(SESSION_HEADER):
+        if req.session_id is not None or session_header:
             raise unsupported_session()
         stops = req.stops()
         texts = [p for p in req.prompts() if isinstance(p, str)]
