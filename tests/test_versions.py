@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from rollwire import RolloutClient, SamplingParams
-from rollwire.messages import GenerateDone
+from rollwire.messages import ErrorCode, GenerateDone, RemoteError
 from rollwire.server import RolloutServer, ServerConfig
 from tests.test_governor import apply_version
 from tests.versioned import check_spans, send_version, version_state
@@ -106,3 +107,33 @@ async def test_a_request_aborted_while_waiting_for_min_version_ends_with_abort_a
         ok = await rc.generate([1, 2], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
         assert ok.finish_reason == "length"  # type: ignore[union-attr]
         assert srv.generation.counters.get("restarts") == 0
+
+
+async def test_a_version_the_engine_refuses_pauses_nothing() -> None:
+    """Abort policy, 4 requests generating: versions naming an unknown tensor, a wrong shape or a
+    wrong dtype are refused with their code before any pause; all 4 requests finish with "length"
+    on version 0 (before: each refusal came after the pause, which aborted all 4 first), and the
+    good version then applies."""
+    ep = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="abort")
+    good = version_state(1)
+    name = next(iter(good))
+    bad = [({**good, "not.a.parameter": torch.zeros(2)}, ErrorCode.UNKNOWN_TENSOR),
+           ({**good, name: torch.zeros(3, 3, dtype=good[name].dtype)}, ErrorCode.SHAPE_MISMATCH),
+           ({**good, name: good[name].to(torch.float64)}, ErrorCode.DTYPE_MISMATCH)]
+    async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
+        streams = [rc.stream([3, i, 9], SP) for i in range(4)]
+        for s in streams:
+            await s.__anext__()  # generating under version 0
+        for tensors, code in bad:
+            with pytest.raises(RemoteError) as err:
+                await send_version(1, tensors)
+            assert err.value.code == code, err.value
+        assert srv.generation.counters.get("pauses_abort") == 0
+        outs = []
+        for s in streams:
+            outs += [m async for m in s if isinstance(m, GenerateDone)]
+        assert [o.finish_reason for o in outs] == ["length"] * 4
+        assert all([sp.version for sp in o.weight_version_spans] == [0] for o in outs)
+        await apply_version(1)
+        assert (await rc.generate([1, 2], SamplingParams(max_new_tokens=2))).weight_version == 1  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.engines.base import EngineError, VerifyingLoader
+from rollwire.engines.validation import check_version_tensors
 from rollwire.messages import (
     Ack,
     ErrorCode,
@@ -101,6 +102,11 @@ class GenerationControl:
         t0 = time.monotonic()
         staged = STAGED.get(msg.staged)
         released = list(msg.released)
+        try:  # before the pause: a version the engine would refuse pauses (aborts, retracts) nothing
+            check_version_tensors(self.engine.parameters(), staged.tensors)
+        except EngineError as e:
+            self.counters.inc("load_failures")
+            raise RollwireError(e.code, e.message) from None
         if not released:
             await self._pause(msg.policy, msg.drain_deadline_s)
         try:

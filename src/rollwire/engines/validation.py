@@ -10,8 +10,10 @@ inside a batched step (taking the batch mates with it), on values beyond them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineError, EngineRequest
+from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
 from rollwire.messages.generate import SamplingParams
 
@@ -78,3 +80,26 @@ def check_tags(tags: Sequence[str]) -> None:
     bad = [t for t in tags if t not in ALL_MEMORY_TAGS]
     if bad:
         raise EngineError(ErrorCode.UNKNOWN_TAG, f"unknown memory tags {bad}; known: {list(ALL_MEMORY_TAGS)}")
+
+
+def check_version_tensors(params: Sequence[ParamSpec], items: Sequence[tuple[str, Any]]) -> None:
+    """Every named tensor against the engine's parameters (name, shape, dtype), before anything
+    is paused for its load: a version the engine will refuse costs no request its progress.
+    ``params`` empty (the engine cannot tell): nothing checked here, the engine's load checks. A
+    name the list lacks is still let through when it is a tied alias the engine resolves itself
+    (``lm_head.weight`` beside ``model.embed_tokens.weight``). The engine's own check stays the
+    authority; this one refuses only what it would refuse too."""
+    if not params:
+        return
+    known = {p.name: p for p in params}
+    for name, t in items:
+        p = known.get(name)
+        if p is None and name == "lm_head.weight":
+            p = known.get("model.embed_tokens.weight")
+        if p is None:
+            raise EngineError(ErrorCode.UNKNOWN_TENSOR, f"no parameter named {name!r}")
+        if tuple(t.shape) != tuple(p.shape):
+            raise EngineError(ErrorCode.SHAPE_MISMATCH, f"{name}: got {tuple(t.shape)}, want {tuple(p.shape)}")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype != p.dtype:
+            raise EngineError(ErrorCode.DTYPE_MISMATCH, f"{name}: got {dtype}, want {p.dtype}")

@@ -35,7 +35,8 @@ class WeightStore:
         first: set[int] = set()
         out = []
         for name, p in self.params.items():
-            out.append(ParamSpec(name, str(p.dtype).removeprefix("torch."), list(p.shape), id(p) not in first))
+            _, shape, dtype = self._distinct[id(p)]  # as loaded at start: a released parameter's shape is (0,)
+            out.append(ParamSpec(name, str(dtype).removeprefix("torch."), list(shape), id(p) not in first))
             first.add(id(p))
         return out
 
