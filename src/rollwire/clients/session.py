@@ -45,7 +45,15 @@ from rollwire.transports.rpc import RequestTimeout, RpcClient, unwrap
 if TYPE_CHECKING:
     from rollwire.clients.rollout import RolloutClient
 
-ABORT_GRACE_S = 30.0  # after a timeout: how long to wait for the aborted turn's terminal reply
+ABORT_GRACE_S = 30.0  # after a timeout: how long to wait for the aborted turn's terminal reply, at most
+
+
+def abort_grace(timeout: float) -> float:
+    """How long a turn that timed out waits for its abort's answer (its partial output, which keeps
+    the session in step with the server): as long as the timeout itself, at least 1 s, at most
+    ABORT_GRACE_S. So a call with ``timeout`` ends within about twice that, even on a wedged server
+    (then with SessionDesynced)."""
+    return min(ABORT_GRACE_S, max(1.0, timeout))
 
 
 @dataclass
@@ -102,7 +110,11 @@ class Session:
         """Open the session on the server, within the session's ``timeout`` in all (the retry on
         a restarted server's new session port included)."""
         deadline = deadline_in(self.timeout)
-        self._rpc = await self._client._sessions()
+        try:  # (asking the server for its session port is part of the bound too)
+            async with asyncio.timeout_at(deadline):
+                self._rpc = await self._client._sessions()
+        except TimeoutError:
+            raise RequestTimeout(f"the server did not say where its sessions are within {self.timeout}s") from None
         try:
             opened = await self._open_once(time_left(deadline))
         except RollwireError as e:
@@ -221,7 +233,8 @@ class Session:
                             item = await queue.get()
                     except TimeoutError:
                         timed_out = True
-                        abort_deadline = asyncio.get_running_loop().time() + ABORT_GRACE_S
+                        assert timeout is not None  # (a deadline passed)
+                        abort_deadline = asyncio.get_running_loop().time() + abort_grace(timeout)
                         await rpc.send(0, AbortRequest(target_rid=rid))
                         continue
                 reply = unwrap(item)

@@ -62,7 +62,8 @@ class FleetSession:
     async def open(self) -> None:
         """Open on a live server; one that is gone when asked is evicted and the next is tried
         (at most ``max_failovers`` times)."""
-        self._server, self._session = await self._place([], lambda s: s.open(), "open")
+        self._server, self._session = await self._place([], lambda s: s.open(), "open",
+                                                        deadline_in(self._kw.get("timeout")))
 
     async def append(self, token_ids: Sequence[int]) -> int:
         return await self._moving(lambda s: s.append(token_ids))  # type: ignore[no-any-return]
