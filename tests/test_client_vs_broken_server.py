@@ -32,6 +32,7 @@ from rollwire.messages import (
 )
 from rollwire.messages.generate import Timings, Usage
 from rollwire.transports.rpc import RequestTimeout
+from tests.weights.hostile import header
 
 from .conftest import free_tcp_endpoint, until
 
@@ -201,3 +202,56 @@ async def test_an_abort_before_the_first_read_goes_out_right_behind_its_request(
 
 async def _all(stream: Any) -> list[Any]:
     return [m async for m in stream]
+
+
+async def test_a_server_answering_requests_with_garbage_is_evicted_and_the_requests_run_on_the_real_one() -> None:
+    """Beside a real server, a broken one answers health well but every generate with an
+    undecodable reply (then, once, with a reply of the wrong kind). Each request sent to it moves to
+    the real server and completes (before: the caller got bad_frame and the server stayed
+    admitted); the broken one is evicted for the garbage, and again at the next health check for the
+    wrong-kind reply its client dropped."""
+    real = free_tcp_endpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
+                             "--rollout-endpoint", real], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with BrokenServer(health_ok) as srv:
+            answered: set[int] = set()
+            wrong_kind = asyncio.Event()
+
+            async def garbage() -> None:
+                while True:
+                    await asyncio.sleep(0.01)
+                    for peer, rid, msg in list(srv.received):
+                        if isinstance(msg, GenerateRequest) and rid not in answered:
+                            answered.add(rid)
+                            if wrong_kind.is_set():
+                                await srv.send(peer, rid, HealthReply(weight_version=0, governor_state="SERVING",
+                                                                      protocol=1))
+                            else:
+                                await srv._sock.send_multipart([peer, header(rid), b"\xc1 not msgpack"])
+
+            srv.extra.append(asyncio.ensure_future(garbage()))
+            async with RolloutFleet([srv.endpoint, real], health_interval_s=0.1) as fleet:
+                await fleet.wait_ready(servers=2, timeout=120)
+                broken = next(s for s in fleet.servers if s.endpoint == srv.endpoint)
+                outs = await asyncio.wait_for(asyncio.gather(*(
+                    fleet.generate([1, i, 3], SamplingParams(max_new_tokens=4, temperature=0.0)) for i in range(6))),
+                    60)  # (a hang guard)
+                assert all(o.finish_reason == "length" and len(o.output_ids) == 4 for o in outs)  # type: ignore[union-attr]
+                assert answered and broken.evictions >= 1 and broken.failures >= 1, fleet.stats()
+                await until(lambda: broken.alive, "re-admitted: its health is fine", 30)
+                wrong_kind.set()
+                sent = len(answered)
+                broken.in_flight -= 100  # route the next request to it (least loaded of two)
+                try:
+                    late = asyncio.ensure_future(fleet.generate([9, 9], SamplingParams(max_new_tokens=2), timeout=3))
+                    await until(lambda: len(answered) > sent, "a request answered with the wrong kind", 30)
+                    await until(lambda: not broken.alive and "no request can have" in broken.why_out,
+                                "evicted for the wrong-kind reply", 30)
+                finally:
+                    broken.in_flight += 100
+                with pytest.raises(RequestTimeout):  # that one request still ends by its own timeout
+                    await late
+    finally:
+        proc.kill()
+        proc.wait()

@@ -59,7 +59,9 @@ from rollwire.transports.security import CurveClient
 log = get_logger("rollwire.fleet")
 
 BUSY = frozenset({ErrorCode.OVERLOADED, ErrorCode.CLIENT_LIMIT})  # that server is full (for us): try another
-TRY_ELSEWHERE = SERVER_GONE | BUSY | {ErrorCode.ACTOR_RESTARTED}
+# a reply that did not decode: that server is broken (it is evicted), the work may run elsewhere
+BROKEN = frozenset({ErrorCode.BAD_FRAME})
+TRY_ELSEWHERE = SERVER_GONE | BUSY | BROKEN | {ErrorCode.ACTOR_RESTARTED}
 
 
 class NoLiveServer(RollwireError):
@@ -179,6 +181,10 @@ class RolloutFleet:
 
     def _judge(self, s: ServerView, h: Any) -> None:
         previous, now = s.version, time.monotonic()
+        bad, s.bad_replies = s.client._rpc.bad_replies - s.bad_replies, s.client._rpc.bad_replies
+        if bad:  # replies no request of ours can have (wrong kind, unknown sample): a broken server
+            self._evict(s, f"sent {bad} reply(s) no request can have")
+            return
         s.version, s.last_ok = h.weight_version, now
         if h.weight_version >= self.current_version:
             s.behind_since = None
@@ -307,7 +313,7 @@ class RolloutFleet:
         except RollwireError as e:
             if e.code not in TRY_ELSEWHERE or self._closing:
                 raise
-            if e.code in SERVER_GONE:
+            if e.code in SERVER_GONE | BROKEN:
                 self._evict(server, f"request failed: {e.code.value}")
             server.failures += sum(s.done is None for s in samples)
             self.tokens_carried += sum(len(s.ids) for s in samples if s.done is None)

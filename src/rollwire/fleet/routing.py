@@ -40,6 +40,7 @@ class ServerView:
     evictions: int = 0
     last_ok: float = field(default_factory=time.monotonic)
     behind_since: float | None = None  # since when it serves a version below the fleet's current one
+    bad_replies: int = 0  # its client's count of replies no request could have, at the last health check
     why_out: str = "not checked yet"
 
 
