@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 
@@ -39,3 +40,11 @@ async def until(what: Callable[[], bool | Awaitable[bool]], why: str = "the serv
 
 async def _holds(result: bool | Awaitable[bool]) -> bool:
     return await result if inspect.isawaitable(result) else result
+
+
+def kill_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL every process still running, and reap each."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()

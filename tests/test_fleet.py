@@ -16,7 +16,7 @@ from rollwire.fleet.routing import SERVER_GONE, Router, ServerView
 from rollwire.messages import GenerateChunk, RollwireError
 from rollwire.transports.sockets import free_tcp_endpoint
 
-from .conftest import until
+from .conftest import kill_all, until
 
 GREEDY = SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True)
 
@@ -35,10 +35,7 @@ def fleet_servers() -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]
     try:
         yield eps, procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        kill_all(procs)
 
 
 @pytest.fixture

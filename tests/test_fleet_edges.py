@@ -18,7 +18,7 @@ from rollwire.transports.sockets import free_tcp_endpoint
 from rollwire.weightsync.publisher import TrainerPublisher
 from tests.versioned import version_state
 
-from .conftest import until
+from .conftest import kill_all, until
 
 LONG = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
 
@@ -37,10 +37,7 @@ def two_servers(request: pytest.FixtureRequest) -> Iterator[tuple[list[str], lis
     try:
         yield eps, procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        kill_all(procs)
 
 
 async def samples_running(endpoint: str) -> float:
