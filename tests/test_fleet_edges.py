@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from rollwire import GenerateDone, RolloutClient, RolloutFleet, SamplingParams
+from rollwire.clients.session import SessionDesynced
 from rollwire.messages import ErrorCode, RollwireError
 from rollwire.transports.sockets import free_tcp_endpoint
 from rollwire.weightsync.publisher import TrainerPublisher
@@ -151,3 +152,47 @@ async def test_a_server_behind_the_fleets_version_is_kept_out_and_one_left_behin
         for p in procs:
             p.kill()
             p.wait()
+
+
+async def test_a_fleet_session_whose_reply_was_lost_goes_on_from_the_clients_record() -> None:
+    """A turn on a SIGSTOPped server times out and its abort is not answered: SessionDesynced (the
+    server's copy is unknown). Before, every later call raised SessionDesynced too, and the
+    trajectory was unreadable. Now the next call replays the client's record into a fresh session
+    (here on the same server, the fleet's only one, which stayed admitted) and runs; the trajectory
+    is the history the caller saw, without the lost turn. The server allows one session: the old copy
+    is closed before the fresh one opens."""
+    ep = free_tcp_endpoint()
+    proc = serve(ep, "--max-sessions", "1")
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    try:
+        async with RolloutFleet([ep], liveness_s=30.0, health_interval_s=0.3, health_timeout_s=60.0) as fleet:
+            await fleet.wait_ready(timeout=180)
+            async with fleet.session(timeout=1.0) as s:
+                first = await s.generate([5, 6, 7], greedy)
+                old_id = s.id
+                proc.send_signal(signal.SIGSTOP)
+                try:
+                    with pytest.raises(SessionDesynced):
+                        await asyncio.wait_for(s.generate([8], greedy), 30)  # (a hang guard)
+                finally:
+                    proc.send_signal(signal.SIGCONT)
+                again = await s.generate([9], greedy)
+                assert s.id != old_id and s.endpoint == ep
+                traj = s.trajectory()
+                assert traj.token_ids == [5, 6, 7, *first.output_ids, 9, *again.output_ids]
+                assert traj.loss_mask == [0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1]
+            async with RolloutClient(ep, timeout=30) as rc:  # --max-sessions 1: the fresh copy opened, so the
+                await until(lambda: _one_opens(rc), "a session opens again", 30)  # old one was closed; now both are
+    finally:
+        kill_all([proc])
+
+
+async def _one_opens(rc: RolloutClient) -> bool:
+    one = rc.session()
+    try:
+        await one.open()
+    except RollwireError as e:
+        assert e.code in (ErrorCode.TOO_MANY_SESSIONS, ErrorCode.CLIENT_LIMIT), e
+        return False
+    await one.close()
+    return True

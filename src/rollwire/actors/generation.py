@@ -136,7 +136,8 @@ class GenerationActor(GenerationControl, Actor):
         would read as the caller's own abort: a fleet client continues such work elsewhere)."""
         tasks = [t for f in self.in_flight.values() for t in f.tasks]
         for f in list(self.in_flight.values()):
-            f.aborted = f.stopping = True
+            f.stopping = not f.aborted  # one its caller aborted already still ends with its Done ("abort")
+            f.aborted = True
             for erid in f.engine_rids:
                 await self.engine.abort(erid)
         if tasks:

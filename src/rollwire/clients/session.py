@@ -152,11 +152,19 @@ class Session:
         opened: SessionOpened = unwrap(reply)
         return opened
 
-    async def replay(self, record: Session) -> None:
+    @property
+    def desynced(self) -> bool:
+        """An earlier call's reply was lost: the server's copy is unknown (this client's record is
+        still what every call it saw complete made of it)."""
+        return self._desynced
+
+    async def replay(self, record: Session, *, from_desynced: bool = False) -> None:
         """Open this session and give it ``record``'s whole history in one append, so the next turn
         prefills it once; the trajectory then goes on from ``record``'s, roles and all. How a session
-        moves to another server when its own died (``rollwire.fleet``)."""
-        record._check_synced()
+        moves to another server when its own died (``rollwire.fleet``). ``from_desynced``: ``record``
+        may be desynced (its record, not its server's copy, is what goes on)."""
+        if not from_desynced:
+            record._check_synced()
         await self.open()
         if record._ids:
             done: Appended = await self._call(AppendTokens(session_id=self.id, token_ids=list(record._ids)))

@@ -46,6 +46,7 @@ from rollwire.messages import (
     ErrorCode,
     GenerateChunk,
     GenerateDone,
+    RemoteError,
     RollwireError,
     SamplingParams,
     Timings,
@@ -59,7 +60,8 @@ from rollwire.transports.security import CurveClient
 log = get_logger("rollwire.fleet")
 
 BUSY = frozenset({ErrorCode.OVERLOADED, ErrorCode.CLIENT_LIMIT})  # that server is full (for us): try another
-# a reply that did not decode: that server is broken (it is evicted), the work may run elsewhere
+# a reply that did not decode here (ProtocolError): that server is broken (it is evicted), the work may
+# run elsewhere
 BROKEN = frozenset({ErrorCode.BAD_FRAME})
 TRY_ELSEWHERE = SERVER_GONE | BUSY | BROKEN | {ErrorCode.ACTOR_RESTARTED}
 
@@ -95,11 +97,12 @@ class RolloutFleet:
                  curve: CurveClient | None = None, liveness_s: float = DEFAULT_LIVENESS_S,
                  health_interval_s: float = 1.0, health_timeout_s: float = 2.0, max_failovers: int = 3,
                  prefix_tokens: int = 32, load_factor: float = 1.25, chunk_tokens: int = 16,
-                 max_lag_s: float = 10.0) -> None:
+                 max_lag_s: float = 60.0) -> None:
         """``chunk_tokens``: how often a server reports a non-streamed request's progress; on a
         failover up to ``chunk_tokens - 1`` tokens it made are generated again elsewhere.
         ``max_lag_s``: an admitted server behind the fleet's current version for longer than this
-        (no push reaches it) is evicted until it catches up."""
+        (no push reaches it) is evicted until it catches up; long enough for a push of a large
+        model over tcp to reach every server (each applies a version on its own)."""
         if not endpoints:
             raise ValueError("a fleet needs at least one endpoint")
         self.timeout = timeout
@@ -311,8 +314,8 @@ class RolloutFleet:
                     s.done = self._finish(s, prompt, msg, msg.finish_reason, base[samples.index(s)])
             return None
         except RollwireError as e:
-            if e.code not in TRY_ELSEWHERE or self._closing:
-                raise
+            if e.code not in TRY_ELSEWHERE or self._closing or (e.code in BROKEN and isinstance(e, RemoteError)):
+                raise  # (a server's bad_frame refusal is about our request, not a broken server)
             if e.code in SERVER_GONE | BROKEN:
                 self._evict(server, f"request failed: {e.code.value}")
             server.failures += sum(s.done is None for s in samples)

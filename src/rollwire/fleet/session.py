@@ -27,7 +27,10 @@ class FleetSession:
     another live server, replays the whole history there in one append (one prefill on the next
     turn), and the call runs again; the trajectory, roles and loss mask included, goes on unbroken.
     A call that the dead server may have half done (a turn's output) is lost with it: the turn runs
-    again on the new server. A call made after the fleet has evicted the session's server (health
+    again on the new server. After a call whose reply was lost (a stalled server, a turn whose
+    abort was not answered: SessionDesynced), the next call first replays this client's record into
+    a fresh session on a live server (its own one included), so the session goes on as the caller
+    saw it. A call made after the fleet has evicted the session's server (health
     missed) moves first instead of waiting out the liveness bound there; the copy left on that
     server, if it still lives, expires by its ttl."""
 
@@ -95,6 +98,7 @@ class FleetSession:
         call, moves included, as for ``generate``."""
         assert self._session is not None and self._server is not None, "session is not open"
         deadline = self._deadline(kw)
+        await self._resync_if_needed(deadline)
         tried = [self._server]
         if not self._server.alive and self._fleet.max_failovers > 0 and self._fleet.router.live(exclude=tried):
             await self._move(tried, f"server evicted ({self._server.why_out})", deadline)
@@ -128,8 +132,24 @@ class FleetSession:
         """Whether the fleet still counts this session's server as live (not evicted)."""
         return self._server is not None and self._server.alive
 
+    async def _resync_if_needed(self, deadline: float | None) -> None:
+        """An earlier call's reply was lost (a stalled server, a call timed out): the server's copy is
+        unknown, so the session goes on from this client's record, replayed into a fresh session on
+        a live server (its own one included), once the old copy is closed (if its server answers)."""
+        assert self._session is not None and self._server is not None
+        if not self._session.desynced:
+            return
+        old, was = self._session, self._server
+        with contextlib.suppress(Exception):  # first: a server at its session limit then has room for the fresh one
+            async with asyncio.timeout_at(deadline):
+                await old.close()
+        server, fresh = await self._place([], lambda s: s.replay(old, from_desynced=True), "resync", deadline)
+        log.warning("session_resynced", frm=was.endpoint, to=server.endpoint, tokens=len(old._ids))
+        self._session, self._server = fresh, server
+
     async def _moving(self, call: Any, deadline: float | None = None) -> Any:
         assert self._session is not None and self._server is not None, "session is not open"
+        await self._resync_if_needed(deadline)
         tried = [self._server]
         if not self._server.alive and self._fleet.max_failovers > 0 and self._fleet.router.live(exclude=tried):
             # the fleet already took its server for dead: move now rather than wait out the

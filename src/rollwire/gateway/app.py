@@ -138,12 +138,16 @@ def build_app(gw: Gateway) -> FastAPI:
         gone = asyncio.ensure_future(hung_up(request))
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # this handler itself is cancelled: the work goes with it
+            task.cancel()
+            raise
         finally:
             gone.cancel()
         if not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task})  # its cancellation runs to its end (aborts sent); raises nothing
+            if not task.cancelled():
+                task.exception()  # retrieved: it ended with its own error as it was cancelled
             gw.metrics.inc("client_disconnects_total")
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         return task.result()  # type: ignore[no-any-return]

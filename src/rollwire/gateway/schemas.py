@@ -14,7 +14,6 @@ at the end-of-turn token), ``stop_token_ids``, ``return_token_ids`` (token ids i
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -201,14 +200,19 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-_FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
+# parts of a pydantic error location that name a branch of a union, not something the caller wrote
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "bytes", "dict", "list"})
+_MODEL_NAMES = frozenset({"TextPart", "FunctionCall", "ToolCall", "Message", "FunctionDef", "Tool", "StreamOptions"})
 
 
 def _names_a_field(part: Any) -> bool:
-    """A part of a pydantic error location that the caller wrote (a field name or a list index),
-    not one naming a branch of a union ("str", "list[int]", "function-after[...]", "TextPart")."""
-    return isinstance(part, int) or (bool(_FIELD.match(part)) and part not in _TYPE_NAMES)
+    """A part of a pydantic error location that the caller wrote (a field name, as written,
+    "maxTokens" included, or a list index), not one naming a branch of a union ("str",
+    "list[int]", "function-after[...]", "constrained-str", "TextPart")."""
+    if isinstance(part, int):
+        return True
+    return not (part in _TYPE_NAMES or part in _MODEL_NAMES or "[" in part
+                or part.startswith(("function-", "constrained-", "json-or-python", "lax-or-strict")))
 
 
 def parse(model: type[_Sampling], body: Any) -> Any:
