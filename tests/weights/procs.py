@@ -37,19 +37,34 @@ def _faulty_trainer_class() -> Any:
     from rollwire.weightsync.publisher import TrainerPublisher
 
     class FaultyTrainer(TrainerPublisher):
-        """Fault injection: with ``corrupt_next``, the next shm push flips a byte of its arena after
-        checksumming it (what receivers read no longer matches what was announced)."""
+        """Fault injection: with ``corrupt_next``, the next shm push flips the first byte of its first
+        bucket after checksumming it, before flagging the piece written (what receivers read no
+        longer matches the checksum the trainer writes)."""
 
         corrupt_next = False
+        mid_pack: str | None = None  # "die" (SIGKILL) or "fail" (the pack raises) after piece 0 of the next shm push
 
         async def _prepare(self, push: Any, sender: Any, step: int, receivers: Any) -> Any:
             from rollwire.messages.weights import ShmPayload
 
             ready = await super()._prepare(push, sender, step, receivers)
-            if self.corrupt_next and isinstance(ready.payload, ShmPayload):
-                self.corrupt_next = False
-                arena = self._senders["shm"].arena
-                arena.tensor[0] = 255 - int(arena.tensor[0])
+            if not isinstance(ready.payload, ShmPayload):
+                return ready
+            sender = self._senders["shm"]
+            header, first, flag = sender._header, ready.payload.offsets[0], sender._header.piece_written
+            corrupt, self.corrupt_next = self.corrupt_next, False
+            mid_pack, self.mid_pack = self.mid_pack, None
+
+            def faulty_flag(index: int) -> None:
+                if corrupt and index == 0:
+                    sender.arena.tensor[first] = 255 - int(sender.arena.tensor[first])
+                if mid_pack and index > 0:
+                    if mid_pack == "die":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    raise RuntimeError(f"fault injection: the pack fails at piece {index}")
+                flag(index)
+
+            header.piece_written = faulty_flag
             return ready
 
     return FaultyTrainer
@@ -92,19 +107,25 @@ async def _drive(endpoint: str, weights: dict[str, Any], commands: Any, results:
             if cmd[0] == "corrupt_next":
                 tp.corrupt_next = True
                 continue
+            if cmd[0] == "mid_pack":  # ("mid_pack", "die" | "fail")
+                tp.mid_pack = cmd[1]
+                continue
             version, kind, transport = cmd
             try:
                 report = await tp.push_weights(version, weights[kind], transport=transport)
                 results.put(("ok", report.version, report.transport, report.receivers))
             except PushError as e:
                 results.put(("failed", version, transport, e.failures))
+            except RuntimeError as e:  # the trainer's own failure (fault injection)
+                results.put(("error", version, transport, str(e)))
 
 
 def trainer_main(endpoint: str, weights: dict[str, Any], commands: Any, results: Any, die_at: int | None = None,
                  bucket_bytes: int = 512 << 20, device: str = "cpu", pub_endpoint: str | None = None,
                  curve_files: Any = None) -> None:
     """Push what ``commands`` says: (version, key into ``weights``, transport), publish a step
-    message: ("step", step, phase), or corrupt the next shm push: ("corrupt_next",); None stops. The
+    message: ("step", step, phase), corrupt the next shm push: ("corrupt_next",), or end its pack
+    after the first piece: ("mid_pack", "die" | "fail"); None stops. The
     weights come from the parent as CPU tensors (building the model here would import transformers:
     seconds) and are moved to ``device`` here (cuda: the push is from GPU memory)."""
     import torch

@@ -26,6 +26,7 @@ from rollwire.messages import (
 )
 from rollwire.messages.weights import PausePolicy
 from rollwire.runtime import Origin, RollwireError, handles
+from rollwire.weightsync.layout import StagingError
 from rollwire.weightsync.memcopy import copy_pool, copy_threads, copy_verified
 from rollwire.weightsync.staged import STAGED, StagedVersion
 
@@ -90,8 +91,11 @@ class GenerationControl:
         elif isinstance(self.engine, VerifyingLoader):
             await self.engine.update_weights_verified(staged.tensors, version, staged.checks)
         else:
-            bad = await asyncio.get_running_loop().run_in_executor(None, copy_verified, [], staged.checks,
-                                                                   copy_pool(), copy_threads())
+            try:
+                bad = await asyncio.get_running_loop().run_in_executor(None, copy_verified, [], staged.checks,
+                                                                       copy_pool(), copy_threads())
+            except StagingError as e:  # the trainer stopped writing the bytes: nothing is loaded yet
+                raise RollwireError(e.code, e.message) from None
             if bad:
                 raise RollwireError(ErrorCode.BAD_CHECKSUM, f"version {version}: bucket(s) {bad} do not match "
                                                             "their announced checksums")

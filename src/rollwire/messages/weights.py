@@ -87,7 +87,8 @@ class ShmPayload(msgspec.Struct, frozen=True, kw_only=True, tag="shm", array_lik
     """Every bucket lies in the trainer's shared-memory arena (same host)."""
 
     name: str  # the arena, in /dev/shm (rw-arena-<pidns>-<pid>-<hex12>)
-    offsets: list[int]  # byte offset of each bucket in the arena
+    offsets: list[int]  # byte offset of each bucket in the arena, after its header
+    stamp: int  # this push in the arena's header (weightsync/arena_header.py): progress and checksums
 
 
 class CudaIpcPayload(msgspec.Struct, frozen=True, kw_only=True, tag="cuda_ipc", array_like=True):

@@ -65,27 +65,39 @@ class Subscriber(Generic[T]):
 
     def __init__(self, union: Any, *, curve: CurveClient | None = None,
                  max_frame_bytes: int = ANNOUNCEMENT_MAX_FRAME) -> None:
-        self._sock: zmq.asyncio.Socket = sockets.socket(zmq.SUB, max_frame_bytes=max_frame_bytes)
-        if curve is not None:
-            curve.apply(self._sock)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._curve, self._max_frame_bytes = curve, max_frame_bytes
+        self._sock = self._new_socket()
         self._codec: Codec[T] = Codec(union)
         self.endpoint = ""
         self.bad_messages = 0
 
+    def _new_socket(self) -> zmq.asyncio.Socket:
+        sock = sockets.socket(zmq.SUB, max_frame_bytes=self._max_frame_bytes)
+        if self._curve is not None:
+            self._curve.apply(sock)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        return sock
+
     def connect(self, endpoint: str) -> None:
-        """(Re)point the subscription at ``endpoint``; a no-op if already connected there."""
+        """(Re)point the subscription at ``endpoint``; a no-op if already connected there. Another
+        endpoint gets a fresh socket: ``disconnect`` on the live one ends the old publisher's pipe
+        at some later call into the socket, and when that lands between two frames of a message
+        being read, libzmq aborts the process (``Assertion failed: !_more (src/fq.cpp:80)``; a
+        Welcome naming another PUB while beacons queue did it)."""
         if endpoint == self.endpoint:
             return
         if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"not a ZeroMQ endpoint: {endpoint[:200]!r}")
+        sock = self._new_socket() if self.endpoint else self._sock
         try:
-            self._sock.connect(endpoint)
+            sock.connect(endpoint)
         except zmq.ZMQError as e:  # e.g. a malformed address in a peer's message
+            if sock is not self._sock:
+                sock.close(linger=0)
             raise ValueError(f"cannot connect to {endpoint[:200]!r}: {e}") from None
-        if self.endpoint:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disconnect(self.endpoint)
+        if sock is not self._sock:
+            self._sock.close(linger=0)
+            self._sock = sock
         self.endpoint = endpoint
 
     async def recv(self, timeout: float | None = None) -> T | None:

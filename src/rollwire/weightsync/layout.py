@@ -17,7 +17,7 @@ import asyncio
 import ctypes
 import mmap
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,7 +39,7 @@ from rollwire.messages.weights import (
     WeightsReady,
 )
 from rollwire.weightsync.checksum import PIECE_BYTES, checksum_of, checksum_parallel, fold, piece_digests
-from rollwire.weightsync.memcopy import ByteCheck
+from rollwire.weightsync.memcopy import ByteCheck, run_shared
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
 _ZEROS = bytes(ALIGN)
@@ -205,11 +205,12 @@ def _cells(plan: BucketPlan, dst: torch.Tensor) -> list[list[tuple[int, int, int
 
 
 def pack_with_checksum(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor], pool: Executor,
-                       threads: int = 2) -> list[int]:
+                       threads: int = 2, on_piece: Callable[[int], None] | None = None) -> list[int]:
     """Pack every bucket into its ``dst`` (flat uint8 CPU tensors) and return each bucket's checksum,
     each piece hashed right after it is copied (still in cache: nearly free next to the copy). This
-    thread and ``threads - 1`` workers of ``pool`` take pieces in turn. Blocks: run it on a worker
-    thread."""
+    thread and ``threads - 1`` workers of ``pool`` take pieces in turn. ``on_piece(i)``: piece ``i``
+    (buckets in order, 1 MiB pieces from each bucket's start) is written and hashed. Blocks: run it
+    on a worker thread."""
 
     jobs = []  # (bucket, ops, dst address, the piece's bytes)
     for b, (plan, dst) in enumerate(zip(plans, dsts, strict=True)):
@@ -228,12 +229,10 @@ def pack_with_checksum(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor]
                 elif src == 0:
                     ctypes.memset(addr + start, 0, n)
             digests[i] = piece_digests(piece)[0]
+            if on_piece is not None:
+                on_piece(i)
 
-    helpers = [pool.submit(work) for _ in range(threads - 1)]
-    work()  # this thread takes pieces too
-    for f in helpers:
-        if not f.cancel():  # one still queued has nothing left to do (and may wait on this thread's pool)
-            f.result()
+    run_shared(work, pool, threads)  # this thread takes pieces too
     per_bucket: list[list[int]] = [[] for _ in plans]
     for (b, _, _, _), d in zip(jobs, digests, strict=True):
         per_bucket[b].append(d)

@@ -23,9 +23,10 @@ import bisect
 import ctypes
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -75,22 +76,51 @@ def copy_bytes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], pool: Executo
         for d, s, n in todo:
             ctypes.memmove(d, s, n)
 
-    helpers = [pool.submit(work) for _ in range(threads - 1)] if pool is not None and len(jobs) > 1 else []
-    work()
+    run_shared(work, pool if len(jobs) > 1 else None, threads)
+
+
+def run_shared(work: Callable[[], None], pool: Executor | None, threads: int) -> None:
+    """Run ``work`` (which takes pieces from a shared iterator until none is left) on this thread
+    and ``threads - 1`` workers of ``pool`` at once; returns when all are done, raising the first
+    error any of them raised (after every one has stopped: no thread copies on behind the caller)."""
+    helpers = [pool.submit(work) for _ in range(threads - 1)] if pool is not None else []
+    errors: list[BaseException] = []
+    try:
+        work()
+    except BaseException as e:
+        errors.append(e)
     for f in helpers:
         if not f.cancel():  # one still queued has nothing left to do
-            f.result()
+            try:
+                f.result()
+            except BaseException as e:
+                errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 # -- copying while verifying ---------------------------------------------------------------------
+class PieceWaiter(Protocol):
+    """Bytes another process is still writing (``arena_header.HeaderReader``)."""
+
+    def wait_piece(self, bucket: int, k: int) -> None:
+        """Block until checksum piece ``k`` of bucket ``bucket`` is written (or raise)."""
+
+    def checksums(self) -> list[int]:
+        """Every bucket's checksum, once all is written (or raise)."""
+
+
 @dataclass(frozen=True)
 class ByteCheck:
     """Bytes still to verify: ``data`` (a flat uint8 CPU view of one announced bucket) must hash to
-    ``checksum`` (``checksum.py``). The view keeps the memory under it alive."""
+    ``checksum`` (``checksum.py``). The view keeps the memory under it alive. ``written``: the
+    trainer is still writing them; each piece is copied once it is written, and the checksum to
+    compare with is the one it writes last (``checksum`` is then unused)."""
 
     index: int  # the bucket's index in its version, for the error message
     data: torch.Tensor
     checksum: int
+    written: PieceWaiter | None = None
 
 
 def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Sequence[ByteCheck],
@@ -127,17 +157,19 @@ def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Se
     digests: list[list[int]] = [[0] * -(-c.data.numel() // HASH_PIECE_BYTES) for c in checks]
     todo = iter(jobs)  # shared: each thread takes the next piece (next() is atomic)
 
+    waiters = [c.written for c in checks]
+
     def work() -> None:
         for ci, k, p0, p1, ops in todo:
+            waiter = waiters[ci]
+            if waiter is not None:
+                waiter.wait_piece(checks[ci].index, k)
             for d, s, n in ops:
                 ctypes.memmove(d, s, n)
             digests[ci][k] = piece_digest((ctypes.c_char * (p1 - p0)).from_address(p0))
 
-    helpers = [pool.submit(work) for _ in range(threads - 1)] if pool is not None and len(jobs) > 1 else []
-    work()
-    for f in helpers:
-        if not f.cancel():
-            f.result()
+    run_shared(work, pool if len(jobs) > 1 else None, threads)
     if rest:
         copy_bytes(rest, pool, threads)
-    return [c.index for c, d in zip(checks, digests, strict=True) if fold(d) != c.checksum]
+    expected = [c.checksum if c.written is None else c.written.checksums()[c.index] for c in checks]
+    return [c.index for c, d, e in zip(checks, digests, expected, strict=True) if fold(d) != e]

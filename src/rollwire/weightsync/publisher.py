@@ -351,6 +351,7 @@ class TrainerPublisher:
                 self._last_version = version  # announced: even a failed push uses it up (some may apply it)
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
+                await push.written()  # receivers may answer before it ends (a bad announcement)
                 wait_s = time.monotonic() - t_announce
                 answered = True
                 for rid, why in failures.items():

@@ -16,7 +16,7 @@ from rollwire.messages.weights import BucketMeta, VersionOutcome
 from rollwire.weightsync.broadcast import GlooSender, NcclSender
 from rollwire.weightsync.cuda_ipc import CudaIpcSender
 from rollwire.weightsync.inline import BucketServer, InlineSender
-from rollwire.weightsync.layout import BucketPlan, Sender, byte_view
+from rollwire.weightsync.layout import BucketPlan, Sender
 from rollwire.weightsync.shm import ShmSender
 
 BROADCAST_FAILURE_GRACE_S = 2.0  # after the trainer's broadcast fails, receivers may still explain why
@@ -107,8 +107,8 @@ class Push:
         self.outcomes = outcomes
         self.total_bytes = sum(p.nbytes for p in plans)
         self.metas: list[BucketMeta] = []
-        self.arena: torch.Tensor | None = None  # shm: buckets already packed here, at ``offsets``
-        self.offsets: list[int] = []
+        self.offsets: list[int] = []  # shm, nccl: where each bucket lies in the arena
+        self.writing: asyncio.Future[Any] | None = None  # shm: the pack, announced before it ends
         self.served = BucketServer(plans, pack_buf)  # inline: buckets packed on first pull
         self.broadcast: asyncio.Future[None] | None = None
         self.cuda_after: Any = None  # cuda_ipc: event on the caller's stream after its last write
@@ -145,6 +145,11 @@ class Push:
     def broadcast_failed(self, why: str) -> None:
         asyncio.get_running_loop().call_later(BROADCAST_FAILURE_GRACE_S, self.fail_all, why)
 
+    async def written(self) -> None:
+        """The trainer's own writing of the version has ended (raises its error, if it failed)."""
+        if self.writing is not None:
+            await self.writing
+
     async def wait(self, timeout: float) -> dict[str, str]:
         try:
             return await collect(self.outcomes, timeout)
@@ -164,10 +169,6 @@ class Push:
         """The bytes of bucket ``index``, contiguous, without a copy once packed, and their
         checksum (inline: computed as the bucket is packed, so no pass over the version precedes the
         announcement; it travels in the BucketData reply)."""
-        plan = self.plans[index]
-        if self.arena is not None:
-            off = self.offsets[index]
-            return byte_view(self.arena[off:off + plan.nbytes]), self.metas[index].checksum
         return await self.served.bucket(index, packer, ahead=ahead)
 
 

@@ -17,8 +17,11 @@ pid namespace removes arenas whose creator is dead.
 Receivers ``attach`` by name, read-only, and cache the mapping: a mapping stays valid after the
 trainer unlinks the name, until the last tensor view on it dies.
 
-Trainer half: ``prepare`` packs a version into the reused arena, each piece checksummed as it is
-copied. Receiver half: ``stage`` verifies the buckets in place and names the tensors by offset.
+Trainer half: ``layout_arena`` places a version in the reused arena behind its header
+(``arena_header``), the version is announced, then ``pack`` writes it, each piece checksummed as it
+is copied and flagged in the header once written. Receiver half: ``stage`` checks the buckets' place
+and either waits for the whole version and verifies it in place, or (``verify_on_load``) hands the
+engine checks that follow the trainer piece by piece, so the load overlaps the pack.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import mmap
 import os
 import re
@@ -38,11 +42,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from rollwire.messages.codec import Buffer
 from rollwire.messages.errors import ErrorCode
 from rollwire.messages.weights import INBAND, NamedTensor, Payload, ShmPayload, WeightsReady
+from rollwire.weightsync.arena_header import HeaderReader, HeaderWriter, header_bytes, pieces_of
 from rollwire.weightsync.layout import (
     BucketPlan,
     Sender,
@@ -53,7 +59,6 @@ from rollwire.weightsync.layout import (
     byte_view,
     pack_with_checksum,
     packed_offsets,
-    raise_problems,
     uint8_view,
     verify_buckets,
 )
@@ -126,6 +131,7 @@ class ShmArena:
         self._mm: mmap.mmap | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self.created = 0  # how many segments this arena has made (benchmarks check it stays 1)
+        self._stamps = itertools.count(1)  # one per push written here (arena_header: never 0)
 
     def reserve(self, nbytes: int) -> bool:
         """Make room for ``nbytes``; True if the segment was (re)created (the name changed)."""
@@ -133,6 +139,9 @@ class ShmArena:
             return False
         self._create(max(_GROW_QUANTUM, -(-nbytes // _GROW_QUANTUM) * _GROW_QUANTUM))
         return True
+
+    def next_stamp(self) -> int:
+        return next(self._stamps)
 
     def retire(self) -> None:
         """The next ``reserve`` makes a new segment: a receiver may still be reading this one."""
@@ -229,30 +238,61 @@ def _current_size(name: str) -> int | None:
 
 
 # -- trainer half -------------------------------------------------------------------------------
+def layout_arena(arena: ShmArena, plans: Sequence[BucketPlan]) -> tuple[list[int], HeaderWriter]:
+    """Make room in the reused arena for a version behind its header and start a new push in the
+    header; returns each bucket's offset and the header to report the pack's progress in."""
+    nbytes = [p.nbytes for p in plans]
+    first = header_bytes(sum(pieces_of(nbytes)), len(plans))
+    offsets = [first + off for off in packed_offsets(plans)]
+    arena.reserve(offsets[-1] + plans[-1].nbytes if plans else first)
+    return offsets, HeaderWriter(arena.tensor, arena.next_stamp(), nbytes)
+
+
+def pack(arena: torch.Tensor, plans: Sequence[BucketPlan], offsets: Sequence[int], header: HeaderWriter) -> list[int]:
+    """Write every bucket into ``arena`` at its offset, each piece checksummed as it is copied and
+    flagged in ``header`` (on as many threads as torch uses, ``memcopy.copy_threads``); then every
+    checksum, and the version is complete. Blocks: run it on a worker thread."""
+    views = [arena[off:off + p.nbytes] for p, off in zip(plans, offsets, strict=True)]
+    try:
+        sums = pack_with_checksum(plans, views, copy_pool(), copy_threads(), header.piece_written)
+    except BaseException:
+        header.give_up()
+        raise
+    header.complete(sums)
+    return sums
+
+
 async def prepare(arena: ShmArena, plans: Sequence[BucketPlan], workers: Executor) -> tuple[list[int], list[int]]:
-    """Pack every bucket into the reused arena, each piece checksummed right after it is copied (on
-    a thread of ``workers`` and the process's copy helpers: as many threads as torch uses, see
-    ``memcopy.copy_threads``). Returns each bucket's checksum and its offset in the arena."""
-    offsets = packed_offsets(plans)
-    arena.reserve(offsets[-1] + plans[-1].nbytes if plans else 1)
-    views = [arena.tensor[off:off + p.nbytes] for p, off in zip(plans, offsets, strict=True)]
-    sums = await asyncio.get_running_loop().run_in_executor(workers, pack_with_checksum, plans, views, copy_pool(),
-                                                            copy_threads())
+    """Lay out and pack a whole version before anything is announced (benchmarks time the parts of
+    a push this way); returns each bucket's checksum and offset."""
+    offsets, header = layout_arena(arena, plans)
+    sums = await asyncio.get_running_loop().run_in_executor(workers, pack, arena.tensor, plans, offsets, header)
     return sums, offsets
 
 
 class ShmSender(Sender):
+    """The version is announced before it is packed (checksums INBAND: they come in the arena's
+    header), and packed once announced, so receivers copy each piece as soon as it is written."""
+
     same_host = True
 
     def __init__(self) -> None:
         self.arena = ShmArena()
+        self._header: HeaderWriter | None = None
 
     async def prepare(self, push: Any, ranks: Sequence[str], workers: Executor) -> tuple[list[int], Payload]:
-        sums, offsets = await prepare(self.arena, push.plans, workers)
-        push.arena, push.offsets = self.arena.tensor, offsets  # a pull (not needed) is served from here
-        return sums, ShmPayload(name=self.arena.name, offsets=offsets)
+        push.offsets, self._header = layout_arena(self.arena, push.plans)
+        return [INBAND] * len(push.plans), ShmPayload(name=self.arena.name, offsets=push.offsets,
+                                                      stamp=self._header.stamp)
+
+    def announced(self, push: Any, workers: Executor, window: int) -> None:
+        assert self._header is not None
+        push.writing = asyncio.get_running_loop().run_in_executor(workers, pack, self.arena.tensor, push.plans,
+                                                                   push.offsets, self._header)
 
     def failed(self) -> None:
+        if self._header is not None:
+            self._header.give_up()  # receivers still waiting for pieces fail now
         self.arena.retire()  # a receiver may still read it: the next push writes a fresh one
 
     def close(self) -> None:
@@ -262,37 +302,49 @@ class ShmSender(Sender):
 # -- receiver half ------------------------------------------------------------------------------
 class ShmStager(Stager):
     """``verify_on_load``: the engine copies the arena's bytes into its parameters itself (the hf
-    engine on a CPU) and verifies each piece as it copies it (``memcopy.copy_verified``), so staging
-    does not read the arena once more just to hash it. Otherwise every bucket is verified here,
-    before the engine is paused."""
+    engine on a CPU), each piece as soon as the trainer has written it, and verifies it as it copies
+    it (``memcopy.copy_verified``): staging neither waits for the pack nor reads the arena once more
+    just to hash it. Otherwise staging waits until the trainer has written the whole version and
+    verifies every bucket, before the engine is paused."""
 
     def __init__(self, verify_on_load: bool = False) -> None:
         self.verify_on_load = verify_on_load
+        self._last: tuple[WeightsReady, list[torch.Tensor], HeaderReader] | None = None
 
     async def stage(self, ready: WeightsReady, pool: Executor, stall_timeout_s: float,
                     ) -> tuple[list[NamedTensor], list[Buffer], Where]:
-        """Check the buckets' place in the trainer's arena and verify them in place (unless the
-        engine verifies them as it loads); tensors are byte offsets into it."""
+        """Check the buckets' place in the trainer's arena and its header, and verify the buckets in
+        place once written (unless the engine verifies them as it loads); tensors are byte offsets
+        into the arena."""
         payload = ready.payload
         assert isinstance(payload, ShmPayload)
-        views = self._buckets(ready)
+        self._last = None
+        views, header = self._attach(ready, stall_timeout_s)
         if self.verify_on_load:
-            raise_problems([f"bucket {m.index}: no checksum announced" if m.checksum == INBAND else None
-                            for m in ready.buckets])
-        else:  # as many threads as the engine copies with
-            await verify_buckets(ready.buckets, [byte_view(v) for v in views], copy_pool())
+            self._last = (ready, views, header)
+        else:  # the pack's end, then as many threads as the engine copies with
+            sums = await asyncio.get_running_loop().run_in_executor(pool, header.checksums)
+            metas = [msgspec.structs.replace(m, checksum=c) for m, c in zip(ready.buckets, sums, strict=True)]
+            await verify_buckets(metas, [byte_view(v) for v in views], copy_pool())
         return at_offsets(ready.buckets, payload.offsets), [], {"shm_name": payload.name}
 
     def deferred_checks(self, ready: WeightsReady) -> list[ByteCheck]:
-        if not self.verify_on_load:
+        if self._last is None or self._last[0] is not ready:
             return []
-        return [ByteCheck(m.index, v, m.checksum) for m, v in zip(ready.buckets, self._buckets(ready), strict=True)]
+        _, views, header = self._last
+        self._last = None
+        return [ByteCheck(m.index, v, INBAND, header) for m, v in zip(ready.buckets, views, strict=True)]
 
     @staticmethod
-    def _buckets(ready: WeightsReady) -> list[torch.Tensor]:
-        """Each bucket's bytes in the attached arena (flat uint8 views), bounds checked."""
+    def _attach(ready: WeightsReady, stall_timeout_s: float) -> tuple[list[torch.Tensor], HeaderReader]:
+        """Each bucket's bytes in the attached arena (flat uint8 views), bounds checked, and the
+        arena's header for this push."""
         payload = ready.payload
         assert isinstance(payload, ShmPayload)
+        if any(m.checksum != INBAND for m in ready.buckets):
+            raise StagingError(ErrorCode.BAD_FIELD, "shm checksums come in the arena's header (announce -1)")
+        if payload.stamp <= 0:
+            raise StagingError(ErrorCode.BAD_FIELD, f"shm stamp {payload.stamp} is not positive")
         try:
             arena = attach(payload.name)
             current = _current_size(payload.name)
@@ -302,10 +354,12 @@ class ShmStager(Stager):
             detach(payload.name)
             raise StagingError(ErrorCode.BAD_FIELD, f"shm arena {payload.name!r} shrank from {arena.size} to "
                                                     f"{current} bytes after it was mapped")
+        nbytes = [m.nbytes for m in ready.buckets]
+        first = header_bytes(sum(pieces_of(nbytes)), len(nbytes))
         views = []
         for meta, off in zip(ready.buckets, payload.offsets, strict=True):
-            if off < 0 or off + meta.nbytes > arena.size:
+            if off < first or off + meta.nbytes > arena.size:
                 raise StagingError(ErrorCode.BAD_FIELD, f"bucket {meta.index} at {off}+{meta.nbytes} outside the "
-                                                        f"{arena.size}-byte arena")
+                                                        f"{arena.size}-byte arena after its {first}-byte header")
             views.append(arena.tensor[off:off + meta.nbytes])
-        return views
+        return views, HeaderReader(arena.tensor, payload.stamp, nbytes, stall_timeout_s)

@@ -18,6 +18,7 @@ import torch
 from rollwire.engines.base import EngineError
 from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
+from rollwire.weightsync.layout import StagingError
 from rollwire.weightsync.memcopy import ByteCheck, byte_copyable, copy_bytes, copy_pool, copy_threads, copy_verified
 
 
@@ -77,7 +78,13 @@ class WeightStore:
         pairs = [(self.params[name].data, t) for name, t in items]
         plain = [(d, t) for d, t in pairs if byte_copyable(d, t)]
         if checks:  # verified as copied; with nothing to copy here, verified before anything is copied
-            bad = copy_verified(plain, checks, copy_pool(), copy_threads())
+            try:
+                bad = copy_verified(plain, checks, copy_pool(), copy_threads())
+            except StagingError as e:  # the trainer stopped writing the bytes (shm): part of them is copied
+                if plain:
+                    self._undefined = set(self._distinct)
+                raise EngineError(e.code, e.message + ("; the parameters hold part of that version: nothing is "
+                                                       "generated until a whole version loads" if plain else ""))
             if bad and plain:
                 self._undefined = set(self._distinct)
             if bad:
