@@ -26,7 +26,8 @@ SMALL_BUCKETS = 64 << 10  # the tiny model in ~10 buckets of one piece each: pie
 
 
 @asynccontextmanager
-async def server(shm_verify: ShmVerify, stall_timeout_s: float) -> AsyncIterator[tuple[RolloutServer, RolloutClient, str]]:
+async def server(shm_verify: ShmVerify, stall_timeout_s: float,
+                 ) -> AsyncIterator[tuple[RolloutServer, RolloutClient, str]]:
     cfg = ServerConfig(rollout_endpoint=ipc_endpoint("shm-stream"), trainer_endpoint=free_tcp_endpoint(),
                        receiver_id="server-0", stall_timeout_s=stall_timeout_s, max_new_tokens_limit=64,
                        shm_verify=shm_verify)

@@ -83,8 +83,8 @@ class WeightStore:
             except StagingError as e:  # the trainer stopped writing the bytes (shm): part of them is copied
                 if plain:
                     self._undefined = set(self._distinct)
-                raise EngineError(e.code, e.message + ("; the parameters hold part of that version: nothing is "
-                                                       "generated until a whole version loads" if plain else ""))
+                held = "; the parameters hold part of that version: nothing is generated until a whole version loads"
+                raise EngineError(e.code, e.message + (held if plain else "")) from None
             if bad and plain:
                 self._undefined = set(self._distinct)
             if bad:
