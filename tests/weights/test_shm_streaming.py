@@ -121,6 +121,10 @@ def test_a_reader_follows_the_writer_piece_by_piece_and_fails_on_a_rewritten_or_
         assert abandoned.value.code == ErrorCode.WEIGHTS_FAILED
         with pytest.raises(StagingError):
             reader.checksums()  # every later wait fails too
+        newer.complete([0])  # a pack that ran on after its push was cancelled: still given up
+        with pytest.raises(StagingError) as late:
+            arena_header.HeaderReader(attached, newer.stamp, nbytes, stall_timeout_s=60)
+        assert late.value.code == ErrorCode.WEIGHTS_FAILED
     finally:
         shm.detach_all()
         arena.close()

@@ -24,6 +24,7 @@ version (a failed push retires it: ``ShmSender.failed``), so a piece is never th
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Sequence
 
@@ -65,6 +66,8 @@ class HeaderWriter:
         self.stamp = stamp
         self.n_pieces, self.n_buckets = sum(pieces_of(bucket_nbytes)), len(bucket_nbytes)
         self._w = _words(base, self.n_pieces, self.n_buckets)
+        self._state_lock = threading.Lock()  # complete (the pack's thread) against give_up (the loop)
+        self._given_up = False
         self._w[1] = stamp  # first: older flags hold older stamps, so none reads as written
         self._w[2] = 0
         self._w[3], self._w[4] = self.n_pieces, self.n_buckets
@@ -75,13 +78,20 @@ class HeaderWriter:
         self._w[_FIRST_PIECE + index] = self.stamp
 
     def complete(self, checksums: Sequence[int]) -> None:
-        for b, c in enumerate(checksums):
-            self._w[_FIRST_PIECE + self.n_pieces + b] = c
-        self._w[2] = self.stamp
+        """Every piece is written: the checksums, then the state (unless the push was given up
+        meanwhile: a cancelled push whose pack ran on stays given up)."""
+        with self._state_lock:
+            if self._given_up:
+                return
+            for b, c in enumerate(checksums):
+                self._w[_FIRST_PIECE + self.n_pieces + b] = c
+            self._w[2] = self.stamp
 
     def give_up(self) -> None:
         """Receivers waiting for pieces fail the version now instead of at their stall timeout."""
-        self._w[2] = -self.stamp
+        with self._state_lock:
+            self._given_up = True
+            self._w[2] = -self.stamp
 
 
 class HeaderReader:
