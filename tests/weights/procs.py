@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from typing import Any
 
 
@@ -55,14 +56,19 @@ def _faulty_trainer_class() -> Any:
             corrupt, self.corrupt_next = self.corrupt_next, False
             mid_pack, self.mid_pack = self.mid_pack, None
 
+            first_flagged = threading.Event()  # pieces are packed on several threads
+
             def faulty_flag(index: int) -> None:
                 if corrupt and index == 0:
                     sender.arena.tensor[first] = 255 - int(sender.arena.tensor[first])
                 if mid_pack and index > 0:
+                    first_flagged.wait(30)  # piece 0 is written and flagged first, whichever thread is faster
                     if mid_pack == "die":
                         os.kill(os.getpid(), signal.SIGKILL)
                     raise RuntimeError(f"fault injection: the pack fails at piece {index}")
                 flag(index)
+                if index == 0:
+                    first_flagged.set()
 
             header.piece_written = faulty_flag
             return ready

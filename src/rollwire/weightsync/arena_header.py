@@ -68,8 +68,11 @@ class HeaderWriter:
         self._w = _words(base, self.n_pieces, self.n_buckets)
         self._state_lock = threading.Lock()  # complete (the pack's thread) against give_up (the loop)
         self._given_up = False
-        self._w[1] = stamp  # first: older flags hold older stamps, so none reads as written
+        self._w[1] = stamp  # first: a reader of an older push sees it superseded from here on
         self._w[2] = 0
+        # the flags: where this header is longer than the last one, its words lie on that push's
+        # bucket bytes, and any int64 there equal to the stamp would read as "written"
+        ctypes.memset(ctypes.addressof(self._w) + 8 * _FIRST_PIECE, 0, 8 * self.n_pieces)
         self._w[3], self._w[4] = self.n_pieces, self.n_buckets
         self._w[0] = MAGIC
 
@@ -108,9 +111,14 @@ class HeaderReader:
         self._base = base
         self._w = _words(base, self.n_pieces, self.n_buckets)
         self.failure: StagingError | None = None
+        self._cancelled = False
+        self._check()  # the stamp first: a later push may have laid the arena out otherwise
         if self._w[0] != MAGIC or (self._w[3], self._w[4]) != (self.n_pieces, self.n_buckets):
             raise StagingError(ErrorCode.BAD_FIELD, "the shm arena's header does not describe this version")
-        self._check()
+
+    def cancel(self) -> None:
+        """Whoever waited has gone (a cancelled staging): a thread still waiting stops at its next look."""
+        self._cancelled = True
 
     def _check(self) -> None:
         if self.failure is None:
@@ -119,6 +127,8 @@ class HeaderReader:
                                                  f"not {self.stamp})")
             elif self._w[2] == -self.stamp:
                 self._fail(ErrorCode.WEIGHTS_FAILED, "the trainer gave the version up while writing it")
+            elif self._cancelled:
+                self._fail(ErrorCode.SUPERSEDED, "the wait for the trainer's bytes was cancelled")
         if self.failure is not None:
             raise self.failure
 
@@ -129,8 +139,8 @@ class HeaderReader:
 
     def _wait(self, word: int) -> None:
         w, stamp = self._w, self.stamp
-        if w[word] == stamp and w[1] == stamp and self.failure is None:
-            return
+        if w[word] == stamp and w[1] == stamp and w[2] != -stamp and self.failure is None and not self._cancelled:
+            return  # (a given-up version is not copied on: what is copied already stays)
         deadline = time.monotonic() + self.stall_timeout_s
         poll = FIRST_POLL_S
         while w[word] != stamp:

@@ -100,6 +100,11 @@ def run_shared(work: Callable[[], None], pool: Executor | None, threads: int) ->
 
 
 # -- copying while verifying ---------------------------------------------------------------------
+class PartlyCopied(Exception):
+    """``copy_verified`` stopped on an error (its ``__cause__``) after bytes had gone into the
+    destinations: they hold part of what was being copied."""
+
+
 class PieceWaiter(Protocol):
     """Bytes another process is still writing (``arena_header.HeaderReader``)."""
 
@@ -131,6 +136,8 @@ def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Se
     memory once more). Pairs whose source is not inside one checked bucket are copied afterwards.
     Returns the indices of the checks whose bytes did not hash to their checksum; the copies are
     made whatever the outcome (the caller decides what a failed check means for the destinations).
+    A failed wait for bytes still being written raises its error, or ``PartlyCopied`` from it once
+    anything was copied.
     Blocks: run it on a worker thread. ``pairs=[]``: a plain verification pass."""
     spans = sorted((c.data.data_ptr(), c.data.data_ptr() + c.data.numel(), i) for i, c in enumerate(checks))
     inside: list[tuple[int, int, int]] = []  # (src start, src end, dst), each inside one span
@@ -158,17 +165,25 @@ def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Se
     todo = iter(jobs)  # shared: each thread takes the next piece (next() is atomic)
 
     waiters = [c.written for c in checks]
+    copied = [False]  # set before the first byte goes into a destination (any thread)
 
     def work() -> None:
         for ci, k, p0, p1, ops in todo:
             waiter = waiters[ci]
             if waiter is not None:
                 waiter.wait_piece(checks[ci].index, k)
+            if ops:
+                copied[0] = True
             for d, s, n in ops:
                 ctypes.memmove(d, s, n)
             digests[ci][k] = piece_digest((ctypes.c_char * (p1 - p0)).from_address(p0))
 
-    run_shared(work, pool if len(jobs) > 1 else None, threads)
+    try:
+        run_shared(work, pool if len(jobs) > 1 else None, threads)
+    except Exception as e:  # a wait failed (the writer stopped): say whether anything was copied
+        if copied[0]:
+            raise PartlyCopied(str(e)) from e
+        raise
     if rest:
         copy_bytes(rest, pool, threads)
     expected = [c.checksum if c.written is None else c.written.checksums()[c.index] for c in checks]

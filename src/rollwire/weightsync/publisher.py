@@ -351,12 +351,12 @@ class TrainerPublisher:
                 self._last_version = version  # announced: even a failed push uses it up (some may apply it)
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
-                await push.written()  # receivers may answer before it ends (a bad announcement)
                 wait_s = time.monotonic() - t_announce
                 answered = True
                 for rid, why in failures.items():
                     if why.startswith("timed out") and rid in self.receivers:
                         self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
+                await push.written()  # (receivers may answer first: a bad announcement) raises the pack's error
             finally:
                 self._push = self._pending = None
                 self._pack_buf = push.served.pack_buf

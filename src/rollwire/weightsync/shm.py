@@ -323,7 +323,11 @@ class ShmStager(Stager):
         if self.verify_on_load:
             self._last = (ready, views, header)
         else:  # the pack's end, then as many threads as the engine copies with
-            sums = await asyncio.get_running_loop().run_in_executor(pool, header.checksums)
+            try:
+                sums = await asyncio.get_running_loop().run_in_executor(pool, header.checksums)
+            except asyncio.CancelledError:
+                header.cancel()  # the thread would poll on for the stall timeout
+                raise
             metas = [msgspec.structs.replace(m, checksum=c) for m, c in zip(ready.buckets, sums, strict=True)]
             await verify_buckets(metas, [byte_view(v) for v in views], copy_pool())
         return at_offsets(ready.buckets, payload.offsets), [], {"shm_name": payload.name}

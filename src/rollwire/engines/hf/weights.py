@@ -19,7 +19,15 @@ from rollwire.engines.base import EngineError
 from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
 from rollwire.weightsync.layout import StagingError
-from rollwire.weightsync.memcopy import ByteCheck, byte_copyable, copy_bytes, copy_pool, copy_threads, copy_verified
+from rollwire.weightsync.memcopy import (
+    ByteCheck,
+    PartlyCopied,
+    byte_copyable,
+    copy_bytes,
+    copy_pool,
+    copy_threads,
+    copy_verified,
+)
 
 
 class WeightStore:
@@ -80,11 +88,14 @@ class WeightStore:
         if checks:  # verified as copied; with nothing to copy here, verified before anything is copied
             try:
                 bad = copy_verified(plain, checks, copy_pool(), copy_threads())
-            except StagingError as e:  # the trainer stopped writing the bytes (shm): part of them is copied
-                if plain:
-                    self._undefined = set(self._distinct)
-                held = "; the parameters hold part of that version: nothing is generated until a whole version loads"
-                raise EngineError(e.code, e.message + (held if plain else "")) from None
+            except StagingError as e:  # the trainer stopped writing the bytes (shm) before any was copied
+                raise EngineError(e.code, e.message) from None
+            except PartlyCopied as e:  # ... or after: part of them is in the parameters
+                self._undefined = set(self._distinct)
+                cause = e.__cause__
+                code = cause.code if isinstance(cause, StagingError) else ErrorCode.WEIGHTS_FAILED
+                raise EngineError(code, f"{getattr(cause, 'message', cause)}; the parameters hold part of that "
+                                        "version: nothing is generated until a whole version loads") from None
             if bad and plain:
                 self._undefined = set(self._distinct)
             if bad:
