@@ -65,7 +65,7 @@ def _faulty_trainer_class() -> Any:
                     first_flagged.wait(30)  # piece 0 is written and flagged first, whichever thread is faster
                     if mid_pack == "die":
                         os.kill(os.getpid(), signal.SIGKILL)
-                    raise RuntimeError(f"fault injection: the pack fails at piece {index}")
+                    raise RuntimeError("fault injection: the pack fails after piece 0")
                 flag(index)
                 if index == 0:
                     first_flagged.set()

@@ -10,17 +10,19 @@ import asyncio
 import errno
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 import zmq
 
 from rollwire.messages import RemoteError
-from rollwire.messages.weights import ShmPayload
+from rollwire.messages.weights import INBAND, ShmPayload
 from rollwire.runtime import ActorSystem
 from rollwire.transports import sockets
 from rollwire.transports.sockets import free_tcp_endpoint
+from rollwire.weightsync import shm
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
-from rollwire.weightsync.layout import checksum_sources, pack_bucket, plan_buckets
+from rollwire.weightsync.layout import checksum_sources, plan_buckets
 from rollwire.weightsync.publisher import PushError, TrainerPublisher
 from tests.conftest import until
 from tests.weights.conftest import Rig, make_rig
@@ -98,31 +100,46 @@ async def test_a_bucket_of_the_wrong_size_is_rejected_with_bad_frame(rig: Rig) -
         assert (out.ok, out.error_code) == (False, "bad_frame")
 
 
+def written(tr: ScriptedTrainer, plans: list[Any], *, flip: bool = False) -> tuple[list[int], ShmPayload]:
+    """The version written into the scripted trainer's arena as a TrainerPublisher writes it (its
+    header, then the pieces), optionally with its first byte flipped after the checksums were
+    taken: the INBAND checksums and the payload to announce."""
+    offsets, header = shm.layout_arena(tr.arena, plans)
+    shm.pack(tr.arena.tensor, plans, offsets, header)
+    if flip:
+        tr.arena.tensor[offsets[0]] ^= 1
+    return [INBAND] * len(plans), ShmPayload(name=tr.arena.name, offsets=offsets, stamp=header.stamp)
+
+
 async def test_an_shm_arena_that_does_not_match_its_checksum_is_rejected(rig: Rig) -> None:
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
-        tr.arena.reserve(plans[0].nbytes)
-        pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
-        sum_ok = checksum_sources(plans[0])
-        out = await outcome_of(await tr.announce(1, plans, checksums=[sum_ok ^ 1],
-                                                 payload=ShmPayload(name=tr.arena.name, offsets=[0])))
+        sums, payload = written(tr, plans, flip=True)
+        out = await outcome_of(await tr.announce(1, plans, checksums=sums, payload=payload))
         assert (out.ok, out.error_code) == (False, "bad_checksum")
-        out = await outcome_of(await tr.announce(2, plans, checksums=[sum_ok],
-                                                 payload=ShmPayload(name=tr.arena.name, offsets=[0])))
+        sums, payload = written(tr, plans)
+        out = await outcome_of(await tr.announce(2, plans, checksums=sums, payload=payload))
         assert out.ok and torch.equal(rig.sink.applied[2]["a"], plans[0].sources[0])
+        sums, payload = written(tr, plans)
+        out = await outcome_of(await tr.announce(3, plans, checksums=[checksum_sources(plans[0])], payload=payload))
+        assert (out.ok, out.error_code) == (False, "bad_field")  # shm checksums come in the header, not here
 
 
 async def test_an_announcement_that_does_not_add_up_is_rejected_with_bad_field(rig: Rig) -> None:
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(100)}, bucket_bytes=1 << 20)
-        out = await outcome_of(await tr.announce(1, plans, payload=ShmPayload(name="../../etc/passwd",
-                                                                                  offsets=[0])))
-        assert (out.ok, out.error_code) == (False, "bad_field")
-        out = await outcome_of(await tr.announce(2, plans, payload=ShmPayload(name=tr.arena.name or "x",
-                                                                                  offsets=[])))
-        assert (out.ok, out.error_code) == (False, "bad_field")
+        sums, payload = written(tr, plans)
+        for version, bad in enumerate((msgspec.structs.replace(payload, name="../../etc/passwd"),
+                                       msgspec.structs.replace(payload, offsets=[]),
+                                       msgspec.structs.replace(payload, offsets=[0]),  # inside the header
+                                       msgspec.structs.replace(payload, stamp=0)), start=1):
+            out = await outcome_of(await tr.announce(version, plans, checksums=sums, payload=bad))
+            assert (out.ok, out.error_code) == (False, "bad_field"), bad
+        out = await outcome_of(await tr.announce(9, plans, checksums=sums,
+                                                 payload=msgspec.structs.replace(payload, stamp=payload.stamp + 1)))
+        assert (out.ok, out.error_code) == (False, "superseded"), out  # not the push the arena holds
 
 
 async def test_duplicate_stale_and_out_of_order_bucket_replies_still_assemble_the_version(rig: Rig) -> None:
@@ -464,20 +481,15 @@ async def test_an_arena_truncated_after_it_was_mapped_is_refused_not_read(rig: R
     async with ScriptedTrainer(rig.endpoint, rig.pub_endpoint) as tr:
         await tr.wait_joined()
         plans = tr.plan({"a": torch.randn(300_000)}, bucket_bytes=4 << 20)
+        sums, payload = written(tr, plans)
         for version in (1, 2):
             if version == 2:
                 os.truncate(os.path.join("/dev/shm", tr.arena.name), 4096)
-            else:
-                tr.arena.reserve(plans[0].nbytes)
-                pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
-            out = await outcome_of(await tr.announce(version, plans, checksums=[checksum_sources(plans[0])],
-                                                     payload=ShmPayload(name=tr.arena.name, offsets=[0])))
+            out = await outcome_of(await tr.announce(version, plans, checksums=sums, payload=payload))
             assert out.ok == (version == 1) and (version == 1 or "shrank" in out.message), out
         tr.arena.retire()
-        tr.arena.reserve(plans[0].nbytes)
-        pack_bucket(plans[0], tr.arena.tensor[:plans[0].nbytes])
-        out = await outcome_of(await tr.announce(3, plans, checksums=[checksum_sources(plans[0])],
-                                                 payload=ShmPayload(name=tr.arena.name, offsets=[0])))
+        sums, payload = written(tr, plans)
+        out = await outcome_of(await tr.announce(3, plans, checksums=sums, payload=payload))
         assert out.ok and torch.equal(rig.sink.applied[3]["a"], plans[0].sources[0])
 
 

@@ -52,7 +52,8 @@ async def test_a_trainer_that_stops_writing_a_version_part_way(shm_verify: ShmVe
     receiver waited for the whole version before pausing anything: the old version serves on, a
     request is answered at once on it. ``while_loading``: once the engine has copied the first
     piece into its parameters (always when the trainer dies; when its pack fails, only if the
-    engine got there before the failure, usually not: the tiny version is packed in under a ms), it
+    engine got there before the failure: the tiny version is packed in under a ms, so the version
+    fails at staging, in the engine before it copied anything, or after, run by run), it
     holds requests (health INCOMPLETE); one sent then waits, unanswered, and is answered by the next
     whole version, on that version; if it had copied nothing, the old version serves on. In every
     case the next push loads."""
@@ -64,7 +65,7 @@ async def test_a_trainer_that_stops_writing_a_version_part_way(shm_verify: ShmVe
             trainer.commands.put(("mid_pack", how))
             if how == "fail":
                 assert await trainer.push(1, "perturbed", "shm") == (
-                    "error", 1, "shm", "fault injection: the pack fails at piece 1")
+                    "error", 1, "shm", "fault injection: the pack fails after piece 0")
                 code = ErrorCode.WEIGHTS_FAILED
             else:
                 trainer.commands.put((1, "perturbed", "shm"))
@@ -77,8 +78,8 @@ async def test_a_trainer_that_stops_writing_a_version_part_way(shm_verify: ShmVe
                 assert await greedy(rc) == original  # answered at once, on version 0, unharmed
                 assert gen.counters.get("load_failures") == 0 and gen.counters.get("pauses_retract") == 0
                 assert state == "SERVING"
-            elif how == "fail" and state == "SERVING":  # failed before the engine copied a byte
-                assert gen.counters.get("load_failures") == 1
+            elif how == "fail" and state == "SERVING":  # failed at staging, or in the engine before a byte
+                assert gen.counters.get("load_failures") in (0, 1)  # went in: either way nothing of it is loaded
                 assert await greedy(rc) == original  # answered at once, on version 0, unharmed
             else:
                 assert gen.counters.get("load_failures") == 1
