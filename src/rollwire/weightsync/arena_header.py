@@ -67,7 +67,7 @@ class HeaderWriter:
         self.n_pieces, self.n_buckets = sum(pieces_of(bucket_nbytes)), len(bucket_nbytes)
         self._w = _words(base, self.n_pieces, self.n_buckets)
         self._state_lock = threading.Lock()  # complete (the pack's thread) against give_up (the loop)
-        self._given_up = False
+        self._given_up = self._complete = False
         self._w[1] = stamp  # first: a reader of an older push sees it superseded from here on
         self._w[2] = 0
         # the flags: where this header is longer than the last one, its words lie on that push's
@@ -89,10 +89,15 @@ class HeaderWriter:
             for b, c in enumerate(checksums):
                 self._w[_FIRST_PIECE + self.n_pieces + b] = c
             self._w[2] = self.stamp
+            self._complete = True
 
     def give_up(self) -> None:
-        """Receivers waiting for pieces fail the version now instead of at their stall timeout."""
+        """Receivers waiting for pieces fail the version now instead of at their stall timeout. A
+        complete version stays complete: a receiver still reading it (the push failed for another)
+        reads whole bytes (the arena is retired, not rewritten)."""
         with self._state_lock:
+            if self._complete:
+                return
             self._given_up = True
             self._w[2] = -self.stamp
 
