@@ -24,6 +24,7 @@ version (a failed push retires it: ``ShmSender.failed``), so a piece is never th
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -108,7 +109,7 @@ class HeaderReader:
 
     def __init__(self, base: torch.Tensor, stamp: int, bucket_nbytes: Sequence[int], stall_timeout_s: float) -> None:
         counts = pieces_of(bucket_nbytes)
-        self.first_piece = [sum(counts[:b]) for b in range(len(counts))]  # global index of each bucket's piece 0
+        self.first_piece = [0, *itertools.accumulate(counts)][:-1]  # global index of each bucket's piece 0
         self.stamp, self.stall_timeout_s = stamp, stall_timeout_s
         self.n_pieces, self.n_buckets = sum(counts), len(counts)
         if base.numel() < header_bytes(self.n_pieces, self.n_buckets):
