@@ -352,11 +352,13 @@ class TrainerPublisher:
                 sender.announced(push, self._workers, self.credit_window)
                 failures = await push.wait(self.timeout_s)
                 wait_s = time.monotonic() - t_announce
-                answered = True
                 for rid, why in failures.items():
                     if why.startswith("timed out") and rid in self.receivers:
                         self.receivers[rid].joined = False  # stalled: evicted until it acknowledges a beacon
-                await push.written()  # (receivers may answer first: a bad announcement) raises the pack's error
+                # receivers may answer before the trainer's own writing ends (a bad announcement, or
+                # none to wait for): the arena is reused only after it, and its error is the push's
+                await push.written()
+                answered = True
             finally:
                 self._push = self._pending = None
                 self._pack_buf = push.served.pack_buf
