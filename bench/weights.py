@@ -337,7 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("machine load (before, then after each size): " + "; ".join(
         f"{x['time']} loadavg {x['loadavg'][0]:.2f} busy {x['busy_pct']}%" for x in load))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    import xxhash
+
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "xxhash": xxhash.VERSION,  # < 4.0 hashes holding the GIL: the threads' checksums run one at a time
             "repeats": repeats, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "argv": sys.argv[1:] if argv is None else list(argv), "machine_load": load}
     Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -10,7 +10,10 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src:$PWD
 fi
-nproc; python3 -c "import torch, xxhash; print('torch', torch.__version__, 'threads', torch.get_num_threads())"
+nproc; python3 -c "import torch, xxhash; print('torch', torch.__version__, 'threads', torch.get_num_threads(), 'xxhash', xxhash.VERSION)"
+# rollwire needs xxhash >= 4.0 (pyproject): older ones hash holding the GIL, so the copy threads'
+# checksums run one at a time. The GPU image's own may be older: put a cp312 xxhash wheel in .whl/.
+python3 -c "import sys, xxhash; sys.exit(int(xxhash.VERSION.split('.')[0]) < 4)" || echo "WARNING: xxhash < 4.0 here"
 STEPS=${*:-weights rpc fleet gateway}
 quiet() { grep -v -E "\[(info|debug|warning) *\]" "$1" | tail -"${2:-25}"; }
 for s in $STEPS; do
