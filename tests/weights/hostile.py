@@ -80,7 +80,7 @@ def hostile_frames(draw: Any, rid: int = 0, oversize: int | None = None) -> list
     if kind == "wrong_fields":
         tag = draw(st.sampled_from(TAGS))
         fields = draw(st.lists(st.one_of(st.integers(-2**63, 2**64 - 1), st.text(max_size=8), st.none(),
-                                         st.booleans(), st.lists(st.integers(), max_size=3),
+                                         st.booleans(), st.lists(st.integers(-2**63, 2**64 - 1), max_size=3),
                                          st.floats(allow_nan=True)), max_size=12))
         return [header(rid), _enc.encode([tag, *fields])]
     if kind == "header_only":
