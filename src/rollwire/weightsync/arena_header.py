@@ -118,6 +118,7 @@ class HeaderReader:
         self._w = _words(base, self.n_pieces, self.n_buckets)
         self.failure: StagingError | None = None
         self._cancelled = False
+        self._checksums: list[int] | None = None
         self._check()  # the stamp first: a later push may have laid the arena out otherwise
         if self._w[0] != MAGIC or (self._w[3], self._w[4]) != (self.n_pieces, self.n_buckets):
             raise StagingError(ErrorCode.BAD_FIELD, "the shm arena's header does not describe this version")
@@ -163,7 +164,12 @@ class HeaderReader:
         self._wait(_FIRST_PIECE + self.first_piece[bucket] + k)
 
     def checksums(self) -> list[int]:
-        """Every bucket's checksum, once the trainer has written the whole version."""
-        self._wait(2)
-        base = _FIRST_PIECE + self.n_pieces
-        return [self._w[base + b] for b in range(self.n_buckets)]
+        """Every bucket's checksum, once the trainer has written the whole version (read once: a
+        complete version's checksums never change, and every bucket's check asks for them)."""
+        if self._checksums is None:
+            self._wait(2)
+            base = _FIRST_PIECE + self.n_pieces
+            self._checksums = [self._w[base + b] for b in range(self.n_buckets)]
+        else:
+            self._check()  # still this push's arena when asked again
+        return self._checksums
