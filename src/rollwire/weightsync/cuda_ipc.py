@@ -320,6 +320,9 @@ class CudaIpcSender(Sender):
     def failed(self) -> None:
         self.arena.retire()
 
+    def unwaited(self) -> None:
+        self.arena.retire()
+
     def close(self) -> None:
         self.arena.close()
 

@@ -372,6 +372,10 @@ class Sender:
     def failed(self) -> None:
         """The push failed: a receiver may still read what this push prepared."""
 
+    def unwaited(self) -> None:
+        """The push succeeded, but a receiver it did not wait for (registered, not joined) heard the
+        announcement and may still read what this push prepared, at its own pace."""
+
     def forget(self, receiver_id: str) -> None:
         """``receiver_id`` restarted: whatever it had joined for this transport is gone."""
 

@@ -366,6 +366,8 @@ class TrainerPublisher:
                     push.abandon()
                 if not answered or failures:  # a receiver may still read the arena, or a group is broken
                     sender.failed()
+                elif self._unwaited_readers(push):
+                    sender.unwaited()
                 if barrier:  # every server has answered (or failed, or the push was cancelled): all resume
                     await self._release_barrier(version, sorted(set(push.outcomes) - set(failures)) if answered else [])
             if failures and (require_all or len(failures) == len(push.outcomes)):
@@ -399,6 +401,12 @@ class TrainerPublisher:
         push.metas = [p.meta(c) for p, c in zip(push.plans, sums, strict=True)]
         return WeightsReady(trainer_id=self.trainer_id, version=push.version, step=step, n_buckets=len(push.plans),
                             total_bytes=push.total_bytes, buckets=push.metas, payload=payload)
+
+    def _unwaited_readers(self, push: Push) -> list[str]:
+        """Registered receivers on this host that the push did not wait for: they heard its
+        announcement (a server that registered during the push, or one evicted after a stall and
+        not back yet) and may still be reading its bytes when the next push would rewrite them."""
+        return [rid for rid, r in self.receivers.items() if rid not in push.outcomes and r.host_id == self.host_id]
 
     async def _wait_joined(self) -> list[Registered]:
         return await self.roster.wait_joined(self.min_receivers, self.timeout_s, self._check_alive)

@@ -295,6 +295,9 @@ class ShmSender(Sender):
             self._header.give_up()  # receivers still waiting for pieces fail now
         self.arena.retire()  # a receiver may still read it: the next push writes a fresh one
 
+    def unwaited(self) -> None:
+        self.arena.retire()  # the version is whole: nothing to give up, but the next push must not overwrite it
+
     def close(self) -> None:
         self.arena.close()
 

@@ -1,0 +1,89 @@
+"""When the trainer may write a push into the arena it used for the last one: only once no receiver
+can still be reading that one. Real ZeroMQ sockets, a real WeightReceiverActor (into an ApplySink)
+and a real /dev/shm arena; the slow reader is a raw DEALER and SUB (no rollwire receiver code)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from rollwire.messages.codec import Codec
+from rollwire.messages.weights import Register, ShmPayload, TrainerAnnouncement, WeightsReady, Welcome
+from rollwire.weightsync import shm
+from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.publisher import TrainerPublisher
+from tests.conftest import until
+from tests.weights.conftest import Rig
+from tests.weights.hostile import call, dealer
+
+
+async def test_a_cancelled_push_leaves_its_arena_to_the_receiver_still_reading_it(rig: Rig) -> None:
+    """The caller gives up on push 1 (cancelled) while the receiver is loading it: push 2 packs into
+    a fresh arena, and version 1 loads with its own bytes (before, push 2 overwrote the arena under
+    that load, which then took version 2's bytes as version 1's)."""
+    v1, v2 = {"w": torch.full((1000,), 1.0)}, {"w": torch.full((1000,), 2.0)}
+    rig.sink.gate = asyncio.Event()
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        push = asyncio.ensure_future(tp.push_weights(1, v1, transport="shm"))
+        await asyncio.wait_for(rig.sink.loading.wait(), 20)
+        push.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await push
+        second = asyncio.ensure_future(tp.push_weights(2, v2, transport="shm"))
+        await until(lambda: tp._senders["shm"].arena.created == 2, "push 2 packed into a fresh arena", 20)  # type: ignore[attr-defined]
+        rig.sink.gate.set()
+        await asyncio.wait_for(second, 20)
+    assert torch.equal(rig.sink.applied[1]["w"], v1["w"]) and torch.equal(rig.sink.applied[2]["w"], v2["w"])
+
+
+async def test_a_receiver_the_push_did_not_wait_for_keeps_reading_that_versions_bytes(rig: Rig) -> None:
+    """A receiver registered on this host but not joined (it never acknowledged a beacon, as one
+    that registered during a push or came back after a stall) hears the announcement and may read
+    the arena at its own pace: the push does not wait for it, so the next push writes a fresh arena
+    and the bytes it holds stay version 1's. (Before, push 2 rewrote the same arena under it.)"""
+    v1, v2 = {"w": torch.full((4096,), 1.0)}, {"w": torch.full((4096,), 2.0)}
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        slow = dealer(tp.endpoint)
+        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(tp.pub_endpoint)
+        try:
+            welcome = await call(slow, Register(receiver_id="slow", host_id=shm.host_id(), transports=["shm"],
+                                                live_version=0, checksums=[CHECKSUM_NAME]), Welcome, 1)
+            assert isinstance(welcome, Welcome)
+            await until(lambda: "r1" in tp.receivers and tp.receivers["r1"].joined, "r1 joined", 20)
+            assert not tp.receivers["slow"].joined  # it never acknowledges a beacon
+            report = await tp.push_weights(1, v1, transport="shm")
+            assert report.receivers == ["r1"]  # the push did not wait for "slow"
+            codec: Codec[TrainerAnnouncement] = Codec(TrainerAnnouncement)
+            async with asyncio.timeout(20):
+                while not isinstance(ready := codec.decode(await sub.recv_multipart())[1], WeightsReady):
+                    pass
+            assert ready.version == 1 and isinstance(ready.payload, ShmPayload)
+            arena = shm.attach(ready.payload.name).tensor  # "slow" reads version 1 now
+            off, n = ready.payload.offsets[0], ready.buckets[0].nbytes
+            held = arena[off:off + n].view(torch.float32)
+            assert torch.equal(held, v1["w"])
+            await tp.push_weights(2, v2, transport="shm")
+            assert tp._senders["shm"].arena.name != ready.payload.name  # type: ignore[attr-defined]
+            assert torch.equal(held, v1["w"])  # still version 1's bytes
+            assert torch.equal(rig.sink.applied[2]["w"], v2["w"]) and torch.equal(rig.sink.applied[1]["w"], v1["w"])
+        finally:
+            slow.close(linger=0)
+            sub.close(linger=0)
+
+
+async def test_with_every_receiver_waited_for_the_next_push_reuses_the_arena(rig: Rig) -> None:
+    """The other side of the rule: every registered receiver was counted, so the arena is reused."""
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
+        await tp.push_weights(1, {"w": torch.ones(4096)}, transport="shm")
+        first = tp._senders["shm"].arena.name  # type: ignore[attr-defined]
+        await tp.push_weights(2, {"w": torch.zeros(4096)}, transport="shm")
+        assert tp._senders["shm"].arena.name == first  # type: ignore[attr-defined]
+        assert tp._senders["shm"].arena.created == 1  # type: ignore[attr-defined]
+    assert torch.equal(rig.sink.applied[2]["w"], torch.zeros(4096))
