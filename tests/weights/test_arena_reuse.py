@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 import torch
 import zmq
 import zmq.asyncio
 
 from rollwire.messages.codec import Codec
-from rollwire.messages.weights import Register, ShmPayload, TrainerAnnouncement, WeightsReady, Welcome
+from rollwire.messages.weights import NamedTensor, Register, ShmPayload, TrainerAnnouncement, WeightsReady, Welcome
 from rollwire.weightsync import shm
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
+from rollwire.weightsync.layout import at_offsets, plan_buckets
 from rollwire.weightsync.publisher import TrainerPublisher
+from rollwire.weightsync.staged import resolve
 from tests.conftest import until
 from tests.weights.conftest import Rig
 from tests.weights.hostile import call, dealer
+from tests.weights.test_layout import pack as pack_plan
 
 
 async def test_a_cancelled_push_leaves_its_arena_to_the_receiver_still_reading_it(rig: Rig) -> None:
@@ -87,3 +91,37 @@ async def test_with_every_receiver_waited_for_the_next_push_reuses_the_arena(rig
         assert tp._senders["shm"].arena.name == first  # type: ignore[attr-defined]
         assert tp._senders["shm"].arena.created == 1  # type: ignore[attr-defined]
     assert torch.equal(rig.sink.applied[2]["w"], torch.zeros(4096))
+
+
+def test_the_receiver_reuses_its_views_only_while_arena_and_layout_repeat() -> None:
+    """``staged.resolve`` keeps the last arena's views (hundreds of tensors cost ~1.5 ms to view):
+    a repeat of both hands out the same views; another layout or another arena makes new ones; the
+    bytes read are the arena's as they are now, in every case. A real /dev/shm arena."""
+    tensors = {"a": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.arange(5, dtype=torch.int64)}
+    plans = plan_buckets(list(tensors.items()), 1 << 20)
+    arenas = [shm.ShmArena(), shm.ShmArena()]
+    try:
+        for arena in arenas:
+            arena.reserve(4096)
+        offsets = [256]
+        arenas[0].tensor[256:256 + plans[0].nbytes].copy_(pack_plan(plans[0]))
+
+        def resolved(arena: shm.ShmArena, offs: list[int]) -> list[tuple[str, torch.Tensor]]:
+            named = at_offsets([p.meta(0) for p in plans], offs)
+            named = msgspec.msgpack.decode(msgspec.msgpack.encode(named), type=list[NamedTensor])  # as received
+            return resolve(named, [], {"shm_name": arena.name})
+
+        first, again = resolved(arenas[0], offsets), resolved(arenas[0], offsets)
+        assert [id(t) for _, t in again] == [id(t) for _, t in first]
+        assert all(torch.equal(t, tensors[n]) for n, t in again)
+        arenas[0].tensor[512:512 + plans[0].nbytes].copy_(pack_plan(plans[0]) + 1)
+        moved = resolved(arenas[0], [512])
+        assert all(id(t) != id(u) for (_, t), (_, u) in zip(moved, first, strict=True))
+        assert torch.equal(moved[0][1].view(torch.uint8).flatten(), pack_plan(plans[0])[:24] + 1)
+        arenas[1].tensor[256:256 + plans[0].nbytes].copy_(pack_plan(plans[0]))
+        other = resolved(arenas[1], offsets)
+        assert all(id(t) != id(u) for (_, t), (_, u) in zip(other, first, strict=True))
+        assert all(torch.equal(t, tensors[n]) for n, t in other)
+    finally:
+        for arena in arenas:
+            arena.close()
