@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollwire.messages.weights import BucketMeta, InlinePayload, NamedTensor, TensorMeta, WeightsReady
+from rollwire.weightsync import checksum as checksum_module
 from rollwire.weightsync.checksum import Hasher, checksum_parallel
 from rollwire.weightsync.layout import (
     ALIGN,
@@ -112,9 +113,13 @@ def test_bytes_fed_to_a_hasher_in_any_cuts_give_the_checksum_of_the_whole(cuts: 
         assert h.result() == reference_checksum(data)
 
 
-def test_packing_with_checksums_packs_exactly_and_each_checksum_is_its_buckets() -> None:
+@pytest.mark.parametrize("run_bytes", [1 << 20, 4096, 77_777])
+def test_packing_with_checksums_packs_exactly_and_each_checksum_is_its_buckets(
+        run_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Buckets over several 1 MiB pieces, tensors straddling piece edges, a non-contiguous one, and
-    one bucket of a single large tensor; against pack_bucket and the definition."""
+    one bucket of a single large tensor; against pack_bucket and the definition. Each piece hashed
+    whole after its copy, or in runs (``HASH_RUN_BYTES``) that do not divide it or the tensors."""
+    monkeypatch.setattr(checksum_module, "HASH_RUN_BYTES", run_bytes)
     g = torch.Generator().manual_seed(3)
     tensors = {"odd": torch.randn(333_333, generator=g), "t": torch.randn(700, 900, generator=g).t(),
                **awkward_tensors(), "big": torch.randn(1 << 20, generator=g).to(torch.bfloat16)}

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from rollwire.weightsync import checksum as checksum_module
 from rollwire.weightsync.checksum import PIECE_BYTES as HASH_PIECE
 from rollwire.weightsync.checksum import checksum_of
 from rollwire.weightsync.memcopy import (
@@ -71,10 +72,14 @@ def _buckets(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, list[torch.
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_copy_verified_copies_every_tensor_and_checks_each_bucket_like_checksum_of(threads: int) -> None:
+@pytest.mark.parametrize("run_bytes", [1 << 20, 4096, 77_777])
+def test_copy_verified_copies_every_tensor_and_checks_each_bucket_like_checksum_of(
+        threads: int, run_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors cut anywhere (across piece and bucket edges, a bucket's padding left uncopied), plus
     a tensor outside every bucket: every byte is copied, and a bucket's bytes hash exactly as
-    ``checksum_of`` (the trainer's checksum) does; a flipped byte fails that bucket alone."""
+    ``checksum_of`` (the trainer's checksum) does; a flipped byte fails that bucket alone. Pieces
+    hashed whole after their copies, or in runs (``HASH_RUN_BYTES``) cutting the copies anywhere."""
+    monkeypatch.setattr(checksum_module, "HASH_RUN_BYTES", run_bytes)
     sizes = [3 * HASH_PIECE + 12345, 17, 2 * HASH_PIECE]
     arena, views = _buckets(sizes)
     checks = [ByteCheck(i, v, checksum_of([v.numpy()])) for i, v in enumerate(views)]

@@ -15,6 +15,7 @@ at memory speed. Measured on this 2-core machine, 1 GiB on two threads: copy 143
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 
@@ -24,6 +25,10 @@ from rollwire.messages.codec import Buffer
 
 NAME = "xxh3-64/1MiB"  # receivers and trainers exchange it at registration (Register, Welcome)
 PIECE_BYTES = 1 << 20  # the fastest of 256 KiB, 1 MiB, 4 MiB here for copy-then-hash; 8 B of digest per MiB
+# copy-then-hash goes in runs of this many bytes inside a piece, each hashed (xxh3 streaming: the
+# same digest) right after its copy, while it is still in the core's L2; a piece copied whole
+# before it is hashed is read once more from L3 or memory. Tunable for measurement only.
+HASH_RUN_BYTES = int(os.environ.get("ROLLWIRE_HASH_RUN_BYTES", 1 << 20))
 MASK = (1 << 63) - 1
 MAX_TASKS = 8  # per buffer handed to a pool: a few runs per core keep threads evenly busy
 

@@ -14,7 +14,6 @@ for them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import mmap
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,8 +37,8 @@ from rollwire.messages.weights import (
     TensorMeta,
     WeightsReady,
 )
-from rollwire.weightsync.checksum import PIECE_BYTES, checksum_of, checksum_parallel, fold, piece_digests
-from rollwire.weightsync.memcopy import ByteCheck, run_shared
+from rollwire.weightsync.checksum import PIECE_BYTES, checksum_of, checksum_parallel, fold
+from rollwire.weightsync.memcopy import ByteCheck, copy_and_digest, run_shared
 
 ALIGN = 64  # cache-line aligned offsets: a view of any dtype is legal, and copies vectorise
 _ZEROS = bytes(ALIGN)
@@ -212,23 +211,19 @@ def pack_with_checksum(plans: Sequence[BucketPlan], dsts: Sequence[torch.Tensor]
     (buckets in order, 1 MiB pieces from each bucket's start) is written and hashed. Blocks: run it
     on a worker thread."""
 
-    jobs = []  # (bucket, ops, dst address, the piece's bytes)
+    jobs = []  # (bucket, ops, the piece's first and last + 1 address)
     for b, (plan, dst) in enumerate(zip(plans, dsts, strict=True)):
-        mv = byte_view(dst) if dst.numel() else memoryview(b"")
-        jobs += [(b, ops, dst.data_ptr(), mv[k * PIECE_BYTES:(k + 1) * PIECE_BYTES])
+        addr = dst.data_ptr()
+        jobs += [(b, [(addr + start, addr + start, src, n) for start, n, src in ops],
+                  addr + k * PIECE_BYTES, addr + min((k + 1) * PIECE_BYTES, plan.nbytes))
                  for k, ops in enumerate(_cells(plan, dst))]
     digests = [0] * len(jobs)
     todo = iter(range(len(jobs)))  # shared: each worker takes the next piece (next() is atomic)
 
     def work() -> None:
         for i in todo:
-            _, ops, addr, piece = jobs[i]
-            for start, n, src in ops:
-                if src > 0:
-                    ctypes.memmove(addr + start, src, n)
-                elif src == 0:
-                    ctypes.memset(addr + start, 0, n)
-            digests[i] = piece_digests(piece)[0]
+            _, ops, lo, hi = jobs[i]
+            digests[i] = copy_and_digest(ops, lo, hi)
             if on_piece is not None:
                 on_piece(i)
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import xxhash
 
+from rollwire.weightsync import checksum
 from rollwire.weightsync.checksum import PIECE_BYTES as HASH_PIECE_BYTES
 from rollwire.weightsync.checksum import fold, piece_digest
 
@@ -100,6 +102,45 @@ def run_shared(work: Callable[[], None], pool: Executor | None, threads: int) ->
 
 
 # -- copying while verifying ---------------------------------------------------------------------
+CopyOp = tuple[int, int, int, int]  # (where in the hashed range, dst, src: 0 zeroes, -1 nothing to do, bytes)
+
+
+def copy_and_digest(ops: Sequence[CopyOp], lo: int, hi: int) -> int:
+    """Run ``ops`` (sorted by their place in the hashed bytes [lo, hi), not overlapping: memmove
+    ``n`` bytes ``src`` -> ``dst``, or zero ``dst``) and return the xxh3-64 digest of the bytes at
+    addresses [lo, hi), each run of ``checksum.HASH_RUN_BYTES`` hashed right after the ops that
+    touch it (while still in cache). The hashed bytes are the destination (packing) or the source
+    (copying out of an arena) of the ops."""
+    run = checksum.HASH_RUN_BYTES
+    if run >= hi - lo:
+        for _, d, s, n in ops:
+            _do(d, s, n)
+        return piece_digest((ctypes.c_char * (hi - lo)).from_address(lo))
+    h = xxhash.xxh3_64()
+    i, done = 0, 0  # the op under way, and how many of its bytes are done
+    for q0 in range(lo, hi, run):
+        q1 = min(q0 + run, hi)
+        while i < len(ops):
+            pos, d, s, n = ops[i]
+            if pos + done >= q1:
+                break
+            take = min(pos + n, q1) - pos - done
+            _do(d + done, s + done if s > 0 else s, take)
+            done += take
+            if done < n:
+                break
+            i, done = i + 1, 0
+        h.update((ctypes.c_char * (q1 - q0)).from_address(q0))
+    return h.intdigest()
+
+
+def _do(d: int, s: int, n: int) -> None:
+    if s > 0:
+        ctypes.memmove(d, s, n)
+    elif s == 0:
+        ctypes.memset(d, 0, n)
+
+
 class PartlyCopied(Exception):
     """``copy_verified`` stopped on an error (its ``__cause__``) after bytes had gone into the
     destinations: they hold part of what was being copied."""
@@ -159,7 +200,7 @@ def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Se
                 active.append(inside[j])
                 j += 1
             active = [a for a in active if a[1] > p0]
-            ops = [(d + max(s, p0) - s, max(s, p0), min(e, p1) - max(s, p0)) for s, e, d in active if s < p1]
+            ops = [(a, d + a - s, a, min(e, p1) - a) for s, e, d in active if s < p1 for a in (max(s, p0),)]
             jobs.append((ci, k, p0, p1, ops))
     digests: list[list[int]] = [[0] * -(-c.data.numel() // HASH_PIECE_BYTES) for c in checks]
     todo = iter(jobs)  # shared: each thread takes the next piece (next() is atomic)
@@ -174,9 +215,7 @@ def copy_verified(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], checks: Se
                 waiter.wait_piece(checks[ci].index, k)
             if ops:
                 copied[0] = True
-            for d, s, n in ops:
-                ctypes.memmove(d, s, n)
-            digests[ci][k] = piece_digest((ctypes.c_char * (p1 - p0)).from_address(p0))
+            digests[ci][k] = copy_and_digest(ops, p0, p1)
 
     try:
         run_shared(work, pool if len(jobs) > 1 else None, threads)
