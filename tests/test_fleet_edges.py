@@ -196,3 +196,40 @@ async def _one_opens(rc: RolloutClient) -> bool:
         return False
     await one.close()
     return True
+
+
+@pytest.mark.parametrize("two_servers", [((), ())], indirect=True)
+async def test_closing_the_fleet_during_a_session_turn_moves_nothing_and_aborts_the_turn_on_its_server(
+        two_servers) -> None:  # type: ignore[no-untyped-def]
+    """A FleetSession turn running when the fleet closes ends here (aborted, its partial output
+    kept, or shutting_down as its client closed); the session does not move to the other server,
+    and the turn is aborted on its server (before, it ran on there until the server took the
+    client for gone, or to its end: ``RolloutClient.close`` now aborts what still runs)."""
+    eps, _ = two_servers
+    fleet = RolloutFleet(eps, health_interval_s=0.3)
+    await fleet.start()
+    try:
+        await fleet.wait_ready(servers=2, timeout=180)
+        session = fleet.session(max_tokens=8192)
+        await session.open()
+        await session.append([4, 5, 6])
+        turn = asyncio.ensure_future(session.generate(sampling_params=LONG))
+        await until(lambda: samples_running(session.endpoint), "the turn is generating on its server")
+        turn_endpoint = session.endpoint
+    finally:
+        await fleet.close()
+    end = await asyncio.wait_for(asyncio.gather(turn, return_exceptions=True), 60)
+    ok = (isinstance(end[0], GenerateDone) and end[0].finish_reason == "abort") or (
+        isinstance(end[0], RollwireError) and end[0].code == ErrorCode.SHUTTING_DOWN)
+    assert ok, end
+    assert session.moves == 0 and fleet.failovers == 0, fleet.stats()
+    for ep in eps:
+        async with asyncio.timeout(60):  # nothing of it runs on the servers
+            while await samples_running(ep) > 0:
+                await asyncio.sleep(0.05)
+        async with RolloutClient(ep, timeout=30) as rc:
+            counters = (await rc.status()).counters
+        if ep == turn_endpoint:  # aborted there at once (before, it ran on to its 4000 tokens)
+            assert counters.get("finish_abort") == 1 and not counters.get("finish_length"), counters
+        else:
+            assert not counters.get("requests"), counters

@@ -4,6 +4,7 @@ kept to its end while the peer stays connected, or served to the one client that
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -164,3 +165,39 @@ async def test_under_curve_another_key_cannot_take_over_a_clients_routing_id(tmp
         proc.kill()
         proc.wait()
         ctx.term()
+
+
+async def test_a_client_closed_with_a_request_and_a_session_turn_running_aborts_both_on_the_server() -> None:
+    """``RolloutClient.close`` with a request and a session turn still generating: each caller gets
+    ``shutting_down``, and the client sent the server an abort for each before it closed (the
+    server counts two ``abort_requests`` and two ``abort`` finishes, none from taking the client
+    for gone). Before, both ran on there until the client's silence passed ``--client-timeout``
+    (15 s by default) or to their end."""
+    ep = free_tcp_endpoint()
+    proc = serve(ep)
+    long = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
+    try:
+        rc = RolloutClient(ep)
+        async with rc:
+            await rc.wait_ready(timeout=120)
+            request = asyncio.ensure_future(rc.generate([4, 5, 6], long))
+            session = rc.session()
+            await session.open()
+            await session.append([7, 8])
+            turn = asyncio.ensure_future(session.generate(sampling_params=long))
+            async with RolloutClient(ep) as probe:
+                await until(lambda: _running(probe, 2), "the request and the turn are generating")
+        ends = await asyncio.wait_for(asyncio.gather(request, turn, return_exceptions=True), 30)
+        assert all(isinstance(e, RolloutError) and e.code == ErrorCode.SHUTTING_DOWN for e in ends), ends
+        async with RolloutClient(ep) as probe:
+            await until(lambda: _running(probe, 0), "nothing runs on the server")
+            counters = (await probe.status()).counters
+        assert counters.get("abort_requests") == 2 and counters.get("finish_abort") == 2, counters
+        assert not counters.get("client_gone_aborts") and not counters.get("finish_length"), counters
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def _running(probe: RolloutClient, samples: int) -> bool:
+    return (await probe.status()).counters.get("samples_in_flight", 0) == samples

@@ -49,6 +49,7 @@ T = TypeVar("T")
 GenerateOutput = GenerateDone  # the terminal reply is the output: output_ids, logprobs, spans...
 
 
+CLOSE_ABORT_S = 1.0  # close(): at most this long sending aborts for what still runs
 RolloutError = RollwireError  # what a rollout call raises: one hierarchy, a stable ``code`` on each
 
 
@@ -158,9 +159,17 @@ class RolloutClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._rpc.close()
-        if self._session_rpc is not None:
-            await self._session_rpc.close()
+        """Requests and session turns still running are aborted on the server first (best effort,
+        within ``CLOSE_ABORT_S``): otherwise they would run on until the server takes this client
+        for gone. Their callers get ``shutting_down``."""
+        rpcs = [self._rpc] + ([self._session_rpc] if self._session_rpc is not None else [])
+        with contextlib.suppress(RollwireError, TimeoutError):
+            async with asyncio.timeout(CLOSE_ABORT_S):
+                for rpc in rpcs:
+                    for rid in rpc.open_streams():
+                        await rpc.send(0, AbortRequest(target_rid=rid))
+        for rpc in rpcs:
+            await rpc.close()
         await self._background.drain()
 
     def session(self, *, max_tokens: int = 8192, ttl_s: float = 600.0, keep_stale_prefix: bool = False,

@@ -149,6 +149,11 @@ class RolloutFleet:
         for s in self.servers:
             await s.client.close()
 
+    @property
+    def closing(self) -> bool:
+        """``close`` was called: a call failing now fails here; nothing moves to another server."""
+        return self._closing
+
     async def wait_ready(self, servers: int = 1, timeout: float = 60.0) -> list[str]:
         """Until ``servers`` servers are admitted; their endpoints."""
         async with asyncio.timeout(timeout):

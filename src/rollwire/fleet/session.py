@@ -112,7 +112,7 @@ class FleetSession:
                         yield item
                 return
             except RollwireError as e:
-                if e.code not in SERVER_GONE:
+                if e.code not in SERVER_GONE or self._fleet.closing:
                     raise
                 self._fleet._evict(self._server, f"session stream failed: {e.code.value}")
                 if streamed or len(tried) > self._fleet.max_failovers:
@@ -159,7 +159,7 @@ class FleetSession:
             try:
                 return await call(self._session)
             except RollwireError as e:
-                if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
+                if e.code not in SERVER_GONE or self._fleet.closing or len(tried) > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(self._server, f"session call failed: {e.code.value}")
                 await self._move(tried, e.code.value, deadline)
@@ -194,7 +194,7 @@ class FleetSession:
                 raise RequestTimeout(f"session {what} on {server.endpoint} outlived the call's timeout") from None
             except RollwireError as e:
                 self._discard(session)
-                if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
+                if e.code not in SERVER_GONE or self._fleet.closing or len(tried) > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(server, f"session {what} failed: {e.code.value}")
             except BaseException:

@@ -184,6 +184,10 @@ class RpcClient(Generic[R]):
     def close_stream(self, rid: int) -> None:
         self._waiters.pop(rid, None)
 
+    def open_streams(self) -> list[int]:
+        """The rids registered with ``open_stream`` and not closed yet (requests still answering)."""
+        return [rid for rid, w in self._waiters.items() if isinstance(w, asyncio.Queue)]
+
     async def send(self, rid: int, msg: msgspec.Struct, payload: Sequence[Buffer] = ()) -> None:
         if self._closed:
             raise ConnectionClosed(f"client to {self.endpoint} is closed")
