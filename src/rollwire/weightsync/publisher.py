@@ -85,8 +85,6 @@ __all__ = ["PushError", "PushReport", "TrainerPublisher"]
 
 log = get_logger("rollwire.trainer")
 FAST_BEACON_S = 0.05  # while a registered receiver has not joined yet
-REREGISTER_RETRY_S = 1.0  # told to a Register refused because its id is held by a live connection
-MAX_RECEIVER_ID = 512  # characters: ids are kept, logged and reported (a server's default: host:pid)
 
 
 def _check_number(what: str, value: object) -> None:
@@ -432,33 +430,14 @@ class TrainerPublisher:
 
     @handles(Register)
     async def _on_register(self, peer: bytes, key: str, rid: int, msg: Register) -> None:
-        if checksum.NAME not in msg.checksums:  # an older receiver: every push would fail its checks
-            why = (f"receiver {msg.receiver_id!r} verifies {', '.join(msg.checksums) or 'crc32'} bucket checksums, "
-                   f"this trainer sends {checksum.NAME!r}: run the same rollwire on both ends")
-            log.error("receiver_incompatible", receiver_id=msg.receiver_id, reason=why)
-            await self._peers.refuse(peer, rid, ErrorCode.UNSUPPORTED_PROTOCOL, why)
-            return
-        if not 0 < len(msg.receiver_id) <= MAX_RECEIVER_ID:
-            self.counters["registrations_refused"] += 1
-            await self._peers.refuse(peer, rid, ErrorCode.BAD_FIELD, f"receiver_id: 1 to {MAX_RECEIVER_ID} characters")
-            return
-        old = self.receivers.get(msg.receiver_id)
         welcome = Welcome(trainer_id=self.trainer_id, pub_endpoint=self.pub_endpoint, checksum=checksum.NAME)
+        old = self.receivers.get(msg.receiver_id)
         if old is not None and old.peer == peer:  # a retry queued while we were away: same connection
             await self._peers.reply(peer, rid, welcome)
             return
-        refused = (self.roster.claim_refused(old, key, self._peers.connected) if old is not None
-                   else self.roster.key_refused(msg.receiver_id, key))
-        if refused is not None:
-            self.counters["registrations_refused"] += 1
-            log.warning("register_refused", receiver_id=msg.receiver_id[:100], reason=refused)
-            await self._peers.refuse(peer, rid, ErrorCode.UNAUTHORIZED, refused,
-                               retry_after_s=0.0 if self._curve is not None else REREGISTER_RETRY_S)
-            return
-        if old is None and not self.roster.make_room(self.max_receivers):  # after the checks: a refused one evicts none
-            self.counters["registrations_refused"] += 1
-            await self._peers.refuse(peer, rid, ErrorCode.OVERLOADED, f"{len(self.receivers)} receivers are "
-                                     f"registered and live (max_receivers)", retry_after_s=REREGISTER_RETRY_S)
+        refusal = self.roster.refusal(msg, key, self._peers.connected, self.max_receivers)
+        if refusal is not None:
+            await self._peers.refuse(peer, rid, *refusal)
             return
         if old is not None:  # the receiver restarted: whatever it was staging or acting on is gone
             self._count_out(msg.receiver_id, "receiver re-registered (restarted) while it was waited for")

@@ -26,10 +26,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from rollwire.messages.errors import ErrorCode
+from rollwire.messages.weights import Register
 from rollwire.runtime.logging import get_logger
+from rollwire.weightsync import checksum
 from rollwire.weightsync.push import PushError, Registered
 
 log = get_logger("rollwire.trainer")
+REREGISTER_RETRY_S = 1.0  # told to a Register refused because its id is held by a live connection
+MAX_RECEIVER_ID = 512  # characters: ids are kept, logged and reported (a server's default: host:pid)
+Refusal = tuple[ErrorCode, str, float]  # code, why, retry_after_s: the ErrorReply a refused Register gets
 
 
 class ReceiverRoster:
@@ -39,6 +45,29 @@ class ReceiverRoster:
         self.owners: dict[str, str] = {}
         self.curve, self.lost_after_s, self.counters = curve, lost_after_s, counters
         self.changed = asyncio.Event()  # a receiver joined (or the trainer broke: waiters look again)
+
+    def refusal(self, msg: Register, key: str, connected: Callable[[bytes], bool], at_most: int) -> Refusal | None:
+        """Why ``msg`` (from a new connection, CURVE key ``key``) must be refused, or None: admit it
+        (``add``). Making room for it (``make_room``) comes last: a refused one evicts none."""
+        if checksum.NAME not in msg.checksums:  # an older receiver: every push would fail its checks
+            why = (f"receiver {msg.receiver_id!r} verifies {', '.join(msg.checksums) or 'crc32'} bucket checksums, "
+                   f"this trainer sends {checksum.NAME!r}: run the same rollwire on both ends")
+            log.error("receiver_incompatible", receiver_id=msg.receiver_id[:100], reason=why)
+            return ErrorCode.UNSUPPORTED_PROTOCOL, why, 0.0
+        refusal: Refusal | None = None
+        old = self.receivers.get(msg.receiver_id)
+        if not 0 < len(msg.receiver_id) <= MAX_RECEIVER_ID:
+            refusal = ErrorCode.BAD_FIELD, f"receiver_id: 1 to {MAX_RECEIVER_ID} characters", 0.0
+        elif (claim := self.claim_refused(old, key, connected) if old is not None
+              else self.key_refused(msg.receiver_id, key)) is not None:
+            log.warning("register_refused", receiver_id=msg.receiver_id[:100], reason=claim)
+            refusal = ErrorCode.UNAUTHORIZED, claim, 0.0 if self.curve else REREGISTER_RETRY_S
+        elif old is None and not self.make_room(at_most):
+            refusal = (ErrorCode.OVERLOADED, f"{len(self.receivers)} receivers are registered and live "
+                       "(max_receivers)", REREGISTER_RETRY_S)
+        if refusal is not None:
+            self.counters["registrations_refused"] += 1
+        return refusal
 
     def claim_refused(self, old: Registered, key: str, connected: Callable[[bytes], bool]) -> str | None:
         """Why a Register for ``old``'s id from another connection (CURVE key ``key``) must not
