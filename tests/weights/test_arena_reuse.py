@@ -44,11 +44,14 @@ async def test_a_cancelled_push_leaves_its_arena_to_the_receiver_still_reading_i
     assert torch.equal(rig.sink.applied[1]["w"], v1["w"]) and torch.equal(rig.sink.applied[2]["w"], v2["w"])
 
 
-async def test_a_receiver_the_push_did_not_wait_for_keeps_reading_that_versions_bytes(rig: Rig) -> None:
-    """A receiver registered on this host but not joined (it never acknowledged a beacon, as one
-    that registered during a push or came back after a stall) hears the announcement and may read
-    the arena at its own pace: the push does not wait for it, so the next push writes a fresh arena
-    and the bytes it holds stay version 1's. (Before, push 2 rewrote the same arena under it.)"""
+@pytest.mark.parametrize("registers", ["before the push", "after the push"])
+async def test_a_receiver_the_push_did_not_wait_for_keeps_reading_that_versions_bytes(rig: Rig, registers: str) -> None:
+    """A receiver registered on this host that push 1 did not wait for: registered before it but not
+    joined (it never acknowledged a beacon, as one that registered during a push or came back
+    after a stall), or registered after it, having heard its announcement (a receiver registers
+    when an unknown trainer's WeightsReady reaches it). It may read the arena at its own pace, so
+    push 2 writes a fresh arena and the bytes it holds stay version 1's. (Before, push 2 rewrote
+    the same arena under it.)"""
     v1, v2 = {"w": torch.full((4096,), 1.0)}, {"w": torch.full((4096,), 2.0)}
     async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20) as tp:
         slow = dealer(tp.endpoint)
@@ -56,15 +59,23 @@ async def test_a_receiver_the_push_did_not_wait_for_keeps_reading_that_versions_
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(tp.pub_endpoint)
-        try:
+
+        async def register() -> None:
             welcome = await call(slow, Register(receiver_id="slow", host_id=shm.host_id(), transports=["shm"],
                                                 live_version=0, checksums=[CHECKSUM_NAME]), Welcome, 1)
             assert isinstance(welcome, Welcome)
-            await until(lambda: "r1" in tp.receivers and tp.receivers["r1"].joined, "r1 joined", 20)
             assert not tp.receivers["slow"].joined  # it never acknowledges a beacon
+
+        try:
+            await until(lambda: "r1" in tp.receivers and tp.receivers["r1"].joined, "r1 joined", 20)
+            if registers == "before the push":
+                await register()
+            else:  # the SUB hears beacons before it can hear push 1
+                codec: Codec[TrainerAnnouncement] = Codec(TrainerAnnouncement)
+                await asyncio.wait_for(sub.recv_multipart(), 20)
             report = await tp.push_weights(1, v1, transport="shm")
             assert report.receivers == ["r1"]  # the push did not wait for "slow"
-            codec: Codec[TrainerAnnouncement] = Codec(TrainerAnnouncement)
+            codec = Codec(TrainerAnnouncement)
             async with asyncio.timeout(20):
                 while not isinstance(ready := codec.decode(await sub.recv_multipart())[1], WeightsReady):
                     pass
@@ -73,6 +84,8 @@ async def test_a_receiver_the_push_did_not_wait_for_keeps_reading_that_versions_
             off, n = ready.payload.offsets[0], ready.buckets[0].nbytes
             held = arena[off:off + n].view(torch.float32)
             assert torch.equal(held, v1["w"])
+            if registers == "after the push":
+                await register()
             await tp.push_weights(2, v2, transport="shm")
             assert tp._senders["shm"].arena.name != ready.payload.name  # type: ignore[attr-defined]
             assert torch.equal(held, v1["w"])  # still version 1's bytes
@@ -80,6 +93,27 @@ async def test_a_receiver_the_push_did_not_wait_for_keeps_reading_that_versions_
         finally:
             slow.close(linger=0)
             sub.close(linger=0)
+
+
+async def test_a_receiver_silent_for_lost_after_s_does_not_keep_the_trainer_from_reusing_its_arena(rig: Rig) -> None:
+    """A same-host server killed without a word stays registered; once it has been silent for
+    ``lost_after_s`` it is not taken for a reader, so pushes go back to reusing one arena (before,
+    every later push made a fresh one)."""
+    async with TrainerPublisher(rig.endpoint, pub_endpoint=rig.pub_endpoint, timeout_s=20,
+                                heartbeat_s=0.1, lost_after_s=0.5) as tp:
+        dead = dealer(tp.endpoint)
+        try:
+            await call(dead, Register(receiver_id="dead", host_id=shm.host_id(), transports=["shm"],
+                                      live_version=0, checksums=[CHECKSUM_NAME]), Welcome, 1)
+        finally:
+            dead.close(linger=0)  # killed: it never says Leaving
+        await until(lambda: "r1" in tp.receivers and tp.receivers["r1"].joined, "r1 joined", 20)
+        await until(lambda: "dead" not in tp._unwaited_readers("shm"), "the dead one silent for lost_after_s", 20)
+        await tp.push_weights(1, {"w": torch.ones(4096)}, transport="shm")
+        await tp.push_weights(2, {"w": torch.zeros(4096)}, transport="shm")
+        await tp.push_weights(3, {"w": torch.ones(4096)}, transport="shm")
+        assert "dead" in tp.receivers and tp._senders["shm"].arena.created == 1  # type: ignore[attr-defined]
+    assert torch.equal(rig.sink.applied[3]["w"], torch.ones(4096))
 
 
 async def test_with_every_receiver_waited_for_the_next_push_reuses_the_arena(rig: Rig) -> None:

@@ -163,11 +163,12 @@ class RolloutClient:
         within ``CLOSE_ABORT_S``): otherwise they would run on until the server takes this client
         for gone. Their callers get ``shutting_down``."""
         rpcs = [self._rpc] + ([self._session_rpc] if self._session_rpc is not None else [])
-        with contextlib.suppress(RollwireError, TimeoutError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_ABORT_S):
                 for rpc in rpcs:
                     for rid in rpc.open_streams():
-                        await rpc.send(0, AbortRequest(target_rid=rid))
+                        with contextlib.suppress(RollwireError):  # that link is broken: the others still go
+                            await rpc.send(0, AbortRequest(target_rid=rid))
         for rpc in rpcs:
             await rpc.close()
         await self._background.drain()

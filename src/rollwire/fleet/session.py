@@ -49,8 +49,8 @@ class FleetSession:
     async def __aexit__(self, *exc: object) -> None:
         if self._session is None:
             return
-        # the body's own error goes out as it is; a gone server has nothing left to free
-        quiet = exc[0] is not None or not self.server_alive
+        # the body's own error goes out as it is; a gone server, or a closed fleet, has nothing left to free
+        quiet = exc[0] is not None or not self.server_alive or self._fleet.closing
         with contextlib.suppress(*((RollwireError,) if quiet else ())):
             await self._session.__aexit__(*exc)
 

@@ -29,6 +29,8 @@ PIECE_BYTES = 1 << 20  # the fastest of 256 KiB, 1 MiB, 4 MiB here for copy-then
 # same digest) right after its copy, while it is still in the core's L2; a piece copied whole
 # before it is hashed is read once more from L3 or memory. Tunable for measurement only.
 HASH_RUN_BYTES = int(os.environ.get("ROLLWIRE_HASH_RUN_BYTES", 1 << 20))
+if HASH_RUN_BYTES <= 0:
+    raise ValueError(f"ROLLWIRE_HASH_RUN_BYTES must be a positive number of bytes, not {HASH_RUN_BYTES}")
 MASK = (1 << 63) - 1
 MAX_TASKS = 8  # per buffer handed to a pool: a few runs per core keep threads evenly busy
 

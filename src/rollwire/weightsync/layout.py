@@ -368,8 +368,8 @@ class Sender:
         """The push failed: a receiver may still read what this push prepared."""
 
     def unwaited(self) -> None:
-        """The push succeeded, but a receiver it did not wait for (registered, not joined) heard the
-        announcement and may still read what this push prepared, at its own pace."""
+        """Before a push: a receiver the last push did not wait for may have heard its announcement
+        and still read what it prepared, at its own pace: do not write over it."""
 
     def forget(self, receiver_id: str) -> None:
         """``receiver_id`` restarted: whatever it had joined for this transport is gone."""

@@ -159,6 +159,7 @@ class TrainerPublisher:
         self._push_lock = asyncio.Lock()
         self._steps = StepWaits()
         self._last_version: int | None = None
+        self._waited: dict[str, set[str]] = {}  # transport -> the receivers its last successful push waited for
         self._pack_buf = torch.empty(0, dtype=torch.uint8)  # inline: reused, so warm after the first push
         self._workers = ThreadPoolExecutor(2, thread_name_prefix="rw-trainer")
         self._closed = False
@@ -321,6 +322,8 @@ class TrainerPublisher:
                                                   for r in receivers}, self._pack_buf)
             if sender.on_gpu:
                 push.cuda_after, push.device = push_after, device
+            if self._unwaited_readers(chosen):  # checked now, just before its bytes would be rewritten
+                sender.unwaited()
             t_prepare = time.monotonic()
             self._pending = push  # a receiver lost or leaving while it is prepared fails for it at once
             try:
@@ -364,8 +367,8 @@ class TrainerPublisher:
                     push.abandon()
                 if not answered or failures:  # a receiver may still read the arena, or a group is broken
                     sender.failed()
-                elif self._unwaited_readers(push):
-                    sender.unwaited()
+                else:
+                    self._waited[chosen] = set(push.outcomes)
                 if barrier:  # every server has answered (or failed, or the push was cancelled): all resume
                     await self._release_barrier(version, sorted(set(push.outcomes) - set(failures)) if answered else [])
             if failures and (require_all or len(failures) == len(push.outcomes)):
@@ -400,11 +403,16 @@ class TrainerPublisher:
         return WeightsReady(trainer_id=self.trainer_id, version=push.version, step=step, n_buckets=len(push.plans),
                             total_bytes=push.total_bytes, buckets=push.metas, payload=payload)
 
-    def _unwaited_readers(self, push: Push) -> list[str]:
-        """Registered receivers on this host that the push did not wait for: they heard its
-        announcement (a server that registered during the push, or one evicted after a stall and
-        not back yet) and may still be reading its bytes when the next push would rewrite them."""
-        return [rid for rid, r in self.receivers.items() if rid not in push.outcomes and r.host_id == self.host_id]
+    def _unwaited_readers(self, transport: str) -> list[str]:
+        """Live receivers registered on this host that the last push by ``transport`` did not wait
+        for. Such a one may have heard that push's announcement (it registered during the push, or
+        after it heard it, or it was evicted after a stall and came back) and still be reading its
+        bytes, at its own pace. One silent for ``lost_after_s`` (a server killed without a word) is
+        not reading."""
+        waited = self._waited.get(transport, set())
+        now = time.monotonic()
+        return [rid for rid, r in self.receivers.items() if rid not in waited and r.host_id == self.host_id
+                and now - r.last_seen <= self.lost_after_s]
 
     async def _wait_joined(self) -> list[Registered]:
         return await self.roster.wait_joined(self.min_receivers, self.timeout_s, self._check_alive)

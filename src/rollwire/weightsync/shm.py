@@ -296,7 +296,7 @@ class ShmSender(Sender):
         self.arena.retire()  # a receiver may still read it: the next push writes a fresh one
 
     def unwaited(self) -> None:
-        self.arena.retire()  # the version is whole: nothing to give up, but the next push must not overwrite it
+        self.arena.retire()  # the last version is whole: nothing to give up, but it must not be overwritten
 
     def close(self) -> None:
         self.arena.close()
