@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from rollwire import RolloutClient, SamplingParams
-from rollwire.messages import ErrorCode, GenerateDone, RemoteError
+from rollwire import RolloutClient, RolloutFleet, SamplingParams
+from rollwire.messages import ErrorCode, GenerateChunk, GenerateDone, RemoteError
 from rollwire.server import RolloutServer, ServerConfig
 from tests.test_governor import apply_version
 from tests.versioned import check_spans, send_version, version_state
@@ -72,6 +72,46 @@ async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_ve
     assert [d.finish_reason for d in streamed] == ["abort"]
     assert streamed[0].weight_version_spans[0].version == 0
     assert counters["stale_retracts"] == 4 and counters["stale_restarts"] == 4 and counters["stale_aborts"] == 1
+
+
+async def test_a_restartable_stream_and_a_fleets_request_start_again_when_too_stale() -> None:
+    """Retract policy, --max-staleness 0, a push while they generate: a ``restartable`` stream gets a
+    ``restarted`` chunk, then only version-1 tokens, and a done wholly of version 1; a non-streamed
+    request through a ``RolloutFleet`` (which streams it, to know its tokens) finishes wholly on
+    version 1 as it would through a plain client (before, the fleet's request was aborted with its
+    version-0 tokens: the server saw a streamed request). Every request: one terminal reply."""
+    ep = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="retract", max_staleness=0)
+    long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+    async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
+        fleet = RolloutFleet([ep], health_interval_s=0.3, timeout=120)
+        await fleet.start()
+        try:
+            await fleet.wait_ready(servers=1, timeout=60)
+            via_fleet = [asyncio.ensure_future(fleet.generate([3, i, 9], long)) for i in range(2)]
+            stream = rc.stream([3, 7, 7], long, restartable=True, chunk_tokens=4)
+            first = await stream.__anext__()  # started under version 0
+            assert isinstance(first, GenerateChunk) and first.weight_version == 0
+            await until(lambda: srv.generation._running_samples == 3, "all three requests generating")
+            await apply_version(1)
+            rest = [m async for m in stream]
+            outs = [await f for f in via_fleet]
+        finally:
+            await fleet.close()
+        counters = srv.generation.counters.snapshot()
+    restarted = [i for i, m in enumerate(rest) if isinstance(m, GenerateChunk) and m.restarted]
+    assert len(restarted) == 1 and rest[restarted[0]].token_ids == []  # type: ignore[union-attr]
+    after = rest[restarted[0] + 1:]
+    done = after[-1]
+    assert isinstance(done, GenerateDone) and done.finish_reason == "length" and len(done.output_ids) == 1500
+    assert [sp.version for sp in done.weight_version_spans] == [1]
+    assert [t for m in after[:-1] for t in m.token_ids] == done.output_ids  # type: ignore[union-attr]
+    check_spans([3, 7, 7], done)
+    for i, out in enumerate(outs):
+        assert out.finish_reason == "length" and len(out.output_ids) == 1500  # type: ignore[union-attr]
+        assert [sp.version for sp in out.weight_version_spans] == [1]  # type: ignore[union-attr]
+        check_spans([3, i, 9], out)  # type: ignore[arg-type]
+    assert counters["stale_restarts"] == 3 and not counters.get("stale_aborts")
 
 
 async def test_versions_handed_to_the_governor_during_a_load_wait_and_load_in_order() -> None:

@@ -46,10 +46,10 @@ DOC_EXAMPLE = GenerateRequest(input_ids=[1, 5, 9], return_logprob=True, stream=T
 def test_the_worked_example_of_docs_protocol_md_is_what_the_codec_writes() -> None:
     reqs, reps = CODECS["RolloutRequest"], CODECS["RolloutReply"]
     assert reqs.encode(42, DOC_EXAMPLE) == [bytes.fromhex("92012a"), bytes.fromhex(
-        "9aa867656e6572617465930105099b02cb0000000000000000cb3ff0000000000000ffcb00000000000000000790c201c0c0c3c300"
-        "c0c2a001")]
+        "9ba867656e6572617465930105099b02cb0000000000000000cb3ff0000000000000ffcb00000000000000000790c201c0c0c3c300"
+        "c0c2a001c2")]
     chunk = GenerateChunk(index=0, token_ids=[17], logprobs=[-0.5], weight_version=3)
-    assert reps.encode(42, chunk)[1] == bytes.fromhex("95a56368756e6b00911191cbbfe000000000000003")
+    assert reps.encode(42, chunk)[1] == bytes.fromhex("96a56368756e6b00911191cbbfe000000000000003c2")
     done = GenerateDone(output_ids=[17, 4], output_logprobs=[-0.5, -1.25], finish_reason="length", weight_version=3,
                         weight_version_spans=[messages.VersionSpan(3, 0, 2)],
                         usage=messages.Usage(prompt_tokens=3, completion_tokens=2),
@@ -70,7 +70,7 @@ def test_the_shortened_request_of_docs_protocol_md_decodes_to_the_full_one() -> 
 def test_the_encoder_writes_every_field_even_when_it_equals_its_default() -> None:
     # msgspec does not omit defaults of array_like structs (omit_defaults only shortens map-encoded
     # structs); docs/protocol.md says so, and this notices if a msgspec upgrade changes it.
-    assert enc.encode(GenerateChunk(token_ids=[7])) == b"\x95\xa5chunk\x00\x91\x07\xc0\x00"
+    assert enc.encode(GenerateChunk(token_ids=[7])) == b"\x96\xa5chunk\x00\x91\x07\xc0\x00\xc2"
     assert enc.encode(AbortRequest(target_rid=3)) == b"\x92\xa5abort\x03"
 
 

@@ -43,7 +43,7 @@ enc = msgspec.msgpack.Encoder()
 GOLDEN_REQUEST = GenerateRequest(input_ids=[1, 5, 9], return_logprob=True,
                                  sampling_params=SamplingParams(max_new_tokens=32, temperature=0.0, seed=7))
 GOLDEN_BODY = bytes.fromhex(
-    "9a"  # array of 10: tag + the 9 fields of GenerateRequest in declaration order
+    "9b"  # array of 11: tag + the 10 fields of GenerateRequest in declaration order
     "a867656e6572617465"  # "generate"
     "93010509"  # input_ids [1, 5, 9]
     "9b"  # sampling_params: array of its 11 fields
@@ -65,4 +65,5 @@ GOLDEN_BODY = bytes.fromhex(
     "c2"  # keep_stale_prefix false
     "a0"  # client "" (set only by the co-located SessionActor)
     "01"  # chunk_tokens 1
+    "c2"  # restartable false
 )

@@ -18,6 +18,7 @@ class InFlight:
     arrived: float
     start_version: int = 0  # live version when the request was admitted
     streamed: bool = False
+    restartable: bool = False  # streamed, yet its client takes chunks back (GenerateRequest.restartable)
     aborted: bool = False
     stopping: bool = False  # aborted because the server stops: a cut sample ends with shutting_down
     restarts: int = 0  # --max-staleness under the retract policy: times it was sent back to its prompt

@@ -266,6 +266,7 @@ class GenerationActor(GenerationControl, Actor):
         if len(reqs) > 1:               # sample's parameters; an EngineError is this request's reply
             self.engine.validate(reqs[-1])
         flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version, streamed=msg.stream,
+                          restartable=msg.stream and msg.restartable,
                           client=client, samples=sp.n, waiting=waits and client is not None)
         self.in_flight[key] = flight
         self._samples += sp.n
@@ -375,6 +376,9 @@ class GenerationActor(GenerationControl, Actor):
                 # version, so nothing it returns is older than the limit
                 self.counters.inc("stale_restarts")
                 out = SampleOutput(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
+                if msg.stream and not flight.closed:  # its client drops what it was sent of this sample
+                    await self.reply(origin, GenerateChunk(index=index, token_ids=[], weight_version=out.version,
+                                                           restarted=True))
                 req = dataclasses.replace(req, rid=f"{flight.engine_rids[index]}:r{flight.restarts}")
                 flight.engine_rids[index] = req.rid  # where a later abort must go
                 deltas = self.engine.generate(req)

@@ -181,13 +181,15 @@ class GenerationControl:
         """--max-staleness K: a request started under a version older than new - K is aborted
         (partial output, finish "abort"); under the retract policy a non-streamed one is instead
         restarted from its prompt on the new version (``InFlight.restarts``; a streamed one has
-        already sent its tokens, so it is aborted; so is one restarted MAX_STALE_RESTARTS times,
+        already sent its tokens, so it is aborted, unless it is ``restartable``: its client is told
+        to take them back; so is one restarted MAX_STALE_RESTARTS times,
         which pushes faster than it can finish would otherwise restart for ever)."""
         if self.max_staleness is None:
             return
         for f in list(self.in_flight.values()):
             if f.start_version < new_version - self.max_staleness and not f.aborted:
-                if self.pause_policy == "retract" and not f.streamed and f.restarts < MAX_STALE_RESTARTS:
+                if self.pause_policy == "retract" and (not f.streamed or f.restartable) \
+                        and f.restarts < MAX_STALE_RESTARTS:
                     f.restarts += 1
                     f.start_version = new_version
                     self.counters.inc("stale_retracts")

@@ -208,10 +208,10 @@ class RolloutClient:
             self._background.spawn(old.close())
 
     def _request(self, input_ids: Sequence[int], sampling_params: SamplingParams | None, return_logprob: bool,
-                 stream: bool, min_version: int, chunk_tokens: int = 1) -> GenerateRequest:
+                 stream: bool, min_version: int, chunk_tokens: int = 1, restartable: bool = False) -> GenerateRequest:
         return GenerateRequest(input_ids=list(input_ids), sampling_params=sampling_params or SamplingParams(),
                                return_logprob=return_logprob, stream=stream, min_version=min_version,
-                               chunk_tokens=chunk_tokens)
+                               chunk_tokens=chunk_tokens, restartable=restartable)
 
     async def generate(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
                        return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
@@ -228,10 +228,12 @@ class RolloutClient:
 
     def stream(self, input_ids: Sequence[int], sampling_params: SamplingParams | None = None, *,
                return_logprob: bool = False, min_version: int = 0, timeout: float | None = None,
-               chunk_tokens: int = 1) -> GenerationStream:
+               chunk_tokens: int = 1, restartable: bool = False) -> GenerationStream:
         """Chunks of new tokens as they come (``chunk_tokens``: at least this many per chunk), then
-        the GenerateDone(s)."""
-        req = self._request(input_ids, sampling_params, return_logprob, True, min_version, chunk_tokens)
+        the GenerateDone(s). ``restartable``: a sample too stale (``--max-staleness``, retract
+        policy) starts again from its prompt instead of being aborted; a chunk with ``restarted``
+        then says that every earlier chunk of that sample is void."""
+        req = self._request(input_ids, sampling_params, return_logprob, True, min_version, chunk_tokens, restartable)
         return GenerationStream(self, req, timeout if timeout is not None else self.timeout)
 
     async def _ask(self, msg: Any, want: type[T], timeout: float) -> T:

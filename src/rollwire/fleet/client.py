@@ -305,15 +305,18 @@ class RolloutFleet:
         server.routed += 1
         base = [len(s.ids) for s in samples]
         ids = prompt + samples[0].ids if len(samples) == 1 else prompt
+        # a first run can start again from its prompt when too stale, as a non-streamed request does
+        # (a continued one carries tokens in its prompt: it is aborted, as a streamed one is)
         stream: GenerationStream = server.client.stream(ids, sp, return_logprob=return_logprob,
                                                         min_version=min_version, timeout=None,
-                                                        chunk_tokens=min(self.chunk_tokens, sp.max_new_tokens))
+                                                        chunk_tokens=min(self.chunk_tokens, sp.max_new_tokens),
+                                                        restartable=not any(base))
         self._running.add(stream)
         try:
             async for msg in stream:
                 s = samples[msg.index] if len(samples) > 1 else samples[0]
                 if isinstance(msg, GenerateChunk):
-                    self._add_chunk(s, msg)
+                    self._add_chunk(s, msg, base[samples.index(s)])
                     server.tokens += len(msg.token_ids)
                 else:
                     s.done = self._finish(s, prompt, msg, msg.finish_reason, base[samples.index(s)])
@@ -337,7 +340,10 @@ class RolloutFleet:
             server.in_flight -= len(samples)
 
     @staticmethod
-    def _add_chunk(s: _Sample, chunk: GenerateChunk) -> None:
+    def _add_chunk(s: _Sample, chunk: GenerateChunk, base: int) -> None:
+        if chunk.restarted:  # the server started the sample again (too stale): its tokens here are void
+            s.ids, s.logprobs = s.ids[:base], s.logprobs[:base]
+            s.spans = [VersionSpan(sp.version, sp.start, min(sp.end, base)) for sp in s.spans if sp.start < base]
         n = len(chunk.token_ids)
         s.spans = _extend_spans(s.spans, [VersionSpan(chunk.weight_version, 0, n)], len(s.ids))
         s.ids += chunk.token_ids

@@ -49,6 +49,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate",
     # stream: send a chunk once this many new tokens are pending (or the version changes); 1 sends
     # every engine step. A fleet client that streams only to know a request's tokens asks for more.
     chunk_tokens: int = 1
+    # stream: the client takes chunks back when told (GenerateChunk.restarted), so a request too
+    # stale under --max-staleness and the retract policy starts again from its prompt, as a
+    # non-streamed one does, instead of being aborted (a fleet's non-streamed requests)
+    restartable: bool = False
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort", array_like=True, gc=False):
@@ -85,6 +89,9 @@ class GenerateChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", arra
     token_ids: list[int]
     logprobs: list[float] | None = None
     weight_version: int = 0  # the version that produced these tokens
+    # the sample started again from its prompt (a ``restartable`` request too stale): every earlier
+    # chunk of this sample is void; this one carries no tokens
+    restarted: bool = False
 
 
 class GenerateDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", array_like=True,
