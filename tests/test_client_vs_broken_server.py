@@ -113,6 +113,26 @@ async def test_duplicated_and_out_of_range_samples_are_dropped_so_each_sample_en
         assert rc._rpc.bad_replies == 4
 
 
+async def test_a_restarted_chunk_counts_only_on_a_request_that_asked_for_restarts() -> None:
+    """A stream that did not ask ``restartable`` gets a chunk, a ``restarted`` chunk, another chunk
+    and its done: the restarted one is a bad reply, dropped (the others arrive); one that asked
+    gets all four."""
+    def answer(rid: int, msg: Any) -> list[Any]:
+        if isinstance(msg, GenerateRequest):
+            return [GenerateChunk(token_ids=[7]), GenerateChunk(token_ids=[], restarted=True),
+                    GenerateChunk(token_ids=[8]), done(0, [8])]
+        return health_ok(rid, msg)
+
+    async with BrokenServer(answer) as srv, RolloutClient(srv.endpoint) as rc:
+        await rc.wait_ready(timeout=30)
+        plain = [m async for m in rc.stream([1, 2], SamplingParams())]
+        assert [getattr(m, "restarted", None) for m in plain] == [False, False, None]
+        assert rc._rpc.bad_replies == 1
+        asked = [m async for m in rc.stream([1, 2], SamplingParams(), restartable=True)]
+        assert [getattr(m, "restarted", None) for m in asked] == [False, True, False, None]
+        assert rc._rpc.bad_replies == 1
+
+
 async def test_timeout_bounds_the_whole_request_even_while_chunks_keep_coming() -> None:
     """The server sends a chunk every 50 ms and never a done: ``timeout=1`` ends the call with
     RequestTimeout (before, each chunk restarted the clock and the call never ended) and the

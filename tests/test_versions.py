@@ -34,19 +34,23 @@ async def test_a_request_with_min_version_waits_until_that_version_is_live() -> 
 
 @pytest.mark.parametrize(("max_staleness", "expect"), [(0, "abort"), (1, "length")])
 async def test_max_staleness_aborts_requests_started_too_many_versions_ago(max_staleness: int, expect: str) -> None:
+    """Streams of chunks of at least 4 tokens: whatever ends them, every token of the done came in
+    a chunk first (before, a stale abort ended a run with a delta without tokens, and the tokens
+    made since the last chunk were never streamed)."""
     ep = free_tcp_endpoint()
     cfg = ServerConfig(rollout_endpoint=ep, pause_policy="in_place", max_staleness=max_staleness)
     async with RolloutServer(cfg), RolloutClient(ep, timeout=60) as rc:
-        streams = [rc.stream([3, i, 9], SP) for i in range(4)]
-        for s in streams:
-            await s.__anext__()  # started under version 0
+        streams = [rc.stream([3, i, 9], SP, chunk_tokens=4) for i in range(4)]
+        got = [[await s.__anext__()] for s in streams]  # started under version 0
         await apply_version(1)
-        outs = []
-        for s in streams:
-            outs += [m async for m in s if isinstance(m, GenerateDone)]
+        for s, msgs in zip(streams, got, strict=True):
+            msgs += [m async for m in s]
+    outs = [msgs[-1] for msgs in got]
     # every in-flight request: one terminal reply; stale ones aborted with their partial output
-    assert [o.finish_reason for o in outs] == [expect] * 4
-    assert all(o.weight_version_spans[0].version == 0 for o in outs)
+    assert [o.finish_reason for o in outs] == [expect] * 4  # type: ignore[union-attr]
+    assert all(o.weight_version_spans[0].version == 0 for o in outs)  # type: ignore[union-attr]
+    for msgs in got:
+        assert [t for m in msgs[:-1] for t in m.token_ids] == msgs[-1].output_ids  # type: ignore[union-attr]
 
 
 async def test_max_staleness_under_retract_restarts_stale_requests_on_the_new_version() -> None:
@@ -112,6 +116,68 @@ async def test_a_restartable_stream_and_a_fleets_request_start_again_when_too_st
         assert [sp.version for sp in out.weight_version_spans] == [1]  # type: ignore[union-attr]
         check_spans([3, i, 9], out)  # type: ignore[arg-type]
     assert counters["stale_restarts"] == 3 and not counters.get("stale_aborts")
+
+
+async def test_an_abort_while_a_restart_is_announced_stops_the_new_run() -> None:
+    """A restartable stream too stale is restarted; its client aborts it while the server is still
+    sending the ``restarted`` chunk (fault injection: that send is held until the abort is in).
+    Before, the abort went to the old, finished run and the new one generated its 4000 tokens; now
+    the request ends ``abort`` with no tokens of the new run."""
+    ep = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="retract", max_staleness=0)
+    long = SamplingParams(max_new_tokens=4000, temperature=0.0, ignore_eos=True)
+    async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
+        gen = srv.generation
+        announced, abort_in = asyncio.Event(), asyncio.Event()
+        reply = gen.reply
+
+        async def held_reply(origin, msg, payload=()):  # type: ignore[no-untyped-def]
+            if isinstance(msg, GenerateChunk) and msg.restarted:
+                announced.set()
+                await abort_in.wait()
+            return await reply(origin, msg, payload)
+
+        gen.reply = held_reply  # type: ignore[method-assign]
+        stream = rc.stream([3, 7, 7], long, restartable=True, chunk_tokens=4)
+        await stream.__anext__()  # started under version 0
+        await apply_version(1)
+        await asyncio.wait_for(announced.wait(), 30)
+        await stream.abort()
+        await until(lambda: all(f.aborted for f in gen.in_flight.values()), "the abort is in")
+        abort_in.set()
+        rest = [m async for m in stream]
+        counters = gen.counters.snapshot()
+    done = rest[-1]
+    assert isinstance(done, GenerateDone) and done.finish_reason == "abort" and done.output_ids == []
+    assert rest[-2].restarted  # type: ignore[union-attr]  # nothing of the new run after it
+    assert counters.get("completion_tokens", 0) == 0 and counters["finish_abort"] == 1
+
+
+async def test_a_request_waiting_for_its_version_is_not_stale_while_it_waits() -> None:
+    """Retract policy, --max-staleness 0: a stream sent at version 0 with ``min_version=2`` waits
+    through push 1 (before, push 1 took it for stale: a plain stream was aborted before it ran, a
+    restartable one used up a restart), starts on version 2 and runs to its end there."""
+    ep = free_tcp_endpoint()
+    cfg = ServerConfig(rollout_endpoint=ep, pause_policy="retract", max_staleness=0)
+    sp = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+    async with RolloutServer(cfg) as srv, RolloutClient(ep, timeout=60) as rc:
+        plain = rc.stream([3, 1, 9], sp, min_version=2)
+        restartable = rc.stream([3, 2, 9], sp, min_version=2, restartable=True)
+        firsts = [asyncio.ensure_future(s.__anext__()) for s in (plain, restartable)]
+        await until(lambda: len(srv.generation.in_flight) == 2, "both admitted (and waiting)")
+        await apply_version(1)
+        await apply_version(2)
+        outs = []
+        for s, first in zip((plain, restartable), firsts, strict=True):
+            outs.append([await first] + [m async for m in s])
+        counters = srv.generation.counters.snapshot()
+    for i, msgs in enumerate(outs):
+        done = msgs[-1]
+        assert isinstance(done, GenerateDone) and done.finish_reason == "length" and len(done.output_ids) == 64
+        assert [sp.version for sp in done.weight_version_spans] == [2]
+        assert not any(isinstance(m, GenerateChunk) and m.restarted for m in msgs)
+        check_spans([3, i + 1, 9], done)
+    assert not counters.get("stale_aborts") and not counters.get("stale_retracts")
 
 
 async def test_versions_handed_to_the_governor_during_a_load_wait_and_load_in_order() -> None:

@@ -22,6 +22,7 @@ class InFlight:
     aborted: bool = False
     stopping: bool = False  # aborted because the server stops: a cut sample ends with shutting_down
     restarts: int = 0  # --max-staleness under the retract policy: times it was sent back to its prompt
+    started: bool = False  # past its wait for min_version and admission: only then can it be stale
     closed: bool = False  # answered by someone else (supervisor): send nothing more
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     client: str | None = None  # whose limits it counts against (None: exempt)

@@ -315,7 +315,7 @@ class GenerationActor(GenerationControl, Actor):
                 if not flight.closed:
                     await self.reply_error(flight.origin, ErrorCode.ENGINE_DEAD, f"the engine died: {self._dead}")
                 return
-            flight.start_version = self.weight_version
+            flight.start_version, flight.started = self.weight_version, True
             await asyncio.gather(*(self._run_sample(flight, msg, i, r) for i, r in enumerate(reqs)))
         except Exception as e:  # a bug: this request's one reply is the error, then the actor crashes
             if not flight.closed:
@@ -376,12 +376,13 @@ class GenerationActor(GenerationControl, Actor):
                 # version, so nothing it returns is older than the limit
                 self.counters.inc("stale_restarts")
                 out = SampleOutput(version=self.weight_version, logprobs=[] if msg.return_logprob else None)
+                req = dataclasses.replace(req, rid=f"{flight.engine_rids[index]}:r{flight.restarts}")
+                flight.engine_rids[index] = req.rid  # where a later abort must go
                 if msg.stream and not flight.closed:  # its client drops what it was sent of this sample
                     await self.reply(origin, GenerateChunk(index=index, token_ids=[], weight_version=out.version,
                                                            restarted=True))
-                req = dataclasses.replace(req, rid=f"{flight.engine_rids[index]}:r{flight.restarts}")
-                flight.engine_rids[index] = req.rid  # where a later abort must go
-                deltas = self.engine.generate(req)
+                # an abort that came while the chunk was sent: the new run must not start
+                deltas = no_deltas() if flight.aborted else self.engine.generate(req)
         except EngineError as e:
             if not flight.closed:
                 await self.reply_error(origin, e.code, e.message)
@@ -437,6 +438,8 @@ class GenerationActor(GenerationControl, Actor):
                 out.cached = max(out.cached, d.cached_tokens)
                 if d.finish_reason is not None:
                     out.finish = d.finish_reason
+                    if msg.stream and sent < len(out.ids):  # ended by a delta without tokens (an abort)
+                        sent = await self._send_chunk(flight, index, out, sent)
         finally:
             # closed now, not whenever the last reference goes (a kept exception's traceback can
             # hold it): an open SGLang generate_request holds off weight updates

@@ -183,11 +183,12 @@ class GenerationControl:
         restarted from its prompt on the new version (``InFlight.restarts``; a streamed one has
         already sent its tokens, so it is aborted, unless it is ``restartable``: its client is told
         to take them back; so is one restarted MAX_STALE_RESTARTS times,
-        which pushes faster than it can finish would otherwise restart for ever)."""
+        which pushes faster than it can finish would otherwise restart for ever). One still waiting
+        for its ``min_version`` or for the resume has made nothing yet: it starts on what is live then."""
         if self.max_staleness is None:
             return
         for f in list(self.in_flight.values()):
-            if f.start_version < new_version - self.max_staleness and not f.aborted:
+            if f.started and f.start_version < new_version - self.max_staleness and not f.aborted:
                 if self.pause_policy == "retract" and (not f.streamed or f.restartable) \
                         and f.restarts < MAX_STALE_RESTARTS:
                     f.restarts += 1

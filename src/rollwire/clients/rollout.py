@@ -59,7 +59,8 @@ class GenerationStream:
     Chunks carry only new tokens; each GenerateDone carries the whole output of its sample.
     ``timeout`` bounds the whole request, from its send to its last GenerateDone (then it is
     aborted on the server). A reply that cannot belong to this request (another kind of message, a
-    sample index outside ``[0, n)``, a second GenerateDone for one sample) is counted in
+    sample index outside ``[0, n)``, a second GenerateDone for one sample, a ``restarted`` chunk
+    for a request that is not ``restartable``) is counted in
     ``RpcClient.bad_replies`` and dropped: each sample ends exactly once. Left early (``aclose``,
     a cancelled ``generate``), the request is aborted on the server.
     """
@@ -131,7 +132,8 @@ class GenerationStream:
                 self._end()
                 raise
             if isinstance(msg, (GenerateChunk, GenerateDone)) and 0 <= msg.index < self._n \
-                    and msg.index not in self._done:
+                    and msg.index not in self._done \
+                    and not (isinstance(msg, GenerateChunk) and msg.restarted and not self._request.restartable):
                 if isinstance(msg, GenerateDone):
                     self._done.add(msg.index)
                 return msg
