@@ -16,7 +16,7 @@ class InFlight:
     origin: Origin
     engine_rids: list[str]
     arrived: float
-    start_version: int = 0  # live version when the request was admitted
+    start_version: int = 0  # live version when it started generating (admitted, until then)
     streamed: bool = False
     restartable: bool = False  # streamed, yet its client takes chunks back (GenerateRequest.restartable)
     aborted: bool = False
