@@ -117,10 +117,14 @@ async def test_closing_the_fleet_with_requests_running_moves_none_and_aborts_the
             isinstance(e, RollwireError) and e.code == ErrorCode.SHUTTING_DOWN)
         assert ok, ends
     assert fleet.failovers == 0 and all(s.failures == 0 for s in fleet.servers), fleet.stats()
+    aborts = 0
     for ep in eps:
         async with asyncio.timeout(60):  # nothing of them runs on the servers
             while await samples_running(ep) > 0:
                 await asyncio.sleep(0.05)
+        async with RolloutClient(ep, timeout=30) as rc:
+            aborts += int((await rc.status()).counters.get("abort_requests", 0))
+    assert aborts == 4  # one abort each: the clients' close does not send the fleet's again
 
 
 async def test_a_server_behind_the_fleets_version_is_kept_out_and_one_left_behind_is_evicted() -> None:

@@ -84,11 +84,13 @@ class GenerationStream:
         if not self._sent:
             self._abort_first = True
             return
+        self._client._aborted.add(self.rid)  # close() need not abort it again
         await self._client._rpc.send(0, AbortRequest(target_rid=self.rid))
 
     def _end(self) -> None:
         self._ended = True
         self._client._rpc.close_stream(self.rid)
+        self._client._aborted.discard(self.rid)
 
     async def aclose(self) -> None:
         """Stop reading: a request still running is aborted on the server (best effort)."""
@@ -150,6 +152,7 @@ class RolloutClient:
         self._link = {"curve": curve, "heartbeat_s": heartbeat_s, "liveness_s": liveness_s}
         self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, **self._link)  # type: ignore[arg-type]
         self._session_rpc: RpcClient[Any] | None = None
+        self._aborted: set[int] = set()  # rids of requests whose abort was sent (``close`` skips them)
         # old session links being closed; sessions a server opened after their opener stopped waiting
         self._background = BackgroundTasks()
 
@@ -169,6 +172,8 @@ class RolloutClient:
             async with asyncio.timeout(CLOSE_ABORT_S):
                 for rpc in rpcs:
                     for rid in rpc.open_streams():
+                        if rpc is self._rpc and rid in self._aborted:
+                            continue
                         with contextlib.suppress(RollwireError):  # that link is broken: the others still go
                             await rpc.send(0, AbortRequest(target_rid=rid))
         for rpc in rpcs:
