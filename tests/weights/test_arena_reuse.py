@@ -18,7 +18,7 @@ from rollwire.weightsync import shm
 from rollwire.weightsync.checksum import NAME as CHECKSUM_NAME
 from rollwire.weightsync.layout import at_offsets, plan_buckets
 from rollwire.weightsync.publisher import TrainerPublisher
-from rollwire.weightsync.staged import resolve
+from rollwire.weightsync.staged import forget_views, resolve
 from tests.conftest import until
 from tests.weights.conftest import Rig
 from tests.weights.hostile import call, dealer
@@ -156,6 +156,8 @@ def test_the_receiver_reuses_its_views_only_while_arena_and_layout_repeat() -> N
         other = resolved(arenas[1], offsets)
         assert all(id(t) != id(u) for (_, t), (_, u) in zip(other, first, strict=True))
         assert all(torch.equal(t, tensors[n]) for n, t in other)
+        forget_views()  # a stopping receiver lets go of them (and of the mapping they hold)
+        assert all(id(t) != id(u) for (_, t), (_, u) in zip(resolved(arenas[1], offsets), other, strict=True))
     finally:
         for arena in arenas:
             arena.close()

@@ -82,7 +82,7 @@ from rollwire.weightsync.cuda_ipc import CudaIpcStager
 from rollwire.weightsync.inline import InlineStager
 from rollwire.weightsync.layout import LayoutError, Stager, StagingError, check_layout
 from rollwire.weightsync.shm import ShmStager
-from rollwire.weightsync.staged import STAGED, StagedVersion, resolve
+from rollwire.weightsync.staged import STAGED, StagedVersion, forget_views, resolve
 
 WEIGHT_RECEIVER = "weight_receiver"
 REGISTER_TIMEOUT_S = 2.0
@@ -197,6 +197,7 @@ class WeightReceiverActor(Actor):
             self._sub.close()
         self._broadcast.close()
         self._verify_pool.shutdown(wait=False, cancel_futures=True)
+        forget_views()  # the last arena's mapping goes with them
 
     # -- the trainer link ------------------------------------------------------------------------
     async def _register(self) -> None:

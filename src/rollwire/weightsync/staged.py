@@ -91,6 +91,12 @@ def resolve(tensors: Sequence[NamedTensor], payload: Sequence[Buffer], where: Wh
     return list(views)
 
 
+def forget_views() -> None:
+    """Drop the kept views, and the arena mapping they keep alive (a stopping receiver)."""
+    global _last_views
+    _last_views = None
+
+
 def stage_tensors(version: int, tensors: NamedTensors) -> str:
     """Put already-resolved tensors in the table (tests, and loaders that hold tensors in this process)."""
     return STAGED.put(StagedVersion(version, tensors, sum(t.numel() * t.element_size() for _, t in tensors)))
