@@ -82,6 +82,11 @@ class _Sample:
     done: GenerateDone | None = None
 
 
+def _spans_before(spans: list[VersionSpan], end: int) -> list[VersionSpan]:
+    """The spans cut at token ``end``: what covers the tokens kept from earlier servers."""
+    return [VersionSpan(sp.version, sp.start, min(sp.end, end)) for sp in spans if sp.start < end]
+
+
 def _extend_spans(spans: list[VersionSpan], more: Sequence[VersionSpan], offset: int) -> list[VersionSpan]:
     out = list(spans)
     for s in more:
@@ -342,8 +347,7 @@ class RolloutFleet:
     @staticmethod
     def _add_chunk(s: _Sample, chunk: GenerateChunk, base: int) -> None:
         if chunk.restarted:  # the server started the sample again (too stale): its tokens here are void
-            s.ids, s.logprobs = s.ids[:base], s.logprobs[:base]
-            s.spans = [VersionSpan(sp.version, sp.start, min(sp.end, base)) for sp in s.spans if sp.start < base]
+            s.ids, s.logprobs, s.spans = s.ids[:base], s.logprobs[:base], _spans_before(s.spans, base)
         n = len(chunk.token_ids)
         s.spans = _extend_spans(s.spans, [VersionSpan(chunk.weight_version, 0, n)], len(s.ids))
         s.ids += chunk.token_ids
@@ -357,8 +361,7 @@ class RolloutFleet:
         if done is not None:
             s.ids = s.ids[:base] + list(done.output_ids)
             s.logprobs = s.logprobs[:base] + list(done.output_logprobs or [])
-            kept = [VersionSpan(sp.version, sp.start, min(sp.end, base)) for sp in s.spans if sp.start < base]
-            s.spans = _extend_spans(kept, done.weight_version_spans, base)
+            s.spans = _extend_spans(_spans_before(s.spans, base), done.weight_version_spans, base)
         last = done or GenerateDone(output_ids=[], finish_reason="length", weight_version=0,
                                     usage=Usage(prompt_tokens=0, completion_tokens=0),
                                     timings=Timings(queued_s=0.0, first_token_s=0.0, total_s=0.0))
