@@ -60,6 +60,15 @@ def test_the_copy_pool_is_made_once_with_at_least_two_threads() -> None:
     assert copy_pool()._max_workers == copy_threads()
 
 
+def test_rollwire_copy_threads_sets_the_thread_count_and_nonsense_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROLLWIRE_COPY_THREADS", "5")
+    assert copy_threads() == 5
+    for bad in ("0", "-2", "four", ""):
+        monkeypatch.setenv("ROLLWIRE_COPY_THREADS", bad)
+        with pytest.raises(ValueError, match="ROLLWIRE_COPY_THREADS"):
+            copy_threads()
+
+
 def _buckets(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One arena holding buckets of ``sizes`` back to back (random bytes), and each bucket's view."""
     g = torch.Generator().manual_seed(seed)

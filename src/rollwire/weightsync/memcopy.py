@@ -43,7 +43,13 @@ _pool_lock = threading.Lock()
 
 
 def copy_threads() -> int:
-    """Threads a weight copy or checksum pass uses in this process (the caller's included)."""
+    """Threads a weight copy or checksum pass uses in this process (the caller's included);
+    ``ROLLWIRE_COPY_THREADS`` sets it (for measurement: how many threads a host's memory needs)."""
+    chosen = os.environ.get("ROLLWIRE_COPY_THREADS")
+    if chosen is not None:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"ROLLWIRE_COPY_THREADS must be a whole number of threads >= 1, not {chosen!r}")
+        return int(chosen)
     return max(2, min(torch.get_num_threads(), os.cpu_count() or 1, MAX_THREADS))
 
 
