@@ -37,7 +37,7 @@ from rollwire.weightsync.checksum import fold, piece_digest
 
 PIECE_BYTES = 1 << 20  # a unit of work: small enough to share evenly, large enough that calls cost nothing
 # memory bandwidth, not cores, bounds a copy: on the 16-core GPU host (2026-12-07) an shm push of
-# 107 MB took 7.8 ms on 8 threads, 9.9 on 16, 10.0 on 4 (1 GB: 54, 89, 81 ms): past 8, the threads
+# 107 MB took 7.8 ms on 8 threads, 9.9 on 16, 10.0 on 4 (1 GB: 54, 89, 82 ms): past 8, the threads
 # only contend (for memory and for the GIL between pieces)
 MAX_THREADS = 8
 
