@@ -26,6 +26,7 @@ from rollwire.messages import (
     Heartbeat,
     RolloutReply,
 )
+from rollwire.transports.rpc import ConnectionClosed
 from rollwire.transports.security import CurveClient, KeyPair, create_keys
 
 from .conftest import free_tcp_endpoint, until
@@ -201,3 +202,26 @@ async def test_a_client_closed_with_a_request_and_a_session_turn_running_aborts_
 
 async def _running(probe: RolloutClient, samples: int) -> bool:
     return (await probe.status()).counters.get("samples_in_flight", 0) == samples
+
+
+async def test_a_closed_client_opens_no_session_even_with_its_session_endpoint_given() -> None:
+    """A client told its session endpoint (no health call needed) and closed before any session:
+    opening one raises ``ConnectionClosed`` as ``generate`` does, and no session link is made (an
+    adversarial try found a closed client still opening sessions and running turns on a new link
+    that nothing would ever close)."""
+    ep, sessions = free_tcp_endpoint(), free_tcp_endpoint()
+    proc = serve(ep, "--session-endpoint", sessions)
+    try:
+        async with RolloutClient(ep) as probe:
+            await probe.wait_ready(timeout=120)
+        rc = RolloutClient(ep, session_endpoint=sessions)
+        async with rc:
+            pass
+        with pytest.raises(ConnectionClosed):
+            await rc.generate([1, 2], SamplingParams(max_new_tokens=2))
+        with pytest.raises(ConnectionClosed):
+            await rc.session().open()
+        assert rc._session_rpc is None
+    finally:
+        proc.kill()
+        proc.wait()

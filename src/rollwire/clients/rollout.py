@@ -153,6 +153,7 @@ class RolloutClient:
         self._rpc: RpcClient[Any] = RpcClient(endpoint, RolloutReply, **self._link)  # type: ignore[arg-type]
         self._session_rpc: RpcClient[Any] | None = None
         self._aborted: set[int] = set()  # rids of requests whose abort was sent (``close`` skips them)
+        self._closed = False  # no new link (a session one) is made after ``close``
         # old session links being closed; sessions a server opened after their opener stopped waiting
         self._background = BackgroundTasks()
 
@@ -167,6 +168,7 @@ class RolloutClient:
         """Requests and session turns still running are aborted on the server first (best effort,
         within ``CLOSE_ABORT_S``): otherwise they would run on until the server takes this client
         for gone. Their callers get ``shutting_down``."""
+        self._closed = True
         rpcs = [self._rpc] + ([self._session_rpc] if self._session_rpc is not None else [])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_ABORT_S):
@@ -189,6 +191,8 @@ class RolloutClient:
     async def _sessions(self, refresh: bool = False) -> RpcClient[Any]:
         """The DEALER to the server's SessionActor (its endpoint comes from the health reply).
         ``refresh``: ask health again first (the server may have restarted on another session port)."""
+        if self._closed:
+            raise ConnectionClosed(f"client to {self.endpoint} is closed")
         if refresh and self.session_endpoint is None:
             await self.health()  # swaps the session link if the advertised endpoint changed
         if self._session_rpc is None:
@@ -198,6 +202,8 @@ class RolloutClient:
                 if not advertised:
                     raise RolloutError(ErrorCode.UNKNOWN_KIND, f"{self.endpoint} serves no sessions")
                 endpoint = _reachable(advertised, self.endpoint)
+            if self._closed:  # closed while we asked for the endpoint
+                raise ConnectionClosed(f"client to {self.endpoint} is closed")
             if self._session_rpc is None:  # another task may have connected while we waited
                 self._session_rpc = RpcClient(endpoint, SessionReply, **self._link)  # type: ignore[arg-type]
                 self._session_rpc.start()
