@@ -153,6 +153,13 @@ class Session:
         return opened
 
     @property
+    def link_retired(self) -> bool:
+        """This session's link is no longer its client's session link: a health reply named a new
+        session port (the server restarted at the same rollout endpoint), so the link was closed
+        here, and an error on it says nothing about the server."""
+        return self._rpc is not None and self._rpc is not self._client._session_rpc
+
+    @property
     def desynced(self) -> bool:
         """An earlier call's reply was lost: the server's copy is unknown (this client's record is
         still what every call it saw complete made of it)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rollwire.clients.session import Session
 from rollwire.fleet.routing import SERVER_GONE, ServerView
-from rollwire.messages import GenerateChunk, GenerateDone, RollwireError, SamplingParams
+from rollwire.messages import ErrorCode, GenerateChunk, GenerateDone, RollwireError, SamplingParams
 from rollwire.runtime.deadlines import deadline_in, time_left
 from rollwire.runtime.logging import get_logger
 from rollwire.runtime.tasks import BackgroundTasks
@@ -32,7 +32,10 @@ class FleetSession:
     a fresh session on a live server (its own one included), so the session goes on as the caller
     saw it. A call made after the fleet has evicted the session's server (health
     missed) moves first instead of waiting out the liveness bound there; the copy left on that
-    server, if it still lives, expires by its ttl."""
+    server, if it still lives, expires by its ttl. A server that answers ``unknown_session`` (it
+    was restarted at the same endpoints, as Ray restarts a server, or the session's ttl ran out
+    there) gets the record replayed like a move, on any live server, its own included (once per
+    call). Opening or moving onto a server whose session table is full tries the next one."""
 
     def __init__(self, fleet: RolloutFleet, kw: dict[str, Any]) -> None:
         self._fleet = fleet
@@ -99,7 +102,7 @@ class FleetSession:
         assert self._session is not None and self._server is not None, "session is not open"
         deadline = self._deadline(kw)
         await self._resync_if_needed(deadline)
-        tried = [self._server]
+        tried, forgotten = [self._server], [False]
         if not self._server.alive and self._fleet.max_failovers > 0 and self._fleet.router.live(exclude=tried):
             await self._move(tried, f"server evicted ({self._server.why_out})", deadline)
         while True:
@@ -112,12 +115,11 @@ class FleetSession:
                         yield item
                 return
             except RollwireError as e:
-                if e.code not in SERVER_GONE or self._fleet.closing:
+                if streamed:  # chunks went out: the turn cannot run again unseen
+                    if e.code in SERVER_GONE and not self._fleet.closing and not self._session.link_retired:
+                        self._fleet._evict(self._server, f"session stream failed: {e.code.value}")
                     raise
-                self._fleet._evict(self._server, f"session stream failed: {e.code.value}")
-                if streamed or len(tried) > self._fleet.max_failovers:
-                    raise
-                await self._move(tried, e.code.value, deadline)
+                await self._after_failure(e, tried, forgotten, deadline)
 
     def trajectory(self) -> Any:
         assert self._session is not None, "session is not open"
@@ -150,7 +152,7 @@ class FleetSession:
     async def _moving(self, call: Any, deadline: float | None = None) -> Any:
         assert self._session is not None and self._server is not None, "session is not open"
         await self._resync_if_needed(deadline)
-        tried = [self._server]
+        tried, forgotten = [self._server], [False]
         if not self._server.alive and self._fleet.max_failovers > 0 and self._fleet.router.live(exclude=tried):
             # the fleet already took its server for dead: move now rather than wait out the
             # liveness bound on a call to it
@@ -159,10 +161,27 @@ class FleetSession:
             try:
                 return await call(self._session)
             except RollwireError as e:
-                if e.code not in SERVER_GONE or self._fleet.closing or len(tried) > self._fleet.max_failovers:
-                    raise
-                self._fleet._evict(self._server, f"session call failed: {e.code.value}")
-                await self._move(tried, e.code.value, deadline)
+                await self._after_failure(e, tried, forgotten, deadline)
+
+    async def _after_failure(self, e: RollwireError, tried: list[ServerView], forgotten: list[bool],
+                             deadline: float | None) -> None:
+        """After a failed call: move the session (the call then runs again), or raise ``e``. A server
+        gone is evicted, unless the error only says this session's link was retired (a server
+        restarted at the same rollout endpoint, on a fresh session port: the fleet has just
+        re-admitted it). A server that no longer knows the session gets the record replayed, on
+        any live server (its own included), once per call (``forgotten``)."""
+        assert self._session is not None and self._server is not None
+        if self._fleet.closing:
+            raise e
+        if e.code == ErrorCode.UNKNOWN_SESSION and not forgotten[0] and self._fleet.max_failovers > 0:
+            forgotten[0] = True
+            await self._move([], "its server does not know the session (restarted, or the ttl ran out)", deadline)
+            return
+        if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
+            raise e
+        if not self._session.link_retired:
+            self._fleet._evict(self._server, f"session call failed: {e.code.value}")
+        await self._move(tried, e.code.value, deadline)
 
     async def _move(self, tried: list[ServerView], why: str, deadline: float | None = None) -> None:
         """Reopen on another live server and replay the history there (one append), by ``deadline``
@@ -181,7 +200,10 @@ class FleetSession:
         time). A server that is gone when asked is evicted and the next one tried; after
         ``max_failovers`` servers in ``tried`` the error goes out. A session left half-made on a
         server is closed there."""
+        full: RollwireError | None = None  # the last server's "too_many_sessions", if none is left after it
         while True:
+            if full is not None and not self._fleet.router.live(exclude=tried):
+                raise full
             server = self._fleet._choose([], 1, 0, exclude=tried)
             tried.append(server)
             session = server.client.session(**self._kw)
@@ -194,6 +216,9 @@ class FleetSession:
                 raise RequestTimeout(f"session {what} on {server.endpoint} outlived the call's timeout") from None
             except RollwireError as e:
                 self._discard(session)
+                if e.code == ErrorCode.TOO_MANY_SESSIONS and not self._fleet.closing:
+                    full = e  # that server is well, only full: the next one is tried, not counted a failover
+                    continue
                 if e.code not in SERVER_GONE or self._fleet.closing or len(tried) > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(server, f"session {what} failed: {e.code.value}")
