@@ -239,3 +239,40 @@ async def test_closing_the_fleet_during_a_session_turn_moves_nothing_and_aborts_
             assert counters.get("finish_abort") == 1 and not counters.get("finish_length"), counters
         else:
             assert not counters.get("requests"), counters
+
+
+@pytest.mark.parametrize("two_servers", [((), ())], indirect=True)
+async def test_a_stream_closed_from_another_task_ends_its_reader_and_is_aborted_on_its_server(two_servers) -> None:  # type: ignore[no-untyped-def]
+    """One task reads a long stream, another calls ``aclose()`` on it: the reader's iteration ends
+    (no GenerateDone: it stopped reading) and the server aborts the request. Before (an adversarial
+    try found both): a client's stream left its reader waiting for good, and a fleet's stream's
+    ``aclose`` raised "asynchronous generator is already running" and the request ran on to its
+    4000 tokens."""
+    eps, _ = two_servers
+    async with RolloutFleet(eps, health_interval_s=0.3) as fleet, RolloutClient(eps[0], timeout=120) as rc:
+        await fleet.wait_ready(servers=2, timeout=180)
+        for stream in (rc.stream([1, 2, 3], LONG), fleet.stream([1, 2, 3], LONG)):
+            got: list[object] = []
+
+            async def read(s=stream, into=got) -> None:  # type: ignore[no-untyped-def]
+                async for m in s:
+                    into.append(m)
+
+            reader = asyncio.ensure_future(read())
+            await until(lambda got=got: len(got) >= 3, "the stream is generating")
+            await stream.aclose()
+            await asyncio.wait_for(reader, 30)  # (a hang guard) it ends by itself
+            assert not any(isinstance(m, GenerateDone) for m in got)
+        await until(lambda: _all_idle(eps), "nothing runs on either server")
+        counters = [(await _status(ep)) for ep in eps]
+        assert sum(c.get("finish_abort", 0) for c in counters) == 2, counters
+        assert not any(c.get("finish_length") for c in counters), counters
+
+
+async def _status(endpoint: str) -> dict[str, float]:
+    async with RolloutClient(endpoint, timeout=30) as rc:
+        return (await rc.status()).counters
+
+
+async def _all_idle(endpoints: list[str]) -> bool:
+    return not any([(await _status(ep)).get("samples_in_flight") for ep in endpoints])

@@ -93,10 +93,12 @@ class GenerationStream:
         self._client._aborted.discard(self.rid)
 
     async def aclose(self) -> None:
-        """Stop reading: a request still running is aborted on the server (best effort)."""
+        """Stop reading: a request still running is aborted on the server (best effort). A reader
+        waiting in another task stops too (its iteration ends)."""
         if self._ended:
             return
         self._end()
+        self._queue.put_nowait(StopAsyncIteration())  # wakes a waiting reader; nothing else comes now
         if self._sent and len(self._done) < self._n:
             with contextlib.suppress(RollwireError):
                 await self.abort()
@@ -105,6 +107,8 @@ class GenerationStream:
         return self
 
     async def __anext__(self) -> GenerateChunk | GenerateDone:
+        if self._ended:  # read to its end, or closed (before its first read: never sent)
+            raise StopAsyncIteration
         if not self._sent:
             self._sent = True
             if self._timeout is not None:
@@ -128,6 +132,8 @@ class GenerationStream:
                 with contextlib.suppress(RollwireError):
                     await self.abort()
                 raise RequestTimeout(f"request {self.rid} not complete within {self._timeout}s; aborted it") from None
+            if self._ended:  # closed by another task while this one waited
+                raise StopAsyncIteration
             try:
                 msg = unwrap(item)
             except BaseException:

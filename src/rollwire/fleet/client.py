@@ -434,8 +434,11 @@ class FleetStream:
         await self._inner.abort()
 
     async def aclose(self) -> None:
-        """Stop reading: the request still running on its server is aborted there."""
+        """Stop reading: the request still running on its server is aborted there. A reader in
+        another task stops too: the inner stream ends first, so the generator it is suspended in
+        finishes by itself (closing a running generator is not allowed)."""
+        await self._inner.aclose()
         aclose = getattr(self._messages, "aclose", None)
         if aclose is not None:
-            await aclose()
-        await self._inner.aclose()
+            with contextlib.suppress(RuntimeError):  # "already running": its reader is ending it
+                await aclose()
