@@ -254,17 +254,24 @@ class GenerationActor(GenerationControl, Actor):
         waits = msg.min_version > self.weight_version
         if self._refused(origin, client, sp.n, waits):
             return
-        reqs = []
-        for i in range(sp.n):
+
+        def sample(i: int) -> EngineRequest:
             params = sp if sp.n == 1 else msgspec.structs.replace(
                 sp, n=1, seed=None if sp.seed is None else sp.seed + i)
-            reqs.append(EngineRequest(f"{origin.conn.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
-                                      msg.return_logprob, stream=msg.stream, chunk_tokens=msg.chunk_tokens,
-                                      session_id=session_key(origin.conn, msg.session_id) if sp.n == 1 else None,
-                                      keep_stale_prefix=msg.keep_stale_prefix, client=client or origin.client))
-        self.engine.validate(reqs[0])  # the first and the last sample (the highest seed) cover every
-        if len(reqs) > 1:               # sample's parameters; an EngineError is this request's reply
-            self.engine.validate(reqs[-1])
+            return EngineRequest(f"{origin.conn.hex()}:{origin.rid}:{i}", list(msg.input_ids), params,
+                                 msg.return_logprob, stream=msg.stream, chunk_tokens=msg.chunk_tokens,
+                                 session_id=session_key(origin.conn, msg.session_id) if sp.n == 1 else None,
+                                 keep_stale_prefix=msg.keep_stale_prefix, client=client or origin.client)
+
+        # the first and the last sample (the highest seed) cover every sample's parameters; both are
+        # checked before the others copy the prompt (a refused prompt is not copied n times), and an
+        # EngineError is this request's reply
+        reqs = [sample(0)]
+        self.engine.validate(reqs[0])
+        if sp.n > 1:
+            last = sample(sp.n - 1)
+            self.engine.validate(last)
+            reqs += [sample(i) for i in range(1, sp.n - 1)] + [last]
         flight = InFlight(origin, [r.rid for r in reqs], time.monotonic(), self.weight_version, streamed=msg.stream,
                           restartable=msg.stream and msg.restartable,
                           client=client, samples=sp.n, waiting=waits and client is not None)

@@ -33,13 +33,13 @@ def check_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> No
     ids, p = req.input_ids, req.params
     if not ids:
         raise EngineError(ErrorCode.EMPTY_INPUT, "input_ids is empty")
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        raise EngineError(ErrorCode.TOKEN_OUT_OF_RANGE, f"input ids must lie in [0, {vocab_size})")
     if (bad := check_params(p, vocab_size)) is not None:
         raise EngineError(ErrorCode.BAD_SAMPLING_PARAMS, bad)
-    if len(ids) + p.max_new_tokens > max_model_len:
+    if len(ids) + p.max_new_tokens > max_model_len:  # before the scan of the ids: a huge prompt costs nothing
         raise EngineError(ErrorCode.TOO_LONG, f"{len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
                                       f"max_model_len {max_model_len}")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise EngineError(ErrorCode.TOKEN_OUT_OF_RANGE, f"input ids must lie in [0, {vocab_size})")
 
 
 def check_params(p: SamplingParams, vocab_size: int) -> str | None:
