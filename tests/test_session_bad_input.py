@@ -221,3 +221,36 @@ async def test_a_late_abort_is_dropped_not_kept_for_a_later_turn_that_reuses_its
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+async def test_turns_refused_overloaded_leave_nothing_behind_in_the_session_actor() -> None:
+    """Two turns wait for a version no trainer will push, then the session actor is made full (its
+    pending-task bound set to what it holds), and 50 more turns, each with a rid of its own, are refused ``overloaded``. Each
+    refused turn's arrival is forgotten (an adversarial try found one entry kept per refused turn,
+    for good: ~270 B each, 108 MB after 400k); the two waiting turns are then cancelled by their
+    caller, which aborts them on the server: nothing is left in flight there."""
+    ep = ipc_endpoint("sess-over")
+    async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc:
+        waiting = [rc.session() for _ in range(2)]
+        for s in waiting:
+            await s.open()
+        turns = [asyncio.ensure_future(s.generate([5, 6], SP, min_version=10**9)) for s in waiting]
+        await until(lambda: len(srv.sessions._arriving) == 2, "both turns pending at the session actor")
+        srv.sessions.max_pending = len(srv.sessions._tasks)
+        rpc = await rc._sessions()
+        for _ in range(50):
+            with pytest.raises(RemoteError) as refused:
+                await rpc.call(SessionGenerate(session_id=waiting[0].id, input_ids=[7], sampling_params=SP), timeout=10)
+            assert refused.value.code == ErrorCode.OVERLOADED, refused.value
+        assert len(srv.sessions._arriving) == 2  # the two waiting turns, nothing of the 50
+        for t in turns:
+            t.cancel()  # a cancelled turn is aborted on the server
+        await asyncio.gather(*turns, return_exceptions=True)
+        await until(lambda: not srv.sessions._arriving, "both waiting turns ended")
+        assert srv.sessions.counters.snapshot().get("overloaded") == 50
+        assert all(t.cancelled() for t in turns)
+        await until(lambda: _none_in_flight(rc), "the aborted turns left the generation actor")
+
+
+async def _none_in_flight(rc: RolloutClient) -> bool:
+    return (await rc.status()).in_flight == 0

@@ -194,10 +194,17 @@ class SessionActor(Actor):
         try:
             await self._run_turn(origin, msg)
         finally:
-            self._arriving[key] -= 1
-            if self._arriving[key] <= 0:
-                del self._arriving[key]
-                self._early_aborts.pop(key, None)
+            self._ended(key)
+
+    def on_refused(self, origin: Origin, msg: Any) -> None:
+        if isinstance(msg, SessionGenerate):  # refused overloaded: its turn never runs, nor its finally
+            self._ended((origin.conn, origin.rid))
+
+    def _ended(self, key: tuple[bytes, int]) -> None:
+        self._arriving[key] -= 1
+        if self._arriving[key] <= 0:
+            del self._arriving[key]
+            self._early_aborts.pop(key, None)
 
     async def _run_turn(self, origin: Origin, msg: SessionGenerate) -> None:
         self._idle_session(origin, msg.session_id)

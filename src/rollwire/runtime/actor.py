@@ -331,10 +331,15 @@ class Actor:
                 self.counters.inc("overloaded")
                 self.send_error_soon(origin, ErrorCode.OVERLOADED, f"{self.name} has {self.max_pending} pending")
                 getattr(result, "close", lambda: None)()  # never started: close the coroutine
+                self.on_refused(origin, msg)
                 return
             task = self.spawn(result)
             task.remove_done_callback(self._task_done)
             task.add_done_callback(lambda t: self._handler_task_done(origin, t))
+
+    def on_refused(self, origin: Origin, msg: Any) -> None:
+        """A handler's awaitable was refused (``overloaded``) and will never run: undo here what the
+        handler did before returning it (its ``finally`` never runs)."""
 
     def _handler_task_done(self, origin: Origin, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
