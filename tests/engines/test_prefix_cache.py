@@ -126,6 +126,25 @@ async def test_the_cache_is_bounded_least_recently_used_first() -> None:
         await eng.shutdown()
 
 
+async def test_many_tiny_entries_are_bounded_by_what_they_cost_not_by_their_kv_alone() -> None:
+    """200 sessions of one-token prompts under a 100 kB budget: each entry holds 512 B of KV here
+    but 2-4 kB in tensor and list objects (measured), so counting KV alone kept ~195 of them (an
+    adversarial try filled a server this way, 7x past its budget). The count now includes the
+    objects: at most 100 kB / 2 kB entries stay, and the newest is still reused."""
+    eng = HFEngine(tiny(0)[0], prefix_cache_bytes=100_000)
+    await eng.start()
+    try:
+        for i in range(200):
+            await run(eng, [10 + i % 50], f"s{i}", n=2)
+        extra = await settled(eng)
+        assert 1 <= int(extra["prefix_sessions"]) <= 100_000 // 2_000, extra  # type: ignore[call-overload]
+        assert int(extra["prefix_cache_bytes"]) <= 100_000  # type: ignore[call-overload]
+        _, _, cached, _ = await run(eng, [10 + 199 % 50, 1, 2], "s199")
+        assert cached > 0
+    finally:
+        await eng.shutdown()
+
+
 async def test_an_aborted_session_request_keeps_no_prefix(engine: HFEngine) -> None:
     sp = SamplingParams(max_new_tokens=2000, temperature=0.0, ignore_eos=True)
     req = EngineRequest(rid="long", input_ids=list(range(10, 40)), params=sp, session_id="s")

@@ -9,7 +9,10 @@ position depends only on the tokens up to it, so any common prefix is exact.
 An entry remembers the weight version that computed it (-1 when a weight load happened while
 the request ran with its KV kept, i.e. an in_place pause): after a weight update the prefix is
 recomputed unless the request says ``keep_stale_prefix``. Entries are bounded by bytes and
-evicted least recently used; ``drop`` frees one at once (session closed or expired).
+evicted least recently used; ``drop`` frees one at once (session closed or expired). An entry
+counts what it costs the process, not only its KV (``entry_bytes``): any client may name a
+session on a plain request, and many one-token entries hold ~2-4 KB each in tensor and list
+objects against 512 B of KV (tiny model), so counting KV alone let 7x the budget in.
 
 Threading: entries are created and looked up on the event loop; their ``kv`` is filled on the
 engine's single worker thread, by a job queued before any later step, so a step that uses an
@@ -26,6 +29,12 @@ import torch
 from rollwire.engines.hf import batch as hf_batch
 
 STALE = -1  # version of KV computed partly under an older version
+# what an entry holds beside its KV bytes (measured here, tiny model: ~2.2-2.7 KB for 2 layers):
+# the Entry, two tensors and their storages per layer, and the token list (a pointer and, above
+# 256, an int object per token)
+ENTRY_BYTES = 512
+LAYER_BYTES = 1024
+TOKEN_BYTES = 40
 
 
 @dataclass(eq=False)
@@ -50,6 +59,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._nbytes = 0  # of the entries held (kept as they come and go: read on every status)
         self.hits = 0
         self.reused_tokens = 0
 
@@ -58,7 +68,7 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        return self._nbytes
 
     def lookup(self, session_id: str, input_ids: list[int], version: int, keep_stale: bool) -> tuple[Entry, int] | None:
         """The entry and how many of ``input_ids``' leading tokens it covers (at least one token
@@ -75,19 +85,24 @@ class PrefixCache:
         return entry, n
 
     def put(self, session_id: str, entry: Entry) -> None:
+        self.drop(session_id)
         self._entries[session_id] = entry
-        self._entries.move_to_end(session_id)
+        self._nbytes += entry.nbytes
 
     def drop(self, session_id: str) -> None:
-        self._entries.pop(session_id, None)
+        old = self._entries.pop(session_id, None)
+        if old is not None:
+            self._nbytes -= old.nbytes
 
     def clear(self) -> None:
         self._entries.clear()
+        self._nbytes = 0
 
     def evict_to_budget(self) -> None:
         """Drop least recently used entries until the rest fit in ``max_bytes`` (the newest stays)."""
-        while len(self._entries) > 1 and self.nbytes > self.max_bytes:
-            self._entries.popitem(last=False)
+        while len(self._entries) > 1 and self._nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._nbytes -= old.nbytes
 
 
 def fill(entry: Entry, batch: hf_batch.Batch, row: int) -> None:
@@ -99,9 +114,15 @@ def fill(entry: Entry, batch: hf_batch.Batch, row: int) -> None:
 
 
 def bytes_per_token(batch: hf_batch.Batch) -> int:
-    """KV bytes one token takes (all layers, keys and values): an entry's size is known up front."""
+    """KV bytes one token takes (all layers, keys and values)."""
     return sum(k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
                for k, v in batch.kv)
+
+
+def entry_bytes(batch: hf_batch.Batch, tokens: int) -> int:
+    """What an entry of ``tokens`` tokens costs, known before its KV is filled: the KV and the
+    objects that hold it."""
+    return tokens * (bytes_per_token(batch) + TOKEN_BYTES) + ENTRY_BYTES + LAYER_BYTES * len(batch.kv)
 
 
 def prefill_from(model: torch.nn.Module, entry: Entry, reused: int, ids: list[int],

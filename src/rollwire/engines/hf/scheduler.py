@@ -259,7 +259,7 @@ class Scheduler:
         assert s.req.session_id is not None
         tokens = s.req.input_ids + s.output[:-1]
         entry = hf_prefix.Entry(tokens=tokens, version=s.kv_version,
-                                nbytes=len(tokens) * hf_prefix.bytes_per_token(batch))
+                                nbytes=hf_prefix.entry_bytes(batch, len(tokens)))
         self.prefixes.put(s.req.session_id, entry)
         self.pool.submit(hf_prefix.fill, entry, batch, row)
         self.prefixes.evict_to_budget()
