@@ -276,3 +276,34 @@ async def _status(endpoint: str) -> dict[str, float]:
 
 async def _all_idle(endpoints: list[str]) -> bool:
     return not any([(await _status(ep)).get("samples_in_flight") for ep in endpoints])
+
+
+@pytest.mark.parametrize("two_servers", [((), ())], indirect=True)
+async def test_a_request_moved_off_a_stalled_server_is_aborted_there_once_it_answers(two_servers) -> None:  # type: ignore[no-untyped-def]
+    """A long request's server is SIGSTOPped: the fleet gives up on it (server_unavailable) and
+    continues the request on the other server, where it completes once, spans whole. The stalled
+    server is then SIGCONTed: the request it still held is aborted there (one abort_requests, one
+    ``abort`` finish, no ``length``) as soon as the fleet's health check hears it again. Before (an
+    adversarial try), it generated on there to its end: the server kept the client, whose fresh
+    socket had the same identity."""
+    eps, procs = two_servers
+    long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+    async with RolloutFleet(eps, liveness_s=1.5, health_interval_s=0.3, health_timeout_s=1.0) as fleet:
+        await fleet.wait_ready(servers=2, timeout=180)
+        task = asyncio.ensure_future(fleet.generate([3, 4, 5], long))
+        await until(lambda: any(s.in_flight and s.tokens > 20 for s in fleet.servers), "the request is generating")
+        stalled = next(i for i, s in enumerate(fleet.servers) if s.in_flight)
+        procs[stalled].send_signal(signal.SIGSTOP)
+        try:
+            await until(lambda: fleet.failovers >= 1, "the request moved", 60)
+        finally:
+            procs[stalled].send_signal(signal.SIGCONT)
+        await until(lambda: _all_idle([eps[stalled]]), "the stalled server let the request go", 60)
+        counters = await _status(eps[stalled])
+        assert counters.get("abort_requests") == 1 and counters.get("finish_abort") == 1, counters
+        assert not counters.get("finish_length"), counters
+        out = await asyncio.wait_for(task, 240)  # (a hang guard)
+        assert out.finish_reason == "length" and len(out.output_ids) == 1500
+        spans = out.weight_version_spans
+        assert spans[0].start == 0 and spans[-1].end == 1500
+        assert all(a.end == b.start for a, b in zip(spans, spans[1:], strict=False))

@@ -41,6 +41,7 @@ from rollwire.transports.rpc import (
     ConnectionClosed,
     RequestTimeout,
     RpcClient,
+    ServerUnavailable,
     unwrap,
 )
 from rollwire.transports.security import CurveClient
@@ -136,8 +137,10 @@ class GenerationStream:
                 raise StopAsyncIteration
             try:
                 msg = unwrap(item)
-            except BaseException:
+            except BaseException as e:
                 self._end()
+                if isinstance(e, ServerUnavailable) and len(self._done) < self._n:
+                    self._client._orphans.add(self.rid)  # a stalled server may still run it
                 raise
             if isinstance(msg, (GenerateChunk, GenerateDone)) and 0 <= msg.index < self._n \
                     and msg.index not in self._done \
@@ -160,6 +163,9 @@ class RolloutClient:
         self._session_rpc: RpcClient[Any] | None = None
         self._aborted: set[int] = set()  # rids of requests whose abort was sent (``close`` skips them)
         self._closed = False  # no new link (a session one) is made after ``close``
+        # requests failed as server_unavailable: a server that only stalled runs them on, so each is
+        # aborted there once the server answers again (``health``) or this client closes
+        self._orphans: set[int] = set()
         # old session links being closed; sessions a server opened after their opener stopped waiting
         self._background = BackgroundTasks()
 
@@ -178,6 +184,7 @@ class RolloutClient:
         rpcs = [self._rpc] + ([self._session_rpc] if self._session_rpc is not None else [])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_ABORT_S):
+                await self._abort_orphans()
                 for rpc in rpcs:
                     for rid in rpc.open_streams():
                         if rpc is self._rpc and rid in self._aborted:
@@ -273,7 +280,17 @@ class RolloutClient:
     async def health(self, timeout: float = 5.0) -> HealthReply:
         reply = await self._ask(HealthRequest(), HealthReply, timeout)
         self._advertised(reply.session_endpoint)
+        if self._orphans:
+            await self._abort_orphans()
         return reply
+
+    async def _abort_orphans(self) -> None:
+        """Abort, best effort, the requests given up as server_unavailable (run on elsewhere by a
+        fleet, or failed to their callers): the server that stalled may be running them still."""
+        while self._orphans:
+            rid = self._orphans.pop()
+            with contextlib.suppress(RollwireError):
+                await self._rpc.send(0, AbortRequest(target_rid=rid))
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
         return await self._ask(StatusRequest(), StatusReply, timeout)
