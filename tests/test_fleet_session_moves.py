@@ -15,21 +15,21 @@ from .test_fleet_edges import serve
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-async def _session_restart(fixed_session_port: bool) -> None:
+async def _session_restart(fixed_session_port: bool, servers: int = 2) -> None:
     """Two servers; the session's server is SIGKILLed between two turns and restarted at the same
     rollout endpoint (and, ``fixed_session_port``, the same session endpoint, as RayLauncher does),
     then re-admitted. The next turn runs (the record replayed on a live server, one move), the
     trajectory is whole, and every server is still admitted."""
-    eps = [free_tcp_endpoint() for _ in range(2)]
-    sess = [free_tcp_endpoint() for _ in range(2)]
+    eps = [free_tcp_endpoint() for _ in range(servers)]
+    sess = [free_tcp_endpoint() for _ in range(servers)]
 
     def start(i: int) -> subprocess.Popen[bytes]:
         return serve(eps[i], *(("--session-endpoint", sess[i]) if fixed_session_port else ()))
 
-    procs = [start(0), start(1)]
+    procs = [start(i) for i in range(servers)]
     try:
         async with RolloutFleet(eps, liveness_s=2.0, health_interval_s=0.3, health_timeout_s=2.0) as fleet:
-            await fleet.wait_ready(servers=2, timeout=180)
+            await fleet.wait_ready(servers=servers, timeout=180)
             async with fleet.session(timeout=60) as s:
                 first = await s.generate([5, 6, 7], GREEDY)
                 i = eps.index(s.endpoint)
@@ -56,6 +56,13 @@ async def test_a_session_whose_server_restarted_on_a_new_session_port_moves_with
     """Before: the turn moved, but the error of the retired link to the old session port evicted the
     server just re-admitted."""
     await _session_restart(fixed_session_port=False)
+
+
+async def test_a_one_server_fleets_session_goes_on_on_its_restarted_server() -> None:
+    """One server, restarted on a new session port: the record is replayed onto it (before the
+    review of the change above, the move excluded the session's own server, so the turn failed
+    with "no live server" though the server was live), and leaving the session is quiet."""
+    await _session_restart(fixed_session_port=False, servers=1)
 
 
 async def test_opening_a_session_skips_a_server_whose_session_table_is_full() -> None:

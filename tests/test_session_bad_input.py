@@ -224,11 +224,12 @@ async def test_a_late_abort_is_dropped_not_kept_for_a_later_turn_that_reuses_its
 
 
 async def test_turns_refused_overloaded_leave_nothing_behind_in_the_session_actor() -> None:
-    """Two turns wait for a version no trainer will push, then the session actor is made full (its
-    pending-task bound set to what it holds), and 50 more turns, each with a rid of its own, are refused ``overloaded``. Each
-    refused turn's arrival is forgotten (an adversarial try found one entry kept per refused turn,
-    for good: ~270 B each, 108 MB after 400k); the two waiting turns are then cancelled by their
-    caller, which aborts them on the server: nothing is left in flight there."""
+    """Two turns wait for a version no trainer will push, then the session actor is made full
+    (its pending-task bound set to what it holds), and 50 more turns, each with a rid of its own,
+    are refused ``overloaded``. Each refused turn's arrival is forgotten (an adversarial try found
+    one entry kept per refused turn, for good: ~270 B each, 108 MB after 400k). The two waiting
+    turns are then cancelled by their caller, which aborts them on the server: nothing is left in
+    flight there."""
     ep = ipc_endpoint("sess-over")
     async with RolloutServer(ServerConfig(rollout_endpoint=ep)) as srv, RolloutClient(ep, timeout=60) as rc:
         waiting = [rc.session() for _ in range(2)]

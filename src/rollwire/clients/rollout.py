@@ -41,7 +41,6 @@ from rollwire.transports.rpc import (
     ConnectionClosed,
     RequestTimeout,
     RpcClient,
-    ServerUnavailable,
     unwrap,
 )
 from rollwire.transports.security import CurveClient
@@ -85,7 +84,8 @@ class GenerationStream:
         if not self._sent:
             self._abort_first = True
             return
-        self._client._aborted.add(self.rid)  # close() need not abort it again
+        if not self._ended:  # (an ended stream is not among close()'s open streams anyway)
+            self._client._aborted.add(self.rid)  # close() need not abort it again
         await self._client._rpc.send(0, AbortRequest(target_rid=self.rid))
 
     def _end(self) -> None:
@@ -137,10 +137,8 @@ class GenerationStream:
                 raise StopAsyncIteration
             try:
                 msg = unwrap(item)
-            except BaseException as e:
+            except BaseException:
                 self._end()
-                if isinstance(e, ServerUnavailable) and len(self._done) < self._n:
-                    self._client._orphans.add(self.rid)  # a stalled server may still run it
                 raise
             if isinstance(msg, (GenerateChunk, GenerateDone)) and 0 <= msg.index < self._n \
                     and msg.index not in self._done \
@@ -163,9 +161,6 @@ class RolloutClient:
         self._session_rpc: RpcClient[Any] | None = None
         self._aborted: set[int] = set()  # rids of requests whose abort was sent (``close`` skips them)
         self._closed = False  # no new link (a session one) is made after ``close``
-        # requests failed as server_unavailable: a server that only stalled runs them on, so each is
-        # aborted there once the server answers again (``health``) or this client closes
-        self._orphans: set[int] = set()
         # old session links being closed; sessions a server opened after their opener stopped waiting
         self._background = BackgroundTasks()
 
@@ -280,15 +275,15 @@ class RolloutClient:
     async def health(self, timeout: float = 5.0) -> HealthReply:
         reply = await self._ask(HealthRequest(), HealthReply, timeout)
         self._advertised(reply.session_endpoint)
-        if self._orphans:
+        if self._rpc.given_up:
             await self._abort_orphans()
         return reply
 
     async def _abort_orphans(self) -> None:
         """Abort, best effort, the requests given up as server_unavailable (run on elsewhere by a
         fleet, or failed to their callers): the server that stalled may be running them still."""
-        while self._orphans:
-            rid = self._orphans.pop()
+        while self._rpc.given_up:
+            rid = self._rpc.given_up.pop()
             with contextlib.suppress(RollwireError):
                 await self._rpc.send(0, AbortRequest(target_rid=rid))
 

@@ -440,5 +440,8 @@ class FleetStream:
         await self._inner.aclose()
         aclose = getattr(self._messages, "aclose", None)
         if aclose is not None:
-            with contextlib.suppress(RuntimeError):  # "already running": its reader is ending it
+            try:
                 await aclose()
+            except RuntimeError as e:  # "already running": its reader is ending it
+                if "already running" not in str(e):
+                    raise

@@ -33,8 +33,8 @@ class FleetSession:
     saw it. A call made after the fleet has evicted the session's server (health
     missed) moves first instead of waiting out the liveness bound there; the copy left on that
     server, if it still lives, expires by its ttl. A server that answers ``unknown_session`` (it
-    was restarted at the same endpoints, as Ray restarts a server, or the session's ttl ran out
-    there) gets the record replayed like a move, on any live server, its own included (once per
+    was restarted at the same endpoints, as Ray restarts a server) gets the record replayed like a
+    move, on any live server, its own included (once per
     call). Opening or moving onto a server whose session table is full tries the next one."""
 
     def __init__(self, fleet: RolloutFleet, kw: dict[str, Any]) -> None:
@@ -43,6 +43,7 @@ class FleetSession:
         self._session: Session | None = None
         self._server: ServerView | None = None
         self.moves = 0  # servers it moved away from
+        self._closed = False  # closed by its caller: never replayed again
         self._closing = BackgroundTasks()  # half-made sessions being closed (_discard)
 
     async def __aenter__(self) -> FleetSession:
@@ -53,7 +54,7 @@ class FleetSession:
         if self._session is None:
             return
         # the body's own error goes out as it is; a gone server, or a closed fleet, has nothing left to free
-        quiet = exc[0] is not None or not self.server_alive or self._fleet.closing
+        quiet = exc[0] is not None or not self.server_alive or self._fleet.closing or self._session.link_retired
         with contextlib.suppress(*((RollwireError,) if quiet else ())):
             await self._session.__aexit__(*exc)
 
@@ -127,6 +128,7 @@ class FleetSession:
 
     async def close(self) -> Any:
         assert self._session is not None, "session is not open"
+        self._closed = True
         return await self._session.close()
 
     @property
@@ -166,21 +168,22 @@ class FleetSession:
     async def _after_failure(self, e: RollwireError, tried: list[ServerView], forgotten: list[bool],
                              deadline: float | None) -> None:
         """After a failed call: move the session (the call then runs again), or raise ``e``. A server
-        gone is evicted, unless the error only says this session's link was retired (a server
-        restarted at the same rollout endpoint, on a fresh session port: the fleet has just
-        re-admitted it). A server that no longer knows the session gets the record replayed, on
-        any live server (its own included), once per call (``forgotten``)."""
+        gone is evicted. A server that no longer has the session (it answers ``unknown_session``,
+        or the error only says this session's link to it was retired: it restarted at the same
+        rollout endpoint on a fresh session port, and the fleet has just re-admitted it) is not
+        evicted: the record is replayed on any live server, its own included, once per call
+        (``forgotten``). A session its caller closed is never replayed."""
         assert self._session is not None and self._server is not None
-        if self._fleet.closing:
+        if self._fleet.closing or self._closed:
             raise e
-        if e.code == ErrorCode.UNKNOWN_SESSION and not forgotten[0] and self._fleet.max_failovers > 0:
+        retired = e.code in SERVER_GONE and self._session.link_retired
+        if (e.code == ErrorCode.UNKNOWN_SESSION or retired) and not forgotten[0] and self._fleet.max_failovers > 0:
             forgotten[0] = True
-            await self._move([], "its server does not know the session (restarted, or the ttl ran out)", deadline)
+            await self._move([], "its server no longer has the session (restarted)", deadline)
             return
         if e.code not in SERVER_GONE or len(tried) > self._fleet.max_failovers:
             raise e
-        if not self._session.link_retired:
-            self._fleet._evict(self._server, f"session call failed: {e.code.value}")
+        self._fleet._evict(self._server, f"session call failed: {e.code.value}")
         await self._move(tried, e.code.value, deadline)
 
     async def _move(self, tried: list[ServerView], why: str, deadline: float | None = None) -> None:
@@ -201,6 +204,7 @@ class FleetSession:
         ``max_failovers`` servers in ``tried`` the error goes out. A session left half-made on a
         server is closed there."""
         full: RollwireError | None = None  # the last server's "too_many_sessions", if none is left after it
+        skipped = 0  # servers tried that were only full: not failovers
         while True:
             if full is not None and not self._fleet.router.live(exclude=tried):
                 raise full
@@ -217,9 +221,9 @@ class FleetSession:
             except RollwireError as e:
                 self._discard(session)
                 if e.code == ErrorCode.TOO_MANY_SESSIONS and not self._fleet.closing:
-                    full = e  # that server is well, only full: the next one is tried, not counted a failover
+                    full, skipped = e, skipped + 1  # that server is well, only full: the next one is tried
                     continue
-                if e.code not in SERVER_GONE or self._fleet.closing or len(tried) > self._fleet.max_failovers:
+                if e.code not in SERVER_GONE or self._fleet.closing or len(tried) - skipped > self._fleet.max_failovers:
                     raise
                 self._fleet._evict(server, f"session {what} failed: {e.code.value}")
             except BaseException:

@@ -111,6 +111,7 @@ class RpcClient(Generic[R]):
         self._liveness_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None  # liveness on: the connection's drops
         self.server_deaths = 0  # times the liveness bound passed with calls pending
+        self.given_up: set[int] = set()  # rids of streams failed by a server death (see _server_died)
         self._rids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Reply[R]] | asyncio.Queue[Reply[R] | BaseException]] = {}
         self._recv_task: asyncio.Task[None] | None = None
@@ -228,6 +229,9 @@ class RpcClient(Generic[R]):
     async def _server_died(self, silent_s: float, why: str = "") -> None:
         """Fail every pending call, then start over on a fresh socket (nothing stale is replayed)."""
         self.server_deaths += 1
+        # a server that only stalled still runs what its streams asked: the owner may abort those
+        # once it answers again (``RolloutClient.health``, ``close``)
+        self.given_up.update(rid for rid, w in self._waiters.items() if isinstance(w, asyncio.Queue))
         self._fail_all(ServerUnavailable(why or f"no reply or heartbeat from {self.endpoint} for {silent_s:.1f}s "
                                                 f"(liveness bound {self.liveness_s}s)"))
         # swap first, then retire the old pair: a send meanwhile goes to the fresh socket

@@ -14,7 +14,7 @@ many as torch computes with (the floor a push is measured against copies on thos
 ``MAX_THREADS``; the pool has that many threads (a copy's caller works too and takes one fewer
 helper; a checksum pass runs on the pool alone) and is made once per process. On the 2-core
 machine this changes nothing; on a 16-core host a 2-thread pack and verify cannot keep up with a
-16-thread memcpy.
+16-thread memcpy, and more than 8 threads only contend (``MAX_THREADS``).
 """
 
 from __future__ import annotations
@@ -50,9 +50,13 @@ def copy_threads() -> int:
     ``ROLLWIRE_COPY_THREADS`` sets it (for measurement: how many threads a host's memory needs)."""
     chosen = os.environ.get("ROLLWIRE_COPY_THREADS")
     if chosen is not None:
-        if not chosen.isdigit() or int(chosen) < 1:
+        try:
+            threads = int(chosen)
+        except ValueError:
+            threads = 0
+        if threads < 1:
             raise ValueError(f"ROLLWIRE_COPY_THREADS must be a whole number of threads >= 1, not {chosen!r}")
-        return int(chosen)
+        return threads
     return max(2, min(torch.get_num_threads(), os.cpu_count() or 1, MAX_THREADS))
 
 
