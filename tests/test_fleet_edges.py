@@ -308,3 +308,33 @@ async def test_a_request_moved_off_a_stalled_server_is_aborted_there_once_it_ans
         spans = out.weight_version_spans
         assert spans[0].start == 0 and spans[-1].end == 1500
         assert all(a.end == b.start for a, b in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize("two_servers", [((), ())], indirect=True)
+async def test_a_session_turn_moved_off_a_stalled_server_is_aborted_there_once_it_answers(two_servers) -> None:  # type: ignore[no-untyped-def]
+    """As above for a FleetSession's turn: its server is SIGSTOPped, the session moves (replayed)
+    and the turn runs again on the other server, once; the stalled server, SIGCONTed, aborts the
+    turn it still held (one ``abort`` finish, no ``length``). Before, it generated on there."""
+    eps, procs = two_servers
+    long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+    async with RolloutFleet(eps, liveness_s=1.5, health_interval_s=0.3, health_timeout_s=1.0) as fleet:
+        await fleet.wait_ready(servers=2, timeout=180)
+        async with fleet.session(timeout=240) as s:
+            turn = asyncio.ensure_future(s.generate([3, 4, 5], long))
+            stalled = eps.index(s.endpoint)
+            await until(lambda: _samples(eps[stalled], 1), "the turn is generating")
+            procs[stalled].send_signal(signal.SIGSTOP)
+            try:
+                await until(lambda: s.moves >= 1, "the session moved", 60)
+            finally:
+                procs[stalled].send_signal(signal.SIGCONT)
+            await until(lambda: _all_idle([eps[stalled]]), "the stalled server let the turn go", 60)
+            counters = await _status(eps[stalled])
+            assert counters.get("finish_abort") == 1 and not counters.get("finish_length"), counters
+            out = await asyncio.wait_for(turn, 240)  # (a hang guard)
+            assert out.finish_reason == "length" and len(out.output_ids) == 1500 and s.endpoint != eps[stalled]
+            assert s.trajectory().token_ids == [3, 4, 5, *out.output_ids]
+
+
+async def _samples(endpoint: str, n: int) -> bool:
+    return (await _status(endpoint)).get("samples_in_flight", 0) == n

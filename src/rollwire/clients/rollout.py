@@ -275,17 +275,19 @@ class RolloutClient:
     async def health(self, timeout: float = 5.0) -> HealthReply:
         reply = await self._ask(HealthRequest(), HealthReply, timeout)
         self._advertised(reply.session_endpoint)
-        if self._rpc.given_up:
+        if self._rpc.given_up or (self._session_rpc is not None and self._session_rpc.given_up):
             await self._abort_orphans()
         return reply
 
     async def _abort_orphans(self) -> None:
-        """Abort, best effort, the requests given up as server_unavailable (run on elsewhere by a
-        fleet, or failed to their callers): the server that stalled may be running them still."""
-        while self._rpc.given_up:
-            rid = self._rpc.given_up.pop()
-            with contextlib.suppress(RollwireError):
-                await self._rpc.send(0, AbortRequest(target_rid=rid))
+        """Abort, best effort, the requests and session turns given up as server_unavailable (run
+        on elsewhere by a fleet, or failed to their callers): the server that stalled may be
+        running them still."""
+        for rpc in (self._rpc, self._session_rpc):
+            while rpc is not None and rpc.given_up:
+                rid = rpc.given_up.pop()
+                with contextlib.suppress(RollwireError):
+                    await rpc.send(0, AbortRequest(target_rid=rid))
 
     async def status(self, timeout: float = 5.0) -> StatusReply:
         return await self._ask(StatusRequest(), StatusReply, timeout)
