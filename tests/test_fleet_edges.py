@@ -9,7 +9,7 @@ import itertools
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -289,18 +289,12 @@ async def test_a_request_moved_off_a_stalled_server_is_aborted_there_once_it_ans
     socket had the same identity."""
     eps, procs = two_servers
     long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
-    async with RolloutFleet(eps, liveness_s=1.5, health_interval_s=0.3, health_timeout_s=1.0) as fleet:
+    async with RolloutFleet(eps, liveness_s=3.0, health_interval_s=0.3, health_timeout_s=3.0) as fleet:
         await fleet.wait_ready(servers=2, timeout=180)
         task = asyncio.ensure_future(fleet.generate([3, 4, 5], long))
         await until(lambda: any(s.in_flight and s.tokens > 20 for s in fleet.servers), "the request is generating")
         stalled = next(i for i, s in enumerate(fleet.servers) if s.in_flight)
-        procs[stalled].send_signal(signal.SIGSTOP)
-        try:
-            await until(lambda: fleet.failovers >= 1, "the request moved", 60)
-        finally:
-            procs[stalled].send_signal(signal.SIGCONT)
-        await until(lambda: _all_idle([eps[stalled]]), "the stalled server let the request go", 60)
-        counters = await _status(eps[stalled])
+        counters = await _stall_until(procs[stalled], eps[stalled], lambda: fleet.failovers >= 1, "the request moved")
         assert counters.get("abort_requests") == 1 and counters.get("finish_abort") == 1, counters
         assert not counters.get("finish_length"), counters
         out = await asyncio.wait_for(task, 240)  # (a hang guard)
@@ -317,19 +311,13 @@ async def test_a_session_turn_moved_off_a_stalled_server_is_aborted_there_once_i
     turn it still held (one ``abort`` finish, no ``length``). Before, it generated on there."""
     eps, procs = two_servers
     long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
-    async with RolloutFleet(eps, liveness_s=1.5, health_interval_s=0.3, health_timeout_s=1.0) as fleet:
+    async with RolloutFleet(eps, liveness_s=3.0, health_interval_s=0.3, health_timeout_s=3.0) as fleet:
         await fleet.wait_ready(servers=2, timeout=180)
         async with fleet.session(timeout=240) as s:
             turn = asyncio.ensure_future(s.generate([3, 4, 5], long))
             stalled = eps.index(s.endpoint)
             await until(lambda: _samples(eps[stalled], 1), "the turn is generating")
-            procs[stalled].send_signal(signal.SIGSTOP)
-            try:
-                await until(lambda: s.moves >= 1, "the session moved", 60)
-            finally:
-                procs[stalled].send_signal(signal.SIGCONT)
-            await until(lambda: _all_idle([eps[stalled]]), "the stalled server let the turn go", 60)
-            counters = await _status(eps[stalled])
+            counters = await _stall_until(procs[stalled], eps[stalled], lambda: s.moves >= 1, "the session moved")
             assert counters.get("finish_abort") == 1 and not counters.get("finish_length"), counters
             out = await asyncio.wait_for(turn, 240)  # (a hang guard)
             assert out.finish_reason == "length" and len(out.output_ids) == 1500 and s.endpoint != eps[stalled]
@@ -338,3 +326,15 @@ async def test_a_session_turn_moved_off_a_stalled_server_is_aborted_there_once_i
 
 async def _samples(endpoint: str, n: int) -> bool:
     return (await _status(endpoint)).get("samples_in_flight", 0) == n
+
+
+async def _stall_until(proc: subprocess.Popen[bytes], endpoint: str, moved: Callable[[], bool],
+                       why: str) -> dict[str, float]:
+    """SIGSTOP a server until ``moved``, SIGCONT it, and return its counters once nothing runs there."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        await until(moved, why, 60)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    await until(lambda: _all_idle([endpoint]), "the stalled server let its work go", 60)
+    return await _status(endpoint)
