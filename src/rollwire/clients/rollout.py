@@ -275,8 +275,7 @@ class RolloutClient:
     async def health(self, timeout: float = 5.0) -> HealthReply:
         reply = await self._ask(HealthRequest(), HealthReply, timeout)
         self._advertised(reply.session_endpoint)
-        if self._rpc.given_up or (self._session_rpc is not None and self._session_rpc.given_up):
-            await self._abort_orphans()
+        await self._abort_orphans()  # the server answers again: what it may still run for us stops
         return reply
 
     async def _abort_orphans(self) -> None:

@@ -439,9 +439,5 @@ class FleetStream:
         finishes by itself (closing a running generator is not allowed)."""
         await self._inner.aclose()
         aclose = getattr(self._messages, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except RuntimeError as e:  # "already running": its reader is ending it
-                if "already running" not in str(e):
-                    raise
+        if aclose is not None and not getattr(self._messages, "ag_running", False):  # running: its reader ends it
+            await aclose()

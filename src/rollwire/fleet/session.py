@@ -34,8 +34,8 @@ class FleetSession:
     missed) moves first instead of waiting out the liveness bound there; the copy left on that
     server, if it still lives, expires by its ttl. A server that answers ``unknown_session`` (it
     was restarted at the same endpoints, as Ray restarts a server) gets the record replayed like a
-    move, on any live server, its own included (once per
-    call). Opening or moving onto a server whose session table is full tries the next one."""
+    move, on any live server, its own included (once per call). Opening or moving onto a server
+    whose session table is full tries the next one."""
 
     def __init__(self, fleet: RolloutFleet, kw: dict[str, Any]) -> None:
         self._fleet = fleet
