@@ -7,6 +7,11 @@
    servers they share the cores, and the ratio says so. A second floor for 2 and 4 servers:
    all of them busy at once, each driven by its own RolloutClient (no fleet), which tells the
    fleet's own cost from what servers sharing a machine (cores, memory bandwidth, clock) cost.
+   Where the machine has a CPU to spare beyond 4 servers x ``--threads``, each server is pinned to
+   its own CPUs (hyperthread siblings kept together), the same ones alone and in the fleet, as
+   servers get their own GPUs in a real fleet, and this client to the CPUs left: unpinned, the sum
+   alone moved by 10-15% between repeats on 16 cores. ``--no-pin`` leaves placement to the OS (as
+   on a 2-core machine, where the client has no CPU of its own to take).
 2. failover: with requests running, one server is SIGKILLed; the time from the kill until every
    request it held runs on another server, against the client's heartbeat interval (1 s); target
    <= 2 intervals. It is bounded by the fleet's liveness bound (``--liveness``).
@@ -37,10 +42,33 @@ from rollwire import RolloutClient, RolloutFleet, SamplingParams
 from rollwire.transports.sockets import free_tcp_endpoint
 
 MAX_TOKENS = 64
-THREADS = max(1, (os.cpu_count() or 1) // 4)  # torch threads per server
+THREADS = max(1, (len(os.sched_getaffinity(0)) - 1) // 4)  # torch threads per server: 4 of them and a CPU left
 
 
-def serve(endpoint: str, trainer: str | None = None, rid: str = "") -> subprocess.Popen[bytes]:
+def core_groups() -> list[list[int]]:
+    """The CPUs this process may use, grouped by physical core (hyperthread siblings together)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    groups: dict[str, list[int]] = {}
+    for cpu in allowed:
+        try:
+            key = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            key = str(cpu)
+        groups.setdefault(key, []).append(cpu)
+    return list(groups.values())
+
+
+def server_cpus(servers: int, threads: int) -> tuple[list[list[int]], list[int]] | None:
+    """Disjoint sets of ``threads`` CPUs for each server (siblings of a physical core next to each
+    other) and the CPUs left for the client; None when no CPU would be left."""
+    order = [cpu for group in core_groups() for cpu in group]
+    if servers * threads >= len(order):
+        return None
+    return [order[i * threads:(i + 1) * threads] for i in range(servers)], order[servers * threads:]
+
+
+def serve(endpoint: str, trainer: str | None = None, rid: str = "",
+          cpus: list[int] | None = None) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "error", "serve", "--engine", "hf", "--model", "tiny",
            "--rollout-endpoint", endpoint]
     if trainer:
@@ -48,7 +76,8 @@ def serve(endpoint: str, trainer: str | None = None, rid: str = "") -> subproces
     # every server gets the same share of the cores, alone or beside the others: torch's default
     # (all cores each) would oversubscribe a machine running 4 of them and hide what routing does
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, preexec_fn=pin)
 
 
 async def closed_loop(gen: Any, concurrency: int, seconds: float, lengths: str) -> float:
@@ -185,7 +214,12 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
 
 async def run_aggregate(a: argparse.Namespace) -> list[dict[str, Any]]:
     eps = [free_tcp_endpoint() for _ in range(4)]
-    procs = [serve(ep) for ep in eps]
+    placed = server_cpus(4, THREADS) if a.pin else None
+    cpus: list[list[int] | None] = list(placed[0]) if placed else [None] * 4
+    if placed:
+        os.sched_setaffinity(0, placed[1])
+    a.server_cpus, a.client_cpus = cpus, placed[1] if placed else None
+    procs = [serve(ep, cpus=c) for ep, c in zip(eps, cpus, strict=True)]
     try:
         for ep in eps:
             async with RolloutClient(ep) as rc:
@@ -201,6 +235,8 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"servers  fleet tok/s  sum alone tok/s  ratio (target >= 0.9; {THREADS} torch threads per server; "
              f"lengths {res['machine']['args']['lengths']})"]
     lines[0] += "; together: the servers busy at once, a client each, no fleet"
+    lines[0] += (f"; CPUs of each server {res['machine']['args'].get('server_cpus')}, "
+                 f"of the client {res['machine']['args'].get('client_cpus')}")
     lines += [f"{r['servers']:>7}  {r['fleet_tokens_s']:>11}  {r['sum_alone_tokens_s']:>15}  {r['ratio']:>5}"
               + (f"  together {r['together_tokens_s']} (fleet / together {r['ratio_to_together']})"
                  if "together_tokens_s" in r else "") for r in res.get("aggregate", [])]
@@ -225,7 +261,11 @@ if __name__ == "__main__":
     ap.add_argument("--liveness", type=float, default=2.0)
     ap.add_argument("--pushes", type=int, default=5)
     ap.add_argument("--threads", type=int, default=THREADS,
-                    help="torch threads per server (default: a quarter of the cores, so 4 servers fill them)")
+                    help="torch threads per server (default: a quarter of the CPUs but one, so 4 servers and the "
+                         "client each have their own)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="pin each aggregate server to its own CPUs and the client to the rest, where a CPU is "
+                         "left for the client (default; --no-pin: the OS places them)")
     ap.add_argument("--out", default="bench/out/fleet.json")
     ap.add_argument("--parts", nargs="+", default=["aggregate", "failover", "fanout"],
                     choices=["aggregate", "failover", "fanout"])

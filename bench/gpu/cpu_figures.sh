@@ -2,7 +2,8 @@
 # The CPU benchmarks on the GPU machine's 16 quiet cores (no GPU used), one step after another, each
 # bounded; logs and JSON go to $OUT. Run from the repository root with the kit's wheels in .whl/:
 #   bash bench/gpu/cpu_figures.sh [weights rpc fleet gateway]      # default: all four
-# (FLEET_REPEATS, FLEET_THREADS: torch threads per fleet server, default a quarter of the cores)
+# (FLEET_REPEATS, FLEET_THREADS: torch threads per fleet server, default a quarter of the CPUs but one;
+#  FLEET_PIN=--no-pin leaves the servers' placement to the OS)
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/rw-cpu-figures}; mkdir -p "$OUT"
@@ -24,7 +25,7 @@ for s in $STEPS; do
     rpc) timeout "${RPC_S:-90}" python3 bench/rpc_echo.py --configs raw_async rollwire --repeats 5 --calls 3000 \
            --messages 20000 --out "$OUT/rpc_h100host.json" > "$OUT/rpc.log" 2>&1 ;;
     fleet) timeout "${FLEET_S:-200}" python3 bench/fleet.py --parts aggregate --repeats "${FLEET_REPEATS:-3}" --seconds 4 \
-             ${FLEET_THREADS:+--threads "$FLEET_THREADS"} --out "$OUT/fleet_h100host${FLEET_THREADS:+_t$FLEET_THREADS}.json" \
+             ${FLEET_THREADS:+--threads "$FLEET_THREADS"} ${FLEET_PIN:-} --out "$OUT/fleet_h100host${FLEET_THREADS:+_t$FLEET_THREADS}.json" \
              > "$OUT/fleet.log" 2>&1 ;;
     gateway) timeout "${GATEWAY_S:-240}" python3 bench/gateway.py --concurrency ${GATEWAY_CONC:-1 8 64} --repeats "${GATEWAY_REPEATS:-3}" \
                --out "$OUT/gateway_h100host.json" > "$OUT/gateway.log" 2>&1 ;;
