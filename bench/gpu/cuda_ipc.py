@@ -11,7 +11,8 @@ transport and its checks only). Rows, per size (~107 MB and ~1.03 GB):
   in-process load costs);
 * cuda_ipc -> no-op receiver: the transport alone, same floor;
 * the parts, timed here: one flat device-to-device copy of the same bytes (the bandwidth ceiling),
-  the trainer's pack + GPU checksum, a GPU checksum pass alone.
+  the trainer's pack + GPU checksum, a GPU checksum pass alone (the one-pass Triton kernel, and
+  torch's two reductions).
 
 Every figure is the median of ``--repeats`` runs after one warm-up. Prints a table, writes JSON
 (default bench/results/weights_cuda_ipc.json). ``--device cpu --transport shm`` runs the same
@@ -100,6 +101,14 @@ def floors(sd: dict[str, torch.Tensor], device: str, repeats: int, bucket_bytes:
         assert arena.tensor is not None
         sizes = [p.nbytes for p in plans]
         out["gpu_checksum_pass"] = timed(lambda: gpu_checksums(arena.tensor, offsets, sizes), device, repeats)
+        from rollwire.weightsync import gpu_checksum
+
+        kernel, gpu_checksum._KERNEL = gpu_checksum._KERNEL, None  # torch's two reductions, for comparison
+        try:
+            out["gpu_checksum_two_torch_passes"] = timed(lambda: gpu_checksums(arena.tensor, offsets, sizes),
+                                                         device, repeats)
+        finally:
+            gpu_checksum._KERNEL = kernel
     return out
 
 

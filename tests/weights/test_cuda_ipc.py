@@ -88,6 +88,25 @@ def test_empty_buckets_have_a_checksum_and_no_bucket_list_needs_no_transfer() ->
     assert gpu_checksums(arena, [], []) == []
 
 
+@pytest.mark.skipif(not cuda_ipc.available(), reason=NO_GPU)
+def test_the_one_pass_gpu_kernel_gives_the_definitions_checksums_and_the_two_pass_ones(monkeypatch) -> None:
+    from rollwire.weightsync import gpu_checksum
+
+    g = torch.Generator().manual_seed(5)
+    # a few rows, more rows than the persistent grid covers in one sweep, a bucket of one row, empty ones
+    sizes = [5000, 0, (gpu_checksum._PROGRAMS * gpu_checksum._BLOCK_ROWS + 3) * ARENA_ALIGN - 17, 1, 0, 9000]
+    payloads = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes() for n in sizes]
+    payloads[-1] = bytes([0xFF]) * 9000  # the sums wrap modulo 2**64
+    arena, offsets, sizes = arena_with(payloads)
+    gpu = arena.cuda()
+    assert gpu_checksum._triton_kernel() is not None, "Triton comes with every CUDA build of torch"
+    one_pass = gpu_checksums(gpu, offsets, sizes)
+    monkeypatch.setattr(gpu_checksum, "_KERNEL", None)  # the two-pass torch reductions, on the same GPU
+    assert gpu_checksums(gpu, offsets, sizes) == one_pass
+    assert one_pass == [reference(p) for p in payloads]
+    assert one_pass == gpu_checksums(arena, offsets, sizes)  # and the CPU's
+
+
 # -- auto, on the CPU ---------------------------------------------------------------------------
 def receiver(rid: str = "r", host: str = "h", transports: tuple[str, ...] = ("cuda_ipc", "shm", "inline"),
              gpus: tuple[str, ...] = (GPU_A,)) -> Registered:

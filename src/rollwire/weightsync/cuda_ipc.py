@@ -18,22 +18,12 @@ bucket's checksum on the GPU, on a side stream, and hands the engine views into 
 the engine's load it synchronizes the GPU before reporting "applied", so the trainer's next pack
 cannot overwrite bytes a copy still reads.
 
-Checksums (``gpu_checksums``): the bytes never leave GPU memory, so what a checksum catches here is a
-wrong handle, offset or layout, or an arena rewritten too early, not wire corruption; and xxh3 has
-no GPU kernel in torch. So each bucket, zero-padded to ``ARENA_ALIGN`` bytes, is read as int64
-words in rows of 512, and three sums are taken modulo 2**64 (integer sums: exact, whatever the
-reduction order, equal on CPU and GPU): all words, the row sums weighted by row index, the column
-sums weighted by column index. A changed word changes the first; two swapped unequal words change
-the second or the third; a shifted layout changes them all. Two reduction passes over the bytes on
-each side; the three sums of every bucket come back in one host transfer and are hashed (blake2b) to
-the bucket's 64-bit ``checksum``. This is an integrity check against bugs, not against an adversary.
+Checksums: ``gpu_checksum`` (one pass over the arena on each side).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -44,6 +34,7 @@ import torch
 from rollwire.messages.codec import Buffer
 from rollwire.messages.errors import ErrorCode
 from rollwire.messages.weights import BucketMeta, CudaIpcHandle, CudaIpcPayload, NamedTensor, Payload, WeightsReady
+from rollwire.weightsync.gpu_checksum import ARENA_ALIGN, gpu_checksums, padded
 from rollwire.weightsync.layout import (
     BucketPlan,
     Sender,
@@ -55,8 +46,6 @@ from rollwire.weightsync.layout import (
     raise_problems,
 )
 
-ARENA_ALIGN = 4096  # bucket offsets and checksum padding: whole rows of 512 int64 words
-ROW_WORDS = ARENA_ALIGN // 8
 _GROW_QUANTUM = 2 << 20
 _MAX_OPENED = 2  # arenas a receiver keeps open (the current one and the one it replaced)
 
@@ -96,10 +85,6 @@ def tensors_device(tensors: Sequence[torch.Tensor]) -> torch.device | None:
     return dev if dev.type == "cuda" else None
 
 
-def padded(n: int) -> int:
-    return (n + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
-
-
 def arena_offsets(sizes: Sequence[int]) -> list[int]:
     """Where each bucket starts in the arena: back to back, each at an ``ARENA_ALIGN`` boundary."""
     offsets, pos = [], 0
@@ -107,36 +92,6 @@ def arena_offsets(sizes: Sequence[int]) -> list[int]:
         offsets.append(pos)
         pos += padded(n)
     return offsets
-
-
-# -- checksums ---------------------------------------------------------------------------------
-def gpu_checksums(arena: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
-    """The 64-bit checksum of each bucket ``arena[off:off + padded(size)]`` (padding included, so it
-    must be zeros; ``off`` a multiple of ``ARENA_ALIGN``). Works on any device. A few launches
-    whatever the number of buckets: one row-sum pass over the arena, prefix sums to cut it into
-    buckets, one column-sum pass per bucket; one host transfer for all of them."""
-    if not offsets:
-        return []
-    dev = arena.device
-    starts = [off // ARENA_ALIGN for off in offsets]  # buckets as runs of rows
-    counts = [padded(n) // ARENA_ALIGN for n in sizes]
-    end = max(s + c for s, c in zip(starts, counts, strict=True))
-    words = arena[:end * ARENA_ALIGN].view(torch.int64).view(end, ROW_WORDS)
-    rows = words.sum(dim=1)
-    zero = torch.zeros(1, dtype=torch.int64, device=dev)
-    r = torch.arange(1, end + 1, dtype=torch.int64, device=dev)  # global row index + 1
-    prefix = torch.cat([zero, rows.cumsum(0)])
-    prefix_r = torch.cat([zero, (rows * r).cumsum(0)])
-    st = torch.tensor(starts, dtype=torch.int64, device=dev)
-    en = st + torch.tensor(counts, dtype=torch.int64, device=dev)
-    total = prefix[en] - prefix[st]
-    by_row = prefix_r[en] - prefix_r[st] - st * total  # weights local row index + 1
-    cols = torch.stack([words[s:s + c].sum(dim=0) if c else torch.zeros(ROW_WORDS, dtype=torch.int64, device=dev)
-                        for s, c in zip(starts, counts, strict=True)])
-    by_col = (cols * torch.arange(1, ROW_WORDS + 1, dtype=torch.int64, device=dev)).sum(dim=1)
-    values = torch.stack([total, by_row, by_col], dim=1).tolist()
-    return [int.from_bytes(hashlib.blake2b(struct.pack("<3q", *v), digest_size=8).digest(), "little")
-            for v in values]
 
 
 # -- trainer side ------------------------------------------------------------------------------
