@@ -2,7 +2,7 @@
 # rollwire's SGLang backend on a GPU machine (../shared/gpu/README.md says how SGLang gets there).
 # Run from the repository root, with the kit's wheels in .whl/ (bash ../shared/gpu/build_wheels.sh):
 #
-#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5|e2e|issue15]      # default: all
+#   bash tests/gpu/run_gpu.sh [checks|bench|all|final|issue5|e2e|issue15|ipc_speed]      # default: all
 #
 # checks: direct sglang.Engine smoke + reference outputs, then rollwire's SGLangEngine on the same
 #         inputs, then a RolloutServer with a rollout-worker process and governor pushes under load
@@ -18,6 +18,9 @@
 # issue15: after the weight-path and engine-package moves: SGLang output traces recorded for the CPU
 #         replay (tests/gpu/traces/), direct reference + adapter checks, the engine contract suite on
 #         sglang; then (E2E=1) tests/gpu/e2e_sglang.py with CYCLES cycles (the cuda_ipc push figure)
+# ipc_speed: tests/weights/test_cuda_ipc.py on the GPU (the one-pass checksum kernel against its
+#         definition), bench/gpu/cuda_ipc.py at ~1 GB (pack, checksum passes), then e2e_sglang.py
+#         (3 colocated cycles, 1 under load, 7 timed pushes: the push vs SGLang's direct updates)
 # Logs and JSON are written to a work folder, then $OUT (default /tmp/rw-gpu-out) gets
 # summary_<what>.json (every check and figure) and logs_<what>.tgz (all logs and JSON).
 set -o pipefail
@@ -107,6 +110,15 @@ elif [ "$WHAT" = issue15 ]; then
     step e2e_sglang "${E2E_S:-300}" python3 tests/gpu/e2e_sglang.py "$Q05" --cycles "${CYCLES:-3}"
     cp "$OUT/e2e_sglang.json" "$FINAL/" 2>/dev/null
   fi
+elif [ "$WHAT" = ipc_speed ]; then  # the cuda_ipc push: GPU checksum checks, its parts, the push on SGLang
+  step pytest_cuda_ipc 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/weights/test_cuda_ipc.py
+  grep -E "passed|failed|FAILED|ERROR" "$OUT/pytest_cuda_ipc.log" | tail -8 | cut -c1-300
+  step cuda_ipc_bench "${BENCH_S:-150}" python3 bench/gpu/cuda_ipc.py --layers 10 --repeats 7 --out "$OUT/weights_cuda_ipc.json"
+  sed -n '/^size/,$p' "$OUT/cuda_ipc_bench.log"
+  cp "$OUT/weights_cuda_ipc.json" "$FINAL/" 2>/dev/null
+  step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
+  step e2e_sglang "${E2E_S:-240}" python3 tests/gpu/e2e_sglang.py "$Q05" --cycles 3 --load-cycles 1 --repeats 7
+  cp "$OUT/e2e_sglang.json" "$FINAL/" 2>/dev/null
 elif [ "$WHAT" = e2e ]; then  # issue 5 end to end (serve + trainer cuda_ipc + worker, colocated), then throughput paired
   step write_model 120 python3 bench/gpu/throughput.py --mode write-model --model "$Q05"
   step e2e_sglang "${E2E_S:-330}" python3 tests/gpu/e2e_sglang.py "$Q05" --cycles "${CYCLES:-20}"
