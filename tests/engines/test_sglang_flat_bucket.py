@@ -5,6 +5,9 @@ CPU tensors here (the same code; on the GPU it runs in tests/gpu/e2e_sglang.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import pytest
 import torch
 
 from rollwire.engines.sglang.payloads import flat_bucket
@@ -92,3 +95,68 @@ def test_one_payload_per_tp_rank_each_a_share_of_its_own() -> None:
         got = pickle.loads(p)
         assert [n for n, _ in got] == [n for n, _ in views]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, views, strict=True))
+
+
+# -- on a GPU: views of another process's memory, copied into a reused buffer ----------------------
+@dataclass
+class Meta:  # SGLang's FlattenedTensorMetadata, as the consumer needs to unpickle it
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def _producer(q: object, done: object) -> None:  # a trainer: owns a CUDA arena, shares it once
+    arena = torch.arange(64 * 1024, dtype=torch.int32, device="cuda").view(torch.uint8)
+    q.put(arena)  # type: ignore[attr-defined]
+    done.wait(120)  # type: ignore[attr-defined]
+
+
+def _consumer(conn: object) -> None:  # SGLang's scheduler: opens each payload, checks it, lets go
+    import pickle
+
+    while True:
+        data = conn.recv()  # type: ignore[attr-defined]
+        if data is None:
+            return
+        flat = pickle.loads(data)["flattened_tensor"]
+        conn.send(int(flat.view(torch.int32)[:8].sum()))  # type: ignore[attr-defined]
+        del flat  # torch synchronizes this process's stream, then gives the share back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU: tests/gpu/run_gpu.sh ipc_speed")
+def test_views_of_another_process_are_copied_into_one_buffer_reused_once_the_loader_let_go() -> None:
+    import torch.multiprocessing as tmp
+
+    from rollwire.engines.sglang.payloads import FlatStaging, ipc_refcount, serialize_flat
+
+    ctx = tmp.get_context("spawn")
+    q, done = ctx.Queue(), ctx.Event()
+    producer = ctx.Process(target=_producer, args=(q, done))
+    producer.start()
+    here, there = ctx.Pipe()
+    consumer = ctx.Process(target=_consumer, args=(there,))
+    consumer.start()
+    try:
+        arena = q.get(timeout=120)  # opened here: torch cannot share it on
+        bucket = [("w", arena[:4096].view(torch.int32)), ("b", arena[4096:8192].view(torch.int32))]
+        staging = FlatStaging()
+        for push in range(3):
+            (payload,) = serialize_flat(ForkingSerializer, bucket, Meta, 1, staging)
+            assert staging.allocated == 1, f"push {push}: the buffer was reused"
+            (counter, offset), = staging._shares[-1:]
+            assert ipc_refcount(counter, offset) == 1  # handed out, not let go yet
+            here.send(payload)
+            assert here.recv() == sum(range(8))  # the consumer read the trainer's bytes
+            assert ipc_refcount(counter, offset) == 0  # let go, after its stream synchronized
+        held = serialize_flat(ForkingSerializer, bucket, Meta, 1, staging)  # not sent: never let go
+        serialize_flat(ForkingSerializer, bucket, Meta, 1, staging)
+        assert staging.allocated == 2, "a buffer a loader may still read is not written again"
+        del held
+    finally:
+        here.send(None)
+        done.set()
+        consumer.join(60)
+        producer.join(60)

@@ -111,7 +111,8 @@ elif [ "$WHAT" = issue15 ]; then
     cp "$OUT/e2e_sglang.json" "$FINAL/" 2>/dev/null
   fi
 elif [ "$WHAT" = ipc_speed ]; then  # the cuda_ipc push: GPU checksum checks, its parts, the push on SGLang
-  step pytest_cuda_ipc 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/weights/test_cuda_ipc.py
+  step pytest_cuda_ipc 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/weights/test_cuda_ipc.py \
+    tests/engines/test_sglang_flat_bucket.py
   grep -E "passed|failed|FAILED|ERROR" "$OUT/pytest_cuda_ipc.log" | tail -8 | cut -c1-300
   step cuda_ipc_bench "${BENCH_S:-150}" python3 bench/gpu/cuda_ipc.py --layers 10 --repeats 7 --out "$OUT/weights_cuda_ipc.json"
   sed -n '/^size/,$p' "$OUT/cuda_ipc_bench.log"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from rollwire.engines.base import ALL_MEMORY_TAGS, EngineError, MemoryTag, PauseMode
 from rollwire.engines.sglang import compat
+from rollwire.engines.sglang.payloads import FlatStaging
 from rollwire.engines.sglang.requests import Live
 from rollwire.engines.sglang.weights import EVICT_TIMEOUT_S
 from rollwire.engines.validation import check_tags
@@ -35,6 +36,7 @@ class ControlMixin:
     _released: set[MemoryTag]
     _weights_sent: bool
     _sched_paused: str
+    _flat_staging: FlatStaging
 
     if TYPE_CHECKING:  # SGLangEngine's
         def _pulse(self) -> None: ...
@@ -95,6 +97,7 @@ class ControlMixin:
             await self._evict()
             await self._tm.release_memory_occupation(self._io.ReleaseMemoryOccupationReqInput(tags=list(new)), None)
             self._released.update(new)
+            self._flat_staging.close()
             _return_cached_memory()
             if "weights" in new:
                 self._weights_sent = False

@@ -116,6 +116,7 @@ from rollwire.engines.sglang.args import (
 )
 from rollwire.engines.sglang.control import ControlMixin
 from rollwire.engines.sglang.logits import TokenMask
+from rollwire.engines.sglang.payloads import FlatStaging
 from rollwire.engines.sglang.requests import Live, RequestsMixin
 from rollwire.engines.sglang.weights import WeightsMixin
 from rollwire.engines.validation import check_request
@@ -182,6 +183,7 @@ class SGLangEngine(RequestsMixin, WeightsMixin, ControlMixin):
         self._tm: Any = None
         self._io: Any = None  # sglang.srt.managers.io_struct
         self._serializer: Any = None
+        self._flat_staging = FlatStaging()
         self._flat_meta: Any = None
         self._mask_processor = TokenMask.to_str()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch.multiprocessing import reductions
 
 T = TypeVar("T")
 Spec = tuple[str, tuple[int, ...], str]  # name, shape, dtype: a tensor an NCCL broadcast will bring
@@ -75,25 +76,28 @@ def serialize(serializer: Any, bucket: list[tuple[str, torch.Tensor]], ranks: in
     return [first] + [serializer.serialize(bucket) for _ in range(ranks - 1)]
 
 
-def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool,
-                device_type: str = "cuda") -> tuple[torch.Tensor, list[tuple[str, torch.Size, torch.dtype, int, int]]]:
+def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool, device_type: str = "cuda",
+                into: Callable[[int, torch.device], torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, list[tuple[str, torch.Size, torch.dtype, int, int]]]:
     """The bucket as one flat uint8 tensor and (name, shape, dtype, start, end) byte ranges in it
     (SGLang's "flattened_bucket" load format: one IPC handle for the whole bucket instead of one
     per tensor). Contiguous views of one storage laid out as densely as the trainer's arena lays
     them out become one slice of that storage (``copy``: one device copy of it); anything else is
-    copied tensor by tensor into a fresh buffer."""
+    copied tensor by tensor into a fresh buffer. ``into(nbytes, device)``: where copies go (a
+    buffer reused across loads) instead of fresh memory."""
     ts = [t for _, t in bucket]
     assert ts and all(t.device.type == device_type for t in ts), "a flat bucket holds tensors of one device type"
+    alloc = into or (lambda n, dev: torch.empty(n, dtype=torch.uint8, device=dev))
     spans = [(int(t.storage_offset()) * t.element_size(), t.numel() * t.element_size()) for t in ts]
     lo, hi = min(a for a, _ in spans), max(a + n for a, n in spans)
     lo -= lo % 256  # keeps every view's offset a multiple of its element size
     one_storage = len({(t.device, t.untyped_storage().data_ptr()) for t in ts}) == 1
     if one_storage and all(t.is_contiguous() for t in ts) and hi - lo <= 1.25 * sum(n for _, n in spans) + 4096:
         whole = torch.empty(0, dtype=torch.uint8, device=ts[0].device).set_(ts[0].untyped_storage())
-        flat = whole[lo:hi].clone() if copy else whole[lo:hi]
+        flat = alloc(hi - lo, ts[0].device).copy_(whole[lo:hi]) if copy else whole[lo:hi]
         return flat, [(name, t.shape, t.dtype, a - lo, a - lo + n)
                       for (name, t), (a, n) in zip(bucket, spans, strict=True)]
-    flat = torch.empty(sum((n + 255) // 256 * 256 for _, n in spans), dtype=torch.uint8, device=ts[0].device)
+    flat = alloc(sum((n + 255) // 256 * 256 for _, n in spans), ts[0].device)
     metas, off = [], 0
     for (name, t), (_, n) in zip(bucket, spans, strict=True):
         flat[off:off + n].view(t.dtype).view(t.shape).copy_(t)
@@ -102,23 +106,81 @@ def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool,
     return flat, metas
 
 
+def ipc_refcount(counter_file: bytes | str, offset: int) -> int | None:
+    """torch's producer-side reference count of one CUDA IPC share (the ``ref_counter_handle`` and
+    ``ref_counter_offset`` its ``reduce_tensor`` gave): 1 when shared, 0 once the consumer let go of
+    it, having synchronized its stream first. None if the count cannot be read."""
+    name = counter_file.decode() if isinstance(counter_file, bytes) else counter_file
+    try:
+        with open("/dev/shm/" + name.lstrip("/"), "rb") as f:
+            f.seek(offset * 8)
+            word = f.read(8)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return int.from_bytes(word, "little", signed=True) if len(word) == 8 else None
+
+
+class Prebuilt:
+    """A tensor already reduced for pickling (``reduce_tensor``'s function and arguments): the share
+    is made here, so its reference count is known, and pickles as the tensor would."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
+        return self.fn, self.args
+
+
+class FlatStaging:
+    """The CUDA buffer a flat bucket is copied into when its tensors cannot be shared where they lie
+    (views of the trainer's arena, which this process opened: torch cannot re-share them), kept
+    from one load to the next: a fresh buffer per load cost an allocation of the whole bucket and a
+    new IPC handle for SGLang's scheduler to open, every push. It is written again only once every
+    share of it handed to the scheduler was let go (``ipc_refcount`` reads 0; the scheduler's torch
+    synchronizes its stream before it lets go); otherwise a new buffer is allocated, and torch keeps
+    the old one alive until the scheduler lets go of it."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.allocated = 0  # buffers allocated so far (tests and benchmarks check reuse)
+        self._shares: list[tuple[bytes, int]] = []  # reference counts of the shares handed out
+
+    def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        buf = self.buffer
+        if (buf is None or buf.device != device or buf.numel() < nbytes
+                or any(ipc_refcount(f, off) != 0 for f, off in self._shares)):
+            self.buffer = buf = None  # dropped before the next one is allocated (peak memory)
+            self.buffer = buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._shares = []
+            self.allocated += 1
+        return buf[:nbytes]
+
+    def share(self, t: torch.Tensor) -> Prebuilt:
+        fn, args = reductions.reduce_tensor(t)
+        self._shares.append((args[11], int(args[12])))  # ref_counter_handle, ref_counter_offset
+        return Prebuilt(fn, args)
+
+    def close(self) -> None:
+        self.buffer, self._shares = None, []
+
+
 def serialize_flat(serializer: Any, bucket: list[tuple[str, torch.Tensor]], meta_cls: Any,
-                    ranks: int) -> list[Any]:
+                   ranks: int, staging: FlatStaging | None = None) -> list[Any]:
     """A CUDA bucket in SGLang's "flattened_bucket" format, one payload per TP rank (see
     ``serialize``). A slice of this process's own memory is shared as it is; memory this process
     opened from another one (the cuda_ipc transport's view of the trainer's arena), which torch
-    cannot re-share, is copied once into a buffer of its own (torch keeps that block alive until
-    SGLang's scheduler lets go of it)."""
-    for copy in (False, True):
-        flat, spans = flat_bucket(bucket, copy=copy)
-        payload = {"flattened_tensor": flat,
-                   "metadata": [meta_cls(name=name, shape=shape, dtype=dtype, start_idx=a, end_idx=b, numel=b - a)
-                                for name, shape, dtype, a, b in spans]}
-        try:
-            first = serializer.serialize(payload)
-        except RuntimeError as e:
-            if copy or "received from another process" not in str(e):
-                raise
-            continue
-        return [first] + [serializer.serialize(payload) for _ in range(ranks - 1)]
-    raise AssertionError("unreachable")
+    cannot re-share, is copied once into ``staging`` (or a fresh buffer), each rank's share made
+    there so that its reference count is known."""
+    flat, spans = flat_bucket(bucket, copy=False)
+    metadata = [meta_cls(name=name, shape=shape, dtype=dtype, start_idx=a, end_idx=b, numel=b - a)
+                for name, shape, dtype, a, b in spans]
+    try:  # shareable where it lies: the serializer shares it once per rank, as any tensor (the
+        # tensor goes first: memory opened from another process fails before the metadata is pickled)
+        return [serializer.serialize({"flattened_tensor": flat, "metadata": metadata}) for _ in range(ranks)]
+    except RuntimeError as e:
+        if "received from another process" not in str(e):
+            raise
+    staging = staging or FlatStaging()
+    flat, _ = flat_bucket(bucket, copy=True, into=staging.take)
+    tensors = [staging.share(flat) for _ in range(ranks)]
+    return [serializer.serialize({"flattened_tensor": t, "metadata": metadata}) for t in tensors]

@@ -32,7 +32,14 @@ import torch
 from rollwire.engines.base import EngineError, MemoryTag
 from rollwire.engines.sglang import compat
 from rollwire.engines.sglang.args import Checkpoint
-from rollwire.engines.sglang.payloads import serialize, serialize_flat, spec_buckets, stage_cpu, tensor_buckets
+from rollwire.engines.sglang.payloads import (
+    FlatStaging,
+    serialize,
+    serialize_flat,
+    spec_buckets,
+    stage_cpu,
+    tensor_buckets,
+)
 from rollwire.engines.sglang.requests import Live
 from rollwire.messages.control import ParamSpec
 from rollwire.messages.errors import ErrorCode
@@ -49,6 +56,7 @@ class WeightsMixin:
     _tm: Any
     _io: Any
     _serializer: Any
+    _flat_staging: FlatStaging  # where views of the trainer's CUDA arena are copied for SGLang, reused
     _flat_meta: Any  # SGLang's FlattenedTensorMetadata (None: this SGLang has no flattened buckets)
     server_kwargs: dict[str, Any]
     _version: int
@@ -94,7 +102,8 @@ class WeightsMixin:
                     last = i == len(buckets) - 1
                     t = time.perf_counter()
                     flat = self._flat_meta is not None and self._flat_loadable(bucket)
-                    payloads = (serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size) if flat
+                    payloads = (serialize_flat(self._serializer, bucket, self._flat_meta, self.tp_size,
+                                               self._flat_staging) if flat
                                 else serialize(self._serializer, stage_cpu(bucket), self.tp_size))
                     obj = self._io.UpdateWeightsFromTensorReqInput(
                         serialized_named_tensors=payloads, flush_cache=flush and last,
