@@ -27,6 +27,10 @@ from typing import Any
 
 import torch
 
+from rollwire.runtime.logging import get_logger
+
+log = get_logger("rollwire.gpu_checksum")
+
 ARENA_ALIGN = 4096  # bucket offsets and checksum padding: whole rows of 512 int64 words
 ROW_WORDS = ARENA_ALIGN // 8
 _PROGRAMS = 1024  # Triton programs per bucket (a persistent grid: each loops over its rows)
@@ -75,24 +79,32 @@ _KERNEL: Any = False  # False: not tried yet
 def _row_and_col_sums(words: torch.Tensor, starts: Sequence[int], counts: Sequence[int]) -> tuple[torch.Tensor,
                                                                                                     torch.Tensor]:
     """Every row's sum, and each bucket's column sums ([buckets, ROW_WORDS])."""
+    global _KERNEL
     dev = words.device
     kernel = _triton_kernel() if dev.type == "cuda" else None
-    if kernel is None:
-        rows = words.sum(dim=1)
-        cols = [words[s:s + c].sum(dim=0) for s, c in zip(starts, counts, strict=True)]
-    else:
-        rows = torch.zeros(words.shape[0], dtype=torch.int64, device=dev)  # rows no bucket covers: 0
-        cols = []
-        for s, c in zip(starts, counts, strict=True):
-            programs = max(1, min(_PROGRAMS, -(-c // _BLOCK_ROWS)))
-            part = torch.empty(programs, ROW_WORDS, dtype=torch.int64, device=dev)
-            if c:
-                kernel[(programs,)](words[s:s + c], rows[s:s + c], part, c, ROWS=_BLOCK_ROWS, COLS=ROW_WORDS)
-            else:
-                part.zero_()
-            cols.append(part.sum(dim=0))
+    if kernel is not None:
+        try:
+            return _one_pass(kernel, words, starts, counts)
+        except Exception as e:  # a Triton that cannot compile here (no C compiler, ...): torch's way
+            log.warning("gpu_checksum_kernel_failed", error=repr(e)[:300], fallback="two torch reductions")
+            _KERNEL = None
+    rows = words.sum(dim=1)
     zero = torch.zeros(ROW_WORDS, dtype=torch.int64, device=dev)
-    return rows, torch.stack([col if c else zero for col, c in zip(cols, counts, strict=True)])
+    return rows, torch.stack([words[s:s + c].sum(dim=0) if c else zero for s, c in zip(starts, counts, strict=True)])
+
+
+def _one_pass(kernel: Any, words: torch.Tensor, starts: Sequence[int], counts: Sequence[int]) -> tuple[torch.Tensor,
+                                                                                                       torch.Tensor]:
+    dev = words.device
+    rows = torch.zeros(words.shape[0], dtype=torch.int64, device=dev)  # rows no bucket covers: 0
+    cols = []
+    for s, c in zip(starts, counts, strict=True):
+        programs = max(1, min(_PROGRAMS, -(-c // _BLOCK_ROWS)))
+        part = torch.zeros(programs, ROW_WORDS, dtype=torch.int64, device=dev)
+        if c:
+            kernel[(programs,)](words[s:s + c], rows[s:s + c], part, c, ROWS=_BLOCK_ROWS, COLS=ROW_WORDS)
+        cols.append(part.sum(dim=0))
+    return rows, torch.stack(cols)
 
 
 def gpu_checksums(arena: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
