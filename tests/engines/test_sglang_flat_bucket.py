@@ -6,6 +6,7 @@ CPU tensors here (the same code; on the GPU it runs in tests/gpu/e2e_sglang.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,36 @@ def test_one_payload_per_tp_rank_each_a_share_of_its_own() -> None:
         got = pickle.loads(p)
         assert [n for n, _ in got] == [n for n, _ in views]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, views, strict=True))
+
+
+def test_the_staging_buffer_is_written_again_only_when_every_share_of_it_reads_let_go(tmp_path) -> None:
+    """The reuse rule alone, on the CPU, against a reference-count file like torch's (int64 words in
+    a /dev/shm file; the GPU test below checks torch's own counts read so)."""
+    import os
+    import struct
+
+    from rollwire.engines.sglang.payloads import FlatStaging, ipc_refcount
+
+    name = f"rw_test_refcounts_{os.getpid()}"
+    path = Path("/dev/shm") / name
+    path.write_bytes(struct.pack("<3q", 0, 1, 0))
+    try:
+        assert [ipc_refcount(name, i) for i in range(3)] == [0, 1, 0]
+        assert ipc_refcount(name, 3) is None and ipc_refcount("no_such_counter_file", 0) is None
+        staging = FlatStaging()
+        first = staging.take(1000, torch.device("cpu"))
+        staging._shares = [(f"/{name}".encode(), 0), (name.encode(), 2)]  # two shares, both let go
+        assert staging.take(800, torch.device("cpu")).data_ptr() == first.data_ptr() and staging.allocated == 1
+        staging._shares.append((name.encode(), 1))  # one still held by a loader
+        assert staging.take(800, torch.device("cpu")).data_ptr() != first.data_ptr() and staging.allocated == 2
+        assert staging._shares == []
+        staging._shares = [(b"no_such_counter_file", 0)]  # unreadable: not known to be let go
+        staging.take(10, torch.device("cpu"))
+        assert staging.allocated == 3
+        staging.take(2000, torch.device("cpu"))  # larger than the buffer
+        assert staging.allocated == 4
+    finally:
+        path.unlink()
 
 
 # -- on a GPU: views of another process's memory, copied into a reused buffer ----------------------
