@@ -150,10 +150,20 @@ class Stack:
     base_url: str  # http://127.0.0.1:PORT/v1
     serve: subprocess.Popen[bytes]
     gateway: subprocess.Popen[bytes]
+    serve_cmd: list[str]
+    env: dict[str, str]
+    logs: Any
 
     @property
     def root(self) -> str:
         return self.base_url.removesuffix("/v1")
+
+    def restart_server(self) -> None:
+        """SIGKILL ``rollwire serve`` and start it again at the same endpoints (as a supervisor or
+        Ray would); returns once the old one is gone (the new one may still be starting)."""
+        self.serve.kill()
+        self.serve.wait(timeout=30)
+        self.serve = subprocess.Popen(self.serve_cmd, env=self.env, stdout=self.logs, stderr=subprocess.STDOUT)
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -190,26 +200,26 @@ def stack(*, gateway_args: tuple[str, ...] = (), versions: list[tuple[int, dict[
     port = int(free_tcp_endpoint(span=1).rpartition(":")[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = tempfile.TemporaryFile()  # noqa: SIM115 (both processes' output, shown if the stack fails; closed below)
-    serve = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
-                              "--rollout-endpoint", rollout, "--trainer-endpoint", trainer, *serve_args],
-                             env=env, stdout=logs, stderr=subprocess.STDOUT)
-    gateway = None
+    serve_cmd = [sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "serve",
+                 "--rollout-endpoint", rollout, "--trainer-endpoint", trainer, *serve_args]
+    serve = subprocess.Popen(serve_cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
+    gateway, s = None, None
     try:  # the gateway starts beside the server (it waits for it); the versions go in meanwhile
         gateway = subprocess.Popen([sys.executable, "-m", "rollwire.cli", "--log-level", "warning", "gateway",
                                     "--port", str(port), "--rollout-endpoint", rollout, *gateway_args],
                                    env=env, stdout=logs, stderr=subprocess.STDOUT)
         if versions:
             asyncio.run(push(trainer, versions))
-        s = Stack(rollout, trainer, f"http://127.0.0.1:{port}/v1", serve, gateway)
+        s = Stack(rollout, trainer, f"http://127.0.0.1:{port}/v1", serve, gateway, serve_cmd, env, logs)
         _wait_http(f"{s.root}/health", gateway)
         yield s
-        assert serve.poll() is None and gateway.poll() is None, "a process of the stack died"
+        assert s.serve.poll() is None and gateway.poll() is None, "a process of the stack died"
     except BaseException:
         logs.seek(0)
         sys.stderr.write(logs.read()[-8000:].decode(errors="replace"))
         raise
     finally:
-        for p in (gateway, serve):
+        for p in (gateway, serve, s.serve if s is not None else None):
             if p is not None:
                 _stop(p)
         logs.close()

@@ -252,6 +252,65 @@ def test_a_non_ascii_api_key_is_a_401(gw: Stack) -> None:
     assert (status, err["error"]["code"]) == (401, "invalid_api_key")
 
 
+def gateway_500s(gw: Stack) -> float:
+    with urllib.request.urlopen(gw.root + "/metrics", timeout=30) as r:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                   if line.startswith("rollwire_gateway_http_requests_total{") and 'status="500"' in line)
+
+
+@pytest.mark.parametrize(("path", "rest"), [("/v1/chat/completions", {"messages": user("hi")}),
+                                            ("/v1/completions", {"prompt": "hi"})])
+def test_a_model_name_that_is_no_text_is_a_404_not_a_500(gw: Stack, path: str, rest: dict[str, Any]) -> None:
+    """(before: the name, echoed in the message, failed to encode: 500 UnicodeEncodeError)"""
+    status, err = post(gw, path, json.dumps({"model": "\ud800", **rest}).encode())
+    assert (status, err["error"]["code"]) == (404, "model_not_found"), err
+    assert "\\ud800" in err["error"]["message"]
+
+
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("name", "\ud800", "messages.name"),
+    ("tool_call_id", "\udc00", "messages.tool_call_id"),
+    ("tool_call_id", "c" * 300_000, "messages"),  # kept by the session: counted against the context
+])
+def test_a_session_turn_with_a_field_no_session_can_keep_is_refused_and_the_trajectory_stays(
+        gw: Stack, client: openai.OpenAI, field: str, value: str, param: str) -> None:
+    """A name or tool_call_id the template never renders: before, the turn ran and the session
+    stored it; its trajectory could not be read back (500), and DELETE dropped the session before
+    failing. A 300,000-character id was not counted against the context (24 sessions of 7 MB ids
+    grew the gateway by 190 MB). Now the turn is refused, the session keeps its first turn, and its
+    trajectory is read and closed as before."""
+    sid = f"kept-{field}-{len(value)}"
+    first = client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2,
+                                           extra_headers={"X-Session-ID": sid}, extra_body={"ignore_eos": True})
+    messages = [*user("hi"), {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "tool" if field == "tool_call_id" else "user", "content": "5", field: value}]
+    status, err = post(gw, "/v1/chat/completions", chat_body(messages, max_tokens=2),
+                       {"X-Session-ID": sid})
+    assert status == 400 and err["error"]["param"] == param, err
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{gw.root}/v1/sessions/{sid}", method="DELETE", headers={"Authorization": f"Bearer {KEY}"}),
+            timeout=30) as r:
+        closed = json.loads(r.read())
+    assert len(closed["turns"]) == 2 and sum(closed["loss_mask"]) == 2  # the first turn, whole
+
+
+def test_a_caller_that_hangs_up_during_its_upload_is_a_499_not_a_500(gw: Stack) -> None:
+    """Half a body, then the connection closed: before, each was a 500 with two tracebacks in the
+    log; now it counts as a client disconnect (499), as a hang-up after the body is in does."""
+    gone, errors = gateway_metric(gw, "rollwire_gateway_client_disconnects_total"), gateway_500s(gw)
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", int(gw.root.rpartition(":")[2]), timeout=30)
+        conn.putrequest("POST", "/v1/chat/completions")
+        for k, v in {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                     "Content-Length": "100000"}.items():
+            conn.putheader(k, v)
+        conn.endheaders(b'{"model": "tiny", "messages": [' + b" " * 50_000)
+        conn.close()
+    wait_for(lambda: gateway_metric(gw, "rollwire_gateway_client_disconnects_total") >= gone + 3,
+             "three client disconnects counted", timeout=30)
+    assert gateway_500s(gw) == errors
+
+
 def test_a_chat_without_max_tokens_gets_the_context_that_is_left(client: openai.OpenAI) -> None:
     """A 3500-token prompt without max_tokens: the turn fills the 4096-token context (before: 400
     too_long, 3500 + the default 1024 being over it)."""

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from rollwire.clients.rollout import RolloutClient
 from rollwire.clients.session import SessionDesynced
@@ -66,7 +67,14 @@ from rollwire.gateway.render import (
     usage_body,
 )
 from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_json, parse
-from rollwire.gateway.session_lookup import drop_if_unused, open_chat_session, session_id_of, unsupported_session
+from rollwire.gateway.session_lookup import (
+    drop_if_unused,
+    on_a_restarted_server,
+    open_chat_session,
+    reopen_on_restarted_server,
+    session_id_of,
+    unsupported_session,
+)
 from rollwire.messages import RollwireError, StatusReply
 
 
@@ -107,6 +115,11 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return error_response(bad_request(f"invalid request: {e.errors()[:1]}"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone_during_upload(request: Request, e: ClientDisconnect) -> Response:
+        gw.metrics.inc("client_disconnects_total")  # hung up before its body was in: nothing ran
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
@@ -190,6 +203,8 @@ def build_app(gw: Gateway) -> FastAPI:
                                code="session_busy")
             await cs.lock.acquire()  # released when the turn's events end (_session_turn)
             try:
+                if on_a_restarted_server(cs):
+                    await reopen_on_restarted_server(gw, cs)
                 prompt, prompt_text = await gw.text_work(big, cs.new_tokens, gw.chat, messages, tools)
                 max_tokens = req.token_limit() or gw.default_max_tokens((history_length(cs) or 0) + len(prompt),
                                                                         session=True)

@@ -39,21 +39,33 @@ def _arguments(args: str | dict[str, Any]) -> str:
     return args if isinstance(args, str) else json.dumps(args)
 
 
+def _unicode(text: str, param: str) -> str:
+    """``text`` if it is text (a lone surrogate, which JSON allows as "\\ud800", is not): a session
+    keeps every field of its messages, and one it could not send back out would lose its trajectory."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} is not valid Unicode: {e.reason} at position {e.start}", param) from None
+    return text
+
+
 def canonical(m: Message) -> Canonical:
     content = m.content if isinstance(m.content, str) or m.content is None else \
         "".join(p.text for p in m.content)
     role = "system" if m.role == "developer" else m.role
-    out: Canonical = {"role": role, "content": content or ""}
+    out: Canonical = {"role": role, "content": _unicode(content or "", "messages.content")}
     if m.name is not None:
-        out["name"] = m.name
+        out["name"] = _unicode(m.name, "messages.name")
     if m.tool_calls:
         if role != "assistant":
             raise bad_request("only assistant messages carry tool_calls", "messages")
-        out["tool_calls"] = [{"id": c.id, "type": "function",
-                              "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+        out["tool_calls"] = [{"id": _unicode(c.id, "messages.tool_calls.id"), "type": "function",
+                              "function": {"name": _unicode(c.function.name, "messages.tool_calls.function.name"),
+                                           "arguments": _unicode(_arguments(c.function.arguments),
+                                                                 "messages.tool_calls.function.arguments")}}
                              for c in m.tool_calls]
     if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
+        out["tool_call_id"] = _unicode(m.tool_call_id, "messages.tool_call_id")
     return out
 
 
@@ -103,10 +115,10 @@ class ChatFormat:
         """The canonical messages, once they are known to be able to fit the context."""
         out = [canonical(m) for m in messages]
         chars = len(json.dumps(tools)) if tools else 0
-        for m in out:  # every message renders to at least its role and its text
-            chars += len(m["role"]) + len(m["content"]) + len(m.get("name") or "")
+        for m in out:  # every message renders to at least its role and its text; a session keeps the ids too
+            chars += len(m["role"]) + len(m["content"]) + len(m.get("name") or "") + len(m.get("tool_call_id") or "")
             calls = m.get("tool_calls") or []
-            chars += sum(len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in calls)
+            chars += sum(len(c["id"]) + len(c["function"]["name"]) + len(c["function"]["arguments"]) for c in calls)
         self.check_fits(chars, max_model_len, "messages")
         return out
 

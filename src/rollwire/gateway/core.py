@@ -31,7 +31,10 @@ log = get_logger("rollwire.gateway")
 
 SESSION_HEADER = "x-session-id"
 START_TIMEOUT_S = 120.0  # how long the gateway waits for a rollout server at start
-OFF_LOOP_BYTES = 256 << 10  # a body this large is parsed, rendered and tokenized on a worker thread
+# a body this large is parsed, rendered and tokenized on a worker thread: ~1 ms per KiB with the tiny
+# model's tokenizer, so at most ~16 ms of the event loop for a body under it (it was 256 KiB: 0.26 s each,
+# and 32 such requests at once held /health for 5 s)
+OFF_LOOP_BYTES = 16 << 10
 T = TypeVar("T")
 
 

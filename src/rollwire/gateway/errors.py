@@ -8,9 +8,16 @@ from typing import Any
 from rollwire.messages import ErrorCode, RollwireError
 
 
+def printable(text: str) -> str:
+    """``text`` as it can go out in JSON: a lone surrogate the caller sent (JSON allows "\\ud800"),
+    echoed in a message, would fail to encode (a 500), so it goes out escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, retry_after_s: float = 0.0) -> None:
+        message, param = printable(message), None if param is None else printable(param)
         super().__init__(message)
         self.status = status
         self.message = message

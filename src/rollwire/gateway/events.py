@@ -105,8 +105,10 @@ async def session_turn(gw: Gateway, cs: ChatSession, messages: list[Canonical], 
                         record()
                         yield choice.index, last, [], len(choice.ids)
     except BaseException:
-        if not recorded and history_length(cs) != before:
-            gw.drop_session(cs)  # and freed on the server: nobody can use it any more
+        # a changed history this record lacks: nobody can use the session any more; a first turn
+        # that failed (after its first event too: a stream cut by the server's death) leaves none
+        if not recorded and (history_length(cs) != before or not cs.messages):
+            gw.drop_session(cs)  # and freed on the server
         raise
     finally:
         cs.lock.release()

@@ -150,7 +150,7 @@ def trajectory_body(gw: Gateway, cs: ChatSession) -> dict[str, Any]:
                       "finish_reason": t.finish_reason, "weight_version": t.weight_version,
                       "weight_version_spans": [[s.version, s.start, s.end] for s in t.weight_version_spans],
                       "cached_tokens": t.cached_tokens})
-    moves = cs.session.moves if isinstance(cs.session, FleetSession) else 0
+    moves = cs.session.moves if isinstance(cs.session, FleetSession) else cs.replays
     return {"session_id": cs.key[1], "server": session_endpoint(gw, cs.session), "moves": moves,
             "token_ids": traj.token_ids, "loss_mask": traj.loss_mask,
             "logprobs": traj.logprobs, "weight_version_spans": [[s.version, s.start, s.end]

@@ -1,5 +1,6 @@
 """Which rollwire session a chat request belongs to: its id (header or body), the session opened
-on first use, and the cleanup of one whose first turn failed."""
+on first use, the cleanup of one whose first turn failed, and a session carried over a restart of
+its rollout server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
+from rollwire.clients.session import Session
 from rollwire.gateway.core import SESSION_HEADER, Gateway
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.schemas import SESSION_ID_PATTERN
@@ -60,3 +62,31 @@ async def open_chat_session(gw: Gateway, owner: str, sid: str, tools: list[dict[
     cs = gw.sessions.sessions[(owner, sid)] = ChatSession((owner, sid), session, tools)
     gw.metrics.inc("sessions_opened_total")
     return cs
+
+
+def on_a_restarted_server(cs: ChatSession) -> bool:
+    """The session's rollout server restarted at its endpoint since the session opened there (its
+    client heard a new session port): the session is gone there. (A fleet's sessions move by
+    themselves.)"""
+    return isinstance(cs.session, Session) and cs.session.link_retired
+
+
+async def reopen_on_restarted_server(gw: Gateway, cs: ChatSession) -> None:
+    """Replay the session's record into a new session on the restarted server (its next turn
+    prefills the history once), as a fleet moves a session off a dead server: the trajectory goes
+    on, ids, masks and logprobs as they were. Before, every later turn failed ``shutting_down``
+    until the session's TTL ran out."""
+    old = cs.session
+    assert isinstance(old, Session)
+    fresh = gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
+                              timeout=gw.cfg.request_timeout_s)
+    assert isinstance(fresh, Session)
+    try:
+        await fresh.replay(old)
+    except RollwireError as e:
+        with contextlib.suppress(RollwireError):
+            await fresh.close()
+        raise from_rollwire(e) from None
+    cs.session = fresh
+    cs.replays += 1
+    gw.metrics.inc("session_moves_total")

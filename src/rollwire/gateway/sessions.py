@@ -44,6 +44,7 @@ class ChatSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     diverged: int = 0  # requests refused with session_diverged
+    replays: int = 0  # times its record was replayed into a new session on its restarted server
 
     def new_tokens(self, chat: ChatFormat, messages: list[Canonical], tools: list[dict[str, Any]] | None,
                    ) -> tuple[list[int], str]:
