@@ -8,7 +8,8 @@
    all of them busy at once, each driven by its own RolloutClient (no fleet), which tells the
    fleet's own cost from what servers sharing a machine (cores, memory bandwidth, clock) cost.
    Where the machine has a CPU to spare beyond 4 servers x ``--threads``, each server is pinned to
-   its own CPUs (hyperthread siblings kept together), the same ones alone and in the fleet, as
+   its own CPUs (hyperthread siblings side by side, so an even thread count keeps whole cores
+   together; an odd one splits a core between two servers), the same ones alone and in the fleet, as
    servers get their own GPUs in a real fleet, and this client to the CPUs left: unpinned, the sum
    alone moved by 10-15% between repeats on 16 cores. ``--no-pin`` leaves placement to the OS (as
    on a 2-core machine, where the client has no CPU of its own to take).
@@ -76,8 +77,10 @@ def serve(endpoint: str, trainer: str | None = None, rid: str = "",
     # every server gets the same share of the cores, alone or beside the others: torch's default
     # (all cores each) would oversubscribe a machine running 4 of them and hide what routing does
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, preexec_fn=pin)
+    if cpus:  # pinned before Python starts in the child (no preexec_fn: this process has threads)
+        cmd = [sys.executable, "-c", f"import os, sys; os.sched_setaffinity(0, {sorted(cpus)}); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", *cmd[1:]]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 async def closed_loop(gen: Any, concurrency: int, seconds: float, lengths: str) -> float:
@@ -216,16 +219,18 @@ async def run_aggregate(a: argparse.Namespace) -> list[dict[str, Any]]:
     eps = [free_tcp_endpoint() for _ in range(4)]
     placed = server_cpus(4, THREADS) if a.pin else None
     cpus: list[list[int] | None] = list(placed[0]) if placed else [None] * 4
-    if placed:
-        os.sched_setaffinity(0, placed[1])
     a.server_cpus, a.client_cpus = cpus, placed[1] if placed else None
     procs = [serve(ep, cpus=c) for ep, c in zip(eps, cpus, strict=True)]
+    everywhere = os.sched_getaffinity(0)
+    if placed:
+        os.sched_setaffinity(0, placed[1])  # undone below: the failover and fan-out servers are not pinned
     try:
         for ep in eps:
             async with RolloutClient(ep) as rc:
                 await rc.wait_ready(timeout=120)
         return await aggregate(eps, a.per_server, a.seconds, a.repeats, a.lengths)
     finally:
+        os.sched_setaffinity(0, everywhere)
         for p in procs:
             p.kill()
             p.wait()

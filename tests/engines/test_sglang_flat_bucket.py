@@ -99,8 +99,9 @@ def test_one_payload_per_tp_rank_each_a_share_of_its_own() -> None:
 
 
 def test_the_staging_buffer_is_written_again_only_when_every_share_of_it_reads_let_go(tmp_path) -> None:
-    """The reuse rule alone, on the CPU, against a reference-count file like torch's (int64 words in
-    a /dev/shm file; the GPU test below checks torch's own counts read so)."""
+    """The reuse rule alone, on the CPU, against a reference-count file laid out as torch's (a
+    64-byte header, then int64 counts in a /dev/shm file; the GPU test below checks that torch's own
+    counts read 1 when shared and 0 when let go)."""
     import os
     import struct
 
@@ -108,7 +109,7 @@ def test_the_staging_buffer_is_written_again_only_when_every_share_of_it_reads_l
 
     name = f"rw_test_refcounts_{os.getpid()}"
     path = Path("/dev/shm") / name
-    path.write_bytes(struct.pack("<3q", 0, 1, 0))
+    path.write_bytes(struct.pack("<8q", *[7] * 8) + struct.pack("<3q", 0, 1, 0))  # header: not a count
     try:
         assert [ipc_refcount(name, i) for i in range(3)] == [0, 1, 0]
         assert ipc_refcount(name, 3) is None and ipc_refcount("no_such_counter_file", 0) is None
@@ -124,6 +125,9 @@ def test_the_staging_buffer_is_written_again_only_when_every_share_of_it_reads_l
         assert staging.allocated == 3
         staging.take(2000, torch.device("cpu"))  # larger than the buffer
         assert staging.allocated == 4
+        staging._shares = [(name.encode(), 0)] * FlatStaging.MAX_SHARES  # all let go, but many records
+        staging.take(10, torch.device("cpu"))
+        assert staging.allocated == 5
     finally:
         path.unlink()
 

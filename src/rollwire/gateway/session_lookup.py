@@ -10,8 +10,8 @@ from typing import Any
 
 from fastapi import Request
 
-from rollwire.clients.session import Session
-from rollwire.gateway.core import SESSION_HEADER, Gateway
+from rollwire.clients.session import Session, SessionDesynced
+from rollwire.gateway.core import SESSION_HEADER, Gateway, close_quietly
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.schemas import SESSION_ID_PATTERN
 from rollwire.gateway.sessions import ChatSession
@@ -83,10 +83,15 @@ async def reopen_on_restarted_server(gw: Gateway, cs: ChatSession) -> None:
     assert isinstance(fresh, Session)
     try:
         await fresh.replay(old)
-    except RollwireError as e:
-        with contextlib.suppress(RollwireError):
-            await fresh.close()
-        raise from_rollwire(e) from None
+    except BaseException as e:  # refused, desynced or cancelled (a hang-up): the new one is not left open
+        gw.spawn(close_quietly(fresh))
+        if isinstance(e, SessionDesynced):  # what the server holds is unknown: the record cannot go on
+            gw.drop_session(cs)
+            raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
+                           code="session_desynced") from None
+        if isinstance(e, RollwireError):
+            raise from_rollwire(e) from None
+        raise
     cs.session = fresh
     cs.replays += 1
     gw.metrics.inc("session_moves_total")

@@ -85,7 +85,9 @@ def _row_and_col_sums(words: torch.Tensor, starts: Sequence[int], counts: Sequen
     if kernel is not None:
         try:
             return _one_pass(kernel, words, starts, counts)
-        except Exception as e:  # a Triton that cannot compile here (no C compiler, ...): torch's way
+        except torch.cuda.OutOfMemoryError:
+            raise  # the GPU's state, not the kernel's: the two-pass way would need memory too
+        except Exception as e:  # a Triton that cannot compile or launch here (no C compiler, ...): torch's way
             log.warning("gpu_checksum_kernel_failed", error=repr(e)[:300], fallback="two torch reductions")
             _KERNEL = None
     rows = words.sum(dim=1)

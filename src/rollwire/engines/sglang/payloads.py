@@ -106,6 +106,11 @@ def flat_bucket(bucket: list[tuple[str, torch.Tensor]], *, copy: bool, device_ty
     return flat, metas
 
 
+# torch keeps CUDA IPC reference counts in /dev/shm files made by at::RefcountedMapAllocator: a
+# 64-byte header (its own count of mappings), then one int64 per share at the share's offset
+_COUNTER_FILE_HEADER = 64
+
+
 def ipc_refcount(counter_file: bytes | str, offset: int) -> int | None:
     """torch's producer-side reference count of one CUDA IPC share (the ``ref_counter_handle`` and
     ``ref_counter_offset`` its ``reduce_tensor`` gave): 1 when shared, 0 once the consumer let go of
@@ -113,7 +118,7 @@ def ipc_refcount(counter_file: bytes | str, offset: int) -> int | None:
     name = counter_file.decode() if isinstance(counter_file, bytes) else counter_file
     try:
         with open("/dev/shm/" + name.lstrip("/"), "rb") as f:
-            f.seek(offset * 8)
+            f.seek(_COUNTER_FILE_HEADER + offset * 8)
             word = f.read(8)
     except (OSError, UnicodeDecodeError, ValueError):
         return None
@@ -138,7 +143,11 @@ class FlatStaging:
     new IPC handle for SGLang's scheduler to open, every push. It is written again only once every
     share of it handed to the scheduler was let go (``ipc_refcount`` reads 0; the scheduler's torch
     synchronizes its stream before it lets go); otherwise a new buffer is allocated, and torch keeps
-    the old one alive until the scheduler lets go of it."""
+    the old one alive until the scheduler lets go of it. Each share wraps the buffer's memory in
+    one more torch record (a counter slot, a CUDA event) that lives as long as the buffer, so after
+    ``MAX_SHARES`` shares a new buffer is allocated anyway."""
+
+    MAX_SHARES = 64
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
@@ -147,7 +156,7 @@ class FlatStaging:
 
     def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
         buf = self.buffer
-        if (buf is None or buf.device != device or buf.numel() < nbytes
+        if (buf is None or buf.device != device or buf.numel() < nbytes or len(self._shares) >= self.MAX_SHARES
                 or any(ipc_refcount(f, off) != 0 for f, off in self._shares)):
             self.buffer = buf = None  # dropped before the next one is allocated (peak memory)
             self.buffer = buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
