@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rollwire import RolloutClient, SamplingParams
 from rollwire.cli import add_server_args, main, server_config
@@ -120,12 +121,23 @@ def test_shm_verify_defaults_to_while_loading_and_takes_only_its_two_values() ->
 
 
 @pytest.mark.parametrize(("argv", "says"), [
-    (["serve", "--max-batch-size", "0"], "--max-batch-size: must be at least 1"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size: must be in 1..2147483647"),
     (["serve", "--client-timeout", "nan"], "--client-timeout: must be a finite number"),
-    (["serve", "--max-in-flight", "-3"], "--max-in-flight: must be at least 1"),
-    (["demo", "--steps", "0"], "--steps: must be at least 1"),
+    (["serve", "--max-in-flight", "-3"], "--max-in-flight: must be in 1..2147483647"),
+    (["demo", "--steps", "0"], "--steps: must be in 1..2147483647"),
+    # from an adversarial helper: each of these started, then broke requests or the process
+    (["serve", "--max-new-tokens-limit", "99999999999999999999"], "--max-new-tokens-limit: must be in 1..2147483647"),
+    pytest.param(["serve", "--device", "cuda"], "--device: cuda: this torch",  # was an AssertionError
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")),
+    (["serve", "--device", "bogus"], "--device: Expected one of"),
+    (["serve", "--rollout-endpoint", "tcp://127.0.0.1:-5"], "port -5 is not in 0..65535"),  # libzmq bound 65531
+    (["gateway", "--session-ttl", "0"], "--session-ttl: must be more than 0"),  # spun a core at 100%
+    (["gateway", "--request-timeout", "-1"], "--request-timeout: must be a finite number >= 0"),
+    (["gateway", "--max-body-bytes", "-1"], "--max-body-bytes: must be in 1..2147483647"),
+    (["gateway", "--max-sessions", "0"], "--max-sessions: must be in 1..2147483647"),
+    (["gateway", "--port", "70000"], "--port: must be in 1..65535"),  # listened on 4464
     (["serve", "--rollout-endpoint", "foo://bar"], "rollwire: error: Protocol not supported"),
-    (["serve", "--rollout-endpoint", "tcp://127.0.0.1:99999"], "port 99999 is above 65535"),
+    (["serve", "--rollout-endpoint", "tcp://127.0.0.1:99999"], "port 99999 is not in 0..65535"),
     (["keys", "--dir", "KEYS", "../evil"], "key name '../evil'"),
     (["keys", "--dir", "KEYS", "server"], "exists: remove it first"),  # made once below, so a second time
 ])
@@ -137,3 +149,12 @@ def test_bad_values_end_in_one_line_and_exit_2_without_a_traceback(tmp_path, arg
         subprocess.run([sys.executable, "-m", "rollwire.cli", *argv], check=True, capture_output=True, timeout=60)
     out = subprocess.run([sys.executable, "-m", "rollwire.cli", *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_a_gateway_no_server_answers_exits_3_with_one_line_and_no_traceback() -> None:
+    """(before: starlette's traceback of the RequestTimeout and "Application startup failed")"""
+    port = free_tcp_endpoint(span=1).rpartition(":")[2]
+    out = subprocess.run([sys.executable, "-m", "rollwire.cli", "gateway", "--port", port, "--start-timeout", "1",
+                          "--rollout-endpoint", free_tcp_endpoint()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "gateway_no_server" in out.stdout + out.stderr and "Traceback" not in out.stdout + out.stderr

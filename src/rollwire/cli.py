@@ -37,14 +37,25 @@ def _ids(text: str) -> list[int]:
         raise SystemExit(f"--input-ids expects comma-separated integers, got {text!r}") from None
 
 
+INT_MAX = 2**31 - 1  # a larger count or size is no setting (one went out in a status reply: msgpack refused it)
+
+
 def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a limit of 0 would refuse or break every request)."""
+    """An argparse type: an integer in 1..2**31-1 (a limit of 0 would refuse or break every request)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 1 <= value <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 1..{INT_MAX}, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port to listen on, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
     return value
 
 
@@ -56,6 +67,28 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device this process has (``cuda`` on a CPU-only torch is refused
+    here, not by an assertion deep in the engine's start)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e).splitlines()[0]) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees no CUDA device")
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (a timeout or a lifetime)."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
     return value
 
 
@@ -74,7 +107,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
                    help="'tiny' (built locally, seed 0), 'tiny:SEED', or a local HF checkpoint dir")
     p.add_argument("--rollout-endpoint", default=DEFAULT_ROLLOUT)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--max-new-tokens-limit", type=positive_int, default=4096)
     p.add_argument("--max-batch-size", type=positive_int, default=64)
@@ -217,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rollwire: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handling (imports, startup)
+        return 130
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -87,6 +87,10 @@ def build_app(gw: Gateway) -> FastAPI:
             log.info("gateway_ready", endpoints=gw.cfg.endpoints, model=gw.name)
         except StopBeforeReady as e:  # a signal while waiting: uvicorn exits right after startup
             log.warning("gateway_stopped_before_ready", reason=str(e))
+        except RollwireError as e:  # no server answered in time (or not a rollwire one): one line, exit 3
+            gw.start_error = f"{e.code.value}: {e.message}"
+            log.error("gateway_no_server", endpoints=gw.cfg.endpoints, error=gw.start_error)
+            gw.request_exit()
         try:
             yield
         finally:

@@ -30,7 +30,6 @@ from rollwire.runtime.tasks import BackgroundTasks
 log = get_logger("rollwire.gateway")
 
 SESSION_HEADER = "x-session-id"
-START_TIMEOUT_S = 120.0  # how long the gateway waits for a rollout server at start
 # a body this large is parsed, rendered and tokenized on a worker thread: ~1 ms per KiB with the tiny
 # model's tokenizer, so at most ~16 ms of the event loop for a body under it (it was 256 KiB: 0.26 s each,
 # and 32 such requests at once held /health for 5 s)
@@ -54,6 +53,7 @@ class GatewayConfig:
     session_ttl_s: float = 600.0
     max_sessions: int = 4096
     request_timeout_s: float | None = 600.0
+    start_timeout_s: float = 120.0  # how long it waits for a rollout server at start
     fleet_health_interval_s: float = 1.0  # several endpoints: how often each server's health is asked
 
 
@@ -87,6 +87,8 @@ class Gateway:
         self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="rw-gw-text")
         self._background = BackgroundTasks()
         self.should_stop: Callable[[], bool] = lambda: False  # set by whoever runs the HTTP server
+        self.request_exit: Callable[[], None] = lambda: None  # the same: stop serving (a failed start)
+        self.start_error: str | None = None
 
     @property
     def fleet(self) -> RolloutFleet | None:
@@ -100,12 +102,12 @@ class Gateway:
 
     async def start(self) -> None:
         """Until a server answers (a fleet: one is admitted; the rest join as they come), at most
-        ``START_TIMEOUT_S``, checking each second whether the process was asked to stop meanwhile
+        ``start_timeout_s``, checking each second whether the process was asked to stop meanwhile
         (``should_stop``: uvicorn's flag; a signal does not interrupt its startup otherwise)."""
         await self.client.__aenter__()
         log.info("gateway_waiting_for_servers", endpoints=self.cfg.endpoints)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT_S
+        deadline = loop.time() + self.cfg.start_timeout_s
         while True:
             try:
                 if isinstance(self.client, RolloutFleet):

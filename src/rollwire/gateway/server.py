@@ -11,8 +11,10 @@ if TYPE_CHECKING:  # FastAPI is an extra: `rollwire serve` must run without it
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    from rollwire.cli import port, positive_int, positive_seconds
+
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--rollout-endpoint", action="append", default=[],
                    help="a rollout server (rollwire serve); repeat it for several: they run as one RolloutFleet "
                         "(routing, failover, sessions that move when their server dies)")
@@ -21,12 +23,14 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=[],
                    help="accepted bearer keys (repeatable); each key owns its sessions. None: no auth")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
-    p.add_argument("--default-max-tokens", type=int, default=1024)
-    p.add_argument("--session-max-tokens", type=int, default=16384)
-    p.add_argument("--session-ttl", type=float, default=600.0)
-    p.add_argument("--max-sessions", type=int, default=4096)
-    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--max-body-bytes", type=positive_int, default=8 << 20)
+    p.add_argument("--default-max-tokens", type=positive_int, default=1024)
+    p.add_argument("--session-max-tokens", type=positive_int, default=16384)
+    p.add_argument("--session-ttl", type=positive_seconds, default=600.0)
+    p.add_argument("--max-sessions", type=positive_int, default=4096)
+    p.add_argument("--request-timeout", type=positive_seconds, default=600.0)
+    p.add_argument("--start-timeout", type=positive_seconds, default=120.0,
+                   help="seconds to wait for a rollout server at start; then exit 3")
 
 
 def gateway_config(a: argparse.Namespace) -> GatewayConfig:
@@ -36,7 +40,7 @@ def gateway_config(a: argparse.Namespace) -> GatewayConfig:
                          served_model_name=a.served_model_name, api_keys=a.api_key, max_body_bytes=a.max_body_bytes,
                          default_max_tokens=a.default_max_tokens, session_max_tokens=a.session_max_tokens,
                          session_ttl_s=a.session_ttl, max_sessions=a.max_sessions,
-                         request_timeout_s=a.request_timeout)
+                         request_timeout_s=a.request_timeout, start_timeout_s=a.start_timeout)
 
 
 def _loopback(host: str) -> bool:
@@ -64,5 +68,9 @@ def run_gateway(a: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host=a.host, port=a.port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))
     gw.should_stop = lambda: server.should_exit  # SIGTERM / Ctrl-C while it waits for a server at start
-    server.run()
-    return 0 if server.started else 3
+    gw.request_exit = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopped as asked, no traceback
+        return 130
+    return 0 if server.started and gw.start_error is None else 3

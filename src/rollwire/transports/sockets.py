@@ -84,8 +84,8 @@ def check_bind(endpoint: str) -> None:
     65535 into another one, silently), and ``check_ipc_bind``."""
     if endpoint.startswith("tcp://"):
         port = endpoint.rpartition(":")[2]
-        if port.isdigit() and int(port) > 65535:
-            raise ValueError(f"{endpoint}: port {port} is above 65535")
+        if port.lstrip("-").isdigit() and not 0 <= int(port) <= 65535:  # libzmq wraps -5 to 65531 too
+            raise ValueError(f"{endpoint}: port {port} is not in 0..65535")
     check_ipc_bind(endpoint)
 
 
