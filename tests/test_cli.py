@@ -136,6 +136,10 @@ def test_shm_verify_defaults_to_while_loading_and_takes_only_its_two_values() ->
     (["gateway", "--max-body-bytes", "-1"], "--max-body-bytes: must be in 1..2147483647"),
     (["gateway", "--max-sessions", "0"], "--max-sessions: must be in 1..2147483647"),
     (["gateway", "--port", "70000"], "--port: must be in 1..65535"),  # listened on 4464
+    (["serve", "--max-staleness", "-1"], "--max-staleness: must be in 0..2147483647"),
+    (["status", "--timeout", "nan"], "--timeout: must be a finite number"),
+    (["--log-level", "bogus", "status"], "--log-level: invalid choice"),
+    (["bench", "--requests", "0"], "--requests: must be in 1..2147483647"),  # was a ZeroDivisionError
     (["serve", "--rollout-endpoint", "foo://bar"], "rollwire: error: Protocol not supported"),
     (["serve", "--rollout-endpoint", "tcp://127.0.0.1:99999"], "port 99999 is not in 0..65535"),
     (["keys", "--dir", "KEYS", "../evil"], "key name '../evil'"),

@@ -118,11 +118,13 @@ def print_table(res: dict[str, object]) -> None:
 
 
 def add_bench_args(ap: argparse.ArgumentParser) -> None:
+    from rollwire.cli import positive_int
+
     ap.add_argument("--quick", action="store_true", help="16 requests x 16 tokens, concurrency 1 and 16, one run")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--requests", type=positive_int, default=64)
+    ap.add_argument("--tokens", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--out", default="bench/out/e2e.json")
 
 

@@ -40,15 +40,24 @@ def _ids(text: str) -> list[int]:
 INT_MAX = 2**31 - 1  # a larger count or size is no setting (one went out in a status reply: msgpack refused it)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer in 1..2**31-1 (a limit of 0 would refuse or break every request)."""
+def _int_in(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= INT_MAX:
-        raise argparse.ArgumentTypeError(f"must be in 1..{INT_MAX}, got {value}")
+    if not low <= value <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be in {low}..{INT_MAX}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer in 1..2**31-1 (a limit of 0 would refuse or break every request)."""
+    return _int_in(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer in 0..2**31-1."""
+    return _int_in(text, 0)
 
 
 def port(text: str) -> int:
@@ -126,7 +135,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="shm buckets' checksums: hashed as the hf engine (CPU) copies them, one pass over the "
                         "bytes (a bad one: requests wait for the next whole version), or in a pass before the "
                         "pause (a bad one: the old version keeps serving)")
-    p.add_argument("--max-staleness", type=int, default=None,
+    p.add_argument("--max-staleness", type=non_negative_int, default=None,
                    help="requests started > K versions ago are aborted (retract policy: restarted from the prompt)")
     p.add_argument("--receiver-id", default="")
     p.add_argument("--session-endpoint", default=None,
@@ -257,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="rollwire", description=__doc__)
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
-    parser.add_argument("--log-level", default=None, help="default: info (demo: warning, its view shows progress)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default: info (demo: warning, its view shows progress)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run a rollout server in the foreground (Ctrl-C stops it)")
@@ -275,12 +285,12 @@ def _main(argv: Sequence[str] | None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--logprobs", action="store_true")
-    g.add_argument("--timeout", type=float, default=60.0)
+    g.add_argument("--timeout", type=positive_seconds, default=60.0)
     add_client_key_args(g)
 
     st = sub.add_parser("status", help="print a server's status as JSON")
     st.add_argument("--endpoint", default=DEFAULT_ROLLOUT)
-    st.add_argument("--timeout", type=float, default=5.0)
+    st.add_argument("--timeout", type=positive_seconds, default=5.0)
     add_client_key_args(st)
 
     k = sub.add_parser("keys", help="make CURVE key pairs: NAME.key (public, give it out) and NAME.key_secret (0600)")
