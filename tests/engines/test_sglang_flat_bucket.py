@@ -157,8 +157,9 @@ def _consumer(conn: object) -> None:  # SGLang's scheduler: opens each payload, 
         if data is None:
             return
         flat = pickle.loads(data)["flattened_tensor"]
-        conn.send(int(flat.view(torch.int32)[:8].sum()))  # type: ignore[attr-defined]
+        read = int(flat.view(torch.int32)[:8].sum())
         del flat  # torch synchronizes this process's stream, then gives the share back
+        conn.send(read)  # type: ignore[attr-defined]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU: tests/gpu/run_gpu.sh ipc_speed")
