@@ -107,6 +107,12 @@ class GenerationStream:
     def __aiter__(self) -> GenerationStream:
         return self
 
+    def __del__(self) -> None:
+        # let go unread (a loop left with break, its reader cancelled, the object dropped): the
+        # request would run on to its end for nobody, its chunks piling up in the queue
+        if self._sent and not self._ended:
+            _abandon(self._client, self.rid)
+
     async def __anext__(self) -> GenerateChunk | GenerateDone:
         if self._ended:  # read to its end, or closed (before its first read: never sent)
             raise StopAsyncIteration
@@ -122,7 +128,7 @@ class GenerationStream:
                 self._end()
                 raise
         while True:
-            if len(self._done) == self._n:
+            if self._n and len(self._done) == self._n:  # (n=0: the server's refusal is what comes)
                 self._end()
                 raise StopAsyncIteration
             try:
@@ -147,6 +153,28 @@ class GenerationStream:
                     self._done.add(msg.index)
                 return msg
             self._client._rpc.bad_replies += 1  # not a reply this request can have: dropped
+
+
+def _abandon(client: RolloutClient, rid: int) -> None:
+    """Abort request ``rid`` of a stream nobody holds any more (from a finalizer: on the client's
+    loop, whatever thread collected the stream)."""
+    loop = client._rpc.loop
+    if loop is None or loop.is_closed():
+        return
+
+    def on_loop() -> None:
+        client._rpc.close_stream(rid)
+        if not client._closed:
+            client._aborted.add(rid)
+            client._background.spawn(_abort_quietly(client, rid))
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to stop
+        loop.call_soon_threadsafe(on_loop)
+
+
+async def _abort_quietly(client: RolloutClient, rid: int) -> None:
+    with contextlib.suppress(RollwireError):
+        await client._rpc.send(0, AbortRequest(target_rid=rid))
 
 
 class RolloutClient:

@@ -193,7 +193,7 @@ class Session:
             if e.code == ErrorCode.TIMEOUT:  # it may have been applied: the mirror is unknown
                 self._desynced = True
             raise
-        except BaseException:  # cancelled: the same
+        except asyncio.CancelledError:  # cancelled: the same (an error encoding the ids sent nothing)
             self._desynced = True
             raise
         self._add("env", ids, 0, [0.0] * len(ids))

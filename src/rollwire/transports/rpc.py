@@ -114,6 +114,7 @@ class RpcClient(Generic[R]):
         self.given_up: set[int] = set()  # rids of streams failed by a server death (see _server_died)
         self._rids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Reply[R]] | asyncio.Queue[Reply[R] | BaseException]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop it runs on (set at start)
         self._recv_task: asyncio.Task[None] | None = None
         self._closed = False
         self._zero_copy = copy_threshold is not None
@@ -132,7 +133,7 @@ class RpcClient(Generic[R]):
 
     def start(self) -> None:
         if self._recv_task is None:
-            loop = asyncio.get_running_loop()
+            loop = self.loop = asyncio.get_running_loop()
             self._recv_task = loop.create_task(self._recv_loop(), name="rpc-recv")
             if self.heartbeat_s is not None and self._liveness_task is None:
                 self._liveness_task = loop.create_task(self._liveness_loop(), name="rpc-liveness")
@@ -190,6 +191,11 @@ class RpcClient(Generic[R]):
         return [rid for rid, w in self._waiters.items() if isinstance(w, asyncio.Queue)]
 
     async def send(self, rid: int, msg: msgspec.Struct, payload: Sequence[Buffer] = ()) -> None:
+        if self.loop is not None and asyncio.get_running_loop() is not self.loop:
+            # its receive loop runs on that loop: a reply would be delivered to a future of this one
+            # from the wrong thread, or never (a second asyncio.run after the first one ended)
+            raise RuntimeError(f"the client to {self.endpoint} belongs to another event loop: use one client "
+                               "per event loop (thread)")
         if self._closed:
             raise ConnectionClosed(f"client to {self.endpoint} is closed")
         if self._recv_task is not None and self._recv_task.done():  # nobody would deliver a reply
