@@ -128,6 +128,11 @@ def test_the_staging_buffer_is_written_again_only_when_every_share_of_it_reads_l
         staging._shares = [(name.encode(), 0)] * FlatStaging.MAX_SHARES  # all let go, but many records
         staging.take(10, torch.device("cpu"))
         assert staging.allocated == 5
+        staging.take(10, torch.device("cpu"))
+        assert staging.allocated == 5  # reused
+        staging.counts_unreadable = True  # a share's count did not read 1 when made: none is trusted
+        staging.take(10, torch.device("cpu"))
+        assert staging.allocated == 6
     finally:
         path.unlink()
 

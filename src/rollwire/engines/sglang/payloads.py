@@ -10,6 +10,10 @@ from typing import Any, TypeVar
 import torch
 from torch.multiprocessing import reductions
 
+from rollwire.runtime.logging import get_logger
+
+log = get_logger("rollwire.sglang.payloads")
+
 T = TypeVar("T")
 Spec = tuple[str, tuple[int, ...], str]  # name, shape, dtype: a tensor an NCCL broadcast will bring
 
@@ -153,11 +157,14 @@ class FlatStaging:
         self.buffer: torch.Tensor | None = None
         self.allocated = 0  # buffers allocated so far (tests and benchmarks check reuse)
         self._shares: list[tuple[bytes, int]] = []  # reference counts of the shares handed out
+        # a share's count did not read 1 when it was made: this torch keeps its counts elsewhere,
+        # so none is trusted and every load gets a fresh buffer (as before the reuse)
+        self.counts_unreadable = False
 
     def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
         buf = self.buffer
         if (buf is None or buf.device != device or buf.numel() < nbytes or len(self._shares) >= self.MAX_SHARES
-                or any(ipc_refcount(f, off) != 0 for f, off in self._shares)):
+                or self.counts_unreadable or any(ipc_refcount(f, off) != 0 for f, off in self._shares)):
             self.buffer = buf = None  # dropped before the next one is allocated (peak memory)
             self.buffer = buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
             self._shares = []
@@ -166,7 +173,11 @@ class FlatStaging:
 
     def share(self, t: torch.Tensor) -> Prebuilt:
         fn, args = reductions.reduce_tensor(t)
-        self._shares.append((args[11], int(args[12])))  # ref_counter_handle, ref_counter_offset
+        counter = (args[11], int(args[12]))  # ref_counter_handle, ref_counter_offset
+        if ipc_refcount(*counter) != 1 and not self.counts_unreadable:
+            self.counts_unreadable = True
+            log.warning("ipc_refcount_unreadable", counter=repr(counter)[:120], fallback="a fresh buffer per load")
+        self._shares.append(counter)
         return Prebuilt(fn, args)
 
     def close(self) -> None:
