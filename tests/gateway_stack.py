@@ -166,6 +166,15 @@ class Stack:
         self.serve = subprocess.Popen(self.serve_cmd, env=self.env, stdout=self.logs, stderr=subprocess.STDOUT)
 
 
+def metric(s: Stack, name: str) -> float:
+    """The gateway's /metrics value of ``name`` (its first line: unlabelled, or the first label set); 0 if absent."""
+    with urllib.request.urlopen(s.root + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
     """Until ``url`` answers 200 (the gateway is up and has reached its server), or fail."""
     deadline = time.monotonic() + timeout

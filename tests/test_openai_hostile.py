@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.gateway_stack import Stack, stack, user
+from tests.gateway_stack import Stack, metric, stack, user
 
 KEY = "key-a"
 MAX_CLIENT_SESSIONS = 4
@@ -56,12 +56,7 @@ def chat_body(messages: list[dict[str, Any]], **kw: Any) -> bytes:
     return json.dumps({"model": "tiny", "messages": messages, **kw}).encode()
 
 
-def server_metric(gw: Stack, name: str) -> float:
-    with urllib.request.urlopen(gw.root + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+server_metric = metric  # the server's counters, as the gateway's /metrics shows them
 
 
 def wait_for(what: Any, why: str, timeout: float = 120.0) -> None:

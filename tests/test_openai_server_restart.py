@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.gateway_stack import Stack, stack, user
+from tests.gateway_stack import Stack, metric, stack, user
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,6 @@ def get(gw: Stack, path: str) -> tuple[int, Any]:
         return e.code, json.loads(e.read() or b"null")
 
 
-def gateway_metric(gw: Stack, name: str) -> float:
-    with urllib.request.urlopen(gw.root + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def restart_and_wait(gw: Stack) -> None:
@@ -89,7 +83,7 @@ def test_a_streamed_first_turn_cut_by_the_servers_death_leaves_no_session(gw: St
     """The stream's server is SIGKILLed after its first chunks: the stream ends with an error, and
     the session, which has no turn, is dropped (before: it stayed open and empty, and the retry on
     the restarted server failed 503 on its dead link first). The retry then gets its turn."""
-    opened = gateway_metric(gw, "rollwire_gateway_sessions_opened_total")
+    opened = metric(gw, "rollwire_gateway_sessions_opened_total")
     stream = client.chat.completions.create(model="tiny", messages=user("long"), max_tokens=3000, stream=True,
                                             extra_headers={"X-Session-ID": "cut-by-death"},
                                             extra_body={"ignore_eos": True})
@@ -104,4 +98,4 @@ def test_a_streamed_first_turn_cut_by_the_servers_death_leaves_no_session(gw: St
     restart_and_wait(gw)
     r = turn(client, "cut-by-death", user("long"))
     assert r.choices[0].finish_reason == "length"
-    assert gateway_metric(gw, "rollwire_gateway_sessions_opened_total") == opened + 2
+    assert metric(gw, "rollwire_gateway_sessions_opened_total") == opened + 2
