@@ -49,6 +49,10 @@ async def test_a_stream_let_go_unread_is_aborted_on_the_server(server: RolloutSe
 
         await until(idle, "the abandoned request ended on the server")
         assert (await rc.status()).counters.get("finish_abort", 0) == aborts + 1
+        never_read = rc.stream([1, 2, 3], SamplingParams(max_new_tokens=4))
+        assert rc._rpc.open_streams() == [never_read.rid]
+        del never_read  # never sent: nothing to abort, its queue goes
+        await until(lambda: not rc._rpc.open_streams(), "the unread stream's queue unregistered")
 
 
 async def test_a_client_used_from_a_second_event_loop_says_so(server: RolloutServer, endpoint: str) -> None:

@@ -110,8 +110,8 @@ class GenerationStream:
     def __del__(self) -> None:
         # let go unread (a loop left with break, its reader cancelled, the object dropped): the
         # request would run on to its end for nobody, its chunks piling up in the queue
-        if self._sent and not self._ended:
-            _abandon(self._client, self.rid)
+        if not self._ended:  # (never iterated: nothing to abort, its queue to unregister)
+            _abandon(self._client, self.rid, sent=self._sent)
 
     async def __anext__(self) -> GenerateChunk | GenerateDone:
         if self._ended:  # read to its end, or closed (before its first read: never sent)
@@ -155,16 +155,16 @@ class GenerationStream:
             self._client._rpc.bad_replies += 1  # not a reply this request can have: dropped
 
 
-def _abandon(client: RolloutClient, rid: int) -> None:
-    """Abort request ``rid`` of a stream nobody holds any more (from a finalizer: on the client's
-    loop, whatever thread collected the stream)."""
+def _abandon(client: RolloutClient, rid: int, sent: bool) -> None:
+    """Abort request ``rid`` of a stream nobody holds any more, ``sent`` or not (from a finalizer:
+    on the client's loop, whatever thread collected the stream)."""
     loop = client._rpc.loop
     if loop is None or loop.is_closed():
         return
 
     def on_loop() -> None:
         client._rpc.close_stream(rid)
-        if not client._closed:
+        if sent and not client._closed:
             client._aborted.add(rid)
             client._background.spawn(_abort_quietly(client, rid))
 
