@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from rollwire.clients.session import Session
+from rollwire.clients.session import Session, _send_quietly
 from rollwire.messages import (
     AbortRequest,
     ErrorCode,
@@ -166,15 +166,10 @@ def _abandon(client: RolloutClient, rid: int, sent: bool) -> None:
         client._rpc.close_stream(rid)
         if sent and not client._closed:
             client._aborted.add(rid)
-            client._background.spawn(_abort_quietly(client, rid))
+            client._background.spawn(_send_quietly(client._rpc, AbortRequest(target_rid=rid)))
 
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to stop
         loop.call_soon_threadsafe(on_loop)
-
-
-async def _abort_quietly(client: RolloutClient, rid: int) -> None:
-    with contextlib.suppress(RollwireError):
-        await client._rpc.send(0, AbortRequest(target_rid=rid))
 
 
 class RolloutClient:

@@ -69,6 +69,7 @@ from rollwire.gateway.render import (
 from rollwire.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_json, parse
 from rollwire.gateway.session_lookup import (
     drop_if_unused,
+    dropped_desynced,
     on_a_restarted_server,
     open_chat_session,
     reopen_on_restarted_server,
@@ -228,9 +229,7 @@ def build_app(gw: Gateway) -> FastAPI:
                     drop_if_unused(gw, cs)
                 raise
             except SessionDesynced as e:  # a reply never came: the record is unknown, the session unusable
-                gw.drop_session(cs)
-                raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
-                               code="session_desynced") from None
+                raise dropped_desynced(gw, cs, e) from None
             prompt_tokens = len(prompt)  # the whole history, once the turn's GenerateDone says it
             events = replay(first, events)
         if not req.stream:

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from rollwire.clients.session import Session, SessionDesynced
+from rollwire.fleet.session import FleetSession
 from rollwire.gateway.core import SESSION_HEADER, Gateway, close_quietly
 from rollwire.gateway.errors import APIError, bad_request, from_rollwire
 from rollwire.gateway.schemas import SESSION_ID_PATTERN
@@ -49,8 +50,7 @@ async def open_chat_session(gw: Gateway, owner: str, sid: str, tools: list[dict[
     if cs is not None:
         return cs
     gw.sessions.check_room()
-    session = gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
-                                timeout=gw.cfg.request_timeout_s)
+    session = server_session(gw)
     try:
         await session.open()
     except RollwireError as e:
@@ -62,6 +62,18 @@ async def open_chat_session(gw: Gateway, owner: str, sid: str, tools: list[dict[
     cs = gw.sessions.sessions[(owner, sid)] = ChatSession((owner, sid), session, tools)
     gw.metrics.inc("sessions_opened_total")
     return cs
+
+
+def server_session(gw: Gateway) -> Session | FleetSession:
+    """A new rollwire session (not opened yet) with the gateway's limits."""
+    return gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
+                             timeout=gw.cfg.request_timeout_s)
+
+
+def dropped_desynced(gw: Gateway, cs: ChatSession, e: SessionDesynced) -> APIError:
+    """Drop a session whose server-side history is unknown; the 503 to answer with."""
+    gw.drop_session(cs)
+    return APIError(503, f"{e}; the session is dropped", type="service_unavailable_error", code="session_desynced")
 
 
 def on_a_restarted_server(cs: ChatSession) -> bool:
@@ -78,17 +90,14 @@ async def reopen_on_restarted_server(gw: Gateway, cs: ChatSession) -> None:
     until the session's TTL ran out."""
     old = cs.session
     assert isinstance(old, Session)
-    fresh = gw.client.session(max_tokens=gw.cfg.session_max_tokens, ttl_s=gw.cfg.session_ttl_s,
-                              timeout=gw.cfg.request_timeout_s)
+    fresh = server_session(gw)
     assert isinstance(fresh, Session)
     try:
         await fresh.replay(old)
     except BaseException as e:  # refused, desynced or cancelled (a hang-up): the new one is not left open
         gw.spawn(close_quietly(fresh))
         if isinstance(e, SessionDesynced):  # what the server holds is unknown: the record cannot go on
-            gw.drop_session(cs)
-            raise APIError(503, f"{e}; the session is dropped", type="service_unavailable_error",
-                           code="session_desynced") from None
+            raise dropped_desynced(gw, cs, e) from None
         if isinstance(e, RollwireError):
             raise from_rollwire(e) from None
         raise
